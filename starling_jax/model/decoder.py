@@ -1,0 +1,184 @@
+"""The Mistral / Llama-2 decoder in Flax NNX.
+
+It returns the final-normed hidden states; heads (`heads.py`) turn them into logits, rewards or values, so the
+reward model, policy, reference and critic all share this one trunk.
+
+Axes (see ARCHITECTURE.md): N sequences, L length, D model width, H query heads, G KV heads, Dh head dim,
+F MLP width, V vocabulary. Every parameter names its logical axes (`axes=`); `parallel/sharding.py` maps them to
+the mesh.
+
+Attention layout: token i attends to token j iff `segment_ids[i] == segment_ids[j] != 0`, `j <= i` and, with a
+sliding window W, `i - j < W` (HF Mistral's rule). RoPE uses the explicit `positions`, so packed segments (several
+answers in one row) restart their positions independently.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from starling_jax.model.config import ModelConfig
+from starling_jax.parallel.sharding import constrain
+
+REMAT = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def _init(cfg: ModelConfig, rngs: nnx.Rngs, shape, axes, scale: float | None = None):
+    std = cfg.initializer_range if scale is None else scale
+    value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
+    return nnx.Param(value.astype(cfg.jnp_param_dtype), axes=axes)
+
+
+class RMSNorm(nnx.Module):
+    """y = x / sqrt(mean(x²) + eps) · scale, computed in float32 (as HF does), returned in the input dtype."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.eps = cfg.rms_norm_eps
+        self.scale = nnx.Param(jnp.ones((cfg.hidden_size,), cfg.jnp_param_dtype), axes=("norm",))
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (self.scale.value.astype(jnp.float32) * x32).astype(x.dtype)
+
+
+def rope(x, positions, theta: float):
+    """Rotary embedding in the HF "rotate_half" layout. x: [N, L, heads, Dh], positions: [N, L]."""
+    dh = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [N, L, Dh/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+def attention_mask(segment_ids, sliding_window: int | None):
+    """Boolean [N, 1, 1, L, L] mask (query, key) from segment ids (0 = padding), causality and the window."""
+    length = segment_ids.shape[-1]
+    q_idx = jnp.arange(length)[:, None]
+    k_idx = jnp.arange(length)[None, :]
+    allowed = k_idx <= q_idx
+    if sliding_window is not None:
+        allowed &= (q_idx - k_idx) < sliding_window
+    same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] != 0)
+    return (same & allowed)[:, None, None, :, :]
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, h, g, dh = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.resolved_head_dim
+        self.cfg = cfg
+        self.q_proj = _init(cfg, rngs, (d, h, dh), ("embed", "q_heads", "head_dim"))
+        self.k_proj = _init(cfg, rngs, (d, g, dh), ("embed", "kv_heads", "head_dim"))
+        self.v_proj = _init(cfg, rngs, (d, g, dh), ("embed", "kv_heads", "head_dim"))
+        self.o_proj = _init(cfg, rngs, (h, dh, d), ("q_heads", "head_dim", "embed"))
+
+    def __call__(self, x, positions, mask):
+        cfg, dtype = self.cfg, self.cfg.jnp_dtype
+        n, length, _ = x.shape
+        g, dh = cfg.num_key_value_heads, cfg.resolved_head_dim
+        r = cfg.num_attention_heads // g  # query heads per KV head
+        q = jnp.einsum("nld,dhk->nlhk", x, self.q_proj.value.astype(dtype))
+        k = jnp.einsum("nld,dgk->nlgk", x, self.k_proj.value.astype(dtype))
+        v = jnp.einsum("nld,dgk->nlgk", x, self.v_proj.value.astype(dtype))
+        q = constrain(rope(q, positions, cfg.rope_theta), ("act_batch", "act_length", "act_heads", None))
+        k = constrain(rope(k, positions, cfg.rope_theta), ("act_batch", "act_length", "act_kv_heads", None))
+        v = constrain(v, ("act_batch", "act_length", "act_kv_heads", None))
+        q = q.reshape(n, length, g, r, dh)
+        # Scores and softmax in float32 for stability; a fully masked (padding) query row gets uniform weights
+        # over finite logits instead of NaN, and its output is never read.
+        scores = jnp.einsum("nqgrk,nsgk->ngrqs", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(dh).astype(
+            jnp.float32)
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+        out = jnp.einsum("ngrqs,nsgk->nqgrk", probs, v).reshape(n, length, cfg.num_attention_heads, dh)
+        out = constrain(out, ("act_batch", "act_length", "act_heads", None))
+        return jnp.einsum("nlhk,hkd->nld", out, self.o_proj.value.astype(dtype))
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) · up(x))."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.cfg = cfg
+        self.gate_proj = _init(cfg, rngs, (d, f), ("embed", "mlp"))
+        self.up_proj = _init(cfg, rngs, (d, f), ("embed", "mlp"))
+        self.down_proj = _init(cfg, rngs, (f, d), ("mlp", "embed"))
+
+    def __call__(self, x):
+        dtype = self.cfg.jnp_dtype
+        gate = x @ self.gate_proj.value.astype(dtype)
+        up = x @ self.up_proj.value.astype(dtype)
+        hidden = constrain(jax.nn.silu(gate) * up, ("act_batch", "act_length", "act_mlp"))
+        return hidden @ self.down_proj.value.astype(dtype)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg, rngs)
+        self.attn = Attention(cfg, rngs)
+        self.mlp_norm = RMSNorm(cfg, rngs)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x, positions, mask):
+        x = x + self.attn(self.attn_norm(x), positions, mask)
+        x = x + self.mlp(self.mlp_norm(x))
+        return constrain(x, ("act_batch", "act_length", "act_embed"))
+
+
+class Decoder(nnx.Module):
+    """Token embeddings → N × (RMSNorm, GQA attention, RMSNorm, SwiGLU) → final RMSNorm."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = _init(cfg, rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"))
+        if cfg.scan_layers:
+            # One stacked layer whose parameters carry a leading [num_layers] axis, applied with lax.scan:
+            # compile time independent of depth.
+            @nnx.split_rngs(splits=cfg.num_hidden_layers)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def make_layers(rngs):
+                return DecoderLayer(cfg, rngs)
+
+            self.layers = make_layers(rngs)
+        else:
+            self.layers = nnx.List([DecoderLayer(cfg, rngs) for _ in range(cfg.num_hidden_layers)])
+        self.final_norm = RMSNorm(cfg, rngs)
+
+    def embed_tokens(self, tokens):
+        # Gather from a table whose vocabulary is whole on every device (cast first: half the bytes in bf16);
+        # a gather from a vocab-sharded table makes SPMD replicate it anyway, less efficiently.
+        table = constrain(self.embed.value.astype(self.cfg.jnp_dtype), (None, None))
+        return jnp.take(table, tokens, axis=0)
+
+    def __call__(self, tokens, positions, segment_ids):
+        """tokens, positions, segment_ids: int [N, L] → hidden states [N, L, D] (compute dtype)."""
+        cfg = self.cfg
+        mask = attention_mask(segment_ids, cfg.sliding_window)
+        x = constrain(self.embed_tokens(tokens), ("act_batch", "act_length", "act_embed"))
+
+        def apply_layer(layer, x):
+            return layer(x, positions, mask)
+
+        if cfg.remat_policy != "none":
+            apply_layer = nnx.remat(apply_layer, policy=REMAT[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
+
+        if cfg.scan_layers:
+            graphdef, stacked = nnx.split(self.layers)
+
+            def body(x, layer_state):
+                return apply_layer(nnx.merge(graphdef, layer_state), x), None
+
+            x, _ = jax.lax.scan(body, x, stacked)
+        else:
+            for layer in self.layers:
+                x = apply_layer(layer, x)
+        return self.final_norm(x)

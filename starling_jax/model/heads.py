@@ -1,0 +1,94 @@
+"""Heads and roles: every role is the one decoder trunk plus a small head.
+
+  CausalLM     decoder + LM head (tied or untied)        → logits [N, L, V]   (policy, reference)
+  RewardModel  decoder + scalar `score` head (no bias)   → scores [N, L]      (reward model, critic)
+
+A reward is the score at an explicit `reward_index` (the last token of the rendered conversation), never found
+from a pad id. A critic reads the same per-token scores as values.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from starling_jax.errors import ConfigError
+from starling_jax.model.config import ModelConfig
+from starling_jax.model.decoder import Decoder, _init
+from starling_jax.parallel.sharding import constrain
+
+
+class LMHead(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.kernel = _init(cfg, rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"))
+
+    def __call__(self, hidden):
+        return hidden @ self.kernel.value.astype(hidden.dtype)
+
+
+class ScalarHead(nnx.Module):
+    """`score = hidden · w`, w: [D, 1], no bias (the layout of HF `*ForSequenceClassification` with num_labels=1)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.kernel = _init(cfg, rngs, (cfg.hidden_size, 1), ("embed", "score"))
+
+    def __call__(self, hidden):
+        return (hidden.astype(jnp.float32) @ self.kernel.value.astype(jnp.float32))[..., 0]
+
+
+class CausalLM(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.decoder = Decoder(cfg, rngs)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = LMHead(cfg, rngs)
+
+    def __call__(self, tokens, positions, segment_ids):
+        """→ logits [N, L, V], float32."""
+        hidden = self.decoder(tokens, positions, segment_ids)
+        if self.cfg.tie_word_embeddings:
+            logits = hidden @ self.decoder.embed.value.astype(hidden.dtype).T
+        else:
+            logits = self.lm_head(hidden)
+        return constrain(logits.astype(jnp.float32), ("act_batch", "act_length", "act_vocab"))
+
+
+class RewardModel(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.decoder = Decoder(cfg, rngs)
+        self.score = ScalarHead(cfg, rngs)
+
+    def __call__(self, tokens, positions, segment_ids):
+        """→ per-token scores [N, L], float32."""
+        return self.score(self.decoder(tokens, positions, segment_ids))
+
+    def rewards(self, tokens, positions, segment_ids, reward_index):
+        """→ rewards [N]: the score at `reward_index` [N] of each sequence."""
+        scores = self(tokens, positions, segment_ids)
+        return jnp.take_along_axis(scores, reward_index[:, None].astype(jnp.int32), axis=1)[:, 0]
+
+
+ROLES = {"causal_lm": CausalLM, "reward": RewardModel}
+
+
+def role_class(role: str):
+    if role not in ROLES:
+        raise ConfigError(f"model role {role!r}: choose one of {sorted(ROLES)}")
+    return ROLES[role]
+
+
+def build_model(cfg: ModelConfig, role: str, seed: int = 0) -> nnx.Module:
+    """An unsharded model on the default device (tests, tiny models). Sharded creation: `model/create.py`."""
+    return role_class(role)(cfg, nnx.Rngs(params=seed))
+
+
+def kwise_rewards(model: RewardModel, batch: dict) -> jax.Array:
+    """Scores all K answers of every prompt in one forward pass: batch arrays [B, K, L] → rewards [B, K]."""
+    b, k, length = batch["tokens"].shape
+    flat = lambda x: x.reshape(b * k, length)
+    rewards = model.rewards(flat(batch["tokens"]), flat(batch["positions"]), flat(batch["segment_ids"]),
+                            batch["reward_index"].reshape(b * k))
+    return rewards.reshape(b, k)
