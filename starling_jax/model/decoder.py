@@ -44,7 +44,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x):
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (self.scale.value.astype(jnp.float32) * x32).astype(x.dtype)
+        return (self.scale[...].astype(jnp.float32) * x32).astype(x.dtype)
 
 
 def rope(x, positions, theta: float):
@@ -85,9 +85,9 @@ class Attention(nnx.Module):
         n, length, _ = x.shape
         g, dh = cfg.num_key_value_heads, cfg.resolved_head_dim
         r = cfg.num_attention_heads // g  # query heads per KV head
-        q = jnp.einsum("nld,dhk->nlhk", x, self.q_proj.value.astype(dtype))
-        k = jnp.einsum("nld,dgk->nlgk", x, self.k_proj.value.astype(dtype))
-        v = jnp.einsum("nld,dgk->nlgk", x, self.v_proj.value.astype(dtype))
+        q = jnp.einsum("nld,dhk->nlhk", x, self.q_proj[...].astype(dtype))
+        k = jnp.einsum("nld,dgk->nlgk", x, self.k_proj[...].astype(dtype))
+        v = jnp.einsum("nld,dgk->nlgk", x, self.v_proj[...].astype(dtype))
         q = constrain(rope(q, positions, cfg.rope_theta), ("act_batch", "act_length", "act_heads", None))
         k = constrain(rope(k, positions, cfg.rope_theta), ("act_batch", "act_length", "act_kv_heads", None))
         v = constrain(v, ("act_batch", "act_length", "act_kv_heads", None))
@@ -100,7 +100,7 @@ class Attention(nnx.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
         out = jnp.einsum("ngrqs,nsgk->nqgrk", probs, v).reshape(n, length, cfg.num_attention_heads, dh)
         out = constrain(out, ("act_batch", "act_length", "act_heads", None))
-        return jnp.einsum("nlhk,hkd->nld", out, self.o_proj.value.astype(dtype))
+        return jnp.einsum("nlhk,hkd->nld", out, self.o_proj[...].astype(dtype))
 
 
 class MLP(nnx.Module):
@@ -115,10 +115,10 @@ class MLP(nnx.Module):
 
     def __call__(self, x):
         dtype = self.cfg.jnp_dtype
-        gate = x @ self.gate_proj.value.astype(dtype)
-        up = x @ self.up_proj.value.astype(dtype)
+        gate = x @ self.gate_proj[...].astype(dtype)
+        up = x @ self.up_proj[...].astype(dtype)
         hidden = constrain(jax.nn.silu(gate) * up, ("act_batch", "act_length", "act_mlp"))
-        return hidden @ self.down_proj.value.astype(dtype)
+        return hidden @ self.down_proj[...].astype(dtype)
 
 
 class DecoderLayer(nnx.Module):
@@ -156,7 +156,7 @@ class Decoder(nnx.Module):
     def embed_tokens(self, tokens):
         # Gather from a table whose vocabulary is whole on every device (cast first: half the bytes in bf16);
         # a gather from a vocab-sharded table makes SPMD replicate it anyway, less efficiently.
-        table = constrain(self.embed.value.astype(self.cfg.jnp_dtype), (None, None))
+        table = constrain(self.embed[...].astype(self.cfg.jnp_dtype), (None, None))
         return jnp.take(table, tokens, axis=0)
 
     def __call__(self, tokens, positions, segment_ids):

@@ -25,7 +25,7 @@ class LMHead(nnx.Module):
         self.kernel = _init(cfg, rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"))
 
     def __call__(self, hidden):
-        return hidden @ self.kernel.value.astype(hidden.dtype)
+        return hidden @ self.kernel[...].astype(hidden.dtype)
 
 
 class ScalarHead(nnx.Module):
@@ -35,7 +35,7 @@ class ScalarHead(nnx.Module):
         self.kernel = _init(cfg, rngs, (cfg.hidden_size, 1), ("embed", "score"))
 
     def __call__(self, hidden):
-        return (hidden.astype(jnp.float32) @ self.kernel.value.astype(jnp.float32))[..., 0]
+        return (hidden.astype(jnp.float32) @ self.kernel[...].astype(jnp.float32))[..., 0]
 
 
 class CausalLM(nnx.Module):
@@ -49,7 +49,7 @@ class CausalLM(nnx.Module):
         """→ logits [N, L, V], float32."""
         hidden = self.decoder(tokens, positions, segment_ids)
         if self.cfg.tie_word_embeddings:
-            logits = hidden @ self.decoder.embed.value.astype(hidden.dtype).T
+            logits = hidden @ self.decoder.embed[...].astype(hidden.dtype).T
         else:
             logits = self.lm_head(hidden)
         return constrain(logits.astype(jnp.float32), ("act_batch", "act_length", "act_vocab"))

@@ -123,23 +123,27 @@ def _is_variable(x) -> bool:
 def variable_axes(var: nnx.Variable) -> tuple[str | None, ...]:
     """The logical axes of a variable; a leading extra dimension (scanned layers) is the `layers` axis."""
     axes = tuple(var.get_metadata().get("axes", ()))
-    ndim = len(var.value.shape)
+    ndim = len(var.get_value().shape)
     if ndim == len(axes) + 1:
         axes = ("layers",) + axes
     if ndim != len(axes):
-        raise ValueError(f"variable of shape {var.value.shape} has logical axes {axes}")
+        raise ValueError(f"variable of shape {var.get_value().shape} has logical axes {axes}")
     return axes
 
 
 def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
-    """NamedSharding for every variable of an (abstract) model state, from its logical axes."""
+    """NamedSharding for every variable of an (abstract) model state, from its logical axes.
+
+    The result has the state's exact structure (each Variable now holds a NamedSharding), so it serves as
+    `in_shardings`/`out_shardings` and as the params tree of `optax.tree_map_params`.
+    """
     return jax.tree.map(
-        lambda v: NamedSharding(mesh, logical_to_spec(variable_axes(v), v.value.shape, mesh)),
+        lambda v: v.replace(value=NamedSharding(mesh, logical_to_spec(variable_axes(v), v.get_value().shape, mesh))),
         state, is_leaf=_is_variable)
 
 
 def state_specs(state: nnx.State, mesh: Mesh) -> nnx.State:
-    return jax.tree.map(lambda v: logical_to_spec(variable_axes(v), v.value.shape, mesh), state, is_leaf=_is_variable)
+    return jax.tree.map(lambda v: logical_to_spec(variable_axes(v), v.get_value().shape, mesh), state, is_leaf=_is_variable)
 
 
 # ------------------------------------------------------------------ activation constraints
@@ -187,9 +191,9 @@ def assert_sharded(state: nnx.State, mesh: Mesh, min_fraction: float = 0.9) -> N
         return
     total = sharded = 0
     for v in jax.tree.leaves(state, is_leaf=_is_variable):
-        size = int(np.prod(v.value.shape))
+        size = int(np.prod(v.get_value().shape))
         total += size
-        spec = logical_to_spec(variable_axes(v), v.value.shape, mesh)
+        spec = logical_to_spec(variable_axes(v), v.get_value().shape, mesh)
         if any(s is not None for s in spec):
             sharded += size
     if total and sharded / total < min_fraction:

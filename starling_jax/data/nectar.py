@@ -1,0 +1,309 @@
+"""Nectar readers, row validation, `Ranking`, the prompt-hash split and the report.
+
+Inputs: the Hub dataset `berkeley-nest/Nectar` (`datasets.load_dataset(..., streaming=True)`), or local files
+in the same schema (starling.md §1): parquet (streamed by record batch), JSON lines (streamed by line) and JSON
+(an array of rows, or a JSON-lines file named `.json`; a JSON array is parsed whole). Rows are numbered from 1
+in file order; in a JSON-lines file a row is a line (blank lines are ignored but keep their number).
+
+Validation: `prompt` parses into HH turns (last turn open), `answers` is a list of at least two entries, each an
+object with a string `answer` (empty allowed) and a finite numeric `rank`. `on_bad_row="error"` raises a
+`DataError` naming file, row and reason at the first bad row; `"skip"` drops it and records it in the report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import numbers
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from starling_jax.data.chat import Message, parse_hh
+from starling_jax.errors import DataError
+
+HUB_NAME = "berkeley-nest/Nectar"
+ON_BAD_ROW = ("error", "skip")
+
+
+@dataclasses.dataclass(frozen=True)
+class Ranking:
+    """One validated row. Answers stay in the row's ORIGINAL order (`best_first()` gives the ranking order)."""
+
+    row: int  # 1-based row number in the input file
+    prompt: str  # the HH prompt text (also the split key)
+    messages: tuple[Message, ...]  # parsed prompt turns, ending with a user turn
+    answers: tuple[str, ...]
+    ranks: tuple[float, ...]  # 1 = best; ties equal
+    models: tuple[str, ...] = ()
+    sources: tuple[str, ...] = ()
+    turns: int = 1
+    good_natured: bool | None = None
+
+    @property
+    def num_answers(self) -> int:
+        return len(self.answers)
+
+    def best_first(self) -> list[int]:
+        """Answer indices ordered best-first (stable sort by rank, so ties keep file order)."""
+        return sorted(range(len(self.ranks)), key=lambda i: self.ranks[i])
+
+    def tie_groups(self) -> list[list[int]]:
+        """Best-first groups of answer indices sharing a rank."""
+        groups: list[list[int]] = []
+        for i in self.best_first():
+            if groups and self.ranks[groups[-1][0]] == self.ranks[i]:
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        return groups
+
+
+class BadRow(ValueError):
+    """A row failed validation (reason in the message)."""
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def validate_row(raw: Any, row: int) -> Ranking:
+    """Check one raw row (a dict in Nectar schema) and build a `Ranking`; raises BadRow with the reason."""
+    if not isinstance(raw, dict):
+        raise BadRow(f"row is {type(raw).__name__}, not an object")
+    if "prompt" not in raw:
+        raise BadRow("field 'prompt' is missing")
+    prompt = raw["prompt"]
+    if prompt is None:
+        raise BadRow("field 'prompt' is null")
+    try:
+        messages = parse_hh(prompt)
+    except ValueError as e:
+        raise BadRow(f"field 'prompt': {e}") from None
+    answers = raw.get("answers")
+    if "answers" not in raw:
+        raise BadRow("field 'answers' is missing")
+    if not isinstance(answers, (list, tuple)):
+        if hasattr(answers, "tolist"):  # numpy arrays from parquet readers
+            answers = answers.tolist()
+        else:
+            raise BadRow(f"field 'answers' is {type(answers).__name__}, not a list")
+    if len(answers) < 2:
+        raise BadRow(f"field 'answers' has {len(answers)} entries, at least 2 needed")
+    texts, ranks, models = [], [], []
+    for j, a in enumerate(answers):
+        if not isinstance(a, dict):
+            raise BadRow(f"field 'answers[{j}]' is {type(a).__name__}, not an object")
+        text = a.get("answer")
+        if not isinstance(text, str):
+            raise BadRow(f"field 'answers[{j}].answer' is {'missing' if text is None else type(text).__name__}"
+                         + ("" if text is None else ", not a string"))
+        rank = a.get("rank")
+        if rank is None:
+            raise BadRow(f"field 'answers[{j}].rank' is missing")
+        if not _is_number(rank):
+            raise BadRow(f"field 'answers[{j}].rank' is {type(rank).__name__}, not a number")
+        if not math.isfinite(float(rank)):
+            raise BadRow(f"field 'answers[{j}].rank' is {float(rank)}, not finite")
+        model = a.get("model")
+        texts.append(text)
+        ranks.append(float(rank))
+        models.append("" if model is None else str(model))
+    source = raw.get("source")
+    if source is None:
+        sources: tuple[str, ...] = ()
+    elif isinstance(source, str):
+        sources = (source,)
+    else:
+        sources = tuple(str(s) for s in list(source))
+    gn = raw.get("good_natured")
+    n_user = sum(m["role"] == "user" for m in messages)
+    turns = raw.get("turns")
+    return Ranking(
+        row=row,
+        prompt=prompt,
+        messages=tuple(messages),
+        answers=tuple(texts),
+        ranks=tuple(ranks),
+        models=tuple(models),
+        sources=sources,
+        turns=int(turns) if _is_number(turns) and math.isfinite(float(turns)) else n_user,
+        good_natured=None if gn is None else bool(gn),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- readers
+
+_NOT_JSON = object()
+
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield i, json.loads(line)
+            except json.JSONDecodeError as e:
+                yield i, (_NOT_JSON, f"line is not JSON: {e.msg} (column {e.colno})")
+
+
+def _iter_parquet(path: Path) -> Iterator[tuple[int, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"{path}: cannot read parquet file: {e}") from e
+    n = 0
+    for batch in pf.iter_batches(batch_size=1024):
+        for r in batch.to_pylist():
+            n += 1
+            yield n, r
+
+
+def _iter_json(path: Path) -> Iterator[tuple[int, Any]]:
+    with open(path, encoding="utf-8") as f:
+        head = f.read(4096).lstrip()
+    if not head.startswith("["):
+        yield from _iter_jsonl(path)
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            rows = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from e
+    for i, r in enumerate(rows, start=1):
+        yield i, r
+
+
+def _iter_hub(name: str, split: str) -> Iterator[tuple[int, Any]]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, split=split, streaming=True)
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"{name}: cannot load Hub dataset (split {split!r}): {type(e).__name__}: {e}") from e
+    for i, r in enumerate(ds, start=1):
+        yield i, r
+
+
+def iter_raw_rows(source: str | Path, split: str = "train") -> Iterator[tuple[int, Any]]:
+    """Yield (1-based row number, raw row) from a local file or a Hub dataset name (e.g. `berkeley-nest/Nectar`).
+
+    A line that is not JSON is yielded as `(_NOT_JSON, reason)` and counted as a bad row by `read_rankings`.
+    """
+    p = Path(source)
+    if p.is_file():
+        suffix = p.suffix.lower()
+        if suffix == ".parquet":
+            return _iter_parquet(p)
+        if suffix in (".jsonl", ".ndjson"):
+            return _iter_jsonl(p)
+        if suffix == ".json":
+            return _iter_json(p)
+        raise DataError(f"{p}: unknown file type {suffix!r} (use .parquet, .jsonl or .json)")
+    if p.exists():
+        raise DataError(f"{p}: is not a file")
+    s = str(source)
+    if s.count("/") == 1 and not s.startswith((".", "/")) and not Path(s).suffix:
+        return _iter_hub(s, split)
+    raise DataError(f"{source}: input file not found (and not a Hub dataset name like {HUB_NAME})")
+
+
+@dataclasses.dataclass
+class ReadReport:
+    """Counts of a validation pass; `skipped` lists `{"row": N, "reason": "..."}`."""
+
+    source: str = ""
+    rows_read: int = 0
+    rows_kept: int = 0
+    rows_skipped: int = 0
+    skipped: list = dataclasses.field(default_factory=list)
+
+    def skip(self, row: int, reason: str) -> None:
+        self.rows_skipped += 1
+        self.skipped.append({"row": int(row), "reason": reason})
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def read_rankings(
+    source: str | Path,
+    on_bad_row: str = "error",
+    report: ReadReport | None = None,
+    split: str = "train",
+    rows: Iterable[tuple[int, Any]] | None = None,
+) -> Iterator[Ranking]:
+    """Stream validated `Ranking`s; bad rows raise (error) or are counted in `report` (skip)."""
+    if on_bad_row not in ON_BAD_ROW:
+        raise DataError(f"on_bad_row must be one of {ON_BAD_ROW}, got {on_bad_row!r}")
+    report = report if report is not None else ReadReport()
+    report.source = str(source)
+    for row, raw in rows if rows is not None else iter_raw_rows(source, split):
+        report.rows_read += 1
+        try:
+            if isinstance(raw, tuple) and raw and raw[0] is _NOT_JSON:
+                raise BadRow(raw[1])
+            r = validate_row(raw, row)
+        except BadRow as e:
+            if on_bad_row == "error":
+                raise DataError(f"{source}: row {row}: {e}") from None
+            report.skip(row, str(e))
+            continue
+        report.rows_kept += 1
+        yield r
+
+
+def load_rankings(source, on_bad_row: str = "error", report: ReadReport | None = None) -> list[Ranking]:
+    """`read_rankings` into a list (small files)."""
+    return list(read_rankings(source, on_bad_row, report))
+
+
+# ---------------------------------------------------------------------------------------------- pairwise
+
+
+def read_pairwise(source: str | Path, on_bad_row: str = "error", report: ReadReport | None = None,
+                  split: str = "train") -> Iterator[Ranking]:
+    """RewardBench layout (`prompt`, `chosen`, `rejected`) → 2-answer `Ranking`s (chosen rank 1, rejected 2).
+
+    `prompt` may be plain user text or HH text; other columns (`subset`, `id`) go to `sources`.
+    """
+    def convert():
+        for row, raw in iter_raw_rows(source, split):
+            if isinstance(raw, dict):
+                p = raw.get("prompt")
+                if isinstance(p, str) and "\n\nHuman:" not in p and not p.lstrip().startswith("Human:"):
+                    p = f"\n\nHuman: {p}\n\nAssistant:"
+                src = [str(raw[k]) for k in ("subset", "id") if raw.get(k) is not None]
+                raw = {
+                    "prompt": p,
+                    "answers": [{"answer": raw.get("chosen"), "model": raw.get("chosen_model"), "rank": 1},
+                                {"answer": raw.get("rejected"), "model": raw.get("rejected_model"), "rank": 2}],
+                    "source": src,
+                }
+            yield row, raw
+
+    return read_rankings(source, on_bad_row, report, rows=convert())
+
+
+# ---------------------------------------------------------------------------------------------- split
+
+
+def prompt_hash_fraction(prompt: str) -> float:
+    """A deterministic number in [0, 1) from the prompt text (sha256)."""
+    h = hashlib.sha256(prompt.encode("utf-8")).digest()
+    return int.from_bytes(h[:8], "big") / 2.0**64
+
+
+def split_of(prompt: str, eval_fraction: float) -> str:
+    """"eval" or "train" by prompt hash: the same prompt always lands in the same split."""
+    if not 0.0 <= eval_fraction <= 1.0:
+        raise DataError(f"eval_fraction must be in [0, 1], got {eval_fraction}")
+    return "eval" if prompt_hash_fraction(prompt) < eval_fraction else "train"

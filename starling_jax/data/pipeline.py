@@ -1,0 +1,347 @@
+"""tf.data input pipeline: deterministic batch plan, per-host slices, length buckets, K-wise batches, resume.
+
+Design (exact, cheap resume that is identical across hosts): from `(seed, epoch)` and the example lengths every
+host computes the same global *batch plan*: the examples are shuffled, sorted by length inside windows of
+`bucket_window` global batches (length bucketing), cut into global batches of `global_batch_size` rows, and the
+batch order is shuffled. The final partial global batch is filled with padding rows (`answer_mask` all False),
+so every host gets the same number of batches and the union of the real rows is the whole split. Each global
+batch is split into `process_count` equal host slices; host `process_index` reads only its slice. All hosts of
+one global batch use the same L: the global batch's longest sequence rounded up to `pad_to_multiple` (128).
+
+The position is `(epoch, batch)`; `state()` is a JSON-serializable dict saved with the model checkpoint, and
+`restore(state)` restarts exactly at that batch (independent of prefetching, which only runs ahead). tf.data
+drives the reading, gathering and padding (`tf.numpy_function` over batch positions, parallel and
+deterministic) and the prefetching. Training iterates forever (each epoch re-planned with `seed + epoch`);
+`mode="eval"` is one pass in file order, no shuffle, padded final batch.
+
+Rows with more answers than K keep the K best (stable sort by rank). Answers are stored best-first. Padded
+answer slots have `answer_mask` False, `ranks` 1e9 (sorts last; never inf, so no NaN in losses), no tokens.
+Besides the ARCHITECTURE.md keys a batch carries `row` int32 [B] (1-based input row, -1 for padding rows).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from starling_jax.errors import DataError
+
+MASKED_RANK = 1e9
+BATCH_KEYS = ("tokens", "positions", "segment_ids", "reward_index", "ranks", "answer_mask", "answer_lengths",
+              "row")
+
+
+def _round_up(x: int, m: int) -> int:
+    return int(math.ceil(max(x, 1) / m) * m)
+
+
+def select_answers(ranks: Sequence[float], k: int) -> list[int]:
+    """Indices of the K best answers, best-first (stable sort by rank: ties keep file order)."""
+    return sorted(range(len(ranks)), key=lambda i: float(ranks[i]))[:k]
+
+
+# ------------------------------------------------------------------------------------------------ sources
+
+
+class InMemorySource:
+    """Random-access examples from `TokenizedRanking`s (small runs straight from a file)."""
+
+    def __init__(self, tokenized):
+        self._ex = [
+            {"row": t.row, "tokens": list(t.tokens), "ranks": np.asarray(t.ranks, np.float32),
+             "answer_lengths": np.asarray(t.answer_lengths, np.int32),
+             "reward_index": np.asarray(t.reward_index, np.int32)}
+            for t in tokenized
+        ]
+
+    def __len__(self):
+        return len(self._ex)
+
+    def __getitem__(self, i):
+        return self._ex[i]
+
+
+class TfdsSource:
+    """Random-access examples of a prepared TFDS dataset (array_record files) — see `tfds_nectar`."""
+
+    def __init__(self, builder_dir, split: str):
+        import tensorflow_datasets as tfds
+
+        self.builder = tfds.builder_from_directory(str(builder_dir))
+        if split not in self.builder.info.splits:
+            raise DataError(f"{builder_dir}: no split {split!r} (has {list(self.builder.info.splits)})")
+        self._src = self.builder.as_data_source(split=split)
+        self.metadata = dict(self.builder.info.metadata or {})
+
+    def __len__(self):
+        return len(self._src)
+
+    def __getitem__(self, i):
+        return self._src[int(i)]
+
+    def getitems(self, idx):
+        if hasattr(self._src, "__getitems__"):
+            return self._src.__getitems__([int(i) for i in idx])
+        return [self._src[int(i)] for i in idx]
+
+
+def _getitems(source, idx):
+    if hasattr(source, "getitems"):
+        return source.getitems(idx)
+    return [source[int(i)] for i in idx]
+
+
+# ------------------------------------------------------------------------------------------------ plan
+
+
+def batch_plan(lengths: np.ndarray, global_batch_size: int, *, seed: int, epoch: int, shuffle: bool,
+               bucket_window: int = 32) -> np.ndarray:
+    """int64 [num_batches, global_batch_size] example indices (-1 = padding row); same on every host."""
+    n = len(lengths)
+    g = global_batch_size
+    if shuffle:
+        rng = np.random.default_rng([int(seed), int(epoch)])
+        order = rng.permutation(n)
+        if bucket_window > 1:
+            w = g * bucket_window
+            chunks = [order[s:s + w] for s in range(0, n, w)]
+            order = np.concatenate([c[np.argsort(lengths[c], kind="stable")] for c in chunks]) if chunks else order
+    else:
+        order = np.arange(n)
+    nb = max(1, -(-n // g)) if n else 0
+    flat = np.full(nb * g, -1, np.int64)
+    flat[:n] = order
+    plan = flat.reshape(nb, g)
+    if shuffle and nb > 1:
+        plan = plan[rng.permutation(nb)]
+    return plan
+
+
+# ------------------------------------------------------------------------------------------------ pipeline
+
+
+class RankingPipeline:
+    """Per-host K-wise batches (numpy dicts, see ARCHITECTURE.md) with an exact, JSON-serializable position."""
+
+    def __init__(self, source, *, global_batch_size: int, num_answers: int = 7, max_length: int | None = None,
+                 pad_to_multiple: int = 128, seed: int = 0, mode: str = "train", bucket_window: int = 32,
+                 process_index: int | None = None, process_count: int | None = None, pad_id: int = 0,
+                 prefetch: int = 2, num_parallel: int = 2):
+        if mode not in ("train", "eval"):
+            raise DataError(f"pipeline mode must be 'train' or 'eval', got {mode!r}")
+        if process_index is None or process_count is None:
+            import jax
+
+            process_index = jax.process_index() if process_index is None else process_index
+            process_count = jax.process_count() if process_count is None else process_count
+        if global_batch_size % process_count:
+            raise DataError(f"global_batch_size {global_batch_size} is not divisible by {process_count} processes")
+        self.source = source
+        self.global_batch_size = int(global_batch_size)
+        self.per_host_batch = self.global_batch_size // process_count
+        self.num_answers = int(num_answers)
+        self.pad_to_multiple = int(pad_to_multiple)
+        self.max_l = _round_up(max_length, pad_to_multiple) if max_length else None
+        self.seed = int(seed)
+        self.mode = mode
+        self.bucket_window = int(bucket_window)
+        self.process_index = int(process_index)
+        self.process_count = int(process_count)
+        self.pad_id = int(pad_id)
+        self.prefetch = prefetch
+        self.num_parallel = num_parallel
+        if len(source) == 0:
+            raise DataError("the dataset split is empty")
+        self.lengths = self._scan_lengths()
+        self._epoch = 0
+        self._batch = 0
+        self._plan_epoch = None
+        self._plan = None
+        self._it = None
+
+    # -- lengths / plan
+    def _scan_lengths(self) -> np.ndarray:
+        n = len(self.source)
+        out = np.zeros(n, np.int32)
+        for s in range(0, n, 1024):
+            for i, ex in enumerate(_getitems(self.source, range(s, min(n, s + 1024)))):
+                sel = select_answers(ex["ranks"], self.num_answers)
+                out[s + i] = max(len(ex["tokens"][j]) for j in sel)
+        return out
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def num_batches_per_epoch(self) -> int:
+        return -(-self.num_examples // self.global_batch_size)
+
+    def plan(self, epoch: int) -> np.ndarray:
+        if self._plan_epoch != epoch:
+            self._plan = batch_plan(self.lengths, self.global_batch_size, seed=self.seed + 0, epoch=epoch,
+                                    shuffle=self.mode == "train", bucket_window=self.bucket_window)
+            self._plan_epoch = epoch
+        return self._plan
+
+    # -- state
+    def state(self) -> dict:
+        return {"epoch": self._epoch, "batch": self._batch, "seed": self.seed, "mode": self.mode,
+                "global_batch_size": self.global_batch_size, "num_examples": self.num_examples}
+
+    get_state = state
+
+    def restore(self, state: dict) -> None:
+        for key in ("seed", "global_batch_size", "num_examples"):
+            if key in state and int(state[key]) != getattr(self, key):
+                raise DataError(f"data state: {key} is {state[key]} in the checkpoint but {getattr(self, key)} now")
+        self._epoch = int(state["epoch"])
+        self._batch = int(state["batch"])
+        self._it = None
+
+    set_state = restore
+
+    # -- batches
+    def host_batch(self, epoch: int, batch: int) -> dict:
+        """The numpy batch of this host at position (epoch, batch)."""
+        g = self.plan(epoch)[batch]
+        real = g[g >= 0]
+        longest = int(self.lengths[real].max()) if real.size else 1
+        length = _round_up(longest, self.pad_to_multiple)
+        if self.max_l:
+            length = min(length, self.max_l)
+        mine = g[self.process_index * self.per_host_batch:(self.process_index + 1) * self.per_host_batch]
+        return self.make_batch(mine, length)
+
+    def make_batch(self, indices: np.ndarray, length: int) -> dict:
+        b, k = len(indices), self.num_answers
+        tokens = np.full((b, k, length), self.pad_id, np.int32)
+        positions = np.zeros((b, k, length), np.int32)
+        segment_ids = np.zeros((b, k, length), np.int32)
+        reward_index = np.zeros((b, k), np.int32)
+        ranks = np.full((b, k), MASKED_RANK, np.float32)
+        answer_mask = np.zeros((b, k), bool)
+        answer_lengths = np.zeros((b, k), np.int32)
+        row = np.full((b,), -1, np.int32)
+        real = [i for i in range(b) if indices[i] >= 0]
+        exs = _getitems(self.source, [indices[i] for i in real])
+        for i, ex in zip(real, exs):
+            row[i] = int(ex["row"])
+            for slot, j in enumerate(select_answers(ex["ranks"], k)):
+                t = np.asarray(ex["tokens"][j], np.int32)
+                n = len(t)
+                if n > length:
+                    raise DataError(f"row {row[i]}: answer {j} has {n} tokens > batch length {length}")
+                tokens[i, slot, :n] = t
+                positions[i, slot, :n] = np.arange(n, dtype=np.int32)
+                segment_ids[i, slot, :n] = 1
+                reward_index[i, slot] = n - 1
+                ranks[i, slot] = float(ex["ranks"][j])
+                answer_mask[i, slot] = True
+                answer_lengths[i, slot] = int(ex["answer_lengths"][j])
+        return {"tokens": tokens, "positions": positions, "segment_ids": segment_ids,
+                "reward_index": reward_index, "ranks": ranks, "answer_mask": answer_mask,
+                "answer_lengths": answer_lengths, "row": row}
+
+    def _load_step(self, step):
+        step = int(step)
+        nb = self.num_batches_per_epoch
+        out = self.host_batch(step // nb, step % nb)
+        return tuple(out[k] for k in BATCH_KEYS)
+
+    def _tf_iterator(self):
+        import tensorflow as tf
+
+        nb = self.num_batches_per_epoch
+        start = self._epoch * nb + self._batch
+        if self.mode == "eval":
+            ds = tf.data.Dataset.range(start, nb)
+        else:
+            ds = tf.data.Dataset.counter(start)
+        touts = [tf.int32, tf.int32, tf.int32, tf.int32, tf.float32, tf.bool, tf.int32, tf.int32]
+
+        def load(step):
+            return tf.numpy_function(self._load_step, [step], touts, stateful=False)
+
+        ds = ds.map(load, num_parallel_calls=self.num_parallel, deterministic=True)
+        ds = ds.prefetch(self.prefetch)
+        return ds.as_numpy_iterator()
+
+    def __iter__(self):
+        if self.mode == "eval" and self._batch >= self.num_batches_per_epoch:
+            self._epoch, self._batch, self._it = 0, 0, None
+        return self
+
+    def __next__(self) -> dict:
+        if self.mode == "eval" and self._batch >= self.num_batches_per_epoch:
+            raise StopIteration
+        if self._it is None:
+            self._it = self._tf_iterator()
+        arrays = next(self._it)
+        self._batch += 1
+        if self.mode == "train" and self._batch >= self.num_batches_per_epoch:
+            self._epoch, self._batch = self._epoch + 1, 0
+        return dict(zip(BATCH_KEYS, arrays))
+
+
+# ------------------------------------------------------------------------------------------------ global
+
+
+def to_global(batch: dict, mesh, data_sharding=None) -> dict:
+    """Host-local numpy batch → global `jax.Array`s (`jax.make_array_from_process_local_data`).
+
+    `data_sharding`: a `jax.sharding.Sharding`, a `PartitionSpec` (applied on `mesh`), or None = the batch
+    axis sharded over every mesh axis named data/fsdp (or the first axis).
+    """
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    if data_sharding is None:
+        axes = tuple(a for a in mesh.axis_names if a in ("data", "fsdp", "dcn")) or (mesh.axis_names[0],)
+        data_sharding = PartitionSpec(axes)
+    if isinstance(data_sharding, PartitionSpec):
+        data_sharding = NamedSharding(mesh, data_sharding)
+    return {k: jax.make_array_from_process_local_data(data_sharding, np.asarray(v)) for k, v in batch.items()}
+
+
+# ------------------------------------------------------------------------------------------------ factories
+
+
+def find_prepared(path) -> Path | None:
+    """The TFDS builder folder inside a `prepare_data` output folder (or the folder itself), else None."""
+    p = Path(path)
+    if (p / "dataset_info.json").is_file():
+        return p
+    hits = sorted(p.glob("nectar_tokenized/*/dataset_info.json")) if p.is_dir() else []
+    return hits[-1].parent if hits else None
+
+
+def open_source(path, split: str = "train", *, tokenizer=None, template: str = "llama2_chat",
+                max_length: int = 2048, eval_fraction: float = 0.0, on_bad_row: str = "error"):
+    """A prepared `prepare_data` folder → TfdsSource; a Nectar-schema file → tokenized InMemorySource."""
+    prepared = find_prepared(path)
+    if prepared is not None:
+        return TfdsSource(prepared, split)
+    if Path(path).is_dir():
+        raise DataError(f"{path}: folder holds no prepared dataset (run starling_jax.prepare_data)")
+    from starling_jax.data.nectar import read_rankings, split_of
+    from starling_jax.data.tokenize import RowDoesNotFit, tokenize_ranking
+
+    if tokenizer is None:
+        from starling_jax.tokenizer import default_tokenizer_dir, load_tokenizer
+
+        tokenizer = load_tokenizer(default_tokenizer_dir())
+    out = []
+    for r in read_rankings(path, on_bad_row):
+        if eval_fraction and split_of(r.prompt, eval_fraction) != split:
+            continue
+        if not eval_fraction and split != "train":
+            continue
+        try:
+            out.append(tokenize_ranking(r, tokenizer, template, max_length))
+        except RowDoesNotFit:
+            continue
+    return InMemorySource(out)

@@ -1,0 +1,84 @@
+"""Validate + tokenize Nectar once and write a TFDS dataset plus report.json (run off the TPU hosts).
+
+    python -m starling_jax.prepare_data --input FILE_OR_HUB_NAME --output DIR [--tokenizer DIR]
+        [--template NAME] [--max-length N] [--on-bad-row error|skip] [--eval-fraction F]
+
+`--input` is a parquet / JSON-lines / JSON file in the Nectar schema or a Hub dataset name
+(`berkeley-nest/Nectar`). Without `--tokenizer` the offline Mistral tokenizer from `mistral-common` is used.
+Exit code 0 when it finished (also when rows were skipped), 2 when it stopped on a bad row or bad input. The
+last printed line is a one-line JSON summary (report counts + output folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from starling_jax.data.chat import TEMPLATE_NAMES
+from starling_jax.errors import StarlingError
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="starling_jax.prepare_data", description=__doc__.splitlines()[0])
+    ap.add_argument("--input", required=True, help="Nectar-schema file (.parquet/.jsonl/.json) or Hub name")
+    ap.add_argument("--output", required=True, help="output folder (TFDS dataset + report.json)")
+    ap.add_argument("--tokenizer", default=None, help="HF tokenizer folder (default: offline Mistral v1)")
+    ap.add_argument("--template", default="llama2_chat", choices=TEMPLATE_NAMES)
+    ap.add_argument("--max-length", type=int, default=2048)
+    ap.add_argument("--on-bad-row", default="error", choices=("error", "skip"))
+    ap.add_argument("--eval-fraction", type=float, default=0.05)
+    return ap.parse_args(argv)
+
+
+def run(args) -> dict:
+    from starling_jax.data.tfds_nectar import prepare
+    from starling_jax.tokenizer import default_tokenizer_dir, load_tokenizer
+
+    t0 = time.time()
+    out = Path(args.output)
+    tok_dir = Path(args.tokenizer) if args.tokenizer else default_tokenizer_dir(
+        "llama2_chat" if args.template == "tokenizer" else args.template,
+        openchat_special_tokens=args.template == "openchat_3.5")
+    tok = load_tokenizer(tok_dir)
+    # a re-run replaces the previous dataset
+    shutil.rmtree(out / "nectar_tokenized", ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    b = prepare(args.input, out, tok, str(tok_dir), args.template, args.max_length, args.eval_fraction,
+                args.on_bad_row)
+    rep = b.report
+    report = {
+        "input": str(args.input), "output": str(out), "dataset_dir": str(b.data_dir),
+        "rows_read": rep.rows_read, "rows_kept": rep.rows_kept, "rows_skipped": rep.rows_skipped,
+        "rows_truncated": b.rows_truncated, "splits": b.split_counts,
+        "tokenizer": str(tok_dir), "template": args.template, "max_length": args.max_length,
+        "eval_fraction": args.eval_fraction, "on_bad_row": args.on_bad_row,
+        "lengths": b.stats.as_dict(), "seconds": round(time.time() - t0, 2), "skipped": rep.skipped,
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    return report
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    args = parse_args(argv)
+    try:
+        report = run(args)
+    except StarlingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        print(json.dumps({"ok": False, "error": str(e), "output": str(args.output)}))
+        return 2
+    summary = {k: report[k] for k in ("rows_read", "rows_kept", "rows_skipped", "rows_truncated", "splits")}
+    summary = {"ok": True, **summary, "output": report["output"]}
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

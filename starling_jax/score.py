@@ -1,0 +1,165 @@
+"""Score every answer of a Nectar-format (or RewardBench pairwise) file with a reward model.
+
+    python -m starling_jax.score --model DIR --data FILE [--output FILE] [--template NAME]
+                                 [--max-length N] [--batch-size N] [--on-bad-row error|skip]
+
+DIR is an HF `*ForSequenceClassification` folder (or a Starling `v_head` folder) or a starling_jax checkpoint.
+By default each conversation (the parsed prompt turns plus the answer as the last assistant turn) is rendered
+with the chat template of the model's tokenizer and the reward is read at the last token of that rendering.
+Output: JSON lines, one per input row in input order, with `rewards` in the order of the row's `answers`
+(skipped rows carry `rewards: null` and the reason). The last printed line is a JSON summary with ranking
+metrics against the given ranks; pairwise files (`prompt`/`chosen`/`rejected`) report their `accuracy`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from starling_jax import cli
+
+
+def detect_format(path: str) -> str:
+    from starling_jax.data.nectar import iter_raw_rows
+
+    for _, raw in iter_raw_rows(path):
+        if isinstance(raw, dict):
+            return "pairwise" if "chosen" in raw and "rejected" in raw and "answers" not in raw else "nectar"
+    return "nectar"
+
+
+def load_reward_model(model: str, mesh):
+    """→ (model cfg, graphdef, params, tokenizer dir, default max_length) from an HF folder or a checkpoint."""
+    from starling_jax.ckpt.manager import load_model
+    from starling_jax.errors import CheckpointError
+    from starling_jax.model import hf_io
+
+    path = Path(model)
+    if (path / "config.json").is_file() or not path.exists():
+        cfg, graphdef, params = hf_io.load_hf(model, "reward", mesh)
+        return cfg, graphdef, params, hf_io.resolve_model_dir(model), 2048
+    meta, cfg, graphdef, params = load_model(path, mesh)
+    if meta["role"] != "reward":
+        raise CheckpointError(f"{model}: a {meta['role']} checkpoint, not a reward model")
+    return cfg, graphdef, params, Path(meta["tokenizer_dir"]), int(meta.get("max_length", 2048))
+
+
+def score(model: str, data: str, output: str | None = None, template: str = "tokenizer",
+          max_length: int | None = None, batch_size: int = 32, on_bad_row: str = "error") -> dict:
+    import jax
+    import numpy as np
+
+    from starling_jax.data.nectar import ReadReport, read_pairwise, read_rankings
+    from starling_jax.data.tokenize import RowDoesNotFit, tokenize_ranking
+    from starling_jax.metrics import RankingMetrics
+    from starling_jax.parallel import sharding
+    from starling_jax.tokenizer import load_tokenizer
+
+    # --- model & tokenizer
+    mesh = sharding.make_mesh(sharding.MeshConfig())
+    cfg, graphdef, params, tokenizer_dir, default_len = load_reward_model(model, mesh)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    max_length = max_length or default_len
+    rewards_fn = jit_rewards(graphdef, mesh)
+
+    # --- rows → tokenized answers (input order kept; skipped rows remembered with their reason)
+    fmt = detect_format(data)
+    report = ReadReport()
+    reader = read_pairwise if fmt == "pairwise" else read_rankings
+    lines: dict[int, dict] = {}
+    tokenized = []
+    for ranking in reader(data, on_bad_row, report):
+        try:
+            tokenized.append(tokenize_ranking(ranking, tokenizer, template, max_length))
+        except RowDoesNotFit as e:
+            if on_bad_row == "error":
+                from starling_jax.errors import DataError
+
+                raise DataError(f"{data}: row {ranking.row}: {e}") from None
+            lines[ranking.row] = {"row": ranking.row, "rewards": None, "error": str(e)}
+    for skipped in report.skipped:
+        lines[skipped["row"]] = {"row": skipped["row"], "rewards": None, "error": skipped["reason"]}
+
+    # --- score all answers, sequences bucketed by length into fixed-shape batches
+    sequences = [(i, j, t) for i, tr in enumerate(tokenized) for j, t in enumerate(tr.tokens)]
+    rewards = [np.zeros(tr.num_answers, np.float64) for tr in tokenized]
+    n_dev = mesh.shape["data"] * mesh.shape["fsdp"]
+    batch_size = max(n_dev, -(-batch_size // n_dev) * n_dev)
+    order = sorted(range(len(sequences)), key=lambda s: len(sequences[s][2]))
+    pad_id = tokenizer.pad_token_id or 0
+    for start in range(0, len(order), batch_size):
+        chunk = [sequences[s] for s in order[start:start + batch_size]]
+        length = -(-max(len(t) for _, _, t in chunk) // 128) * 128
+        tokens = np.full((batch_size, length), pad_id, np.int32)
+        positions = np.zeros((batch_size, length), np.int32)
+        segment_ids = np.zeros((batch_size, length), np.int32)
+        reward_index = np.zeros((batch_size,), np.int32)
+        for r, (_, _, t) in enumerate(chunk):
+            tokens[r, :len(t)] = t
+            positions[r, :len(t)] = np.arange(len(t))
+            segment_ids[r, :len(t)] = 1
+            reward_index[r] = len(t) - 1
+        out = np.asarray(jax.device_get(rewards_fn(params, tokens, positions, segment_ids, reward_index)))
+        for r, (i, j, _) in enumerate(chunk):
+            rewards[i][j] = float(out[r])
+
+    # --- output lines and metrics
+    metrics = RankingMetrics()
+    for tr, rw in zip(tokenized, rewards):
+        lines[tr.row] = {"row": tr.row, "rewards": [float(x) for x in rw], "ranks": [float(x) for x in tr.ranks],
+                         "truncated": tr.truncated}
+        metrics.update(rw[None], tr.ranks[None], np.ones((1, tr.num_answers), bool), tr.answer_lengths[None])
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        with open(output, "w", encoding="utf-8") as f:
+            for row in sorted(lines):
+                f.write(json.dumps(lines[row]) + "\n")
+    computed = metrics.compute() if tokenized else {}
+    summary = {"status": "completed", "model": str(model), "data": str(data), "format": fmt, "template": template,
+               "rows_read": report.rows_read, "rows_scored": len(tokenized),
+               "rows_skipped": len(lines) - len(tokenized), "output": output}
+    if fmt == "pairwise":
+        summary["accuracy"] = computed.get("pairwise_accuracy")
+    summary.update({k: v for k, v in computed.items() if k != "num_pairs" or fmt == "nectar"})
+    return summary
+
+
+def jit_rewards(graphdef, mesh):
+    import jax
+    from flax import nnx
+
+    from starling_jax.parallel import sharding
+
+    batch = sharding.batch_sharding(mesh, 2)
+
+    def rewards(params, tokens, positions, segment_ids, reward_index):
+        with sharding.activation_sharding(mesh):
+            return nnx.merge(graphdef, params).rewards(tokens, positions, segment_ids, reward_index)
+
+    return jax.jit(rewards, in_shardings=(None, batch, batch, batch, sharding.batch_sharding(mesh, 1)),
+                   out_shardings=sharding.replicated(mesh))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m starling_jax.score", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="HF reward-model folder / Hub id, or a checkpoint folder")
+    parser.add_argument("--data", required=True, help="Nectar-format or pairwise file (jsonl, json, parquet)")
+    parser.add_argument("--output", default=None, help="JSON-lines output, one line per input row")
+    parser.add_argument("--template", default="tokenizer",
+                        help="chat template: tokenizer (the model tokenizer's own, default), llama2_chat, "
+                             "openchat_3.5, chatml, raw")
+    parser.add_argument("--max-length", type=int, default=None, help="tokens per sequence (default: the run's, "
+                                                                      "or 2048)")
+    parser.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass")
+    parser.add_argument("--on-bad-row", choices=("error", "skip"), default="error")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    cli.setup_logging()
+    return cli.run_main(lambda: score(args.model, args.data, args.output, args.template, args.max_length,
+                                      args.batch_size, args.on_bad_row))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
