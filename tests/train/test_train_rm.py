@@ -1,0 +1,206 @@
+"""End-to-end reward-model training: sharding equivalence, kill/resume, preemption, export parity, user errors.
+
+Runs `python -m starling_jax.train_rm` in subprocesses (each picks its own simulated device count) on a small
+synthetic Nectar-format file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from starling_jax.data.synthetic import generate, write_jsonl
+
+pytestmark = pytest.mark.slow
+
+FAST = [
+    "train.steps=8", "train.log_every=1", "train.eval_every=8", "train.save_every=4", "train.progress_bar=false",
+    "data.batch_size=8", "data.eval_batch_size=8", "data.eval_fraction=0.2", "export.hf=false", "export.plot=false",
+    "optim.warmup_steps=2",
+]
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> Path:
+    return write_jsonl(generate(120, seed=3), tmp_path_factory.mktemp("data") / "small.jsonl")
+
+
+def env_with(devices: int) -> dict:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    return env
+
+
+def train_cmd(out: Path, data: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "starling_jax.train_rm", f"output_dir={out}", f"data.train={data}", *FAST, *extra]
+
+
+def run_train(out: Path, data: Path, *extra: str, devices: int = 1, timeout: int = 600) -> dict:
+    proc = subprocess.run(train_cmd(out, data, *extra), env=env_with(devices), capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def losses(out: Path) -> dict[int, float]:
+    rows = {}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        rows[row["step"]] = row["loss"]  # a resumed run rewrites later steps: keep the newest
+    return rows
+
+
+def test_one_device_and_eight_devices_give_the_same_losses(tmp_path, data_file):
+    single = run_train(tmp_path / "one", data_file, devices=1)
+    sharded = run_train(tmp_path / "eight", data_file, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", devices=8)
+    assert single["steps"] == sharded["steps"] == 8
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "eight")
+    assert sorted(a) == list(range(1, 9))
+    np.testing.assert_allclose([a[s] for s in sorted(a)], [b[s] for s in sorted(a)], rtol=0, atol=1e-5)
+    # the losses differ step to step: the comparison is not between two constant curves
+    assert np.ptp([a[s] for s in a]) > 1e-2
+    assert single["eval_pairwise_accuracy"] == pytest.approx(sharded["eval_pairwise_accuracy"], abs=1e-6)
+
+
+def test_gradient_accumulation_matches_full_batch(tmp_path, data_file):
+    run_train(tmp_path / "full", data_file, "train.steps=3")
+    run_train(tmp_path / "micro", data_file, "train.steps=3", "train.micro_batches=4")
+    a, b = losses(tmp_path / "full"), losses(tmp_path / "micro")
+    np.testing.assert_allclose([a[s] for s in (1, 2, 3)], [b[s] for s in (1, 2, 3)], atol=1e-5)
+
+
+def test_sigkill_then_restart_resumes_exactly(tmp_path, data_file):
+    steps = ["train.steps=16", "train.save_every=4", "train.eval_every=100"]
+    run_train(tmp_path / "straight", data_file, *steps)
+    reference = losses(tmp_path / "straight")
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(train_cmd(out, data_file, *steps), env=env_with(1), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill once some checkpoint exists and training went past it
+        done = (out / "metrics.jsonl").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) >= 9
+        if done or proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = max(losses(out))
+    assert killed_at < 16
+
+    summary = run_train(out, data_file, *steps)
+    assert summary["resumed_from"] is not None and summary["resumed_from"] <= killed_at
+    assert summary["resumed_from"] % 4 == 0
+    resumed = losses(out)
+    assert sorted(resumed) == sorted(reference)
+    np.testing.assert_allclose([resumed[s] for s in sorted(reference)], [reference[s] for s in sorted(reference)],
+                               rtol=0, atol=1e-6)
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path, data_file):
+    out = tmp_path / "term"
+    proc = subprocess.Popen(train_cmd(out, data_file, "train.steps=400", "train.save_every=1000",
+                                      "train.eval_every=1000"),
+                            env=env_with(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((out / "metrics.jsonl").is_file()
+                                          and len((out / "metrics.jsonl").read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-2000:]
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert summary["status"] == "preempted"
+    saved = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved == [summary["steps"]] and 3 <= summary["steps"] < 400
+
+
+def test_export_loads_in_transformers_and_score_agrees(tmp_path, data_file):
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForSequenceClassification
+
+    out = tmp_path / "run"
+    summary = run_train(out, data_file, "train.steps=4", "export.hf=true")
+    hf_dir = Path(summary["hf_export_dir"])
+    config = json.loads((hf_dir / "config.json").read_text())
+    assert config["architectures"] == ["MistralForSequenceClassification"]
+    assert config["num_labels"] == 1 and config["pad_token_id"] is not None
+    assert config["reward_std"] > 0
+
+    # score on the Orbax checkpoint and on the HF folder
+    sample = tmp_path / "sample.jsonl"
+    sample.write_text("".join(data_file.read_text().splitlines(keepends=True)[:12]))
+    outs = {}
+    for name, model in (("ckpt", out), ("hf", hf_dir)):
+        proc = subprocess.run([sys.executable, "-m", "starling_jax.score", "--model", str(model), "--data",
+                               str(sample), "--output", str(tmp_path / f"{name}.jsonl")], env=env_with(1),
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        outs[name] = [json.loads(l) for l in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+    assert [r["row"] for r in outs["ckpt"]] == list(range(1, 13))
+    for a, b in zip(outs["ckpt"], outs["hf"]):
+        np.testing.assert_allclose(a["rewards"], b["rewards"], atol=1e-5)
+
+    # transformers (PyTorch) on the same token ids: the reward of its pooled last real token
+    from starling_jax.data.nectar import load_rankings
+    from starling_jax.data.tokenize import tokenize_ranking
+    from starling_jax.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(hf_dir)
+    hf_model = AutoModelForSequenceClassification.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    for ranking, ours in zip(load_rankings(sample)[:4], outs["hf"]):
+        tokenized = tokenize_ranking(ranking, tokenizer, "tokenizer", 256)
+        for tokens, reward in zip(tokenized.tokens, ours["rewards"]):
+            with torch.no_grad():
+                logits = hf_model(torch.tensor(np.asarray(tokens)[None], dtype=torch.long)).logits
+            assert abs(float(logits[0, 0]) - reward) < 1e-4
+
+
+def _main_error(capsys, argv) -> str:
+    from starling_jax.train_rm import main
+
+    code = main(argv)
+    captured = capsys.readouterr()
+    assert code == 2
+    errors = [l for l in captured.err.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in captured.err
+    assert json.loads(captured.out.strip().splitlines()[-1])["status"] == "error"
+    return errors[0]
+
+
+def test_config_typo_is_a_one_line_error(capsys):
+    line = _main_error(capsys, ["optim.learnig_rate=1e-4"])
+    assert "learnig_rate" in line and "learning_rate" in line  # names the key and suggests the right one
+
+
+def test_bad_config_value_is_a_one_line_error(capsys, tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("loss:\n  name: listwise\n")
+    line = _main_error(capsys, [str(cfg)])
+    assert "loss.name" in line and "kwise" in line
+
+
+def test_missing_data_file_is_a_one_line_error(capsys, tmp_path):
+    line = _main_error(capsys, [f"data.train={tmp_path}/nope.jsonl", f"output_dir={tmp_path}/o"])
+    assert "nope.jsonl" in line
+
+
+def test_checkpoint_from_another_model_size_is_a_one_line_error(tmp_path, data_file):
+    out = tmp_path / "run"
+    run_train(out, data_file, "train.steps=4")
+    proc = subprocess.run(train_cmd(out, data_file, "train.steps=8", "model.hidden_size=96"), env=env_with(1),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1 and "hidden_size" in errors[0] and "Traceback" not in proc.stderr
