@@ -52,8 +52,10 @@ def peak_flops(cfg_value: float) -> float | None:
 def resolve_tokenizer_dir(cfg: RMRunConfig) -> Path:
     if cfg.data.tokenizer:
         return Path(cfg.data.tokenizer)
-    if cfg.init_from and (Path(cfg.init_from) / "tokenizer_config.json").is_file():
-        return Path(cfg.init_from)
+    if cfg.init_from:
+        model_dir = hf_io.resolve_model_dir(cfg.init_from)
+        if (model_dir / "tokenizer_config.json").is_file():
+            return model_dir
     from starling_jax.tokenizer import default_tokenizer_dir
 
     template = cfg.data.template if cfg.data.template != "tokenizer" else "llama2_chat"

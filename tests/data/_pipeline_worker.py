@@ -1,8 +1,12 @@
 """Subprocess worker for the resume and multi-process pipeline tests (not a test module)."""
+import faulthandler
 import hashlib
 import json
 import os
+import signal
 import sys
+
+faulthandler.register(signal.SIGUSR1, all_threads=True)  # debugging aid for hangs
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

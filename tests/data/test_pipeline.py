@@ -84,7 +84,7 @@ def test_train_iterates_epochs_and_pads_to_128(synth_file):
 
 def _run(*args):
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-    r = subprocess.run([sys.executable, str(WORKER), *map(str, args)], capture_output=True, text=True,
+    r = subprocess.run(["timeout", "-s", "USR1", "25", sys.executable, str(WORKER), *map(str, args)], capture_output=True, text=True,
                        env=env, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     return r.stdout
