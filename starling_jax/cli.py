@@ -17,6 +17,30 @@ def setup_logging(verbose: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def initialize_distributed() -> None:
+    """Joins a multi-process (multi-host) run before any device is touched.
+
+    - TPU pod slices: `STARLING_JAX_DISTRIBUTED=1` (the launch scripts set it) → `jax.distributed.initialize()`,
+      which finds the coordinator and process ids from the TPU metadata itself.
+    - Anywhere else (GPU clusters, or several processes on one machine simulating hosts):
+      `STARLING_JAX_COORDINATOR=host:port`, `STARLING_JAX_NUM_PROCESSES=N`, `STARLING_JAX_PROCESS_ID=i`.
+    CPU processes exchange collectives through gloo.
+    """
+    coordinator = os.environ.get("STARLING_JAX_COORDINATOR")
+    if not coordinator and os.environ.get("STARLING_JAX_DISTRIBUTED") != "1":
+        return
+    import jax
+
+    if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if coordinator:
+        jax.distributed.initialize(coordinator_address=coordinator,
+                                   num_processes=int(os.environ["STARLING_JAX_NUM_PROCESSES"]),
+                                   process_id=int(os.environ["STARLING_JAX_PROCESS_ID"]))
+    else:
+        jax.distributed.initialize()
+
+
 def print_summary(summary: dict[str, Any]) -> None:
     """The last line an entry point prints: one JSON object scripts can parse with `tail -n1`."""
     sys.stdout.flush()

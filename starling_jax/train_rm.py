@@ -38,6 +38,7 @@ def main(argv=None) -> int:
         from starling_jax.train.rm_loop import train_reward_model
 
         cfg = load_config(RMRunConfig, args.config, args.overrides)
+        cli.initialize_distributed()
         return train_reward_model(cfg)
 
     return cli.run_main(run)

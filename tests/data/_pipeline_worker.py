@@ -55,6 +55,7 @@ def main():
 
         pid, port = int(sys.argv[4]), int(sys.argv[5])
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.config.update("jax_num_cpu_devices", 1)
         jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid)
         assert jax.process_index() == pid and jax.process_count() == 2
         p = make(path)  # process index/count from jax

@@ -84,7 +84,8 @@ def test_train_iterates_epochs_and_pads_to_128(synth_file):
 
 def _run(*args):
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-    r = subprocess.run(["timeout", "-s", "USR1", "25", sys.executable, str(WORKER), *map(str, args)], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, str(WORKER), *map(str, args)], capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                       start_new_session=True,
                        env=env, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     return r.stdout
@@ -111,6 +112,7 @@ def test_two_processes_disjoint_and_complete(synth_file, tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
     procs = [subprocess.Popen([sys.executable, str(WORKER), "multi", str(synth_file), str(tmp_path / f"p{i}.json"),
                                str(i), str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              stdin=subprocess.DEVNULL, start_new_session=True,
                               text=True) for i in range(2)]
     for pr in procs:
         _, err = pr.communicate(timeout=240)

@@ -204,3 +204,36 @@ def test_checkpoint_from_another_model_size_is_a_one_line_error(tmp_path, data_f
     assert proc.returncode == 2
     errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
     assert len(errors) == 1 and "hidden_size" in errors[0] and "Traceback" not in proc.stderr
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.multiprocess
+def test_two_processes_give_the_same_losses_as_one(tmp_path, data_file):
+    mesh = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
+    single = run_train(tmp_path / "one", data_file, *mesh, devices=8)
+    out = tmp_path / "two"
+    port = _free_port()
+    procs = []
+    for pid in (0, 1):
+        env = env_with(4)
+        env.update(STARLING_JAX_COORDINATOR=f"127.0.0.1:{port}", STARLING_JAX_NUM_PROCESSES="2",
+                   STARLING_JAX_PROCESS_ID=str(pid))
+        procs.append(subprocess.Popen(train_cmd(out, data_file, *mesh, "export.hf=true"), env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = [p.communicate(timeout=600) for p in procs]
+    for p, (stdout, stderr) in zip(procs, results):
+        assert p.returncode == 0, stderr[-3000:]
+    summaries = [json.loads(stdout.strip().splitlines()[-1]) for stdout, _ in results]
+    a, b = losses(tmp_path / "one"), losses(out)
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    np.testing.assert_allclose([a[s] for s in sorted(a)], [b[s] for s in sorted(a)], rtol=0, atol=1e-5)
+    for summary in summaries:  # every host computed the same metrics over the whole eval split
+        assert summary["eval_pairwise_accuracy"] == pytest.approx(single["eval_pairwise_accuracy"], abs=1e-6)
+    assert (out / "hf" / "model.safetensors").is_file()
