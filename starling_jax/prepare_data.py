@@ -37,7 +37,6 @@ def parse_args(argv=None):
 
 
 def run(args) -> dict:
-    from starling_jax.data.tfds_nectar import prepare
     from starling_jax.tokenizer import default_tokenizer_dir, load_tokenizer
 
     t0 = time.time()
@@ -49,8 +48,25 @@ def run(args) -> dict:
     # a re-run replaces the previous dataset
     shutil.rmtree(out / "nectar_tokenized", ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
-    b = prepare(args.input, out, tok, str(tok_dir), args.template, args.max_length, args.eval_fraction,
-                args.on_bad_row)
+    import tensorflow_datasets as tfds
+
+    from starling_jax.data.tfds_nectar import NoRowsKept, make_builder
+
+    tfds.disable_progress_bar()
+    b = make_builder(args.input, out, tok, str(tok_dir), args.template, args.max_length, args.eval_fraction,
+                     args.on_bad_row)
+    try:
+        b.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    except NoRowsKept:
+        write_report(b, args, out, tok_dir, t0)
+        raise
+    finally:
+        b.cleanup()
+        shutil.rmtree(out / "downloads", ignore_errors=True)
+    return write_report(b, args, out, tok_dir, t0)
+
+
+def write_report(b, args, out: Path, tok_dir, t0: float) -> dict:
     rep = b.report
     report = {
         "input": str(args.input), "output": str(out), "dataset_dir": str(b.data_dir),

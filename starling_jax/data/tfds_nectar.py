@@ -18,9 +18,14 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from starling_jax.data.nectar import ReadReport, read_rankings, split_of
+from starling_jax.errors import DataError
 from starling_jax.data.tokenize import LengthStats, RowDoesNotFit, tokenize_ranking
 
 SPLITS = ("train", "eval")
+
+
+class NoRowsKept(DataError):
+    """Every row was skipped; the report is still written."""
 
 
 class NectarTokenized(tfds.core.GeneratorBasedBuilder):
@@ -108,7 +113,11 @@ class NectarTokenized(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager):
         paths = self._tokenize_all()
-        return {s: self._generate_examples(paths[s]) for s in SPLITS}
+        if not any(self.split_counts.values()):
+            raise NoRowsKept(f"{self._input}: no rows left after validation and truncation "
+                             f"({self.report.rows_skipped} skipped, see report.json)")
+        # TFDS cannot write an empty split (e.g. eval with --eval-fraction 0): such a split is left out
+        return {s: self._generate_examples(paths[s]) for s in SPLITS if self.split_counts[s]}
 
     def _generate_examples(self, path):
         with open(path, "rb") as f:
@@ -129,12 +138,17 @@ def prepare(input, output_dir, tokenizer, tokenizer_dir: str, template: str, max
             eval_fraction: float, on_bad_row: str) -> NectarTokenized:
     """Build the TFDS dataset under `output_dir` and return the builder (with `.report`, `.stats`)."""
     tfds.disable_progress_bar()
-    b = NectarTokenized(input=input, tokenizer=tokenizer, tokenizer_dir=tokenizer_dir, template=template,
-                        max_length=max_length, eval_fraction=eval_fraction, on_bad_row=on_bad_row,
-                        data_dir=str(output_dir), file_format="array_record")
+    b = make_builder(input, output_dir, tokenizer, tokenizer_dir, template, max_length, eval_fraction, on_bad_row)
     try:
         b.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     finally:
         b.cleanup()
         shutil.rmtree(Path(output_dir) / "downloads", ignore_errors=True)
     return b
+
+
+def make_builder(input, output_dir, tokenizer, tokenizer_dir: str, template: str, max_length: int,
+                 eval_fraction: float, on_bad_row: str) -> NectarTokenized:
+    return NectarTokenized(input=input, tokenizer=tokenizer, tokenizer_dir=tokenizer_dir, template=template,
+                        max_length=max_length, eval_fraction=eval_fraction, on_bad_row=on_bad_row,
+                        data_dir=str(output_dir), file_format="array_record")

@@ -1,0 +1,30 @@
+"""README.md's two commands are the contract: CI runs exactly the test command, the main job is train_rm."""
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def bash_blocks(text: str) -> list[str]:
+    blocks, inside, current = [], False, []
+    for line in text.splitlines():
+        if line.strip() == "```bash":
+            inside, current = True, []
+        elif line.strip() == "```" and inside:
+            inside = False
+            blocks.append("\n".join(current).strip())
+        elif inside:
+            current.append(line)
+    return blocks
+
+
+def test_ci_runs_the_readme_test_command():
+    blocks = bash_blocks((ROOT / "README.md").read_text())
+    test_command = next(b for b in blocks if "pytest" in b)
+    ci_lines = [l.strip() for l in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert test_command in ci_lines
+
+
+def test_readme_main_job_is_the_reward_model_default():
+    blocks = bash_blocks((ROOT / "README.md").read_text())
+    assert blocks[0].endswith("python -m starling_jax.train_rm")
