@@ -38,10 +38,11 @@ PEAK_TFLOPS = {"TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p
                "TPU v6 lite": 918.0, "TPU v6e": 918.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
-def peak_flops(cfg_value: float) -> float | None:
+def peak_flops(cfg_value: float, device_kind: str | None = None) -> float | None:
+    """Peak FLOP/s of one chip: the configured value, else looked up by device kind (default: this process's)."""
     if cfg_value:
         return cfg_value * 1e12
-    kind = jax.devices()[0].device_kind
+    kind = device_kind if device_kind is not None else jax.devices()[0].device_kind
     for name, tflops in PEAK_TFLOPS.items():
         if name.lower() in kind.lower():
             return tflops * 1e12
@@ -88,10 +89,28 @@ def build_data(cfg: RMRunConfig, tokenizer) -> tuple[data_pipeline.RankingPipeli
     return train, evals
 
 
+def model_runtime(cfg: RMRunConfig) -> dict:
+    """The `model.*` fields that still apply when `init_from` fixes the architecture."""
+    return dict(param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype, remat_policy=cfg.model.remat_policy,
+                scan_layers=cfg.model.scan_layers)
+
+
+def build_optimizer(cfg: RMRunConfig, model_cfg: ModelConfig, params):
+    """→ (tx, schedule); `params` may be abstract (only shapes are read, for the frozen-layers mask)."""
+    mask = trainable_mask(params, cfg.optim.freeze_layers, model_cfg.num_hidden_layers) \
+        if cfg.optim.freeze_layers else None
+    return make_optimizer(cfg.optim, cfg.train.steps, mask)
+
+
+def step_batch_shardings(mesh) -> dict:
+    """Shardings of the train step's batch: the leading (prompt) axis over every data-parallel mesh axis."""
+    return {k: sharding.batch_sharding(mesh, 3 if k in ("tokens", "positions", "segment_ids") else 2)
+            for k in STEP_KEYS}
+
+
 def build_model(cfg: RMRunConfig, mesh, tokenizer_pad_id: int | None):
     """→ (model cfg, graphdef, params, params shardings); params created or loaded directly in their shards."""
-    runtime = dict(param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype, remat_policy=cfg.model.remat_policy,
-                   scan_layers=cfg.model.scan_layers)
+    runtime = model_runtime(cfg)
     if cfg.init_from:
         model_cfg, graphdef, params = hf_io.load_hf(cfg.init_from, ROLE, mesh, init_missing_head=True,
                                                     seed=cfg.seed, **runtime)
@@ -186,9 +205,7 @@ def train_reward_model(cfg: RMRunConfig) -> dict[str, Any]:
     if model_cfg.vocab_size < len(tokenizer):
         raise CheckpointError(f"model vocab_size={model_cfg.vocab_size} < tokenizer size {len(tokenizer)}")
     sharding.assert_sharded(params, mesh)
-    mask = trainable_mask(params, cfg.optim.freeze_layers, model_cfg.num_hidden_layers) \
-        if cfg.optim.freeze_layers else None
-    tx, schedule = make_optimizer(cfg.optim, cfg.train.steps, mask)
+    tx, schedule = build_optimizer(cfg, model_cfg, params)
     state, shardings = init_train_state(params, params_shardings, tx, mesh, cfg.seed)
 
     # --- checkpoint: resume from the latest complete one
@@ -206,10 +223,8 @@ def train_reward_model(cfg: RMRunConfig) -> dict[str, Any]:
 
     # --- jitted steps
     batch_spec = sharding.batch_sharding(mesh, 1).spec
-    batch_shardings = {k: sharding.batch_sharding(mesh, 3 if k in ("tokens", "positions", "segment_ids") else 2)
-                       for k in STEP_KEYS}
     step_fn = rm_step.jit_train_step(graphdef, tx, schedule, cfg.loss, cfg.train.micro_batches, mesh, shardings,
-                                     batch_shardings)
+                                     step_batch_shardings(mesh))
     eval_fn = jax.jit(lambda p, b: eval_step(p, b, graphdef=graphdef, mesh=mesh),
                       out_shardings=sharding.replicated(mesh))
 
@@ -378,7 +393,7 @@ def plot_summary(history_path: Path, eval_metrics: dict, png: Path) -> None:
     ax1.set_title("ranking loss")
     by_rank = eval_metrics.get("mean_reward_by_rank") or {}
     ranks = sorted(by_rank, key=float)
-    ax2.bar([str(r) for r in ranks], [by_rank[r] for r in ranks])
+    ax2.bar(range(len(ranks)), [by_rank[r] for r in ranks], tick_label=[str(r) for r in ranks])
     ax2.set_xlabel("rank (1 = best)")
     ax2.set_ylabel("mean reward")
     ax2.set_title(f"eval: pairwise acc {eval_metrics.get('pairwise_accuracy') or 0:.3f}")

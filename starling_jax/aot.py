@@ -1,0 +1,383 @@
+"""Ahead-of-time compile of the reward-model train step for a TPU topology, from a CPU host.
+
+    python -m starling_jax.aot CONFIG.yaml [key=value ...] --topology v5p-32 [--num-layers N] [--hbm-gib G] [--json]
+
+Compiles the very step `train_rm` runs (`rm_step.jit_train_step`: the config's mesh, micro-batches, remat, scan
+and dtypes) for the topology's devices with fully abstract inputs — nothing is allocated — and reports per-chip
+memory (`compiled.memory_analysis()`) against the chip's HBM, the compiler's FLOPs and an estimated step time.
+Exit status: 0 fits, 1 does not fit, 2 user error. The last printed line is a one-line JSON summary.
+
+Topologies: `cpu` (this process's own devices; no libtpu needed), Cloud TPU names `v4-N`, `v5p-N` (N = TensorCores,
+2 per chip), `v5e-N`, `v6e-N` (N = chips), or a raw libtpu topology such as `v5e:4x8` / `v5:2x2x4`.
+TPU topologies need libtpu: `pip install "starling_jax[tpu]"` (= `jax[tpu]==0.10.2`), best in a separate
+virtualenv; JAX_PLATFORMS=cpu (set here by default) keeps libtpu from looking for a local TPU.
+`init_from` gives the architecture: a local folder's config.json, else the built-in table of known Hub configs
+(the Hub is consulted only when neither has it). `--num-layers N` compiles a shallower model (smoke runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from starling_jax import cli
+from starling_jax.errors import CheckpointError, ConfigError
+
+GIB = 1024**3
+
+# HBM per chip (GiB) by `device_kind` substring; first match wins ("TPU v5 lite" before "TPU v5").
+HBM_GIB = (("TPU v5 lite", 16.0), ("TPU v5e", 16.0), ("TPU v6 lite", 32.0), ("TPU v6e", 32.0), ("TPU v5p", 95.0),
+           ("TPU v5", 95.0), ("TPU v4", 32.0))
+
+# Cloud TPU name → (libtpu topology name, chips). v4/v5p names count TensorCores (2 per chip, one megacore
+# device); v5e/v6e names count chips. Shapes as Cloud TPU provisions them (MaxText's accelerator table).
+_SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
+              512: "8x8x8"}
+_SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
+_FAMILIES = {"v4": ("v4", 2, _SHAPES_3D), "v5p": ("v5", 2, _SHAPES_3D), "v5e": ("v5e", 1, _SHAPES_2D),
+             "v6e": ("v6e", 1, _SHAPES_2D)}
+
+# HF config.json of the Hub models the recipes start from (the Hub may be unreachable where this runs).
+_LLAMA2_7B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 32000, "hidden_size": 4096,
+              "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+              "num_key_value_heads": 32, "hidden_act": "silu", "max_position_embeddings": 4096,
+              "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False, "bos_token_id": 1,
+              "eos_token_id": 2, "initializer_range": 0.02}
+_MISTRAL_7B = {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "vocab_size": 32000,
+               "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+               "num_key_value_heads": 8, "hidden_act": "silu", "max_position_embeddings": 32768,
+               "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "sliding_window": 4096, "tie_word_embeddings": False,
+               "bos_token_id": 1, "eos_token_id": 2, "initializer_range": 0.02}
+KNOWN_HF_CONFIGS: dict[str, dict[str, Any]] = {
+    "meta-llama/Llama-2-7b-chat-hf": _LLAMA2_7B,
+    "meta-llama/Llama-2-7b-hf": _LLAMA2_7B,
+    "berkeley-nest/Starling-RM-7B-alpha": {**_LLAMA2_7B, "architectures": ["LlamaForSequenceClassification"]},
+    "mistralai/Mistral-7B-v0.1": _MISTRAL_7B,
+    "openchat/openchat_3.5": {**_MISTRAL_7B, "vocab_size": 32002, "max_position_embeddings": 8192,
+                              "eos_token_id": 32000},
+    "berkeley-nest/Starling-LM-7B-alpha": {**_MISTRAL_7B, "vocab_size": 32002, "max_position_embeddings": 8192,
+                                           "eos_token_id": 32000},
+}
+
+
+# ------------------------------------------------------------------------------------------------ pieces
+def topology_devices(topology: str) -> tuple[list, str]:
+    """→ (devices, libtpu topology name); `cpu` → this process's devices."""
+    import jax
+
+    if topology == "cpu":
+        return jax.devices(), "cpu"
+    name = topology
+    match = re.fullmatch(r"(v4|v5p|v5e|v6e)-(\d+)", topology)
+    if match:
+        prefix, per_chip, shapes = _FAMILIES[match.group(1)]
+        chips = int(match.group(2)) // per_chip
+        if chips not in shapes:
+            sizes = ",".join(str(n * per_chip) for n in sorted(shapes))
+            raise ConfigError(f"--topology {topology}: unknown size; known: {match.group(1)}-{{{sizes}}} "
+                              f"(or give a libtpu topology such as {prefix}:{shapes[max(shapes)]})")
+        name = f"{prefix}:{shapes[chips]}"
+    elif not re.fullmatch(r"v\d[a-z]*:\d+(x\d+){1,2}", topology):
+        raise ConfigError(f"--topology {topology!r}: expected cpu, v4-N, v5p-N, v5e-N, v6e-N or a libtpu topology "
+                          "such as v5e:4x8")
+    if importlib.util.find_spec("libtpu") is None:
+        raise ConfigError(f"--topology {topology} needs libtpu to compile for TPU on this host: "
+                          'pip install "starling_jax[tpu]" (or "jax[tpu]==0.10.2"), best in a separate virtualenv')
+    from jax.experimental import topologies
+
+    try:
+        return list(topologies.get_topology_desc(name, "tpu").devices), name
+    except Exception as e:  # libtpu's messages are long; keep the first line
+        raise ConfigError(f"--topology {topology} ({name}): libtpu could not build it: "
+                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def hbm_bytes(device_kind: str, num_devices: int, override_gib: float | None) -> tuple[int, str]:
+    """→ (capacity per chip in bytes, where it came from)."""
+    if override_gib is not None:
+        return int(override_gib * GIB), "--hbm-gib"
+    for name, gib in HBM_GIB:
+        if name.lower() in device_kind.lower():
+            return int(gib * GIB), f"{name} table"
+    if device_kind.lower() == "cpu":
+        host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return host // num_devices, "host RAM / devices"
+    raise ConfigError(f"device kind {device_kind!r}: HBM capacity unknown; pass --hbm-gib")
+
+
+def resolve_model_config(cfg, num_layers: int | None):
+    """The architecture the run would train (init_from's config.json, else `model`), with runtime fields."""
+    from starling_jax.model.config import ModelConfig
+    from starling_jax.train.rm_loop import model_runtime
+
+    runtime = model_runtime(cfg)
+    if not cfg.init_from:
+        model_cfg = cfg.model
+    elif Path(cfg.init_from).expanduser().is_dir():
+        model_cfg = ModelConfig.from_hf_folder(Path(cfg.init_from).expanduser(), **runtime)
+    elif cfg.init_from in KNOWN_HF_CONFIGS:
+        model_cfg = ModelConfig.from_hf_dict(KNOWN_HF_CONFIGS[cfg.init_from], source=f"{cfg.init_from} (built-in)",
+                                             **runtime)
+    else:
+        model_cfg = ModelConfig.from_hf_dict(_hub_config(cfg.init_from), source=f"{cfg.init_from}/config.json",
+                                             **runtime)
+    if num_layers is not None:
+        if num_layers < 1:
+            raise ConfigError(f"--num-layers {num_layers}: must be >= 1")
+        model_cfg = model_cfg.replace(num_hidden_layers=num_layers)
+    return model_cfg
+
+
+def _hub_config(model_id: str) -> dict:
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(model_id, "config.json")).read_text())
+    except Exception as e:
+        raise CheckpointError(
+            f"init_from={model_id}: not a local folder, not in the built-in table {sorted(KNOWN_HF_CONFIGS)}, and "
+            f"its config.json could not be fetched ({type(e).__name__}); pass a local folder holding config.json"
+        ) from None
+
+
+def abstract_inputs(cfg, model_cfg, mesh):
+    """→ (graphdef, tx, schedule, state shardings, batch shardings, abstract state, abstract batch).
+
+    Everything is a ShapeDtypeStruct carrying its sharding: the train state from the model's abstract shapes and
+    `jax.eval_shape(tx.init, ...)`, the batch [B, K, L] with L = max_length rounded up to pad_to_multiple.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from starling_jax.model import create
+    from starling_jax.parallel import sharding
+    from starling_jax.train.rm_loop import ROLE, build_optimizer, step_batch_shardings
+    from starling_jax.train.state import abstract_train_state, state_shardings
+
+    graphdef, params = create.abstract_model(model_cfg, ROLE)
+    tx, schedule = build_optimizer(cfg, model_cfg, params)
+    shardings = state_shardings(sharding.state_shardings(params, mesh), tx, params, mesh)
+    shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params,
+              "opt_state": jax.eval_shape(tx.init, params),
+              "rng": jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))}
+    state = abstract_train_state(shapes, shardings)
+
+    d = cfg.data
+    length = math.ceil(d.max_length / d.pad_to_multiple) * d.pad_to_multiple
+    bkl, bk = (d.batch_size, d.num_answers, length), (d.batch_size, d.num_answers)
+    dtypes = {"tokens": (bkl, jnp.int32), "positions": (bkl, jnp.int32), "segment_ids": (bkl, jnp.int32),
+              "reward_index": (bk, jnp.int32), "ranks": (bk, jnp.float32), "answer_mask": (bk, jnp.bool_)}
+    batch_shardings = step_batch_shardings(mesh)
+    batch = {k: jax.ShapeDtypeStruct(*dtypes[k], sharding=s) for k, s in batch_shardings.items()}
+    return graphdef, tx, schedule, shardings, batch_shardings, state, batch
+
+
+def sharded_bytes(tree) -> int:
+    """Bytes one device holds of a tree of ShapeDtypeStructs with shardings (the most loaded device)."""
+    import jax
+    import numpy as np
+
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+_OOM = re.compile(r"RESOURCE_EXHAUSTED: Ran out of memory")
+_UNITS = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def _oom_bytes(message: str, what: str) -> int | None:
+    """`... HLO temporaries (29.06G) exceeds available HBM (15.75G)` → bytes of `what`."""
+    m = re.search(re.escape(what) + r" \(([\d.]+)([KMGT]?)i?B?\)", message)
+    return int(float(m.group(1)) * _UNITS[m.group(2)]) if m else None
+
+
+def _cost_flops(compiled) -> float | None:
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # not every backend implements it
+        return None
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    flops = (cost or {}).get("flops")
+    return float(flops) if flops is not None and flops >= 0 else None
+
+
+# ------------------------------------------------------------------------------------------------ main
+def compile_report(cfg, topology: str, num_layers: int | None = None, hbm_gib: float | None = None,
+                   mfu: float = 0.4) -> dict[str, Any]:
+    from starling_jax.parallel import sharding
+    from starling_jax.train import rm_step
+    from starling_jax.train.rm_loop import peak_flops
+
+    # --- devices & mesh
+    devices, topology_name = topology_devices(topology)
+    kind = devices[0].device_kind
+    mesh = sharding.make_mesh(cfg.mesh, devices=devices)
+    capacity, capacity_source = hbm_bytes(kind, len(devices), hbm_gib)
+
+    # --- abstract model, optimizer, state and batch
+    model_cfg = resolve_model_config(cfg, num_layers)
+    graphdef, tx, schedule, shardings, batch_shardings, state, batch = abstract_inputs(cfg, model_cfg, mesh)
+    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+    micro_rows = cfg.data.batch_size // cfg.train.micro_batches
+    warnings = []
+    if micro_rows % data_parallel:
+        warnings.append(f"each micro-batch holds {micro_rows} prompts, not a multiple of the {data_parallel} "
+                        "data-parallel devices: activations fall back to replicated (wasted compute and memory); "
+                        "choose data.batch_size / train.micro_batches divisible by it")
+
+    # --- the train step, lowered and compiled for the topology
+    step_fn = rm_step.jit_train_step(graphdef, tx, schedule, cfg.loss, cfg.train.micro_batches, mesh, shardings,
+                                     batch_shardings)
+    t0 = time.perf_counter()
+    lowered = step_fn.lower(state, batch)
+    t1 = time.perf_counter()
+    try:
+        compiled = lowered.compile()
+    except Exception as e:  # the TPU compiler refuses a program whose temporaries exceed HBM
+        if not _OOM.search(str(e)):
+            raise
+        compiled, oom_message = None, str(e).splitlines()[0]
+    t2 = time.perf_counter()
+
+    # --- memory per chip: live arguments + outputs not aliased to donated arguments + scratch + code
+    if compiled is not None:
+        mem = compiled.memory_analysis()
+        parts = {"argument": mem.argument_size_in_bytes, "output": mem.output_size_in_bytes,
+                 "temp": mem.temp_size_in_bytes, "generated_code": mem.generated_code_size_in_bytes,
+                 "alias": mem.alias_size_in_bytes}
+        memory_source, compiler_hbm = "compiled.memory_analysis()", None
+    else:  # out of memory: temporaries from the compiler's message, arguments from the shardings
+        args_bytes = sharded_bytes((state, batch))
+        state_bytes = sharded_bytes(state)
+        parts = {"argument": args_bytes, "output": state_bytes, "alias": state_bytes, "generated_code": 0,
+                 "temp": _oom_bytes(oom_message, "HLO temporaries") or 0}
+        memory_source = "compiler refused: out of memory; temporaries from its message, arguments from shardings"
+        compiler_hbm = _oom_bytes(oom_message, "available HBM")
+        warnings.append(oom_message)
+    total = parts["argument"] + parts["output"] - parts["alias"] + parts["temp"] + parts["generated_code"]
+    fits = compiled is not None and total <= capacity
+
+    # --- FLOPs: the compiler's count (per chip; a scanned loop body is counted once) and the model's
+    length = batch["tokens"].shape[-1]
+    tokens = cfg.data.batch_size * cfg.data.num_answers * length
+    model_flops = model_cfg.flops_per_token(length) * tokens
+    peak = peak_flops(cfg.train.peak_tflops_per_device, kind)
+    est_step_s = model_flops / (mfu * peak * len(devices)) if peak else None
+    return {
+        "status": "ok",
+        "topology": topology,
+        "topology_name": topology_name,
+        "device_kind": kind,
+        "num_chips": len(devices),
+        "mesh": dict(mesh.shape),
+        "model_type": model_cfg.model_type,
+        "num_layers": model_cfg.num_hidden_layers,
+        "num_params": model_cfg.num_params(head="score"),
+        "param_dtype": model_cfg.param_dtype,
+        "dtype": model_cfg.dtype,
+        "remat_policy": model_cfg.remat_policy,
+        "scan_layers": model_cfg.scan_layers,
+        "batch": [cfg.data.batch_size, cfg.data.num_answers, length],
+        "micro_batches": cfg.train.micro_batches,
+        "memory_bytes": parts,
+        "memory_source": memory_source,
+        "per_chip_bytes": total,
+        "per_chip_gib": round(total / GIB, 3),
+        "hbm_bytes": capacity,
+        "hbm_gib": round(capacity / GIB, 3),
+        "hbm_source": capacity_source,
+        "compiler_hbm_bytes": compiler_hbm,
+        "fits": fits,
+        "compiled": compiled is not None,
+        "lower_s": round(t1 - t0, 2),
+        "compile_s": round(t2 - t1, 2),
+        "compiler_flops_per_chip": _cost_flops(compiled) if compiled is not None else None,
+        "model_flops_per_step": model_flops,
+        "tokens_per_step": tokens,
+        "peak_flops_per_chip": peak,
+        "assumed_mfu": mfu,
+        "estimated_step_s": round(est_step_s, 3) if est_step_s else None,
+        "estimated_tokens_per_s": round(tokens / est_step_s) if est_step_s else None,
+        "warnings": warnings,
+    }
+
+
+def format_report(r: dict[str, Any]) -> str:
+    gib = lambda b: f"{b / GIB:9.3f} GiB"
+    m = r["memory_bytes"]
+    lines = [
+        f"topology {r['topology']} ({r['topology_name']}): {r['num_chips']} × {r['device_kind']}, mesh {r['mesh']}",
+        f"model {r['model_type']} {r['num_layers']} layers, {r['num_params'] / 1e9:.2f}B params, "
+        f"param {r['param_dtype']} / compute {r['dtype']}, remat {r['remat_policy']}, scan {r['scan_layers']}",
+        f"batch {r['batch'][0]}×{r['batch'][1]}×{r['batch'][2]} (B×K×L), {r['micro_batches']} micro-batches",
+        f"compile: lower {r['lower_s']:.1f} s, compile {r['compile_s']:.1f} s",
+        f"memory per chip ({r['memory_source']}):",
+        f"  arguments       {gib(m['argument'])}",
+        f"  outputs         {gib(m['output'])}",
+        f"  − aliased       {gib(m['alias'])}   (donated state reused for the new state)",
+        f"  temporaries     {gib(m['temp'])}",
+        f"  generated code  {gib(m['generated_code'])}",
+        f"  total           {gib(r['per_chip_bytes'])}{'+' if not r['compiled'] else ''}  of {gib(r['hbm_bytes'])} "
+        f"HBM ({r['hbm_source']}) → "
+        f"{'FITS' if r['fits'] else 'DOES NOT FIT'} ({100 * r['per_chip_bytes'] / r['hbm_bytes']:.0f}%)",
+    ]
+    if r["compiler_flops_per_chip"] is not None:
+        lines.append(f"compiler FLOPs per chip: {r['compiler_flops_per_chip']:.3e} (cost_analysis; loop bodies "
+                     "— scanned layers, micro-batches — counted once)")
+    lines.append(f"model FLOPs per step: {r['model_flops_per_step']:.3e} ({r['tokens_per_step']} padded tokens)")
+    if r["estimated_step_s"]:
+        lines.append(f"ESTIMATE (not measured): {r['estimated_step_s']:.2f} s/step, {r['estimated_tokens_per_s']} "
+                     f"tokens/s at {r['assumed_mfu']:.0%} MFU of {r['peak_flops_per_chip'] / 1e12:.0f} TFLOP/s "
+                     "per chip")
+    lines += [f"warning: {w}" for w in r["warnings"]]
+    return "\n".join(lines)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m starling_jax.aot", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", nargs="?", help="YAML config file (e.g. configs/rm_llama2_7b_starling.yaml)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.micro_batches=8")
+    parser.add_argument("--topology", required=True, help="cpu | v5p-32 | v5e-32 | v6e-16 | v5e:4x8 | ...")
+    parser.add_argument("--num-layers", type=int, default=None, help="compile a shallower model (smoke runs)")
+    parser.add_argument("--hbm-gib", type=float, default=None, help="override the per-chip memory capacity")
+    parser.add_argument("--mfu", type=float, default=0.4, help="assumed MFU for the step-time estimate")
+    parser.add_argument("--json", action="store_true", help="print only the JSON summary line")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_intermixed_args(argv)  # options may come between key=value overrides
+    if args.config and "=" in args.config:  # only overrides were given
+        args.overrides.insert(0, args.config)
+        args.config = None
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    # Compile-only TPU devices come from libtpu's topology, not from a local TPU: keep JAX's backend on the CPU.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    cli.setup_logging(args.verbose)
+
+    def run():
+        from starling_jax.config import load_config
+        from starling_jax.train.rm_config import RMRunConfig
+
+        cfg = load_config(RMRunConfig, args.config, args.overrides)
+        report = compile_report(cfg, args.topology, args.num_layers, args.hbm_gib, args.mfu)
+        if not args.json:
+            print(format_report(report), flush=True)
+        cli.print_summary(report)
+        return 0 if report["fits"] else 1
+
+    return cli.run_main(run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""`python -m starling_jax.aot`: ahead-of-time compile of the real train step, memory vs capacity, exit codes.
+
+Runs on the CPU (`--topology cpu`) without libtpu; TPU topologies are exercised only for the missing-libtpu error.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from starling_jax import aot
+from starling_jax.errors import ConfigError
+
+GIB = 1024**3
+SMALL = ["data.batch_size=4", "data.max_length=128", "data.num_answers=3"]
+
+
+def run_aot(*args: str, devices: int = 4) -> tuple[int, dict, str]:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", HF_HUB_OFFLINE="1",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    proc = subprocess.run([sys.executable, "-m", "starling_jax.aot", *args], env=env, capture_output=True, text=True,
+                          timeout=300)
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    return proc.returncode, summary, proc.stderr
+
+
+def test_cpu_topology_compiles_the_train_step_and_fits():
+    rc, s, err = run_aot("--topology", "cpu", "train.micro_batches=2", *SMALL)
+    assert rc == 0, err[-2000:]
+    for key in ("topology", "num_chips", "per_chip_bytes", "hbm_bytes", "fits", "compile_s", "memory_bytes",
+                "model_flops_per_step", "batch"):
+        assert key in s, key
+    assert s["topology"] == "cpu" and s["num_chips"] == 4 and s["fits"] is True
+    assert s["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert s["batch"] == [4, 3, 128] and s["micro_batches"] == 2
+    m = s["memory_bytes"]
+    assert s["per_chip_bytes"] == m["argument"] + m["output"] - m["alias"] + m["temp"] + m["generated_code"] > 0
+    assert m["alias"] > 0  # the state is donated
+
+
+def test_tiny_capacity_does_not_fit_and_exits_1():
+    rc, s, err = run_aot("--topology", "cpu", "--hbm-gib", "0.001", "--json", *SMALL)
+    assert rc == 1, err[-2000:]
+    assert s["fits"] is False and s["hbm_bytes"] == int(0.001 * GIB) and s["per_chip_bytes"] > s["hbm_bytes"]
+
+
+def test_builtin_hub_architecture_with_num_layers_override():
+    rc, s, err = run_aot("configs/rm_mistral7b_nectar.yaml", "--topology", "cpu", "--num-layers", "1", "--json",
+                         "data.batch_size=4", "data.max_length=128", "train.micro_batches=1", "--hbm-gib", "1000")
+    assert rc == 0, err[-2000:]
+    assert s["model_type"] == "mistral" and s["num_layers"] == 1 and s["scan_layers"] is True
+    assert s["num_params"] == 32000 * 4096 + 4096 * 128 * (2 * 32 + 2 * 8) + 3 * 4096 * 14336 + 2 * 4096 + 4096 + 4096
+
+
+def test_unknown_hub_id_offline_is_a_one_line_error():
+    rc, s, err = run_aot("init_from=nobody/unknown-model", "--topology", "cpu")
+    assert rc == 2 and s["status"] == "error"
+    assert len(err.strip().splitlines()) == 1 and "nobody/unknown-model" in err and "config.json" in err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is not None, reason="libtpu is installed here")
+def test_tpu_topology_without_libtpu_is_a_one_line_error():
+    rc, s, err = run_aot("--topology", "v5p-32", *SMALL)
+    assert rc == 2 and s["status"] == "error"
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and 'pip install "starling_jax[tpu]"' in lines[0], err
+
+
+def test_topology_names_and_capacities():
+    with pytest.raises(ConfigError, match="unknown size"):
+        aot.topology_devices("v5p-31")
+    with pytest.raises(ConfigError, match="expected cpu"):
+        aot.topology_devices("tpu-big")
+    assert aot.hbm_bytes("TPU v5 lite", 32, None)[0] == 16 * GIB
+    assert aot.hbm_bytes("TPU v5", 16, None)[0] == 95 * GIB
+    assert aot.hbm_bytes("TPU v6 lite", 16, None)[0] == 32 * GIB
+    assert aot.hbm_bytes("TPU v4", 16, None)[0] == 32 * GIB
+    assert aot.hbm_bytes("TPU v5", 16, 2.0)[0] == 2 * GIB
+
+
+def test_tpu_out_of_memory_message_is_parsed():
+    msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (29.06G) "
+           "exceeds available HBM (15.75G).")
+    assert aot._OOM.search(msg)
+    assert aot._oom_bytes(msg, "HLO temporaries") == int(29.06 * GIB)
+    assert aot._oom_bytes(msg, "available HBM") == int(15.75 * GIB)
