@@ -17,7 +17,6 @@ virtualenv; JAX_PLATFORMS=cpu (set here by default) keeps libtpu from looking fo
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import math
@@ -342,21 +341,13 @@ def format_report(r: dict[str, Any]) -> str:
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m starling_jax.aot", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", nargs="?", help="YAML config file (e.g. configs/rm_llama2_7b_starling.yaml)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.micro_batches=8")
+    parser = cli.config_parser("python -m starling_jax.aot", __doc__, "train.micro_batches=8")
     parser.add_argument("--topology", required=True, help="cpu | v5p-32 | v5e-32 | v6e-16 | v5e:4x8 | ...")
     parser.add_argument("--num-layers", type=int, default=None, help="compile a shallower model (smoke runs)")
     parser.add_argument("--hbm-gib", type=float, default=None, help="override the per-chip memory capacity")
     parser.add_argument("--mfu", type=float, default=0.4, help="assumed MFU for the step-time estimate")
     parser.add_argument("--json", action="store_true", help="print only the JSON summary line")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    args = parser.parse_intermixed_args(argv)  # options may come between key=value overrides
-    if args.config and "=" in args.config:  # only overrides were given
-        args.overrides.insert(0, args.config)
-        args.config = None
-    return args
+    return cli.parse_config_args(parser, argv)
 
 
 def main(argv=None) -> int:

@@ -1,6 +1,9 @@
-"""What every entry point shares: logging set-up, one-line errors, and the closing JSON summary line."""
+"""What every entry point shares: logging set-up, the config command line, one-line errors, and the closing JSON
+summary line."""
 
 from __future__ import annotations
+
+import argparse
 
 import json
 import logging
@@ -64,3 +67,21 @@ def run_main(main: Callable[[], dict[str, Any] | int]) -> int:
         return result
     print_summary(result)
     return 0
+
+
+def config_parser(prog: str, doc: str, example_override: str) -> argparse.ArgumentParser:
+    """The `[CONFIG.yaml] [key=value ...]` command line shared by the entry points that take a run config."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", nargs="?", help="YAML config file (e.g. configs/rm_llama2_7b_starling.yaml)")
+    parser.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {example_override}")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
+def parse_config_args(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
+    """Parse (options may sit between overrides); a first positional holding `=` is an override, not a file."""
+    args = parser.parse_intermixed_args(argv)
+    if args.config and "=" in args.config:
+        args.overrides.insert(0, args.config)
+        args.config = None
+    return args

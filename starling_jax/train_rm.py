@@ -9,23 +9,14 @@ the latest complete checkpoint in `output_dir`; SIGTERM saves and exits. The las
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from starling_jax import cli
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m starling_jax.train_rm", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", nargs="?", help="YAML config file (e.g. configs/rm_llama2_7b_starling.yaml)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100 data.batch_size=4")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    args = parser.parse_args(argv)
-    if args.config and "=" in args.config:  # only overrides were given
-        args.overrides.insert(0, args.config)
-        args.config = None
-    return args
+    parser = cli.config_parser("python -m starling_jax.train_rm", __doc__, "train.steps=100 data.batch_size=4")
+    return cli.parse_config_args(parser, argv)
 
 
 def main(argv=None) -> int:

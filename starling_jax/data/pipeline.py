@@ -21,7 +21,9 @@ Besides the ARCHITECTURE.md keys a batch carries `row` int32 [B] (1-based input 
 
 from __future__ import annotations
 
+import atexit
 import math
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,6 +34,18 @@ from starling_jax.errors import DataError
 MASKED_RANK = 1e9
 BATCH_KEYS = ("tokens", "positions", "segment_ids", "reward_index", "ranks", "answer_mask", "answer_lengths",
               "row")
+
+
+# Live pipelines: their tf.data iterators are closed at exit. A tf.data iterator whose map runs Python
+# (`tf.numpy_function`) still alive at interpreter shutdown can deadlock the exit (the prefetch threads wait
+# for the GIL of a finalizing interpreter), so every pipeline closes its iterator in an atexit hook.
+_LIVE: "weakref.WeakSet[RankingPipeline]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for p in list(_LIVE):
+        p.close()
 
 
 def _round_up(x: int, m: int) -> int:
@@ -49,7 +63,8 @@ def select_answers(ranks: Sequence[float], k: int) -> list[int]:
 class InMemorySource:
     """Random-access examples from `TokenizedRanking`s (small runs straight from a file)."""
 
-    def __init__(self, tokenized):
+    def __init__(self, tokenized, report=None):
+        self.report = report  # nectar.ReadReport of the pass that read the rows (skipped rows, counts), if any
         self._ex = [
             {"row": t.row, "tokens": list(t.tokens), "ranks": np.asarray(t.ranks, np.float32),
              "answer_lengths": np.asarray(t.answer_lengths, np.int32),
@@ -161,6 +176,16 @@ class RankingPipeline:
         self._plan_epoch = None
         self._plan = None
         self._it = None
+        _LIVE.add(self)
+
+    def close(self) -> None:
+        """Stop the tf.data iterator (prefetch threads); iteration can resume afterwards from `state()`."""
+        it, self._it = self._it, None
+        if it is not None:
+            del it
+            import gc
+
+            gc.collect()
 
     # -- lengths / plan
     def _scan_lengths(self) -> np.ndarray:
@@ -327,21 +352,26 @@ def open_source(path, split: str = "train", *, tokenizer=None, template: str = "
         return TfdsSource(prepared, split)
     if Path(path).is_dir():
         raise DataError(f"{path}: folder holds no prepared dataset (run starling_jax.prepare_data)")
-    from starling_jax.data.nectar import read_rankings, split_of
+    from starling_jax.data.nectar import ReadReport, read_rankings, split_of
     from starling_jax.data.tokenize import RowDoesNotFit, tokenize_ranking
 
     if tokenizer is None:
         from starling_jax.tokenizer import default_tokenizer_dir, load_tokenizer
 
         tokenizer = load_tokenizer(default_tokenizer_dir())
+    report = ReadReport()
     out = []
-    for r in read_rankings(path, on_bad_row):
+    for r in read_rankings(path, on_bad_row, report):
         if eval_fraction and split_of(r.prompt, eval_fraction) != split:
             continue
         if not eval_fraction and split != "train":
             continue
         try:
             out.append(tokenize_ranking(r, tokenizer, template, max_length))
-        except RowDoesNotFit:
-            continue
-    return InMemorySource(out)
+        except RowDoesNotFit as e:
+            # a row too long for max_length is a bad row like any other: it follows the same policy
+            if on_bad_row == "error":
+                raise DataError(f"{path}: row {r.row}: {e} (on_bad_row=skip drops such rows and reports them)")
+            report.rows_kept -= 1
+            report.skip(r.row, str(e))
+    return InMemorySource(out, report)

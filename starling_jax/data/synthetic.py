@@ -2,10 +2,11 @@
 
 Each row's (last) user turn asks for a word chosen at random from a small vocabulary of single-token English
 words; every answer is a short sequence of words from the same vocabulary, and answers are ranked by how often
-they contain the requested word (more = better; equal counts tie). Every answer also repeats other vocabulary
-words as often as the requested one, so an answer alone says nothing about its rank: a model must read the
-prompt together with the answer (broken attention masks make it unlearnable). Answer length does not depend on
-the rank. Some rows are multi-turn (an earlier turn asks for a different word: only the last request counts),
+they contain the requested word (more = better; equal counts tie). Every answer uses four distinct vocabulary
+words 4, 3, 2 and 1 times, whatever its rank (the requested word holds one of those counts, or is absent), so
+an answer alone says nothing about its rank: a model must read the prompt together with the answer (broken
+attention masks make it unlearnable; tests/data/test_synthetic.py checks that no answer-only statistic ranks).
+Answer length varies through filler words drawn independently of the rank. Some rows are multi-turn (an earlier turn asks for a different word: only the last request counts),
 some have 3-6 answers. Whole sequences stay < 128 tokens with the llama2_chat template.
 
 `python -m starling_jax.data.synthetic OUT.jsonl [--rows N] [--seed S]` writes a file; the bundled
@@ -20,11 +21,19 @@ from pathlib import Path
 
 import numpy as np
 
-WORDS = ("apple", "river", "stone", "cloud", "green", "music", "table", "horse", "water", "paper", "chair", "bird")
+WORDS = ("apple", "river", "stone", "cloud", "green", "music", "table", "horse")
+# Never requested: pad answers to a length drawn independently of the rank (so length carries no signal, but
+# the reward/length correlation metric has something to measure).
+FILLERS = ("well", "so", "okay", "indeed")
+# Every answer uses exactly four distinct vocabulary words with these multiplicities, whatever its rank:
+# the requested word takes one of them (or none), so an answer's own word-count profile is the same at
+# every rank and only the prompt says which of its words counts.
+MULTIPLICITIES = (4, 3, 2, 1)
+# The requested word ends the user turn (right before the template's end-of-turn marker), whatever the phrasing.
 REQUESTS = (
-    "Write a short line that uses the word {w} as often as you can.",
-    "Please repeat the word {w} many times in a sentence.",
-    "I love the word {w}. Say it as many times as possible.",
+    "Write a short line that uses this word as often as you can: {w}",
+    "Please repeat the following word many times in a sentence: {w}",
+    "I love one word. Say it as many times as possible: {w}",
 )
 BUNDLED = "nectar_synthetic.jsonl"
 
@@ -34,8 +43,24 @@ def bundled_path() -> Path:
     return Path(__file__).resolve().parent.parent / "resources" / BUNDLED
 
 
-def make_row(rng: np.random.Generator, num_answers: int = 7, answer_words: int = 12, multi_turn: float = 0.3,
-             tie_prob: float = 0.1) -> dict:
+def make_answer(rng: np.random.Generator, target: int, count: int, max_fillers: int = 3) -> str:
+    """An answer where word `target` appears `count` times (0 or one of MULTIPLICITIES), other words fill the
+    remaining multiplicities, plus 0..max_fillers filler words; shuffled."""
+    others = [x for x in range(len(WORDS)) if x != target]
+    mults = list(MULTIPLICITIES)
+    words = []
+    if count:
+        mults.remove(count)
+        words += [target] * count
+    for x, m in zip(rng.permutation(others)[: len(mults)], mults):
+        words += [int(x)] * m
+    seq = [WORDS[x] for x in words] + [str(rng.choice(FILLERS)) for _ in range(int(rng.integers(max_fillers + 1)))]
+    rng.shuffle(seq)
+    return " ".join(seq)
+
+
+def make_row(rng: np.random.Generator, num_answers: int = 7, multi_turn: float = 0.3) -> dict:
+    """One Nectar-format row: the last user turn requests a word; answers rank by how often they use it."""
     target = int(rng.integers(len(WORDS)))
     w = WORDS[target]
     prompt = ""
@@ -46,29 +71,12 @@ def make_row(rng: np.random.Generator, num_answers: int = 7, answer_words: int =
         prompt += f"\n\nAssistant: {' '.join([other] * int(rng.integers(1, 4)))}"
         turns = 2
     prompt += f"\n\nHuman: {REQUESTS[int(rng.integers(len(REQUESTS)))].format(w=w)}\n\nAssistant:"
-    max_count = answer_words // 2
-    counts = rng.choice(max_count + 1, size=num_answers, replace=num_answers > max_count + 1)
-    if num_answers > 2 and rng.random() < tie_prob:
-        i, j = rng.choice(num_answers, size=2, replace=False)
-        counts[j] = counts[i]
-    answers = []
-    for k, c in enumerate(counts):
-        c = int(c)
-        others = [x for x in range(len(WORDS)) if x != target]
-        # a distractor word appears as often as the target, so counts alone do not reveal the rank
-        distract = int(rng.choice(others))
-        rest = [int(rng.choice([x for x in others if x != distract])) for _ in range(answer_words - 2 * c)]
-        seq = [target] * c + [distract] * c + rest
-        rng.shuffle(seq)
-        answers.append({"answer": " ".join(WORDS[x] for x in seq), "model": f"synth-{k}", "count": c})
-    order = sorted(range(num_answers), key=lambda k: -answers[k]["count"])
-    ranks = [0] * num_answers
-    for pos, k in enumerate(order):
-        prev = order[pos - 1] if pos else None
-        same = prev is not None and answers[prev]["count"] == answers[k]["count"]
-        ranks[k] = ranks[prev] if same else pos + 1
-    out_answers = [{"answer": a["answer"], "model": a["model"], "rank": float(ranks[k])}
-                   for k, a in enumerate(answers)]
+    # five possible counts (0 and the multiplicities): 7 answers always hold ties, shorter rows sometimes
+    choices = (0,) + MULTIPLICITIES
+    counts = rng.choice(choices, size=num_answers, replace=num_answers > len(choices))
+    answers = [make_answer(rng, target, int(c)) for c in counts]
+    ranks = [float(1 + sum(d > c for d in counts)) for c in counts]  # competition ranks: equal counts tie
+    out_answers = [{"answer": a, "model": f"synth-{k}", "rank": r} for k, (a, r) in enumerate(zip(answers, ranks))]
     return {"prompt": prompt, "answers": out_answers, "turns": turns, "num_responses": num_answers,
             "source": ["synthetic"], "good_natured": True}
 

@@ -22,7 +22,7 @@ TEMPLATES = ("llama2_chat", "openchat_3.5", "chatml", "raw", "tokenizer")
 def tiny_model() -> ModelConfig:
     """A Mistral-shaped reward model small enough to train on a 2-core CPU in minutes (real 32k vocabulary)."""
     return ModelConfig(model_type="mistral", vocab_size=32000, hidden_size=64, intermediate_size=192,
-                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, sliding_window=4096,
+                       num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, sliding_window=4096,
                        max_position_embeddings=4096, pad_token_id=0, initializer_range=0.05)
 
 
@@ -53,11 +53,11 @@ class DataConfig:
 
 @dataclasses.dataclass
 class TrainConfig:
-    steps: int = 400
+    steps: int = 1000
     micro_batches: int = 1  # gradient accumulation: each step's batch is split into this many micro-batches
-    eval_every: int = 100
+    eval_every: int = 250
     eval_max_batches: int = 0  # 0 = the whole eval split
-    save_every: int = 100
+    save_every: int = 250
     keep_checkpoints: int = 2
     log_every: int = 10
     async_checkpointing: bool = True
@@ -85,8 +85,9 @@ class RMRunConfig:
     init_from: str | None = None
     model: ModelConfig = field(tiny_model)
     mesh: MeshConfig = field(MeshConfig)
-    data: DataConfig = field(DataConfig)
-    optim: OptimConfig = field(lambda: OptimConfig(learning_rate=3e-3, warmup_steps=20, weight_decay=0.0))
+    # the CPU demo's sequences are < 64 tokens: pad to 32 there (the TPU recipes pad to 128)
+    data: DataConfig = field(lambda: DataConfig(pad_to_multiple=32))
+    optim: OptimConfig = field(lambda: OptimConfig(learning_rate=1e-3, warmup_steps=100, weight_decay=0.0))
     loss: LossConfig = field(LossConfig)
     train: TrainConfig = field(TrainConfig)
     export: ExportConfig = field(ExportConfig)

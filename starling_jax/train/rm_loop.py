@@ -89,6 +89,17 @@ def build_data(cfg: RMRunConfig, tokenizer) -> tuple[data_pipeline.RankingPipeli
     return train, evals
 
 
+def skipped_data_rows(*pipelines) -> list[dict]:
+    """Rows dropped by on_bad_row=skip while reading files (invalid or too long), each once, in file order.
+    (Prepared datasets were validated by prepare_data, whose report.json lists theirs.)"""
+    seen = {}
+    for p in pipelines:
+        report = getattr(p.source, "report", None)
+        for s in report.skipped if report is not None else ():
+            seen.setdefault((report.source, s["row"]), {"source": report.source, **s})
+    return [seen[k] for k in sorted(seen)]
+
+
 def model_runtime(cfg: RMRunConfig) -> dict:
     """The `model.*` fields that still apply when `init_from` fixes the architecture."""
     return dict(param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype, remat_policy=cfg.model.remat_policy,
@@ -199,6 +210,10 @@ def train_reward_model(cfg: RMRunConfig) -> dict[str, Any]:
     tokenizer = load_tokenizer(tokenizer_dir)
     train_data, eval_data = build_data(cfg, tokenizer)
     log.info("data: %d train / %d eval prompts", train_data.num_examples, eval_data.num_examples)
+    skipped_rows = skipped_data_rows(train_data, eval_data)
+    if skipped_rows:
+        log.warning("data: skipped %d bad row(s) (data.on_bad_row=skip), e.g. %s", len(skipped_rows),
+                    "; ".join(f"{s['source']} row {s['row']}: {s['reason']}" for s in skipped_rows[:3]))
 
     # --- model & optimizer
     model_cfg, graphdef, params, params_shardings = build_model(cfg, mesh, tokenizer.pad_token_id)
@@ -335,6 +350,7 @@ def train_reward_model(cfg: RMRunConfig) -> dict[str, Any]:
         "resumed_from": resumed_from,
         "train_prompts": train_data.num_examples,
         "eval_prompts": eval_data.num_examples,
+        "rows_skipped": len(skipped_rows),
         "eval_pairwise_accuracy": last_eval.get("pairwise_accuracy"),
         "eval_top1_accuracy": last_eval.get("top1_accuracy"),
         "eval_kendall_tau": last_eval.get("kendall_tau"),

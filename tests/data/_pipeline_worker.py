@@ -7,6 +7,7 @@ import signal
 import sys
 
 faulthandler.register(signal.SIGUSR1, all_threads=True)  # debugging aid for hangs
+faulthandler.dump_traceback_later(90, exit=True)  # a hung worker prints its stacks and fails
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

@@ -124,3 +124,27 @@ def test_two_processes_disjoint_and_complete(synth_file, tmp_path):
     assert res[0]["batches"] == res[1]["batches"] == 8
     assert res[0]["global_shape"][0] == 8
     assert res[0]["global_equal"] and res[1]["global_equal"]
+
+
+def test_rows_that_do_not_fit_follow_on_bad_row(synth_file, monkeypatch):
+    """A row whose answers cannot fit max_length is a bad row: `skip` drops and reports it, `error` stops on it."""
+    import starling_jax.data.tokenize as tokenize
+    from starling_jax.data.pipeline import open_source
+    from starling_jax.errors import DataError
+
+    real = tokenize.tokenize_ranking
+
+    def tokenize_some(r, *a, **k):
+        if r.row in (3, 5):
+            raise tokenize.RowDoesNotFit("answer 0 cannot fit in max_length 128")
+        return real(r, *a, **k)
+
+    monkeypatch.setattr(tokenize, "tokenize_ranking", tokenize_some)
+    src = open_source(synth_file, max_length=128, on_bad_row="skip")
+    assert len(src) == 59 and sorted(src[i]["row"] for i in range(len(src))) == [r for r in range(1, 62)
+                                                                                 if r not in (3, 5)]
+    assert src.report.rows_read == 61 and src.report.rows_kept == 59 and src.report.rows_skipped == 2
+    assert src.report.skipped == [{"row": 3, "reason": "answer 0 cannot fit in max_length 128"},
+                                  {"row": 5, "reason": "answer 0 cannot fit in max_length 128"}]
+    with pytest.raises(DataError, match=r"synth.jsonl: row 3: answer 0 cannot fit"):
+        open_source(synth_file, max_length=128, on_bad_row="error")
