@@ -110,7 +110,10 @@ def verify(model: str, dtype: str = "float32", tolerance: float | None = None, m
     def ours_fn(state, tokens, positions, segment_ids):
         return nnx.merge(graphdef, state)(tokens, positions, segment_ids)
 
-    with activation_sharding(mesh):
+    # float32 means float32 matmuls: on GPU the default precision is TF32 and on TPU bf16 passes, which alone
+    # move logits by ~1e-3 (measured on an H200: 9.0e-4 default vs 6.0e-7 highest; BENCHMARKS.md).
+    precision = "highest" if dtype == "float32" else "default"
+    with activation_sharding(mesh), jax.default_matmul_precision(precision):
         ours = np.asarray(ours_fn(state, tokens, positions, segment_ids), np.float64)
 
     cls = transformers.AutoModelForSequenceClassification if seq_cls else transformers.AutoModelForCausalLM

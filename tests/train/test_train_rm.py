@@ -152,6 +152,23 @@ def test_export_loads_in_transformers_and_score_agrees(tmp_path, data_file):
     for a, b in zip(outs["ckpt"], outs["hf"]):
         np.testing.assert_allclose(a["rewards"], b["rewards"], atol=1e-5)
 
+    # the same answers as a pairwise (RewardBench-layout) file: best vs worst answer of each row
+    rows = [json.loads(l) for l in sample.read_text().splitlines()]
+    pairs, expected = [], []
+    for row, scored in zip(rows, outs["hf"]):
+        ranks = [a["rank"] for a in row["answers"]]
+        best, worst = int(np.argmin(ranks)), int(np.argmax(ranks))
+        pairs.append({"prompt": row["prompt"], "chosen": row["answers"][best]["answer"],
+                      "rejected": row["answers"][worst]["answer"]})
+        expected.append(scored["rewards"][best] > scored["rewards"][worst])
+    pairwise = tmp_path / "pairs.jsonl"
+    pairwise.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    proc = subprocess.run([sys.executable, "-m", "starling_jax.score", "--model", str(hf_dir), "--data",
+                           str(pairwise), "--output", str(tmp_path / "pairs_scored.jsonl")], env=env_with(1),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["accuracy"] == pytest.approx(np.mean(expected))
+
     # transformers (PyTorch) on the same token ids: the reward of its pooled last real token
     from starling_jax.data.nectar import load_rankings
     from starling_jax.data.tokenize import tokenize_ranking
