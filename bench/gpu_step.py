@@ -6,6 +6,7 @@
 2. Train step: a Mistral-7B-wide model cut to a few layers (hidden 4096, FFN 14336, 32/8 heads, 32k vocab) with
    fp32 master weights and bf16 compute, K-wise Plackett-Luce loss, AdamW, clip 1.0. starling_jax's real
    `rm_step.jit_train_step` vs PyTorch (`torch.autocast` bf16, sdpa attention, fused AdamW), same batch.
+   `--variants` picks ATTENTION_IMPL:REMAT pairs (einsum | fused | cudnn; see ModelConfig.attention_impl).
    MFU = model FLOPs (`ModelConfig.flops_per_token`, 6·N + attention; remat recompute not counted) / step time /
    the chip's dense bf16 peak.
 
@@ -94,6 +95,28 @@ def parity(rows: list) -> dict:
         out[precision] = diff
         rows.append(("parity", f"max |reward diff| vs transformers, JAX precision={precision}", f"{diff:.2e}",
                      "fp32, TF32 off in torch"))
+    # the fused attention path: fp32 (XLA kernel) vs transformers, bf16 (cuDNN kernel) vs the bf16 einsum path
+    from flax import nnx
+
+    def rewards_with(**changes):
+        g = nnx.graphdef(nnx.eval_shape(lambda: __import__("starling_jax.model.heads", fromlist=["x"]).build_model(
+            cfg.replace(**changes), "reward")))
+        with jax.default_matmul_precision("highest"):
+            return np.asarray(jax.device_get(jax.jit(lambda p, b: rm_step.eval_rewards(p, b, graphdef=g, mesh=mesh))(
+                params, batch)), np.float64)
+
+    out["fused_fp32"] = float(np.max(np.abs(rewards_with(attention_impl="fused") - ref)))
+    bf16_einsum = rewards_with(dtype="bfloat16")
+    bf16_fused = rewards_with(dtype="bfloat16", attention_impl="fused")
+    out["fused_bf16_vs_einsum_bf16"] = float(np.max(np.abs(bf16_fused - bf16_einsum)))
+    out["einsum_bf16_vs_fp32_ref"] = float(np.max(np.abs(bf16_einsum - ref)))
+    rows.append(("parity", "fused attention fp32 vs transformers", f"{out['fused_fp32']:.2e}", "XLA kernel"))
+    if jax.default_backend() == "gpu":  # the cuDNN flash kernel (bf16 only)
+        out["cudnn_bf16_vs_einsum_bf16"] = float(np.max(np.abs(
+            rewards_with(dtype="bfloat16", attention_impl="cudnn") - bf16_einsum)))
+        rows.append(("parity", "cudnn bf16 vs einsum bf16", f"{out['cudnn_bf16_vs_einsum_bf16']:.2e}", "cuDNN"))
+    rows.append(("parity", "fused bf16 vs einsum bf16", f"{out['fused_bf16_vs_einsum_bf16']:.2e}",
+                 f"einsum bf16 vs fp32 reference: {out['einsum_bf16_vs_fp32_ref']:.2e}"))
     return out
 
 
@@ -117,6 +140,9 @@ def jax_step(cfg, batch, steps) -> tuple[float, float]:
     t = time.perf_counter()
     compiled = fn.lower(state, gbatch).compile()
     compile_s = time.perf_counter() - t
+    hlo = compiled.as_text() or ""
+    print(f"  {cfg.attention_impl}/{cfg.remat_policy}: cuDNN fused attention in the compiled step: "
+          f"{'cudnn' in hlo.lower() and 'fmha' in hlo.lower()}", flush=True)
     holder = {"state": state}
 
     def step():
@@ -170,7 +196,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--length", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--remat", default="none,full", help="comma-separated remat policies to time")
+    ap.add_argument("--variants", default="einsum:none,einsum:full,fused:none,fused:full",
+                    help="comma-separated ATTENTION_IMPL:REMAT_POLICY pairs to time")
     ap.add_argument("--tiny", action="store_true", help="a narrow model (smoke run of this script on a CPU)")
     a = ap.parse_args(argv)
 
@@ -206,14 +233,16 @@ def main(argv=None) -> int:
         print("parity failed:", par, flush=True)
     summary = {"device": kind, "parity_max_abs_reward_diff": par}
     results = {}
-    for remat in a.remat.split(","):
+    for variant in a.variants.split(","):
+        impl, remat = variant.split(":")
         try:
-            s, c = jax_step(ModelConfig(**cfg_kw, remat_policy=remat, scan_layers=True), batch, a.steps)
+            s, c = jax_step(ModelConfig(**cfg_kw, attention_impl=impl, remat_policy=remat, scan_layers=True), batch,
+                            a.steps)
         except Exception as e:
-            print(f"jax remat={remat} failed: {type(e).__name__}: {str(e)[:2000]}", flush=True)
+            print(f"jax {variant} failed: {type(e).__name__}: {str(e)[:1500]}", flush=True)
             continue
-        results[f"jax_remat_{remat}"] = (s, c)
-        print(f"jax remat={remat}: {s * 1e3:.1f} ms/step (compile {c:.1f} s)", flush=True)
+        results[f"jax_{impl}_remat_{remat}"] = (s, c)
+        print(f"jax {variant}: {s * 1e3:.1f} ms/step (compile {c:.1f} s)", flush=True)
     results["torch"] = (t, None)
     flops = cfg.flops_per_token(a.length) * tokens
     for name, (s, c) in results.items():

@@ -19,6 +19,11 @@ from starling_jax.errors import CheckpointError, ConfigError
 # HF `model_type` → the `*For*` class prefix used on export.
 ARCHITECTURES = {"mistral": "Mistral", "llama": "Llama"}
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+# einsum: scores materialized in fp32, any segment layout (packing). fused: jax.nn.dot_product_attention with
+# causal + window + per-row lengths (cuDNN flash attention on GPU for bf16/fp16 compute, XLA elsewhere); it
+# assumes one segment per row, right-padded — the layout of the K-wise batches. cudnn: the same, forcing the
+# cuDNN kernel (GPU only, bf16/fp16 compute).
+ATTENTION_IMPLS = ("einsum", "fused", "cudnn")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -47,12 +52,15 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype (bfloat16 on TPU)
     remat_policy: str = "none"  # none | full | dots | dots_no_batch
     scan_layers: bool = False
+    attention_impl: str = "einsum"  # einsum | fused | cudnn (see ATTENTION_IMPLS)
 
     def __post_init__(self):
         if self.model_type not in ARCHITECTURES:
             raise ConfigError(f"model.model_type={self.model_type!r}: unknown architecture; supported: {sorted(ARCHITECTURES)}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ConfigError(f"model.remat_policy={self.remat_policy!r}: choose one of {list(REMAT_POLICIES)}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ConfigError(f"model.attention_impl={self.attention_impl!r}: choose one of {list(ATTENTION_IMPLS)}")
         for key in ("param_dtype", "dtype"):
             if getattr(self, key) not in DTYPES:
                 raise ConfigError(f"model.{key}={getattr(self, key)!r}: choose one of {sorted(DTYPES)}")

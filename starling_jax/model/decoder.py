@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from starling_jax.errors import ConfigError
 from starling_jax.model.config import ModelConfig
 from starling_jax.parallel.sharding import constrain
 
@@ -71,6 +72,18 @@ def attention_mask(segment_ids, sliding_window: int | None):
     return (same & allowed)[:, None, None, :, :]
 
 
+def fused_attention(q, k, v, lengths, sliding_window: int | None, implementation: str | None = None):
+    """Causal GQA attention through `jax.nn.dot_product_attention` (cuDNN flash attention on GPU when the compute
+    dtype is bf16/fp16; XLA otherwise). q: [N, L, H, Dh], k/v: [N, L, G, Dh], lengths: int [N] real tokens per
+    row (one segment, right-padded). Outputs at padding positions are unread."""
+    if implementation == "cudnn" and jax.default_backend() != "gpu":
+        raise ConfigError(f"model.attention_impl=cudnn needs a GPU (this backend is {jax.default_backend()}); "
+                          "use fused or einsum")
+    return jax.nn.dot_product_attention(
+        q, k, v, is_causal=True, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
+        local_window_size=(sliding_window - 1, 0) if sliding_window else None, implementation=implementation)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, h, g, dh = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.resolved_head_dim
@@ -91,14 +104,18 @@ class Attention(nnx.Module):
         q = constrain(rope(q, positions, cfg.rope_theta), ("act_batch", "act_length", "act_heads", None))
         k = constrain(rope(k, positions, cfg.rope_theta), ("act_batch", "act_length", "act_kv_heads", None))
         v = constrain(v, ("act_batch", "act_length", "act_kv_heads", None))
-        q = q.reshape(n, length, g, r, dh)
-        # Scores and softmax in float32 for stability; a fully masked (padding) query row gets uniform weights
-        # over finite logits instead of NaN, and its output is never read.
-        scores = jnp.einsum("nqgrk,nsgk->ngrqs", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(dh).astype(
-            jnp.float32)
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-        out = jnp.einsum("ngrqs,nsgk->nqgrk", probs, v).reshape(n, length, cfg.num_attention_heads, dh)
+        if cfg.attention_impl in ("fused", "cudnn"):
+            out = fused_attention(q, k, v, mask, cfg.sliding_window,
+                                  "cudnn" if cfg.attention_impl == "cudnn" else None)
+        else:
+            q = q.reshape(n, length, g, r, dh)
+            # Scores and softmax in float32 for stability; a fully masked (padding) query row gets uniform weights
+            # over finite logits instead of NaN, and its output is never read.
+            scores = jnp.einsum("nqgrk,nsgk->ngrqs", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(
+                dh).astype(jnp.float32)
+            scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+            probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+            out = jnp.einsum("ngrqs,nsgk->nqgrk", probs, v).reshape(n, length, cfg.num_attention_heads, dh)
         out = constrain(out, ("act_batch", "act_length", "act_heads", None))
         return jnp.einsum("nlhk,hkd->nld", out, self.o_proj[...].astype(dtype))
 
@@ -162,7 +179,10 @@ class Decoder(nnx.Module):
     def __call__(self, tokens, positions, segment_ids):
         """tokens, positions, segment_ids: int [N, L] → hidden states [N, L, D] (compute dtype)."""
         cfg = self.cfg
-        mask = attention_mask(segment_ids, cfg.sliding_window)
+        if cfg.attention_impl in ("fused", "cudnn"):  # per-row lengths; the kernel builds causal + window + padding masks
+            mask = jnp.sum(segment_ids != 0, axis=-1).astype(jnp.int32)
+        else:
+            mask = attention_mask(segment_ids, cfg.sliding_window)
         x = constrain(self.embed_tokens(tokens), ("act_batch", "act_length", "act_embed"))
 
         def apply_layer(layer, x):

@@ -20,6 +20,10 @@ CAUSAL_CASES = {
                                       dict(scan_layers=True, remat_policy="full")),
     "llama2_tied_list_remat": ("llama", dict(gqa=False, tied=True), dict(scan_layers=False, remat_policy="dots")),
     "llama2_untied_scan": ("llama", dict(gqa=False, tied=False), dict(scan_layers=True)),
+    # jax.nn.dot_product_attention (XLA on CPU; cuDNN on GPU in bf16): causal + window + lengths, GQA
+    "mistral_gqa_window_fused": ("mistral", dict(gqa=True, sliding_window=5), dict(attention_impl="fused")),
+    "llama2_fused_scan_remat": ("llama", dict(gqa=False, tied=False),
+                                dict(attention_impl="fused", scan_layers=True, remat_policy="full")),
 }
 
 
@@ -40,6 +44,7 @@ def test_causal_lm_logits_match_transformers(case, tmp_path_factory):
 SEQ_CLS_CASES = {
     "mistral_gqa_window_list": ("mistral", dict(gqa=True, sliding_window=5), dict(scan_layers=False)),
     "llama2_scan_remat": ("llama", dict(gqa=False), dict(scan_layers=True, remat_policy="full")),
+    "mistral_gqa_window_fused": ("mistral", dict(gqa=True, sliding_window=5), dict(attention_impl="fused")),
 }
 
 

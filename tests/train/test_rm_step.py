@@ -147,3 +147,31 @@ def test_nan_loss_in_a_run_stops_before_any_checkpoint(tmp_path, monkeypatch, ca
     assert json.loads(captured.out.strip().splitlines()[-1])["error_type"] == "TrainingError"
     steps = [p for p in (out / "checkpoints").iterdir() if p.name.isdigit()] if (out / "checkpoints").exists() else []
     assert steps == []
+
+
+def test_fused_attention_trains_like_einsum_on_padded_batches():
+    """attention_impl=fused (jax.nn.dot_product_attention from row lengths) gives the einsum path's losses,
+    gradient norms and parameters over two steps on right-padded K-wise batches, with a binding window."""
+    cfg = CFG.replace(sliding_window=5)
+    einsum_state, einsum_step = setup(cfg, eps=1e-3)
+    fused_state, fused_step = setup(cfg.replace(attention_impl="fused"), eps=1e-3)
+    for i in range(2):
+        einsum_state, m_einsum = einsum_step(einsum_state, make_batch(i))
+        fused_state, m_fused = fused_step(fused_state, make_batch(i))
+        assert bool(m_fused["finite"])
+        np.testing.assert_allclose(float(m_einsum["loss"]), float(m_fused["loss"]), atol=1e-5)
+        np.testing.assert_allclose(float(m_einsum["grad_norm"]), float(m_fused["grad_norm"]), rtol=1e-4)
+    for a, b in zip(leaves(einsum_state["params"]), leaves(fused_state["params"])):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_attention_impl_errors_are_config_errors():
+    from starling_jax.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="attention_impl='flash'"):
+        CFG.replace(attention_impl="flash")
+    if jax.default_backend() != "gpu":
+        model = nnx.merge(*create_sharded(CFG.replace(attention_impl="cudnn"), "reward",
+                                          sharding.make_mesh(sharding.MeshConfig(), devices=jax.devices()[:1])))
+        with pytest.raises(ConfigError, match="attention_impl=cudnn needs a GPU"):
+            rm_step.eval_rewards(nnx.state(model), make_batch(), graphdef=nnx.graphdef(model))

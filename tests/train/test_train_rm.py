@@ -184,6 +184,22 @@ def test_export_loads_in_transformers_and_score_agrees(tmp_path, data_file):
             assert abs(float(logits[0, 0]) - reward) < 1e-4
 
 
+def test_tensorboard_and_metrics_jsonl_hold_the_training_scalars(tmp_path, data_file):
+    import tensorflow as tf
+
+    out = tmp_path / "run"
+    run_train(out, data_file, "train.steps=4", "train.eval_every=2", "train.peak_tflops_per_device=1.0")
+    tags = set()
+    for events in (out / "tensorboard").glob("events.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(events)):
+            tags |= {v.tag for v in event.summary.value if np.isfinite(v.simple_value)}
+    for tag in ("train/loss", "train/learning_rate", "train/grad_norm", "train/tokens_per_s", "train/mfu",
+                "eval/pairwise_accuracy", "eval/top1_accuracy", "eval/kendall_tau", "eval/mean_reward_by_rank/1"):
+        assert tag in tags, sorted(tags)
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(0 < r["mfu"] < 1 for r in rows)
+
+
 def _main_error(capsys, argv) -> str:
     from starling_jax.train_rm import main
 
