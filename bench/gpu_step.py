@@ -19,29 +19,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
+import rm_step as rm_step_bench  # noqa: E402  (bench/rm_step.py: shared timing helper)
 
 DEVICE = "cuda"  # torch's device; main() falls back to "cpu" when torch has no CUDA (smoke runs)
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per chip (datasheet)
 
 
 def timed(fn, steps: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    """Median seconds of `steps` calls after `warmup` (the same timing as bench/rm_step.py)."""
+    return rm_step_bench.timed(fn, steps, warmup)[0]
 
 
 def kwise_batch(rng, prompts, answers, length, vocab, pad_to=None):
