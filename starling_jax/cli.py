@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 
@@ -85,3 +86,21 @@ def parse_config_args(parser: argparse.ArgumentParser, argv) -> argparse.Namespa
         args.overrides.insert(0, args.config)
         args.config = None
     return args
+
+
+# Where the embedded default `python -m starling_jax.train_rm` writes (RMRunConfig.output_dir's default): the other
+# entry points' embedded defaults read it, so the four commands chain with no arguments.
+DEFAULT_RUN_DIR = "runs/rm_default"
+
+
+def embedded_default(value: str | None, default: str, flag: str) -> str:
+    """`value` when the user gave `flag`; else `default` (written by the embedded train_rm run), which must exist."""
+    from starling_jax.errors import ConfigError
+
+    if value is not None:
+        return value
+    if not Path(default).exists():
+        raise ConfigError(f"{flag} not given and the embedded default {default} does not exist: run "
+                          f"`python -m starling_jax.train_rm` first (it writes {DEFAULT_RUN_DIR}), or pass {flag}")
+    return default
+

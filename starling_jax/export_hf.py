@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from starling_jax import cli
 
@@ -44,13 +45,18 @@ def export(checkpoint: str, output: str, step: int | None = None, tokenizer: str
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m starling_jax.export_hf", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="checkpoint folder (run output, checkpoints/, or a step)")
-    parser.add_argument("--output", required=True, help="HF folder to write")
+    parser.add_argument("--checkpoint", default=None, help="checkpoint folder (run output, checkpoints/, or a step; "
+                        f"default: {cli.DEFAULT_RUN_DIR}, the embedded train_rm run)")
+    parser.add_argument("--output", default=None, help="HF folder to write (default: CHECKPOINT/hf_export)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest complete)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the one the run used)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     cli.setup_logging()
-    return cli.run_main(lambda: export(args.checkpoint, args.output, args.step, args.tokenizer))
+    def run():
+        checkpoint = cli.embedded_default(args.checkpoint, cli.DEFAULT_RUN_DIR, "--checkpoint")
+        return export(checkpoint, args.output or str(Path(checkpoint) / "hf_export"), args.step, args.tokenizer)
+
+    return cli.run_main(run)
 
 
 if __name__ == "__main__":

@@ -26,8 +26,10 @@ from starling_jax.errors import StarlingError
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="starling_jax.prepare_data", description=__doc__.splitlines()[0])
-    ap.add_argument("--input", required=True, help="Nectar-schema file (.parquet/.jsonl/.json) or Hub name")
-    ap.add_argument("--output", required=True, help="output folder (TFDS dataset + report.json)")
+    ap.add_argument("--input", default="bundled",
+                    help="Nectar-schema file (.parquet/.jsonl/.json), Hub name (berkeley-nest/Nectar), or "
+                         "'bundled' (the synthetic file shipped with the package; the default)")
+    ap.add_argument("--output", default="runs/prepared_default", help="output folder (TFDS dataset + report.json)")
     ap.add_argument("--tokenizer", default=None, help="HF tokenizer folder (default: offline Mistral v1)")
     ap.add_argument("--template", default="llama2_chat", choices=TEMPLATE_NAMES)
     ap.add_argument("--max-length", type=int, default=2048)
@@ -53,7 +55,9 @@ def run(args) -> dict:
     from starling_jax.data.tfds_nectar import NoRowsKept, make_builder
 
     tfds.disable_progress_bar()
-    b = make_builder(args.input, out, tok, str(tok_dir), args.template, args.max_length, args.eval_fraction,
+    from starling_jax.data.synthetic import resolve_bundled
+
+    b = make_builder(resolve_bundled(args.input), out, tok, str(tok_dir), args.template, args.max_length, args.eval_fraction,
                      args.on_bad_row)
     try:
         b.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))

@@ -145,8 +145,10 @@ def jit_rewards(graphdef, mesh):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m starling_jax.score", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="HF reward-model folder / Hub id, or a checkpoint folder")
-    parser.add_argument("--data", required=True, help="Nectar-format or pairwise file (jsonl, json, parquet)")
+    parser.add_argument("--model", default=None, help="HF reward-model folder / Hub id, or a checkpoint folder "
+                        f"(default: {cli.DEFAULT_RUN_DIR}/hf, the embedded train_rm run's export)")
+    parser.add_argument("--data", default="bundled", help="Nectar-format or pairwise file (jsonl, json, parquet); "
+                        "default: the bundled synthetic file")
     parser.add_argument("--output", default=None, help="JSON-lines output, one line per input row")
     parser.add_argument("--template", default="tokenizer",
                         help="chat template: tokenizer (the model tokenizer's own, default), llama2_chat, "
@@ -157,7 +159,10 @@ def main(argv=None) -> int:
     parser.add_argument("--on-bad-row", choices=("error", "skip"), default="error")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     cli.setup_logging()
-    return cli.run_main(lambda: score(args.model, args.data, args.output, args.template, args.max_length,
+    from starling_jax.data.synthetic import resolve_bundled
+
+    return cli.run_main(lambda: score(cli.embedded_default(args.model, f"{cli.DEFAULT_RUN_DIR}/hf", "--model"),
+                                      resolve_bundled(args.data), args.output, args.template, args.max_length,
                                       args.batch_size, args.on_bad_row))
 
 

@@ -40,7 +40,8 @@ TEXTS = [
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="starling-verify-hf", description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="HF model folder (or Hub id)")
+    p.add_argument("--model", default=None, help="HF model folder (or Hub id); default: runs/rm_default/hf, the "
+                   "embedded train_rm run's export")
     p.add_argument("--dtype", default="float32", choices=sorted(DEFAULT_TOLERANCE), help="starling_jax compute dtype")
     p.add_argument("--tolerance", type=float, default=None, help="max scaled |diff| (defaults: %s)" % DEFAULT_TOLERANCE)
     p.add_argument("--max-length", type=int, default=64)
@@ -166,7 +167,10 @@ def _logsumexp(x):
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
-        summary = verify(args.model, args.dtype, args.tolerance, args.max_length, args.seed)
+        from starling_jax import cli
+
+        model = cli.embedded_default(args.model, f"{cli.DEFAULT_RUN_DIR}/hf", "--model")
+        summary = verify(model, args.dtype, args.tolerance, args.max_length, args.seed)
     except StarlingError as e:
         print(f"error: {e}", file=sys.stderr)
         print(json.dumps({"passed": False, "error": str(e)}))

@@ -43,6 +43,11 @@ def bundled_path() -> Path:
     return Path(__file__).resolve().parent.parent / "resources" / BUNDLED
 
 
+def resolve_bundled(path: str) -> str:
+    """"bundled" (the embedded default's data) → the bundled file's path; anything else unchanged."""
+    return str(bundled_path()) if path == "bundled" else path
+
+
 def make_answer(rng: np.random.Generator, target: int, count: int, max_fillers: int = 3) -> str:
     """An answer where word `target` appears `count` times (0 or one of MULTIPLICITIES), other words fill the
     remaining multiplicities, plus 0..max_fillers filler words; shuffled."""

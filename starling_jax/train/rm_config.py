@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from starling_jax.cli import DEFAULT_RUN_DIR
 from starling_jax.config import field
 from starling_jax.errors import ConfigError
 from starling_jax.model.config import ModelConfig
@@ -77,7 +78,7 @@ class ExportConfig:
 
 @dataclasses.dataclass
 class RMRunConfig:
-    output_dir: str = "runs/rm_default"
+    output_dir: str = DEFAULT_RUN_DIR
     seed: int = 0  # fixes init, data order and anything sampled
     # HF folder or Hub id whose weights initialize the trunk (the score head starts random unless the folder is a
     # reward model). Its config.json fixes the architecture; `model.*` then only sets runtime fields

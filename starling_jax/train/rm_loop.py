@@ -25,7 +25,7 @@ from starling_jax.model.config import ModelConfig
 from starling_jax.parallel import sharding
 from starling_jax.train import rm_step
 from starling_jax.train.optimizer import make_optimizer, trainable_mask
-from starling_jax.train.rm_config import BUNDLED, RMRunConfig
+from starling_jax.train.rm_config import RMRunConfig
 from starling_jax.train.state import abstract_train_state, init_train_state, state_shardings
 
 log = logging.getLogger("starling_jax")
@@ -64,11 +64,9 @@ def resolve_tokenizer_dir(cfg: RMRunConfig) -> Path:
 
 
 def data_path(path: str) -> str:
-    if path == BUNDLED:
-        from starling_jax.data.synthetic import bundled_path
+    from starling_jax.data.synthetic import resolve_bundled
 
-        return str(bundled_path())
-    return path
+    return resolve_bundled(path)
 
 
 def build_data(cfg: RMRunConfig, tokenizer) -> tuple[data_pipeline.RankingPipeline, data_pipeline.RankingPipeline]:

@@ -2,7 +2,7 @@
 the task is only learnable from prompt and answer together: the same run with every prompt replaced by one
 constant prompt (what a mask hiding the prompt from the answer amounts to) stays at chance.
 
-Each run is the full default (~4 minutes on the 2-core CI machine), hence `slow`.
+Each training run is the full default (~2 minutes on the 2-core CI machine), hence `slow`.
 """
 
 from __future__ import annotations
@@ -20,25 +20,44 @@ from starling_jax.data.synthetic import bundled_path
 pytestmark = pytest.mark.slow
 
 
-def run_default(out: Path, *overrides: str) -> dict:
+def run_module(module: str, *args: str, cwd: Path | None = None, expect: int = 0) -> tuple[dict, str]:
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
-    env.pop("XLA_FLAGS", None)  # the default run as a user starts it: one CPU device
-    proc = subprocess.run([sys.executable, "-m", "starling_jax.train_rm", f"output_dir={out}",
-                           "train.progress_bar=false", *overrides],
-                          env=env, capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    env.pop("XLA_FLAGS", None)  # as a user starts it: one CPU device
+    proc = subprocess.run([sys.executable, "-m", f"starling_jax.{module}", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == expect, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
 
 
-def test_embedded_default_reaches_the_target_accuracy(tmp_path):
-    summary = run_default(tmp_path / "run")
+def run_default(out: Path, *overrides: str) -> dict:
+    return run_module("train_rm", f"output_dir={out}", "train.progress_bar=false", *overrides)[0]
+
+
+def test_embedded_defaults_chain_with_no_arguments(tmp_path):
+    """Every entry point with no arguments: train_rm trains the demo model (≥ 0.85 held-out pairwise accuracy),
+    then export_hf, score and verify_hf work on what it wrote; prepare_data prepares the bundled data."""
+    # before any run, the consumers say what to do in one line
+    summary, err = run_module("export_hf", cwd=tmp_path, expect=2)
+    assert "run `python -m starling_jax.train_rm` first" in err and summary["status"] == "error"
+
+    summary, _ = run_module("train_rm", cwd=tmp_path)
     assert summary["status"] == "completed" and summary["steps"] > 0
+    assert Path(summary["output_dir"]).resolve() == (tmp_path / "runs" / "rm_default").resolve()
     assert summary["eval_pairwise_accuracy"] >= 0.85, summary
     assert summary["eval_top1_accuracy"] > 0.5 and summary["eval_kendall_tau"] > 0.6, summary
     by_rank = summary["eval_mean_reward_by_rank"]
     assert by_rank["1"] > by_rank["4"] > by_rank["7"]  # mean reward falls with the rank
-    assert (Path(summary["hf_export_dir"]) / "config.json").is_file()
-    assert (tmp_path / "run" / "summary.png").stat().st_size > 10_000
+    run = tmp_path / "runs" / "rm_default"
+    assert (run / "hf" / "config.json").is_file() and (run / "summary.png").stat().st_size > 10_000
+
+    exported, _ = run_module("export_hf", cwd=tmp_path)
+    assert (tmp_path / exported["output"] / "model.safetensors").is_file()
+    scored, _ = run_module("score", cwd=tmp_path)  # the HF export on the bundled file (train + eval rows)
+    assert scored["pairwise_accuracy"] >= 0.85, scored
+    verified, _ = run_module("verify_hf", cwd=tmp_path)
+    assert verified["passed"] and verified["max_abs_score_diff"] < 1e-4, verified
+    prepared, _ = run_module("prepare_data", cwd=tmp_path)
+    assert prepared["rows_kept"] == 3000 and (tmp_path / "runs" / "prepared_default" / "report.json").is_file()
 
 
 def test_hiding_the_prompt_makes_the_task_unlearnable(tmp_path):
