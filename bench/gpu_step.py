@@ -93,9 +93,10 @@ def parity(rows: list) -> dict:
     # the fused attention path: fp32 (XLA kernel) vs transformers, bf16 (cuDNN kernel) vs the bf16 einsum path
     from flax import nnx
 
+    from starling_jax.model.heads import build_model
+
     def rewards_with(**changes):
-        g = nnx.graphdef(nnx.eval_shape(lambda: __import__("starling_jax.model.heads", fromlist=["x"]).build_model(
-            cfg.replace(**changes), "reward")))
+        g = nnx.graphdef(nnx.eval_shape(lambda: build_model(cfg.replace(**changes), "reward")))
         with jax.default_matmul_precision("highest"):
             return np.asarray(jax.device_get(jax.jit(lambda p, b: rm_step.eval_rewards(p, b, graphdef=g, mesh=mesh))(
                 params, batch)), np.float64)

@@ -4,7 +4,6 @@ summary line."""
 from __future__ import annotations
 
 import argparse
-
 import json
 import logging
 import os
@@ -91,6 +90,7 @@ def parse_config_args(parser: argparse.ArgumentParser, argv) -> argparse.Namespa
 # Where the embedded default `python -m starling_jax.train_rm` writes (RMRunConfig.output_dir's default): the other
 # entry points' embedded defaults read it, so the four commands chain with no arguments.
 DEFAULT_RUN_DIR = "runs/rm_default"
+DEFAULT_HF_DIR = f"{DEFAULT_RUN_DIR}/hf"  # its HF export
 
 
 def embedded_default(value: str | None, default: str, flag: str) -> str:
@@ -103,4 +103,3 @@ def embedded_default(value: str | None, default: str, flag: str) -> str:
         raise ConfigError(f"{flag} not given and the embedded default {default} does not exist: run "
                           f"`python -m starling_jax.train_rm` first (it writes {DEFAULT_RUN_DIR}), or pass {flag}")
     return default
-

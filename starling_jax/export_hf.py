@@ -52,6 +52,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the one the run used)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     cli.setup_logging()
+
     def run():
         checkpoint = cli.embedded_default(args.checkpoint, cli.DEFAULT_RUN_DIR, "--checkpoint")
         return export(checkpoint, args.output or str(Path(checkpoint) / "hf_export"), args.step, args.tokenizer)

@@ -21,12 +21,13 @@ import time
 from pathlib import Path
 
 from starling_jax.data.chat import TEMPLATE_NAMES
+from starling_jax.data.synthetic import BUNDLED_ALIAS, resolve_bundled
 from starling_jax.errors import StarlingError
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="starling_jax.prepare_data", description=__doc__.splitlines()[0])
-    ap.add_argument("--input", default="bundled",
+    ap.add_argument("--input", default=BUNDLED_ALIAS,
                     help="Nectar-schema file (.parquet/.jsonl/.json), Hub name (berkeley-nest/Nectar), or "
                          "'bundled' (the synthetic file shipped with the package; the default)")
     ap.add_argument("--output", default="runs/prepared_default", help="output folder (TFDS dataset + report.json)")
@@ -55,10 +56,8 @@ def run(args) -> dict:
     from starling_jax.data.tfds_nectar import NoRowsKept, make_builder
 
     tfds.disable_progress_bar()
-    from starling_jax.data.synthetic import resolve_bundled
-
-    b = make_builder(resolve_bundled(args.input), out, tok, str(tok_dir), args.template, args.max_length, args.eval_fraction,
-                     args.on_bad_row)
+    b = make_builder(resolve_bundled(args.input), out, tok, str(tok_dir), args.template, args.max_length,
+                     args.eval_fraction, args.on_bad_row)
     try:
         b.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     except NoRowsKept:

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from starling_jax import cli
+from starling_jax.data.synthetic import BUNDLED_ALIAS, resolve_bundled
 
 
 def detect_format(path: str) -> str:
@@ -146,8 +147,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m starling_jax.score", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="HF reward-model folder / Hub id, or a checkpoint folder "
-                        f"(default: {cli.DEFAULT_RUN_DIR}/hf, the embedded train_rm run's export)")
-    parser.add_argument("--data", default="bundled", help="Nectar-format or pairwise file (jsonl, json, parquet); "
+                        f"(default: {cli.DEFAULT_HF_DIR}, the embedded train_rm run's export)")
+    parser.add_argument("--data", default=BUNDLED_ALIAS, help="Nectar-format or pairwise file (jsonl, json, parquet); "
                         "default: the bundled synthetic file")
     parser.add_argument("--output", default=None, help="JSON-lines output, one line per input row")
     parser.add_argument("--template", default="tokenizer",
@@ -159,9 +160,7 @@ def main(argv=None) -> int:
     parser.add_argument("--on-bad-row", choices=("error", "skip"), default="error")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     cli.setup_logging()
-    from starling_jax.data.synthetic import resolve_bundled
-
-    return cli.run_main(lambda: score(cli.embedded_default(args.model, f"{cli.DEFAULT_RUN_DIR}/hf", "--model"),
+    return cli.run_main(lambda: score(cli.embedded_default(args.model, cli.DEFAULT_HF_DIR, "--model"),
                                       resolve_bundled(args.data), args.output, args.template, args.max_length,
                                       args.batch_size, args.on_bad_row))
 

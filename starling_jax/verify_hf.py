@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from starling_jax import cli
 from starling_jax.errors import CheckpointError, ConfigError, StarlingError
 
 DEFAULT_TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2}
@@ -40,7 +41,7 @@ TEXTS = [
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="starling-verify-hf", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=None, help="HF model folder (or Hub id); default: runs/rm_default/hf, the "
+    p.add_argument("--model", default=None, help=f"HF model folder (or Hub id); default: {cli.DEFAULT_HF_DIR}, the "
                    "embedded train_rm run's export")
     p.add_argument("--dtype", default="float32", choices=sorted(DEFAULT_TOLERANCE), help="starling_jax compute dtype")
     p.add_argument("--tolerance", type=float, default=None, help="max scaled |diff| (defaults: %s)" % DEFAULT_TOLERANCE)
@@ -167,9 +168,7 @@ def _logsumexp(x):
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
-        from starling_jax import cli
-
-        model = cli.embedded_default(args.model, f"{cli.DEFAULT_RUN_DIR}/hf", "--model")
+        model = cli.embedded_default(args.model, cli.DEFAULT_HF_DIR, "--model")
         summary = verify(model, args.dtype, args.tolerance, args.max_length, args.seed)
     except StarlingError as e:
         print(f"error: {e}", file=sys.stderr)

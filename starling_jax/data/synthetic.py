@@ -6,8 +6,8 @@ they contain the requested word (more = better; equal counts tie). Every answer 
 words 4, 3, 2 and 1 times, whatever its rank (the requested word holds one of those counts, or is absent), so
 an answer alone says nothing about its rank: a model must read the prompt together with the answer (broken
 attention masks make it unlearnable; tests/data/test_synthetic.py checks that no answer-only statistic ranks).
-Answer length varies through filler words drawn independently of the rank. Some rows are multi-turn (an earlier turn asks for a different word: only the last request counts),
-some have 3-6 answers. Whole sequences stay < 128 tokens with the llama2_chat template.
+Answer length varies through filler words drawn independently of the rank. Some rows are multi-turn (an earlier
+turn asks for a different word: only the last request counts), some have 3-6 answers. Whole sequences stay < 128 tokens with the llama2_chat template.
 
 `python -m starling_jax.data.synthetic OUT.jsonl [--rows N] [--seed S]` writes a file; the bundled
 `starling_jax/resources/nectar_synthetic.jsonl` is `--rows 3000 --seed 0`.
@@ -36,6 +36,7 @@ REQUESTS = (
     "I love one word. Say it as many times as possible: {w}",
 )
 BUNDLED = "nectar_synthetic.jsonl"
+BUNDLED_ALIAS = "bundled"  # what configs and entry points accept for the bundled file (the embedded default's data)
 
 
 def bundled_path() -> Path:
@@ -44,8 +45,8 @@ def bundled_path() -> Path:
 
 
 def resolve_bundled(path: str) -> str:
-    """"bundled" (the embedded default's data) → the bundled file's path; anything else unchanged."""
-    return str(bundled_path()) if path == "bundled" else path
+    """BUNDLED_ALIAS → the bundled file's path; anything else unchanged."""
+    return str(bundled_path()) if path == BUNDLED_ALIAS else path
 
 
 def make_answer(rng: np.random.Generator, target: int, count: int, max_fillers: int = 3) -> str:

@@ -76,6 +76,11 @@ class ModelConfig:
         return self.head_dim or self.hidden_size // self.num_attention_heads
 
     @property
+    def attention_from_lengths(self) -> bool:
+        """True for the kernels that rebuild the mask from per-row lengths (fused, cudnn), see ATTENTION_IMPLS."""
+        return self.attention_impl in ("fused", "cudnn")
+
+    @property
     def jnp_dtype(self):
         return DTYPES[self.dtype]
 

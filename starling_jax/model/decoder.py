@@ -104,7 +104,7 @@ class Attention(nnx.Module):
         q = constrain(rope(q, positions, cfg.rope_theta), ("act_batch", "act_length", "act_heads", None))
         k = constrain(rope(k, positions, cfg.rope_theta), ("act_batch", "act_length", "act_kv_heads", None))
         v = constrain(v, ("act_batch", "act_length", "act_kv_heads", None))
-        if cfg.attention_impl in ("fused", "cudnn"):
+        if cfg.attention_from_lengths:  # `mask` holds the per-row lengths here
             out = fused_attention(q, k, v, mask, cfg.sliding_window,
                                   "cudnn" if cfg.attention_impl == "cudnn" else None)
         else:
@@ -179,7 +179,7 @@ class Decoder(nnx.Module):
     def __call__(self, tokens, positions, segment_ids):
         """tokens, positions, segment_ids: int [N, L] → hidden states [N, L, D] (compute dtype)."""
         cfg = self.cfg
-        if cfg.attention_impl in ("fused", "cudnn"):  # per-row lengths; the kernel builds causal + window + padding masks
+        if cfg.attention_from_lengths:  # the kernel builds causal + window + padding masks from row lengths
             mask = jnp.sum(segment_ids != 0, axis=-1).astype(jnp.int32)
         else:
             mask = attention_mask(segment_ids, cfg.sliding_window)

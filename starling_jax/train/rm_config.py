@@ -10,13 +10,13 @@ import dataclasses
 
 from starling_jax.cli import DEFAULT_RUN_DIR
 from starling_jax.config import field
+from starling_jax.data.synthetic import BUNDLED_ALIAS
 from starling_jax.errors import ConfigError
 from starling_jax.model.config import ModelConfig
 from starling_jax.parallel.sharding import MeshConfig
 from starling_jax.train.optimizer import OptimConfig
 from starling_jax.train.rm_step import LossConfig
 
-BUNDLED = "bundled"  # data.train value meaning the synthetic Nectar-format file shipped with the package
 TEMPLATES = ("llama2_chat", "openchat_3.5", "chatml", "raw", "tokenizer")
 
 
@@ -29,7 +29,7 @@ def tiny_model() -> ModelConfig:
 
 @dataclasses.dataclass
 class DataConfig:
-    train: str = BUNDLED  # prepared dataset folder (prepare_data), a Nectar-schema file, or a Hub dataset name
+    train: str = BUNDLED_ALIAS  # prepared dataset folder (prepare_data), a Nectar-schema file, or a Hub dataset name
     eval: str | None = None  # None → held-out split of `train` by prompt hash (eval_fraction)
     eval_fraction: float = 0.1
     tokenizer: str | None = None  # HF tokenizer folder; None → the offline Mistral tokenizer (mistral-common)

@@ -25,6 +25,7 @@ from starling_jax.model.config import ModelConfig
 from starling_jax.parallel import sharding
 from starling_jax.train import rm_step
 from starling_jax.train.optimizer import make_optimizer, trainable_mask
+from starling_jax.data.synthetic import resolve_bundled
 from starling_jax.train.rm_config import RMRunConfig
 from starling_jax.train.state import abstract_train_state, init_train_state, state_shardings
 
@@ -63,21 +64,15 @@ def resolve_tokenizer_dir(cfg: RMRunConfig) -> Path:
     return default_tokenizer_dir(chat_template=template)
 
 
-def data_path(path: str) -> str:
-    from starling_jax.data.synthetic import resolve_bundled
-
-    return resolve_bundled(path)
-
-
 def build_data(cfg: RMRunConfig, tokenizer) -> tuple[data_pipeline.RankingPipeline, data_pipeline.RankingPipeline]:
     d = cfg.data
     common = dict(tokenizer=tokenizer, template=d.template, max_length=d.max_length, on_bad_row=d.on_bad_row)
-    train_src = data_pipeline.open_source(data_path(d.train), "train",
+    train_src = data_pipeline.open_source(resolve_bundled(d.train), "train",
                                           eval_fraction=0.0 if d.eval else d.eval_fraction, **common)
     if d.eval:
-        eval_src = data_pipeline.open_source(data_path(d.eval), "train", eval_fraction=0.0, **common)
+        eval_src = data_pipeline.open_source(resolve_bundled(d.eval), "train", eval_fraction=0.0, **common)
     else:
-        eval_src = data_pipeline.open_source(data_path(d.train), "eval", eval_fraction=d.eval_fraction, **common)
+        eval_src = data_pipeline.open_source(resolve_bundled(d.train), "eval", eval_fraction=d.eval_fraction, **common)
     pipe = dict(num_answers=d.num_answers, max_length=d.max_length, pad_to_multiple=d.pad_to_multiple,
                 pad_id=tokenizer.pad_token_id or 0)
     train = data_pipeline.RankingPipeline(train_src, global_batch_size=d.batch_size, seed=cfg.seed, mode="train",
