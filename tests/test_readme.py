@@ -28,3 +28,13 @@ def test_ci_runs_the_readme_test_command():
 def test_readme_main_job_is_the_reward_model_default():
     blocks = bash_blocks((ROOT / "README.md").read_text())
     assert blocks[0].endswith("python -m starling_jax.train_rm")
+
+
+def test_base_install_declares_what_the_main_job_imports_beyond_transformers():
+    """`pip install -e .` (no dev extra) must run train_rm: transformers' chat templates need jinja2, which only
+    torch (dev) would otherwise bring in."""
+    import tomllib
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = {d.split(";")[0].split("[")[0].split("=")[0].split(">")[0].split("<")[0].strip().lower() for d in deps}
+    assert {"jinja2", "transformers", "tokenizers", "mistral-common", "tensorflow-cpu"} <= names
