@@ -43,6 +43,7 @@ Outputs (`SampleOutput`, all [N, ...] and sharded like the batch)
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
@@ -191,10 +192,12 @@ def sample_from_params(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens,
     return sample(nnx.merge(graphdef, params), prompt_tokens, prompt_lengths, row_ids, key, cfg)
 
 
+@functools.lru_cache(maxsize=32)
 def make_sampler(graphdef: nnx.GraphDef, cfg: SamplingConfig, mesh: Mesh | None = None):
     """One jitted `(params, prompt_tokens, prompt_lengths, row_ids, key) -> SampleOutput`; with a mesh, the batch
     arrays are sharded over its data-parallel axes (N must be divisible by data × fsdp) and activations and the
-    KV cache are pinned to the layout above. It recompiles per distinct (N, P) only."""
+    KV cache are pinned to the layout above. It compiles once per distinct (N, P); the jitted function is cached
+    per (graphdef, settings, mesh), so samplers built again for the same model reuse its compiled programs."""
 
     def run(params, prompt_tokens, prompt_lengths, row_ids, key):
         with sharding.activation_sharding(mesh):
