@@ -135,7 +135,7 @@ def test_two_processes_with_slurm_environment_join_one_run():
     code = ("from starling_jax import cli; cli.initialize_distributed(); import jax, numpy as np; "
             "from jax.experimental import multihost_utils as m; "
             "g = m.process_allgather(np.asarray([jax.process_index()])); "
-            "print(jax.process_count(), jax.device_count(), g.ravel().tolist())")
+            "print('RESULT', jax.process_count(), jax.device_count(), g.ravel().tolist(), flush=True)")
     port = _free_port()
     procs = []
     for pid in (0, 1):
@@ -148,4 +148,4 @@ def test_two_processes_with_slurm_environment_join_one_run():
     results = [p.communicate(timeout=180) for p in procs]
     for p, (stdout, stderr) in zip(procs, results):
         assert p.returncode == 0, stderr[-2000:]
-        assert stdout.strip().splitlines()[-1] == "2 4 [0, 1]"
+        assert [l for l in stdout.splitlines() if l.startswith("RESULT")] == ["RESULT 2 4 [0, 1]"], stdout
