@@ -108,6 +108,16 @@ def hydra_logits(actor: CausalLM, reference: ReferenceTop, tokens, positions, se
     return actor_logits, jax.lax.stop_gradient(ref_logits)
 
 
+def actor_logits(actor: CausalLM, tokens, positions, segment_ids, frozen_layers: int):
+    """The actor's logits [N, L, V] with its bottom `frozen_layers` layers (and embeddings) outside the gradient:
+    equal to `actor(...)`, without the backward pass through layers that never train."""
+    cfg = actor.cfg
+    x, mask = _decoder_inputs(actor, tokens, positions, segment_ids)
+    shared = jax.lax.stop_gradient(apply_layers(cfg, actor.decoder.layers, x, positions, mask, 0, frozen_layers))
+    hidden = actor.decoder.final_norm(apply_layers(cfg, actor.decoder.layers, shared, positions, mask, frozen_layers))
+    return _logits(cfg, hidden, actor, actor.decoder.embed)
+
+
 def hydra_param_counts(cfg: ModelConfig, num_layers_unfrozen: int) -> dict[str, int]:
     """Parameter counts of a full frozen reference copy vs the hydra top (module docstring), and the saving."""
     check_unfrozen(cfg, num_layers_unfrozen)
