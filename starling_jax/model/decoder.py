@@ -7,9 +7,9 @@ Axes (see ARCHITECTURE.md): N sequences, L length, D model width, H query heads,
 F MLP width, V vocabulary. Every parameter names its logical axes (`axes=`); `parallel/sharding.py` maps them to
 the mesh.
 
-Attention layout: token i attends to token j iff `segment_ids[i] == segment_ids[j] != 0`, `j <= i` and, with a
-sliding window W, `i - j < W` (HF Mistral's rule). RoPE uses the explicit `positions`, so packed segments (several
-answers in one row) restart their positions independently.
+Attention layout: the rule of `model/attention.py` (segments, shared prefixes, causality, HF Mistral's sliding
+window), computed by `cfg.attention_impl`. RoPE uses the explicit `positions`, so packed segments (several
+answers in one row) restart their positions independently and shared-prefix answers continue from their prompt.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from starling_jax.errors import ConfigError
+from starling_jax.model import attention
 from starling_jax.model.config import ModelConfig
 from starling_jax.parallel.sharding import constrain
 
@@ -60,30 +60,6 @@ def rope(x, positions, theta: float):
     return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
 
 
-def attention_mask(segment_ids, sliding_window: int | None):
-    """Boolean [N, 1, 1, L, L] mask (query, key) from segment ids (0 = padding), causality and the window."""
-    length = segment_ids.shape[-1]
-    q_idx = jnp.arange(length)[:, None]
-    k_idx = jnp.arange(length)[None, :]
-    allowed = k_idx <= q_idx
-    if sliding_window is not None:
-        allowed &= (q_idx - k_idx) < sliding_window
-    same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] != 0)
-    return (same & allowed)[:, None, None, :, :]
-
-
-def fused_attention(q, k, v, lengths, sliding_window: int | None, implementation: str | None = None):
-    """Causal GQA attention through `jax.nn.dot_product_attention` (cuDNN flash attention on GPU when the compute
-    dtype is bf16/fp16; XLA otherwise). q: [N, L, H, Dh], k/v: [N, L, G, Dh], lengths: int [N] real tokens per
-    row (one segment, right-padded). Outputs at padding positions are unread."""
-    if implementation == "cudnn" and jax.default_backend() != "gpu":
-        raise ConfigError(f"model.attention_impl=cudnn needs a GPU (this backend is {jax.default_backend()}); "
-                          "use fused or einsum")
-    return jax.nn.dot_product_attention(
-        q, k, v, is_causal=True, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
-        local_window_size=(sliding_window - 1, 0) if sliding_window else None, implementation=implementation)
-
-
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, h, g, dh = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.resolved_head_dim
@@ -95,27 +71,13 @@ class Attention(nnx.Module):
 
     def __call__(self, x, positions, mask):
         cfg, dtype = self.cfg, self.cfg.jnp_dtype
-        n, length, _ = x.shape
-        g, dh = cfg.num_key_value_heads, cfg.resolved_head_dim
-        r = cfg.num_attention_heads // g  # query heads per KV head
         q = jnp.einsum("nld,dhk->nlhk", x, self.q_proj[...].astype(dtype))
         k = jnp.einsum("nld,dgk->nlgk", x, self.k_proj[...].astype(dtype))
         v = jnp.einsum("nld,dgk->nlgk", x, self.v_proj[...].astype(dtype))
         q = constrain(rope(q, positions, cfg.rope_theta), ("act_batch", "act_length", "act_heads", None))
         k = constrain(rope(k, positions, cfg.rope_theta), ("act_batch", "act_length", "act_kv_heads", None))
         v = constrain(v, ("act_batch", "act_length", "act_kv_heads", None))
-        if cfg.attention_from_lengths:  # `mask` holds the per-row lengths here
-            out = fused_attention(q, k, v, mask, cfg.sliding_window,
-                                  "cudnn" if cfg.attention_impl == "cudnn" else None)
-        else:
-            q = q.reshape(n, length, g, r, dh)
-            # Scores and softmax in float32 for stability; a fully masked (padding) query row gets uniform weights
-            # over finite logits instead of NaN, and its output is never read.
-            scores = jnp.einsum("nqgrk,nsgk->ngrqs", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(
-                dh).astype(jnp.float32)
-            scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-            probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-            out = jnp.einsum("ngrqs,nsgk->nqgrk", probs, v).reshape(n, length, cfg.num_attention_heads, dh)
+        out = attention.attend(cfg, q, k, v, mask)  # `mask`: what attention.prepare built for this impl
         out = constrain(out, ("act_batch", "act_length", "act_heads", None))
         return jnp.einsum("nlhk,hkd->nld", out, self.o_proj[...].astype(dtype))
 
@@ -179,10 +141,7 @@ class Decoder(nnx.Module):
     def __call__(self, tokens, positions, segment_ids):
         """tokens, positions, segment_ids: int [N, L] → hidden states [N, L, D] (compute dtype)."""
         cfg = self.cfg
-        if cfg.attention_from_lengths:  # the kernel builds causal + window + padding masks from row lengths
-            mask = jnp.sum(segment_ids != 0, axis=-1).astype(jnp.int32)
-        else:
-            mask = attention_mask(segment_ids, cfg.sliding_window)
+        mask = attention.prepare(cfg, segment_ids, positions)
         x = constrain(self.embed_tokens(tokens), ("act_batch", "act_length", "act_embed"))
 
         def apply_layer(layer, x):
