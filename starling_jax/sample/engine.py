@@ -186,6 +186,22 @@ def sample(model, prompt_tokens, prompt_lengths, row_ids, key, cfg: SamplingConf
     return SampleOutput(tokens, lengths, finish, logprobs, sampling_lps)
 
 
+def rollout_arrays(prompt_tokens, prompt_lengths, out: SampleOutput) -> dict[str, jax.Array]:
+    """Prompt + completion in the rollout layout of `rl/experience.py`: tokens [N, P + T] (the left-padded prompt,
+    then the completion padded after its end), positions 0..n-1 over each row's real tokens, segment_ids 1 on
+    real tokens, and response_mask [N, T] (True on generated tokens). A full forward on it gives the sampler's
+    `logprobs` at indices P - 1 + j."""
+    p = prompt_tokens.shape[1]
+    t = out.tokens.shape[1]
+    idx = jnp.arange(p + t)[None, :]
+    start = (p - prompt_lengths)[:, None]
+    response_mask = jnp.arange(t)[None, :] < out.lengths[:, None]
+    real = (idx >= start) & ((idx < p) | jnp.pad(response_mask, ((0, 0), (p, 0))))
+    return {"tokens": jnp.concatenate([prompt_tokens, out.tokens], axis=1).astype(jnp.int32),
+            "positions": jnp.where(real, idx - start, 0).astype(jnp.int32),
+            "segment_ids": real.astype(jnp.int32), "response_mask": response_mask}
+
+
 def sample_from_params(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens, prompt_lengths, row_ids, key,
                        cfg: SamplingConfig) -> SampleOutput:
     """`sample` as a pure function of the params pytree, for use inside a caller's own jitted program."""
