@@ -68,9 +68,15 @@ def units_of(prompt: int, seqs: Sequence[np.ndarray], layout: str, length: int) 
         if len(s) > length:
             raise DataError(f"prompt {prompt}: answer {slot} has {len(s)} tokens > row length {length}")
     p = shared_prefix_length(seqs) if layout == "shared_prefix" else 0
-    if p == 0:
-        return [Unit(prompt, [slot], 0, [len(s)]) for slot, s in enumerate(seqs)]
-    return split_to_fit(Unit(prompt, list(range(len(seqs))), p, [len(s) - p for s in seqs]), length)
+    return units_from_lengths(prompt, [len(s) for s in seqs], p, length)
+
+
+def units_from_lengths(prompt: int, seq_lengths: Sequence[int], prefix: int, length: int) -> list[Unit]:
+    """`units_of` from the sequence lengths and the shared prefix length (planning without the tokens)."""
+    if prefix == 0:
+        return [Unit(prompt, [slot], 0, [int(n)]) for slot, n in enumerate(seq_lengths)]
+    return split_to_fit(Unit(prompt, list(range(len(seq_lengths))), prefix, [int(n) - prefix for n in seq_lengths]),
+                        length)
 
 
 def split_to_fit(unit: Unit, room: int) -> list[Unit]:

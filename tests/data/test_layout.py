@@ -193,3 +193,59 @@ def test_packing_efficiency_and_refusals():
         layout.pack([seqs for seqs, _ in prompts], K, L, num_rows=1)
     with pytest.raises(layout.DataError, match="data.layout='nope'"):
         layout.pack([seqs for seqs, _ in prompts], K, L, layout="nope")
+
+
+def _unpack(batch, b, k, micro=1):
+    """The full sequence of answer (b, k) read back from a packed batch: its row's tokens whose segment is the
+    answer's own or its group's prompt, up to the reward token (reward_row counts rows inside the micro-batch
+    b belongs to: global row = local · micro + b mod micro)."""
+    r, end = batch["reward_row"][b, k] * micro + b % micro, batch["reward_index"][b, k]
+    seg = batch["segment_ids"][r]
+    own = seg[end]
+    keep = (seg == own) | ((own >= A.PREFIX_STRIDE) & (seg == own - own % A.PREFIX_STRIDE))
+    keep[end + 1:] = False
+    return batch["tokens"][r][keep], batch["positions"][r][keep]
+
+
+@pytest.mark.parametrize("mode,micro", [("eval", 1), ("train", 2)])
+def test_pipeline_packed_batches_hold_the_per_answer_sequences(mode, micro):
+    from starling_jax.data.pipeline import InMemorySource, RankingPipeline
+    from starling_jax.data.tokenize import TokenizedRanking
+
+    rng = np.random.default_rng(7)
+    examples = []
+    for row, (seqs, ranks) in enumerate(_prompts(seed=11) * 3):
+        seqs = [np.asarray(s) for s in seqs]
+        examples.append(TokenizedRanking(row=row + 1, tokens=seqs, answer_start=np.zeros(len(seqs), np.int32),
+                                         answer_lengths=np.asarray([len(s) for s in seqs], np.int32),
+                                         reward_index=np.asarray([len(s) - 1 for s in seqs], np.int32),
+                                         ranks=np.asarray(ranks, np.float32)))
+    rng.shuffle(examples)
+    common = dict(global_batch_size=4, num_answers=K, max_length=L, pad_to_multiple=32, mode=mode,
+                  process_index=0, process_count=1, seed=3)
+    ref = RankingPipeline(InMemorySource(examples), **common)
+    packed = RankingPipeline(InMemorySource(examples), layout="shared_prefix", packing=True, micro_batches=micro,
+                             **common)
+    rows = packed.rows_per_host(0)
+    for step in range(3):
+        a, b = ref.host_batch(0, step), packed.host_batch(0, step)
+        assert b["tokens"].shape == (rows, L) and rows % micro == 0
+        np.testing.assert_array_equal(a["ranks"], b["ranks"])
+        np.testing.assert_array_equal(a["answer_mask"], b["answer_mask"])
+        for i, k in zip(*np.nonzero(a["answer_mask"])):
+            n = a["reward_index"][i, k] + 1
+            toks, pos = _unpack(b, i, k, micro)
+            np.testing.assert_array_equal(toks, a["tokens"][i, k, :n])
+            np.testing.assert_array_equal(pos, np.arange(n))
+    packed.close()
+    ref.close()
+
+
+def test_run_config_refuses_a_layout_the_attention_cannot_handle():
+    from starling_jax.errors import ConfigError
+    from starling_jax.train.rm_config import DataConfig, RMRunConfig, tiny_model
+
+    RMRunConfig(data=DataConfig(layout="shared_prefix", packing=True),
+                model=tiny_model().replace(attention_impl="blockwise"))
+    with pytest.raises(ConfigError, match="attention_impl=fused cannot handle data.layout=packed"):
+        RMRunConfig(data=DataConfig(packing=True), model=tiny_model().replace(attention_impl="fused"))
