@@ -58,8 +58,8 @@ class RewardStats(NamedTuple):
 
 
 def init_reward_stats() -> RewardStats:
-    zero = jnp.zeros((), jnp.float32)
-    return RewardStats(zero, zero, zero)
+    # Three distinct buffers: the stats live in a donated state, where one buffer may not appear twice.
+    return RewardStats(*(jnp.zeros((), jnp.float32) for _ in range(3)))
 
 
 def update_reward_stats(stats: RewardStats, scores: Array, valid: Array | None = None) -> RewardStats:

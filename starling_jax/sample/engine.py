@@ -21,7 +21,7 @@ KV-cache layout on the mesh
   one stacked array, which the layer scan slices). N (batch) is sharded over the data-parallel axes (`data`, `fsdp`:
   logical axis `act_batch`), G (KV heads) over `tensor` (`act_kv_heads`, replicated when `tensor` does not divide
   G); layers, positions and head dim are whole. Heads before positions: a decode step's single query reads
-  each [S, Dh] slab in place (`decoder.gqa_attention`), with no per-step transpose of the cache. GQA: the cache
+  each [S, Dh] slab in place (`attention.gqa_attention`), with no per-step transpose of the cache. GQA: the cache
   holds the G KV heads only; the H = G·R query heads read them through a [G, R] reshape of the queries, never
   a repeated copy.
   The new token's k/v are attended as a second block next to the cache and written once per step for all layers
@@ -55,7 +55,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from starling_jax.errors import ConfigError
-from starling_jax.model.decoder import attention_mask
+from starling_jax.model.attention import attention_mask
 from starling_jax.parallel import sharding
 from starling_jax.parallel.sharding import constrain
 from starling_jax.sample import logits as logits_lib
@@ -128,7 +128,7 @@ def sample(model, prompt_tokens, prompt_lengths, row_ids, key, cfg: SamplingConf
     real = idx[None, :] >= start[:, None]
     positions = jnp.where(real, idx[None, :] - start[:, None], 0).astype(jnp.int32)
     hidden, k, v = model.decoder.cached(prompt_tokens, positions, None,
-                                        attention_mask(real.astype(jnp.int32), window))
+                                        attention_mask(real.astype(jnp.int32), positions, window))
     last_logits = model.logits(hidden[:, -1:])[:, 0]
     pad = ((0, 0), (0, 0), (0, 0), (0, s - p), (0, 0))
     heads_first = lambda x: x.transpose(0, 1, 3, 2, 4)  # [layers, N, L, G, Dh] → [layers, N, G, L, Dh]
