@@ -91,10 +91,11 @@ class Attention(nnx.Module):
 
     def cached(self, x, positions, cache, self_mask):
         """Attention of the new tokens x [N, L, D] over the cached keys plus themselves (prefill: L prompt tokens
-        and `cache=None`; decode: L = 1). cache: (k, v [N, S, G, Dh], mask [N, 1, 1, L, S]) or None; self_mask
-        [N, 1, 1, L, L]. → (output [N, L, D], the new k, v [N, L, G, Dh] for the caller to store)."""
+        and `cache=None`; decode: L = 1). cache: (k, v [N, G, S, Dh] (heads first), mask [N, 1, 1, L, S]) or
+        None; self_mask [N, 1, 1, L, L]. → (output [N, L, D], the new k, v [N, L, G, Dh] for the caller to
+        store)."""
         q, k, v = self.project_qkv(x, positions)
-        blocks = [(k, v, self_mask)] if cache is None else [cache, (k, v, self_mask)]
+        blocks = [(k, v, self_mask)] if cache is None else [(*cache, True), (k, v, self_mask)]
         return self.project_out(attention.gqa_attention(q, blocks)), k, v
 
 
@@ -189,8 +190,10 @@ class Decoder(nnx.Module):
     def cached(self, tokens, positions, cache, self_mask):
         """Forward of new tokens [N, L] against a KV cache (the sampler's prefill and decode steps).
 
-        cache: None (prefill) or (k, v [num_layers, N, S, G, Dh], mask [N, 1, 1, L, S]: which cached keys each
-        new token sees); self_mask [N, 1, 1, L, L]: which new tokens each new token sees.
+        cache: None (prefill) or (k, v, mask [N, 1, 1, L, S]: which cached keys each new token sees); k and v are
+        [num_layers, N, G, S, Dh] arrays with scanned layers, else sequences of num_layers [N, G, S, Dh] arrays
+        (separate buffers: no per-step slicing copy of a stacked cache). self_mask [N, 1, 1, L, L]: which new
+        tokens each new token sees.
         → (hidden [N, L, D], k, v [num_layers, N, L, G, Dh]: the new tokens' keys/values; storing them is the
         caller's job, so the cache stays one buffer updated in place by the decode loop).
         """
