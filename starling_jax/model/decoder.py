@@ -7,9 +7,9 @@ Axes (see ARCHITECTURE.md): N sequences, L length, D model width, H query heads,
 F MLP width, V vocabulary. Every parameter names its logical axes (`axes=`); `parallel/sharding.py` maps them to
 the mesh.
 
-Attention layout: token i attends to token j iff `segment_ids[i] == segment_ids[j] != 0`, `j <= i` and, with a
-sliding window W, `i - j < W` (HF Mistral's rule). RoPE uses the explicit `positions`, so packed segments (several
-answers in one row) restart their positions independently.
+Attention layout: the rule of `model/attention.py` (segments, shared prefixes, causality, HF Mistral's sliding
+window), computed by `cfg.attention_impl`. RoPE uses the explicit `positions`, so packed segments (several
+answers in one row) restart their positions independently and shared-prefix answers continue from their prompt.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from starling_jax.errors import ConfigError
+from starling_jax.model import attention
 from starling_jax.model.config import ModelConfig
 from starling_jax.parallel.sharding import constrain
 
@@ -60,30 +60,6 @@ def rope(x, positions, theta: float):
     return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
 
 
-def attention_mask(segment_ids, sliding_window: int | None):
-    """Boolean [N, 1, 1, L, L] mask (query, key) from segment ids (0 = padding), causality and the window."""
-    length = segment_ids.shape[-1]
-    q_idx = jnp.arange(length)[:, None]
-    k_idx = jnp.arange(length)[None, :]
-    allowed = k_idx <= q_idx
-    if sliding_window is not None:
-        allowed &= (q_idx - k_idx) < sliding_window
-    same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] != 0)
-    return (same & allowed)[:, None, None, :, :]
-
-
-def fused_attention(q, k, v, lengths, sliding_window: int | None, implementation: str | None = None):
-    """Causal GQA attention through `jax.nn.dot_product_attention` (cuDNN flash attention on GPU when the compute
-    dtype is bf16/fp16; XLA otherwise). q: [N, L, H, Dh], k/v: [N, L, G, Dh], lengths: int [N] real tokens per
-    row (one segment, right-padded). Outputs at padding positions are unread."""
-    if implementation == "cudnn" and jax.default_backend() != "gpu":
-        raise ConfigError(f"model.attention_impl=cudnn needs a GPU (this backend is {jax.default_backend()}); "
-                          "use fused or einsum")
-    return jax.nn.dot_product_attention(
-        q, k, v, is_causal=True, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
-        local_window_size=(sliding_window - 1, 0) if sliding_window else None, implementation=implementation)
-
-
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, h, g, dh = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.resolved_head_dim
@@ -93,31 +69,34 @@ class Attention(nnx.Module):
         self.v_proj = _init(cfg, rngs, (d, g, dh), ("embed", "kv_heads", "head_dim"))
         self.o_proj = _init(cfg, rngs, (h, dh, d), ("q_heads", "head_dim", "embed"))
 
-    def __call__(self, x, positions, mask):
+    def project_qkv(self, x, positions):
+        """x [N, L, D] → q [N, L, H, Dh], k and v [N, L, G, Dh], RoPE applied to q and k."""
         cfg, dtype = self.cfg, self.cfg.jnp_dtype
-        n, length, _ = x.shape
-        g, dh = cfg.num_key_value_heads, cfg.resolved_head_dim
-        r = cfg.num_attention_heads // g  # query heads per KV head
         q = jnp.einsum("nld,dhk->nlhk", x, self.q_proj[...].astype(dtype))
         k = jnp.einsum("nld,dgk->nlgk", x, self.k_proj[...].astype(dtype))
         v = jnp.einsum("nld,dgk->nlgk", x, self.v_proj[...].astype(dtype))
         q = constrain(rope(q, positions, cfg.rope_theta), ("act_batch", "act_length", "act_heads", None))
         k = constrain(rope(k, positions, cfg.rope_theta), ("act_batch", "act_length", "act_kv_heads", None))
         v = constrain(v, ("act_batch", "act_length", "act_kv_heads", None))
-        if cfg.attention_from_lengths:  # `mask` holds the per-row lengths here
-            out = fused_attention(q, k, v, mask, cfg.sliding_window,
-                                  "cudnn" if cfg.attention_impl == "cudnn" else None)
-        else:
-            q = q.reshape(n, length, g, r, dh)
-            # Scores and softmax in float32 for stability; a fully masked (padding) query row gets uniform weights
-            # over finite logits instead of NaN, and its output is never read.
-            scores = jnp.einsum("nqgrk,nsgk->ngrqs", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(
-                dh).astype(jnp.float32)
-            scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-            probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-            out = jnp.einsum("ngrqs,nsgk->nqgrk", probs, v).reshape(n, length, cfg.num_attention_heads, dh)
+        return q, k, v
+
+    def project_out(self, out):
         out = constrain(out, ("act_batch", "act_length", "act_heads", None))
-        return jnp.einsum("nlhk,hkd->nld", out, self.o_proj[...].astype(dtype))
+        return jnp.einsum("nlhk,hkd->nld", out, self.o_proj[...].astype(self.cfg.jnp_dtype))
+
+    def __call__(self, x, positions, mask):
+        cfg = self.cfg
+        q, k, v = self.project_qkv(x, positions)
+        return self.project_out(attention.attend(cfg, q, k, v, mask))  # `mask`: what attention.prepare built
+
+    def cached(self, x, positions, cache, self_mask):
+        """Attention of the new tokens x [N, L, D] over the cached keys plus themselves (prefill: L prompt tokens
+        and `cache=None`; decode: L = 1). cache: (k, v [N, S, G, Dh], mask [N, 1, 1, L, S]) or None; self_mask
+        [N, 1, 1, L, L]. → (output [N, L, D], the new k, v [N, L, G, Dh] for the caller to store)."""
+        q, k, v = self.project_qkv(x, positions)
+        blocks = [(k, v, self_mask)] if cache is None else [cache, (k, v, self_mask)]
+        return self.project_out(attention.gqa_attention(q, blocks)), k, v
+
 
 
 class MLP(nnx.Module):
@@ -150,6 +129,13 @@ class DecoderLayer(nnx.Module):
         x = x + self.mlp(self.mlp_norm(x))
         return constrain(x, ("act_batch", "act_length", "act_embed"))
 
+    def cached(self, x, positions, cache, self_mask):
+        """The same layer over new tokens with a KV cache (see `Attention.cached`) → (x, k, v)."""
+        out, k, v = self.attn.cached(self.attn_norm(x), positions, cache, self_mask)
+        x = x + out
+        x = x + self.mlp(self.mlp_norm(x))
+        return constrain(x, ("act_batch", "act_length", "act_embed")), k, v
+
 
 class Decoder(nnx.Module):
     """Token embeddings → N × (RMSNorm, GQA attention, RMSNorm, SwiGLU) → final RMSNorm."""
@@ -179,10 +165,7 @@ class Decoder(nnx.Module):
     def __call__(self, tokens, positions, segment_ids):
         """tokens, positions, segment_ids: int [N, L] → hidden states [N, L, D] (compute dtype)."""
         cfg = self.cfg
-        if cfg.attention_from_lengths:  # the kernel builds causal + window + padding masks from row lengths
-            mask = jnp.sum(segment_ids != 0, axis=-1).astype(jnp.int32)
-        else:
-            mask = attention_mask(segment_ids, cfg.sliding_window)
+        mask = attention.prepare(cfg, segment_ids, positions)
         x = constrain(self.embed_tokens(tokens), ("act_batch", "act_length", "act_embed"))
 
         def apply_layer(layer, x):
@@ -202,3 +185,32 @@ class Decoder(nnx.Module):
             for layer in self.layers:
                 x = apply_layer(layer, x)
         return self.final_norm(x)
+
+    def cached(self, tokens, positions, cache, self_mask):
+        """Forward of new tokens [N, L] against a KV cache (the sampler's prefill and decode steps).
+
+        cache: None (prefill) or (k, v [num_layers, N, S, G, Dh], mask [N, 1, 1, L, S]: which cached keys each
+        new token sees); self_mask [N, 1, 1, L, L]: which new tokens each new token sees.
+        → (hidden [N, L, D], k, v [num_layers, N, L, G, Dh]: the new tokens' keys/values; storing them is the
+        caller's job, so the cache stays one buffer updated in place by the decode loop).
+        """
+        x = constrain(self.embed_tokens(tokens), ("act_batch", "act_length", "act_embed"))
+        if self.cfg.scan_layers:
+            graphdef, stacked = nnx.split(self.layers)
+
+            def body(x, xs):
+                layer_state, layer_cache = xs
+                layer_cache = None if layer_cache is None else (*layer_cache, cache[2])
+                x, k, v = nnx.merge(graphdef, layer_state).cached(x, positions, layer_cache, self_mask)
+                return x, (k, v)
+
+            x, (k, v) = jax.lax.scan(body, x, (stacked, None if cache is None else cache[:2]))
+        else:
+            ks, vs = [], []
+            for i, layer in enumerate(self.layers):
+                layer_cache = None if cache is None else (cache[0][i], cache[1][i], cache[2])
+                x, k, v = layer.cached(x, positions, layer_cache, self_mask)
+                ks.append(k)
+                vs.append(v)
+            k, v = jnp.stack(ks), jnp.stack(vs)
+        return self.final_norm(x), k, v

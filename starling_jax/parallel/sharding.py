@@ -196,6 +196,11 @@ def activation_sharding(mesh: Mesh | None):
         _active.mesh = previous
 
 
+def active_mesh() -> Mesh | None:
+    """The mesh of the enclosing `activation_sharding` context (None outside one)."""
+    return _active.mesh
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     mesh = _active.mesh
     if mesh is None:
