@@ -1,6 +1,7 @@
 """Orbax checkpoints: the train state, the data-iterator position and run metadata, saved together.
 
-Layout: `<dir>/<step>/{state,data,meta}` (+ `frozen` when the job holds frozen models: `{name: params}`). Orbax writes each step into a temporary folder and renames it when
+Layout: `<dir>/<step>/{state,data,meta}` (+ `frozen` when the job holds frozen models: `{name: params}`).
+Orbax writes each step into a temporary folder and renames it when
 complete, so a run killed mid-save (SIGKILL, preemption) leaves no half checkpoint that `latest_step` would pick.
 `meta` holds the model architecture, the role and the tokenizer, so that `export_hf`, `score` and a resume can
 check a checkpoint before reading tensors. `meta["models"]` names every model of the job (`{name: {role,

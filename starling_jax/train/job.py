@@ -134,9 +134,9 @@ class Job(abc.ABC):
 
     def plot(self, history: list[dict], last_eval: dict, png: Path) -> None:
         """summary.png; default: the train loss curve."""
-        fig, axes = _figure(1)
-        _plot_loss(axes[0], history, self.name)
-        _save(fig, png)
+        fig, axes = new_figure(1)
+        plot_loss(axes[0], history, self.name)
+        save_figure(fig, png)
 
     def close(self) -> None:
         for data in (self.train_data, self.eval_data):
@@ -192,7 +192,7 @@ def replicate_mask(mask, mesh: Mesh):
 
 
 # ------------------------------------------------------------------------------------------------ plots
-def _figure(n: int):
+def new_figure(n: int):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -202,7 +202,7 @@ def _figure(n: int):
     return fig, np.atleast_1d(axes)
 
 
-def _plot_loss(ax, history: list[dict], title: str) -> None:
+def plot_loss(ax, history: list[dict], title: str) -> None:
     steps = [r["step"] for r in history if "loss" in r]
     ax.plot(steps, [r["loss"] for r in history if "loss" in r])
     ax.set_xlabel("step")
@@ -210,7 +210,7 @@ def _plot_loss(ax, history: list[dict], title: str) -> None:
     ax.set_title(title)
 
 
-def _save(fig, png: Path) -> None:
+def save_figure(fig, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()

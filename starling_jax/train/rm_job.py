@@ -23,8 +23,8 @@ from starling_jax.model import create, hf_io
 from starling_jax.parallel import sharding
 from starling_jax.tokenizer import load_tokenizer
 from starling_jax.train import loop, rm_step
-from starling_jax.train.job import (Job, _figure, _plot_loss, _save, build_optimizer, init_model, replicate_mask,
-                                    resolve_tokenizer_dir)
+from starling_jax.train.job import (Job, build_optimizer, init_model, new_figure, plot_loss, replicate_mask,
+                                    resolve_tokenizer_dir, save_figure)
 from starling_jax.train.rm_config import RMRunConfig
 from starling_jax.train.step import merge_micro_batches, split_micro_batches
 from starling_jax.train.state import ModelEntry, abstract_train_state, init_train_state, state_shapes, state_shardings
@@ -200,15 +200,15 @@ class RMJob(Job):
         return {"loss": f"{row['loss']:.4f}", "acc": f"{row['batch_pairwise_accuracy']:.3f}"}
 
     def plot(self, history: list[dict], last_eval: dict, png: Path) -> None:
-        fig, (ax1, ax2) = _figure(2)
-        _plot_loss(ax1, history, "ranking loss")
+        fig, (ax1, ax2) = new_figure(2)
+        plot_loss(ax1, history, "ranking loss")
         by_rank = last_eval.get("mean_reward_by_rank") or {}
         ranks = sorted(by_rank, key=float)
         ax2.bar(range(len(ranks)), [by_rank[r] for r in ranks], tick_label=[str(r) for r in ranks])
         ax2.set_xlabel("rank (1 = best)")
         ax2.set_ylabel("mean reward")
         ax2.set_title(f"eval: pairwise acc {last_eval.get('pairwise_accuracy') or 0:.3f}")
-        _save(fig, png)
+        save_figure(fig, png)
 
 
 def train_reward_model(cfg: RMRunConfig) -> dict[str, Any]:

@@ -26,8 +26,8 @@ from starling_jax.model import create, hf_io
 from starling_jax.parallel import sharding
 from starling_jax.tokenizer import load_tokenizer
 from starling_jax.train import loop, sft_step
-from starling_jax.train.job import (Job, _figure, _plot_loss, _save, build_optimizer, init_model, replicate_mask,
-                                    resolve_tokenizer_dir)
+from starling_jax.train.job import (Job, build_optimizer, init_model, new_figure, plot_loss, replicate_mask,
+                                    resolve_tokenizer_dir, save_figure)
 from starling_jax.train.sft_config import SFTRunConfig
 from starling_jax.train.state import ModelEntry, abstract_train_state, init_train_state, state_shapes, state_shardings
 
@@ -207,10 +207,10 @@ class SFTJob(Job):
         }
 
     def plot(self, history: list[dict], last_eval: dict, png: Path) -> None:
-        fig, (ax1,) = _figure(1)
-        _plot_loss(ax1, history, f"SFT loss (eval {self.eval_start.get('loss', float('nan')):.3f} → "
+        fig, (ax1,) = new_figure(1)
+        plot_loss(ax1, history, f"SFT loss (eval {self.eval_start.get('loss', float('nan')):.3f} → "
                                  f"{last_eval.get('loss', float('nan')):.3f})")
-        _save(fig, png)
+        save_figure(fig, png)
 
 
 def train_sft(cfg: SFTRunConfig) -> dict[str, Any]:

@@ -80,7 +80,8 @@ def test_eight_devices_give_the_same_losses(tmp_path, data_file, straight):
 def test_sigkill_then_restart_resumes_exactly(tmp_path, data_file, straight):
     ref_out, ref = straight
     out = tmp_path / "killed"
-    proc = subprocess.Popen(cmd(out, data_file, "export.hf=false", "train.async_checkpointing=false"), env=env_with(1), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(cmd(out, data_file, "export.hf=false", "train.async_checkpointing=false"),
+                            env=env_with(1), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 400
     while time.time() < deadline:  # kill once the step-4 checkpoint exists and training went past it
