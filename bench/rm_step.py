@@ -10,6 +10,7 @@ same Plackett-Luce loss written in torch and `torch.optim.AdamW`.
     python bench/rm_step.py --quick              # model A, 3 timed steps, no extra rows (smoke test)
     python bench/rm_step.py --variants           # also decoder variants (attention / embedding formulations)
     python bench/rm_step.py --profile            # also forward and forward+backward timed separately
+    python bench/rm_step.py --attention einsum,blockwise   # attention implementations timed (fp32 rows)
 
 Timings are medians of N steps after warm-up; JAX compile time is excluded from the step time and reported
 separately. The last printed line is a JSON summary.
@@ -163,7 +164,7 @@ def decoder_variant(attention: str = "einsum", embed: str = "take"):
 
 
 def jax_rows(model_name: str, batch: dict, steps: int, warmup: int, dtype: str, label: str,
-             forward_only: bool = False, profile: bool = False) -> list[dict]:
+             forward_only: bool = False, profile: bool = False, attention: str = "einsum") -> list[dict]:
     import jax
     import jax.numpy as jnp
 
@@ -174,7 +175,8 @@ def jax_rows(model_name: str, batch: dict, steps: int, warmup: int, dtype: str, 
     from starling_jax.train.optimizer import OptimConfig, make_optimizer
     from starling_jax.train.state import init_train_state
 
-    cfg = ModelConfig(**COMMON, **MODELS[model_name], dtype=dtype, param_dtype="float32", pad_token_id=0)
+    cfg = ModelConfig(**COMMON, **MODELS[model_name], dtype=dtype, param_dtype="float32", pad_token_id=0,
+                      attention_impl=attention)
     mesh = sharding.make_mesh(sharding.MeshConfig(), devices=jax.devices()[:1])
     graphdef, params = create.create_sharded(cfg, "reward", mesh, seed=0)
     _, abstract = create.abstract_model(cfg, "reward")
@@ -237,10 +239,14 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", action="store_true",
                     help="also time decoder variants: attention dpa|bias, embedding take(mode=clip)")
     ap.add_argument("--profile", action="store_true", help="also time forward and forward+backward separately")
+    ap.add_argument("--attention", default="blockwise,einsum",
+                    help="comma list of model.attention_impl values for the fp32 rows; the first is the headline "
+                         "(bf16 and variant rows use it too)")
     args = ap.parse_args(argv)
     if args.quick:
         args.steps, args.warmup = 3, 1
     models = [m.strip() for m in args.models.split(",") if m.strip()]
+    attentions = [a.strip() for a in args.attention.split(",") if a.strip()]
     for m in models:
         if m not in MODELS:
             ap.error(f"--models: unknown model {m!r}; choose from {sorted(MODELS)}")
@@ -264,10 +270,12 @@ def main(argv=None) -> int:
         rows = []
         if not args.no_torch:
             rows += torch_rows(m, batch, args.steps, args.warmup, forward_only=not args.quick)
-        rows += jax_rows(m, batch, args.steps, args.warmup, "float32", "starling_jax fp32",
-                         forward_only=not args.quick, profile=args.profile)
+        for attention in attentions:
+            rows += jax_rows(m, batch, args.steps, args.warmup, "float32", f"starling_jax fp32 {attention}",
+                             forward_only=not args.quick, profile=args.profile, attention=attention)
         if not args.no_bf16:
-            rows += jax_rows(m, batch, args.steps, args.warmup, "bfloat16", "starling_jax bf16 compute")
+            rows += jax_rows(m, batch, args.steps, args.warmup, "bfloat16",
+                             f"starling_jax bf16 compute {attentions[0]}", attention=attentions[0])
         if args.variants:
             for attention, embed in (("einsum", "clip"), ("bias", "take"), ("dpa", "take"), ("bias", "clip")):
                 with decoder_variant(attention, embed):
@@ -288,7 +296,12 @@ def main(argv=None) -> int:
         ratio = f"{r['ratio_vs_torch']:.2f}" if ref else "–"
         print(f"| {r['model']} | {r['kind']} | {r['impl']} | {r['tokens_per_s']:.0f} | {r['prompts_per_s']:.2f} | "
               f"{r['step_s'] * 1e3:.0f} | {ratio} | {r['compile_s']:.1f} |")
-    summary = {"bench": "rm_step", "batch": [b, k, length], "steps": args.steps, "load_at_start": load[0],
+    # headline: PyTorch's fp32 train step / starling_jax's fp32 train step with the first --attention (model 1)
+    head = next((r for r in results if r["impl"] == f"starling_jax fp32 {attentions[0]}"
+                 and r["kind"] == "train step"), None)
+    speedup = round(head["ratio_vs_torch"], 3) if head and head["ratio_vs_torch"] else None
+    summary = {"bench": "rm_step", "status": "ok", "speedup": speedup, "attention": attentions[0],
+               "batch": [b, k, length], "steps": args.steps, "load_at_start": load[0],
                "results": [{k2: (round(v, 4) if isinstance(v, float) else v) for k2, v in r.items()}
                            for r in results]}
     print(json.dumps(summary))

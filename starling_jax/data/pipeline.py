@@ -17,6 +17,11 @@ deterministic) and the prefetching. Training iterates forever (each epoch re-pla
 Rows with more answers than K keep the K best (stable sort by rank). Answers are stored best-first. Padded
 answer slots have `answer_mask` False, `ranks` 1e9 (sorts last; never inf, so no NaN in losses), no tokens.
 Besides the ARCHITECTURE.md keys a batch carries `row` int32 [B] (1-based input row, -1 for padding rows).
+
+Layouts (`layout`, `packing`; data/layout.py): `per_answer` without packing gives [B, K, L] arrays; otherwise
+the model-facing arrays are packed rows [R, L] (+ `reward_row` [B, K]) of length `max_length` (rounded up to
+`pad_to_multiple`), with R fixed for a whole epoch: the most rows any host slice of any batch of the epoch's
+plan needs (every host computes the same R from the lengths alone), so shapes stay static.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from starling_jax.data import layout as layout_lib
 from starling_jax.errors import DataError
 
 MASKED_RANK = 1e9
@@ -144,7 +150,8 @@ class RankingPipeline:
     def __init__(self, source, *, global_batch_size: int, num_answers: int = 7, max_length: int | None = None,
                  pad_to_multiple: int = 128, seed: int = 0, mode: str = "train", bucket_window: int = 32,
                  process_index: int | None = None, process_count: int | None = None, pad_id: int = 0,
-                 prefetch: int = 2, num_parallel: int = 2):
+                 prefetch: int = 2, num_parallel: int = 2, layout: str = "per_answer", packing: bool = False,
+                 micro_batches: int = 1):
         if mode not in ("train", "eval"):
             raise DataError(f"pipeline mode must be 'train' or 'eval', got {mode!r}")
         if process_index is None or process_count is None:
@@ -168,9 +175,20 @@ class RankingPipeline:
         self.pad_id = int(pad_id)
         self.prefetch = prefetch
         self.num_parallel = num_parallel
+        if layout not in layout_lib.LAYOUTS:
+            raise DataError(f"data.layout={layout!r}: choose one of {list(layout_lib.LAYOUTS)}")
+        self.layout, self.packing, self.micro_batches = layout, bool(packing), int(micro_batches)
+        self.packed = layout != "per_answer" or self.packing
+        if self.packed and self.per_host_batch % self.micro_batches:
+            raise DataError(f"{self.per_host_batch} prompts per host are not divisible by {micro_batches} "
+                            "micro-batches")
+        self._rows: dict[int, int] = {}  # epoch → packed rows per host
         if len(source) == 0:
             raise DataError("the dataset split is empty")
+        self._shape: list = []  # per example: (selected sequence lengths, shared prefix length)
         self.lengths = self._scan_lengths()
+        if self.packed:
+            self.row_length = self.max_l or _round_up(int(self.lengths.max()), pad_to_multiple)
         self._epoch = 0
         self._batch = 0
         self._plan_epoch = None
@@ -195,6 +213,10 @@ class RankingPipeline:
             for i, ex in enumerate(_getitems(self.source, range(s, min(n, s + 1024)))):
                 sel = select_answers(ex["ranks"], self.num_answers)
                 out[s + i] = max(len(ex["tokens"][j]) for j in sel)
+                if self.packed:
+                    seqs = [np.asarray(ex["tokens"][j]) for j in sel]
+                    prefix = layout_lib.shared_prefix_length(seqs) if self.layout == "shared_prefix" else 0
+                    self._shape.append(([len(q) for q in seqs], prefix))
         return out
 
     @property
@@ -211,6 +233,20 @@ class RankingPipeline:
                                     shuffle=self.mode == "train", bucket_window=self.bucket_window)
             self._plan_epoch = epoch
         return self._plan
+
+    def rows_per_host(self, epoch: int) -> int:
+        """Packed rows per host for every batch of this epoch (static shapes; see the module doc)."""
+        if epoch not in self._rows:
+            need = self.micro_batches
+            for g in self.plan(epoch):
+                for h in range(self.process_count):
+                    mine = g[h * self.per_host_batch:(h + 1) * self.per_host_batch]
+                    units = [u for b, i in enumerate(mine) if i >= 0
+                             for u in layout_lib.units_from_lengths(b, *self._shape[i], self.row_length)]
+                    need = max(need, layout_lib.rows_needed(units, self.row_length, self.micro_batches,
+                                                            self.packing))
+            self._rows = {epoch: need}
+        return self._rows[epoch]
 
     # -- state
     def state(self) -> dict:
@@ -239,7 +275,35 @@ class RankingPipeline:
         if self.max_l:
             length = min(length, self.max_l)
         mine = g[self.process_index * self.per_host_batch:(self.process_index + 1) * self.per_host_batch]
+        if self.packed:
+            return self.make_packed_batch(mine, self.rows_per_host(epoch))
         return self.make_batch(mine, length)
+
+    def make_packed_batch(self, indices: np.ndarray, rows: int) -> dict:
+        """The packed / shared-prefix batch of these examples in `rows` rows of `row_length` (data/layout.py)."""
+        b, k = len(indices), self.num_answers
+        ranks = np.full((b, k), MASKED_RANK, np.float32)
+        answer_mask = np.zeros((b, k), bool)
+        answer_lengths = np.zeros((b, k), np.int32)
+        row = np.full((b,), -1, np.int32)
+        seqs: list[list[np.ndarray]] = [[] for _ in range(b)]
+        real = [i for i in range(b) if indices[i] >= 0]
+        for i, ex in zip(real, _getitems(self.source, [indices[i] for i in real])):
+            row[i] = int(ex["row"])
+            for slot, j in enumerate(select_answers(ex["ranks"], k)):
+                seqs[i].append(np.asarray(ex["tokens"][j], np.int32))
+                ranks[i, slot] = float(ex["ranks"][j])
+                answer_mask[i, slot] = True
+                answer_lengths[i, slot] = int(ex["answer_lengths"][j])
+        offset = self.process_index * rows // self.micro_batches  # this host's rows inside each micro-batch
+        packed = layout_lib.pack(seqs, k, self.row_length, rows, self.layout, self.packing, self.micro_batches,
+                                 offset, self.pad_id)
+        packed.pop("real_tokens")
+        return {**packed, "ranks": ranks, "answer_mask": answer_mask, "answer_lengths": answer_lengths, "row": row}
+
+    @property
+    def batch_keys(self) -> tuple:
+        return BATCH_KEYS + (("reward_row",) if self.packed else ())
 
     def make_batch(self, indices: np.ndarray, length: int) -> dict:
         b, k = len(indices), self.num_answers
@@ -275,7 +339,7 @@ class RankingPipeline:
         step = int(step)
         nb = self.num_batches_per_epoch
         out = self.host_batch(step // nb, step % nb)
-        return tuple(out[k] for k in BATCH_KEYS)
+        return tuple(out[k] for k in self.batch_keys)
 
     def _tf_iterator(self):
         import tensorflow as tf
@@ -287,6 +351,7 @@ class RankingPipeline:
         else:
             ds = tf.data.Dataset.counter(start)
         touts = [tf.int32, tf.int32, tf.int32, tf.int32, tf.float32, tf.bool, tf.int32, tf.int32]
+        touts += [tf.int32] * (len(self.batch_keys) - len(BATCH_KEYS))
 
         def load(step):
             return tf.numpy_function(self._load_step, [step], touts, stateful=False)
@@ -309,7 +374,7 @@ class RankingPipeline:
         self._batch += 1
         if self.mode == "train" and self._batch >= self.num_batches_per_epoch:
             self._epoch, self._batch = self._epoch + 1, 0
-        return dict(zip(BATCH_KEYS, arrays))
+        return dict(zip(self.batch_keys, arrays))
 
 
 # ------------------------------------------------------------------------------------------------ global

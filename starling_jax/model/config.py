@@ -15,15 +15,13 @@ from typing import Any
 import jax.numpy as jnp
 
 from starling_jax.errors import CheckpointError, ConfigError
+from starling_jax.model.attention import IMPLS
 
 # HF `model_type` → the `*For*` class prefix used on export.
 ARCHITECTURES = {"mistral": "Mistral", "llama": "Llama"}
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-# einsum: scores materialized in fp32, any segment layout (packing). fused: jax.nn.dot_product_attention with
-# causal + window + per-row lengths (cuDNN flash attention on GPU for bf16/fp16 compute, XLA elsewhere); it
-# assumes one segment per row, right-padded — the layout of the K-wise batches. cudnn: the same, forcing the
-# cuDNN kernel (GPU only, bf16/fp16 compute).
-ATTENTION_IMPLS = ("einsum", "fused", "cudnn")
+# einsum | blockwise | fused | cudnn | splash: see model/attention.py (which layouts each handles).
+ATTENTION_IMPLS = IMPLS
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -52,7 +50,8 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype (bfloat16 on TPU)
     remat_policy: str = "none"  # none | full | dots | dots_no_batch
     scan_layers: bool = False
-    attention_impl: str = "einsum"  # einsum | fused | cudnn (see ATTENTION_IMPLS)
+    attention_impl: str = "einsum"  # einsum | blockwise | fused | cudnn | splash (see model/attention.py)
+    attention_block: int = 128  # blockwise: query and key block length
 
     def __post_init__(self):
         if self.model_type not in ARCHITECTURES:

@@ -7,9 +7,9 @@ Axes (see ARCHITECTURE.md): N sequences, L length, D model width, H query heads,
 F MLP width, V vocabulary. Every parameter names its logical axes (`axes=`); `parallel/sharding.py` maps them to
 the mesh.
 
-Attention layout: token i attends to token j iff `segment_ids[i] == segment_ids[j] != 0`, `j <= i` and, with a
-sliding window W, `i - j < W` (HF Mistral's rule). RoPE uses the explicit `positions`, so packed segments (several
-answers in one row) restart their positions independently.
+Attention layout: the rule of `model/attention.py` (segments, shared prefixes, causality, HF Mistral's sliding
+window), computed by `cfg.attention_impl`. RoPE uses the explicit `positions`, so packed segments (several
+answers in one row) restart their positions independently and shared-prefix answers continue from their prompt.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from starling_jax.errors import ConfigError
+from starling_jax.model import attention
 from starling_jax.model.config import ModelConfig
 from starling_jax.parallel.sharding import constrain
 
@@ -60,30 +60,6 @@ def rope(x, positions, theta: float):
     return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
 
 
-def attention_mask(segment_ids, sliding_window: int | None):
-    """Boolean [N, 1, 1, L, L] mask (query, key) from segment ids (0 = padding), causality and the window."""
-    length = segment_ids.shape[-1]
-    q_idx = jnp.arange(length)[:, None]
-    k_idx = jnp.arange(length)[None, :]
-    allowed = k_idx <= q_idx
-    if sliding_window is not None:
-        allowed &= (q_idx - k_idx) < sliding_window
-    same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] != 0)
-    return (same & allowed)[:, None, None, :, :]
-
-
-def fused_attention(q, k, v, lengths, sliding_window: int | None, implementation: str | None = None):
-    """Causal GQA attention through `jax.nn.dot_product_attention` (cuDNN flash attention on GPU when the compute
-    dtype is bf16/fp16; XLA otherwise). q: [N, L, H, Dh], k/v: [N, L, G, Dh], lengths: int [N] real tokens per
-    row (one segment, right-padded). Outputs at padding positions are unread."""
-    if implementation == "cudnn" and jax.default_backend() != "gpu":
-        raise ConfigError(f"model.attention_impl=cudnn needs a GPU (this backend is {jax.default_backend()}); "
-                          "use fused or einsum")
-    return jax.nn.dot_product_attention(
-        q, k, v, is_causal=True, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
-        local_window_size=(sliding_window - 1, 0) if sliding_window else None, implementation=implementation)
-
-
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, h, g, dh = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.resolved_head_dim
@@ -111,43 +87,17 @@ class Attention(nnx.Module):
     def __call__(self, x, positions, mask):
         cfg = self.cfg
         q, k, v = self.project_qkv(x, positions)
-        if cfg.attention_from_lengths:  # `mask` holds the per-row lengths here
-            out = fused_attention(q, k, v, mask, cfg.sliding_window,
-                                  "cudnn" if cfg.attention_impl == "cudnn" else None)
-        else:
-            out = gqa_attention(q, [(k, v, mask)])
-        return self.project_out(out)
+        return self.project_out(attention.attend(cfg, q, k, v, mask))  # `mask`: what attention.prepare built
 
     def cached(self, x, positions, cache, self_mask):
         """Attention of the new tokens x [N, L, D] over the cached keys plus themselves (prefill: L prompt tokens
-        and `cache=None`; decode: L = 1). cache: (k, v [N, S, G, Dh], mask [N, 1, 1, L, S]) or None; self_mask
-        [N, 1, 1, L, L]. → (output [N, L, D], the new k, v [N, L, G, Dh] for the caller to store)."""
+        and `cache=None`; decode: L = 1). cache: (k, v [N, G, S, Dh] (heads first), mask [N, 1, 1, L, S]) or
+        None; self_mask [N, 1, 1, L, L]. → (output [N, L, D], the new k, v [N, L, G, Dh] for the caller to
+        store)."""
         q, k, v = self.project_qkv(x, positions)
-        blocks = [(k, v, self_mask)] if cache is None else [cache, (k, v, self_mask)]
-        return self.project_out(gqa_attention(q, blocks)), k, v
+        blocks = [(k, v, self_mask)] if cache is None else [(*cache, True), (k, v, self_mask)]
+        return self.project_out(attention.gqa_attention(q, blocks)), k, v
 
-
-def gqa_attention(q, blocks):
-    """Softmax attention of q [N, Lq, H, Dh] over the keys of all `blocks` jointly; a block is (k [N, Lk, G, Dh],
-    v [N, Lk, G, Dh], mask broadcastable to [N, 1, 1, Lq, Lk]). The H = G·R query heads read their KV head
-    through a [G, R] reshape of q, never a repeated copy of k/v. Several blocks let a decode step attend over a
-    KV cache and the new token without concatenating (copying) the cache."""
-    n, lq, h, dh = q.shape
-    g = blocks[0][0].shape[2]
-    q = q.reshape(n, lq, g, h // g, dh)
-    # Scores and softmax in float32 for stability; a fully masked (padding) query row gets uniform weights
-    # over finite logits instead of NaN, and its output is never read.
-    scale = jnp.sqrt(dh).astype(jnp.float32)
-    scores = [jnp.where(mask, jnp.einsum("nqgrk,nsgk->ngrqs", q, k, preferred_element_type=jnp.float32) / scale,
-                        jnp.finfo(jnp.float32).min) for k, _, mask in blocks]
-    sizes = [s.shape[-1] for s in scores]
-    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1) if len(scores) > 1 else scores[0], axis=-1)
-    probs = probs.astype(q.dtype)
-    out, start = 0, 0
-    for (_, v, _), size in zip(blocks, sizes):
-        out = out + jnp.einsum("ngrqs,nsgk->nqgrk", probs[..., start:start + size], v)
-        start += size
-    return out.reshape(n, lq, h, dh)
 
 
 class MLP(nnx.Module):
@@ -216,10 +166,7 @@ class Decoder(nnx.Module):
     def __call__(self, tokens, positions, segment_ids):
         """tokens, positions, segment_ids: int [N, L] → hidden states [N, L, D] (compute dtype)."""
         cfg = self.cfg
-        if cfg.attention_from_lengths:  # the kernel builds causal + window + padding masks from row lengths
-            mask = jnp.sum(segment_ids != 0, axis=-1).astype(jnp.int32)
-        else:
-            mask = attention_mask(segment_ids, cfg.sliding_window)
+        mask = attention.prepare(cfg, segment_ids, positions)
         x = constrain(self.embed_tokens(tokens), ("act_batch", "act_length", "act_embed"))
 
         def apply_layer(layer, x):
@@ -243,8 +190,10 @@ class Decoder(nnx.Module):
     def cached(self, tokens, positions, cache, self_mask):
         """Forward of new tokens [N, L] against a KV cache (the sampler's prefill and decode steps).
 
-        cache: None (prefill) or (k, v [num_layers, N, S, G, Dh], mask [N, 1, 1, L, S]: which cached keys each
-        new token sees); self_mask [N, 1, 1, L, L]: which new tokens each new token sees.
+        cache: None (prefill) or (k, v, mask [N, 1, 1, L, S]: which cached keys each new token sees); k and v are
+        [num_layers, N, G, S, Dh] arrays with scanned layers, else sequences of num_layers [N, G, S, Dh] arrays
+        (separate buffers: no per-step slicing copy of a stacked cache). self_mask [N, 1, 1, L, L]: which new
+        tokens each new token sees.
         → (hidden [N, L, D], k, v [num_layers, N, L, G, Dh]: the new tokens' keys/values; storing them is the
         caller's job, so the cache stays one buffer updated in place by the decode loop).
         """

@@ -89,7 +89,14 @@ def build_model(cfg: ModelConfig, role: str, seed: int = 0) -> nnx.Module:
 
 
 def kwise_rewards(model: RewardModel, batch: dict) -> jax.Array:
-    """Scores all K answers of every prompt in one forward pass: batch arrays [B, K, L] → rewards [B, K]."""
+    """Scores all K answers of every prompt in one forward pass → rewards [B, K].
+
+    Per-answer batch: arrays [B, K, L], the reward at `reward_index` [B, K] of each sequence. Packed batch
+    (data/layout.py: packed and/or shared-prefix rows): arrays [R, L], the reward of answer (b, k) at row
+    `reward_row[b, k]`, column `reward_index[b, k]`."""
+    if batch["tokens"].ndim == 2:
+        scores = model(batch["tokens"], batch["positions"], batch["segment_ids"])  # [R, L]
+        return scores[batch["reward_row"], batch["reward_index"]]
     b, k, length = batch["tokens"].shape
     flat = lambda x: x.reshape(b * k, length)
     rewards = model.rewards(flat(batch["tokens"]), flat(batch["positions"]), flat(batch["segment_ids"]),

@@ -10,8 +10,10 @@ import dataclasses
 
 from starling_jax.cli import DEFAULT_RUN_DIR
 from starling_jax.config import field
+from starling_jax.data.layout import LAYOUTS
 from starling_jax.data.synthetic import BUNDLED_ALIAS
 from starling_jax.errors import ConfigError
+from starling_jax.model.attention import check_layout
 from starling_jax.model.config import ModelConfig
 from starling_jax.parallel.sharding import MeshConfig
 from starling_jax.train.optimizer import OptimConfig
@@ -40,10 +42,20 @@ class DataConfig:
     batch_size: int = 8  # prompts per optimizer step, global (all hosts)
     eval_batch_size: int = 16
     on_bad_row: str = "error"  # error | skip
+    # per_answer: K rows per prompt. shared_prefix: the prompt once, its answers after it (data/layout.py).
+    layout: str = "per_answer"
+    packing: bool = False  # several prompts' rows in one row of max_length tokens (needs a segment-aware attention)
+
+    @property
+    def attention_layout(self) -> str:
+        """What the attention must handle: per_answer | packed | shared_prefix (model/attention.py)."""
+        return "shared_prefix" if self.layout == "shared_prefix" else ("packed" if self.packing else "per_answer")
 
     def __post_init__(self):
         if self.template not in TEMPLATES:
             raise ConfigError(f"data.template={self.template!r}: choose one of {list(TEMPLATES)}")
+        if self.layout not in LAYOUTS:
+            raise ConfigError(f"data.layout={self.layout!r}: choose one of {list(LAYOUTS)}")
         if self.on_bad_row not in ("error", "skip"):
             raise ConfigError(f"data.on_bad_row={self.on_bad_row!r}: choose error or skip")
         if not 0.0 <= self.eval_fraction < 1.0:
@@ -97,3 +109,4 @@ class RMRunConfig:
         if self.train.micro_batches > 1 and self.data.batch_size % self.train.micro_batches:
             raise ConfigError(f"data.batch_size={self.data.batch_size} is not divisible by "
                               f"train.micro_batches={self.train.micro_batches}")
+        check_layout(self.model.attention_impl, self.data.attention_layout)

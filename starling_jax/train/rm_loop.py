@@ -33,6 +33,7 @@ log = logging.getLogger("starling_jax")
 ROLE = "reward"
 STEP_KEYS = rm_step.BATCH_KEYS
 EVAL_KEYS = rm_step.BATCH_KEYS + ("answer_lengths",)
+ROW_KEYS = ("tokens", "positions", "segment_ids")  # [B, K, L] per answer, [R, L] packed
 
 # Peak dense bf16 FLOP/s per chip, for MFU (vendor figures).
 PEAK_TFLOPS = {"TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v5": 459.0,
@@ -74,9 +75,9 @@ def build_data(cfg: RMRunConfig, tokenizer) -> tuple[data_pipeline.RankingPipeli
     else:
         eval_src = data_pipeline.open_source(resolve_bundled(d.train), "eval", eval_fraction=d.eval_fraction, **common)
     pipe = dict(num_answers=d.num_answers, max_length=d.max_length, pad_to_multiple=d.pad_to_multiple,
-                pad_id=tokenizer.pad_token_id or 0)
+                pad_id=tokenizer.pad_token_id or 0, layout=d.layout, packing=d.packing)
     train = data_pipeline.RankingPipeline(train_src, global_batch_size=d.batch_size, seed=cfg.seed, mode="train",
-                                          **pipe)
+                                          micro_batches=cfg.train.micro_batches, **pipe)
     evals = data_pipeline.RankingPipeline(eval_src, global_batch_size=d.eval_batch_size, seed=cfg.seed,
                                           mode="eval", **pipe)
     return train, evals
@@ -106,10 +107,10 @@ def build_optimizer(cfg: RMRunConfig, model_cfg: ModelConfig, params):
     return make_optimizer(cfg.optim, cfg.train.steps, mask)
 
 
-def step_batch_shardings(mesh) -> dict:
-    """Shardings of the train step's batch: the leading (prompt) axis over every data-parallel mesh axis."""
-    return {k: sharding.batch_sharding(mesh, 3 if k in ("tokens", "positions", "segment_ids") else 2)
-            for k in STEP_KEYS}
+def step_batch_shardings(mesh, packed: bool = False) -> dict:
+    """Shardings of the train step's batch: the leading (prompt or row) axis over every data-parallel mesh axis."""
+    keys = STEP_KEYS + (rm_step.PACKED_KEYS if packed else ())
+    return {k: sharding.batch_sharding(mesh, (2 if packed else 3) if k in ROW_KEYS else 2) for k in keys}
 
 
 def build_model(cfg: RMRunConfig, mesh, tokenizer_pad_id: int | None):
@@ -145,7 +146,8 @@ def evaluate(eval_fn, params, pipeline, mesh, max_batches: int = 0) -> dict:
     for i, batch in enumerate(iter(pipeline)):
         if max_batches and i >= max_batches:
             break
-        out = eval_fn(params, data_pipeline.to_global({k: batch[k] for k in EVAL_KEYS}, mesh,
+        keys = EVAL_KEYS + (rm_step.PACKED_KEYS if pipeline.packed else ())
+        out = eval_fn(params, data_pipeline.to_global({k: batch[k] for k in keys}, mesh,
                                                       sharding.batch_sharding(mesh, 1).spec))
         # The outputs are replicated, so every host computes identical metrics over the whole global batch.
         full = jax.device_get(out)
@@ -231,8 +233,9 @@ def train_reward_model(cfg: RMRunConfig) -> dict[str, Any]:
 
     # --- jitted steps
     batch_spec = sharding.batch_sharding(mesh, 1).spec
+    step_keys = STEP_KEYS + (rm_step.PACKED_KEYS if train_data.packed else ())
     step_fn = rm_step.jit_train_step(graphdef, tx, schedule, cfg.loss, cfg.train.micro_batches, mesh, shardings,
-                                     step_batch_shardings(mesh))
+                                     step_batch_shardings(mesh, train_data.packed))
     eval_fn = jax.jit(lambda p, b: eval_step(p, b, graphdef=graphdef, mesh=mesh),
                       out_shardings=sharding.replicated(mesh))
 
@@ -292,7 +295,7 @@ def train_reward_model(cfg: RMRunConfig) -> dict[str, Any]:
             host_batch = next(train_iter)
             real = int((host_batch["segment_ids"] > 0).sum())
             padded = int(host_batch["segment_ids"].size)
-            batch = data_pipeline.to_global({k: host_batch[k] for k in STEP_KEYS}, mesh, batch_spec)
+            batch = data_pipeline.to_global({k: host_batch[k] for k in step_keys}, mesh, batch_spec)
             state, metrics = step_fn(state, batch)
             step += 1
             pending.append((step, metrics, host_batch["segment_ids"].shape[-1], padded))

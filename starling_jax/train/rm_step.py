@@ -22,6 +22,7 @@ from starling_jax.parallel import sharding
 from starling_jax.train.state import TrainState
 
 BATCH_KEYS = ("tokens", "positions", "segment_ids", "reward_index", "ranks", "answer_mask")
+PACKED_KEYS = ("reward_row",)  # packed / shared-prefix batches (data/layout.py) also carry these
 
 
 @dataclasses.dataclass
@@ -70,7 +71,7 @@ def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef, tx: op
     """One optimizer update. A non-finite loss or gradient leaves params and optimizer state untouched and is
     reported in `metrics["finite"]` (the loop then stops before anything reaches a checkpoint)."""
     with sharding.activation_sharding(mesh):
-        batch = {k: batch[k] for k in BATCH_KEYS}
+        batch = {k: batch[k] for k in BATCH_KEYS + PACKED_KEYS if k in batch}
         grad_fn = jax.value_and_grad(rm_loss, has_aux=True)
         params = state["params"]
         if micro_batches == 1:

@@ -1,0 +1,191 @@
+"""Attention implementations (model/attention.py) against the einsum reference and a brute-force rule.
+
+The layout rule is re-derived here token by token from a *semantic* description of each row (which group,
+prompt or which answer, index, position), not from the segment-id encoding, so an encoding bug cannot hide.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from starling_jax.errors import ConfigError
+from starling_jax.model import attention as A
+from starling_jax.model.config import ModelConfig
+from starling_jax.model.heads import build_model
+
+S = A.PREFIX_STRIDE
+N, L, H, G, DH = 4, 40, 4, 2, 8
+
+
+def _layout():
+    """Rows as lists of (kind, group, answer, length): plain segments, shared-prefix groups, padding after."""
+    rows = [
+        [("plain", 1, 0, 30)],  # one right-padded sequence
+        [("plain", 1, 0, 10), ("plain", 2, 0, 15), ("plain", 3, 0, 12)],  # packed
+        [("prompt", 1, 0, 8), ("answer", 1, 1, 6), ("answer", 1, 2, 6),  # two shared-prefix groups
+         ("prompt", 2, 0, 5), ("answer", 2, 1, 5), ("answer", 2, 2, 3), ("answer", 2, 3, 2)],
+        [("plain", 1, 0, 7), ("prompt", 1, 0, 9), ("answer", 1, 1, 11)],  # a plain segment then a group
+    ]
+    seg = np.zeros((N, L), np.int32)
+    pos = np.zeros((N, L), np.int32)
+    meta = [[None] * L for _ in range(N)]
+    for r, parts in enumerate(rows):
+        i = 0
+        prompt_end = 0
+        for kind, group, answer, n in parts:
+            if kind == "plain":
+                seg[r, i:i + n] = group + (10 if r == 3 else 0)
+                pos[r, i:i + n] = np.arange(n)
+            elif kind == "prompt":
+                seg[r, i:i + n] = group * S
+                pos[r, i:i + n] = np.arange(n)
+                prompt_end = n
+            else:
+                seg[r, i:i + n] = group * S + answer
+                pos[r, i:i + n] = prompt_end + np.arange(n)
+            for t in range(n):
+                meta[r][i + t] = (kind, group, answer)
+            i += n
+    return seg, pos, meta
+
+
+def _brute_mask(meta, pos, window):
+    out = np.zeros((N, L, L), bool)
+    for r in range(N):
+        for i in range(L):
+            for j in range(i + 1):
+                a, b = meta[r][i], meta[r][j]
+                if a is None or b is None:
+                    continue
+                if a[0] == "plain" or b[0] == "plain":
+                    ok = a == b  # a plain segment sees only itself
+                else:
+                    ok = a[1] == b[1] and (b[0] == "prompt" or a == b)  # own group's prompt, or itself
+                out[r, i, j] = ok and (window is None or pos[r, i] - pos[r, j] < window)
+    return out
+
+
+@pytest.fixture(scope="module")
+def qkv():
+    rng = np.random.default_rng(0)
+    f = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)  # noqa: E731
+    return f(N, L, H, DH), f(N, L, G, DH), f(N, L, G, DH), f(N, L, H, DH)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_mask_encodes_the_rule(window):
+    seg, pos, meta = _layout()
+    got = np.asarray(A.attention_mask(jnp.asarray(seg), jnp.asarray(pos), window))[:, 0, 0]
+    np.testing.assert_array_equal(got, _brute_mask(meta, pos, window))
+    # no token ever sees another segment's tokens: sibling answers and other groups stay apart
+    assert not got[2, 14:20, 8:14].any() and not got[2, 20:, :20].any() and not got[1, 10:25, :10].any()
+
+
+@pytest.mark.parametrize("window,blocks", [(None, (16, 8)), (5, (8, 16)), (None, (64, 64)), (3, (8, 8))])
+def test_blockwise_equals_einsum_values_and_gradients(qkv, window, blocks):
+    q, k, v, w = qkv
+    seg, pos, _ = _layout()
+    seg, pos = jnp.asarray(seg), jnp.asarray(pos)
+    real = (seg != 0)[..., None, None]
+    w = w * real  # the loss reads real tokens only (padding outputs are unread by contract)
+
+    def loss(impl):
+        def f(q, k, v):
+            if impl == "einsum":
+                out = A.einsum_attention(q, k, v, A.attention_mask(seg, pos, window))
+            else:
+                out = A.blockwise_attention(q, k, v, seg, pos, window, *blocks)
+            return jnp.sum(out * w), out
+        return f
+
+    (le, oe), ge = jax.jit(jax.value_and_grad(loss("einsum"), (0, 1, 2), has_aux=True))(q, k, v)
+    (lb, ob), gb = jax.jit(jax.value_and_grad(loss("blockwise"), (0, 1, 2), has_aux=True))(q, k, v)
+    np.testing.assert_allclose(np.asarray(ob * real), np.asarray(oe * real), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(float(lb), float(le), rtol=1e-5)
+    for a, b in zip(gb, ge):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
+    assert np.all(np.asarray(ob)[~np.asarray(seg != 0)] == 0)  # padding rows see nothing
+
+
+def test_blockwise_never_holds_the_score_matrix():
+    """Compiled forward+backward at L=4096: the temporaries stay far below one [N, H, L, L] f32 score tensor."""
+    n, length, h, g, dh = 1, 4096, 2, 1, 16
+    spec = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)  # noqa: E731
+    ints = jax.ShapeDtypeStruct((n, length), jnp.int32)
+
+    def f(q, k, v, seg, pos):
+        return jnp.sum(A.blockwise_attention(q, k, v, seg, pos, None, 256, 256))
+
+    compiled = jax.jit(jax.grad(f, (0, 1, 2))).lower(
+        spec(n, length, h, dh), spec(n, length, g, dh), spec(n, length, g, dh), ints, ints).compile()
+    scores_bytes = n * h * length * length * 4
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    assert temp < scores_bytes / 16, (temp, scores_bytes)
+
+
+TINY = ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, sliding_window=6, pad_token_id=0)
+
+
+def test_decoder_blockwise_equals_einsum():
+    seg, pos, _ = _layout()
+    tokens = jnp.asarray(np.random.default_rng(1).integers(1, 97, size=(N, L)) * (seg != 0), jnp.int32)
+    seg, pos = jnp.asarray(seg), jnp.asarray(pos)
+    real = seg != 0
+
+    def run(impl):
+        model = build_model(TINY.replace(attention_impl=impl, attention_block=16), "reward", seed=3)
+        graphdef, params = nnx.split(model)
+
+        def f(p):
+            scores = nnx.merge(graphdef, p)(tokens, pos, seg)
+            return jnp.sum(jnp.where(real, scores, 0.0) ** 2), scores
+        (_, scores), grads = jax.jit(jax.value_and_grad(f, has_aux=True))(params)
+        return np.asarray(scores)[np.asarray(real)], grads
+
+    se, ge = run("einsum")
+    sb, gb = run("blockwise")
+    np.testing.assert_allclose(sb, se, atol=1e-5, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(gb), jax.tree.leaves(ge)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4)
+
+
+def test_layouts_an_implementation_cannot_handle_are_one_line_errors():
+    for impl, layout in (("fused", "packed"), ("cudnn", "shared_prefix"), ("splash", "shared_prefix")):
+        with pytest.raises(ConfigError) as e:
+            A.check_layout(impl, layout)
+        msg = str(e.value)
+        assert "\n" not in msg and f"attention_impl={impl}" in msg and f"data.layout={layout}" in msg
+    A.check_layout("blockwise", "shared_prefix")
+    A.check_layout("splash", "packed")
+    with pytest.raises(ConfigError, match="needs a TPU"):
+        A.splash_attention(*(jnp.zeros((1, 8, 2, 4)),) * 3, jnp.ones((1, 8), jnp.int32))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu (the `tpu` extra)")
+def test_splash_compiles_for_a_tpu_topology():
+    """Splash forward+backward with segment ids, sharded over a v5e-4 mesh, compiled ahead of time on CPU."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from starling_jax import aot
+    from starling_jax.parallel import sharding
+
+    devices, _ = aot.topology_devices("v5e-4")
+    mesh = sharding.make_mesh(sharding.MeshConfig(), devices=devices)
+    sh = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    spec = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt, sharding=sh)  # noqa: E731
+
+    def loss(q, k, v, seg):
+        with sharding.activation_sharding(mesh):
+            out = A.splash_attention(q, k, v, seg, 64, mesh=sharding.active_mesh())
+        return jnp.sum(out.astype(jnp.float32))
+
+    compiled = jax.jit(jax.grad(loss, (0, 1, 2))).lower(
+        spec(8, 300, 8, 128), spec(8, 300, 4, 128), spec(8, 300, 4, 128), spec(8, 300, dt=jnp.int32)).compile()
+    assert "tpu_custom_call" in compiled.as_text()
