@@ -89,13 +89,25 @@ def test_resume_continues_the_same_run_and_exports(folders, tmp_path, capsys):
         assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
     assert r["reward_end"] == pytest.approx(s["reward_end"], rel=1e-5)
 
-    # The exported policy loads in transformers; its greedy completion equals generate's on our weights.
+    # The exported policy loads in transformers; its greedy completions equal our sampler's on the export.
+    import jax
     import torch
     import transformers
 
-    hf = transformers.AutoModelForCausalLM.from_pretrained(s["hf_export_dir"], dtype=torch.float32)
+    from starling_jax.model import hf_io
+    from starling_jax.parallel import sharding
+    from starling_jax.sample.engine import SamplingConfig, make_sampler
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(s["hf_export_dir"], dtype=torch.float32,
+                                                           attn_implementation="eager").eval()
     tok = transformers.AutoTokenizer.from_pretrained(s["hf_export_dir"])
-    ids = tok("[INST] Name a colour. [/INST]", return_tensors="pt")["input_ids"]
-    out = hf.generate(ids, max_new_tokens=5, do_sample=False)
-    assert out.shape[1] > ids.shape[1]
-    assert np.isfinite(hf(ids).logits.numpy()).all()
+    ids = tok("[INST] Name a colour. [/INST]", add_special_tokens=True)["input_ids"]
+    with torch.no_grad():
+        want = hf.generate(torch.tensor([ids]), attention_mask=torch.ones((1, len(ids)), dtype=torch.long),
+                           max_new_tokens=5, min_new_tokens=5, do_sample=False)[0, len(ids):].tolist()
+    mesh = sharding.make_mesh(sharding.MeshConfig(), devices=jax.devices()[:1])
+    _, graphdef, params = hf_io.load_hf(s["hf_export_dir"], "causal_lm", mesh)
+    out = make_sampler(graphdef, SamplingConfig(max_new_tokens=5, temperature=0.0), mesh)(
+        params, jax.numpy.asarray([ids], jax.numpy.int32), jax.numpy.asarray([len(ids)], jax.numpy.int32),
+        jax.numpy.zeros((1,), jax.numpy.int32), jax.random.key(0))
+    assert np.asarray(out.tokens)[0].tolist() == want
