@@ -7,10 +7,15 @@ import shutil
 import numpy as np
 import pytest
 
-from starling_jax import train_ppo
-from starling_jax.data.chat import to_hh
-from starling_jax.tokenizer import default_tokenizer_dir
-from tests.model.hf_fixtures import make_hf_model
+pytest.importorskip("starling_jax.train.job", reason="train_ppo runs on the shared trainer of issue 8")
+
+from starling_jax import train_ppo  # noqa: E402
+from starling_jax.config import load_config  # noqa: E402
+from starling_jax.data.chat import to_hh  # noqa: E402
+from starling_jax.tokenizer import default_tokenizer_dir  # noqa: E402
+from tests.model.hf_fixtures import make_hf_model  # noqa: E402
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
 
 QUESTIONS = ["What is the capital of France?", "Name a colour.", "Tell me a joke.", "How are you?",
              "What is two plus two?", "Say hello.", "Who wrote Hamlet?", "Give me a number."]
@@ -37,6 +42,16 @@ def base_args(folders, out, *extra):
             "critic_init=policy", "prompts.eval_prompts=8", "rollout.batch_size=8", "rollout.minibatch_size=8",
             "rollout.max_new_tokens=6", "prompts.max_prompt_tokens=32", "train.progress_bar=false",
             "export.plot=false", *extra]
+
+
+def test_recipes_load():
+    from starling_jax.rl.config import PPORunConfig
+
+    alpha = load_config(PPORunConfig, ROOT / "configs" / "ppo_openchat35_starling_alpha.yaml")
+    assert (alpha.algorithm, alpha.num_layers_unfrozen, alpha.kl.coef, alpha.optim.learning_rate) == ("apa", 4, 0.01,
+                                                                                                    2e-7)
+    assert alpha.rollout.stop_strings == ["GPT4 Correct User:"] and not alpha.reward_model_shares_tokenizer
+    assert load_config(PPORunConfig, ROOT / "configs" / "ppo_openchat35_beta.yaml").algorithm == "ppo"
 
 
 def summary_of(capsys):
