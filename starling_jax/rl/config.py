@@ -86,7 +86,7 @@ class PPORunConfig:
     # true: the policy's tokens are scored as they are (checked: same vocabulary and chat template); false: the
     # completions are decoded and re-rendered in the reward model's format and tokenizer (Starling-alpha)
     reward_model_shares_tokenizer: bool = False
-    critic_init: str = "reward"  # reward (OpenRLHF, needs a shared tokenizer) | policy (trunk + a new value head)
+    critic_init: str = "policy"  # policy (trunk + a new value head) | reward (OpenRLHF; needs a shared tokenizer)
     # -1: every layer trains and the reference is a full frozen copy; N ≥ 1: only the top N layers (+ final norm,
     # LM head) train and the reference is a hydra top on the actor's shared bottom (Starling: 4)
     num_layers_unfrozen: int = -1
