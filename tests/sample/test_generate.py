@@ -123,17 +123,3 @@ def test_one_line_errors(case, policy, tmp_path, capsys):
     assert len(errors) == 1 and expected in errors[0], captured.err
     assert "Traceback" not in captured.err
     assert last_json(captured.out)["status"] == "error"
-
-
-@pytest.mark.slow
-def test_module_entry_point_subprocess(policy, tmp_path):
-    import subprocess
-    import sys
-
-    done = subprocess.run([sys.executable, "-m", "starling_jax.generate", "--model", str(policy), "--prompt",
-                           "Say hi", "--max-new-tokens", "3", "--temperature", "0"],
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    assert done.returncode == 0, done.stderr[-2000:]
-    lines = done.stdout.strip().splitlines()
-    assert json.loads(lines[-2])["num_tokens"] <= 3
-    assert {"rows", "new_tokens", "tokens_per_s"} <= set(json.loads(lines[-1]))
