@@ -74,7 +74,8 @@ def write_report(b, args, out: Path, tok_dir, t0: float) -> dict:
     report = {
         "input": str(args.input), "output": str(out), "dataset_dir": str(b.data_dir),
         "rows_read": rep.rows_read, "rows_kept": rep.rows_kept, "rows_skipped": rep.rows_skipped,
-        "rows_truncated": b.rows_truncated, "splits": b.split_counts,
+        "rows_truncated": b.rows_truncated,
+        "rows_answer_cut": b.rows_answer_cut, "splits": b.split_counts,
         "tokenizer": str(tok_dir), "template": args.template, "max_length": args.max_length,
         "eval_fraction": args.eval_fraction, "on_bad_row": args.on_bad_row,
         "lengths": b.stats.as_dict(), "seconds": round(time.time() - t0, 2), "skipped": rep.skipped,

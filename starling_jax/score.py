@@ -120,7 +120,8 @@ def score(model: str, data: str, output: str | None = None, template: str = "tok
     computed = metrics.compute() if tokenized else {}
     summary = {"status": "completed", "model": str(model), "data": str(data), "format": fmt, "template": template,
                "rows_read": report.rows_read, "rows_scored": len(tokenized),
-               "rows_skipped": len(lines) - len(tokenized), "output": output}
+               "rows_skipped": len(lines) - len(tokenized),
+               "rows_truncated": sum(tr.truncated for tr in tokenized), "output": output}
     if fmt == "pairwise":
         summary["accuracy"] = computed.get("pairwise_accuracy")
     summary.update({k: v for k, v in computed.items() if k != "num_pairs" or fmt == "nectar"})

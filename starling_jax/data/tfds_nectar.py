@@ -47,7 +47,8 @@ class NectarTokenized(tfds.core.GeneratorBasedBuilder):
         self._on_bad_row = on_bad_row
         self.report = ReadReport()
         self.stats = LengthStats()
-        self.rows_truncated = 0
+        self.rows_truncated = 0  # rows whose prompt or an answer was cut to fit max_length
+        self.rows_answer_cut = 0  # of those, rows where an answer lost its beginning (the prompt alone was not enough)
         self.split_counts = {s: 0 for s in SPLITS}
         self._spill = None
         super().__init__(**kwargs)
@@ -96,6 +97,7 @@ class NectarTokenized(tfds.core.GeneratorBasedBuilder):
                     continue
                 self.stats.add(t)
                 self.rows_truncated += int(t.truncated)
+                self.rows_answer_cut += int(bool(t.answer_cut is not None and t.answer_cut.any()))
                 s = split_of(r.prompt, self._eval_fraction)
                 self.split_counts[s] += 1
                 ex = {

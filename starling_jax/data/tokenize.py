@@ -7,10 +7,14 @@ full rendering and the rendering with an empty answer. So a sequence is `prompt 
 
     reward_index = len(sequence) - 1     (the last token of the rendered conversation, from the explicit count)
 
-Truncation to `max_length` (per sequence, in this order): drop the oldest prompt turns (user+assistant pairs,
-keeping the last user turn); cut the prompt from the left (keeping BOS, down to `min_prompt_tokens`); cut the
-answer text from the right (the suffix, and so the reward token, is kept). If an answer still cannot keep at
-least one token, the row does not fit: `RowDoesNotFit` (reported and skipped by the callers).
+Truncation to `max_length`, like Starling-RM (its tokenizer had `truncation_side="left"`): tokens are cut
+from the LEFT, so the end of the dialogue and the answer are kept; the BOS stays at position 0. Unlike a
+per-sequence left cut, all answers of a row keep the SAME prompt context: one left cut of the prompt, sized by
+the row's longest answer, is applied to every answer (longer answers never see a shorter context). The prompt
+keeps at least `min_prompt_tokens` (default min(64, max_length // 4)) of its end; only an answer that still does
+not fit then loses the beginning of its own text. The answer's end, the template suffix and so the reward token
+are never cut: a cut answer never gets a fresh `</s>` that would make it look finished. If an answer cannot keep
+at least one of its tokens, the row does not fit: `RowDoesNotFit` (reported and skipped by the callers).
 """
 
 from __future__ import annotations
@@ -34,13 +38,12 @@ class TokenizedAnswer:
     answer_start: int  # index of the first answer token
     answer_length: int  # number of answer-text tokens (template suffix excluded)
     reward_index: int  # = n - 1
-    turns_dropped: int = 0
-    prompt_cut: int = 0  # prompt tokens cut from the left
-    answer_cut: int = 0  # answer tokens cut from the right
+    prompt_cut: int = 0  # prompt tokens cut from the left (after the BOS); the same for every answer of a row
+    answer_cut: int = 0  # answer-text tokens cut from the left (its end is kept)
 
     @property
     def truncated(self) -> bool:
-        return bool(self.turns_dropped or self.prompt_cut or self.answer_cut)
+        return bool(self.prompt_cut or self.answer_cut)
 
 
 @dataclasses.dataclass
@@ -57,7 +60,6 @@ class TokenizedRanking:
     sources: tuple = ()
     turns: int = 1
     good_natured: bool | None = None
-    turns_dropped: np.ndarray | None = None  # int32 [n]
     prompt_cut: np.ndarray | None = None  # int32 [n]
     answer_cut: np.ndarray | None = None  # int32 [n]
 
@@ -71,7 +73,7 @@ class TokenizedRanking:
 
     @property
     def truncated(self) -> bool:
-        return bool(np.any(self.turns_dropped) or np.any(self.prompt_cut) or np.any(self.answer_cut))
+        return bool(np.any(self.prompt_cut) or np.any(self.answer_cut))
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -91,7 +93,7 @@ def _common_suffix(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 class _Conversation:
-    """Renders/tokenizes one prompt (with its oldest turns dropped) and caches the answer-independent parts."""
+    """Renders/tokenizes one prompt and caches the answer-independent parts."""
 
     def __init__(self, tokenizer, messages: list[Message], template: str):
         self.tok = tokenizer
@@ -124,53 +126,39 @@ def tokenize_answers(
     max_length: int,
     min_prompt_tokens: int | None = None,
 ) -> list[TokenizedAnswer]:
-    """Tokenize prompt `messages` + each answer; truncate each sequence to `max_length` (see module doc).
+    """Tokenize prompt `messages` + each answer; truncate from the left to `max_length` (see module doc).
 
     The function the trainer and the `score` tool reuse. Raises `RowDoesNotFit` if an answer cannot fit.
     """
-    messages = list(messages)
     if max_length < 2:
         raise RowDoesNotFit(f"max_length {max_length} is too small")
     if min_prompt_tokens is None:
         min_prompt_tokens = min(64, max_length // 4)
-    n_user = sum(m["role"] == "user" for m in messages)
-    convs: dict[int, _Conversation] = {}
-
-    def conv(d: int) -> _Conversation:
-        if d not in convs:
-            # drop d oldest turn pairs: start from the (d+1)-th user message
-            idx = [i for i, m in enumerate(messages) if m["role"] == "user"][d]
-            convs[d] = _Conversation(tokenizer, messages[idx:], template)
-        return convs[d]
-
+    conv = _Conversation(tokenizer, list(messages), template)
+    parts = [conv.split(answer) for answer in answers]
     bos = getattr(tokenizer, "bos_token_id", None)
+    # The BOS the tokenizer adds stays at position 0 (HF's left truncation also keeps the special tokens).
+    head = 1 if (conv.add_special and parts and parts[0][0] and parts[0][0][0] == bos) else 0
+    # One left cut of the prompt, sized by the longest answer, shared by every answer of the row...
+    need = max(len(p) + len(c) + len(s) for p, c, s in parts) - max_length if parts else 0
+    shortest_prompt = min(len(p) for p, _, _ in parts) if parts else 0
+    keep_min = min(shortest_prompt - head, max(1, min_prompt_tokens))
+    prompt_cut = max(0, min(need, shortest_prompt - head - keep_min))
     out = []
-    for j, answer in enumerate(answers):
-        d = 0
-        while True:
-            p, c, s = conv(d).split(answer)
-            if len(p) + len(c) + len(s) <= max_length or d >= n_user - 1:
-                break
-            d += 1
-        prompt_cut = answer_cut = 0
-        if len(p) + len(c) + len(s) > max_length:
-            head = 1 if (conv(d).add_special and p and p[0] == bos) else 0
-            min_p = min(len(p), max(head + 1, min_prompt_tokens))
-            p_keep = min(len(p), max(min_p, max_length - len(c) - len(s)))
-            prompt_cut = len(p) - p_keep
-            if prompt_cut:
-                p = p[:head] + p[len(p) - (p_keep - head):]
-            c_keep = max_length - len(p) - len(s)
-            if c_keep < min(1, len(c)):
-                raise RowDoesNotFit(
-                    f"answer {j} cannot fit in max_length {max_length} "
-                    f"(prompt kept {len(p)} tokens, template suffix {len(s)})")
-            answer_cut = max(0, len(c) - c_keep)
-            c = c[:c_keep]
+    for j, (p, c, s) in enumerate(parts):
+        if prompt_cut:
+            p = p[:head] + p[head + prompt_cut:]
+        # ...then, only where that is not enough, the answer text loses its beginning (its end, the template
+        # suffix and so the reward token are never cut).
+        answer_cut = max(0, len(p) + len(c) + len(s) - max_length)
+        if answer_cut and len(c) - answer_cut < 1:
+            raise RowDoesNotFit(
+                f"answer {j} cannot fit in max_length {max_length} "
+                f"(prompt kept {len(p)} tokens, template suffix {len(s)})")
+        c = c[answer_cut:]
         seq = np.asarray(p + c + s, np.int32)
         out.append(TokenizedAnswer(tokens=seq, answer_start=len(p), answer_length=len(c),
-                                   reward_index=len(seq) - 1, turns_dropped=d, prompt_cut=prompt_cut,
-                                   answer_cut=answer_cut))
+                                   reward_index=len(seq) - 1, prompt_cut=prompt_cut, answer_cut=answer_cut))
     return out
 
 
@@ -190,7 +178,6 @@ def tokenize_ranking(ranking: Ranking, tokenizer, template: str, max_length: int
         sources=ranking.sources,
         turns=ranking.turns,
         good_natured=ranking.good_natured,
-        turns_dropped=i32([a.turns_dropped for a in ans]),
         prompt_cut=i32([a.prompt_cut for a in ans]),
         answer_cut=i32([a.answer_cut for a in ans]),
     )

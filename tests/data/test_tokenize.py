@@ -58,21 +58,48 @@ def test_empty_answer(tok):
     assert t.answer_lengths[0] == 0 and t.reward_index[0] == len(want) - 1 and want[-1] == tok.eos_token_id
 
 
-def test_answer_longer_than_max_length(tok):
-    long = " ".join(["word"] * 200)
-    r = row(MULTI, [long, "short"], [1, 2])
-    t = tokenize_ranking(r, tok, "llama2_chat", 64)
-    seq = t.tokens[0].tolist()
-    assert len(seq) == 64 and t.reward_index[0] == 63 and seq[-1] == tok.eos_token_id and seq[0] == 1
-    # oldest turn dropped first, then the prompt cut from the left, then the answer cut from the right
-    assert t.turns_dropped[0] == 1 and t.answer_cut[0] > 0
-    last_turn = ids(tok, "[INST] How are you? [/INST]")
-    prompt = seq[:t.answer_start[0]]
-    assert prompt == last_turn[:1] + last_turn[len(last_turn) - (len(prompt) - 1):]
-    assert set(seq[t.answer_start[0]:63]) == set(ids(tok, "word word")[1:])
-    assert t.truncated
-    # the short answer is untouched and keeps the whole conversation
-    assert t.tokens[1].tolist() == ids(tok, "[INST] Hi there [/INST] Hello!</s> [INST] How are you? [/INST] short</s>")
+def test_left_truncation_keeps_answer_ends_and_one_shared_context(tok):
+    """Starling's policy: cut from the left; every answer keeps its end and its own </s>; one prompt context."""
+    answers = [" ".join(["word"] * 200), "short", " ".join(["word"] * 12)]
+    r = row(MULTI, answers, [1, 2, 3])
+    prompt_text = "[INST] Hi there [/INST] Hello!</s> [INST] How are you? [/INST]"
+    prompt = ids(tok, prompt_text)
+    for max_length in (64, 30):
+        t = tokenize_ranking(r, tok, "llama2_chat", max_length)
+        assert t.truncated
+        contexts = {tuple(t.tokens[j][:t.answer_start[j]].tolist()) for j in range(3)}
+        assert len(contexts) == 1, "every answer must see the same prompt context"
+        context = list(contexts.pop())
+        # BOS kept, then the END of the prompt (a left cut), the same cut for every answer
+        assert context[0] == tok.bos_token_id and context[1:] == prompt[len(prompt) - (len(context) - 1):]
+        assert len(set(t.prompt_cut.tolist())) == 1 and t.prompt_cut[0] == len(prompt) - len(context) > 0
+        for j, a in enumerate(answers):
+            full = ids(tok, f"{prompt_text} {a}</s>")
+            seq = t.tokens[j].tolist()
+            assert len(seq) <= max_length and t.reward_index[j] == len(seq) - 1
+            # the answer's last tokens and the template's own </s> are kept: the sequence ends exactly as the
+            # untruncated rendering does (a cut answer never gets a fresh </s>)
+            tail = seq[t.answer_start[j]:]
+            assert tail == full[len(full) - len(tail):] and seq[-1] == tok.eos_token_id
+            assert t.answer_lengths[j] == len(tail) - 1
+        # the longest answer fills max_length and lost its beginning; the shorter ones are whole
+        assert len(t.tokens[0]) == max_length and t.answer_cut[0] > 0
+        assert t.answer_cut[1] == 0 and t.answer_cut[2] == 0
+
+
+def test_left_truncation_of_the_prompt_only(tok):
+    """When cutting the prompt is enough, every answer is whole and the longest fills max_length exactly."""
+    answers = [" ".join(["word"] * 12), "short"]
+    r = row(MULTI, answers, [1, 2])
+    prompt_text = "[INST] Hi there [/INST] Hello!</s> [INST] How are you? [/INST]"
+    full = [ids(tok, f"{prompt_text} {a}</s>") for a in answers]
+    max_length = len(full[0]) - 5
+    t = tokenize_ranking(r, tok, "llama2_chat", max_length)
+    assert t.prompt_cut.tolist() == [5, 5] and t.answer_cut.tolist() == [0, 0]
+    for j in range(2):
+        # exactly the untruncated tokens with 5 tokens after the BOS removed
+        assert t.tokens[j].tolist() == full[j][:1] + full[j][6:]
+    assert len(t.tokens[0]) == max_length
 
 
 def test_cannot_fit(tok):
@@ -81,25 +108,42 @@ def test_cannot_fit(tok):
         tokenize_ranking(r, tok, "llama2_chat", 2)
 
 
-@pytest.mark.parametrize("template", ["llama2_chat", "openchat_3.5", "chatml", "raw", "tokenizer"])
+# Expected renderings written by hand from each format's definition (not produced by `render`).
+EXPECTED = {
+    "llama2_chat": ("[INST] Hi there [/INST] Hello!</s> [INST] How are you? [/INST] {a}</s>", True),
+    "tokenizer": ("[INST] Hi there [/INST] Hello!</s> [INST] How are you? [/INST] {a}</s>", False),
+    "openchat_3.5": ("GPT4 Correct User: Hi there<|end_of_turn|>GPT4 Correct Assistant: Hello!<|end_of_turn|>"
+                     "GPT4 Correct User: How are you?<|end_of_turn|>GPT4 Correct Assistant: {a}<|end_of_turn|>",
+                     True),
+    "chatml": ("<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n"
+               "<|im_start|>user\nHow are you?<|im_end|>\n<|im_start|>assistant\n{a}<|im_end|>", True),
+    "raw": ("\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: How are you?\n\nAssistant: {a}</s>", True),
+}
+
+
+@pytest.mark.parametrize("template", sorted(EXPECTED))
 @pytest.mark.parametrize("max_length", [512, 24])
 def test_every_template_prefix_and_reward(template, max_length, tok, oc_tok):
     t_ = oc_tok if template == "openchat_3.5" else tok
     msgs = parse_hh(MULTI)
     answers = ["Fine, thanks for asking!", "", "Ünïcödé 🙂"]
     out = tokenize_answers(t_, msgs, answers, template, max_length)
-    add_special = template != "tokenizer"
+    text, add_special = EXPECTED[template]
+    prompt_text = text[:text.index("{a}")].rstrip(" ")
     for a, ta in zip(answers, out):
         seq = ta.tokens.tolist()
+        full = t_(text.format(a=a), add_special_tokens=add_special).input_ids
+        prompt = t_(prompt_text, add_special_tokens=add_special).input_ids
         assert len(seq) <= max_length and ta.reward_index == len(seq) - 1
         if not ta.truncated:
-            full = t_(render(t_, msgs, template, answer=a), add_special_tokens=add_special).input_ids
-            prompt = t_(render(t_, msgs, template), add_special_tokens=add_special).input_ids
             assert seq == full and seq[:ta.answer_start] == prompt[:ta.answer_start]
             assert ta.answer_start >= len(prompt) - 1
             if a:
                 got = t_.decode(seq[ta.answer_start:ta.answer_start + ta.answer_length]).strip()
                 assert got == a
+        else:  # left truncation: the end of the rendering is kept exactly
+            tail = seq[ta.answer_start:]
+            assert tail == full[len(full) - len(tail):]
         end = {"llama2_chat": [2], "tokenizer": [2], "raw": [2], "openchat_3.5": [32000],
                "chatml": t_("x<|im_end|>", add_special_tokens=False).input_ids[-1:]}[template]
         assert seq[-1:] == end
