@@ -97,7 +97,8 @@ def skipped_data_rows(*pipelines) -> list[dict]:
 def model_runtime(cfg: RMRunConfig) -> dict:
     """The `model.*` fields that still apply when `init_from` fixes the architecture."""
     return dict(param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype, remat_policy=cfg.model.remat_policy,
-                scan_layers=cfg.model.scan_layers, attention_impl=cfg.model.attention_impl)
+                scan_layers=cfg.model.scan_layers, attention_impl=cfg.model.attention_impl,
+                attention_block=cfg.model.attention_block)
 
 
 def build_optimizer(cfg: RMRunConfig, model_cfg: ModelConfig, params):
