@@ -1,6 +1,7 @@
 """Ahead-of-time compile of the reward-model train step for a TPU topology, from a CPU host.
 
-    python -m starling_jax.aot CONFIG.yaml [key=value ...] --topology v5p-32 [--num-layers N] [--hbm-gib G] [--json]
+    python -m starling_jax.aot CONFIG.yaml [key=value ...] --topology v5p-32 [--num-slices S] [--num-layers N]
+        [--hbm-gib G] [--json]
 
 Compiles the very step `train_rm` runs (`rm_step.jit_train_step`: the config's mesh, micro-batches, remat, scan
 and dtypes) for the topology's devices with fully abstract inputs — nothing is allocated — and reports per-chip
@@ -17,6 +18,7 @@ virtualenv; JAX_PLATFORMS=cpu (set here by default) keeps libtpu from looking fo
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -68,11 +70,31 @@ KNOWN_HF_CONFIGS: dict[str, dict[str, Any]] = {
 
 
 # ------------------------------------------------------------------------------------------------ pieces
-def topology_devices(topology: str) -> tuple[list, str]:
-    """→ (devices, libtpu topology name); `cpu` → this process's devices."""
+def compile_only_tpu_env(topology: str) -> None:
+    """What libtpu reads at start-up, set for a compile-only run on a host without TPUs (kept when already set,
+    e.g. on a TPU VM). Without them libtpu looks for this host's accelerator type and worker hostnames in the GCE
+    metadata and prints "could not determine TPU accelerator type" and `INVALID_ARGUMENT ... TPU_WORKER_HOSTNAMES`.
+    The compile-only topology itself comes from its name (`topology_devices`), not from these."""
+    family = re.match(r"(v4|v5p|v5e|v6e|v5|v\d[a-z]*)", topology)
+    cloud = {"v5e": "v5litepod", "v5": "v5p"}.get(family.group(1), family.group(1)) if family else "v5litepod"
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{cloud}-8")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("TPU_WORKER_ID", "0")
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    # No TPU is opened: several compile-only processes (e.g. parallel checks) need not take libtpu's lockfile.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+
+def topology_devices(topology: str, num_slices: int = 1) -> tuple[list, str]:
+    """→ (devices, libtpu topology name); `cpu` → this process's devices. `num_slices` > 1: that many copies of
+    the topology joined over DCN (devices carry `slice_index`)."""
     import jax
 
+    if num_slices < 1:
+        raise ConfigError(f"--num-slices {num_slices}: must be >= 1")
     if topology == "cpu":
+        if num_slices > 1:
+            raise ConfigError("--num-slices needs a TPU topology (on cpu, set mesh.dcn to split the devices)")
         return jax.devices(), "cpu"
     name = topology
     match = re.fullmatch(r"(v4|v5p|v5e|v6e)-(\d+)", topology)
@@ -92,8 +114,10 @@ def topology_devices(topology: str) -> tuple[list, str]:
                           'pip install "starling_jax[tpu]" (or "jax[tpu]==0.10.2"), best in a separate virtualenv')
     from jax.experimental import topologies
 
+    compile_only_tpu_env(name)
     try:
-        return list(topologies.get_topology_desc(name, "tpu").devices), name
+        kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
+        return list(topologies.get_topology_desc(name, "tpu", **kwargs).devices), name
     except Exception as e:  # libtpu's messages are long; keep the first line
         raise ConfigError(f"--topology {topology} ({name}): libtpu could not build it: "
                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
@@ -210,21 +234,25 @@ def _cost_flops(compiled) -> float | None:
 
 # ------------------------------------------------------------------------------------------------ main
 def compile_report(cfg, topology: str, num_layers: int | None = None, hbm_gib: float | None = None,
-                   mfu: float = 0.4) -> dict[str, Any]:
+                   mfu: float = 0.4, num_slices: int = 1) -> dict[str, Any]:
     from starling_jax.parallel import sharding
     from starling_jax.train import rm_step
     from starling_jax.train.rm_loop import peak_flops
 
     # --- devices & mesh
-    devices, topology_name = topology_devices(topology)
+    devices, topology_name = topology_devices(topology, num_slices)
     kind = devices[0].device_kind
+    if num_slices > 1 and cfg.mesh.dcn != num_slices:  # the slices are the dcn axis
+        if cfg.mesh.dcn != 1:
+            raise ConfigError(f"mesh.dcn={cfg.mesh.dcn} but --num-slices {num_slices}: they must agree")
+        cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, dcn=num_slices))
     mesh = sharding.make_mesh(cfg.mesh, devices=devices)
     capacity, capacity_source = hbm_bytes(kind, len(devices), hbm_gib)
 
     # --- abstract model, optimizer, state and batch
     model_cfg = resolve_model_config(cfg, num_layers)
     graphdef, tx, schedule, shardings, batch_shardings, state, batch = abstract_inputs(cfg, model_cfg, mesh)
-    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+    data_parallel = sharding.data_parallel_size(mesh)
     micro_rows = cfg.data.batch_size // cfg.train.micro_batches
     warnings = []
     if micro_rows % data_parallel:
@@ -274,6 +302,7 @@ def compile_report(cfg, topology: str, num_layers: int | None = None, hbm_gib: f
         "status": "ok",
         "topology": topology,
         "topology_name": topology_name,
+        "num_slices": num_slices,
         "device_kind": kind,
         "num_chips": len(devices),
         "mesh": dict(mesh.shape),
@@ -312,8 +341,10 @@ def compile_report(cfg, topology: str, num_layers: int | None = None, hbm_gib: f
 def format_report(r: dict[str, Any]) -> str:
     gib = lambda b: f"{b / GIB:9.3f} GiB"
     m = r["memory_bytes"]
+    slices = f" × {r['num_slices']} slices" if r.get("num_slices", 1) > 1 else ""
     lines = [
-        f"topology {r['topology']} ({r['topology_name']}): {r['num_chips']} × {r['device_kind']}, mesh {r['mesh']}",
+        f"topology {r['topology']}{slices} ({r['topology_name']}): {r['num_chips']} × {r['device_kind']}, "
+        f"mesh {r['mesh']}",
         f"model {r['model_type']} {r['num_layers']} layers, {r['num_params'] / 1e9:.2f}B params, "
         f"param {r['param_dtype']} / compute {r['dtype']}, remat {r['remat_policy']}, scan {r['scan_layers']}",
         f"batch {r['batch'][0]}×{r['batch'][1]}×{r['batch'][2]} (B×K×L), {r['micro_batches']} micro-batches",
@@ -343,6 +374,8 @@ def format_report(r: dict[str, Any]) -> str:
 def parse_args(argv):
     parser = cli.config_parser("python -m starling_jax.aot", __doc__, "train.micro_batches=8")
     parser.add_argument("--topology", required=True, help="cpu | v5p-32 | v5e-32 | v6e-16 | v5e:4x8 | ...")
+    parser.add_argument("--num-slices", type=int, default=1,
+                        help="slices of the topology joined over DCN (multi-slice; sets mesh.dcn)")
     parser.add_argument("--num-layers", type=int, default=None, help="compile a shallower model (smoke runs)")
     parser.add_argument("--hbm-gib", type=float, default=None, help="override the per-chip memory capacity")
     parser.add_argument("--mfu", type=float, default=0.4, help="assumed MFU for the step-time estimate")
@@ -361,7 +394,7 @@ def main(argv=None) -> int:
         from starling_jax.train.rm_config import RMRunConfig
 
         cfg = load_config(RMRunConfig, args.config, args.overrides)
-        report = compile_report(cfg, args.topology, args.num_layers, args.hbm_gib, args.mfu)
+        report = compile_report(cfg, args.topology, args.num_layers, args.hbm_gib, args.mfu, args.num_slices)
         if not args.json:
             print(format_report(report), flush=True)
         cli.print_summary(report)

@@ -94,39 +94,17 @@ class Attention(nnx.Module):
     def __call__(self, x, positions, mask):
         cfg = self.cfg
         q, k, v = self.project_qkv(x, positions)
-        # `mask`: what attention.prepare built for cfg.attention_impl (a mask, row lengths, or segments+positions)
-        return self.project_out(attention.attend(cfg, q, k, v, mask))
+        return self.project_out(attention.attend(cfg, q, k, v, mask))  # `mask`: what attention.prepare built
 
     def cached(self, x, positions, cache, self_mask):
         """Attention of the new tokens x [N, L, D] over the cached keys plus themselves (prefill: L prompt tokens
-        and `cache=None`; decode: L = 1). cache: (k, v [N, S, G, Dh], mask [N, 1, 1, L, S]) or None; self_mask
-        [N, 1, 1, L, L]. → (output [N, L, D], the new k, v [N, L, G, Dh] for the caller to store)."""
+        and `cache=None`; decode: L = 1). cache: (k, v [N, G, S, Dh] (heads first), mask [N, 1, 1, L, S]) or
+        None; self_mask [N, 1, 1, L, L]. → (output [N, L, D], the new k, v [N, L, G, Dh] for the caller to
+        store)."""
         q, k, v = self.project_qkv(x, positions)
-        blocks = [(k, v, self_mask)] if cache is None else [cache, (k, v, self_mask)]
-        return self.project_out(gqa_attention(q, blocks)), k, v
+        blocks = [(k, v, self_mask)] if cache is None else [(*cache, True), (k, v, self_mask)]
+        return self.project_out(attention.gqa_attention(q, blocks)), k, v
 
-
-def gqa_attention(q, blocks):
-    """Softmax attention of q [N, Lq, H, Dh] over the keys of all `blocks` jointly; a block is (k [N, Lk, G, Dh],
-    v [N, Lk, G, Dh], mask broadcastable to [N, 1, 1, Lq, Lk]). The H = G·R query heads read their KV head
-    through a [G, R] reshape of q, never a repeated copy of k/v. Several blocks let a decode step attend over a
-    KV cache and the new token without concatenating (copying) the cache."""
-    n, lq, h, dh = q.shape
-    g = blocks[0][0].shape[2]
-    q = q.reshape(n, lq, g, h // g, dh)
-    # Scores and softmax in float32 for stability; a fully masked (padding) query row gets uniform weights
-    # over finite logits instead of NaN, and its output is never read.
-    scale = jnp.sqrt(dh).astype(jnp.float32)
-    scores = [jnp.where(mask, jnp.einsum("nqgrk,nsgk->ngrqs", q, k, preferred_element_type=jnp.float32) / scale,
-                        jnp.finfo(jnp.float32).min) for k, _, mask in blocks]
-    sizes = [s.shape[-1] for s in scores]
-    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1) if len(scores) > 1 else scores[0], axis=-1)
-    probs = probs.astype(q.dtype)
-    out, start = 0, 0
-    for (_, v, _), size in zip(blocks, sizes):
-        out = out + jnp.einsum("ngrqs,nsgk->nqgrk", probs[..., start:start + size], v)
-        start += size
-    return out.reshape(n, lq, h, dh)
 
 
 class MLP(nnx.Module):
@@ -219,8 +197,10 @@ class Decoder(nnx.Module):
     def cached(self, tokens, positions, cache, self_mask):
         """Forward of new tokens [N, L] against a KV cache (the sampler's prefill and decode steps).
 
-        cache: None (prefill) or (k, v [num_layers, N, S, G, Dh], mask [N, 1, 1, L, S]: which cached keys each
-        new token sees); self_mask [N, 1, 1, L, L]: which new tokens each new token sees.
+        cache: None (prefill) or (k, v, mask [N, 1, 1, L, S]: which cached keys each new token sees); k and v are
+        [num_layers, N, G, S, Dh] arrays with scanned layers, else sequences of num_layers [N, G, S, Dh] arrays
+        (separate buffers: no per-step slicing copy of a stacked cache). self_mask [N, 1, 1, L, L]: which new
+        tokens each new token sees.
         → (hidden [N, L, D], k, v [num_layers, N, L, G, Dh]: the new tokens' keys/values; storing them is the
         caller's job, so the cache stays one buffer updated in place by the decode loop).
         """

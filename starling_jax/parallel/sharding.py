@@ -5,7 +5,9 @@ Modules name only *logical* axes (`Param(..., axes=("embed", "mlp"))`, `constrai
 changing mesh sizes in the config, never a module.
 
 Mesh axes:
-  data    pure data parallelism (parameters replicated; use across slices / DCN)
+  dcn     data parallelism across TPU slices joined by the data-center network (`mesh.dcn` = number of slices;
+          the axis exists only when > 1): parameters replicated over it, only gradients cross it
+  data    pure data parallelism (parameters replicated)
   fsdp    data parallelism with parameters, gradients and optimizer state sharded (ZeRO-3)
   tensor  Megatron-style tensor parallelism over heads and the MLP width (within a host / ICI)
 """
@@ -28,7 +30,9 @@ from starling_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "tensor")  # within a slice (ICI); "dcn" goes in front when mesh.dcn > 1
+DCN_AXIS = "dcn"
+DATA_AXES = (DCN_AXIS, "data", "fsdp")  # every axis the batch is split over
 
 # Logical axis → mesh axes. Parameters shard their model width over `fsdp` (each device holds 1/fsdp of every
 # matrix, gathered just in time for the matmul) and heads / MLP width / vocabulary over `tensor`.
@@ -45,7 +49,7 @@ LOGICAL_RULES: dict[str, tuple[str, ...] | None] = {
     "layers": None,  # the stacked-layer axis when layers are scanned
     "score": None,  # the 1-wide output of the scalar head
     # activations
-    "act_batch": ("data", "fsdp"),
+    "act_batch": DATA_AXES,
     "act_length": None,
     "act_embed": None,
     "act_heads": ("tensor",),
@@ -58,11 +62,17 @@ LOGICAL_RULES: dict[str, tuple[str, ...] | None] = {
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Mesh sizes; -1 means "all remaining devices" (at most one axis may be -1)."""
+    """Mesh sizes within one slice; -1 means "all remaining devices" (at most one axis may be -1). `dcn`: the
+    number of slices (multi-slice runs), an outer data-parallel axis; data × fsdp × tensor then count one slice."""
 
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
+    dcn: int = 1
+
+    def __post_init__(self):
+        if self.dcn < 1:
+            raise ConfigError(f"mesh.dcn={self.dcn}: the number of slices must be >= 1")
 
 
 def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
@@ -82,10 +92,31 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
 
 
 def make_mesh(cfg: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over all devices (of all processes), with classic GSPMD (Auto) axes."""
+    """A (data, fsdp, tensor) mesh over all devices (of all processes), with classic GSPMD (Auto) axes; with
+    `cfg.dcn` > 1 a (dcn, data, fsdp, tensor) mesh whose `dcn` axis runs across slices (`slice_index`)."""
     devices = list(devices) if devices is not None else jax.devices()
-    shape = mesh_shape(cfg, len(devices))
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    if cfg.dcn == 1:
+        shape = mesh_shape(cfg, len(devices))
+        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    if len(devices) % cfg.dcn:
+        raise ConfigError(f"mesh.dcn={cfg.dcn}: {len(devices)} devices do not split into {cfg.dcn} equal slices")
+    ici = mesh_shape(cfg, len(devices) // cfg.dcn)
+    axes = (DCN_AXIS,) + MESH_AXES
+    slices = {getattr(d, "slice_index", None) for d in devices}
+    if slices != {None}:  # real (or compile-only) TPU slices: ICI axes inside a slice, dcn across them
+        if len(slices) != cfg.dcn:
+            raise ConfigError(f"mesh.dcn={cfg.dcn} but the devices form {len(slices)} slice(s)")
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_hybrid_device_mesh((1,) + ici, (cfg.dcn, 1, 1, 1), devices)
+    else:  # no slices (CPU/GPU): consecutive device blocks play the slices
+        grid = np.asarray(devices, dtype=object).reshape((cfg.dcn,) + ici)
+    return Mesh(grid, axes, axis_types=(AxisType.Auto,) * 4)
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    """How many ways the batch is split: the product of the data-parallel axes present in `mesh`."""
+    return math.prod(mesh.shape.get(a, 1) for a in DATA_AXES)
 
 
 def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int] | None = None, mesh: Mesh | None = None,
@@ -103,8 +134,8 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int] | None = No
         if name not in rules:
             raise KeyError(f"logical axis {name!r} has no rule in LOGICAL_RULES")
         mesh_axes = tuple(a for a in (rules[name] or ()) if a not in used)
-        if mesh is not None:
-            mesh_axes = tuple(a for a in mesh_axes if mesh.shape[a] > 1)
+        if mesh is not None:  # axes the mesh lacks (dcn on one slice) or of size 1 shard nothing
+            mesh_axes = tuple(a for a in mesh_axes if mesh.shape.get(a, 1) > 1)
             if shape is not None and mesh_axes:
                 size = math.prod(mesh.shape[a] for a in mesh_axes)
                 if shape[i] % size:

@@ -109,7 +109,7 @@ def make_experience(forward: dict[str, Array], mask: Array, raw_scores: Array, e
 
 
 def minibatch_loss(params: dict, minibatch: dict[str, Array], *, graphdefs: dict, loss_cfg: LossConfig,
-                   prompt_len: int, frozen_layers: int = 0) -> tuple[Array, dict[str, Array]]:
+                   algorithm: str, prompt_len: int, frozen_layers: int = 0) -> tuple[Array, dict[str, Array]]:
     """params {"actor", "critic"} → the actor-critic loss of one minibatch (inputs + experience arrays).
     `frozen_layers`: the actor's bottom layers that never train (their backward pass is skipped)."""
     actor = nnx.merge(graphdefs["actor"], params["actor"])
@@ -118,4 +118,4 @@ def minibatch_loss(params: dict, minibatch: dict[str, Array], *, graphdefs: dict
     logits = actor_logits(actor, *inputs, frozen_layers) if frozen_layers else actor(*inputs)
     logprobs, entropy = response_logprobs(logits, minibatch["tokens"], prompt_len)
     values = response_values(critic(*inputs), prompt_len)
-    return actor_critic_loss(loss_cfg, logprobs, entropy, values, minibatch)
+    return actor_critic_loss(loss_cfg, algorithm, logprobs, entropy, values, minibatch)

@@ -25,7 +25,8 @@ from flax import nnx
 
 from starling_jax.errors import ConfigError
 from starling_jax.model.config import ModelConfig
-from starling_jax.model.decoder import REMAT, attention_mask
+from starling_jax.model import attention
+from starling_jax.model.decoder import REMAT
 from starling_jax.model.heads import CausalLM
 from starling_jax.parallel.sharding import constrain
 
@@ -80,10 +81,7 @@ def apply_layers(cfg: ModelConfig, layers, x, positions, mask, start: int = 0, s
 
 def _decoder_inputs(actor: CausalLM, tokens, positions, segment_ids):
     cfg = actor.cfg
-    if cfg.attention_from_lengths:
-        mask = jnp.sum(segment_ids != 0, axis=-1).astype(jnp.int32)
-    else:
-        mask = attention_mask(segment_ids, cfg.sliding_window)
+    mask = attention.prepare(cfg, segment_ids, positions)
     x = constrain(actor.decoder.embed_tokens(tokens), ("act_batch", "act_length", "act_embed"))
     return x, mask
 

@@ -90,7 +90,6 @@ def critic_warmup_gate(value_loss_value: Array, threshold: float) -> Array:
 
 @dataclasses.dataclass
 class LossConfig:
-    algorithm: str = "ppo"  # ppo | apa
     clip: float = 0.2  # PPO ratio clip ε
     value_clip: float = 0.2  # ε_v; 0 disables value clipping
     vf_coef: float = 1.0
@@ -100,17 +99,15 @@ class LossConfig:
     critic_warmup_threshold: float = 1.0  # APA: only the critic trains while the value loss exceeds this; 0 = off
 
     def __post_init__(self):
-        if self.algorithm not in ALGORITHMS:
-            raise ConfigError(f"algorithm={self.algorithm!r}: choose one of {list(ALGORITHMS)}")
         if self.apa_anchor not in APA_ANCHORS:
             raise ConfigError(f"rl.loss.apa_anchor={self.apa_anchor!r}: choose one of {list(APA_ANCHORS)}")
         if self.clip <= 0 or self.value_clip < 0 or self.vf_coef < 0 or self.entropy_coef < 0:
             raise ConfigError("rl.loss: clip must be > 0; value_clip, vf_coef, entropy_coef >= 0")
 
 
-def actor_critic_loss(cfg: LossConfig, logprobs: Array, entropy: Array, values: Array,
+def actor_critic_loss(cfg: LossConfig, algorithm: str, logprobs: Array, entropy: Array, values: Array,
                       batch: dict[str, Array]) -> tuple[Array, dict[str, Array]]:
-    """The total loss L of the module docstring for the configured algorithm.
+    """The total loss L of the module docstring for `algorithm` (ppo | apa).
 
     logprobs, entropy, values: [B, T] from the current actor and critic. `batch` (the experience): old_logprobs,
     ref_logprobs, old_values, advantages, returns, mask, all [B, T]. Returns (L, metrics) with policy_loss,
@@ -119,7 +116,9 @@ def actor_critic_loss(cfg: LossConfig, logprobs: Array, entropy: Array, values: 
     mask = batch["mask"].astype(jnp.float32)
     vf, vf_aux = value_loss(values, batch["old_values"], batch["returns"], mask, cfg.value_clip)
     mean_entropy = masked_mean(entropy, mask)
-    if cfg.algorithm == "ppo":
+    if algorithm not in ALGORITHMS:
+        raise ConfigError(f"algorithm={algorithm!r}: choose one of {list(ALGORITHMS)}")
+    if algorithm == "ppo":
         pg, aux = ppo_policy_loss(logprobs, batch["old_logprobs"], batch["advantages"], mask, cfg.clip)
         gate = jnp.ones((), jnp.float32)
     else:

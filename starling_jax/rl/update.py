@@ -3,6 +3,7 @@
 RL state (a pytree of global arrays, donated to the update, checkpointed whole):
 
   step        int32 []        optimizer updates applied
+  iteration   int32 []        rollout iterations done (the sampling keys of the next one are folded from it)
   params      {"actor": nnx.State, "critic": nnx.State}   the trainable models
   opt_state   optax state of both (one AdamW over the pair, as trlx; frozen layers masked by the optimizer)
   rng         uint32 [2]      key data: minibatch order and sampling keys are folded from it
@@ -35,14 +36,14 @@ EXPERIENCE_KEYS = ("tokens", "positions", "segment_ids", "old_logprobs", "ref_lo
                    "advantages", "returns", "mask")
 
 
-def update_step(state: RLState, minibatch: dict, *, graphdefs: dict, loss_cfg: LossConfig,
+def update_step(state: RLState, minibatch: dict, *, graphdefs: dict, loss_cfg: LossConfig, algorithm: str,
                 tx: optax.GradientTransformation, prompt_len: int, frozen_layers: int = 0,
                 mesh: Mesh | None = None) -> tuple[RLState, dict]:
     """One optimizer update of actor and critic on a minibatch of experience. A non-finite loss or gradient
     leaves the state untouched (reported in metrics["finite"])."""
     with sharding.activation_sharding(mesh):
-        loss_fn = functools.partial(minibatch_loss, graphdefs=graphdefs, loss_cfg=loss_cfg, prompt_len=prompt_len,
-                                    frozen_layers=frozen_layers)
+        loss_fn = functools.partial(minibatch_loss, graphdefs=graphdefs, loss_cfg=loss_cfg, algorithm=algorithm,
+                                    prompt_len=prompt_len, frozen_layers=frozen_layers)
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], minibatch)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -54,10 +55,10 @@ def update_step(state: RLState, minibatch: dict, *, graphdefs: dict, loss_cfg: L
         return new_state, {**metrics, "grad_norm": grad_norm, "finite": finite}
 
 
-def jit_update_step(graphdefs: dict, loss_cfg: LossConfig, tx: optax.GradientTransformation, prompt_len: int,
+def jit_update_step(graphdefs: dict, loss_cfg: LossConfig, algorithm: str, tx: optax.GradientTransformation, prompt_len: int,
                     mesh: Mesh, state_shardings: RLState, frozen_layers: int = 0):
     """`update_step` jitted: state donated and kept in its shardings, the minibatch sharded over its rows."""
-    fn = functools.partial(update_step, graphdefs=graphdefs, loss_cfg=loss_cfg, tx=tx, prompt_len=prompt_len,
+    fn = functools.partial(update_step, graphdefs=graphdefs, loss_cfg=loss_cfg, algorithm=algorithm, tx=tx, prompt_len=prompt_len,
                            frozen_layers=frozen_layers, mesh=mesh)
     batch = {k: sharding.batch_sharding(mesh, 2) for k in EXPERIENCE_KEYS}
     return jax.jit(fn, in_shardings=(state_shardings, batch),
@@ -80,10 +81,11 @@ def init_rl_state(params: dict, params_shardings: dict, tx: optax.GradientTransf
                                           transform_non_params=lambda _: rep)
     opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
     stats = dict(init_reward_stats()._asdict())  # a plain dict: restores from a checkpoint as it was saved
-    state = {"step": jax.device_put(jnp.zeros((), jnp.int32), rep), "params": params, "opt_state": opt_state,
+    state = {"step": jax.device_put(jnp.zeros((), jnp.int32), rep),
+             "iteration": jax.device_put(jnp.zeros((), jnp.int32), rep), "params": params, "opt_state": opt_state,
              "rng": jax.device_put(jax.random.key_data(jax.random.key(seed)), rep),
              "kl_coef": jax.device_put(jnp.float32(kl_coef), rep), "reward_stats": jax.device_put(stats, rep)}
-    shardings = {"step": rep, "params": params_shardings, "opt_state": opt_shardings, "rng": rep, "kl_coef": rep,
+    shardings = {"step": rep, "iteration": rep, "params": params_shardings, "opt_state": opt_shardings, "rng": rep, "kl_coef": rep,
                  "reward_stats": jax.tree.map(lambda _: rep, stats)}
     return state, shardings
 

@@ -16,11 +16,14 @@ Left padding puts every row's next token at the same cache index, so one `dynami
 all rows; positions are explicit (`index - (P - length)`), so RoPE sees 0..n-1 for every row as without padding.
 
 KV-cache layout on the mesh
-  k, v: [num_layers, N, S, G, Dh] with S = P + max_new_tokens - 1 (every token but the last sampled one is fed
-  back), dtype = the model's compute dtype. N (batch) is sharded over the data-parallel axes (`data`, `fsdp`:
+  k, v: [num_layers, N, G, S, Dh] with S = P + max_new_tokens - 1 (every token but the last sampled one is fed
+  back), dtype = the model's compute dtype; one [N, G, S, Dh] buffer per layer unless layers are scanned (then
+  one stacked array, which the layer scan slices). N (batch) is sharded over the data-parallel axes (`data`, `fsdp`:
   logical axis `act_batch`), G (KV heads) over `tensor` (`act_kv_heads`, replicated when `tensor` does not divide
-  G); layers, positions and head dim are whole. GQA: the cache holds the G KV heads only; the H = G·R query
-  heads read them through a [G, R] reshape of the queries (`decoder.gqa_attention`), never a repeated copy.
+  G); layers, positions and head dim are whole. Heads before positions: a decode step's single query reads
+  each [S, Dh] slab in place (`attention.gqa_attention`), with no per-step transpose of the cache. GQA: the cache
+  holds the G KV heads only; the H = G·R query heads read them through a [G, R] reshape of the queries, never
+  a repeated copy.
   The new token's k/v are attended as a second block next to the cache and written once per step for all layers
   (an in-place update of the loop carry), so the cache is never concatenated or copied.
 
@@ -52,14 +55,14 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from starling_jax.errors import ConfigError
-from starling_jax.model.decoder import attention_mask
+from starling_jax.model.attention import attention_mask
 from starling_jax.parallel import sharding
 from starling_jax.parallel.sharding import constrain
 from starling_jax.sample import logits as logits_lib
 
 FINISH_LENGTH, FINISH_EOS, FINISH_STOP = 0, 1, 2
 FINISH_REASONS = ("length", "eos", "stop")
-CACHE_AXES = (None, "act_batch", None, "act_kv_heads", None)
+CACHE_AXES = (None, "act_batch", "act_kv_heads", None, None)  # [layers, N, G, S, Dh]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,11 +128,14 @@ def sample(model, prompt_tokens, prompt_lengths, row_ids, key, cfg: SamplingConf
     real = idx[None, :] >= start[:, None]
     positions = jnp.where(real, idx[None, :] - start[:, None], 0).astype(jnp.int32)
     hidden, k, v = model.decoder.cached(prompt_tokens, positions, None,
-                                        attention_mask(real.astype(jnp.int32), window))
+                                        attention_mask(real.astype(jnp.int32), positions, window))
     last_logits = model.logits(hidden[:, -1:])[:, 0]
-    pad = ((0, 0), (0, 0), (0, s - p), (0, 0), (0, 0))
-    cache_k = constrain(jnp.pad(k, pad), CACHE_AXES)
-    cache_v = constrain(jnp.pad(v, pad), CACHE_AXES)
+    pad = ((0, 0), (0, 0), (0, 0), (0, s - p), (0, 0))
+    heads_first = lambda x: x.transpose(0, 1, 3, 2, 4)  # [layers, N, L, G, Dh] → [layers, N, G, L, Dh]
+    cache_k = constrain(jnp.pad(heads_first(k), pad), CACHE_AXES)
+    cache_v = constrain(jnp.pad(heads_first(v), pad), CACHE_AXES)
+    if not mcfg.scan_layers:  # one buffer per layer: each decode step reads and updates them in place
+        cache_k, cache_v = tuple(cache_k), tuple(cache_v)
 
     eos_ids = jnp.array(cfg.eos_token_ids or (-1,), jnp.int32)
     stop_table = _stop_table(cfg.stop_sequences) if cfg.stop_sequences else None
@@ -173,17 +179,42 @@ def sample(model, prompt_tokens, prompt_lengths, row_ids, key, cfg: SamplingConf
         positions = (prompt_lengths + step - 1)[:, None]
         hidden, k, v = model.decoder.cached(tok[:, None], positions, (cache_k, cache_v, visible[:, None, None, None, :]),
                                             jnp.ones((n, 1, 1, 1, 1), bool))
-        cache_k = constrain(jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, 0, i, 0, 0)),
-                            CACHE_AXES)
-        cache_v = constrain(jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, 0, i, 0, 0)),
-                            CACHE_AXES)
-        tok, state = record(step, model.logits(hidden)[:, 0], state)
+        logits = model.logits(hidden)[:, 0]
+        # Write the new keys/values only after every layer has read the cache: the barrier makes the writes
+        # depend on the logits, so XLA updates the cache buffers in place instead of copying them each step.
+        k, v, logits = jax.lax.optimization_barrier((k, v, logits))
+        new_k, new_v = heads_first(k), heads_first(v)
+        if mcfg.scan_layers:
+            write = lambda cache, new: constrain(
+                jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype), (0, 0, 0, i, 0)), CACHE_AXES)
+        else:
+            write = lambda cache, new: tuple(
+                constrain(jax.lax.dynamic_update_slice(c, x.astype(c.dtype), (0, 0, i, 0)), CACHE_AXES[1:])
+                for c, x in zip(cache, new))
+        cache_k, cache_v = write(cache_k, new_k), write(cache_v, new_v)
+        tok, state = record(step, logits, state)
         return step + 1, tok, cache_k, cache_v, state
 
     if t_max > 1:
         _, _, _, _, state = jax.lax.while_loop(cond, body, (jnp.int32(1), tok, cache_k, cache_v, state))
     tokens, lengths, finish, _, logprobs, sampling_lps, _ = state
     return SampleOutput(tokens, lengths, finish, logprobs, sampling_lps)
+
+
+def rollout_arrays(prompt_tokens, prompt_lengths, out: SampleOutput) -> dict[str, jax.Array]:
+    """Prompt + completion in the rollout layout of `rl/experience.py`: tokens [N, P + T] (the left-padded prompt,
+    then the completion padded after its end), positions 0..n-1 over each row's real tokens, segment_ids 1 on
+    real tokens, and response_mask [N, T] (True on generated tokens). A full forward on it gives the sampler's
+    `logprobs` at indices P - 1 + j."""
+    p = prompt_tokens.shape[1]
+    t = out.tokens.shape[1]
+    idx = jnp.arange(p + t)[None, :]
+    start = (p - prompt_lengths)[:, None]
+    response_mask = jnp.arange(t)[None, :] < out.lengths[:, None]
+    real = (idx >= start) & ((idx < p) | jnp.pad(response_mask, ((0, 0), (p, 0))))
+    return {"tokens": jnp.concatenate([prompt_tokens, out.tokens], axis=1).astype(jnp.int32),
+            "positions": jnp.where(real, idx - start, 0).astype(jnp.int32),
+            "segment_ids": real.astype(jnp.int32), "response_mask": response_mask}
 
 
 def sample_from_params(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens, prompt_lengths, row_ids, key,

@@ -89,8 +89,8 @@ def test_frozen_bottom_forward_same_loss_and_top_gradients(models):
           "advantages": jnp.array([[1.0, -1.0, 0.5, 0.2], [0.3, 0.1, 0.0, 0.0]]), "returns": jnp.ones((2, T))}
 
     def run(frozen):
-        fn = lambda p: minibatch_loss(p, mb, graphdefs=graphdefs, loss_cfg=LossConfig(), prompt_len=P,
-                                      frozen_layers=frozen)
+        fn = lambda p: minibatch_loss(p, mb, graphdefs=graphdefs, loss_cfg=LossConfig(), algorithm="ppo",  # noqa
+                                      prompt_len=P, frozen_layers=frozen)
         return jax.jit(jax.value_and_grad(fn, has_aux=True))(params)
 
     (loss_full, _), g_full = run(0)

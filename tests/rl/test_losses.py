@@ -73,26 +73,25 @@ def test_actor_critic_loss_selects_algorithm_and_anchor():
     logp, ent, values = jnp.array([[-0.9, -1.1, 0.0]]), jnp.array([[1.0, 3.0, 9.0]]), jnp.array([[0.4, -0.4, 0.0]])
     # V_θ = ±0.4 is 0.4 from V_old = 0: clipped to ±0.2, (0.2 − 0.5)² = 0.09 > (0.4 − 0.5)² = 0.01 on both tokens.
     vf = 0.5 * (0.09 + 0.09) / 2
-    cfg = LossConfig(algorithm="ppo", entropy_coef=0.1, vf_coef=0.5)
-    loss, m = actor_critic_loss(cfg, logp, ent, values, batch)
+    cfg = LossConfig(entropy_coef=0.1, vf_coef=0.5)
+    loss, m = actor_critic_loss(cfg, "ppo", logp, ent, values, batch)
     pg = float(ppo_policy_loss(logp, batch["old_logprobs"], batch["advantages"], MASK, 0.2)[0])
     assert float(loss) == pytest.approx(pg + 0.5 * vf - 0.1 * 2.0, rel=1e-6)
     # APA anchored at π_old (released): residuals −0.9 − 0.5 + 1 = −0.4, −1.1 + 0.5 + 1 = 0.4 → 0.16.
-    _, m = actor_critic_loss(LossConfig(algorithm="apa", apa_anchor="old"), logp, ent, values, batch)
+    _, m = actor_critic_loss(LossConfig(apa_anchor="old"), "apa", logp, ent, values, batch)
     assert float(m["policy_loss"]) == pytest.approx(0.16, rel=1e-6)
     # anchored at π_init = the reference, 1/λ = 2: −0.9 − 1 + 1.2 = −0.7, −1.1 + 1 + 0.8 = 0.7 → 0.49.
-    _, m = actor_critic_loss(LossConfig(algorithm="apa", apa_anchor="init", apa_inv_lambda=2.0), logp, ent, values,
-                             batch)
+    _, m = actor_critic_loss(LossConfig(apa_anchor="init", apa_inv_lambda=2.0), "apa", logp, ent, values, batch)
     assert float(m["policy_loss"]) == pytest.approx(0.49, rel=1e-6) and float(m["policy_weight"]) == 1.0
 
 
 def test_critic_warmup_gate_blocks_policy_gradient():
     batch = _experience()
     logp, ent = jnp.array([[-0.9, -1.1, 0.0]]), jnp.zeros((1, 3))
-    cfg = LossConfig(algorithm="apa", critic_warmup_threshold=1.0)
+    cfg = LossConfig(critic_warmup_threshold=1.0)
 
     def grads(values):
-        return jax.grad(lambda lp, v: actor_critic_loss(cfg, lp, ent, v, batch)[0], argnums=(0, 1))(logp, values)
+        return jax.grad(lambda lp, v: actor_critic_loss(cfg, "apa", lp, ent, v, batch)[0], argnums=(0, 1))(logp, values)
 
     bad_values = jnp.array([[3.0, -3.0, 0.0]])  # value loss ½·(2.5² + 2.5²)/2 = 3.125 > 1: only the critic trains
     g_logp, g_v = grads(bad_values)
@@ -105,6 +104,6 @@ def test_critic_warmup_gate_blocks_policy_gradient():
 
 def test_loss_config_errors():
     with pytest.raises(ConfigError, match="algorithm"):
-        LossConfig(algorithm="dpo")
+        actor_critic_loss(LossConfig(), "dpo", *(jnp.zeros((1, 3)),) * 3, _experience())
     with pytest.raises(ConfigError, match="apa_anchor"):
         LossConfig(apa_anchor="ref")

@@ -44,7 +44,7 @@ def run(devices, algorithm):
     params, shardings = params_and_shardings({"actor": actor, "critic": critic}, mesh)
     tx = optax.adamw(1e-3)
     state, state_shardings = init_rl_state(params, shardings, tx, mesh, seed=0, kl_coef=0.01)
-    step = jit_update_step(graphdefs, LossConfig(algorithm=algorithm, critic_warmup_threshold=0.0), tx, P, mesh,
+    step = jit_update_step(graphdefs, LossConfig(critic_warmup_threshold=0.0), algorithm, tx, P, mesh,
                            state_shardings, frozen_layers=1)
     batch = experience()
     losses = []

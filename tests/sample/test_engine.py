@@ -5,17 +5,20 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import functools  # noqa: E402
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from flax import nnx  # noqa: E402
 
 from starling_jax.model import hf_io  # noqa: E402
 from starling_jax.parallel.sharding import MeshConfig, make_mesh  # noqa: E402
 from starling_jax.sample.engine import (FINISH_EOS, FINISH_LENGTH, FINISH_STOP, SamplingConfig,  # noqa: E402
-                                        make_sampler)
+                                        make_sampler, rollout_arrays)
 from starling_jax.sample.rollout import Sampler, bucket_length  # noqa: E402
-from tests.model.hf_fixtures import cached_model, forward, one_device_mesh  # noqa: E402
+from tests.model.hf_fixtures import cached_model, one_device_mesh  # noqa: E402
 
 # Three prompts of different lengths; Mistral's window (5) is shorter than prompt + completion (up to 7 + 8).
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4, 12], [20, 21, 22, 23, 24]]
@@ -68,6 +71,16 @@ def run(graphdef, params, cfg: SamplingConfig, prompts=PROMPTS, row_ids=None, se
     row_ids = jnp.arange(len(prompts)) if row_ids is None else jnp.asarray(row_ids)
     out = make_sampler(graphdef, cfg, mesh)(params, tokens, lengths, row_ids, jax.random.key(seed))
     return jax.tree.map(np.asarray, out)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(graphdef, params, tokens, positions, segment_ids):
+    return nnx.merge(graphdef, params)(tokens, positions, segment_ids)
+
+
+def forward(cfg, graphdef, params, tokens, positions, segment_ids):
+    """Full forward without a cache (one compiled program per model and shape) → numpy logits."""
+    return np.asarray(_logits(graphdef, params, tokens, positions, segment_ids))
 
 
 def full_forward(cfg, graphdef, params, sequences):
@@ -143,6 +156,15 @@ def test_sampling_logprobs_match_warped_full_forward(mistral):
         chosen = warped[np.arange(NEW), out.tokens[r]]
         assert (chosen > 0).all(), "a token outside the top-k / nucleus was sampled"
         np.testing.assert_allclose(out.sampling_logprobs[r], np.log(chosen), atol=1e-4)
+    # the rollout layout PPO trains on (left-padded prompt + completion): a full forward gives the same log-probs
+    tokens, lengths = left_pad(PROMPTS)
+    arrays = jax.tree.map(np.asarray, rollout_arrays(jnp.asarray(tokens), jnp.asarray(lengths),
+                                                     jax.tree.map(jnp.asarray, out)))
+    logp = jax.nn.log_softmax(forward(cfg, graphdef, params, arrays["tokens"], arrays["positions"],
+                                      arrays["segment_ids"]), axis=-1)
+    chosen = np.take_along_axis(np.asarray(logp[:, 7:-1]), out.tokens[..., None], axis=-1)[..., 0]
+    np.testing.assert_allclose(chosen, out.logprobs, atol=1e-4)
+    assert arrays["response_mask"].all() and (arrays["positions"][1, 5:] == np.arange(11)).all()
 
 
 def test_eos_and_stop_sequences_end_rows_individually(mistral):
