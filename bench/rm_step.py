@@ -7,7 +7,7 @@ same Plackett-Luce loss written in torch and `torch.optim.AdamW`.
 
     python bench/rm_step.py                      # model A, 10 timed steps
     python bench/rm_step.py --models A,B --steps 5
-    python bench/rm_step.py --quick              # model A, 3 timed steps, no extra rows (smoke test)
+    python bench/rm_step.py --quick              # model A, 3 timed steps, headline rows only (smoke test)
     python bench/rm_step.py --variants           # also decoder variants (attention / embedding formulations)
     python bench/rm_step.py --profile            # also forward and forward+backward timed separately
     python bench/rm_step.py --attention einsum,blockwise   # attention implementations timed (fp32 rows)
@@ -247,6 +247,8 @@ def main(argv=None) -> int:
         args.steps, args.warmup = 3, 1
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     attentions = [a.strip() for a in args.attention.split(",") if a.strip()]
+    if args.quick:  # the headline row only
+        attentions, args.no_bf16 = attentions[:1], True
     for m in models:
         if m not in MODELS:
             ap.error(f"--models: unknown model {m!r}; choose from {sorted(MODELS)}")

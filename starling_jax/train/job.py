@@ -160,7 +160,8 @@ def resolve_tokenizer_dir(tokenizer: str | None, init_from: str | None, template
 def model_runtime(model: ModelConfig) -> dict:
     """The `model.*` fields that still apply when `init_from` fixes the architecture."""
     return dict(param_dtype=model.param_dtype, dtype=model.dtype, remat_policy=model.remat_policy,
-                scan_layers=model.scan_layers, attention_impl=model.attention_impl)
+                scan_layers=model.scan_layers, attention_impl=model.attention_impl,
+                attention_block=model.attention_block)
 
 
 def init_model(model: ModelConfig, init_from: str | None, role: str, mesh: Mesh, seed: int,

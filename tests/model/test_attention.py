@@ -129,7 +129,7 @@ def test_blockwise_never_holds_the_score_matrix():
     assert temp < scores_bytes / 16, (temp, scores_bytes)
 
 
-TINY = ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+TINY = ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                    num_key_value_heads=2, sliding_window=6, pad_token_id=0)
 
 
