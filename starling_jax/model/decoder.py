@@ -48,13 +48,6 @@ class RMSNorm(nnx.Module):
         return (self.scale[...].astype(jnp.float32) * x32).astype(x.dtype)
 
 
-def attention_mask(segment_ids, sliding_window: int | None):
-    """Boolean [N, 1, 1, L, L] (query, key) mask of `model/attention.py`'s rule with index positions (0..L-1 per
-    row: the window counts indices), for callers that build their own masks (KV-cache prefill, hydra)."""
-    positions = jnp.broadcast_to(jnp.arange(segment_ids.shape[-1]), segment_ids.shape)
-    return attention.attention_mask(segment_ids, positions, sliding_window)
-
-
 def rope(x, positions, theta: float):
     """Rotary embedding in the HF "rotate_half" layout. x: [N, L, heads, Dh], positions: [N, L]."""
     dh = x.shape[-1]
