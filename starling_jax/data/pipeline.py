@@ -29,6 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
+from starling_jax import tokenizer as tokenizer_lib
+from starling_jax.data.nectar import ReadReport, read_rankings, split_of
+from starling_jax.data.tokenize import RowDoesNotFit, tokenize_ranking
 from starling_jax.errors import DataError
 
 MASKED_RANK = 1e9
@@ -63,8 +66,9 @@ def select_answers(ranks: Sequence[float], k: int) -> list[int]:
 class InMemorySource:
     """Random-access examples from `TokenizedRanking`s (small runs straight from a file)."""
 
-    def __init__(self, tokenized, report=None):
+    def __init__(self, tokenized, report=None, provenance: dict | None = None):
         self.report = report  # nectar.ReadReport of the pass that read the rows (skipped rows, counts), if any
+        self.provenance = provenance or {}  # tokenizer.data_provenance of the tokenization
         self._ex = [
             {"row": t.row, "tokens": list(t.tokens), "ranks": np.asarray(t.ranks, np.float32),
              "answer_lengths": np.asarray(t.answer_lengths, np.int32),
@@ -90,6 +94,9 @@ class TfdsSource:
             raise DataError(f"{builder_dir}: no split {split!r} (has {list(self.builder.info.splits)})")
         self._src = self.builder.as_data_source(split=split)
         self.metadata = dict(self.builder.info.metadata or {})
+        # what prepare_data tokenized with (tokenizer.data_provenance); older datasets: template and max_length
+        self.provenance = dict(self.metadata.get("provenance") or {
+            k: self.metadata[k] for k in ("template", "max_length") if k in self.metadata})
 
     def __len__(self):
         return len(self._src)
@@ -345,20 +352,27 @@ def find_prepared(path) -> Path | None:
 
 
 def open_source(path, split: str = "train", *, tokenizer=None, template: str = "llama2_chat",
-                max_length: int = 2048, eval_fraction: float = 0.0, on_bad_row: str = "error"):
-    """A prepared `prepare_data` folder → TfdsSource; a Nectar-schema file → tokenized InMemorySource."""
+                max_length: int | None = None, eval_fraction: float = 0.0, on_bad_row: str = "error",
+                tokenizer_name: str | None = None):
+    """A prepared `prepare_data` folder → TfdsSource; a Nectar-schema file → tokenized InMemorySource.
+
+    A prepared dataset must have been made with this tokenizer (same fingerprint), template and max_length:
+    otherwise a one-line DataError names both sides (`tokenizer.check_provenance`; `max_length=None` accepts the
+    prepared one, and tokenizes a file with 2048)."""
+    if tokenizer is None:
+        tokenizer_name = str(tokenizer_lib.default_tokenizer_for(template))
+        tokenizer = tokenizer_lib.load_tokenizer(tokenizer_name)
+    check_length, max_length = max_length is not None, max_length or 2048
+    current = tokenizer_lib.data_provenance(tokenizer, tokenizer_name or getattr(tokenizer, "name_or_path", "?"),
+                                            template, max_length)
     prepared = find_prepared(path)
     if prepared is not None:
-        return TfdsSource(prepared, split)
+        src = TfdsSource(prepared, split)
+        tokenizer_lib.check_provenance(src.provenance, current if check_length else {**current, "max_length": None},
+                                       f"prepared dataset {prepared}", "this run")
+        return src
     if Path(path).is_dir():
         raise DataError(f"{path}: folder holds no prepared dataset (run starling_jax.prepare_data)")
-    from starling_jax.data.nectar import ReadReport, read_rankings, split_of
-    from starling_jax.data.tokenize import RowDoesNotFit, tokenize_ranking
-
-    if tokenizer is None:
-        from starling_jax.tokenizer import default_tokenizer_dir, load_tokenizer
-
-        tokenizer = load_tokenizer(default_tokenizer_dir())
     report = ReadReport()
     out = []
     for r in read_rankings(path, on_bad_row, report):
@@ -374,4 +388,4 @@ def open_source(path, split: str = "train", *, tokenizer=None, template: str = "
                 raise DataError(f"{path}: row {r.row}: {e} (on_bad_row=skip drops such rows and reports them)")
             report.rows_kept -= 1
             report.skip(r.row, str(e))
-    return InMemorySource(out, report)
+    return InMemorySource(out, report, current)

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from starling_jax import config as config_lib
+from starling_jax import tokenizer as tokenizer_lib
 from starling_jax.ckpt.manager import Checkpointer, check_architecture
 from starling_jax.data import pipeline as data_pipeline
 from starling_jax.errors import CheckpointError, TrainingError
@@ -53,20 +54,18 @@ def peak_flops(cfg_value: float, device_kind: str | None = None) -> float | None
 # ------------------------------------------------------------------------------------------------ pieces
 def resolve_tokenizer_dir(cfg: RMRunConfig) -> Path:
     if cfg.data.tokenizer:
-        return Path(cfg.data.tokenizer)
+        return tokenizer_lib.resolve_tokenizer_dir(cfg.data.tokenizer)  # a folder or a Hub id
     if cfg.init_from:
         model_dir = hf_io.resolve_model_dir(cfg.init_from)
         if (model_dir / "tokenizer_config.json").is_file():
             return model_dir
-    from starling_jax.tokenizer import default_tokenizer_dir
-
-    template = cfg.data.template if cfg.data.template != "tokenizer" else "llama2_chat"
-    return default_tokenizer_dir(chat_template=template)
+    return tokenizer_lib.default_tokenizer_for(cfg.data.template)
 
 
 def build_data(cfg: RMRunConfig, tokenizer) -> tuple[data_pipeline.RankingPipeline, data_pipeline.RankingPipeline]:
     d = cfg.data
-    common = dict(tokenizer=tokenizer, template=d.template, max_length=d.max_length, on_bad_row=d.on_bad_row)
+    common = dict(tokenizer=tokenizer, template=d.template, max_length=d.max_length, on_bad_row=d.on_bad_row,
+                  tokenizer_name=str(resolve_tokenizer_dir(cfg)))
     train_src = data_pipeline.open_source(resolve_bundled(d.train), "train",
                                           eval_fraction=0.0 if d.eval else d.eval_fraction, **common)
     if d.eval:
@@ -127,7 +126,8 @@ def build_model(cfg: RMRunConfig, mesh, tokenizer_pad_id: int | None):
     return model_cfg, graphdef, params, sharding.state_shardings(abstract, mesh)
 
 
-def run_meta(cfg: RMRunConfig, model_cfg: ModelConfig, tokenizer_dir: Path, eval_metrics: dict | None) -> dict:
+def run_meta(cfg: RMRunConfig, model_cfg: ModelConfig, tokenizer_dir: Path, eval_metrics: dict | None,
+             data_provenance: dict | None = None) -> dict:
     return {
         "role": ROLE,
         "architecture": model_cfg.architecture_dict(),
@@ -135,6 +135,7 @@ def run_meta(cfg: RMRunConfig, model_cfg: ModelConfig, tokenizer_dir: Path, eval
         "tokenizer_dir": str(tokenizer_dir),
         "template": cfg.data.template,
         "max_length": cfg.data.max_length,
+        "data": data_provenance,  # what the training data was tokenized with (the prepared dataset's record)
         "run_config": config_lib.to_dict(cfg),
         "eval": eval_metrics or {},
     }
@@ -284,7 +285,8 @@ def train_reward_model(cfg: RMRunConfig) -> dict[str, Any]:
 
     def save(at_step: int, force: bool = False):
         drain()
-        ckpt.save(at_step, state, train_data.state(), run_meta(cfg, model_cfg, tokenizer_dir, last_eval), force=force)
+        ckpt.save(at_step, state, train_data.state(), run_meta(cfg, model_cfg, tokenizer_dir, last_eval,
+                                                                      train_data.source.provenance), force=force)
 
     try:
         train_iter = iter(train_data)
@@ -333,7 +335,8 @@ def train_reward_model(cfg: RMRunConfig) -> dict[str, Any]:
         if cfg.export.hf:
             hf_dir = out / "hf"
             hf_io.save_hf(hf_dir, model_cfg, state["params"], ROLE, tokenizer_dir=tokenizer_dir,
-                          extra_config=reward_stats(last_eval))
+                          template=cfg.data.template, extra_config={
+                              **reward_stats(last_eval), "starling_jax_data": train_data.source.provenance})
         if cfg.export.plot and is_main:
             plot_summary(history_path, last_eval, out / "summary.png")
     return {
