@@ -182,7 +182,8 @@ def tokenizer_fingerprint(tok) -> str:
         h.update(f"{idx}\t{token}\n".encode("utf-8", "surrogatepass"))
     specials = {k: [getattr(tok, k, None), getattr(tok, k + "_id", None)]
                 for k in ("bos_token", "eos_token", "unk_token")}
-    specials["all"] = sorted(t for t in tok.all_special_tokens if t != tok.pad_token)
+    named = {getattr(tok, k, None) for k in ("bos_token", "eos_token", "unk_token")} - {None}
+    specials["all"] = sorted((set(tok.all_special_tokens) - {tok.pad_token}) | named)
     h.update(json.dumps(specials, sort_keys=True, default=str).encode())
     h.update(json.dumps([list(tok(_PROBE, add_special_tokens=True)["input_ids"]),
                          list(tok(_PROBE, add_special_tokens=False)["input_ids"])]).encode())
@@ -290,10 +291,13 @@ def safe_pad_id(tok, template: str, where: str) -> int:
         "HF sequence classification would read the reward at the wrong token. Add a pad token to the tokenizer")
 
 
-def prepare_export_tokenizer(src, template: str, where: str):
+def prepare_export_tokenizer(src, template: str, where: str, pad_token: str | None = None):
     """The tokenizer of `src` with the training format as `chat_template` and a safe pad token (`safe_pad_id`),
-    not yet saved (every host can check it; one writes it with `save_export_tokenizer`)."""
+    not yet saved (every host can check it; one writes it with `save_export_tokenizer`). `pad_token="unk"`
+    prefers `<unk>` (the Starling-RM rule) to the tokenizer's own pad."""
     tok = load_tokenizer(src)
+    if pad_token == "unk" and tok.unk_token is not None:
+        tok.pad_token = tok.unk_token
     chat_template = export_chat_template(tok, template)
     tok.pad_token = tok.convert_ids_to_tokens(safe_pad_id(tok, template, where))
     tok.chat_template = chat_template
