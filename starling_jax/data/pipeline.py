@@ -22,6 +22,7 @@ Besides the ARCHITECTURE.md keys a batch carries `row` int32 [B] (1-based input 
 from __future__ import annotations
 
 import atexit
+import json
 import math
 import weakref
 from collections.abc import Sequence
@@ -97,6 +98,7 @@ class TfdsSource:
         # what prepare_data tokenized with (tokenizer.data_provenance); older datasets: template and max_length
         self.provenance = dict(self.metadata.get("provenance") or {
             k: self.metadata[k] for k in ("template", "max_length") if k in self.metadata})
+        self.report = prepared_report(builder_dir)  # its skipped rows count in train_rm's rows_skipped
 
     def __len__(self):
         return len(self._src)
@@ -108,6 +110,22 @@ class TfdsSource:
         if hasattr(self._src, "__getitems__"):
             return self._src.__getitems__([int(i) for i in idx])
         return [self._src[int(i)] for i in idx]
+
+
+def prepared_report(builder_dir) -> ReadReport | None:
+    """The rows `prepare_data` skipped (from its `report.json`, two folders above the TFDS builder folder)."""
+    path = Path(builder_dir).parent.parent / "report.json"
+    if not path.is_file():
+        return None
+    try:
+        rep = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    report = ReadReport(source=str(rep.get("input", path)), rows_read=int(rep.get("rows_read", 0)),
+                        rows_kept=int(rep.get("rows_kept", 0)))
+    for s in rep.get("skipped") or []:
+        report.skip(s["row"], s["reason"])
+    return report
 
 
 def _getitems(source, idx):

@@ -29,6 +29,8 @@ def test_prepare_skip_then_pipeline(tmp_path, tok_dir, capsys):
     for split in ("train", "eval"):
         src = open_source(out, split)
         assert src.metadata["template"] == "llama2_chat" and src.metadata["max_length"] == 64
+        # the rows prepare_data skipped reach train_rm's rows_skipped (README)
+        assert sorted(s["row"] for s in src.report.skipped) == sorted(bad) and src.report.source == str(f)
         for i in range(len(src)):
             ex = src[i]
             rows[int(ex["row"])] = split

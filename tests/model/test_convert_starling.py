@@ -7,7 +7,8 @@ import shutil
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+from .hf_fixtures import require_torch  # noqa: E402
+torch = require_torch()
 
 from starling_jax import convert_starling  # noqa: E402
 from starling_jax.errors import CheckpointError  # noqa: E402

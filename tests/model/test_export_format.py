@@ -9,7 +9,8 @@ import shutil
 import numpy as np
 import pytest
 
-pytest.importorskip("torch")
+from .hf_fixtures import require_torch  # noqa: E402
+require_torch()
 
 from starling_jax import score, train_rm  # noqa: E402
 from starling_jax.data.chat import parse_hh  # noqa: E402

@@ -6,7 +6,8 @@ import shutil
 import numpy as np
 import pytest
 
-pytest.importorskip("torch")
+from .hf_fixtures import require_torch  # noqa: E402
+require_torch()
 
 from safetensors.numpy import save_file  # noqa: E402
 
@@ -224,3 +225,14 @@ def test_sharded_index_with_missing_shard(tmp_path_factory, tmp_path):
     victim.unlink()
     with pytest.raises(CheckpointError, match=rf"index\.json: shard file {victim.name} is missing"):
         load_hf(out, "causal_lm", one_device_mesh())
+
+
+def test_missing_torch_fails_the_parity_suite(monkeypatch):
+    """A missing torch is an ImportError at collection (a CI failure), not a skip."""
+    import sys
+
+    from .hf_fixtures import require_torch
+
+    monkeypatch.setitem(sys.modules, "torch", None)
+    with pytest.raises(ImportError, match="dev extra"):
+        require_torch()

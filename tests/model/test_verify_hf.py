@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-pytest.importorskip("torch")
+from .hf_fixtures import require_torch  # noqa: E402
+require_torch()
 
 from starling_jax import verify_hf  # noqa: E402
 
