@@ -92,10 +92,10 @@ def main(argv=None) -> int:
         report = run(args)
     except StarlingError as e:
         print(f"error: {e}", file=sys.stderr)
-        print(json.dumps({"ok": False, "error": str(e), "output": str(args.output)}))
+        print(json.dumps({"status": "error", "error": str(e), "output": str(args.output)}))
         return 2
     summary = {k: report[k] for k in ("rows_read", "rows_kept", "rows_skipped", "rows_truncated", "splits")}
-    summary = {"ok": True, **summary, "output": report["output"]}
+    summary = {"status": "completed", **summary, "output": report["output"]}
     print(json.dumps(summary))
     return 0
 

@@ -168,6 +168,7 @@ def verify(model: str, dtype: str = "float32", tolerance: float | None = None, m
     summary["scaled_diff"] = float(max_diff / max(1.0, scale))
     summary["tolerance"] = tolerance
     summary["passed"] = bool(summary["scaled_diff"] <= tolerance)
+    summary["status"] = "passed" if summary["passed"] else "failed"
     return summary
 
 
@@ -183,7 +184,7 @@ def main(argv=None) -> int:
         summary = verify(model, args.dtype, args.tolerance, args.max_length, args.seed)
     except StarlingError as e:
         print(f"error: {e}", file=sys.stderr)
-        print(json.dumps({"passed": False, "error": str(e)}))
+        print(json.dumps({"status": "error", "passed": False, "error": str(e)}))
         return 2
     print(json.dumps(summary), flush=True)
     return 0 if summary["passed"] else 1

@@ -17,7 +17,7 @@ def test_prepare_skip_then_pipeline(tmp_path, tok_dir, capsys):
                             "--max-length", "64", "--on-bad-row", "skip", "--eval-fraction", "0.3"])
     assert rc == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["ok"] and summary["rows_kept"] == len(good) and summary["rows_skipped"] == len(bad)
+    assert summary["status"] == "completed" and summary["rows_kept"] == len(good) and summary["rows_skipped"] == len(bad)
     assert summary["output"] == str(out)
     rep = json.loads((out / "report.json").read_text())
     assert rep["rows_read"] == len(good) + len(bad)
@@ -53,7 +53,7 @@ def test_prepare_error_stops(tmp_path, tok_dir, capsys):
     assert rc != 0
     cap = capsys.readouterr()
     assert f"row {min(bad)}" in cap.err and "rank" in cap.err
-    assert json.loads(cap.out.strip().splitlines()[-1])["ok"] is False
+    assert json.loads(cap.out.strip().splitlines()[-1])["status"] == "error"
 
 
 def test_prepare_row_that_cannot_fit_is_reported(tmp_path, tok_dir, capsys):

@@ -132,7 +132,21 @@ def test_pad_eq_eos_replaced_and_hf_pooling_gives_our_rewards(run, tmp_path):
     assert np.abs(hf_rewards(bad) - ref).max() > 1e-3
 
 
-def test_no_safe_pad_is_refused(tok_dir_llama=None):
+def test_export_hf_refuses_a_non_empty_output_unless_overwrite(run, capsys):
+    from starling_jax import export_hf
+
+    _, _, out = run
+    rc = export_hf.main(["--checkpoint", str(out), "--output", str(out / "hf")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "not empty" in err[0] and "--overwrite" in err[0]
+    before = (out / "hf" / "config.json").read_text()
+    assert export_hf.main(["--checkpoint", str(out), "--output", str(out / "hf"), "--overwrite"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["status"] == "completed" and (out / "hf" / "config.json").read_text() == before
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+
+
+def test_no_safe_pad_is_refused():
     tok = load_tokenizer(default_tokenizer_for("llama2_chat"))
     tok.pad_token = "</s>"
     assert safe_pad_id(tok, "llama2_chat", "x") == tok.unk_token_id
