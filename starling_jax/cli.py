@@ -7,6 +7,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -23,15 +24,19 @@ def setup_logging(verbose: bool = False) -> None:
 def initialize_distributed() -> None:
     """Joins a multi-process (multi-host) run before any device is touched.
 
-    - TPU pod slices: `STARLING_JAX_DISTRIBUTED=1` (the launch scripts set it) → `jax.distributed.initialize()`,
+    - TPU pod slices: `STARLING_JAX_DISTRIBUTED=1` (launch/tpu.sh sets it) → `jax.distributed.initialize()`,
       which finds the coordinator and process ids from the TPU metadata itself.
-    - Anywhere else (GPU clusters, or several processes on one machine simulating hosts):
+    - SLURM (launch/slurm.sh): `STARLING_JAX_DISTRIBUTED=slurm` → coordinator, process count and id from SLURM's
+      environment (`slurm_distributed_args`).
+    - Anywhere else (several processes on one machine simulating hosts, other clusters):
       `STARLING_JAX_COORDINATOR=host:port`, `STARLING_JAX_NUM_PROCESSES=N`, `STARLING_JAX_PROCESS_ID=i`.
     CPU processes exchange collectives through gloo.
     """
     coordinator = os.environ.get("STARLING_JAX_COORDINATOR")
-    if not coordinator and os.environ.get("STARLING_JAX_DISTRIBUTED") != "1":
+    mode = os.environ.get("STARLING_JAX_DISTRIBUTED", "")
+    if not coordinator and mode not in ("1", "slurm"):
         return
+    kwargs = slurm_distributed_args(os.environ) if mode == "slurm" and not coordinator else None
     import jax
 
     if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
@@ -40,8 +45,55 @@ def initialize_distributed() -> None:
         jax.distributed.initialize(coordinator_address=coordinator,
                                    num_processes=int(os.environ["STARLING_JAX_NUM_PROCESSES"]),
                                    process_id=int(os.environ["STARLING_JAX_PROCESS_ID"]))
+    elif kwargs is not None:
+        jax.distributed.initialize(**kwargs)
     else:
         jax.distributed.initialize()
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: `gpu[003-010,012],cpu1` → `gpu003`, `a1,a2` → `a1`."""
+    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not m or not m.group(1):
+        raise ValueError(nodelist)
+    prefix, ranges = m.group(1), m.group(2)
+    return prefix + re.split(r"[-,]", ranges)[0] if ranges else prefix
+
+
+def _slurm_tasks_on_node(env) -> int:
+    """Tasks of this step on this node: SLURM_STEP_TASKS_PER_NODE / SLURM_TASKS_PER_NODE look like `8(x2),4`."""
+    for key in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE"):
+        if env.get(key):
+            m = re.match(r"(\d+)", env[key])
+            if m:
+                return int(m.group(1))
+    return 1
+
+
+def slurm_distributed_args(env) -> dict[str, Any]:
+    """`jax.distributed.initialize` arguments for a process started by `srun` → coordinator on the step's first
+    node (port STARLING_JAX_COORDINATOR_PORT, else derived from the job id), SLURM_NTASKS processes, id
+    SLURM_PROCID. With several tasks per node each drives one GPU (SLURM_LOCALID); with one task per node it drives
+    all of them. JAX's own SLURM detection is switched off: it would restrict a one-per-node process to GPU 0."""
+    from starling_jax.errors import ConfigError
+
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+    for key, value in (("SLURM_JOB_ID", env.get("SLURM_JOB_ID")), ("SLURM_STEP_NODELIST", nodelist),
+                       ("SLURM_NTASKS", env.get("SLURM_NTASKS")), ("SLURM_PROCID", env.get("SLURM_PROCID")),
+                       ("SLURM_LOCALID", env.get("SLURM_LOCALID"))):
+        if not value:
+            raise ConfigError(f"STARLING_JAX_DISTRIBUTED=slurm but {key} is not set: start the processes with srun "
+                              "inside an sbatch/salloc allocation (launch/slurm.sh does)")
+    try:
+        host = first_slurm_host(nodelist)
+        port = int(env.get("STARLING_JAX_COORDINATOR_PORT") or 61440 + int(env["SLURM_JOB_ID"]) % 4096)
+        num, pid, local = int(env["SLURM_NTASKS"]), int(env["SLURM_PROCID"]), int(env["SLURM_LOCALID"])
+    except ValueError:
+        raise ConfigError(f"SLURM environment not understood: nodelist {nodelist!r}, SLURM_NTASKS="
+                          f"{env.get('SLURM_NTASKS')!r}, SLURM_PROCID={env.get('SLURM_PROCID')!r}") from None
+    return {"coordinator_address": f"{host}:{port}", "num_processes": num, "process_id": pid,
+            "local_device_ids": [local] if _slurm_tasks_on_node(env) > 1 else None,
+            "cluster_detection_method": "deactivate"}
 
 
 def print_summary(summary: dict[str, Any]) -> None:

@@ -93,31 +93,61 @@ class Attention(nnx.Module):
         self.v_proj = _init(cfg, rngs, (d, g, dh), ("embed", "kv_heads", "head_dim"))
         self.o_proj = _init(cfg, rngs, (h, dh, d), ("q_heads", "head_dim", "embed"))
 
-    def __call__(self, x, positions, mask):
+    def project_qkv(self, x, positions):
+        """x [N, L, D] → q [N, L, H, Dh], k and v [N, L, G, Dh], RoPE applied to q and k."""
         cfg, dtype = self.cfg, self.cfg.jnp_dtype
-        n, length, _ = x.shape
-        g, dh = cfg.num_key_value_heads, cfg.resolved_head_dim
-        r = cfg.num_attention_heads // g  # query heads per KV head
         q = jnp.einsum("nld,dhk->nlhk", x, self.q_proj[...].astype(dtype))
         k = jnp.einsum("nld,dgk->nlgk", x, self.k_proj[...].astype(dtype))
         v = jnp.einsum("nld,dgk->nlgk", x, self.v_proj[...].astype(dtype))
         q = constrain(rope(q, positions, cfg.rope_theta), ("act_batch", "act_length", "act_heads", None))
         k = constrain(rope(k, positions, cfg.rope_theta), ("act_batch", "act_length", "act_kv_heads", None))
         v = constrain(v, ("act_batch", "act_length", "act_kv_heads", None))
+        return q, k, v
+
+    def project_out(self, out):
+        out = constrain(out, ("act_batch", "act_length", "act_heads", None))
+        return jnp.einsum("nlhk,hkd->nld", out, self.o_proj[...].astype(self.cfg.jnp_dtype))
+
+    def __call__(self, x, positions, mask):
+        cfg = self.cfg
+        q, k, v = self.project_qkv(x, positions)
         if cfg.attention_from_lengths:  # `mask` holds the per-row lengths here
             out = fused_attention(q, k, v, mask, cfg.sliding_window,
                                   "cudnn" if cfg.attention_impl == "cudnn" else None)
         else:
-            q = q.reshape(n, length, g, r, dh)
-            # Scores and softmax in float32 for stability; a fully masked (padding) query row gets uniform weights
-            # over finite logits instead of NaN, and its output is never read.
-            scores = jnp.einsum("nqgrk,nsgk->ngrqs", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(
-                dh).astype(jnp.float32)
-            scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-            probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-            out = jnp.einsum("ngrqs,nsgk->nqgrk", probs, v).reshape(n, length, cfg.num_attention_heads, dh)
-        out = constrain(out, ("act_batch", "act_length", "act_heads", None))
-        return jnp.einsum("nlhk,hkd->nld", out, self.o_proj[...].astype(dtype))
+            out = gqa_attention(q, [(k, v, mask)])
+        return self.project_out(out)
+
+    def cached(self, x, positions, cache, self_mask):
+        """Attention of the new tokens x [N, L, D] over the cached keys plus themselves (prefill: L prompt tokens
+        and `cache=None`; decode: L = 1). cache: (k, v [N, S, G, Dh], mask [N, 1, 1, L, S]) or None; self_mask
+        [N, 1, 1, L, L]. → (output [N, L, D], the new k, v [N, L, G, Dh] for the caller to store)."""
+        q, k, v = self.project_qkv(x, positions)
+        blocks = [(k, v, self_mask)] if cache is None else [cache, (k, v, self_mask)]
+        return self.project_out(gqa_attention(q, blocks)), k, v
+
+
+def gqa_attention(q, blocks):
+    """Softmax attention of q [N, Lq, H, Dh] over the keys of all `blocks` jointly; a block is (k [N, Lk, G, Dh],
+    v [N, Lk, G, Dh], mask broadcastable to [N, 1, 1, Lq, Lk]). The H = G·R query heads read their KV head
+    through a [G, R] reshape of q, never a repeated copy of k/v. Several blocks let a decode step attend over a
+    KV cache and the new token without concatenating (copying) the cache."""
+    n, lq, h, dh = q.shape
+    g = blocks[0][0].shape[2]
+    q = q.reshape(n, lq, g, h // g, dh)
+    # Scores and softmax in float32 for stability; a fully masked (padding) query row gets uniform weights
+    # over finite logits instead of NaN, and its output is never read.
+    scale = jnp.sqrt(dh).astype(jnp.float32)
+    scores = [jnp.where(mask, jnp.einsum("nqgrk,nsgk->ngrqs", q, k, preferred_element_type=jnp.float32) / scale,
+                        jnp.finfo(jnp.float32).min) for k, _, mask in blocks]
+    sizes = [s.shape[-1] for s in scores]
+    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1) if len(scores) > 1 else scores[0], axis=-1)
+    probs = probs.astype(q.dtype)
+    out, start = 0, 0
+    for (_, v, _), size in zip(blocks, sizes):
+        out = out + jnp.einsum("ngrqs,nsgk->nqgrk", probs[..., start:start + size], v)
+        start += size
+    return out.reshape(n, lq, h, dh)
 
 
 class MLP(nnx.Module):
@@ -149,6 +179,13 @@ class DecoderLayer(nnx.Module):
         x = x + self.attn(self.attn_norm(x), positions, mask)
         x = x + self.mlp(self.mlp_norm(x))
         return constrain(x, ("act_batch", "act_length", "act_embed"))
+
+    def cached(self, x, positions, cache, self_mask):
+        """The same layer over new tokens with a KV cache (see `Attention.cached`) → (x, k, v)."""
+        out, k, v = self.attn.cached(self.attn_norm(x), positions, cache, self_mask)
+        x = x + out
+        x = x + self.mlp(self.mlp_norm(x))
+        return constrain(x, ("act_batch", "act_length", "act_embed")), k, v
 
 
 class Decoder(nnx.Module):
@@ -202,3 +239,32 @@ class Decoder(nnx.Module):
             for layer in self.layers:
                 x = apply_layer(layer, x)
         return self.final_norm(x)
+
+    def cached(self, tokens, positions, cache, self_mask):
+        """Forward of new tokens [N, L] against a KV cache (the sampler's prefill and decode steps).
+
+        cache: None (prefill) or (k, v [num_layers, N, S, G, Dh], mask [N, 1, 1, L, S]: which cached keys each
+        new token sees); self_mask [N, 1, 1, L, L]: which new tokens each new token sees.
+        → (hidden [N, L, D], k, v [num_layers, N, L, G, Dh]: the new tokens' keys/values; storing them is the
+        caller's job, so the cache stays one buffer updated in place by the decode loop).
+        """
+        x = constrain(self.embed_tokens(tokens), ("act_batch", "act_length", "act_embed"))
+        if self.cfg.scan_layers:
+            graphdef, stacked = nnx.split(self.layers)
+
+            def body(x, xs):
+                layer_state, layer_cache = xs
+                layer_cache = None if layer_cache is None else (*layer_cache, cache[2])
+                x, k, v = nnx.merge(graphdef, layer_state).cached(x, positions, layer_cache, self_mask)
+                return x, (k, v)
+
+            x, (k, v) = jax.lax.scan(body, x, (stacked, None if cache is None else cache[:2]))
+        else:
+            ks, vs = [], []
+            for i, layer in enumerate(self.layers):
+                layer_cache = None if cache is None else (cache[0][i], cache[1][i], cache[2])
+                x, k, v = layer.cached(x, positions, layer_cache, self_mask)
+                ks.append(k)
+                vs.append(v)
+            k, v = jnp.stack(ks), jnp.stack(vs)
+        return self.final_norm(x), k, v

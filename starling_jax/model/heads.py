@@ -47,7 +47,10 @@ class CausalLM(nnx.Module):
 
     def __call__(self, tokens, positions, segment_ids):
         """→ logits [N, L, V], float32."""
-        hidden = self.decoder(tokens, positions, segment_ids)
+        return self.logits(self.decoder(tokens, positions, segment_ids))
+
+    def logits(self, hidden):
+        """hidden [N, L, D] → logits [N, L, V], float32 (the tied or untied LM head)."""
         if self.cfg.tie_word_embeddings:
             logits = hidden @ self.decoder.embed[...].astype(hidden.dtype).T
         else:
