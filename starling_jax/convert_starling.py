@@ -1,6 +1,10 @@
 """Convert the released Starling-RM-7B-alpha weights into a safetensors `LlamaForSequenceClassification` folder.
 
-    python -m starling_jax.convert_starling --input FILE_OR_DIR --base DIR_OR_HUB_ID --output HF_DIR [--overwrite]
+    python -m starling_jax.convert_starling [--input FILE_OR_DIR_OR_HUB_ID] [--base DIR_OR_HUB_ID] [--output HF_DIR]
+                                            [--overwrite]
+
+With no arguments it converts `berkeley-nest/Starling-RM-7B-alpha` from the Hub into
+`runs/starling_rm_7b_alpha_hf` (offline: one `error:` line naming the id).
 
 The published weights are a PyTorch pickle of the model card's `GPTRewardModel` state dict, which the card loads
 with `strict=False`: the Llama-2-7B-chat trunk under `model.model.*` and/or `transformer.*` (the same module
@@ -32,6 +36,8 @@ from starling_jax.model import hf_io
 from starling_jax.model.config import ModelConfig
 
 DEFAULT_BASE = "meta-llama/Llama-2-7b-chat-hf"
+DEFAULT_INPUT = "berkeley-nest/Starling-RM-7B-alpha"
+DEFAULT_OUTPUT = "runs/starling_rm_7b_alpha_hf"
 TEMPLATE = "llama2_chat"  # the Starling-RM-7B-alpha format
 MAX_LENGTH = 2048
 PICKLE_NAMES = ("*.bin", "*.pt", "*.pth")
@@ -39,11 +45,21 @@ IGNORED = ("model.lm_head.weight", "lm_head.weight")
 
 
 def find_pickle(path: Path) -> Path:
-    """The weights file: `path` itself, or the single `.bin`/`.pt`/`.pth` in a folder."""
+    """The weights file: `path` itself, or the single `.bin`/`.pt`/`.pth` in a folder (a Hub id is downloaded)."""
     if path.is_file():
         return path
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: no such file or folder")
+    if not path.exists():
+        text = str(path)
+        if text.count("/") != 1 or text.startswith((".", "/", "~")) or Path(text).suffix:
+            raise CheckpointError(f"{path}: no such file or folder")
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(text, allow_patterns=["*.bin", "*.pt", "*.pth", "*.json"]))
+        except Exception as e:  # noqa: BLE001 - offline, unknown or gated repo
+            reason = " ".join(str(e).split())[:200]
+            raise CheckpointError(f"{text}: not a local file or folder and not fetched from the HuggingFace Hub "
+                                  f"({type(e).__name__}: {reason}); download it and pass the folder") from None
     files = sorted({p for pattern in PICKLE_NAMES for p in path.glob(pattern)} - {path / "training_args.bin"})
     if len(files) != 1:
         raise CheckpointError(f"{path}: expected one .bin/.pt weights file, found {[p.name for p in files]}")
@@ -174,10 +190,11 @@ def _plan_shards(tensors: dict, max_bytes: int) -> list[list[str]]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m starling_jax.convert_starling", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", required=True, help="the Starling-RM-7B-alpha .bin/.pt file, or its folder")
+    parser.add_argument("--input", default=DEFAULT_INPUT, help="the Starling-RM-7B-alpha .bin/.pt file, its folder, "
+                        f"or a Hub id (default: {DEFAULT_INPUT})")
     parser.add_argument("--base", default=DEFAULT_BASE, help="folder or Hub id with the Llama-2-7B-chat "
                         f"config.json and tokenizer (default: {DEFAULT_BASE})")
-    parser.add_argument("--output", required=True, help="HF folder to write")
+    parser.add_argument("--output", default=DEFAULT_OUTPUT, help=f"HF folder to write (default: {DEFAULT_OUTPUT})")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --output folder")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     cli.setup_logging()

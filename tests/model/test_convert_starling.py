@@ -176,3 +176,16 @@ def test_bad_pickles_are_one_line_errors(starling, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "trunc.pt" in err[0]
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o3").exists()
+
+
+def test_no_arguments_offline_is_one_line_naming_the_hub_id(tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    rc = convert_starling.main([])
+    cap = capsys.readouterr()
+    err = cap.err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "berkeley-nest/Starling-RM-7B-alpha" in err[0]
+    assert json.loads(cap.out.strip().splitlines()[-1])["status"] == "error"

@@ -146,6 +146,14 @@ def test_export_hf_refuses_a_non_empty_output_unless_overwrite(run, capsys):
     assert not [p for p in out.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
 
 
+def test_score_refuses_another_template_than_the_recorded_one(run):
+    from starling_jax.errors import DataError
+
+    _, data, out = run
+    with pytest.raises(DataError, match="template llama2_chat.*template chatml"):
+        score.score(str(out), str(data), template="chatml")
+
+
 def test_no_safe_pad_is_refused():
     tok = load_tokenizer(default_tokenizer_for("llama2_chat"))
     tok.pad_token = "</s>"
