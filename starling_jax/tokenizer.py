@@ -9,6 +9,12 @@ fast tokenizer (`tokenizer.json`), so later loads are fast and need no `sentence
 Pad token: `<unk>` (id 0), as Starling-RM-7B-alpha used, or `<|pad_0|>` (id 32001) with the OpenChat special
 tokens (`<|end_of_turn|>` id 32000 becomes the EOS). The named chat template is stored as the tokenizer's
 `chat_template`; the templates live in `starling_jax.data.chat`.
+
+Also here: which tokenizer a template uses by default (`default_tokenizer_for`, the same in prepare_data,
+train_rm and score), a folder or Hub id (`resolve_tokenizer_dir`), the data provenance (`data_provenance`: a
+fingerprint of the vocabulary, special tokens and probe ids; the template; max_length) and its check, and the
+export tokenizer (`prepare_export_tokenizer`: a chat_template verified to render exactly the training tokens and
+a pad id that HF sequence-classification pooling cannot confuse with the reward token).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from pathlib import Path
 
 from starling_jax.data.chat import get_template
 from starling_jax.data.tokenize import tokenize_answers
-from starling_jax.errors import CheckpointError
+from starling_jax.errors import CheckpointError, DataError
 
 BASE_VOCAB = 32000
 OPENCHAT_TOKENS = ("<|end_of_turn|>", "<|pad_0|>")
@@ -219,8 +225,6 @@ def check_provenance(recorded: dict, current: dict, recorded_what: str, current_
     bad = [k for k in keys if recorded.get(k) is not None and current.get(k) is not None
            and str(recorded[k]) != str(current[k])]
     if bad:
-        from starling_jax.errors import DataError
-
         raise DataError(f"{recorded_what} was made with {_describe(recorded)} but {current_what} uses "
                         f"{_describe(current)} ({', '.join(bad)} differ{'s' if len(bad) == 1 else ''}); "
                         "use the same tokenizer, template and max_length, or prepare the data again")
