@@ -1,11 +1,17 @@
 """Export a starling_jax checkpoint as a HuggingFace folder.
 
-    python -m starling_jax.export_hf --checkpoint CKPT_DIR --output HF_DIR [--step N] [--tokenizer DIR]
+    python -m starling_jax.export_hf --checkpoint CKPT_DIR --output HF_DIR [--step N] [--tokenizer DIR] [--overwrite]
 
 A reward-model checkpoint becomes `MistralForSequenceClassification` / `LlamaForSequenceClassification`
 (`num_labels: 1`, `pad_token_id` set, tokenizer with its chat template, the eval split's reward mean/std in
 `config.json`); a policy checkpoint becomes `*ForCausalLM`. CKPT_DIR may be a run's output folder, its
 `checkpoints/` folder or one step folder; the latest complete step is used unless --step is given.
+
+The exported tokenizer's `chat_template` is the format the run trained with (recorded in the checkpoint), so
+`apply_chat_template` gives exactly the training tokens, reward token included, whatever template `init_from`'s
+tokenizer carried; a reward model's `pad_token_id` never equals the token the reward is read at (HF pools at the
+last non-pad token). The folder is written aside and renamed into place; an existing non-empty `--output` is
+refused unless `--overwrite`.
 """
 
 from __future__ import annotations
@@ -17,7 +23,8 @@ from pathlib import Path
 from starling_jax import cli
 
 
-def export(checkpoint: str, output: str, step: int | None = None, tokenizer: str | None = None) -> dict:
+def export(checkpoint: str, output: str, step: int | None = None, tokenizer: str | None = None,
+           overwrite: bool = False) -> dict:
     from pathlib import Path
 
     from starling_jax.ckpt.manager import load_model
@@ -35,7 +42,11 @@ def export(checkpoint: str, output: str, step: int | None = None, tokenizer: str
     if meta["role"] == "reward":
         evals = meta.get("eval", {})
         extra = {"reward_mean": evals.get("reward_mean"), "reward_std": evals.get("reward_std")}
-    folder = hf_io.save_hf(output, model_cfg, params, meta["role"], tokenizer_dir=tokenizer_dir, extra_config=extra)
+    if meta.get("data"):
+        extra["starling_jax_data"] = meta["data"]
+    hf_io.check_output_folder(output, overwrite)
+    folder = hf_io.save_hf(output, model_cfg, params, meta["role"], tokenizer_dir=tokenizer_dir,
+                           template=meta.get("template"), extra_config=extra, overwrite=overwrite)
     return {"status": "completed", "checkpoint": str(checkpoint), "output": str(folder), "role": meta["role"],
             "architecture": hf_io.hf_config_dict(model_cfg, meta["role"])["architectures"][0],
             "num_params": num_params(params), **extra}
@@ -49,12 +60,14 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default=None, help="HF folder to write (default: CHECKPOINT/hf_export)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest complete)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the one the run used)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --output folder")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     cli.setup_logging()
 
     def run():
         checkpoint = cli.embedded_default(args.checkpoint, cli.DEFAULT_RUN_DIR, "--checkpoint")
-        return export(checkpoint, args.output or str(Path(checkpoint) / "hf_export"), args.step, args.tokenizer)
+        return export(checkpoint, args.output or str(Path(checkpoint) / "hf_export"), args.step, args.tokenizer,
+                      args.overwrite)
 
     return cli.run_main(run)
 

@@ -14,8 +14,9 @@ values they hold. Answer order along K does not matter.
   reward gets the fraction of the tied answers that have the best rank (= expected value with random
   tie-breaking), so the result does not depend on answer order.
 * ``kendall_tau``: mean over prompts of Kendall's τ-b between rewards and −ranks (so +1 = the rewards order the
-  answers exactly as the ranks do); prompts where τ-b is undefined (< 2 answers, all rewards tied or all ranks
-  tied) are skipped; ``num_kendall_prompts`` counts the others.
+  answers exactly as the ranks do). A prompt whose rewards are all tied scores 0 (τ-b is 0/0 there; a collapsed
+  model that gives every answer the same reward must score 0, not drop out of the mean); prompts with < 2
+  answers or all ranks tied (nothing to order) are skipped; ``num_kendall_prompts`` counts the others.
 * ``mean_reward_by_rank``: {"1": mean reward of rank-1 answers, "2": ..., ...}, keys in increasing rank order
   (integral ranks print as integers; others as e.g. "1.5").
 * ``reward_length_correlation``: Pearson correlation between reward and answer length, pooled over answers.
@@ -43,7 +44,8 @@ def _rank_key(rank: float) -> str:
 
 
 def _kendall_tau_b(x: np.ndarray, y: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Row-wise Kendall τ-b of x vs y over unmasked entries. Returns (tau [B], defined [B])."""
+    """Row-wise Kendall τ-b of x vs y over unmasked entries, 0 where all x are tied. Returns (tau [B], defined [B]):
+    defined where some pair is not tied in y."""
     k = x.shape[1]
     upper = np.triu(np.ones((k, k), dtype=bool), 1)
     pairs = mask[:, :, None] & mask[:, None, :] & upper  # each unordered pair once
@@ -52,8 +54,8 @@ def _kendall_tau_b(x: np.ndarray, y: np.ndarray, mask: np.ndarray) -> tuple[np.n
     s = np.sum(np.where(pairs, sx * sy, 0.0), axis=(1, 2))  # concordant − discordant
     nx = np.sum(pairs & (sx != 0), axis=(1, 2))  # pairs not tied in x
     ny = np.sum(pairs & (sy != 0), axis=(1, 2))  # pairs not tied in y
-    defined = (nx > 0) & (ny > 0)
-    tau = np.where(defined, s / np.sqrt(np.maximum(nx * ny, 1).astype(np.float64)), 0.0)
+    defined = ny > 0
+    tau = np.where(defined & (nx > 0), s / np.sqrt(np.maximum(nx * ny, 1).astype(np.float64)), 0.0)
     return tau, defined
 
 

@@ -31,7 +31,8 @@ def parse_args(argv=None):
                     help="Nectar-schema file (.parquet/.jsonl/.json), Hub name (berkeley-nest/Nectar), or "
                          "'bundled' (the synthetic file shipped with the package; the default)")
     ap.add_argument("--output", default="runs/prepared_default", help="output folder (TFDS dataset + report.json)")
-    ap.add_argument("--tokenizer", default=None, help="HF tokenizer folder (default: offline Mistral v1)")
+    ap.add_argument("--tokenizer", default=None, help="HF tokenizer folder or Hub id, e.g. "
+                    "meta-llama/Llama-2-7b-chat-hf (default: the offline Mistral v1 tokenizer for the template)")
     ap.add_argument("--template", default="llama2_chat", choices=TEMPLATE_NAMES)
     ap.add_argument("--max-length", type=int, default=2048)
     ap.add_argument("--on-bad-row", default="error", choices=("error", "skip"))
@@ -40,13 +41,11 @@ def parse_args(argv=None):
 
 
 def run(args) -> dict:
-    from starling_jax.tokenizer import default_tokenizer_dir, load_tokenizer
+    from starling_jax.tokenizer import default_tokenizer_for, load_tokenizer, resolve_tokenizer_dir
 
     t0 = time.time()
     out = Path(args.output)
-    tok_dir = Path(args.tokenizer) if args.tokenizer else default_tokenizer_dir(
-        "llama2_chat" if args.template == "tokenizer" else args.template,
-        openchat_special_tokens=args.template == "openchat_3.5")
+    tok_dir = resolve_tokenizer_dir(args.tokenizer) if args.tokenizer else default_tokenizer_for(args.template)
     tok = load_tokenizer(tok_dir)
     # a re-run replaces the previous dataset
     shutil.rmtree(out / "nectar_tokenized", ignore_errors=True)
@@ -77,6 +76,7 @@ def write_report(b, args, out: Path, tok_dir, t0: float) -> dict:
         "rows_truncated": b.rows_truncated,
         "rows_answer_cut": b.rows_answer_cut, "splits": b.split_counts,
         "tokenizer": str(tok_dir), "template": args.template, "max_length": args.max_length,
+        "provenance": b.provenance,
         "eval_fraction": args.eval_fraction, "on_bad_row": args.on_bad_row,
         "lengths": b.stats.as_dict(), "seconds": round(time.time() - t0, 2), "skipped": rep.skipped,
     }
@@ -92,10 +92,10 @@ def main(argv=None) -> int:
         report = run(args)
     except StarlingError as e:
         print(f"error: {e}", file=sys.stderr)
-        print(json.dumps({"ok": False, "error": str(e), "output": str(args.output)}))
+        print(json.dumps({"status": "error", "error": str(e), "output": str(args.output)}))
         return 2
     summary = {k: report[k] for k in ("rows_read", "rows_kept", "rows_skipped", "rows_truncated", "splits")}
-    summary = {"ok": True, **summary, "output": report["output"]}
+    summary = {"status": "completed", **summary, "output": report["output"]}
     print(json.dumps(summary))
     return 0
 

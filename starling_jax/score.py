@@ -5,7 +5,7 @@
 
 DIR is an HF `*ForSequenceClassification` folder (or a Starling `v_head` folder) or a starling_jax checkpoint.
 By default each conversation (the parsed prompt turns plus the answer as the last assistant turn) is rendered
-with the chat template of the model's tokenizer and the reward is read at the last token of that rendering.
+with the format the model was trained with (a checkpoint's recorded template; an HF folder's chat_template) and the reward is read at the last token of that rendering.
 Output: JSON lines, one per input row in input order, with `rewards` in the order of the row's `answers`
 (skipped rows carry `rewards: null` and the reason). The last printed line is a JSON summary with ranking
 metrics against the given ranks; pairwise files (`prompt`/`chosen`/`rejected`) report their `accuracy`.
@@ -19,12 +19,18 @@ import sys
 from pathlib import Path
 
 from starling_jax import cli
+from starling_jax import tokenizer as tokenizer_lib
+from starling_jax.ckpt.manager import load_model
+from starling_jax.data.nectar import ReadReport, iter_raw_rows, read_pairwise, read_rankings
 from starling_jax.data.synthetic import BUNDLED_ALIAS, resolve_bundled
+from starling_jax.data.tokenize import RowDoesNotFit, tokenize_ranking
+from starling_jax.errors import CheckpointError, DataError
+from starling_jax.metrics import RankingMetrics
+from starling_jax.model import hf_io
+from starling_jax.parallel import sharding
 
 
 def detect_format(path: str) -> str:
-    from starling_jax.data.nectar import iter_raw_rows
-
     for _, raw in iter_raw_rows(path):
         if isinstance(raw, dict):
             return "pairwise" if "chosen" in raw and "rejected" in raw and "answers" not in raw else "nectar"
@@ -32,37 +38,39 @@ def detect_format(path: str) -> str:
 
 
 def load_reward_model(model: str, mesh):
-    """→ (model cfg, graphdef, params, tokenizer dir, default max_length) from an HF folder or a checkpoint."""
-    from starling_jax.ckpt.manager import load_model
-    from starling_jax.errors import CheckpointError
-    from starling_jax.model import hf_io
-
+    """→ (model cfg, graphdef, params, tokenizer dir, default max_length, recorded data provenance, default
+    template) from an HF folder or a checkpoint. A checkpoint defaults to the template it was trained with; an
+    HF export to its tokenizer's chat_template (which renders exactly the training tokens)."""
     path = Path(model)
     if (path / "config.json").is_file() or not path.exists():
         cfg, graphdef, params = hf_io.load_hf(model, "reward", mesh)
-        return cfg, graphdef, params, hf_io.resolve_model_dir(model), 2048
+        folder = hf_io.resolve_model_dir(model)
+        recorded = hf_io._read_hf_config(folder).get("starling_jax_data") or {}
+        return cfg, graphdef, params, folder, int(recorded.get("max_length") or 2048), recorded, "tokenizer"
     meta, cfg, graphdef, params = load_model(path, mesh)
     if meta["role"] != "reward":
         raise CheckpointError(f"{model}: a {meta['role']} checkpoint, not a reward model")
-    return cfg, graphdef, params, Path(meta["tokenizer_dir"]), int(meta.get("max_length", 2048))
+    recorded = meta.get("data") or {k: meta[k] for k in ("template", "max_length") if k in meta}
+    return (cfg, graphdef, params, Path(meta["tokenizer_dir"]), int(meta.get("max_length", 2048)), recorded,
+            meta.get("template", "tokenizer"))
 
 
-def score(model: str, data: str, output: str | None = None, template: str = "tokenizer",
+def score(model: str, data: str, output: str | None = None, template: str | None = None,
           max_length: int | None = None, batch_size: int = 32, on_bad_row: str = "error") -> dict:
     import jax
     import numpy as np
 
-    from starling_jax.data.nectar import ReadReport, read_pairwise, read_rankings
-    from starling_jax.data.tokenize import RowDoesNotFit, tokenize_ranking
-    from starling_jax.metrics import RankingMetrics
-    from starling_jax.parallel import sharding
-    from starling_jax.tokenizer import load_tokenizer
-
     # --- model & tokenizer
     mesh = sharding.make_mesh(sharding.MeshConfig())
-    cfg, graphdef, params, tokenizer_dir, default_len = load_reward_model(model, mesh)
-    tokenizer = load_tokenizer(tokenizer_dir)
+    cfg, graphdef, params, tokenizer_dir, default_len, recorded, default_template = load_reward_model(model, mesh)
+    tokenizer = tokenizer_lib.load_tokenizer(tokenizer_dir)
     max_length = max_length or default_len
+    # the model was trained on data tokenized with `recorded`: the same tokenizer (fingerprint) and, for a
+    # named template given here, the same template, or a one-line error naming both
+    keys = ["tokenizer_fingerprint"] + (["template"] if template and template != "tokenizer" else [])
+    template = template or default_template
+    current = tokenizer_lib.data_provenance(tokenizer, tokenizer_dir, template, max_length)
+    tokenizer_lib.check_provenance(recorded, current, f"reward model {model}", "score", keys=keys)
     rewards_fn = jit_rewards(graphdef, mesh)
 
     # --- rows → tokenized answers (input order kept; skipped rows remembered with their reason)
@@ -76,8 +84,6 @@ def score(model: str, data: str, output: str | None = None, template: str = "tok
             tokenized.append(tokenize_ranking(ranking, tokenizer, template, max_length))
         except RowDoesNotFit as e:
             if on_bad_row == "error":
-                from starling_jax.errors import DataError
-
                 raise DataError(f"{data}: row {ranking.row}: {e}") from None
             lines[ranking.row] = {"row": ranking.row, "rewards": None, "error": str(e)}
     for skipped in report.skipped:
@@ -154,9 +160,10 @@ def main(argv=None) -> int:
     parser.add_argument("--data", default=BUNDLED_ALIAS, help="Nectar-format or pairwise file (jsonl, json, parquet); "
                         "default: the bundled synthetic file")
     parser.add_argument("--output", default=None, help="JSON-lines output, one line per input row")
-    parser.add_argument("--template", default="tokenizer",
-                        help="chat template: tokenizer (the model tokenizer's own, default), llama2_chat, "
-                             "openchat_3.5, chatml, raw")
+    parser.add_argument("--template", default=None,
+                        help="chat template: tokenizer (the model tokenizer's own), llama2_chat, openchat_3.5, "
+                             "chatml, raw; default: a checkpoint's recorded training template, an HF folder's "
+                             "own chat_template")
     parser.add_argument("--max-length", type=int, default=None, help="tokens per sequence (default: the run's, "
                                                                       "or 2048)")
     parser.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass")

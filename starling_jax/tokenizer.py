@@ -9,10 +9,17 @@ fast tokenizer (`tokenizer.json`), so later loads are fast and need no `sentence
 Pad token: `<unk>` (id 0), as Starling-RM-7B-alpha used, or `<|pad_0|>` (id 32001) with the OpenChat special
 tokens (`<|end_of_turn|>` id 32000 becomes the EOS). The named chat template is stored as the tokenizer's
 `chat_template`; the templates live in `starling_jax.data.chat`.
+
+Also here: which tokenizer a template uses by default (`default_tokenizer_for`, the same in prepare_data,
+train_rm and score), a folder or Hub id (`resolve_tokenizer_dir`), the data provenance (`data_provenance`: a
+fingerprint of the vocabulary, special tokens and probe ids; the template; max_length) and its check, and the
+export tokenizer (`prepare_export_tokenizer`: a chat_template verified to render exactly the training tokens and
+a pad id that HF sequence-classification pooling cannot confuse with the reward token).
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.resources
 import json
 import os
@@ -21,7 +28,8 @@ import tempfile
 from pathlib import Path
 
 from starling_jax.data.chat import get_template
-from starling_jax.errors import CheckpointError
+from starling_jax.data.tokenize import tokenize_answers
+from starling_jax.errors import CheckpointError, DataError
 
 BASE_VOCAB = 32000
 OPENCHAT_TOKENS = ("<|end_of_turn|>", "<|pad_0|>")
@@ -127,3 +135,183 @@ def load_tokenizer(path):
     if tok.pad_token_id is None:
         tok.pad_token = tok.unk_token or tok.eos_token
     return tok
+
+
+# ---------------------------------------------------------------------------------------------- which tokenizer
+def default_tokenizer_for(template: str) -> Path:
+    """The offline default tokenizer of a template, the same one in prepare_data, train_rm and score:
+    `openchat_3.5` gets the OpenChat special tokens (`<|end_of_turn|>` is ONE token, the EOS), the others the
+    plain Mistral vocabulary with that template as its `chat_template`."""
+    named = "llama2_chat" if template == "tokenizer" else template
+    return default_tokenizer_dir(named, openchat_special_tokens=template == "openchat_3.5")
+
+
+HUB_TOKENIZER_PATTERNS = ["tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template*"]
+
+
+def resolve_tokenizer_dir(name: str | Path) -> Path:
+    """A tokenizer folder, or a HuggingFace Hub id (e.g. `meta-llama/Llama-2-7b-chat-hf`) whose tokenizer files
+    are downloaded into the HF cache. Offline or unknown → one-line CheckpointError naming the id."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return path
+    text = str(name)
+    looks_like_id = text.count("/") == 1 and not text.startswith((".", "/", "~")) and all(text.split("/"))
+    if not looks_like_id:
+        raise CheckpointError(f"{path}: tokenizer folder not found (give a folder or a Hub id like org/name)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(text, allow_patterns=HUB_TOKENIZER_PATTERNS)
+    except Exception as e:  # noqa: BLE001 - offline, unknown or gated repo
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(
+            f"tokenizer {text}: not a local folder and not fetched from the HuggingFace Hub "
+            f"({type(e).__name__}: {reason[:200]}); download it and pass the folder") from None
+    return Path(local)
+
+
+# ---------------------------------------------------------------------------------------------- provenance
+# Text whose ids depend on the vocabulary, the normalizer/pre-tokenizer and whether a BOS is added.
+_PROBE = "Hello world! [INST] 1234 naïve 你好 🙂\n\n  tabs\tand <s></s> <unk> <|end_of_turn|> <|im_start|>x"
+
+
+def tokenizer_fingerprint(tok) -> str:
+    """16 hex digits of sha256 over the vocabulary (token ↔ id, added tokens included), the BOS/EOS/UNK and
+    special tokens with their ids, and the ids of a probe text with and without special tokens.
+
+    Mistral-7B and Llama-2 both have 32,000 tokens and ids 0/1/2 for `<unk>`/`<s>`/`</s>`; their vocabularies
+    differ, so their fingerprints do. The pad token is left out: it changes no rendering's ids (export may
+    replace an unsafe one)."""
+    h = hashlib.sha256()
+    for token, idx in sorted(tok.get_vocab().items(), key=lambda kv: (kv[1], kv[0])):
+        h.update(f"{idx}\t{token}\n".encode("utf-8", "surrogatepass"))
+    specials = {k: [getattr(tok, k, None), getattr(tok, k + "_id", None)]
+                for k in ("bos_token", "eos_token", "unk_token")}
+    named = {getattr(tok, k, None) for k in ("bos_token", "eos_token", "unk_token")} - {None}
+    specials["all"] = sorted((set(tok.all_special_tokens) - {tok.pad_token}) | named)
+    h.update(json.dumps(specials, sort_keys=True, default=str).encode())
+    h.update(json.dumps([list(tok(_PROBE, add_special_tokens=True)["input_ids"]),
+                         list(tok(_PROBE, add_special_tokens=False)["input_ids"])]).encode())
+    return h.hexdigest()[:16]
+
+
+def template_source(tok, template: str) -> str:
+    """The Jinja source a template name stands for (`tokenizer`: the tokenizer's own chat_template)."""
+    source = get_template(template)
+    return source if source is not None else (getattr(tok, "chat_template", None) or "")
+
+
+def data_provenance(tok, tokenizer_name, template: str, max_length: int) -> dict:
+    """What tokenized data depends on: recorded by prepare_data, in checkpoints and in HF exports."""
+    return {
+        "tokenizer": str(tokenizer_name),
+        "tokenizer_fingerprint": tokenizer_fingerprint(tok),
+        "template": template,
+        "template_sha256": hashlib.sha256(template_source(tok, template).encode()).hexdigest()[:16],
+        "max_length": int(max_length),
+    }
+
+
+def _describe(p: dict) -> str:
+    return (f"tokenizer {p.get('tokenizer')} (fingerprint {p.get('tokenizer_fingerprint')}), "
+            f"template {p.get('template')} (sha {p.get('template_sha256')}), max_length {p.get('max_length')}")
+
+
+def check_provenance(recorded: dict, current: dict, recorded_what: str, current_what: str,
+                     keys=("tokenizer_fingerprint", "template", "template_sha256", "max_length")) -> None:
+    """DataError (one line, both sides named) when `recorded` and `current` differ on any of `keys` that both
+    hold. The tokenizer's name may differ (another path to the same files); its fingerprint may not."""
+    bad = [k for k in keys if recorded.get(k) is not None and current.get(k) is not None
+           and str(recorded[k]) != str(current[k])]
+    if bad:
+        raise DataError(f"{recorded_what} was made with {_describe(recorded)} but {current_what} uses "
+                        f"{_describe(current)} ({', '.join(bad)} differ{'s' if len(bad) == 1 else ''}); "
+                        "use the same tokenizer, template and max_length, or prepare the data again")
+
+
+# ---------------------------------------------------------------------------------------------- export
+_PROBE_MESSAGES = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
+                   {"role": "user", "content": "How are you? Tell me more."}]
+_PROBE_ANSWERS = ["Fine, thanks for asking!", "", "Ünïcödé 🙂\nline two  with  spaces"]
+
+
+def _ids(x) -> list[int]:
+    if hasattr(x, "keys") and "input_ids" in x:
+        x = x["input_ids"]
+    return [int(i) for i in x]
+
+
+def training_ids(tok, template: str, messages, answer: str) -> list[int]:
+    """The tokens training uses for one conversation (untruncated)."""
+    return tokenize_answers(tok, messages, [answer], template, max_length=1 << 30)[0].tokens.tolist()
+
+
+def export_chat_template(tok, template: str) -> str:
+    """A Jinja chat template whose `apply_chat_template(conversation, tokenize=True)` gives exactly the tokens
+    training used for `template`, reward token included.
+
+    The named templates hold no BOS (training lets the tokenizer add it); HF tokenizes a chat rendering with
+    `add_special_tokens=False`, so the exported template writes `{{ bos_token }}` itself. Whether the text after
+    it needs a leading space depends on the tokenizer's pre-tokenizer (a SentencePiece prefix space is not added
+    after a special token by `prepend_scheme=first`), so the candidates are checked on probe conversations and
+    the first that reproduces the training tokens exactly is used; none → CheckpointError."""
+    source = template_source(tok, template)
+    if template == "tokenizer":
+        candidates = [source]
+    else:
+        candidates = [source, "{{ bos_token }}" + source, "{{ bos_token }} " + source]
+    for cand in candidates:
+        ok = True
+        for answer in _PROBE_ANSWERS:
+            conv = [*_PROBE_MESSAGES, {"role": "assistant", "content": answer}]
+            got = _ids(tok.apply_chat_template(conv, chat_template=cand, tokenize=True))
+            if got != training_ids(tok, template, _PROBE_MESSAGES, answer):
+                ok = False
+                break
+        if ok:
+            return cand
+    raise CheckpointError(f"template {template}: no chat_template for this tokenizer reproduces the training "
+                          "tokens through apply_chat_template; export it with --tokenizer of a compatible tokenizer")
+
+
+def rendering_end_ids(tok, template: str) -> set[int]:
+    """Ids of the last token of probe renderings: the token the reward is read at."""
+    return {training_ids(tok, template, _PROBE_MESSAGES, a)[-1] for a in _PROBE_ANSWERS}
+
+
+def safe_pad_id(tok, template: str, where: str) -> int:
+    """A pad id that HF `*ForSequenceClassification` pooling (reward at the last token that is not the pad id)
+    cannot confuse with the reward token: the tokenizer's pad if it never ends a rendering, else `<unk>` (the
+    Starling-RM-7B-alpha rule); otherwise CheckpointError."""
+    ends = rendering_end_ids(tok, template)
+    for cand in (tok.pad_token_id, tok.unk_token_id):
+        if cand is not None and int(cand) not in ends:
+            return int(cand)
+    names = tok.convert_ids_to_tokens(sorted(ends))
+    raise CheckpointError(
+        f"{where}: pad token {tok.pad_token!r} (id {tok.pad_token_id}) is the token a rendering ends with "
+        f"({', '.join(names)}), where the reward is read, and the tokenizer has no other safe pad (<unk>); "
+        "HF sequence classification would read the reward at the wrong token. Add a pad token to the tokenizer")
+
+
+def prepare_export_tokenizer(src, template: str, where: str, pad_token: str | None = None):
+    """The tokenizer of `src` with the training format as `chat_template` and a safe pad token (`safe_pad_id`),
+    not yet saved (every host can check it; one writes it with `save_export_tokenizer`). `pad_token="unk"`
+    prefers `<unk>` (the Starling-RM rule) to the tokenizer's own pad."""
+    tok = load_tokenizer(src)
+    if pad_token == "unk" and tok.unk_token is not None:
+        tok.pad_token = tok.unk_token
+    chat_template = export_chat_template(tok, template)
+    tok.pad_token = tok.convert_ids_to_tokens(safe_pad_id(tok, template, where))
+    tok.chat_template = chat_template
+    return tok
+
+
+def save_export_tokenizer(tok, src, dst) -> None:
+    dst = Path(dst)
+    for stale in ("chat_template.json", "chat_template.jinja"):
+        (dst / stale).unlink(missing_ok=True)
+    tok.save_pretrained(str(dst))
+    if (Path(src) / "tokenizer.model").is_file() and not (dst / "tokenizer.model").is_file():
+        shutil.copyfile(Path(src) / "tokenizer.model", dst / "tokenizer.model")

@@ -8,7 +8,10 @@ or `AutoModelForSequenceClassification` per `architectures`, float32, eager atte
 
 Causal LM: `max_abs_logit_diff`, `mean_kl` (KL(HF ‖ ours) per real token), `top1_agreement` over real tokens.
 Sequence classification: `max_abs_score_diff` at the last real token (the reward) and
-`max_abs_token_score_diff` over every real token (HF per-token scores from its trunk + `score`).
+`max_abs_token_score_diff` over every real token (HF per-token scores from its trunk + `score`), and
+`max_abs_pooled_score_diff`: our reward at the last real token against transformers' own model output
+(`*ForSequenceClassification` pools at the last token that is not `pad_token_id`) on the right-padded batch, so
+a pad id that can end a rendering (pad = eos) fails here. Random-id inputs end with the EOS id, as renderings do.
 
 Pass/fail: `scaled_diff = max_abs_diff / max(1, max |reference|)` must be ≤ the tolerance, i.e. an absolute
 bound for logits/scores of magnitude ≤ 1 and a relative one for larger ones. Defaults: 1e-4 in float32 and
@@ -50,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _inputs(folder: Path, vocab: int, pad_id: int, max_length: int, seed: int):
+def _inputs(folder: Path, vocab: int, pad_id: int, max_length: int, seed: int, eos_id: int | None = None):
     """tokens [N, L] right-padded with pad_id, lengths [N], and where they came from."""
     has_tokenizer = any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
     rows = None
@@ -71,6 +74,8 @@ def _inputs(folder: Path, vocab: int, pad_id: int, max_length: int, seed: int):
         candidates = np.array([i for i in range(min(vocab, 1 << 20)) if i != pad_id])
         lengths = [min(max_length, n) for n in (17, 11, 5, 23)]
         rows = [rng.choice(candidates, size=n).tolist() for n in lengths]
+        if eos_id is not None and 0 <= eos_id < vocab:
+            rows = [r[:-1] + [int(eos_id)] for r in rows]  # end like a rendering, where the reward is read
     lengths = np.array([len(r) for r in rows], np.int32)
     length = int(lengths.max())
     tokens = np.full((len(rows), length), pad_id, np.int32)
@@ -102,7 +107,10 @@ def verify(model: str, dtype: str = "float32", tolerance: float | None = None, m
     mesh = make_mesh(MeshConfig())
     cfg, graphdef, state = hf_io.load_hf(folder, role, mesh, dtype=dtype, param_dtype="float32")
     pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
-    tokens, lengths, source = _inputs(folder, cfg.vocab_size, pad_id, max_length, seed)
+    eos = hf_cfg.get("eos_token_id")
+    eos = eos[0] if isinstance(eos, list) and eos else eos
+    tokens, lengths, source = _inputs(folder, cfg.vocab_size, pad_id, max_length, seed,
+                                      eos if isinstance(eos, int) else None)
     ar = np.arange(tokens.shape[1])[None, :]
     real = ar < lengths[:, None]
     positions = np.where(real, ar, 0).astype(np.int32)
@@ -130,6 +138,8 @@ def verify(model: str, dtype: str = "float32", tolerance: float | None = None, m
             trunk = getattr(ref_model, ref_model.base_model_prefix)
             hidden = trunk(input_ids=ids, attention_mask=mask).last_hidden_state
             ref = ref_model.score(hidden)[..., 0].double().numpy()  # per-token scores [N, L]
+            # transformers' own pooling (last token that is not pad_token_id) on the right-padded batch
+            pooled = ref_model(input_ids=ids, attention_mask=mask).logits[:, 0].double().numpy()
         else:
             ref = ref_model(input_ids=ids, attention_mask=mask).logits.double().numpy()
 
@@ -141,9 +151,10 @@ def verify(model: str, dtype: str = "float32", tolerance: float | None = None, m
         diff_last = np.abs(ours[rows, last] - ref[rows, last])
         summary["max_abs_score_diff"] = float(diff_last.max())
         summary["max_abs_token_score_diff"] = float(np.abs(ours - ref)[real].max())
+        summary["max_abs_pooled_score_diff"] = float(np.abs(ours[rows, last] - pooled).max())
         summary["max_abs_reference_score"] = float(np.abs(ref[real]).max())
         max_diff, scale = summary["max_abs_score_diff"], summary["max_abs_reference_score"]
-        max_diff = max(max_diff, summary["max_abs_token_score_diff"])
+        max_diff = max(max_diff, summary["max_abs_token_score_diff"], summary["max_abs_pooled_score_diff"])
     else:
         diff = np.abs(ours - ref)[real]
         summary["max_abs_logit_diff"] = float(diff.max())
@@ -157,6 +168,7 @@ def verify(model: str, dtype: str = "float32", tolerance: float | None = None, m
     summary["scaled_diff"] = float(max_diff / max(1.0, scale))
     summary["tolerance"] = tolerance
     summary["passed"] = bool(summary["scaled_diff"] <= tolerance)
+    summary["status"] = "passed" if summary["passed"] else "failed"
     return summary
 
 
@@ -172,7 +184,7 @@ def main(argv=None) -> int:
         summary = verify(model, args.dtype, args.tolerance, args.max_length, args.seed)
     except StarlingError as e:
         print(f"error: {e}", file=sys.stderr)
-        print(json.dumps({"passed": False, "error": str(e)}))
+        print(json.dumps({"status": "error", "passed": False, "error": str(e)}))
         return 2
     print(json.dumps(summary), flush=True)
     return 0 if summary["passed"] else 1

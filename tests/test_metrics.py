@@ -21,8 +21,11 @@ def tau_b_reference(x, y):
     n0 = n * (n - 1) / 2
     n1 = sum(t * (t - 1) / 2 for t in _group_sizes(x))
     n2 = sum(t * (t - 1) / 2 for t in _group_sizes(y))
-    den = (n0 - n1) * (n0 - n2)
-    return None if den == 0 else (nc - nd) / math.sqrt(den)
+    if n0 == n2:  # all of y tied (or < 2 items): nothing to order
+        return None
+    if n0 == n1:  # all of x tied: a collapsed model scores 0
+        return 0.0
+    return (nc - nd) / math.sqrt((n0 - n1) * (n0 - n2))
 
 
 def _group_sizes(v):
@@ -92,15 +95,26 @@ def test_ties_masks_and_padding_rows():
         "4": pytest.approx(0.0),
     }
     assert list(m["mean_reward_by_rank"]) == ["1", "2", "3", "4"]
-    for b in range(3):
-        sel = mask[b]
-        expected = tau_b_reference(list(rewards[b][sel]), list(-ranks[b][sel]))
-        assert expected is not None
     taus = [tau_b_reference(list(rewards[b][mask[b]]), list(-ranks[b][mask[b]])) for b in range(3)]
-    assert m["kendall_tau"] == pytest.approx(np.mean(taus))
+    assert None not in taus
+    for b in range(3):  # row by row against the reference, then their mean
+        one = ranking_metrics(rewards[b:b + 1], ranks[b:b + 1], mask[b:b + 1], lengths[b:b + 1])
+        assert one["kendall_tau"] == pytest.approx(taus[b]) and one["num_kendall_prompts"] == 1
+    assert m["kendall_tau"] == pytest.approx(np.mean(taus)) and m["num_kendall_prompts"] == 3
     # Zero length variance → correlation undefined → None; everything strict-JSON serializable.
     assert m["reward_length_correlation"] is None
     json.dumps(m, allow_nan=False)
+
+
+def test_collapsed_model_scores_zero_kendall_tau():
+    """All rewards of a prompt tied: τ is 0 for it, it is counted, and it pulls a good prompt's 1.0 down."""
+    ranks = np.array([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]])
+    mask = np.ones((2, 3), bool)
+    lengths = np.ones((2, 3), int)
+    m = ranking_metrics(np.full((2, 3), 0.7), ranks, mask, lengths)
+    assert m["kendall_tau"] == 0.0 and m["num_kendall_prompts"] == 2
+    m = ranking_metrics(np.array([[3.0, 2.0, 1.0], [0.5, 0.5, 0.5]]), ranks, mask, lengths)
+    assert m["kendall_tau"] == pytest.approx(0.5) and m["num_kendall_prompts"] == 2
 
 
 def test_undefined_metrics_are_none():

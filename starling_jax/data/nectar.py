@@ -72,10 +72,32 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
+def _finite(x) -> bool:
+    try:
+        return math.isfinite(float(x))
+    except OverflowError:  # an integer beyond float range
+        return False
+
+
+def _short(x) -> str:
+    text = repr(x)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def validate_row(raw: Any, row: int) -> Ranking:
     """Check one raw row (a dict in Nectar schema) and build a `Ranking`; raises BadRow with the reason."""
     if not isinstance(raw, dict):
         raise BadRow(f"row is {type(raw).__name__}, not an object")
+    if isinstance(raw.get("prompt"), str) and not _utf8(raw["prompt"]):
+        raise BadRow("field 'prompt' holds a lone surrogate (not encodable text)")
     if "prompt" not in raw:
         raise BadRow("field 'prompt' is missing")
     prompt = raw["prompt"]
@@ -103,13 +125,15 @@ def validate_row(raw: Any, row: int) -> Ranking:
         if not isinstance(text, str):
             raise BadRow(f"field 'answers[{j}].answer' is {'missing' if text is None else type(text).__name__}"
                          + ("" if text is None else ", not a string"))
+        if not _utf8(text):
+            raise BadRow(f"field 'answers[{j}].answer' holds a lone surrogate (not encodable text)")
         rank = a.get("rank")
         if rank is None:
             raise BadRow(f"field 'answers[{j}].rank' is missing")
         if not _is_number(rank):
             raise BadRow(f"field 'answers[{j}].rank' is {type(rank).__name__}, not a number")
-        if not math.isfinite(float(rank)):
-            raise BadRow(f"field 'answers[{j}].rank' is {float(rank)}, not finite")
+        if not _finite(rank):
+            raise BadRow(f"field 'answers[{j}].rank' is {_short(rank)}, not finite")
         model = a.get("model")
         texts.append(text)
         ranks.append(float(rank))
@@ -119,8 +143,10 @@ def validate_row(raw: Any, row: int) -> Ranking:
         sources: tuple[str, ...] = ()
     elif isinstance(source, str):
         sources = (source,)
-    else:
+    elif isinstance(source, (list, tuple)) or hasattr(source, "tolist"):
         sources = tuple(str(s) for s in list(source))
+    else:
+        sources = (str(source),)
     gn = raw.get("good_natured")
     n_user = sum(m["role"] == "user" for m in messages)
     turns = raw.get("turns")
@@ -132,7 +158,7 @@ def validate_row(raw: Any, row: int) -> Ranking:
         ranks=tuple(ranks),
         models=tuple(models),
         sources=sources,
-        turns=int(turns) if _is_number(turns) and math.isfinite(float(turns)) else n_user,
+        turns=int(turns) if _is_number(turns) and _finite(turns) else n_user,
         good_natured=None if gn is None else bool(gn),
     )
 
@@ -142,15 +168,32 @@ def validate_row(raw: Any, row: int) -> Ranking:
 _NOT_JSON = object()
 
 
+def _decode_line(raw: bytes) -> str | tuple:
+    """A line as text, or `(_NOT_JSON, reason)` naming where it is not UTF-8."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return (_NOT_JSON, f"line is not UTF-8 text: byte 0x{raw[e.start]:02x} at column {e.start + 1}")
+
+
+def _parse_json_line(line: str) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        return (_NOT_JSON, f"line is not JSON: {e.msg} (column {e.colno})")
+    except (ValueError, RecursionError) as e:  # e.g. nesting too deep, integer too long
+        return (_NOT_JSON, f"line is not usable JSON: {type(e).__name__}: {str(e)[:100]}")
+
+
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, start=1):
-            if not line.strip():
+    """Lines are read as bytes and decoded one by one: a line that is not UTF-8 is a bad row naming its column
+    (a file that is not text at all fails at its first line), never a UnicodeDecodeError traceback."""
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, start=1):
+            if not raw.strip():
                 continue
-            try:
-                yield i, json.loads(line)
-            except json.JSONDecodeError as e:
-                yield i, (_NOT_JSON, f"line is not JSON: {e.msg} (column {e.colno})")
+            line = _decode_line(raw)
+            yield i, line if isinstance(line, tuple) else _parse_json_line(line)
 
 
 def _iter_parquet(path: Path) -> Iterator[tuple[int, Any]]:
@@ -158,26 +201,49 @@ def _iter_parquet(path: Path) -> Iterator[tuple[int, Any]]:
 
     try:
         pf = pq.ParquetFile(path)
-    except Exception as e:  # noqa: BLE001
-        raise DataError(f"{path}: cannot read parquet file: {e}") from e
+    except Exception as e:  # noqa: BLE001 - truncated, not parquet, ...
+        raise DataError(f"{path}: cannot read parquet file: {_one_line(e)}") from None
     n = 0
-    for batch in pf.iter_batches(batch_size=1024):
-        for r in batch.to_pylist():
+    batches = pf.iter_batches(batch_size=1024)
+    while True:
+        try:
+            batch = next(batches, None)
+            rows = None if batch is None else batch.to_pylist()
+        except Exception as e:  # noqa: BLE001 - a corrupt page: the file itself is broken
+            raise DataError(f"{path}: parquet file is broken after row {n}: {_one_line(e)}") from None
+        if rows is None:
+            return
+        for r in rows:
             n += 1
             yield n, r
 
 
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:300]}"
+
+
 def _iter_json(path: Path) -> Iterator[tuple[int, Any]]:
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         head = f.read(4096).lstrip()
-    if not head.startswith("["):
+    if not head.startswith(b"["):
         yield from _iter_jsonl(path)
         return
+    data = path.read_bytes()
     try:
-        with open(path, encoding="utf-8") as f:
-            rows = json.load(f)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError(f"{path}: not UTF-8 text: byte 0x{data[e.start]:02x} at line {line}, column {column}") from None
+    try:
+        rows = json.loads(text)
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from e
+        raise DataError(f"{path}: not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
+    except (ValueError, RecursionError) as e:
+        raise DataError(f"{path}: not usable JSON: {_one_line(e)}") from None
+    if not isinstance(rows, list):
+        raise DataError(f"{path}: a JSON file must hold an array of rows, not {type(rows).__name__}")
     for i, r in enumerate(rows, start=1):
         yield i, r
 

@@ -27,6 +27,7 @@ plan needs (every host computes the same R from the lengths alone), so shapes st
 from __future__ import annotations
 
 import atexit
+import json
 import math
 import weakref
 from collections.abc import Sequence
@@ -34,6 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
+from starling_jax import tokenizer as tokenizer_lib
+from starling_jax.data.nectar import ReadReport, read_rankings, split_of
+from starling_jax.data.tokenize import RowDoesNotFit, tokenize_ranking
 from starling_jax.data import layout as layout_lib
 from starling_jax.data.batch_spec import KWISE, MASKED_RANK
 from starling_jax.errors import DataError
@@ -68,8 +72,9 @@ def select_answers(ranks: Sequence[float], k: int) -> list[int]:
 class InMemorySource:
     """Random-access examples from `TokenizedRanking`s (small runs straight from a file)."""
 
-    def __init__(self, tokenized, report=None):
+    def __init__(self, tokenized, report=None, provenance: dict | None = None):
         self.report = report  # nectar.ReadReport of the pass that read the rows (skipped rows, counts), if any
+        self.provenance = provenance or {}  # tokenizer.data_provenance of the tokenization
         self._ex = [
             {"row": t.row, "tokens": list(t.tokens), "ranks": np.asarray(t.ranks, np.float32),
              "answer_lengths": np.asarray(t.answer_lengths, np.int32),
@@ -95,6 +100,10 @@ class TfdsSource:
             raise DataError(f"{builder_dir}: no split {split!r} (has {list(self.builder.info.splits)})")
         self._src = self.builder.as_data_source(split=split)
         self.metadata = dict(self.builder.info.metadata or {})
+        # what prepare_data tokenized with (tokenizer.data_provenance); older datasets: template and max_length
+        self.provenance = dict(self.metadata.get("provenance") or {
+            k: self.metadata[k] for k in ("template", "max_length") if k in self.metadata})
+        self.report = prepared_report(builder_dir)  # its skipped rows count in train_rm's rows_skipped
 
     def __len__(self):
         return len(self._src)
@@ -106,6 +115,22 @@ class TfdsSource:
         if hasattr(self._src, "__getitems__"):
             return self._src.__getitems__([int(i) for i in idx])
         return [self._src[int(i)] for i in idx]
+
+
+def prepared_report(builder_dir) -> ReadReport | None:
+    """The rows `prepare_data` skipped (from its `report.json`, two folders above the TFDS builder folder)."""
+    path = Path(builder_dir).parent.parent / "report.json"
+    if not path.is_file():
+        return None
+    try:
+        rep = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    report = ReadReport(source=str(rep.get("input", path)), rows_read=int(rep.get("rows_read", 0)),
+                        rows_kept=int(rep.get("rows_kept", 0)))
+    for s in rep.get("skipped") or []:
+        report.skip(s["row"], s["reason"])
+    return report
 
 
 def _getitems(source, idx):
@@ -409,20 +434,27 @@ def find_prepared(path) -> Path | None:
 
 
 def open_source(path, split: str = "train", *, tokenizer=None, template: str = "llama2_chat",
-                max_length: int = 2048, eval_fraction: float = 0.0, on_bad_row: str = "error"):
-    """A prepared `prepare_data` folder → TfdsSource; a Nectar-schema file → tokenized InMemorySource."""
+                max_length: int | None = None, eval_fraction: float = 0.0, on_bad_row: str = "error",
+                tokenizer_name: str | None = None):
+    """A prepared `prepare_data` folder → TfdsSource; a Nectar-schema file → tokenized InMemorySource.
+
+    A prepared dataset must have been made with this tokenizer (same fingerprint), template and max_length:
+    otherwise a one-line DataError names both sides (`tokenizer.check_provenance`; `max_length=None` accepts the
+    prepared one, and tokenizes a file with 2048)."""
+    if tokenizer is None:
+        tokenizer_name = str(tokenizer_lib.default_tokenizer_for(template))
+        tokenizer = tokenizer_lib.load_tokenizer(tokenizer_name)
+    check_length, max_length = max_length is not None, max_length or 2048
+    current = tokenizer_lib.data_provenance(tokenizer, tokenizer_name or getattr(tokenizer, "name_or_path", "?"),
+                                            template, max_length)
     prepared = find_prepared(path)
     if prepared is not None:
-        return TfdsSource(prepared, split)
+        src = TfdsSource(prepared, split)
+        tokenizer_lib.check_provenance(src.provenance, current if check_length else {**current, "max_length": None},
+                                       f"prepared dataset {prepared}", "this run")
+        return src
     if Path(path).is_dir():
         raise DataError(f"{path}: folder holds no prepared dataset (run starling_jax.prepare_data)")
-    from starling_jax.data.nectar import ReadReport, read_rankings, split_of
-    from starling_jax.data.tokenize import RowDoesNotFit, tokenize_ranking
-
-    if tokenizer is None:
-        from starling_jax.tokenizer import default_tokenizer_dir, load_tokenizer
-
-        tokenizer = load_tokenizer(default_tokenizer_dir())
     report = ReadReport()
     out = []
     for r in read_rankings(path, on_bad_row, report):
@@ -438,4 +470,4 @@ def open_source(path, split: str = "train", *, tokenizer=None, template: str = "
                 raise DataError(f"{path}: row {r.row}: {e} (on_bad_row=skip drops such rows and reports them)")
             report.rows_kept -= 1
             report.skip(r.row, str(e))
-    return InMemorySource(out, report)
+    return InMemorySource(out, report, current)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 
+from starling_jax import tokenizer as tokenizer_lib
 from starling_jax.data.nectar import ReadReport, read_rankings, split_of
 from starling_jax.errors import DataError
 from starling_jax.data.tokenize import LengthStats, RowDoesNotFit, tokenize_ranking
@@ -37,7 +38,8 @@ class NectarTokenized(tfds.core.GeneratorBasedBuilder):
     code_path = None
 
     def __init__(self, *, input=None, tokenizer=None, tokenizer_dir: str = "", template: str = "llama2_chat",
-                 max_length: int = 2048, eval_fraction: float = 0.05, on_bad_row: str = "error", **kwargs):
+                 max_length: int = 2048, eval_fraction: float = 0.05, on_bad_row: str = "error",
+                 provenance: dict | None = None, **kwargs):
         self._input = input
         self._tokenizer = tokenizer
         self._tokenizer_dir = str(tokenizer_dir)
@@ -45,6 +47,7 @@ class NectarTokenized(tfds.core.GeneratorBasedBuilder):
         self._max_length = int(max_length)
         self._eval_fraction = float(eval_fraction)
         self._on_bad_row = on_bad_row
+        self.provenance = provenance or {}
         self.report = ReadReport()
         self.stats = LengthStats()
         self.rows_truncated = 0  # rows whose prompt or an answer was cut to fit max_length
@@ -60,6 +63,7 @@ class NectarTokenized(tfds.core.GeneratorBasedBuilder):
             "max_length": self._max_length, "eval_fraction": self._eval_fraction,
             "pad_id": int(tok.pad_token_id) if tok is not None and tok.pad_token_id is not None else 0,
             "vocab_size": len(tok) if tok is not None else 0,
+            "provenance": self.provenance,
         }
         return tfds.core.DatasetInfo(
             builder=self,
@@ -92,6 +96,10 @@ class NectarTokenized(tfds.core.GeneratorBasedBuilder):
                 try:
                     t = tokenize_ranking(r, self._tokenizer, self._template, self._max_length)
                 except RowDoesNotFit as e:
+                    # a row too long for max_length is a bad row like any other: it follows on_bad_row
+                    if self._on_bad_row == "error":
+                        raise DataError(f"{self._input}: row {r.row}: {e} (--on-bad-row skip drops such rows "
+                                        "and reports them)") from None
                     self.report.rows_kept -= 1
                     self.report.skip(r.row, str(e))
                     continue
@@ -151,6 +159,7 @@ def prepare(input, output_dir, tokenizer, tokenizer_dir: str, template: str, max
 
 def make_builder(input, output_dir, tokenizer, tokenizer_dir: str, template: str, max_length: int,
                  eval_fraction: float, on_bad_row: str) -> NectarTokenized:
+    provenance = tokenizer_lib.data_provenance(tokenizer, tokenizer_dir, template, max_length)
     return NectarTokenized(input=input, tokenizer=tokenizer, tokenizer_dir=tokenizer_dir, template=template,
-                        max_length=max_length, eval_fraction=eval_fraction, on_bad_row=on_bad_row,
-                        data_dir=str(output_dir), file_format="array_record")
+                           max_length=max_length, eval_fraction=eval_fraction, on_bad_row=on_bad_row,
+                           provenance=provenance, data_dir=str(output_dir), file_format="array_record")

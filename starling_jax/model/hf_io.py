@@ -64,6 +64,7 @@ from starling_jax.model.config import ARCHITECTURES, ModelConfig
 from starling_jax.model import heads
 from starling_jax.model.create import abstract_model
 from starling_jax.parallel import sharding
+from starling_jax import tokenizer as tokenizer_lib
 
 log = logging.getLogger(__name__)
 
@@ -448,17 +449,66 @@ def hf_config_dict(cfg: ModelConfig, role: str, pad_token_id: int | None = None,
     return hf
 
 
+def check_output_folder(folder: str | Path, overwrite: bool) -> None:
+    """An existing non-empty output folder is refused unless `overwrite` (CheckpointError)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise CheckpointError(f"{folder}: exists and is not a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
+        raise CheckpointError(f"{folder}: output folder exists and is not empty; pass --overwrite to replace it")
+
+
+@contextlib.contextmanager
+def atomic_folder(folder: str | Path, *, write: bool = True):
+    """Yields a temporary sibling folder to write into; on success it replaces `folder` in one rename (the old
+    folder, if any, is moved aside first and deleted after), on failure it is deleted. A reader never sees a
+    half-written folder. `write=False` (non-writing hosts) yields `folder` and does nothing."""
+    import os
+    import tempfile
+
+    folder = Path(folder).absolute()
+    if not write:
+        yield folder
+        return
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        yield tmp
+        old = None
+        if folder.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+            os.replace(folder, old / "x")
+        os.replace(tmp, folder)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def save_hf(folder: str | Path, cfg: ModelConfig, state: nnx.State, role: str, *,
-            tokenizer_dir: str | Path | None = None, extra_config: dict | None = None,
-            max_shard_bytes: int = 5_000_000_000) -> Path:
+            tokenizer_dir: str | Path | None = None, template: str | None = None,
+            extra_config: dict | None = None, max_shard_bytes: int = 5_000_000_000,
+            overwrite: bool = True) -> Path:
     """Writes `state` (a `role` model of `cfg`) as a HF folder that transformers loads; returns the folder.
 
+    With `template` (the data template the model was trained with) the exported tokenizer's `chat_template`
+    renders exactly the training tokens and a reward model's pad id is made safe for HF pooling
+    (`tokenizer.export_tokenizer`). The folder is written to a temporary sibling and renamed into place; an
+    existing non-empty folder is refused unless `overwrite`.
     Every process must call it (the gathers are collective); only process 0 writes.
     """
     from safetensors.numpy import save_file
 
     folder = Path(folder)
-    pad = _pad_token_id(cfg, tokenizer_dir)
+    writer = jax.process_index() == 0
+    if writer:
+        check_output_folder(folder, overwrite)
+    export_tok = None
+    if template is not None and tokenizer_dir is not None:
+        export_tok = tokenizer_lib.prepare_export_tokenizer(tokenizer_dir, template, str(folder))
+        pad = export_tok.pad_token_id if role == "reward" else _pad_token_id(cfg, tokenizer_dir)
+    else:
+        pad = _pad_token_id(cfg, tokenizer_dir)
     if role == "reward" and pad is None:
         raise CheckpointError(
             f"{folder}: a reward model needs pad_token_id in config.json (HF sequence classification finds the last "
@@ -487,35 +537,34 @@ def save_hf(folder: str | Path, cfg: ModelConfig, state: nnx.State, role: str, *
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
 
-    writer = jax.process_index() == 0
-    if writer:
-        folder.mkdir(parents=True, exist_ok=True)
-        for stale in list(folder.glob("model*.safetensors")) + list(folder.glob("model.safetensors.index.json")):
-            stale.unlink()
-    weight_map, total = {}, 0
-    for name, specs in zip(names, shards):
-        tensors = {}
-        for spec in specs:
-            arr = flat[spec.path].get_value()
-            if spec.layer is not None:
-                arr = arr[spec.layer]
-            host = _gather(arr)
-            if tuple(host.shape) != spec.our_shape:
-                raise CheckpointError(f"{folder}: variable {spec.path} has shape {list(host.shape)}, expected "
-                                      f"{list(spec.our_shape)} for this config")
-            tensors[hf_name(spec)] = spec.to_hf(host.astype(dtype, copy=False))
-            weight_map[hf_name(spec)] = name
-            total += tensors[hf_name(spec)].nbytes
+    with atomic_folder(folder, write=writer) as out:  # written aside, renamed into place when complete
+        weight_map, total = {}, 0
+        for name, specs in zip(names, shards):
+            tensors = {}
+            for spec in specs:
+                arr = flat[spec.path].get_value()
+                if spec.layer is not None:
+                    arr = arr[spec.layer]
+                host = _gather(arr)
+                if tuple(host.shape) != spec.our_shape:
+                    raise CheckpointError(f"{folder}: variable {spec.path} has shape {list(host.shape)}, expected "
+                                          f"{list(spec.our_shape)} for this config")
+                tensors[hf_name(spec)] = spec.to_hf(host.astype(dtype, copy=False))
+                weight_map[hf_name(spec)] = name
+                total += tensors[hf_name(spec)].nbytes
+            if writer:
+                save_file(tensors, str(out / name), metadata={"format": "pt"})
+            del tensors
         if writer:
-            save_file(tensors, str(folder / name), metadata={"format": "pt"})
-        del tensors
-    if writer:
-        if len(shards) > 1:
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if tokenizer_dir is not None:
-            copy_tokenizer_files(tokenizer_dir, folder)
+            if len(shards) > 1:
+                index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+                (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+            (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            if tokenizer_dir is not None:
+                copy_tokenizer_files(tokenizer_dir, out)
+                if export_tok is not None:
+                    tokenizer_lib.save_export_tokenizer(export_tok, tokenizer_dir, out)
+
     return folder
 
 

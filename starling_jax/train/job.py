@@ -26,7 +26,7 @@ from starling_jax.errors import ConfigError
 from starling_jax.model import create, hf_io
 from starling_jax.model.config import ModelConfig
 from starling_jax.parallel import sharding
-from starling_jax.tokenizer import default_tokenizer_dir
+from starling_jax import tokenizer as tokenizer_lib
 from starling_jax.train.optimizer import OptimConfig, make_optimizer, trainable_mask
 from starling_jax.train.state import ModelEntry, TrainState
 
@@ -149,12 +149,12 @@ def resolve_tokenizer_dir(tokenizer: str | None, init_from: str | None, template
     """The tokenizer folder: `data.tokenizer`, else init_from's own, else the offline Mistral tokenizer with the
     named template."""
     if tokenizer:
-        return Path(tokenizer)
+        return tokenizer_lib.resolve_tokenizer_dir(tokenizer)  # a folder or a Hub id
     if init_from:
         model_dir = hf_io.resolve_model_dir(init_from)
         if (model_dir / "tokenizer_config.json").is_file():
             return model_dir
-    return default_tokenizer_dir(chat_template=template if template != "tokenizer" else "llama2_chat")
+    return tokenizer_lib.default_tokenizer_for(template)
 
 
 def model_runtime(model: ModelConfig) -> dict:

@@ -33,9 +33,11 @@ log = logging.getLogger("starling_jax")
 ROLE = "reward"
 
 
-def build_data(cfg: RMRunConfig, tokenizer) -> tuple[data_pipeline.RankingPipeline, data_pipeline.RankingPipeline]:
+def build_data(cfg: RMRunConfig, tokenizer, tokenizer_dir: Path) -> tuple[data_pipeline.RankingPipeline,
+                                                                          data_pipeline.RankingPipeline]:
     d = cfg.data
-    common = dict(tokenizer=tokenizer, template=d.template, max_length=d.max_length, on_bad_row=d.on_bad_row)
+    common = dict(tokenizer=tokenizer, template=d.template, max_length=d.max_length, on_bad_row=d.on_bad_row,
+                  tokenizer_name=str(tokenizer_dir))
     train_src = data_pipeline.open_source(resolve_bundled(d.train), "train",
                                           eval_fraction=0.0 if d.eval else d.eval_fraction, **common)
     if d.eval:
@@ -96,7 +98,7 @@ class RMJob(Job):
         self.mesh = mesh
         self.tokenizer_dir = resolve_tokenizer_dir(cfg.data.tokenizer, cfg.init_from, cfg.data.template)
         tokenizer = load_tokenizer(self.tokenizer_dir)
-        self.train_data, self.eval_data = build_data(cfg, tokenizer)
+        self.train_data, self.eval_data = build_data(cfg, tokenizer, self.tokenizer_dir)
         # Packed / shared-prefix rows (data/layout.py) change the row fields' shapes, not the step's maths.
         self.specs = kwise_specs(self.train_data.packed)
         log.info("data: %d train / %d eval prompts", self.train_data.num_examples, self.eval_data.num_examples)
@@ -186,11 +188,15 @@ class RMJob(Job):
     # --- metadata, export, summary, plot
     def meta(self, last_eval: dict) -> dict:
         return {"tokenizer_dir": str(self.tokenizer_dir), "template": self.cfg.data.template,
-                "max_length": self.cfg.data.max_length}
+                "max_length": self.cfg.data.max_length,
+                # what the training data was tokenized with (a prepared dataset's own record)
+                "data": self.train_data.source.provenance}
 
     def export(self, state, frozen, last_eval, folder: Path) -> Path:
         return hf_io.save_hf(folder, self.model_cfg, state["params"], ROLE, tokenizer_dir=self.tokenizer_dir,
-                             extra_config=reward_stats(last_eval))
+                             template=self.cfg.data.template,
+                             extra_config={**reward_stats(last_eval),
+                                           "starling_jax_data": self.train_data.source.provenance})
 
     def summary(self, last_eval: dict) -> dict:
         return {

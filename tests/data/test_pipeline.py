@@ -139,7 +139,9 @@ def test_rows_that_do_not_fit_follow_on_bad_row(synth_file, monkeypatch):
             raise tokenize.RowDoesNotFit("answer 0 cannot fit in max_length 128")
         return real(r, *a, **k)
 
-    monkeypatch.setattr(tokenize, "tokenize_ranking", tokenize_some)
+    import starling_jax.data.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "tokenize_ranking", tokenize_some)
     src = open_source(synth_file, max_length=128, on_bad_row="skip")
     assert len(src) == 59 and sorted(src[i]["row"] for i in range(len(src))) == [r for r in range(1, 62)
                                                                                  if r not in (3, 5)]

@@ -17,7 +17,7 @@ def test_prepare_skip_then_pipeline(tmp_path, tok_dir, capsys):
                             "--max-length", "64", "--on-bad-row", "skip", "--eval-fraction", "0.3"])
     assert rc == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["ok"] and summary["rows_kept"] == len(good) and summary["rows_skipped"] == len(bad)
+    assert summary["status"] == "completed" and summary["rows_kept"] == len(good) and summary["rows_skipped"] == len(bad)
     assert summary["output"] == str(out)
     rep = json.loads((out / "report.json").read_text())
     assert rep["rows_read"] == len(good) + len(bad)
@@ -29,6 +29,8 @@ def test_prepare_skip_then_pipeline(tmp_path, tok_dir, capsys):
     for split in ("train", "eval"):
         src = open_source(out, split)
         assert src.metadata["template"] == "llama2_chat" and src.metadata["max_length"] == 64
+        # the rows prepare_data skipped reach train_rm's rows_skipped (README)
+        assert sorted(s["row"] for s in src.report.skipped) == sorted(bad) and src.report.source == str(f)
         for i in range(len(src)):
             ex = src[i]
             rows[int(ex["row"])] = split
@@ -51,7 +53,7 @@ def test_prepare_error_stops(tmp_path, tok_dir, capsys):
     assert rc != 0
     cap = capsys.readouterr()
     assert f"row {min(bad)}" in cap.err and "rank" in cap.err
-    assert json.loads(cap.out.strip().splitlines()[-1])["ok"] is False
+    assert json.loads(cap.out.strip().splitlines()[-1])["status"] == "error"
 
 
 def test_prepare_row_that_cannot_fit_is_reported(tmp_path, tok_dir, capsys):
@@ -59,8 +61,13 @@ def test_prepare_row_that_cannot_fit_is_reported(tmp_path, tok_dir, capsys):
     rows = [{"prompt": "\n\nHuman: hi\n\nAssistant:", "answers": [{"answer": "a", "rank": 1},
                                                                {"answer": "b", "rank": 2}]}] * 2
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    rc = prepare_data.main(["--input", str(f), "--output", str(tmp_path / "o"), "--tokenizer", str(tok_dir),
+    # on_bad_row=error (the default) stops at the first row that cannot fit, naming it
+    rc = prepare_data.main(["--input", str(f), "--output", str(tmp_path / "e"), "--tokenizer", str(tok_dir),
                             "--max-length", "2", "--eval-fraction", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and f"{f}: row 1: answer 0 cannot fit" in err[0]
+    rc = prepare_data.main(["--input", str(f), "--output", str(tmp_path / "o"), "--tokenizer", str(tok_dir),
+                            "--max-length", "2", "--eval-fraction", "0", "--on-bad-row", "skip"])
     assert rc == 2  # nothing left to write; the report still lists every row
     assert "no rows left" in capsys.readouterr().err
     rep = json.loads((tmp_path / "o" / "report.json").read_text())

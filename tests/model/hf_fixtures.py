@@ -7,6 +7,18 @@ from pathlib import Path
 
 import numpy as np
 
+def require_torch():
+    """The parity suite's references (PyTorch + transformers, the `dev` extra). A missing torch FAILS the module
+    at collection (an error in CI's summary), never a silent skip that would let parity go unchecked."""
+    try:
+        import torch
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"the HF parity suite needs PyTorch and transformers ({e}); install the dev extra: "
+                          "pip install -e '.[dev]'") from e
+    return torch
+
+
 PAD = 0  # padding id of every fixture; real tokens are drawn from 1..V-1 so HF's pad search is unambiguous
 
 

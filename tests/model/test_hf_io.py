@@ -6,7 +6,8 @@ import shutil
 import numpy as np
 import pytest
 
-pytest.importorskip("torch")
+from .hf_fixtures import require_torch  # noqa: E402
+require_torch()
 
 from safetensors.numpy import save_file  # noqa: E402
 
@@ -224,3 +225,46 @@ def test_sharded_index_with_missing_shard(tmp_path_factory, tmp_path):
     victim.unlink()
     with pytest.raises(CheckpointError, match=rf"index\.json: shard file {victim.name} is missing"):
         load_hf(out, "causal_lm", one_device_mesh())
+
+
+def test_missing_torch_fails_the_parity_suite(monkeypatch):
+    """A missing torch is an ImportError at collection (a CI failure), not a skip."""
+    import sys
+
+    from .hf_fixtures import require_torch
+
+    monkeypatch.setitem(sys.modules, "torch", None)
+    with pytest.raises(ImportError, match="dev extra"):
+        require_torch()
+
+
+def test_export_is_atomic_and_refuses_a_non_empty_folder(tmp_path_factory, tmp_path, monkeypatch):
+    """save_hf writes a temporary sibling and renames it: a failure mid-write leaves the old folder as it was and
+    no temporary folder behind; overwrite=False refuses an existing non-empty folder."""
+    import safetensors.numpy
+
+    src = cached_model(tmp_path_factory, "mistral", "lm", **MISTRAL)
+    cfg, _, state = load_hf(src, "causal_lm", one_device_mesh())
+    out = save_hf(tmp_path / "out", cfg, state, "causal_lm")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(CheckpointError, match="not empty.*--overwrite"):
+        save_hf(out, cfg, state, "causal_lm", overwrite=False)
+    calls = []
+
+    def fail_on_second_shard(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real(tensors, path, metadata=metadata)
+
+    real = safetensors.numpy.save_file
+    monkeypatch.setattr(safetensors.numpy, "save_file", fail_on_second_shard)
+    with pytest.raises(OSError, match="disk full"):
+        save_hf(out, cfg, state, "causal_lm", max_shard_bytes=40_000)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folder left
+    assert all(".tmp-" in str(p) for p in calls)  # every shard went to the temporary folder first
+    monkeypatch.setattr(safetensors.numpy, "save_file", real)
+    save_hf(out, cfg, state, "causal_lm", max_shard_bytes=40_000, overwrite=True)
+    assert (out / "model.safetensors.index.json").is_file() and not (out / "model.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-pytest.importorskip("torch")
+from .hf_fixtures import require_torch  # noqa: E402
+require_torch()
 
 from starling_jax.model.create import abstract_model  # noqa: E402
 from starling_jax.model.hf_io import load_hf  # noqa: E402

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-pytest.importorskip("torch")
+from .hf_fixtures import require_torch  # noqa: E402
+require_torch()
 
 from starling_jax import verify_hf  # noqa: E402
 
@@ -72,6 +73,38 @@ def test_corrupted_starling_side_fails(corruption, tmp_path_factory, monkeypatch
     code, summary = run(capsys, "--model", str(folder))
     assert code == 1 and summary["passed"] is False
     assert summary["max_abs_logit_diff"] > 1e-4
+
+
+@pytest.mark.parametrize("corruption", ["score_head", "trunk"])
+def test_corrupted_sequence_classification_fails_in_bfloat16(corruption, tmp_path_factory, monkeypatch, capsys):
+    """bf16 has a loose tolerance (5e-2 scaled); a real corruption of the reward head or of one trunk matrix on our
+    side must still fail it."""
+    from starling_jax.model import hf_io
+
+    folder = cached_model(tmp_path_factory, "llama", "score", gqa=False)
+    real_load = hf_io.load_hf
+
+    def load_and_perturb(*args, **kwargs):
+        cfg, graphdef, state = real_load(*args, **kwargs)
+        var = state["score"]["kernel"] if corruption == "score_head" else \
+            state["decoder"]["layers"][0]["mlp"]["down_proj"]
+        var.set_value(var.get_value() * 1.25)
+        return cfg, graphdef, state
+
+    monkeypatch.setattr(hf_io, "load_hf", load_and_perturb)
+    code, summary = run(capsys, "--model", str(folder), "--dtype", "bfloat16")
+    assert code == 1 and summary["passed"] is False and summary["scaled_diff"] > 5e-2, summary
+
+
+def test_hf_pooling_with_pad_equal_to_eos_fails(tmp_path_factory, tmp_path, capsys):
+    """transformers' own pooled output is compared on a right-padded batch: with pad_token_id = eos, the token
+    renderings end with, HF reads every reward one token early, and verify_hf says so."""
+    src = cached_model(tmp_path_factory, "llama", "score", gqa=False)
+    code, summary = run(capsys, "--model", str(src))
+    assert code == 0 and summary["max_abs_pooled_score_diff"] <= 1e-4, summary
+    folder = copy_folder(src, tmp_path / "pad_eos", pad_token_id=2)
+    code, summary = run(capsys, "--model", str(folder))
+    assert code == 1 and summary["passed"] is False and summary["max_abs_pooled_score_diff"] > 1e-3, summary
 
 
 def test_missing_folder_is_a_user_error(tmp_path, capsys):
