@@ -29,22 +29,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from starling_jax import cli
+from starling_jax import cli, hardware
 from starling_jax.errors import CheckpointError, ConfigError
 
 GIB = 1024**3
-
-# HBM per chip (GiB) by `device_kind` substring; first match wins ("TPU v5 lite" before "TPU v5").
-HBM_GIB = (("TPU v5 lite", 16.0), ("TPU v5e", 16.0), ("TPU v6 lite", 32.0), ("TPU v6e", 32.0), ("TPU v5p", 95.0),
-           ("TPU v5", 95.0), ("TPU v4", 32.0))
-
-# Cloud TPU name → (libtpu topology name, chips). v4/v5p names count TensorCores (2 per chip, one megacore
-# device); v5e/v6e names count chips. Shapes as Cloud TPU provisions them (MaxText's accelerator table).
-_SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
-              512: "8x8x8"}
-_SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
-_FAMILIES = {"v4": ("v4", 2, _SHAPES_3D), "v5p": ("v5", 2, _SHAPES_3D), "v5e": ("v5e", 1, _SHAPES_2D),
-             "v6e": ("v6e", 1, _SHAPES_2D)}
 
 # HF config.json of the Hub models the recipes start from (the Hub may be unreachable where this runs).
 _LLAMA2_7B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 32000, "hidden_size": 4096,
@@ -99,7 +87,7 @@ def topology_devices(topology: str, num_slices: int = 1) -> tuple[list, str]:
     name = topology
     match = re.fullmatch(r"(v4|v5p|v5e|v6e)-(\d+)", topology)
     if match:
-        prefix, per_chip, shapes = _FAMILIES[match.group(1)]
+        prefix, per_chip, shapes = hardware.TPU_FAMILIES[match.group(1)]
         chips = int(match.group(2)) // per_chip
         if chips not in shapes:
             sizes = ",".join(str(n * per_chip) for n in sorted(shapes))
@@ -127,21 +115,18 @@ def hbm_bytes(device_kind: str, num_devices: int, override_gib: float | None) ->
     """→ (capacity per chip in bytes, where it came from)."""
     if override_gib is not None:
         return int(override_gib * GIB), "--hbm-gib"
-    for name, gib in HBM_GIB:
-        if name.lower() in device_kind.lower():
-            return int(gib * GIB), f"{name} table"
-    if device_kind.lower() == "cpu":
-        host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        return host // num_devices, "host RAM / devices"
+    known = hardware.hbm_capacity(device_kind, num_devices)
+    if known is not None:
+        return known
     raise ConfigError(f"device kind {device_kind!r}: HBM capacity unknown; pass --hbm-gib")
 
 
 def resolve_model_config(cfg, num_layers: int | None):
     """The architecture the run would train (init_from's config.json, else `model`), with runtime fields."""
     from starling_jax.model.config import ModelConfig
-    from starling_jax.train.rm_loop import model_runtime
+    from starling_jax.train.job import model_runtime
 
-    runtime = model_runtime(cfg)
+    runtime = model_runtime(cfg.model)
     if not cfg.init_from:
         model_cfg = cfg.model
     elif Path(cfg.init_from).expanduser().is_dir():
@@ -169,38 +154,6 @@ def _hub_config(model_id: str) -> dict:
             f"init_from={model_id}: not a local folder, not in the built-in table {sorted(KNOWN_HF_CONFIGS)}, and "
             f"its config.json could not be fetched ({type(e).__name__}); pass a local folder holding config.json"
         ) from None
-
-
-def abstract_inputs(cfg, model_cfg, mesh):
-    """→ (graphdef, tx, schedule, state shardings, batch shardings, abstract state, abstract batch).
-
-    Everything is a ShapeDtypeStruct carrying its sharding: the train state from the model's abstract shapes and
-    `jax.eval_shape(tx.init, ...)`, the batch [B, K, L] with L = max_length rounded up to pad_to_multiple.
-    """
-    import jax
-    import jax.numpy as jnp
-
-    from starling_jax.model import create
-    from starling_jax.parallel import sharding
-    from starling_jax.train.rm_loop import ROLE, build_optimizer, step_batch_shardings
-    from starling_jax.train.state import abstract_train_state, state_shardings
-
-    graphdef, params = create.abstract_model(model_cfg, ROLE)
-    tx, schedule = build_optimizer(cfg, model_cfg, params)
-    shardings = state_shardings(sharding.state_shardings(params, mesh), tx, params, mesh)
-    shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params,
-              "opt_state": jax.eval_shape(tx.init, params),
-              "rng": jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))}
-    state = abstract_train_state(shapes, shardings)
-
-    d = cfg.data
-    length = math.ceil(d.max_length / d.pad_to_multiple) * d.pad_to_multiple
-    bkl, bk = (d.batch_size, d.num_answers, length), (d.batch_size, d.num_answers)
-    dtypes = {"tokens": (bkl, jnp.int32), "positions": (bkl, jnp.int32), "segment_ids": (bkl, jnp.int32),
-              "reward_index": (bk, jnp.int32), "ranks": (bk, jnp.float32), "answer_mask": (bk, jnp.bool_)}
-    batch_shardings = step_batch_shardings(mesh)
-    batch = {k: jax.ShapeDtypeStruct(*dtypes[k], sharding=s) for k, s in batch_shardings.items()}
-    return graphdef, tx, schedule, shardings, batch_shardings, state, batch
 
 
 def sharded_bytes(tree) -> int:
@@ -233,11 +186,47 @@ def _cost_flops(compiled) -> float | None:
 
 
 # ------------------------------------------------------------------------------------------------ main
+def _compile(jitted, *args) -> tuple[Any, str | None, float, float]:
+    """→ (compiled or None when the compiler refused for memory, its OOM message, lower s, compile s)."""
+    t0 = time.perf_counter()
+    lowered = jitted.lower(*args)
+    t1 = time.perf_counter()
+    try:
+        compiled, oom = lowered.compile(), None
+    except Exception as e:  # the TPU compiler refuses a program whose temporaries exceed HBM
+        if not _OOM.search(str(e)):
+            raise
+        compiled, oom = None, str(e).splitlines()[0]
+    return compiled, oom, t1 - t0, time.perf_counter() - t1
+
+
+def _memory(compiled, oom: str | None, args, donated) -> tuple[dict, str, int | None]:
+    """Memory per chip → (parts, source, compiler's HBM figure): live arguments + outputs not aliased to donated
+    arguments + scratch + code."""
+    if compiled is not None:
+        mem = compiled.memory_analysis()
+        parts = {"argument": mem.argument_size_in_bytes, "output": mem.output_size_in_bytes,
+                 "temp": mem.temp_size_in_bytes, "generated_code": mem.generated_code_size_in_bytes,
+                 "alias": mem.alias_size_in_bytes}
+        return parts, "compiled.memory_analysis()", None
+    # out of memory: temporaries from the compiler's message, arguments from the shardings
+    donated_bytes = sharded_bytes(donated) if donated is not None else 0
+    parts = {"argument": sharded_bytes(args), "output": donated_bytes, "alias": donated_bytes, "generated_code": 0,
+             "temp": _oom_bytes(oom, "HLO temporaries") or 0}
+    return (parts, "compiler refused: out of memory; temporaries from its message, arguments from shardings",
+            _oom_bytes(oom, "available HBM"))
+
+
+def _total(parts: dict) -> int:
+    return parts["argument"] + parts["output"] - parts["alias"] + parts["temp"] + parts["generated_code"]
+
+
 def compile_report(cfg, topology: str, num_layers: int | None = None, hbm_gib: float | None = None,
-                   mfu: float = 0.4, num_slices: int = 1) -> dict[str, Any]:
+                   mfu: float = 0.4, num_slices: int = 1, job=None) -> dict[str, Any]:
+    """Compiles the job's train step (and its eval step) for `topology` (`num_slices` slices over DCN) → the
+    report (see module doc). `job`: a `train.job.Job` for `cfg` (default: the reward-model job)."""
     from starling_jax.parallel import sharding
-    from starling_jax.train import rm_step
-    from starling_jax.train.rm_loop import peak_flops
+    from starling_jax.train.rm_job import RMJob
 
     # --- devices & mesh
     devices, topology_name = topology_devices(topology, num_slices)
@@ -249,9 +238,10 @@ def compile_report(cfg, topology: str, num_layers: int | None = None, hbm_gib: f
     mesh = sharding.make_mesh(cfg.mesh, devices=devices)
     capacity, capacity_source = hbm_bytes(kind, len(devices), hbm_gib)
 
-    # --- abstract model, optimizer, state and batch
+    # --- the job's abstract state, batch and jitted step (nothing is allocated)
     model_cfg = resolve_model_config(cfg, num_layers)
-    graphdef, tx, schedule, shardings, batch_shardings, state, batch = abstract_inputs(cfg, model_cfg, mesh)
+    job = job or RMJob(cfg)
+    state, batch, step_fn = job.abstract_inputs(mesh, model_cfg)
     data_parallel = sharding.data_parallel_size(mesh)
     micro_rows = cfg.data.batch_size // cfg.train.micro_batches
     warnings = []
@@ -261,45 +251,37 @@ def compile_report(cfg, topology: str, num_layers: int | None = None, hbm_gib: f
                         "choose data.batch_size / train.micro_batches divisible by it")
 
     # --- the train step, lowered and compiled for the topology
-    step_fn = rm_step.jit_train_step(graphdef, tx, schedule, cfg.loss, cfg.train.micro_batches, mesh, shardings,
-                                     batch_shardings)
-    t0 = time.perf_counter()
-    lowered = step_fn.lower(state, batch)
-    t1 = time.perf_counter()
-    try:
-        compiled = lowered.compile()
-    except Exception as e:  # the TPU compiler refuses a program whose temporaries exceed HBM
-        if not _OOM.search(str(e)):
-            raise
-        compiled, oom_message = None, str(e).splitlines()[0]
-    t2 = time.perf_counter()
-
-    # --- memory per chip: live arguments + outputs not aliased to donated arguments + scratch + code
-    if compiled is not None:
-        mem = compiled.memory_analysis()
-        parts = {"argument": mem.argument_size_in_bytes, "output": mem.output_size_in_bytes,
-                 "temp": mem.temp_size_in_bytes, "generated_code": mem.generated_code_size_in_bytes,
-                 "alias": mem.alias_size_in_bytes}
-        memory_source, compiler_hbm = "compiled.memory_analysis()", None
-    else:  # out of memory: temporaries from the compiler's message, arguments from the shardings
-        args_bytes = sharded_bytes((state, batch))
-        state_bytes = sharded_bytes(state)
-        parts = {"argument": args_bytes, "output": state_bytes, "alias": state_bytes, "generated_code": 0,
-                 "temp": _oom_bytes(oom_message, "HLO temporaries") or 0}
-        memory_source = "compiler refused: out of memory; temporaries from its message, arguments from shardings"
-        compiler_hbm = _oom_bytes(oom_message, "available HBM")
-        warnings.append(oom_message)
-    total = parts["argument"] + parts["output"] - parts["alias"] + parts["temp"] + parts["generated_code"]
+    compiled, oom, lower_s, compile_s = _compile(step_fn, state, batch)
+    parts, memory_source, compiler_hbm = _memory(compiled, oom, (state, batch), state)
+    if oom:
+        warnings.append(oom)
+    total = _total(parts)
     fits = compiled is not None and total <= capacity
+
+    # --- the eval step (params only, the eval batch): it must fit where training fits
+    eval_report = None
+    eval_inputs = job.abstract_eval_inputs(mesh, model_cfg)
+    if eval_inputs is not None:
+        params, eval_batch, eval_fn = eval_inputs
+        eval_compiled, eval_oom, _, eval_compile_s = _compile(eval_fn, params, eval_batch)
+        eval_parts, _, _ = _memory(eval_compiled, eval_oom, (params, eval_batch), None)
+        eval_total = _total(eval_parts)
+        eval_fits = eval_compiled is not None and eval_total <= capacity
+        eval_report = {"per_chip_bytes": eval_total, "per_chip_gib": round(eval_total / GIB, 3),
+                       "memory_bytes": eval_parts, "fits": eval_fits, "compile_s": round(eval_compile_s, 2),
+                       "batch": list(eval_batch["tokens"].shape)}
+        if eval_oom:
+            warnings.append(f"eval step: {eval_oom}")
+        fits = fits and eval_fits
 
     # --- FLOPs: the compiler's count (per chip; a scanned loop body is counted once) and the model's
     length = batch["tokens"].shape[-1]
-    tokens = cfg.data.batch_size * cfg.data.num_answers * length
+    tokens = math.prod(batch["tokens"].shape)
     model_flops = model_cfg.flops_per_token(length) * tokens
-    peak = peak_flops(cfg.train.peak_tflops_per_device, kind)
+    peak = hardware.peak_flops(cfg.train.peak_tflops_per_device, kind)
     est_step_s = model_flops / (mfu * peak * len(devices)) if peak else None
     return {
-        "status": "ok",
+        "status": "completed",
         "topology": topology,
         "topology_name": topology_name,
         "num_slices": num_slices,
@@ -313,7 +295,7 @@ def compile_report(cfg, topology: str, num_layers: int | None = None, hbm_gib: f
         "dtype": model_cfg.dtype,
         "remat_policy": model_cfg.remat_policy,
         "scan_layers": model_cfg.scan_layers,
-        "batch": [cfg.data.batch_size, cfg.data.num_answers, length],
+        "batch": list(batch["tokens"].shape),
         "micro_batches": cfg.train.micro_batches,
         "memory_bytes": parts,
         "memory_source": memory_source,
@@ -325,8 +307,9 @@ def compile_report(cfg, topology: str, num_layers: int | None = None, hbm_gib: f
         "compiler_hbm_bytes": compiler_hbm,
         "fits": fits,
         "compiled": compiled is not None,
-        "lower_s": round(t1 - t0, 2),
-        "compile_s": round(t2 - t1, 2),
+        "eval": eval_report,
+        "lower_s": round(lower_s, 2),
+        "compile_s": round(compile_s, 2),
         "compiler_flops_per_chip": _cost_flops(compiled) if compiled is not None else None,
         "model_flops_per_step": model_flops,
         "tokens_per_step": tokens,
@@ -357,8 +340,13 @@ def format_report(r: dict[str, Any]) -> str:
         f"  generated code  {gib(m['generated_code'])}",
         f"  total           {gib(r['per_chip_bytes'])}{'+' if not r['compiled'] else ''}  of {gib(r['hbm_bytes'])} "
         f"HBM ({r['hbm_source']}) → "
-        f"{'FITS' if r['fits'] else 'DOES NOT FIT'} ({100 * r['per_chip_bytes'] / r['hbm_bytes']:.0f}%)",
+        f"{'FITS' if r['per_chip_bytes'] <= r['hbm_bytes'] and r['compiled'] else 'DOES NOT FIT'} "
+        f"({100 * r['per_chip_bytes'] / r['hbm_bytes']:.0f}%)",
     ]
+    if r.get("eval"):
+        e = r["eval"]
+        lines.append(f"eval step (batch {'×'.join(map(str, e['batch']))}): {gib(e['per_chip_bytes'])} per chip → "
+                     f"{'FITS' if e['fits'] else 'DOES NOT FIT'} (compile {e['compile_s']:.1f} s)")
     if r["compiler_flops_per_chip"] is not None:
         lines.append(f"compiler FLOPs per chip: {r['compiler_flops_per_chip']:.3e} (cost_analysis; loop bodies "
                      "— scanned layers, micro-batches — counted once)")

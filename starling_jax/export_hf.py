@@ -36,9 +36,8 @@ def export(checkpoint: str, output: str, step: int | None = None, tokenizer: str
         evals = meta.get("eval", {})
         extra = {"reward_mean": evals.get("reward_mean"), "reward_std": evals.get("reward_std")}
     folder = hf_io.save_hf(output, model_cfg, params, meta["role"], tokenizer_dir=tokenizer_dir, extra_config=extra)
-    kind = "ForSequenceClassification" if meta["role"] == "reward" else "ForCausalLM"
     return {"status": "completed", "checkpoint": str(checkpoint), "output": str(folder), "role": meta["role"],
-            "architecture": {"mistral": "Mistral", "llama": "Llama"}[model_cfg.model_type] + kind,
+            "architecture": hf_io.hf_config_dict(model_cfg, meta["role"])["architectures"][0],
             "num_params": num_params(params), **extra}
 
 

@@ -86,7 +86,9 @@ def score(model: str, data: str, output: str | None = None, template: str = "tok
     # --- score all answers, sequences bucketed by length into fixed-shape batches
     sequences = [(i, j, t) for i, tr in enumerate(tokenized) for j, t in enumerate(tr.tokens)]
     rewards = [np.zeros(tr.num_answers, np.float64) for tr in tokenized]
-    n_dev = mesh.shape["data"] * mesh.shape["fsdp"]
+    from starling_jax.parallel.sharding import data_parallel_size
+
+    n_dev = data_parallel_size(mesh)
     batch_size = max(n_dev, -(-batch_size // n_dev) * n_dev)
     order = sorted(range(len(sequences)), key=lambda s: len(sequences[s][2]))
     pad_id = tokenizer.pad_token_id or 0

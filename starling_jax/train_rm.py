@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     def run():
         from starling_jax.config import load_config
         from starling_jax.train.rm_config import RMRunConfig
-        from starling_jax.train.rm_loop import train_reward_model
+        from starling_jax.train.rm_job import train_reward_model
 
         cfg = load_config(RMRunConfig, args.config, args.overrides)
         cli.initialize_distributed()

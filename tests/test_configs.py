@@ -17,3 +17,10 @@ def test_recipes_load_and_pad_to_128():
     for name in ("rm_llama2_7b_starling.yaml", "rm_mistral7b_nectar.yaml"):
         cfg = load_config(RMRunConfig, ROOT / "configs" / name, [])
         assert cfg.data.pad_to_multiple == 128 and cfg.init_from and cfg.model.dtype == "bfloat16"
+
+
+def test_sft_base_yaml_is_the_embedded_default():
+    from starling_jax.train.sft_config import SFTRunConfig
+
+    assert to_dict(load_config(SFTRunConfig, ROOT / "configs" / "sft_base.yaml", [])) == \
+        to_dict(load_config(SFTRunConfig, None, []))

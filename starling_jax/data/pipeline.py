@@ -35,11 +35,10 @@ from pathlib import Path
 import numpy as np
 
 from starling_jax.data import layout as layout_lib
+from starling_jax.data.batch_spec import KWISE, MASKED_RANK
 from starling_jax.errors import DataError
 
-MASKED_RANK = 1e9
-BATCH_KEYS = ("tokens", "positions", "segment_ids", "reward_index", "ranks", "answer_mask", "answer_lengths",
-              "row")
+BATCH_KEYS = KWISE.names  # the K-wise batch spec (data/batch_spec.py) fixes names, dtypes and pad values
 
 
 # Live pipelines: their tf.data iterators are closed at exit. A tf.data iterator whose map runs Python

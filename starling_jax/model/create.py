@@ -25,7 +25,6 @@ def create_sharded(cfg: ModelConfig, role: str, mesh: Mesh, seed: int = 0) -> tu
     graphdef, abstract = abstract_model(cfg, role)
     shardings = sharding.state_shardings(abstract, mesh)
 
-    @jax.jit
     def init():
         return nnx.state(role_class(role)(cfg, nnx.Rngs(params=seed)))
 

@@ -9,6 +9,8 @@ from a pad id. A critic reads the same per-token scores as values.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -74,13 +76,31 @@ class RewardModel(nnx.Module):
         return jnp.take_along_axis(scores, reward_index[:, None].astype(jnp.int32), axis=1)[:, 0]
 
 
-ROLES = {"causal_lm": CausalLM, "reward": RewardModel}
+@dataclasses.dataclass(frozen=True)
+class Role:
+    """One entry of the role registry, which heads, HF import/export (`hf_io`) and checkpoints all read."""
+
+    name: str
+    module: type  # the nnx.Module: decoder trunk + head
+    hf_suffix: str  # HF class = {Mistral,Llama} + this
+    head: str  # the head's top-level variable (besides `decoder`)
 
 
-def role_class(role: str):
+# causal_lm: policy, reference (tied heads keep no `lm_head`); reward: reward model, critic.
+ROLES: dict[str, Role] = {
+    "causal_lm": Role("causal_lm", CausalLM, "ForCausalLM", "lm_head"),
+    "reward": Role("reward", RewardModel, "ForSequenceClassification", "score"),
+}
+
+
+def get_role(role: str) -> Role:
     if role not in ROLES:
         raise ConfigError(f"model role {role!r}: choose one of {sorted(ROLES)}")
     return ROLES[role]
+
+
+def role_class(role: str):
+    return get_role(role).module
 
 
 def build_model(cfg: ModelConfig, role: str, seed: int = 0) -> nnx.Module:

@@ -61,12 +61,13 @@ from jax.sharding import Mesh
 
 from starling_jax.errors import CheckpointError, ConfigError
 from starling_jax.model.config import ARCHITECTURES, ModelConfig
+from starling_jax.model import heads
 from starling_jax.model.create import abstract_model
 from starling_jax.parallel import sharding
 
 log = logging.getLogger(__name__)
 
-ROLES = ("causal_lm", "reward")
+ROLES = tuple(heads.ROLES)  # the one role registry (model/heads.py)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "added_tokens.json", "chat_template.json", "chat_template.jinja")
@@ -431,16 +432,14 @@ def hf_config_dict(cfg: ModelConfig, role: str, pad_token_id: int | None = None,
 
     hf = cfg.to_hf_dict()
     prefix = ARCHITECTURES[cfg.model_type]
-    if role == "causal_lm":
-        hf["architectures"] = [f"{prefix}ForCausalLM"]
-    elif role == "reward":
-        hf["architectures"] = [f"{prefix}ForSequenceClassification"]
+    if role not in ROLES:
+        raise ConfigError(f"model role {role!r}: choose one of {list(ROLES)}")
+    hf["architectures"] = [f"{prefix}{heads.ROLES[role].hf_suffix}"]
+    if role == "reward":
         hf["num_labels"] = 1
         hf["id2label"] = {"0": "LABEL_0"}
         hf["label2id"] = {"LABEL_0": 0}
         hf["problem_type"] = "regression"
-    else:
-        raise ConfigError(f"model role {role!r}: choose one of {list(ROLES)}")
     if pad_token_id is not None:
         hf["pad_token_id"] = int(pad_token_id)
     hf["dtype"] = cfg.param_dtype

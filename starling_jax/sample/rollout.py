@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 
 from starling_jax.errors import DataError
 from starling_jax.model.config import ModelConfig
+from starling_jax.parallel import sharding
 from starling_jax.sample.engine import FINISH_REASONS, SamplingConfig, make_sampler
 
 
@@ -44,7 +45,7 @@ class Sampler:
     def __init__(self, graphdef: nnx.GraphDef, params: nnx.State, model_cfg: ModelConfig, mesh: Mesh | None = None,
                  batch_size: int = 16, min_bucket: int = 16):
         self.graphdef, self.params, self.model_cfg, self.mesh = graphdef, params, model_cfg, mesh
-        dp = mesh.shape["data"] * mesh.shape["fsdp"] if mesh is not None else 1
+        dp = sharding.data_parallel_size(mesh) if mesh is not None else 1
         self.batch_size = max(dp, -(-batch_size // dp) * dp)
         self.min_bucket = min_bucket
         self._compiled: dict[SamplingConfig, Callable] = {}

@@ -16,6 +16,7 @@ from starling_jax.errors import ConfigError
 from starling_jax.model.attention import check_layout
 from starling_jax.model.config import ModelConfig
 from starling_jax.parallel.sharding import MeshConfig
+from starling_jax.train.job import ExportConfig, TrainConfig
 from starling_jax.train.optimizer import OptimConfig
 from starling_jax.train.rm_step import LossConfig
 
@@ -62,30 +63,6 @@ class DataConfig:
             raise ConfigError(f"data.eval_fraction={self.eval_fraction}: must be in [0, 1)")
         if self.num_answers < 2 or self.batch_size < 1 or self.max_length < 8:
             raise ConfigError("data.num_answers must be >= 2, data.batch_size >= 1, data.max_length >= 8")
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    steps: int = 1000
-    micro_batches: int = 1  # gradient accumulation: each step's batch is split into this many micro-batches
-    eval_every: int = 250
-    eval_max_batches: int = 0  # 0 = the whole eval split
-    save_every: int = 250
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    async_checkpointing: bool = True
-    peak_tflops_per_device: float = 0.0  # for MFU; 0 = look up the device kind (TPU/GPU), none on CPU
-    progress_bar: bool = True
-
-    def __post_init__(self):
-        if self.steps < 1 or self.micro_batches < 1 or self.save_every < 1 or self.eval_every < 1:
-            raise ConfigError("train.steps, micro_batches, save_every and eval_every must be >= 1")
-
-
-@dataclasses.dataclass
-class ExportConfig:
-    hf: bool = True  # write an HF *ForSequenceClassification folder at the end (output_dir/hf)
-    plot: bool = True  # loss curve and mean eval reward per rank (output_dir/summary.png)
 
 
 @dataclasses.dataclass

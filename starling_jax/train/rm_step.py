@@ -15,14 +15,13 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+from starling_jax.data.batch_spec import kwise_specs
 from starling_jax.errors import ConfigError
 from starling_jax.losses.ranking import RANKING_LOSSES, get_ranking_loss, reward_centering_loss
 from starling_jax.model.heads import kwise_rewards
 from starling_jax.parallel import sharding
 from starling_jax.train.state import TrainState
-
-BATCH_KEYS = ("tokens", "positions", "segment_ids", "reward_index", "ranks", "answer_mask")
-PACKED_KEYS = ("reward_row",)  # packed / shared-prefix batches (data/layout.py) also carry these
+from starling_jax.train.step import accumulate_gradients, apply_update
 
 
 @dataclasses.dataclass
@@ -54,62 +53,32 @@ def rm_loss(params: nnx.State, graphdef: nnx.GraphDef, batch: dict, loss_cfg: Lo
     return total, (count, rewards)
 
 
-def _split_micro_batches(batch: dict, micro_batches: int) -> dict:
-    """[B, ...] → [M, B/M, ...] taking rows m, m+M, m+2M, ... for micro-batch m, so that each micro-batch
-    stays spread over every data-parallel device (a plain reshape would put micro-batch m on 1/M of them)."""
-
-    def split(x):
-        b = x.shape[0]
-        return jnp.moveaxis(x.reshape((b // micro_batches, micro_batches) + x.shape[1:]), 1, 0)
-
-    return jax.tree.map(split, batch)
-
-
 def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                schedule: optax.Schedule, loss_cfg: LossConfig, micro_batches: int = 1,
-               mesh: Mesh | None = None) -> tuple[TrainState, dict]:
-    """One optimizer update. A non-finite loss or gradient leaves params and optimizer state untouched and is
-    reported in `metrics["finite"]` (the loop then stops before anything reaches a checkpoint)."""
+               mesh: Mesh | None = None, grad_mask=None, max_grad_norm: float = 0.0) -> tuple[TrainState, dict]:
+    """One optimizer update (`step.apply_update`: a non-finite loss or gradient leaves the state untouched and is
+    reported in `metrics["finite"]`; the loop then stops or, with `train.skip_nonfinite`, skips the batch)."""
     with sharding.activation_sharding(mesh):
-        batch = {k: batch[k] for k in BATCH_KEYS + PACKED_KEYS if k in batch}
-        grad_fn = jax.value_and_grad(rm_loss, has_aux=True)
-        params = state["params"]
-        if micro_batches == 1:
-            (loss_sum, (count, rewards)), grads = grad_fn(params, graphdef, batch, loss_cfg)
-        else:
-            micro = _split_micro_batches(batch, micro_batches)
-
-            def accumulate(carry, mb):
-                (l, (c, r)), g = grad_fn(params, graphdef, mb, loss_cfg)
-                acc_l, acc_c, acc_g = carry
-                return (acc_l + l, acc_c + c, jax.tree.map(jnp.add, acc_g, g)), r
-
-            zeros = jax.tree.map(jnp.zeros_like, params)
-            (loss_sum, count, grads), rewards = jax.lax.scan(accumulate, (0.0, 0.0, zeros), micro)
-            rewards = jnp.moveaxis(rewards, 0, 1).reshape(batch["ranks"].shape)  # undo the interleaving
+        batch = train_spec(batch).select(batch)
+        loss_sum, count, grads, rewards = accumulate_gradients(
+            functools.partial(_rm_loss_of, graphdef=graphdef, loss_cfg=loss_cfg), state["params"], batch,
+            micro_batches)
         denom = jnp.maximum(count, 1.0)
-        loss = loss_sum / denom
         grads = jax.tree.map(lambda g: g / denom, grads)
-        grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, new_opt_state = tx.update(grads, state["opt_state"], params)
-        new_params = optax.apply_updates(params, updates)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-        new_state = {
-            "step": state["step"] + finite.astype(jnp.int32),
-            "params": keep(new_params, params),
-            "opt_state": keep(new_opt_state, state["opt_state"]),
-            "rng": state["rng"],
-        }
-        metrics = {
-            "loss": loss,
-            "grad_norm": grad_norm,
-            "learning_rate": schedule(state["step"]),
-            "finite": finite,
-            "num_prompts": count,
-            "batch_pairwise_accuracy": batch_pairwise_accuracy(rewards, batch["ranks"], batch["answer_mask"]),
-        }
+        new_state, metrics = apply_update(state, grads, loss_sum / denom, tx=tx, schedule=schedule,
+                                          grad_mask=grad_mask, max_grad_norm=max_grad_norm)
+        metrics["num_prompts"] = count
+        metrics["batch_pairwise_accuracy"] = batch_pairwise_accuracy(rewards, batch["ranks"], batch["answer_mask"])
         return new_state, metrics
+
+
+def train_spec(batch: dict):
+    """The train-step spec matching `batch`: packed rows carry `reward_row`."""
+    return kwise_specs("reward_row" in batch)[0]
+
+
+def _rm_loss_of(params, batch, *, graphdef, loss_cfg):
+    return rm_loss(params, graphdef, batch, loss_cfg)  # looked up at trace time (tests patch it)
 
 
 def batch_pairwise_accuracy(rewards, ranks, answer_mask):
@@ -127,13 +96,8 @@ def eval_rewards(params: nnx.State, batch: dict, *, graphdef: nnx.GraphDef, mesh
 
 
 def jit_train_step(graphdef, tx, schedule, loss_cfg: LossConfig, micro_batches: int, mesh: Mesh,
-                   state_shardings: TrainState, batch_shardings: dict):
+                   state_shardings: TrainState, batch_shardings: dict, grad_mask=None, max_grad_norm: float = 0.0):
     fn = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule, loss_cfg=loss_cfg,
-                           micro_batches=micro_batches, mesh=mesh)
+                           micro_batches=micro_batches, mesh=mesh, grad_mask=grad_mask, max_grad_norm=max_grad_norm)
     return jax.jit(fn, in_shardings=(state_shardings, batch_shardings),
                    out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
-
-
-def jit_eval_rewards(graphdef, mesh: Mesh, params_shardings, batch_shardings: dict):
-    fn = functools.partial(eval_rewards, graphdef=graphdef, mesh=mesh)
-    return jax.jit(fn, in_shardings=(params_shardings, batch_shardings), out_shardings=sharding.replicated(mesh))

@@ -18,7 +18,8 @@ from starling_jax.losses.ranking import plackett_luce_loss
 from starling_jax.model import attention as A
 from starling_jax.model.config import ModelConfig
 from starling_jax.model.heads import build_model, kwise_rewards
-from starling_jax.train.rm_step import LossConfig, _split_micro_batches, rm_loss
+from starling_jax.train.rm_step import LossConfig, rm_loss
+from starling_jax.train.step import split_micro_batches
 
 K, L, VOCAB = 7, 64, 97
 CFG = ModelConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -174,7 +175,7 @@ def test_micro_batches_keep_each_prompt_with_its_rows(model_parts):
     model = nnx.merge(graphdef, params)
     rewards = jax.jit(lambda b: kwise_rewards(model, b))
     ref = np.asarray(rewards({k: jnp.asarray(v) for k, v in full.items()}))
-    micro = _split_micro_batches({k: jnp.asarray(v) for k, v in packed.items()}, 2)
+    micro = split_micro_batches({k: jnp.asarray(v) for k, v in packed.items()}, 2)
     for m in range(2):
         got = np.asarray(rewards(jax.tree.map(lambda x: x[m], micro)))
         sel = full["answer_mask"][m::2]

@@ -1,0 +1,113 @@
+"""The RL run config: `python -m starling_jax.train_ppo [CONFIG.yaml] [key=value ...]` fills `PPORunConfig` from
+these defaults (the embedded CPU demo on the default `train_sft` policy and `train_rm` reward model), then the YAML
+file, then the overrides. `configs/ppo_openchat35_starling_alpha.yaml` and `configs/ppo_openchat35_beta.yaml` are
+the Starling recipes."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from starling_jax.config import field
+from starling_jax.data.chat import TEMPLATE_NAMES
+from starling_jax.data.synthetic import BUNDLED_ALIAS
+from starling_jax.errors import ConfigError
+from starling_jax.parallel.sharding import MeshConfig
+from starling_jax.rl.experience import AdvantageConfig
+from starling_jax.rl.kl import KLConfig
+from starling_jax.rl.losses import ALGORITHMS, LossConfig
+from starling_jax.rl.rewards import RewardConfig
+from starling_jax.train.job import ExportConfig, TrainConfig
+from starling_jax.train.optimizer import OptimConfig
+
+DEFAULT_PPO_DIR = "runs/ppo_default"
+DEFAULT_POLICY = "runs/sft_default/hf"
+DEFAULT_REWARD_MODEL = "runs/rm_default/hf"
+CRITIC_INITS = ("reward", "policy")
+
+
+@dataclasses.dataclass
+class RuntimeConfig:
+    """Runtime fields of every model (the HF folders fix the architectures)."""
+
+    param_dtype: str = "float32"  # actor and critic master weights
+    frozen_param_dtype: str = "float32"  # reference and reward model (bfloat16 halves their memory)
+    dtype: str = "float32"  # compute dtype (bfloat16 on TPU)
+    remat_policy: str = "none"
+    scan_layers: bool = False
+
+    def load_kwargs(self, frozen: bool) -> dict:
+        return {"param_dtype": self.frozen_param_dtype if frozen else self.param_dtype, "dtype": self.dtype,
+                "remat_policy": self.remat_policy, "scan_layers": self.scan_layers}
+
+
+@dataclasses.dataclass
+class PromptConfig:
+    train: str = BUNDLED_ALIAS  # Nectar-schema file (its HH `prompt` column) or JSON lines of {"messages": [...]}
+    eval_prompts: int = 16  # held-out prompts (a seeded split) whose rollouts measure the reward
+    template: str = "tokenizer"  # the policy's chat format: its tokenizer's own, or a named template
+    rm_template: str = "tokenizer"  # the reward model's chat format (re-rendering path)
+    max_prompt_tokens: int = 64  # prompts are cut from the left to this; the sampler's prompt bucket
+    rm_max_length: int = 256  # tokens the reward model reads per re-rendered conversation
+
+    def __post_init__(self):
+        for key in ("template", "rm_template"):
+            if getattr(self, key) not in TEMPLATE_NAMES:
+                raise ConfigError(f"prompts.{key}={getattr(self, key)!r}: choose one of {list(TEMPLATE_NAMES)}")
+        if self.eval_prompts < 1 or self.max_prompt_tokens < 2:
+            raise ConfigError("prompts.eval_prompts must be >= 1 and prompts.max_prompt_tokens >= 2")
+
+
+@dataclasses.dataclass
+class RolloutConfig:
+    batch_size: int = 16  # rollouts per iteration (Starling: 64)
+    minibatch_size: int = 8  # rows per optimizer update
+    epochs: int = 2  # passes over each rollout batch (Starling: 2)
+    max_new_tokens: int = 24  # Starling: 1024
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off (Starling: 0)
+    top_p: float = 1.0  # 1 = off (Starling: 1)
+    stop_strings: list[str] = field(list)  # e.g. ["GPT4 Correct User:"] (Starling)
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.minibatch_size < 1 or self.epochs < 1 or self.max_new_tokens < 1:
+            raise ConfigError("rollout.batch_size, minibatch_size, epochs and max_new_tokens must be >= 1")
+        if self.batch_size % self.minibatch_size:
+            raise ConfigError(f"rollout.batch_size={self.batch_size} is not a multiple of "
+                              f"rollout.minibatch_size={self.minibatch_size}")
+
+
+@dataclasses.dataclass
+class PPORunConfig:
+    output_dir: str = DEFAULT_PPO_DIR
+    seed: int = 0  # fixes the prompt order, the rollouts' sampling keys and the minibatch order
+    algorithm: str = "ppo"  # ppo | apa
+    policy: str = DEFAULT_POLICY  # HF causal-LM folder (actor and reference start here)
+    reward_model: str = DEFAULT_REWARD_MODEL  # HF reward-model folder (frozen)
+    # true: the policy's tokens are scored as they are (checked: same vocabulary and chat template); false: the
+    # completions are decoded and re-rendered in the reward model's format and tokenizer (Starling-alpha)
+    reward_model_shares_tokenizer: bool = False
+    critic_init: str = "policy"  # policy (trunk + a new value head) | reward (OpenRLHF; needs a shared tokenizer)
+    # -1: every layer trains and the reference is a full frozen copy; N ≥ 1: only the top N layers (+ final norm,
+    # LM head) train and the reference is a hydra top on the actor's shared bottom (Starling: 4)
+    num_layers_unfrozen: int = -1
+    critic_layers_unfrozen: int = -1  # the critic's trainable top layers (-1: all)
+    runtime: RuntimeConfig = field(RuntimeConfig)
+    prompts: PromptConfig = field(PromptConfig)
+    rollout: RolloutConfig = field(RolloutConfig)
+    kl: KLConfig = field(lambda: KLConfig(coef=0.05))
+    reward: RewardConfig = field(RewardConfig)
+    advantage: AdvantageConfig = field(AdvantageConfig)
+    loss: LossConfig = field(LossConfig)
+    mesh: MeshConfig = field(MeshConfig)
+    optim: OptimConfig = field(lambda: OptimConfig(learning_rate=1e-3, schedule="constant", b2=0.95,
+                                                   max_grad_norm=1.0))
+    train: TrainConfig = field(lambda: TrainConfig(steps=30, eval_every=10, save_every=10, log_every=1))
+    export: ExportConfig = field(ExportConfig)
+
+    def __post_init__(self):
+        if self.algorithm not in ALGORITHMS:
+            raise ConfigError(f"algorithm={self.algorithm!r}: choose one of {list(ALGORITHMS)}")
+        if self.critic_init not in CRITIC_INITS:
+            raise ConfigError(f"critic_init={self.critic_init!r}: choose one of {list(CRITIC_INITS)}")
+        if self.num_layers_unfrozen == 0 or self.num_layers_unfrozen < -1:
+            raise ConfigError(f"num_layers_unfrozen={self.num_layers_unfrozen}: -1 (all) or N >= 1")

@@ -1,0 +1,331 @@
+"""The shared training loop: everything a run needs besides its job (`train/job.py`).
+
+    output folder (locked, resolved config) → mesh → job.setup → checkpoint (resume: state, frozen models, data
+    position) → steps (non-finite guard, log / eval / save cadence, preemption) → export, plot, summary
+
+Pieces: `OutputLock` (one live run per output_dir), `Preemption` (SIGTERM → save at the next step boundary),
+`MetricsWriter` (TensorBoard + metrics.jsonl on process 0), `StepWindow` (pending device metrics, throughput, MFU,
+the non-finite policy), `run` (the loop itself).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import math
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from tensorboardX import SummaryWriter
+
+from starling_jax import config as config_lib
+from starling_jax import hardware
+from starling_jax.ckpt.manager import Checkpointer, models_meta
+from starling_jax.errors import TrainingError
+from starling_jax.parallel import sharding
+from starling_jax.train.job import Job
+from starling_jax.train.state import abstract_params, abstract_train_state
+
+log = logging.getLogger("starling_jax")
+
+
+class OutputLock:
+    """An exclusive `flock` on `<output_dir>/.lock` held by process 0 for the whole run.
+
+    A second run on the same folder is refused with a one-line error instead of interleaving checkpoints and
+    metrics with the live one. The kernel drops the lock when its process dies, so a killed run (SIGKILL,
+    preemption) leaves nothing stale behind: the next run resumes.
+    """
+
+    def __init__(self, out: Path, enabled: bool = True):
+        self.path = out / ".lock"
+        self._fd = None
+        if not enabled:
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise TrainingError(f"{out}: another run (pid {holder}) is training in this output_dir; wait for it, "
+                                "stop it, or choose another output_dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+class Preemption:
+    """SIGTERM (the TPU preemption notice) sets a flag; the loop saves at the next step boundary and exits."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def check(self) -> bool:
+        flag = self.requested
+        if jax.process_count() > 1:  # every host must stop at the same step
+            from jax.experimental import multihost_utils
+
+            flag = bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+        return flag
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+class MetricsWriter:
+    """TensorBoard scalars and one JSON line per logged row (`metrics.jsonl`), on process 0 only."""
+
+    def __init__(self, out: Path, enabled: bool):
+        self.history_path = out / "metrics.jsonl"
+        self._tb = SummaryWriter(str(out / "tensorboard")) if enabled else None
+
+    def train_row(self, row: dict) -> None:
+        if self._tb is None:
+            return
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self._tb.add_scalar(f"train/{key}", value, row["step"])
+        with self.history_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def eval_metrics(self, metrics: dict, step: int) -> None:
+        if self._tb is None:
+            return
+        for key, value in metrics.items():
+            if isinstance(value, dict):
+                for sub, v in value.items():
+                    if isinstance(v, (int, float)) and math.isfinite(v):
+                        self._tb.add_scalar(f"eval/{key}/{sub}", v, step)
+            elif isinstance(value, (int, float)) and math.isfinite(value):
+                self._tb.add_scalar(f"eval/{key}", value, step)
+
+    def history(self) -> list[dict]:
+        """Logged train rows by step; a resumed run rewrites steps after its checkpoint: the latest wins."""
+        rows: dict[int, dict] = {}
+        if self.history_path.is_file():
+            for line in self.history_path.read_text().splitlines():
+                row = json.loads(line)
+                if not row.get("skipped"):
+                    rows[row["step"]] = row
+        return [rows[s] for s in sorted(rows)]
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+class StepWindow:
+    """Device metrics of the steps since the last log, fetched together (no host sync per step), with the
+    throughput/MFU window and the non-finite policy (`train.skip_nonfinite`)."""
+
+    def __init__(self, job: Job, writer: MetricsWriter, skip_nonfinite: int, peak_flops: float | None,
+                 num_devices: int):
+        self.job = job
+        self.writer = writer
+        self.skip_nonfinite = skip_nonfinite
+        self.peak = peak_flops
+        self.num_devices = num_devices
+        self.pending: list[tuple[int, Any, list[int], int]] = []  # (step, device metrics, rows, length)
+        self.skipped_in_a_row = 0
+        self.skipped_total = 0
+        self.last_good_checkpoint: int | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self.start, self.tokens, self.padded = time.perf_counter(), 0, 0
+
+    def add(self, step: int, metrics, host_batch: dict) -> None:
+        real, padded, length = self.job.batch_tokens(host_batch)
+        self.pending.append((step, metrics, self.job.batch_rows(host_batch), length))
+        self.tokens += real * jax.process_count()
+        self.padded += padded * jax.process_count()
+
+    def drain(self) -> dict | None:
+        """Fetch pending metrics → the logged row (None if nothing is pending or every step was skipped)."""
+        if not self.pending:
+            return None
+        fetched = jax.device_get([m for _, m, _, _ in self.pending])
+        good = []
+        for (step, _, rows, _), m in zip(self.pending, fetched):
+            if bool(m["finite"]):
+                self.skipped_in_a_row = 0
+                good.append(m)
+            else:
+                self._non_finite(step, m, rows)
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        last_step = self.pending[-1][0]
+        lengths = [length for _, _, _, length in self.pending]
+        row = None
+        if good:
+            row = {"step": last_step}
+            for key, value in good[-1].items():
+                if key == "finite" or key in self.job.hidden_metrics:
+                    continue
+                values = [float(m[key]) for m in good] if key in self.job.window_means else [float(value)]
+                row[key] = float(np.mean(values))
+            row["tokens_per_s"] = self.tokens / elapsed
+            if self.peak:
+                flops = self.padded * self.job.flops_per_token(int(np.mean(lengths)))
+                row["mfu"] = flops / elapsed / (self.peak * self.num_devices)
+            self.writer.train_row(row)
+        self.pending.clear()
+        self._reset()
+        return row
+
+    def _non_finite(self, step: int, m: dict, rows: list[int]) -> None:
+        what = f"step {step}: loss={float(m['loss'])} grad_norm={float(m['grad_norm'])} is not finite"
+        if self.skipped_in_a_row >= self.skip_nonfinite:
+            hint = (f"that update was not applied and nothing was checkpointed after step "
+                    f"{self.last_good_checkpoint}. ")
+            if self.skip_nonfinite:
+                hint = f"{self.skip_nonfinite} batch(es) in a row were skipped before it; " + hint
+            raise TrainingError(f"{what}; {hint}Lower optim.learning_rate, check the data (rows {rows[:16]}) or "
+                                "set train.skip_nonfinite=N to skip such batches.")
+        self.skipped_in_a_row += 1
+        self.skipped_total += 1
+        log.warning("%s: batch skipped, no update applied (data rows %s; %d in a row, at most %d)", what, rows,
+                    self.skipped_in_a_row, self.skip_nonfinite)
+        self.writer.train_row({"step": step, "skipped": True, "loss": float(m["loss"]),
+                               "grad_norm": float(m["grad_norm"]), "rows": rows})
+
+
+def _progress(job: Job, total: int, start: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc=job.name, unit="step", dynamic_ncols=True)
+
+
+def _due(step: int, every: int, last: int) -> bool:
+    return step % every == 0 or step == last
+
+
+def _save(job: Job, ckpt: Checkpointer, window: StepWindow, step: int, state, frozen: dict, last_eval: dict,
+          force: bool = False) -> None:
+    window.drain()  # a non-finite step raises here, before anything of it is saved
+    meta = {**models_meta(job.models), **job.meta(last_eval), "eval": last_eval,
+            "run_config": config_lib.to_dict(job.cfg)}
+    ckpt.save(step, state, job.train_data.state(), meta, force=force, frozen=frozen or None)
+    window.last_good_checkpoint = step
+
+
+def run(job: Job) -> dict[str, Any]:
+    """Runs `job` to `train.steps` (or a preemption) → the JSON summary. See the module doc for the phases."""
+    cfg = job.cfg
+    out = Path(cfg.output_dir).absolute()
+    is_main = jax.process_index() == 0
+    lock = OutputLock(out, enabled=is_main)
+    try:
+        if is_main:
+            config_lib.save_config(cfg, out / "config.yaml")
+        mesh = sharding.make_mesh(cfg.mesh)
+        log.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.devices()[0].device_kind)
+        job.setup(mesh)
+        try:
+            return _train(job, out, mesh, is_main)
+        finally:
+            job.close()
+    finally:
+        lock.release()
+
+
+def _train(job: Job, out: Path, mesh, is_main: bool) -> dict[str, Any]:
+    cfg, train = job.cfg, job.cfg.train
+    # --- checkpoint: resume from the latest complete one (each model by name)
+    ckpt = Checkpointer(out / "checkpoints", max_to_keep=train.keep_checkpoints, async_save=train.async_checkpointing)
+    resumed_from = ckpt.latest_step()
+    last_eval: dict = {}
+    state, frozen, meta = job.state, job.frozen, None
+    if resumed_from is not None:
+        abstract_frozen = {name: abstract_params(p, job.frozen_shardings[name]) for name, p in frozen.items()}
+        restored = ckpt.restore(abstract_train_state(state, job.state_shardings), resumed_from,
+                                abstract_frozen=abstract_frozen or None, models=job.models)
+        state, data_state, meta = restored[:3]
+        if abstract_frozen:
+            frozen = restored[3]
+        job.train_data.restore(data_state)
+        last_eval = meta.get("eval", {})
+        log.info("resumed from step %d (data position %s)", resumed_from, data_state)
+    job.start(state, frozen, meta if resumed_from is not None else None)
+    job.state = job.frozen = None  # the loop owns them now (the step donates the state)
+
+    writer = MetricsWriter(out, enabled=is_main)
+    window = StepWindow(job, writer, train.skip_nonfinite, hardware.peak_flops(train.peak_tflops_per_device),
+                        mesh.size)
+    window.last_good_checkpoint = resumed_from
+    preemption = Preemption()
+    step = resumed_from or 0
+    status = "completed"
+    progress = _progress(job, train.steps, step, train.progress_bar and is_main)
+
+    try:
+        train_iter = iter(job.train_data)
+        while step < train.steps:
+            host_batch = next(train_iter)
+            state, metrics = job.train_step(state, frozen, host_batch)
+            step += 1
+            window.add(step, metrics, host_batch)
+            if _due(step, train.log_every, train.steps):
+                row = window.drain()
+                if progress is not None and row:
+                    progress.set_postfix(**job.progress(row))
+            if progress is not None:
+                progress.update(1)
+            if _due(step, train.eval_every, train.steps):
+                window.drain()
+                last_eval = job.evaluate(state, frozen, train.eval_max_batches)
+                writer.eval_metrics(last_eval, step)
+                log.info("step %d eval: %s", step, {k: v for k, v in last_eval.items() if not isinstance(v, dict)})
+            if _due(step, train.save_every, train.steps):
+                _save(job, ckpt, window, step, state, frozen, last_eval)
+            if preemption.check():
+                _save(job, ckpt, window, step, state, frozen, last_eval, force=True)
+                status = "preempted"
+                break
+        window.drain()
+        ckpt.wait()
+    finally:
+        preemption.restore()
+        if progress is not None:
+            progress.close()
+        ckpt.close()
+        writer.close()
+
+    # --- export & summary
+    hf_dir = None
+    if status == "completed":
+        if not last_eval:
+            last_eval = job.evaluate(state, frozen, train.eval_max_batches)
+        if cfg.export.hf:
+            hf_dir = job.export(state, frozen, last_eval, out / "hf")
+        if cfg.export.plot and is_main:
+            job.plot(writer.history(), last_eval, out / "summary.png")
+    return {
+        "status": status,
+        "output_dir": str(out),
+        "steps": step,
+        "resumed_from": resumed_from,
+        **job.summary(last_eval),
+        "skipped_steps": window.skipped_total,
+        "checkpoint_dir": str(out / "checkpoints"),
+        "hf_export_dir": str(hf_dir) if hf_dir else None,
+    }

@@ -1,0 +1,92 @@
+"""What every job's jitted train step shares: gradient accumulation over micro-batches, and one guarded optimizer
+update (non-finite guard, gradient norms before/after clipping over trainable parameters, rng advance).
+
+A job's step is `loss_fn` (a pure function returning a *summed* loss, the count it sums over and per-row aux
+outputs) plus these two calls; see `rm_step.py` and `sft_step.py`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from starling_jax.train.state import TrainState
+
+
+def split_micro_batches(batch: dict, micro_batches: int) -> dict:
+    """[B, ...] → [M, B/M, ...] taking rows m, m+M, m+2M, ... for micro-batch m, so that each micro-batch
+    stays spread over every data-parallel device (a plain reshape would put micro-batch m on 1/M of them)."""
+
+    def split(x):
+        b = x.shape[0]
+        return jnp.moveaxis(x.reshape((b // micro_batches, micro_batches) + x.shape[1:]), 1, 0)
+
+    return jax.tree.map(split, batch)
+
+
+def merge_micro_batches(x: jax.Array) -> jax.Array:
+    """Inverse of `split_micro_batches` for a per-row output stacked by `lax.scan`: [M, B/M, ...] → [B, ...]."""
+    return jnp.moveaxis(x, 0, 1).reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
+
+
+def accumulate_gradients(loss_fn: Callable, params, batch: dict, micro_batches: int):
+    """→ (loss sum, count, summed grads, aux per row [B, ...]) of `loss_fn(params, batch_or_micro) →
+    (loss sum, (count, aux))`, over `micro_batches` interleaved micro-batches (one `lax.scan`, one set of
+    gradient buffers). Sums, not means, so that micro-batches with different numbers of valid rows add up to
+    exactly the full batch."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if micro_batches == 1:
+        (loss_sum, (count, aux)), grads = grad_fn(params, batch)
+        return loss_sum, count, grads, aux
+
+    def accumulate(carry, mb):
+        (l, (c, a)), g = grad_fn(params, mb)
+        acc_l, acc_c, acc_g = carry
+        return (acc_l + l, acc_c + c, jax.tree.map(jnp.add, acc_g, g)), a
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (loss_sum, count, grads), aux = jax.lax.scan(accumulate, (0.0, 0.0, zeros),
+                                                 split_micro_batches(batch, micro_batches))
+    return loss_sum, count, grads, jax.tree.map(merge_micro_batches, aux)
+
+
+def global_norm(grads, mask=None) -> jax.Array:
+    """‖g‖₂ over the trainable entries (`mask` 1/0 per parameter, broadcastable; None = all)."""
+    if mask is not None:
+        grads = jax.tree.map(lambda g, m: g * m.astype(g.dtype), grads, mask)
+    return optax.tree.norm(grads)
+
+
+def apply_update(state: TrainState, grads, loss: jax.Array, *, tx: optax.GradientTransformation,
+                 schedule: optax.Schedule, grad_mask=None, max_grad_norm: float = 0.0) -> tuple[TrainState, dict]:
+    """One optimizer update of `state["params"]` with mean gradients `grads`.
+
+    A non-finite loss or gradient leaves every leaf of the state untouched (params, optimizer state, step, rng:
+    the equivalent of `optax.apply_if_finite` without its counters in the optimizer state, so a skipped batch
+    leaves no trace in a checkpoint) and is reported in `metrics["finite"]`. The rng is split once per applied
+    update: `state["rng"]` ← the first half (the second is the step's key for anything stochastic).
+
+    Metrics: `grad_norm` = ‖g‖ over trainable parameters before clipping; `grad_norm_clipped` = the norm of the
+    update's gradient after `clip_by_global_norm(max_grad_norm)`, min(‖g‖, max) (= ‖g‖ without clipping).
+    """
+    params = state["params"]
+    grad_norm = global_norm(grads, grad_mask)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt_state = tx.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    next_rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state["rng"]))[0])
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    new_state: dict[str, Any] = {
+        **state,
+        "step": state["step"] + finite.astype(jnp.int32),
+        "params": keep(new_params, params),
+        "opt_state": keep(new_opt_state, state["opt_state"]),
+        "rng": keep(next_rng, state["rng"]),
+    }
+    clipped = jnp.minimum(grad_norm, max_grad_norm) if max_grad_norm > 0 else grad_norm
+    metrics = {"loss": loss, "grad_norm": grad_norm, "grad_norm_clipped": clipped,
+               "learning_rate": schedule(state["step"]), "finite": finite}
+    return new_state, metrics

@@ -1,0 +1,156 @@
+"""End-to-end `python -m starling_jax.train_sft`: 8 devices = 1 device, SIGKILL/restart resumes exactly, and the HF
+export loads in transformers with the same logits, renders the training tokens and stops at the end of turn."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from starling_jax.data.synthetic import generate, write_jsonl
+
+pytestmark = pytest.mark.slow
+
+FAST = ["train.steps=8", "train.log_every=1", "train.eval_every=4", "train.save_every=4", "train.progress_bar=false",
+        "data.batch_size=8", "data.eval_batch_size=8", "data.eval_fraction=0.2", "export.plot=false",
+        "optim.warmup_steps=2", "model.hidden_size=32", "model.intermediate_size=64"]
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> Path:
+    return write_jsonl(generate(80, seed=4), tmp_path_factory.mktemp("sft_data") / "small.jsonl")
+
+
+def env_with(devices: int) -> dict:
+    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+                TF_CPP_MIN_LOG_LEVEL="2")
+
+
+def cmd(out: Path, data: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "starling_jax.train_sft", f"output_dir={out}", f"data.train={data}", *FAST, *extra]
+
+
+def run(out: Path, data: Path, *extra: str, devices: int = 1) -> dict:
+    proc = subprocess.run(cmd(out, data, *extra), env=env_with(devices), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def losses(out: Path) -> dict[int, float]:
+    rows = {}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        rows[row["step"]] = row["loss"]
+    return rows
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, data_file):
+    out = tmp_path_factory.mktemp("sft") / "straight"
+    return out, run(out, data_file)
+
+
+def test_summary_and_eval_loss_goes_down(straight):
+    out, s = straight
+    for key in ("output_dir", "steps", "eval_loss_start", "eval_loss_end", "hf_export_dir", "status"):
+        assert key in s, key
+    assert s["status"] == "completed" and s["steps"] == 8 and s["eval_loss_end"] < s["eval_loss_start"]
+    assert s["eval_perplexity_end"] == pytest.approx(np.exp(s["eval_loss_end"]), rel=1e-6)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {"grad_norm", "grad_norm_clipped", "learning_rate", "tokens_per_s"} <= set(rows[0])
+    assert all(r["grad_norm_clipped"] == pytest.approx(min(r["grad_norm"], 1.0)) for r in rows)
+
+
+def test_eight_devices_give_the_same_losses(tmp_path, data_file, straight):
+    out, _ = straight
+    run(tmp_path / "eight", data_file, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "export.hf=false", devices=8)
+    a, b = losses(out), losses(tmp_path / "eight")
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    np.testing.assert_allclose([b[s] for s in sorted(a)], [a[s] for s in sorted(a)], rtol=0, atol=2e-5)
+    assert np.ptp(list(a.values())) > 1e-2
+
+
+def test_sigkill_then_restart_resumes_exactly(tmp_path, data_file, straight):
+    ref_out, ref = straight
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(cmd(out, data_file, "export.hf=false", "train.async_checkpointing=false"),
+                            env=env_with(1), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 400
+    while time.time() < deadline:  # kill once the step-4 checkpoint exists and training went past it
+        done = (out / "metrics.jsonl").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) >= 5
+        if done or proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    summary = run(out, data_file, "export.hf=false")
+    assert summary["resumed_from"] == 4
+    assert summary["eval_loss_start"] == pytest.approx(ref["eval_loss_start"], abs=1e-6)  # kept in the checkpoint
+    reference, resumed = losses(ref_out), losses(out)
+    np.testing.assert_allclose([resumed[s] for s in range(1, 9)], [reference[s] for s in range(1, 9)], rtol=0,
+                               atol=1e-6)
+    assert summary["eval_loss_end"] == pytest.approx(ref["eval_loss_end"], abs=1e-6)
+
+
+def test_export_loads_in_transformers_renders_the_training_tokens_and_stops(straight, data_file):
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    import jax
+    from flax import nnx
+
+    from starling_jax.ckpt.manager import load_model
+    from starling_jax.data.sft import read_conversations, tokenize_conversation
+    from starling_jax.parallel import sharding
+    from starling_jax.tokenizer import default_tokenizer_dir, load_tokenizer
+
+    out, s = straight
+    hf_dir = Path(s["hf_export_dir"])
+    config = json.loads((hf_dir / "config.json").read_text())
+    assert config["architectures"] == ["MistralForCausalLM"]
+
+    # the chat template renders exactly the training tokens (BOS, prompt, answer, end of turn)
+    tok = AutoTokenizer.from_pretrained(str(hf_dir))
+    train_tok = load_tokenizer(default_tokenizer_dir("llama2_chat"))
+    convs = list(read_conversations(data_file))[:4]
+    batch_tokens = []
+    for conv in convs:
+        want = tokenize_conversation(conv, train_tok, "llama2_chat", 256).tokens.tolist()
+        got = tok.apply_chat_template([*conv.messages, {"role": "assistant", "content": conv.answer}], tokenize=True)
+        got = got["input_ids"] if hasattr(got, "keys") else got
+        assert list(got) == want
+        batch_tokens.append(want)
+        # the generation prompt is the training prompt, up to the answer
+        prompt = tok.apply_chat_template(list(conv.messages), tokenize=True, add_generation_prompt=True)
+        prompt = prompt["input_ids"] if hasattr(prompt, "keys") else prompt
+        assert want[:len(prompt)] == list(prompt)
+
+    # generation stops at the template's end-of-turn token (`</s>` for llama2_chat)
+    gen = GenerationConfig.from_pretrained(str(hf_dir))
+    eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
+    assert eos[0] == batch_tokens[0][-1] == tok.convert_tokens_to_ids("</s>")
+
+    # logits of transformers on the export = starling_jax's on the checkpoint (fp32)
+    length = max(map(len, batch_tokens))
+    tokens = np.zeros((len(batch_tokens), length), np.int32)
+    lengths = np.array([len(t) for t in batch_tokens])
+    for i, t in enumerate(batch_tokens):
+        tokens[i, :len(t)] = t
+    seg = (np.arange(length)[None] < lengths[:, None]).astype(np.int32)
+    mesh = sharding.make_mesh(sharding.MeshConfig(), devices=jax.devices()[:1])
+    _, cfg, graphdef, params = load_model(out, mesh)
+    ours = np.asarray(nnx.merge(graphdef, params)(tokens, np.arange(length)[None] * seg, seg))
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = model(torch.tensor(tokens, dtype=torch.long), attention_mask=torch.tensor(seg)).logits.numpy()
+    for i, n in enumerate(lengths):
+        np.testing.assert_allclose(ours[i, :n], theirs[i, :n], atol=1e-4, rtol=0)
