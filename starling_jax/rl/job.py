@@ -41,7 +41,7 @@ from starling_jax.sample.engine import FINISH_EOS, FINISH_STOP, SamplingConfig, 
 from starling_jax.score import jit_rewards
 from starling_jax.tokenizer import load_tokenizer
 from starling_jax.train import loop
-from starling_jax.train.job import Job, _figure, _save
+from starling_jax.train.job import Job, new_figure, save_figure
 from starling_jax.train.optimizer import make_optimizer, trainable_mask
 from starling_jax.train.state import ModelEntry
 
@@ -381,7 +381,7 @@ class PPOJob(Job):
                 "kl": f"{row.get('rollout/kl', float('nan')):.3f}"}
 
     def plot(self, history: list[dict], last_eval: dict, png: Path) -> None:
-        fig, (ax1, ax2) = _figure(2)
+        fig, (ax1, ax2) = new_figure(2)
         steps = [r["step"] for r in history]
         ax1.plot(steps, [r.get("rollout/score_raw") for r in history])
         ax1.set_xlabel("iteration")
@@ -391,7 +391,7 @@ class PPOJob(Job):
         ax2.plot(steps, [r.get("rollout/kl") for r in history])
         ax2.set_xlabel("iteration")
         ax2.set_ylabel("KL(π‖π_ref) per sequence")
-        _save(fig, png)
+        save_figure(fig, png)
 
 
 def train_ppo(cfg: PPORunConfig) -> dict[str, Any]:
