@@ -79,8 +79,11 @@ def test_hub_id_offline_is_one_line_naming_it(monkeypatch, tmp_path, capsys):
 
 def test_openchat_tokenizes_the_same_everywhere(tmp_path):
     """prepare_data, train_rm and score resolve the same tokenizer for openchat_3.5 (<|end_of_turn|> one token)."""
+    from starling_jax.train.job import resolve_tokenizer_dir
     from starling_jax.train.rm_config import DataConfig, RMRunConfig
-    from starling_jax.train.rm_loop import resolve_tokenizer_dir as train_tokenizer_dir
+
+    def train_tokenizer_dir(cfg):  # what the reward-model job resolves
+        return resolve_tokenizer_dir(cfg.data.tokenizer, cfg.init_from, cfg.data.template)
 
     f = tmp_path / "rows.jsonl"
     f.write_text("".join(json.dumps(good_row(i)) + "\n" for i in range(1, 5)))
