@@ -155,3 +155,12 @@ def embedded_default(value: str | None, default: str, flag: str) -> str:
         raise ConfigError(f"{flag} not given and the embedded default {default} does not exist: run "
                           f"`python -m starling_jax.train_rm` first (it writes {DEFAULT_RUN_DIR}), or pass {flag}")
     return default
+
+
+def config_main(argv, prog: str, doc: str, example_override: str,
+                train: Callable[[str | None, list[str]], dict[str, Any]]) -> int:
+    """A training entry point: `[CONFIG.yaml] [key=value ...]` → logging → `train(config_file, overrides)` under
+    `run_main` (one-line errors, JSON summary). `train` imports JAX itself, so --help and usage errors stay fast."""
+    args = parse_config_args(config_parser(prog, doc, example_override), sys.argv[1:] if argv is None else argv)
+    setup_logging(args.verbose)
+    return run_main(lambda: train(args.config, args.overrides))

@@ -22,11 +22,6 @@ from starling_jax import cli
 log = logging.getLogger("starling_jax")
 
 
-def parse_args(argv):
-    parser = cli.config_parser("python -m starling_jax.train_ppo", __doc__, "algorithm=apa train.steps=20")
-    return cli.parse_config_args(parser, argv)
-
-
 def ensure_default_runs(cfg) -> None:
     """Trains the default reward model / SFT policy when the run uses them and they are missing."""
     from starling_jax.rl.config import DEFAULT_POLICY, DEFAULT_REWARD_MODEL
@@ -38,22 +33,21 @@ def ensure_default_runs(cfg) -> None:
             subprocess.run([sys.executable, "-m", module], check=True)
 
 
+def train(config_file: str | None, overrides: list[str]) -> dict:
+    # imported here so that --help and config errors need no JAX start-up
+    from starling_jax.config import load_config
+    from starling_jax.rl.config import PPORunConfig
+    from starling_jax.rl.job import train_ppo
+
+    cfg = load_config(PPORunConfig, config_file, overrides)
+    ensure_default_runs(cfg)
+    cli.initialize_distributed()
+    return train_ppo(cfg)
+
+
 def main(argv=None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    cli.setup_logging(args.verbose)
-
-    def run():
-        from starling_jax.config import load_config
-        from starling_jax.rl.config import PPORunConfig
-
-        cfg = load_config(PPORunConfig, args.config, args.overrides)
-        ensure_default_runs(cfg)
-        cli.initialize_distributed()
-        from starling_jax.rl.job import train_ppo
-
-        return train_ppo(cfg)
-
-    return cli.run_main(run)
+    return cli.config_main(argv, "python -m starling_jax.train_ppo", __doc__, "algorithm=apa train.steps=20",
+                           train)
 
 
 if __name__ == "__main__":

@@ -14,25 +14,20 @@ import sys
 from starling_jax import cli
 
 
-def parse_args(argv):
-    parser = cli.config_parser("python -m starling_jax.train_rm", __doc__, "train.steps=100 data.batch_size=4")
-    return cli.parse_config_args(parser, argv)
+def train(config_file: str | None, overrides: list[str]) -> dict:
+    # imported here so that --help and config errors need no JAX start-up
+    from starling_jax.config import load_config
+    from starling_jax.train.rm_config import RMRunConfig
+    from starling_jax.train.rm_job import train_reward_model
+
+    cfg = load_config(RMRunConfig, config_file, overrides)
+    cli.initialize_distributed()
+    return train_reward_model(cfg)
 
 
 def main(argv=None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    cli.setup_logging(args.verbose)
-
-    def run():
-        from starling_jax.config import load_config
-        from starling_jax.train.rm_config import RMRunConfig
-        from starling_jax.train.rm_job import train_reward_model
-
-        cfg = load_config(RMRunConfig, args.config, args.overrides)
-        cli.initialize_distributed()
-        return train_reward_model(cfg)
-
-    return cli.run_main(run)
+    return cli.config_main(argv, "python -m starling_jax.train_rm", __doc__, "train.steps=100 data.batch_size=4",
+                           train)
 
 
 if __name__ == "__main__":

@@ -17,26 +17,20 @@ import sys
 from starling_jax import cli
 
 
-def parse_args(argv):
-    parser = cli.config_parser("python -m starling_jax.train_sft", __doc__, "train.steps=100 data.batch_size=8")
-    return cli.parse_config_args(parser, argv)
+def train(config_file: str | None, overrides: list[str]) -> dict:
+    # imported here so that --help and config errors need no JAX start-up
+    from starling_jax.config import load_config
+    from starling_jax.train.sft_config import SFTRunConfig
+    from starling_jax.train.sft_job import train_sft
+
+    cfg = load_config(SFTRunConfig, config_file, overrides)
+    cli.initialize_distributed()
+    return train_sft(cfg)
 
 
 def main(argv=None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    cli.setup_logging(args.verbose)
-
-    def run():
-        # imported here so that --help and config errors need no JAX start-up
-        from starling_jax.config import load_config
-        from starling_jax.train.sft_config import SFTRunConfig
-        from starling_jax.train.sft_job import train_sft
-
-        cfg = load_config(SFTRunConfig, args.config, args.overrides)
-        cli.initialize_distributed()
-        return train_sft(cfg)
-
-    return cli.run_main(run)
+    return cli.config_main(argv, "python -m starling_jax.train_sft", __doc__, "train.steps=100 data.batch_size=8",
+                           train)
 
 
 if __name__ == "__main__":
