@@ -166,7 +166,6 @@ def decoder_variant(attention: str = "einsum", embed: str = "take"):
 def jax_rows(model_name: str, batch: dict, steps: int, warmup: int, dtype: str, label: str,
              forward_only: bool = False, profile: bool = False, attention: str = "einsum") -> list[dict]:
     import jax
-    import jax.numpy as jnp
 
     from starling_jax.model import create
     from starling_jax.model.config import ModelConfig
@@ -288,7 +287,7 @@ def main(argv=None) -> int:
         results += rows
 
     base = {(r["model"], r["kind"]): r["step_s"] for r in results if r["impl"].startswith("PyTorch")}
-    print(f"\n| model | measurement | implementation | tokens/s | prompts/s | step ms | vs PyTorch | compile s |")
+    print("\n| model | measurement | implementation | tokens/s | prompts/s | step ms | vs PyTorch | compile s |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
         r["tokens_per_s"] = tokens_per_step / r["step_s"]

@@ -32,13 +32,13 @@ from pathlib import Path
 
 from starling_jax import cli
 from starling_jax.data.chat import TEMPLATE_NAMES, TEMPLATES, adds_bos_by_tokenizer, get_template, parse_hh, render
+from starling_jax.data.prompts import read_prompts
 from starling_jax.data.synthetic import bundled_path
-from starling_jax.errors import CheckpointError, ConfigError, DataError
+from starling_jax.errors import CheckpointError, ConfigError
 
 DEFAULT_SFT_RUN_DIR = "runs/sft_default"  # where `python -m starling_jax.train_sft` writes by default
 DEFAULT_SFT_HF_DIR = f"{DEFAULT_SFT_RUN_DIR}/hf"
 NUM_DEFAULT_PROMPTS = 4
-ROLES = ("system", "user", "assistant")
 # End-of-turn markers of the named templates: a chat model that goes on past its turn is cut there.
 TEMPLATE_STOPS = {
     "openchat_3.5": ("<|end_of_turn|>", "GPT4 Correct User:"),
@@ -49,44 +49,6 @@ TEMPLATE_STOPS = {
 
 
 # ---------------------------------------------------------------------------------------------- inputs
-def parse_messages(value, where: str) -> list[dict[str, str]]:
-    if not isinstance(value, list) or not value:
-        raise DataError(f"{where}: field 'messages' must be a non-empty list of {{role, content}} objects")
-    for i, m in enumerate(value):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise DataError(f"{where}: field 'messages[{i}]' must be {{\"role\": one of {list(ROLES)}, "
-                            f"\"content\": string}}, got {json.dumps(m)[:120]}")
-    if value[-1]["role"] != "user":
-        raise DataError(f"{where}: field 'messages': the last message must be a user turn "
-                        f"(got {value[-1]['role']!r})")
-    return [{"role": m["role"], "content": m["content"]} for m in value]
-
-
-def read_conversations(path: str) -> list[list[dict[str, str]]]:
-    """Rows of a Nectar-format file (HH `prompt`) or of JSON lines with `messages` → message lists."""
-    from starling_jax.data.nectar import iter_raw_rows
-
-    conversations = []
-    for row, raw in iter_raw_rows(path):
-        where = f"{path}: row {row}"
-        if isinstance(raw, tuple):  # a line that is not JSON: (marker, reason)
-            raise DataError(f"{where}: {raw[1]}")
-        if not isinstance(raw, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(raw).__name__}")
-        if "messages" in raw:
-            conversations.append(parse_messages(raw["messages"], where))
-        elif "prompt" in raw:
-            try:
-                conversations.append(parse_hh(raw["prompt"]))
-            except ValueError as e:
-                raise DataError(f"{where}: field 'prompt': {e}") from None
-        else:
-            raise DataError(f"{where}: no 'prompt' (Nectar HH format) or 'messages' field")
-    if not conversations:
-        raise DataError(f"{path}: no rows")
-    return conversations
-
-
 def default_conversations() -> list[list[dict[str, str]]]:
     """A few prompts from the end of the bundled synthetic Nectar file (the data the default runs train on)."""
     lines = bundled_path().read_text(encoding="utf-8").splitlines()
@@ -241,7 +203,7 @@ def main(argv=None) -> int:
         if args.prompt:
             conversations = [[{"role": "user", "content": p}] for p in args.prompt]
         elif args.data:
-            conversations = read_conversations(args.data)
+            conversations = read_prompts(args.data)
         else:
             conversations = default_conversations()
         model = args.model if args.model is not None else ensure_default_policy()

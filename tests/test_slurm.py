@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 
 from starling_jax import cli
 from starling_jax.errors import ConfigError
+from tests.entrypoints import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "launch" / "slurm.sh"
@@ -124,10 +124,7 @@ def test_slurm_distributed_args():
             cli.slurm_distributed_args({k: v for k, v in env.items() if k != key})
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+
 
 
 @pytest.mark.multiprocess
@@ -136,7 +133,7 @@ def test_two_processes_with_slurm_environment_join_one_run():
             "from jax.experimental import multihost_utils as m; "
             "g = m.process_allgather(np.asarray([jax.process_index()])); "
             "print('RESULT', jax.process_count(), jax.device_count(), g.ravel().tolist(), flush=True)")
-    port = _free_port()
+    port = free_port()
     procs = []
     for pid in (0, 1):
         env = clean_env(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",

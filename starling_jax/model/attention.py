@@ -165,17 +165,19 @@ def _dot(a, b, contract):
     return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
 
 
+def _block_dims(q, k, block_q: int, block_k: int):
+    """Sizes both passes share: (N, G, rows = L·R, Dh, R, query blocks, key blocks, rows per query block, 1/√Dh)."""
+    n, g, rows, dh = q.shape
+    r = rows // k.shape[2]
+    return n, g, rows, dh, r, k.shape[2] // block_q, k.shape[2] // block_k, block_q * r, 1.0 / math.sqrt(dh)
+
+
 # The kernels below work on q as [N, G, L·R, Dh] (the R query heads of a KV head folded into the rows, so every
 # block product is one plain batched matmul over (N, G) with no transposes inside the loops) and k, v as
 # [N, G, L, Dh]; `blockwise_attention` transposes in and out once.
 def _blockwise_forward(q, k, v, seg, pos, window, block_q, block_k):
     """→ out [N, G, L·R, Dh] (q dtype), lse f32 [N, G, L·R] (0 on rows that see nothing)."""
-    n, g, rows, dh = q.shape
-    length = k.shape[2]
-    r = rows // length
-    nq, nk = length // block_q, length // block_k
-    bqr = block_q * r
-    scale = 1.0 / math.sqrt(dh)
+    n, g, rows, dh, r, nq, nk, bqr, scale = _block_dims(q, k, block_q, block_k)
 
     def q_block(_, i):
         q_i = jax.lax.dynamic_slice_in_dim(q, i * bqr, bqr, 2)
@@ -221,12 +223,7 @@ def _blockwise_bwd(window, block_q, block_k, res, d_out):
     """FlashAttention-2 backward: per block P = exp(S - lse), dV += Pᵀ dO, dS = P ∘ (dO Vᵀ - rowsum(dO ∘ O)),
     dQ += dS K·scale, dK += dSᵀ Q·scale."""
     q, k, v, seg, pos, out, lse = res
-    n, g, rows, dh = q.shape
-    length = k.shape[2]
-    r = rows // length
-    nq, nk = length // block_q, length // block_k
-    bqr = block_q * r
-    scale = 1.0 / math.sqrt(dh)
+    n, g, rows, dh, r, nq, nk, bqr, scale = _block_dims(q, k, block_q, block_k)
     d_out = d_out.astype(q.dtype)
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1)  # [N, G, L·R]
 
@@ -255,7 +252,7 @@ def _blockwise_bwd(window, block_q, block_k, res, d_out):
         dq_i, dk, dv = jax.lax.fori_loop(lo, hi, kv_block, (dq_i, dk, dv))
         return (dk, dv), dq_i
 
-    zeros = jnp.zeros((n, g, length, dh), jnp.float32)
+    zeros = jnp.zeros(k.shape, jnp.float32)
     (dk, dv), dq = jax.lax.scan(q_block, (zeros, zeros), jnp.arange(nq))
     dq = jnp.moveaxis(dq, 0, 2).reshape(n, g, rows, dh)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None

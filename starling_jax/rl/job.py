@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from starling_jax.data.chat import adds_bos_by_tokenizer, parse_hh, render
-from starling_jax.data.nectar import iter_raw_rows
+from starling_jax.data.chat import adds_bos_by_tokenizer, render
+from starling_jax.data.prompts import read_prompts
 from starling_jax.data.synthetic import resolve_bundled
 from starling_jax.errors import CheckpointError, ConfigError, DataError
 from starling_jax.model import hf_io
@@ -46,31 +46,6 @@ from starling_jax.train.optimizer import make_optimizer, trainable_mask
 from starling_jax.train.state import ModelEntry
 
 log = logging.getLogger("starling_jax")
-
-
-def load_prompts(path: str) -> list[list[dict]]:
-    """Conversations to continue: Nectar rows (`prompt`, HH format) or JSON lines of `messages` (ending with a user
-    turn); a bad row is a one-line error naming the file and row."""
-    conversations = []
-    for row, raw in iter_raw_rows(path):
-        where = f"{path}: row {row}"
-        if not isinstance(raw, dict):
-            raise DataError(f"{where}: not an object")
-        if "messages" in raw:
-            messages = raw["messages"]
-            if not (isinstance(messages, list) and messages and messages[-1].get("role") == "user"):
-                raise DataError(f"{where}: field 'messages' must be a list ending with a user turn")
-            conversations.append([{"role": m["role"], "content": m["content"]} for m in messages])
-        elif "prompt" in raw:
-            try:
-                conversations.append(parse_hh(raw["prompt"]))
-            except ValueError as e:
-                raise DataError(f"{where}: field 'prompt': {e}") from None
-        else:
-            raise DataError(f"{where}: no 'prompt' (Nectar HH format) or 'messages' field")
-    if not conversations:
-        raise DataError(f"{path}: no prompts")
-    return conversations
 
 
 class PromptIterator:
@@ -188,7 +163,7 @@ class PPOJob(Job):
         self.graphdefs = {"actor": self.actor_graphdef, "critic": self.critic_graphdef}
 
         # --- prompts, sampling
-        convs = load_prompts(resolve_bundled(cfg.prompts.train))
+        convs = read_prompts(resolve_bundled(cfg.prompts.train))
         self.conversations = convs
         order = np.random.default_rng(cfg.seed).permutation(len(convs))
         n_eval = min(cfg.prompts.eval_prompts, len(convs) - cfg.rollout.batch_size)

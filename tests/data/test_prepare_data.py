@@ -1,7 +1,5 @@
 import json
 
-import numpy as np
-import pytest
 
 from conftest import write_mixed
 from starling_jax import prepare_data

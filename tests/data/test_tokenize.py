@@ -1,8 +1,7 @@
 """Hand-written rows → expected tokens and reward index."""
-import numpy as np
 import pytest
 
-from starling_jax.data.chat import parse_hh, render
+from starling_jax.data.chat import parse_hh
 from starling_jax.data.nectar import validate_row
 from starling_jax.data.tokenize import RowDoesNotFit, tokenize_answers, tokenize_ranking
 

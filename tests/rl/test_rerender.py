@@ -4,7 +4,6 @@ after re-rendering; the reward equals `score` on the same text. Shared-tokenizer
 import json
 import shutil
 
-import jax
 import numpy as np
 import pytest
 

@@ -1,7 +1,6 @@
 """The jitted, donated actor-critic update: 8 simulated devices give the same losses and parameters as one."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx

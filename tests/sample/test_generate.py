@@ -6,11 +6,11 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from starling_jax import generate as gen  # noqa: E402
 from starling_jax.data.chat import render  # noqa: E402
+from starling_jax.data.prompts import read_prompts  # noqa: E402
 
 NEW = 5
 
@@ -70,7 +70,7 @@ def test_jsonl_in_input_order_and_greedy_equals_transformers(policy, tmp_path, c
     assert summary["new_tokens"] == sum(x["num_tokens"] for x in lines) and summary["tokens_per_s"] > 0
     tok = load_tokenizer(policy)
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(policy), dtype=torch.float32).eval()
-    for line, conv in zip(lines, [gen.read_conversations(data)[i] for i in range(3)]):
+    for line, conv in zip(lines, [read_prompts(data)[i] for i in range(3)]):
         assert set(line) >= {"prompt", "completion", "finish_reason", "num_tokens"}
         assert line["prompt"] == render(tok, conv, "tokenizer")
         assert line["finish_reason"] in ("eos", "stop", "length") and 1 <= line["num_tokens"] <= NEW

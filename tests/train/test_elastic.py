@@ -5,17 +5,14 @@ the process count; Orbax restores each array into the new mesh's shardings.)"""
 
 from __future__ import annotations
 
-import json
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from starling_jax.data.synthetic import generate, write_jsonl
+from tests.entrypoints import entry_cmd, env_with, free_port, losses, summary
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
@@ -25,27 +22,8 @@ FAST = ["train.log_every=1", "train.eval_every=100", "train.save_every=4", "trai
         "model.num_hidden_layers=2"]  # constant after warm-up: the schedule does not depend on train.steps
 
 
-def env_with(devices: int, **extra) -> dict:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-               TF_CPP_MIN_LOG_LEVEL="2")
-    env.update(extra)
-    return env
-
-
 def cmd(out: Path, data: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "starling_jax.train_rm", f"output_dir={out}", f"data.train={data}", *FAST, *extra]
-
-
-def summary(stdout: str) -> dict:
-    return json.loads(stdout.strip().splitlines()[-1])
-
-
-def losses(out: Path) -> dict[int, float]:
-    rows = {}
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        rows[row["step"]] = row["loss"]
-    return rows
+    return entry_cmd("train_rm", out, data, *FAST, *extra)
 
 
 def weights(hf_dir: Path) -> dict[str, np.ndarray]:
@@ -54,10 +32,7 @@ def weights(hf_dir: Path) -> dict[str, np.ndarray]:
     return load_file(str(hf_dir / "model.safetensors"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+
 
 
 def test_two_processes_eight_devices_restore_on_one_process_four_devices(tmp_path):
@@ -66,7 +41,7 @@ def test_two_processes_eight_devices_restore_on_one_process_four_devices(tmp_pat
     ref = subprocess.Popen(cmd(tmp_path / "ref", data, "train.steps=8"), env=env_with(1), stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
     # first half: 2 processes × 4 devices (mesh fsdp=8 across both), stops after the step-4 checkpoint
-    out, port = tmp_path / "elastic", _free_port()
+    out, port = tmp_path / "elastic", free_port()
     halves = [subprocess.Popen(cmd(out, data, "train.steps=4", "export.hf=false"),
                                env=env_with(4, STARLING_JAX_COORDINATOR=f"127.0.0.1:{port}",
                                             STARLING_JAX_NUM_PROCESSES="2", STARLING_JAX_PROCESS_ID=str(pid)),

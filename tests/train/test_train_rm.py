@@ -7,7 +7,6 @@ synthetic Nectar-format file.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 
 from starling_jax.data.synthetic import generate, write_jsonl
+from tests.entrypoints import entry_cmd, env_with, free_port, losses, run_entry
 
 pytestmark = pytest.mark.slow
 
@@ -33,31 +33,12 @@ def data_file(tmp_path_factory) -> Path:
     return write_jsonl(generate(120, seed=3), tmp_path_factory.mktemp("data") / "small.jsonl")
 
 
-def env_with(devices: int) -> dict:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env["JAX_PLATFORMS"] = "cpu"
-    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    return env
-
-
 def train_cmd(out: Path, data: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "starling_jax.train_rm", f"output_dir={out}", f"data.train={data}", *FAST, *extra]
+    return entry_cmd("train_rm", out, data, *FAST, *extra)
 
 
 def run_train(out: Path, data: Path, *extra: str, devices: int = 1, timeout: int = 600) -> dict:
-    proc = subprocess.run(train_cmd(out, data, *extra), env=env_with(devices), capture_output=True, text=True,
-                          timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def losses(out: Path) -> dict[int, float]:
-    rows = {}
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        rows[row["step"]] = row["loss"]  # a resumed run rewrites later steps: keep the newest
-    return rows
+    return run_entry(train_cmd(out, data, *extra), devices, timeout)
 
 
 def test_one_device_and_eight_devices_give_the_same_losses(tmp_path, data_file):
@@ -239,12 +220,7 @@ def test_checkpoint_from_another_model_size_is_a_one_line_error(tmp_path, data_f
     assert len(errors) == 1 and "hidden_size" in errors[0] and "Traceback" not in proc.stderr
 
 
-def _free_port() -> int:
-    import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.multiprocess
@@ -252,7 +228,7 @@ def test_two_processes_give_the_same_losses_as_one(tmp_path, data_file):
     mesh = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
     single = run_train(tmp_path / "one", data_file, *mesh, devices=8)
     out = tmp_path / "two"
-    port = _free_port()
+    port = free_port()
     procs = []
     for pid in (0, 1):
         env = env_with(4)

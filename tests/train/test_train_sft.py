@@ -4,10 +4,8 @@ export loads in transformers with the same logits, renders the training tokens a
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import numpy as np
 import pytest
 
 from starling_jax.data.synthetic import generate, write_jsonl
+from tests.entrypoints import entry_cmd, env_with, losses, run_entry
 
 pytestmark = pytest.mark.slow
 
@@ -28,27 +27,12 @@ def data_file(tmp_path_factory) -> Path:
     return write_jsonl(generate(80, seed=4), tmp_path_factory.mktemp("sft_data") / "small.jsonl")
 
 
-def env_with(devices: int) -> dict:
-    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-                TF_CPP_MIN_LOG_LEVEL="2")
-
-
 def cmd(out: Path, data: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "starling_jax.train_sft", f"output_dir={out}", f"data.train={data}", *FAST, *extra]
+    return entry_cmd("train_sft", out, data, *FAST, *extra)
 
 
 def run(out: Path, data: Path, *extra: str, devices: int = 1) -> dict:
-    proc = subprocess.run(cmd(out, data, *extra), env=env_with(devices), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def losses(out: Path) -> dict[int, float]:
-    rows = {}
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        rows[row["step"]] = row["loss"]
-    return rows
+    return run_entry(cmd(out, data, *extra), devices)
 
 
 @pytest.fixture(scope="module")

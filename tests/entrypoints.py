@@ -1,0 +1,49 @@
+"""What the end-to-end tests share: running an entry point in a subprocess with its own simulated device count,
+reading its JSON summary and the losses it logged, and a free localhost port for multi-process runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+
+def env_with(devices: int, **extra: str) -> dict:
+    """The environment of a subprocess on `devices` simulated CPU devices (plus `extra` variables)."""
+    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+                TF_CPP_MIN_LOG_LEVEL="2", **extra)
+
+
+def entry_cmd(module: str, out: Path, data: Path, *extra: str) -> list[str]:
+    """`python -m starling_jax.<module> output_dir=OUT data.train=DATA ...`."""
+    return [sys.executable, "-m", f"starling_jax.{module}", f"output_dir={out}", f"data.train={data}", *extra]
+
+
+def summary(stdout: str) -> dict:
+    """The JSON summary: an entry point's last printed line."""
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def run_entry(cmd: list[str], devices: int = 1, timeout: int = 600) -> dict:
+    """Runs `cmd` to completion (exit 0 asserted) → its JSON summary."""
+    proc = subprocess.run(cmd, env=env_with(devices), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return summary(proc.stdout)
+
+
+def losses(out: Path) -> dict[int, float]:
+    """step → loss from `metrics.jsonl` (a resumed run rewrites later steps: the newest row wins)."""
+    rows = {}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        rows[row["step"]] = row["loss"]
+    return rows
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
