@@ -79,7 +79,7 @@ class RMRunConfig:
     data: DataConfig = field(lambda: DataConfig(pad_to_multiple=32))
     optim: OptimConfig = field(lambda: OptimConfig(learning_rate=1e-3, warmup_steps=100, weight_decay=0.0))
     loss: LossConfig = field(LossConfig)
-    train: TrainConfig = field(TrainConfig)
+    train: TrainConfig = field(lambda: TrainConfig(steps=500))  # the embedded default converges by then
     export: ExportConfig = field(ExportConfig)
 
     def __post_init__(self):
