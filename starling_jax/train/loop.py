@@ -342,7 +342,8 @@ def _train(job: Job, out: AnyPath, mesh, is_main: bool) -> dict[str, Any]:
             if _due(step, train.save_every, train.steps):
                 _save(job, ckpt, window, step, state, frozen, last_eval)
             if preemption.check():
-                _save(job, ckpt, window, step, state, frozen, last_eval, force=True)
+                if window.last_good_checkpoint != step:  # a SIGTERM right after a scheduled save: saved already
+                    _save(job, ckpt, window, step, state, frozen, last_eval, force=True)
                 status = "preempted"
                 break
         window.drain()

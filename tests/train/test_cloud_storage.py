@@ -43,6 +43,7 @@ def _remote_losses(url: str) -> dict[int, float]:
     return rows
 
 
+@pytest.mark.slow  # four entry-point runs (two at a time): ~75 s on an idle 2-core machine, 165 s under CI load
 def test_run_writes_stops_resumes_and_exports_through_gs_urls(tmp_path):
     from etils import epath
     from safetensors.numpy import load_file
@@ -86,28 +87,30 @@ def test_run_writes_stops_resumes_and_exports_through_gs_urls(tmp_path):
         assert len(list((out / "tensorboard").glob("events.*"))) == 2  # one event file per run
         assert not any(p.name.startswith(".") for p in out.iterdir())  # no lock file, no temporary folder
 
-        # export_hf and score read the URLs; score writes its output there too
-        sample = f"{bucket}/data/sample.jsonl"
-        epath.Path(sample).write_text("".join(local_data.read_text().splitlines(keepends=True)[:12]))
-        procs = {
-            "export": _start([sys.executable, "-m", "starling_jax.export_hf", "--checkpoint", run, "--output",
-                              f"{bucket}/export"], env),
-            **{name: _start([sys.executable, "-m", "starling_jax.score", "--model", model, "--data", sample,
-                             "--output", f"{bucket}/scores_{name}.jsonl"], env)
-               for name, model in (("ckpt", run), ("hf", f"{run}/hf"))},
-        }
-        done = {name: _finish(proc) for name, proc in procs.items()}
-        assert done["export"]["output"] == f"{bucket}/export" and done["export"]["role"] == "reward"
-        exported, in_run = (load_file(local_copy(u) / "model.safetensors") for u in (f"{bucket}/export", f"{run}/hf"))
-        assert exported.keys() == in_run.keys()
-        for key in exported:
-            np.testing.assert_array_equal(exported[key], in_run[key])
-        scored = {name: [json.loads(line) for line in epath.Path(f"{bucket}/scores_{name}.jsonl").read_text()
-                         .splitlines()] for name in ("ckpt", "hf")}
-        assert [r["row"] for r in scored["ckpt"]] == list(range(1, 13))
-        for a, b in zip(scored["ckpt"], scored["hf"]):
-            np.testing.assert_allclose(a["rewards"], b["rewards"], atol=1e-5)
-        assert done["ckpt"]["rows_scored"] == 12 and done["ckpt"]["pairwise_accuracy"] is not None
+        # export_hf reads the checkpoint URL, score the HF folder URL (and writes its output there)
+        from starling_jax.data.nectar import split_of
+
+        evals = [line for line, row in zip(local_data.read_text().splitlines(keepends=True), rows)
+                 if split_of(row["prompt"], 0.2) == "eval"]
+        sample = f"{bucket}/data/eval_rows.jsonl"
+        epath.Path(sample).write_text("".join(evals))
+        export = _start([sys.executable, "-m", "starling_jax.export_hf", "--checkpoint", run, "--output",
+                         f"{bucket}/export"], env)
+        score = _start([sys.executable, "-m", "starling_jax.score", "--model", f"{run}/hf", "--data", sample,
+                        "--output", f"{bucket}/scores.jsonl"], env)
+        exported, scored = _finish(export), _finish(score)
+        assert exported["output"] == f"{bucket}/export" and exported["role"] == "reward"
+        a, b = (load_file(local_copy(u) / "model.safetensors") for u in (f"{bucket}/export", f"{run}/hf"))
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+        # the run's last eval was on exactly these rows with the same parameters
+        assert scored["rows_scored"] == len(evals) == resumed["eval_prompts"]
+        assert scored["pairwise_accuracy"] == pytest.approx(resumed["eval_pairwise_accuracy"], abs=1e-6)
+        for rank, value in resumed["eval_mean_reward_by_rank"].items():
+            assert scored["mean_reward_by_rank"][rank] == pytest.approx(value, abs=1e-4)
+        lines = epath.Path(f"{bucket}/scores.jsonl").read_text().splitlines()
+        assert [json.loads(line)["row"] for line in lines] == list(range(1, len(evals) + 1))
 
 
 def test_local_copy_refreshes_changed_files(tmp_path, monkeypatch):
