@@ -77,6 +77,7 @@ def fake_gcs():
         urllib.request.urlopen(request, timeout=10).close()
         env = client_env(url)
         os.environ.update(env)
+        _epath_backend_changed()
         yield env
     finally:
         proc.terminate()
@@ -89,3 +90,11 @@ def fake_gcs():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        _epath_backend_changed()
+
+
+def _epath_backend_changed() -> None:
+    """epath caches its EPATH_USE_TF decision per process: drop it when this process changes the variable."""
+    from etils.epath import gpath
+
+    gpath._is_tf_installed.cache_clear()
