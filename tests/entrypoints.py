@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 
@@ -41,6 +43,20 @@ def losses(out: Path) -> dict[int, float]:
         row = json.loads(line)
         rows[row["step"]] = row["loss"]
     return rows
+
+
+def kill_after_metrics(cmd: list[str], out: Path, rows: int, timeout: float = 400) -> None:
+    """Starts `cmd` and SIGKILLs it as soon as `out/metrics.jsonl` has `rows` rows (asserting it was still running):
+    a run killed mid-training, past its first checkpoint."""
+    proc = subprocess.Popen(cmd, env=env_with(1), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics, deadline = out / "metrics.jsonl", time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= rows:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
 
 
 def free_port() -> int:

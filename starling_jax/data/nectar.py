@@ -17,13 +17,15 @@ import hashlib
 import json
 import math
 import numbers
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from starling_jax.data.chat import Message, parse_hh
 from starling_jax.errors import DataError
 from starling_jax.paths import as_path
+
+T = TypeVar("T")
 
 HUB_NAME = "berkeley-nest/Nectar"
 ON_BAD_ROW = ("error", "skip")
@@ -314,19 +316,27 @@ def read_rankings(
         raise DataError(f"on_bad_row must be one of {ON_BAD_ROW}, got {on_bad_row!r}")
     report = report if report is not None else ReadReport()
     report.source = str(source)
-    for row, raw in rows if rows is not None else iter_raw_rows(source, split):
+    yield from validated_rows(rows if rows is not None else iter_raw_rows(source, split), validate_row, source,
+                              on_bad_row, report)
+
+
+def validated_rows(rows: Iterable[tuple[int, Any]], validate: Callable[[Any, int], T], source,
+                   on_bad_row: str, report: ReadReport) -> Iterator[T]:
+    """`validate(raw, row)` over raw rows: a row it rejects (BadRow), or a line that is not JSON, raises a DataError
+    naming the file and row (on_bad_row=error) or is counted in `report` and passed over (skip)."""
+    for row, raw in rows:
         report.rows_read += 1
         try:
             if isinstance(raw, tuple) and raw and raw[0] is _NOT_JSON:
                 raise BadRow(raw[1])
-            r = validate_row(raw, row)
+            value = validate(raw, row)
         except BadRow as e:
             if on_bad_row == "error":
                 raise DataError(f"{source}: row {row}: {e}") from None
             report.skip(row, str(e))
             continue
         report.rows_kept += 1
-        yield r
+        yield value
 
 
 def load_rankings(source, on_bad_row: str = "error", report: ReadReport | None = None) -> list[Ranking]:

@@ -27,7 +27,8 @@ import numpy as np
 
 from starling_jax.data.batch_spec import SFT, round_up
 from starling_jax.data.chat import Message, to_hh
-from starling_jax.data.nectar import BadRow, Ranking, ReadReport, iter_raw_rows, read_rankings, split_of
+from starling_jax.data.nectar import (BadRow, Ranking, ReadReport, iter_raw_rows, read_rankings, split_of,
+                                      validated_rows)
 from starling_jax.data.pipeline import batch_plan
 from starling_jax.data.tokenize import RowDoesNotFit, tokenize_answers
 from starling_jax.errors import DataError
@@ -92,23 +93,18 @@ def read_conversations(source: str | Path, on_bad_row: str = "error",
         return
     rows_all = _chain(first, rows)
     if isinstance(first[1], dict) and "messages" in first[1]:
-        for row, raw in rows_all:
-            report.rows_read += 1
-            try:
-                if not isinstance(raw, dict):
-                    raise BadRow("not a JSON object")
-                messages, answer = validate_messages(raw)
-            except BadRow as e:
-                if on_bad_row == "error":
-                    raise DataError(f"{source}: row {row}: {e}") from None
-                report.skip(row, str(e))
-                continue
-            report.rows_kept += 1
-            yield Conversation(row, messages, answer)
+        yield from validated_rows(rows_all, _conversation, source, on_bad_row, report)
         return
     for ranking in read_rankings(source, on_bad_row, report, rows=rows_all):
         for answer in best_answers(ranking):
             yield Conversation(ranking.row, ranking.messages, answer)
+
+
+def _conversation(raw: Any, row: int) -> Conversation:
+    if not isinstance(raw, dict):
+        raise BadRow("not a JSON object")
+    messages, answer = validate_messages(raw)
+    return Conversation(row, messages, answer)
 
 
 def _chain(first, rest):

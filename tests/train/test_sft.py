@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from starling_jax.data.batch_spec import SFT
-from starling_jax.data.nectar import Ranking
+from starling_jax.data.nectar import Ranking, ReadReport
 from starling_jax.data.sft import (Conversation, best_answers, load_examples, make_batch, read_conversations,
                                    tokenize_conversation)
 from starling_jax.errors import DataError
@@ -42,10 +42,16 @@ def test_nectar_and_messages_files(tmp_path):
                           {"role": "assistant", "content": "hello"}, {"role": "user", "content": "bye"},
                           {"role": "assistant", "content": "ciao"}]},
             {"messages": [{"role": "user", "content": "no answer"}]}]
-    msgs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    msgs.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"messages": [\n')
     with pytest.raises(DataError, match=r"m.jsonl: row 2: 'messages' must be a list of at least two"):
         list(read_conversations(msgs))
-    (conv,) = list(read_conversations(msgs, on_bad_row="skip"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(rows[0]) + "\n" + json.dumps(rows[0]) + "\n" + '{"messages": [\n')
+    with pytest.raises(DataError, match=r"bad.jsonl: row 3: line is not JSON"):
+        list(read_conversations(bad))
+    report = ReadReport()
+    (conv,) = list(read_conversations(msgs, on_bad_row="skip", report=report))
+    assert (report.rows_read, report.rows_kept) == (3, 1)
     assert conv.answer == "ciao" and conv.messages[-1] == {"role": "user", "content": "bye"}
 
 

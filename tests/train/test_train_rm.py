@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from starling_jax.data.synthetic import generate, write_jsonl
-from tests.entrypoints import entry_cmd, env_with, free_port, losses, run_entry
+from tests.entrypoints import entry_cmd, env_with, free_port, kill_after_metrics, losses, run_entry
 
 pytestmark = pytest.mark.slow
 
@@ -66,17 +66,7 @@ def test_sigkill_then_restart_resumes_exactly(tmp_path, data_file):
     reference = losses(tmp_path / "straight")
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen(train_cmd(out, data_file, *steps), env=env_with(1), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline:  # kill once some checkpoint exists and training went past it
-        done = (out / "metrics.jsonl").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) >= 9
-        if done or proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_after_metrics(train_cmd(out, data_file, *steps), out, rows=9, timeout=300)  # past some checkpoint
     killed_at = max(losses(out))
     assert killed_at < 16
 

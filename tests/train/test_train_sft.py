@@ -4,16 +4,13 @@ export loads in transformers with the same logits, renders the training tokens a
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from starling_jax.data.synthetic import generate, write_jsonl
-from tests.entrypoints import entry_cmd, env_with, losses, run_entry
+from tests.entrypoints import entry_cmd, kill_after_metrics, losses, run_entry
 
 pytestmark = pytest.mark.slow
 
@@ -64,18 +61,8 @@ def test_eight_devices_give_the_same_losses(tmp_path, data_file, straight):
 def test_sigkill_then_restart_resumes_exactly(tmp_path, data_file, straight):
     ref_out, ref = straight
     out = tmp_path / "killed"
-    proc = subprocess.Popen(cmd(out, data_file, "export.hf=false", "train.async_checkpointing=false"),
-                            env=env_with(1), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 400
-    while time.time() < deadline:  # kill once the step-4 checkpoint exists and training went past it
-        done = (out / "metrics.jsonl").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) >= 5
-        if done or proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    # killed once the step-4 checkpoint exists and training went past it
+    kill_after_metrics(cmd(out, data_file, "export.hf=false", "train.async_checkpointing=false"), out, rows=5)
     summary = run(out, data_file, "export.hf=false")
     assert summary["resumed_from"] == 4
     assert summary["eval_loss_start"] == pytest.approx(ref["eval_loss_start"], abs=1e-6)  # kept in the checkpoint
