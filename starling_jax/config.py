@@ -64,7 +64,9 @@ def to_dict(cfg) -> dict:
 
 
 def save_config(cfg, path: str | Path) -> None:
-    Path(path).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    from starling_jax.paths import as_path
+
+    as_path(path).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))  # a local path or a gs:// URL
 
 
 def field(factory):

@@ -5,7 +5,8 @@
 A reward-model checkpoint becomes `MistralForSequenceClassification` / `LlamaForSequenceClassification`
 (`num_labels: 1`, `pad_token_id` set, tokenizer with its chat template, the eval split's reward mean/std in
 `config.json`); a policy checkpoint becomes `*ForCausalLM`. CKPT_DIR may be a run's output folder, its
-`checkpoints/` folder or one step folder; the latest complete step is used unless --step is given.
+`checkpoints/` folder or one step folder; the latest complete step is used unless --step is given. CKPT_DIR and
+HF_DIR may be local paths or URLs (`gs://bucket/run`).
 
 The exported tokenizer's `chat_template` is the format the run trained with (recorded in the checkpoint), so
 `apply_chat_template` gives exactly the training tokens, reward token included, whatever template `init_from`'s
@@ -18,25 +19,26 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from starling_jax import cli
+from starling_jax.paths import as_path, is_url
 
 
 def export(checkpoint: str, output: str, step: int | None = None, tokenizer: str | None = None,
            overwrite: bool = False) -> dict:
-    from pathlib import Path
-
     from starling_jax.ckpt.manager import load_model
     from starling_jax.errors import CheckpointError
     from starling_jax.model import hf_io
     from starling_jax.model.create import num_params
     from starling_jax.parallel import sharding
+    from starling_jax.tokenizer import resolve_tokenizer_dir
 
     mesh = sharding.make_mesh(sharding.MeshConfig())
     meta, model_cfg, _, params = load_model(checkpoint, mesh, step)
     tokenizer_dir = tokenizer or meta.get("tokenizer_dir")
-    if not tokenizer_dir or not Path(tokenizer_dir).is_dir():
+    if is_url(tokenizer_dir):
+        tokenizer_dir = resolve_tokenizer_dir(tokenizer_dir)  # copied into the local cache
+    if not tokenizer_dir or not as_path(tokenizer_dir).is_dir():
         raise CheckpointError(f"{checkpoint}: its tokenizer folder {tokenizer_dir!r} is gone; pass --tokenizer DIR")
     extra = {}
     if meta["role"] == "reward":
@@ -66,7 +68,7 @@ def main(argv=None) -> int:
 
     def run():
         checkpoint = cli.embedded_default(args.checkpoint, cli.DEFAULT_RUN_DIR, "--checkpoint")
-        return export(checkpoint, args.output or str(Path(checkpoint) / "hf_export"), args.step, args.tokenizer,
+        return export(checkpoint, args.output or str(as_path(checkpoint) / "hf_export"), args.step, args.tokenizer,
                       args.overwrite)
 
     return cli.run_main(run)

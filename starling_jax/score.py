@@ -28,6 +28,7 @@ from starling_jax.errors import CheckpointError, DataError
 from starling_jax.metrics import RankingMetrics
 from starling_jax.model import hf_io
 from starling_jax.parallel import sharding
+from starling_jax.paths import as_path
 
 
 def detect_format(path: str) -> str:
@@ -41,7 +42,7 @@ def load_reward_model(model: str, mesh):
     """→ (model cfg, graphdef, params, tokenizer dir, default max_length, recorded data provenance, default
     template) from an HF folder or a checkpoint. A checkpoint defaults to the template it was trained with; an
     HF export to its tokenizer's chat_template (which renders exactly the training tokens)."""
-    path = Path(model)
+    path = as_path(model)  # a local folder or a URL (gs://...)
     if (path / "config.json").is_file() or not path.exists():
         cfg, graphdef, params = hf_io.load_hf(model, "reward", mesh)
         folder = hf_io.resolve_model_dir(model)
@@ -121,8 +122,8 @@ def score(model: str, data: str, output: str | None = None, template: str | None
                          "truncated": tr.truncated}
         metrics.update(rw[None], tr.ranks[None], np.ones((1, tr.num_answers), bool), tr.answer_lengths[None])
     if output:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        with open(output, "w", encoding="utf-8") as f:
+        as_path(output).parent.mkdir(parents=True, exist_ok=True)
+        with as_path(output).open("w", encoding="utf-8") as f:
             for row in sorted(lines):
                 f.write(json.dumps(lines[row]) + "\n")
     computed = metrics.compute() if tokenized else {}

@@ -152,6 +152,13 @@ HUB_TOKENIZER_PATTERNS = ["tokenizer*", "special_tokens_map.json", "added_tokens
 def resolve_tokenizer_dir(name: str | Path) -> Path:
     """A tokenizer folder, or a HuggingFace Hub id (e.g. `meta-llama/Llama-2-7b-chat-hf`) whose tokenizer files
     are downloaded into the HF cache. Offline or unknown → one-line CheckpointError naming the id."""
+    from starling_jax.paths import is_url, local_copy
+
+    if is_url(name):  # gs://...: copied into the local cache (tokenizers read local files)
+        try:
+            return local_copy(name)
+        except FileNotFoundError:
+            raise CheckpointError(f"{name}: tokenizer folder not found") from None
     path = Path(name).expanduser()
     if path.exists():
         return path

@@ -7,6 +7,7 @@ complete, so a run killed mid-save (SIGKILL, preemption) leaves no half checkpoi
 check a checkpoint before reading tensors. `meta["models"]` names every model of the job (`{name: {role,
 trainable, architecture, model}}`); `role`/`model`/`architecture` at the top level describe the first trainable one
 (what `export_hf` exports). A resume restores each model by name and refuses a missing or extra one.
+The folder may be a local path or a URL (`gs://bucket/run/checkpoints`): Orbax writes both (see `paths.py`).
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ from starling_jax.errors import CheckpointError
 from starling_jax.model.config import ModelConfig
 from starling_jax.model.create import abstract_model
 from starling_jax.parallel import sharding
+from starling_jax.paths import as_path
 
 
 class Checkpointer:
     def __init__(self, directory: str | Path, max_to_keep: int = 3, async_save: bool = True,
                  read_only: bool = False):
-        self.directory = Path(directory).absolute()
+        self.directory = as_path(directory, absolute=True)
         if read_only and not self.directory.is_dir():
             raise CheckpointError(f"{self.directory}: checkpoint folder not found")
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
@@ -150,7 +152,7 @@ def check_models(meta: dict, models: list, where: str) -> None:
 
 def find_checkpoint_dir(path: str | Path) -> tuple[Path, int | None]:
     """Accepts a run's output folder, its `checkpoints/` folder or one step folder → (manager dir, step)."""
-    path = Path(path).absolute()
+    path = as_path(path, absolute=True)
     if not path.exists():
         raise CheckpointError(f"{path}: checkpoint folder not found")
     if (path / "checkpoints").is_dir():

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 from starling_jax.data.chat import Message, parse_hh
 from starling_jax.errors import DataError
+from starling_jax.paths import as_path
 
 T = TypeVar("T")
 
@@ -190,7 +191,7 @@ def _parse_json_line(line: str) -> Any:
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
     """Lines are read as bytes and decoded one by one: a line that is not UTF-8 is a bad row naming its column
     (a file that is not text at all fails at its first line), never a UnicodeDecodeError traceback."""
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         for i, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue
@@ -202,7 +203,7 @@ def _iter_parquet(path: Path) -> Iterator[tuple[int, Any]]:
     import pyarrow.parquet as pq
 
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(path.open("rb"))  # a file object: path may be a URL
     except Exception as e:  # noqa: BLE001 - truncated, not parquet, ...
         raise DataError(f"{path}: cannot read parquet file: {_one_line(e)}") from None
     n = 0
@@ -226,7 +227,7 @@ def _one_line(e: BaseException) -> str:
 
 
 def _iter_json(path: Path) -> Iterator[tuple[int, Any]]:
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         head = f.read(4096).lstrip()
     if not head.startswith(b"["):
         yield from _iter_jsonl(path)
@@ -262,11 +263,12 @@ def _iter_hub(name: str, split: str) -> Iterator[tuple[int, Any]]:
 
 
 def iter_raw_rows(source: str | Path, split: str = "train") -> Iterator[tuple[int, Any]]:
-    """Yield (1-based row number, raw row) from a local file or a Hub dataset name (e.g. `berkeley-nest/Nectar`).
+    """Yield (1-based row number, raw row) from a local file, a URL (`gs://...`) or a Hub dataset name (e.g.
+    `berkeley-nest/Nectar`).
 
     A line that is not JSON is yielded as `(_NOT_JSON, reason)` and counted as a bad row by `read_rankings`.
     """
-    p = Path(source)
+    p = as_path(source)
     if p.is_file():
         suffix = p.suffix.lower()
         if suffix == ".parquet":

@@ -41,6 +41,7 @@ from starling_jax.data.tokenize import RowDoesNotFit, tokenize_ranking
 from starling_jax.data import layout as layout_lib
 from starling_jax.data.batch_spec import KWISE, MASKED_RANK
 from starling_jax.errors import DataError
+from starling_jax.paths import as_path
 
 BATCH_KEYS = KWISE.names  # the K-wise batch spec (data/batch_spec.py) fixes names, dtypes and pad values
 
@@ -119,7 +120,7 @@ class TfdsSource:
 
 def prepared_report(builder_dir) -> ReadReport | None:
     """The rows `prepare_data` skipped (from its `report.json`, two folders above the TFDS builder folder)."""
-    path = Path(builder_dir).parent.parent / "report.json"
+    path = as_path(builder_dir).parent.parent / "report.json"
     if not path.is_file():
         return None
     try:
@@ -426,7 +427,7 @@ def to_global(batch: dict, mesh, data_sharding=None) -> dict:
 
 def find_prepared(path) -> Path | None:
     """The TFDS builder folder inside a `prepare_data` output folder (or the folder itself), else None."""
-    p = Path(path)
+    p = as_path(path)
     if (p / "dataset_info.json").is_file():
         return p
     hits = sorted(p.glob("nectar_tokenized/*/dataset_info.json")) if p.is_dir() else []
@@ -453,7 +454,7 @@ def open_source(path, split: str = "train", *, tokenizer=None, template: str = "
         tokenizer_lib.check_provenance(src.provenance, current if check_length else {**current, "max_length": None},
                                        f"prepared dataset {prepared}", "this run")
         return src
-    if Path(path).is_dir():
+    if as_path(path).is_dir():
         raise DataError(f"{path}: folder holds no prepared dataset (run starling_jax.prepare_data)")
     report = ReadReport()
     out = []

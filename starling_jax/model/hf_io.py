@@ -7,8 +7,9 @@ API
   save_hf(folder, cfg, state, role, *, tokenizer_dir=None, extra_config=None, max_shard_bytes=5e9) -> Path
   key_table(cfg, role) -> list[KeySpec]     (the table; used by both directions and by tests)
 
-`model` is a local folder or a Hub id (downloaded with `snapshot_download(allow_patterns=["*.json",
-"*.safetensors", "tokenizer*"])` only when no such local path exists). `role` is "causal_lm" or "reward".
+`model` is a local folder, a URL (`gs://...`, copied into the local cache first: `paths.local_copy`) or a Hub id
+(downloaded with `snapshot_download(allow_patterns=["*.json", "*.safetensors", "tokenizer*"])` only when no such
+local path exists). `save_hf`'s folder may be a URL too (written locally, then uploaded). `role` is "causal_lm" or "reward".
 `runtime` are `ModelConfig` runtime overrides (dtype, param_dtype, scan_layers, remat_policy).
 
 The table
@@ -64,6 +65,7 @@ from starling_jax.model.config import ARCHITECTURES, ModelConfig
 from starling_jax.model import heads
 from starling_jax.model.create import abstract_model
 from starling_jax.parallel import sharding
+from starling_jax.paths import as_path, is_url, local_copy, upload_folder
 from starling_jax import tokenizer as tokenizer_lib
 
 log = logging.getLogger(__name__)
@@ -156,7 +158,12 @@ def _check_table_covers(table: list[KeySpec], abstract: nnx.State, cfg: ModelCon
 
 # ---------------------------------------------------------------------------------------------- folder access
 def resolve_model_dir(model: str | Path, revision: str | None = None) -> Path:
-    """A local folder, or a Hub id downloaded (json, safetensors and tokenizer files only) into the HF cache."""
+    """A local folder, a URL folder copied into the local cache, or a Hub id downloaded (json, safetensors and
+    tokenizer files only) into the HF cache."""
+    if is_url(model):
+        if not as_path(model).is_dir():
+            raise CheckpointError(f"{model}: no such model folder")
+        return local_copy(model)
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -451,7 +458,7 @@ def hf_config_dict(cfg: ModelConfig, role: str, pad_token_id: int | None = None,
 
 def check_output_folder(folder: str | Path, overwrite: bool) -> None:
     """An existing non-empty output folder is refused unless `overwrite` (CheckpointError)."""
-    folder = Path(folder)
+    folder = as_path(folder)
     if folder.exists() and not folder.is_dir():
         raise CheckpointError(f"{folder}: exists and is not a folder")
     if folder.is_dir() and any(folder.iterdir()) and not overwrite:
@@ -462,13 +469,21 @@ def check_output_folder(folder: str | Path, overwrite: bool) -> None:
 def atomic_folder(folder: str | Path, *, write: bool = True):
     """Yields a temporary sibling folder to write into; on success it replaces `folder` in one rename (the old
     folder, if any, is moved aside first and deleted after), on failure it is deleted. A reader never sees a
-    half-written folder. `write=False` (non-writing hosts) yields `folder` and does nothing."""
+    half-written folder. `write=False` (non-writing hosts) yields `folder` and does nothing.
+
+    A URL folder is written to a local temporary folder and uploaded when complete (`paths.upload_folder`:
+    Cloud Storage has no folder rename, so a reader may see it part-way; config.json comes last)."""
     import os
     import tempfile
 
-    folder = Path(folder).absolute()
+    folder = as_path(folder, absolute=True)
     if not write:
         yield folder
+        return
+    if is_url(folder):
+        with tempfile.TemporaryDirectory(prefix=f"{folder.name}.") as tmp:
+            yield Path(tmp)
+            upload_folder(Path(tmp), folder)
         return
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
@@ -499,7 +514,7 @@ def save_hf(folder: str | Path, cfg: ModelConfig, state: nnx.State, role: str, *
     """
     from safetensors.numpy import save_file
 
-    folder = Path(folder)
+    folder = as_path(folder)
     writer = jax.process_index() == 0
     if writer:
         check_output_folder(folder, overwrite)

@@ -211,9 +211,13 @@ def plot_loss(ax, history: list[dict], title: str) -> None:
     ax.set_title(title)
 
 
-def save_figure(fig, png: Path) -> None:
+def save_figure(fig, png) -> None:
+    """`png`: a local path or a URL (written through its file object)."""
     import matplotlib.pyplot as plt
 
+    from starling_jax.paths import as_path
+
     fig.tight_layout()
-    fig.savefig(png, dpi=100)
+    with as_path(png).open("wb") as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)

@@ -6,6 +6,10 @@
 Pieces: `OutputLock` (one live run per output_dir), `Preemption` (SIGTERM → save at the next step boundary),
 `MetricsWriter` (TensorBoard + metrics.jsonl on process 0), `StepWindow` (pending device metrics, throughput, MFU,
 the non-finite policy), `run` (the loop itself).
+
+`output_dir` may be a URL (`gs://bucket/run`, see `paths.py`): checkpoints go there through Orbax, config.yaml,
+summary.png and the HF export through epath; TensorBoard and metrics.jsonl are written to a local folder and
+copied up at every checkpoint and at the end; there is no lock (Cloud Storage has no `flock`).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import logging
 import math
 import os
 import signal
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +34,7 @@ from starling_jax import hardware
 from starling_jax.ckpt.manager import Checkpointer, models_meta
 from starling_jax.errors import TrainingError
 from starling_jax.parallel import sharding
+from starling_jax.paths import AnyPath, as_path, copy_file, is_url
 from starling_jax.train.job import Job
 from starling_jax.train.state import abstract_params, abstract_train_state
 
@@ -41,14 +47,22 @@ class OutputLock:
     A second run on the same folder is refused with a one-line error instead of interleaving checkpoints and
     metrics with the live one. The kernel drops the lock when its process dies, so a killed run (SIGKILL,
     preemption) leaves nothing stale behind: the next run resumes.
+
+    A URL output_dir (`gs://...`) is not locked: Cloud Storage has no `flock` and a lock object there would be
+    left stale by a preempted run. The run logs one warning and relies on the launcher running one job per
+    output_dir (`launch/tpu.sh` does).
     """
 
-    def __init__(self, out: Path, enabled: bool = True):
+    def __init__(self, out: AnyPath, enabled: bool = True):
         self.path = out / ".lock"
         self._fd = None
         if not enabled:
             return
         out.mkdir(parents=True, exist_ok=True)
+        if is_url(out):
+            log.warning("%s: output_dir is a URL: not locked against a second run (Cloud Storage has no flock); "
+                        "run one job per output_dir", out)
+            return
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -91,11 +105,24 @@ class Preemption:
 
 
 class MetricsWriter:
-    """TensorBoard scalars and one JSON line per logged row (`metrics.jsonl`), on process 0 only."""
+    """TensorBoard scalars and one JSON line per logged row (`metrics.jsonl`), on process 0 only.
 
-    def __init__(self, out: Path, enabled: bool):
-        self.history_path = out / "metrics.jsonl"
-        self._tb = SummaryWriter(str(out / "tensorboard")) if enabled else None
+    For a URL `out` both are written to a local staging folder (tensorboardX and appends need a local file;
+    Cloud Storage objects cannot be appended to) and `sync()` copies them up: the loop calls it at every
+    checkpoint and at the end, so what is there covers at least the run up to its latest checkpoint. A resumed
+    run starts from the metrics.jsonl already there."""
+
+    def __init__(self, out: AnyPath, enabled: bool):
+        self.out = out
+        self._stage = None
+        if enabled and is_url(out):
+            self._tmp = tempfile.TemporaryDirectory(prefix="starling_metrics.")  # deleted with the writer
+            self._stage = Path(self._tmp.name)
+            if (out / "metrics.jsonl").is_file():
+                copy_file(out / "metrics.jsonl", self._stage / "metrics.jsonl")
+        local = self._stage or out
+        self.history_path = local / "metrics.jsonl"
+        self._tb = SummaryWriter(str(local / "tensorboard")) if enabled else None
 
     def train_row(self, row: dict) -> None:
         if self._tb is None:
@@ -127,9 +154,25 @@ class MetricsWriter:
                     rows[row["step"]] = row
         return [rows[s] for s in sorted(rows)]
 
+    def sync(self) -> None:
+        """Copies the staged files to a URL output_dir (no-op for a local one)."""
+        if self._stage is None:
+            return
+        self._tb.flush()
+        self._copy_up()
+
+    def _copy_up(self) -> None:
+        for path in sorted(self._stage.rglob("*")):
+            if path.is_file():
+                target = self.out / str(path.relative_to(self._stage))
+                target.parent.mkdir(parents=True, exist_ok=True)
+                copy_file(path, target)
+
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+        if self._stage is not None:
+            self._copy_up()
 
 
 class StepWindow:
@@ -226,12 +269,13 @@ def _save(job: Job, ckpt: Checkpointer, window: StepWindow, step: int, state, fr
             "run_config": config_lib.to_dict(job.cfg)}
     ckpt.save(step, state, job.train_data.state(), meta, force=force, frozen=frozen or None)
     window.last_good_checkpoint = step
+    window.writer.sync()
 
 
 def run(job: Job) -> dict[str, Any]:
     """Runs `job` to `train.steps` (or a preemption) → the JSON summary. See the module doc for the phases."""
     cfg = job.cfg
-    out = Path(cfg.output_dir).absolute()
+    out = as_path(cfg.output_dir, absolute=True)
     is_main = jax.process_index() == 0
     lock = OutputLock(out, enabled=is_main)
     try:
@@ -248,7 +292,7 @@ def run(job: Job) -> dict[str, Any]:
         lock.release()
 
 
-def _train(job: Job, out: Path, mesh, is_main: bool) -> dict[str, Any]:
+def _train(job: Job, out: AnyPath, mesh, is_main: bool) -> dict[str, Any]:
     cfg, train = job.cfg, job.cfg.train
     # --- checkpoint: resume from the latest complete one (each model by name)
     ckpt = Checkpointer(out / "checkpoints", max_to_keep=train.keep_checkpoints, async_save=train.async_checkpointing)
@@ -298,7 +342,8 @@ def _train(job: Job, out: Path, mesh, is_main: bool) -> dict[str, Any]:
             if _due(step, train.save_every, train.steps):
                 _save(job, ckpt, window, step, state, frozen, last_eval)
             if preemption.check():
-                _save(job, ckpt, window, step, state, frozen, last_eval, force=True)
+                if window.last_good_checkpoint != step:  # a SIGTERM right after a scheduled save: saved already
+                    _save(job, ckpt, window, step, state, frozen, last_eval, force=True)
                 status = "preempted"
                 break
         window.drain()

@@ -1,0 +1,109 @@
+"""Local paths and Cloud Storage URLs (`gs://bucket/...`) behind one interface.
+
+Every place that reads or writes a run's files (`output_dir`, `data.train`, `init_from`, checkpoints, HF exports,
+`--checkpoint`/`--model`) takes its path through `as_path`: a local path stays a `pathlib.Path`; a URL becomes an
+`etils.epath.Path`, whose file operations go to `tf.io.gfile` when TensorFlow is installed (as it is here) or to
+fsspec (gcsfs) with `EPATH_USE_TF=false`. Orbax writes a checkpoint's arrays to the same URL through TensorStore's
+`gcs` driver and its metadata through epath. Both kinds of path have the same methods (`/`, `name`, `parent`,
+`exists`, `is_dir`, `is_file`, `iterdir`, `glob`, `mkdir`, `open`, `read_text`, `write_text`), so the code
+after `as_path` is the same for both.
+
+Libraries that only take local files (transformers, safetensors, tokenizers, tensorboardX) work on a local copy:
+`local_copy` downloads a remote folder into the cache (`$STARLING_JAX_CACHE/remote/...`, default
+`~/.cache/starling_jax`), and `upload_folder` copies a finished local folder to a URL.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Union
+
+from etils import epath
+
+AnyPath = Union[Path, epath.Path]
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_CHUNK = 64 << 20  # bytes per read when streaming a file between a URL and a local disk
+
+
+def is_url(path) -> bool:
+    """True for `scheme://...` (gs://, s3://, ...), False for a local path."""
+    return path is not None and bool(_URL.match(os.fspath(path)))
+
+
+def as_path(path, absolute: bool = False) -> AnyPath:
+    """`pathlib.Path` for a local path (made absolute with `absolute=True`), `epath.Path` for a URL."""
+    if is_url(path):
+        return epath.Path(os.fspath(path))
+    p = Path(path)
+    return p.absolute() if absolute else p
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("STARLING_JAX_CACHE")
+    return (Path(env) if env else Path.home() / ".cache" / "starling_jax") / "remote"
+
+
+def copy_file(src: AnyPath, dst: AnyPath) -> None:
+    """Streams one file from `src` to `dst` (either side local or a URL)."""
+    with src.open("rb") as fsrc, dst.open("wb") as fdst:
+        shutil.copyfileobj(fsrc, fdst, _CHUNK)
+
+
+def _files(folder: AnyPath, prefix: str = "") -> list[tuple[str, AnyPath]]:
+    """(relative name, path) of every file under `folder`, sorted."""
+    out = []
+    for child in sorted(folder.iterdir(), key=lambda p: p.name):
+        rel = f"{prefix}{child.name}"
+        if child.is_dir():
+            out += _files(child, rel + "/")
+        else:
+            out.append((rel, child))
+    return out
+
+
+def local_copy(url) -> Path:
+    """A local copy of the folder at `url`, kept in the cache and refreshed file by file (a file is downloaded
+    again when its size differs). Each file is written aside and renamed, so processes sharing the cache never
+    read half a file. A local path is returned as it is."""
+    if not is_url(url):
+        return Path(url)
+    src = as_path(url)
+    if not src.is_dir():
+        raise FileNotFoundError(f"{url}: no such folder")
+    scheme, rest = os.fspath(url).split("://", 1)
+    dst = cache_dir() / scheme / rest.strip("/")
+    for rel, remote in _files(src):
+        local = dst / rel
+        if local.is_file() and local.stat().st_size == remote.stat().length:
+            continue
+        local.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{local.name}.", dir=local.parent)
+        os.close(fd)
+        try:
+            copy_file(remote, Path(tmp))
+            os.replace(tmp, local)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return dst
+
+
+def upload_folder(local: Path, url: AnyPath, replace: bool = True) -> None:
+    """Copies the local folder `local` to `url` (a URL folder). With `replace` whatever was at `url` is deleted
+    first. `config.json` is copied last: a reader that waits for it sees a complete HF folder (Cloud Storage has
+    no atomic folder rename)."""
+    url = as_path(url)
+    if replace and url.exists():
+        url.rmtree()
+    url.mkdir(parents=True, exist_ok=True)
+    files = _files(local)
+    files.sort(key=lambda f: f[0] == "config.json")
+    for rel, path in files:
+        target = url / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        copy_file(path, target)

@@ -1,0 +1,138 @@
+"""A run writes to, stops and resumes from a `gs://` output_dir, reads `data.train` from `gs://`, and `export_hf
+--checkpoint` / `score --model` read the URL: against an in-process Cloud Storage server (tests/fake_gcs.py), so
+the code opens real gs:// URLs (Orbax/TensorStore for arrays, epath for every other file) with no network."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from starling_jax.data.synthetic import generate, write_jsonl
+from tests.entrypoints import entry_cmd, env_with, losses, summary
+from tests.fake_gcs import BUCKET, fake_gcs
+
+FAST = [
+    "train.steps=32", "train.log_every=1", "train.eval_every=100", "train.save_every=4", "train.progress_bar=false",
+    "data.batch_size=8", "data.eval_batch_size=8", "data.eval_fraction=0.2", "optim.warmup_steps=2",
+]
+
+
+def _start(cmd: list[str], env: dict) -> subprocess.Popen:
+    return subprocess.Popen(cmd, env=env_with(1, **env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc: subprocess.Popen, timeout: int = 300) -> dict:
+    stdout, stderr = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, stderr[-3000:]
+    return summary(stdout)
+
+
+def _remote_losses(url: str) -> dict[int, float]:
+    from etils import epath
+
+    rows = {}
+    for line in epath.Path(url, "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        rows[row["step"]] = row["loss"]
+    return rows
+
+
+@pytest.mark.slow  # four entry-point runs (two at a time): ~75 s on an idle 2-core machine, 165 s under CI load
+def test_run_writes_stops_resumes_and_exports_through_gs_urls(tmp_path):
+    from etils import epath
+    from safetensors.numpy import load_file
+
+    from starling_jax.paths import local_copy
+
+    rows = generate(120, seed=3)
+    local_data = write_jsonl(rows, tmp_path / "small.jsonl")
+    with fake_gcs() as env:
+        bucket = f"gs://{BUCKET}"
+        data, run = f"{bucket}/data/small.jsonl", f"{bucket}/runs/rm"
+        epath.Path(data).write_bytes(local_data.read_bytes())
+        url_args = ["export.hf=true", "export.plot=true"]
+
+        # an uninterrupted local run (the reference) and the gs:// run, side by side
+        reference = _start(entry_cmd("train_rm", tmp_path / "straight", local_data, *FAST, "export.hf=false",
+                                     "export.plot=false"), env)
+        first = _start(entry_cmd("train_rm", run, data, *FAST, *url_args), env)
+        deadline = time.time() + 300
+        while time.time() < deadline and first.poll() is None:
+            if epath.Path(run, "metrics.jsonl").exists():  # copied up at the first checkpoint (step 4)
+                break
+            time.sleep(0.05)
+        first.send_signal(signal.SIGTERM)  # a preemption: save at the next step boundary, exit
+        stopped = _finish(first)
+        assert stopped["status"] == "preempted", "the run finished before it could be stopped"
+        assert stopped["output_dir"] == run and stopped["checkpoint_dir"] == f"{run}/checkpoints"
+        _finish(reference)
+        ref = losses(tmp_path / "straight")
+        assert sorted(ref) == list(range(1, 33))
+
+        resumed = _finish(_start(entry_cmd("train_rm", run, data, *FAST, *url_args), env))
+        assert resumed["status"] == "completed" and resumed["resumed_from"] == stopped["steps"]
+        assert resumed["hf_export_dir"] == f"{run}/hf"
+        got = _remote_losses(run)
+        assert sorted(got) == sorted(ref)
+        np.testing.assert_allclose([got[s] for s in sorted(ref)], [ref[s] for s in sorted(ref)], rtol=0, atol=1e-6)
+        out = epath.Path(run)
+        for name in ("config.yaml", "summary.png", "hf/config.json", "hf/model.safetensors", "hf/tokenizer.json"):
+            assert (out / name).is_file(), name
+        assert len(list((out / "tensorboard").glob("events.*"))) == 2  # one event file per run
+        assert not any(p.name.startswith(".") for p in out.iterdir())  # no lock file, no temporary folder
+
+        # export_hf reads the checkpoint URL, score the HF folder URL (and writes its output there)
+        from starling_jax.data.nectar import split_of
+
+        evals = [line for line, row in zip(local_data.read_text().splitlines(keepends=True), rows)
+                 if split_of(row["prompt"], 0.2) == "eval"]
+        sample = f"{bucket}/data/eval_rows.jsonl"
+        epath.Path(sample).write_text("".join(evals))
+        export = _start([sys.executable, "-m", "starling_jax.export_hf", "--checkpoint", run, "--output",
+                         f"{bucket}/export"], env)
+        score = _start([sys.executable, "-m", "starling_jax.score", "--model", f"{run}/hf", "--data", sample,
+                        "--output", f"{bucket}/scores.jsonl"], env)
+        exported, scored = _finish(export), _finish(score)
+        assert exported["output"] == f"{bucket}/export" and exported["role"] == "reward"
+        a, b = (load_file(local_copy(u) / "model.safetensors") for u in (f"{bucket}/export", f"{run}/hf"))
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+        # the run's last eval was on exactly these rows with the same parameters
+        assert scored["rows_scored"] == len(evals) == resumed["eval_prompts"]
+        assert scored["pairwise_accuracy"] == pytest.approx(resumed["eval_pairwise_accuracy"], abs=1e-6)
+        for rank, value in resumed["eval_mean_reward_by_rank"].items():
+            assert scored["mean_reward_by_rank"][rank] == pytest.approx(value, abs=1e-4)
+        lines = epath.Path(f"{bucket}/scores.jsonl").read_text().splitlines()
+        assert [json.loads(line)["row"] for line in lines] == list(range(1, len(evals) + 1))
+
+
+def test_local_copy_refreshes_changed_files(tmp_path, monkeypatch):
+    from etils import epath
+
+    from starling_jax.paths import local_copy, upload_folder
+
+    monkeypatch.setenv("STARLING_JAX_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "config.json").write_text("{}")
+    (src / "sub" / "a.bin").write_bytes(b"abc")
+    with fake_gcs():
+        url = f"gs://{BUCKET}/folder"
+        epath.Path(url, "stale.txt").write_text("old")
+        upload_folder(src, url)  # replaces what was there
+        assert sorted(p.name for p in epath.Path(url).iterdir()) == ["config.json", "sub"]
+        assert [p.name for p in epath.Path(url, "sub").iterdir()] == ["a.bin"]
+        copy = local_copy(url)
+        assert copy == tmp_path / "cache" / "remote" / "gs" / BUCKET / "folder"
+        assert (copy / "sub" / "a.bin").read_bytes() == b"abc" and (copy / "config.json").read_text() == "{}"
+        epath.Path(url, "sub", "a.bin").write_bytes(b"abcd")
+        assert (local_copy(url) / "sub" / "a.bin").read_bytes() == b"abcd"
+        with pytest.raises(FileNotFoundError):
+            local_copy(f"gs://{BUCKET}/nothing")
