@@ -95,8 +95,13 @@ class PPORunConfig:
     prompts: PromptConfig = field(PromptConfig)
     rollout: RolloutConfig = field(RolloutConfig)
     kl: KLConfig = field(lambda: KLConfig(coef=0.05))
-    reward: RewardConfig = field(RewardConfig)
-    advantage: AdvantageConfig = field(AdvantageConfig)
+    # The demo's critic is a fresh value head (≈ 0) and the RM's raw scores are not centred (the default RM's sit
+    # around −0.5): with Starling's `running_std` and no whitening every advantage of the first iterations has the
+    # same sign, PPO/APA then push down (or up) every sampled token alike and the held-out reward did not rise
+    # (−0.552 → −0.615 in 15 iterations). Centring the scores and whitening the advantages fixes that; the Starling
+    # recipes set Starling's own choices.
+    reward: RewardConfig = field(lambda: RewardConfig(normalize="running"))
+    advantage: AdvantageConfig = field(lambda: AdvantageConfig(whiten=True))
     loss: LossConfig = field(LossConfig)
     mesh: MeshConfig = field(MeshConfig)
     optim: OptimConfig = field(lambda: OptimConfig(learning_rate=1e-3, schedule="constant", b2=0.95,

@@ -126,3 +126,18 @@ def test_resume_continues_the_same_run_and_exports(folders, tmp_path, capsys):
         params, jax.numpy.asarray([ids], jax.numpy.int32), jax.numpy.asarray([len(ids)], jax.numpy.int32),
         jax.numpy.zeros((1,), jax.numpy.int32), jax.random.key(0))
     assert np.asarray(out.tokens)[0].tolist() == want
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "apa"])
+def test_short_run_raises_held_out_reward(folders, tmp_path, capsys, algorithm):
+    # The tiny setup: a random policy and a random reward model (its score is still a fixed function of the text).
+    # The held-out rollouts use fixed sampling keys, so an update that changes nothing (lr → 0) gives exactly
+    # reward_end == reward_start; 8 iterations of the embedded defaults (centred scores, whitened advantages)
+    # measured +0.19 (PPO) from −0.552. Margin 0.05 (about a third of the RM's score spread across rollouts);
+    # KL per sequence (6 tokens) stays below 3 nats.
+    args = base_args(folders, tmp_path / algorithm, f"algorithm={algorithm}", "train.steps=8", "train.eval_every=100",
+                     "train.save_every=100", "export.hf=false")
+    assert train_ppo.main(args) == 0
+    s = summary_of(capsys)
+    assert s["reward_end"] > s["reward_start"] + 0.05, s
+    assert s["kl_end"] < 3.0, s
