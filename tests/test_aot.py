@@ -89,3 +89,36 @@ def test_tpu_out_of_memory_message_is_parsed():
     assert aot._OOM.search(msg)
     assert aot._oom_bytes(msg, "HLO temporaries") == int(29.06 * GIB)
     assert aot._oom_bytes(msg, "available HBM") == int(15.75 * GIB)
+
+
+def _hf_config(folder, arch: str, layers: int, hidden: int) -> str:
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": [arch], "model_type": "llama", "vocab_size": 256, "hidden_size": hidden,
+        "intermediate_size": 2 * hidden, "num_hidden_layers": layers, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "hidden_act": "silu", "max_position_embeddings": 512, "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0, "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2}))
+    return str(folder)
+
+
+def test_rl_set_compiles_every_program_on_the_cpu_mesh(tmp_path):
+    """PPO from config.json files alone (no weights): sampler, reward model, experience and update compile on 4
+    CPU devices; a full frozen reference copy in bf16 holds exactly half the fp32 actor's bytes per chip."""
+    policy = _hf_config(tmp_path / "policy", "LlamaForCausalLM", 2, 64)
+    rm = _hf_config(tmp_path / "rm", "LlamaForSequenceClassification", 3, 32)
+    rc, s, err = run_aot("--topology", "cpu", "--json", f"policy={policy}", f"reward_model={rm}",
+                         "runtime.frozen_param_dtype=bfloat16", "rollout.batch_size=8", "rollout.minibatch_size=4",
+                         "rollout.max_new_tokens=8", "prompts.max_prompt_tokens=8", "prompts.rm_max_length=64")
+    assert rc == 0 and s["job"] == "train_ppo" and s["fits"] is True, err[-3000:]
+    assert s["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert list(s["programs"]) == ["rollout", "score", "experience", "update"]
+    roles = s["roles_bytes"]
+    assert roles["reference"] * 2 == roles["actor"] and roles["optimizer"] >= 2 * (roles["actor"] + roles["critic"])
+    assert s["models"]["reward"]["num_layers"] == 3 and s["models"]["critic"]["num_layers"] == 2
+    for name, p in s["programs"].items():
+        assert p["compiled"] and p["fits"] and p["memory_bytes"]["temp"] > 0, name
+        assert p["per_chip_bytes"] == p["program_bytes"] + p["resident_beside_bytes"], name
+    assert s["programs"]["update"]["memory_bytes"]["alias"] > 0  # the RL state is donated
+    assert s["programs"]["update"]["resident_beside_bytes"] == roles["reference"] + roles["reward"]
+    assert s["programs"]["rollout"]["length"] == 16 and s["programs"]["score"]["length"] == 128
+    assert s["per_chip_bytes"] == max(p["per_chip_bytes"] for p in s["programs"].values())
