@@ -352,7 +352,7 @@ def _role_bytes(rl) -> dict[str, int]:
             "reference": sharded_bytes(rl.frozen["reference"]), "reward": sharded_bytes(rl.frozen["reward"])}
 
 
-RL_PROGRAMS = ("rollout", "score", "experience", "update")
+RL_PROGRAMS = ("rollout", "score", "experience", "update", "eval_rollout", "eval_score", "eval_experience")
 
 
 def compile_rl_report(cfg, topology: str, num_layers: int | None = None, hbm_gib: float | None = None,

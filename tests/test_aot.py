@@ -108,7 +108,8 @@ def test_rl_set_compiles_every_program_on_the_cpu_mesh(tmp_path):
     rm = _hf_config(tmp_path / "rm", "LlamaForSequenceClassification", 3, 32)
     rc, s, err = run_aot("--topology", "cpu", "--json", f"policy={policy}", f"reward_model={rm}",
                          "runtime.frozen_param_dtype=bfloat16", "rollout.batch_size=8", "rollout.minibatch_size=4",
-                         "rollout.max_new_tokens=8", "prompts.max_prompt_tokens=8", "prompts.rm_max_length=64")
+                         "rollout.max_new_tokens=8", "prompts.max_prompt_tokens=8", "prompts.rm_max_length=64",
+                         "prompts.eval_prompts=8")  # = the rollout batch: no separate eval programs
     assert rc == 0 and s["job"] == "train_ppo" and s["fits"] is True, err[-3000:]
     assert s["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
     assert list(s["programs"]) == ["rollout", "score", "experience", "update"]
@@ -122,3 +123,29 @@ def test_rl_set_compiles_every_program_on_the_cpu_mesh(tmp_path):
     assert s["programs"]["update"]["resident_beside_bytes"] == roles["reference"] + roles["reward"]
     assert s["programs"]["rollout"]["length"] == 16 and s["programs"]["score"]["length"] == 128
     assert s["per_chip_bytes"] == max(p["per_chip_bytes"] for p in s["programs"].values())
+
+
+def test_rl_set_adds_eval_programs_for_a_larger_eval_batch(tmp_path):
+    """Evaluation rolls out all held-out prompts at once: with more of them than the rollout batch, the set holds
+    eval programs at that size (abstract only, nothing compiled)."""
+    from starling_jax.config import load_config
+    from starling_jax.parallel import sharding
+    from starling_jax.rl.config import PPORunConfig
+    from starling_jax.rl.job import PPOJob
+
+    policy = _hf_config(tmp_path / "policy", "LlamaForCausalLM", 2, 64)
+    cfg = load_config(PPORunConfig, None, [f"policy={policy}", f"reward_model={policy}", "critic_init=policy",
+                                           "rollout.batch_size=4", "rollout.minibatch_size=2",
+                                           "prompts.eval_prompts=6", "num_layers_unfrozen=1"])
+    job = PPOJob(cfg)
+    import jax
+
+    mesh = sharding.make_mesh(cfg.mesh, devices=jax.devices()[:1])
+    state, minibatch, _ = job.abstract_inputs(mesh, {"policy": aot.architecture(policy, "policy"),
+                                                     "reward": aot.architecture(policy, "reward_model")})
+    rows = {p.name: p.rows for p in job.abstract_set.programs}
+    assert rows == {"rollout": 4, "score": 4, "experience": 4, "update": 2, "eval_rollout": 6, "eval_score": 6,
+                    "eval_experience": 6}
+    assert minibatch["tokens"].shape == (2, 64 + 24) and set(state) >= {"params", "opt_state", "kl_coef"}
+    # hydra reference: the top layer only, so fewer bytes than the actor
+    assert aot.sharded_bytes(job.abstract_set.frozen["reference"]) < aot.sharded_bytes(state["params"]["actor"])

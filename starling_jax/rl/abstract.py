@@ -128,35 +128,40 @@ def build(job, mesh, policy_cfg: ModelConfig, rm_cfg: ModelConfig) -> AbstractRL
     key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=rep)
     programs = []
 
-    # rollout: the sampler (stop sequences stand in by length only: the tokenizer is not read)
     sampling = SamplingConfig(max_new_tokens=t, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
                               eos_token_ids=(actor_cfg.eos_token_id,) if actor_cfg.eos_token_id is not None else (),
                               stop_sequences=tuple((0,) * max(1, len(s.split())) for s in r.stop_strings),
-                              pad_token_id=0)
+                              pad_token_id=0)  # stop sequences stand in by length only: no tokenizer is read
     sampler = make_sampler(actor_graphdef, sampling, mesh)
-    programs.append(Program("rollout", sampler, (state["params"]["actor"], _array((b, p), jnp.int32, rows2),
-                                                 _array((b,), jnp.int32, rows1), _array((b,), jnp.int32, rows1), key),
-                            roles=("actor",), rows=b, length=p + t))
-
-    # score: the reward model on the longest batch it can get, rows padded to the data-parallel size
-    rm_rows = -(-b // dp) * dp
-    rm_len = cfg.prompts.rm_max_length if not cfg.reward_model_shares_tokenizer else p + t
-    rm_len = -(-rm_len // PAD_MULTIPLE) * PAD_MULTIPLE
-    tok = _array((rm_rows, rm_len), jnp.int32, rows2)
-    programs.append(Program("score", jit_rewards(rm_graphdef, mesh),
-                            (frozen["reward"], tok, tok, tok, _array((rm_rows,), jnp.int32, rows1)),
-                            roles=("reward",), rows=rm_rows, length=rm_len))
-
-    # experience: the job's own program, on the rollout batch as the run passes it (host arrays → replicated)
-    job.mesh, job.hydra = mesh, hydra
+    scorer = jit_rewards(rm_graphdef, mesh)
+    job.mesh, job.hydra = mesh, hydra  # what the job's experience program reads
     job.actor_graphdef, job.critic_graphdef, job.ref_graphdef = actor_graphdef, critic_graphdef, ref_graphdef
     job.reward_mean, job.reward_std = 0.0, 1.0  # values only; rm_config normalization reads them from config.json
-    seq = _array((b, p + t), jnp.int32, rep)
-    batch = {"tokens": seq, "positions": seq, "segment_ids": seq, "mask": _array((b, t), jnp.float32, rep)}
-    programs.append(Program("experience", jax.jit(job._experience_fn),
-                            (state["params"], frozen["reference"], state["reward_stats"], state["kl_coef"], batch,
-                             _array((b,), jnp.float32, rep), _array((b,), jnp.bool_, rep)),
-                            roles=("actor", "critic", "reference"), rows=b, length=p + t))
+    experience = jax.jit(job._experience_fn)
+    rm_len = cfg.prompts.rm_max_length if not cfg.reward_model_shares_tokenizer else p + t
+    rm_len = -(-rm_len // PAD_MULTIPLE) * PAD_MULTIPLE
+    # evaluation rolls out all held-out prompts at once (padded to the data-parallel size): more rows than training
+    eval_rows = -(-cfg.prompts.eval_prompts // dp) * dp
+    for prefix, rows in (("", b), ("eval_", eval_rows)):
+        if prefix and rows == b:
+            break  # the same programs as training
+        # rollout: the sampler with its KV cache
+        programs.append(Program(f"{prefix}rollout", sampler, (
+            state["params"]["actor"], _array((rows, p), jnp.int32, rows2), _array((rows,), jnp.int32, rows1),
+            _array((rows,), jnp.int32, rows1), key), roles=("actor",), rows=rows, length=p + t))
+        # score: the reward model on the longest batch it can get, rows padded to the data-parallel size
+        rm_rows = -(-rows // dp) * dp
+        tok = _array((rm_rows, rm_len), jnp.int32, rows2)
+        programs.append(Program(f"{prefix}score", scorer,
+                                (frozen["reward"], tok, tok, tok, _array((rm_rows,), jnp.int32, rows1)),
+                                roles=("reward",), rows=rm_rows, length=rm_len))
+        # experience: the job's own program, on the rollout batch as the run passes it (host arrays → replicated)
+        seq = _array((rows, p + t), jnp.int32, rep)
+        batch = {"tokens": seq, "positions": seq, "segment_ids": seq, "mask": _array((rows, t), jnp.float32, rep)}
+        programs.append(Program(f"{prefix}experience", experience,
+                                (state["params"], frozen["reference"], state["reward_stats"], state["kl_coef"],
+                                 batch, _array((rows,), jnp.float32, rep), _array((rows,), jnp.bool_, rep)),
+                                roles=("actor", "critic", "reference"), rows=rows, length=p + t))
 
     # update: one donated minibatch step
     mb = r.minibatch_size

@@ -341,7 +341,7 @@ class PPOJob(Job):
         models = models or {"policy": aot.architecture(self.cfg.policy, "policy"),
                             "reward": aot.architecture(self.cfg.reward_model, "reward_model")}
         self.abstract_set = abstract.build(self, mesh, models["policy"], models["reward"])
-        update = self.abstract_set.programs[-1]
+        update = next(p for p in self.abstract_set.programs if p.name == "update")
         return update.args[0], update.args[1], update.fn
 
     def meta(self, last_eval: dict) -> dict:
