@@ -384,8 +384,10 @@ def compile_rl_report(cfg, topology: str, num_layers: int | None = None, hbm_gib
     warnings = []
     for key, rows in (("rollout.batch_size", cfg.rollout.batch_size), ("rollout.minibatch_size",
                                                                        cfg.rollout.minibatch_size)):
-        if rows % dp:
-            warnings.append(f"{key}={rows} is not a multiple of the {dp} data-parallel devices (the run refuses it)")
+        if rows % dp:  # as train_ppo refuses it: its rows are sharded over the data-parallel devices
+            raise ConfigError(f"{key}={rows} is not a multiple of the mesh's {dp} data-parallel devices on "
+                              f"{topology}; raise it, or give mesh.tensor > 1 (e.g. mesh.fsdp={dp // 2} "
+                              "mesh.tensor=2)")
     job = PPOJob(cfg)
     job.abstract_inputs(mesh, models)
     rl = job.abstract_set
