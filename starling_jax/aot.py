@@ -1,7 +1,16 @@
-"""Ahead-of-time compile of the reward-model train step for a TPU topology, from a CPU host.
+"""Ahead-of-time compile of a run's programs for a TPU topology, from a CPU host: the reward-model train step, or
+every program of a PPO/APA iteration with all its roles.
 
     python -m starling_jax.aot CONFIG.yaml [key=value ...] --topology v5p-32 [--num-slices S] [--num-layers N]
-        [--hbm-gib G] [--json]
+        [--hbm-gib G] [--job rm|ppo] [--programs rollout,score,experience,update] [--json]
+
+PPO/APA (a config with `policy`, `reward_model`, `algorithm`, `rollout`, ...; or `--job ppo`): the architectures
+come from `policy` / `reward_model` (a folder's config.json or the built-in table below; no weights are read), the
+abstract RL set from `rl/abstract.py`. Each program (sampler with its KV cache, reward-model scoring, experience
+forward, donated update) is compiled; its memory per chip is its own (arguments + outputs − aliased + temporaries +
+code) plus the roles resident beside it (actor, critic, AdamW state, reference, reward model stay in HBM all run).
+`per_chip_bytes` in the JSON is the peak over the programs, `programs` the breakdown, `roles_bytes` each role's
+resident bytes per chip; `fits` holds when every program fits. `--num-layers N` shortens policy and reward model.
 
 Compiles the very step `train_rm` runs (`rm_step.jit_train_step`: the config's mesh, micro-batches, remat, scan
 and dtypes) for the topology's devices with fully abstract inputs — nothing is allocated — and reports per-chip
@@ -54,6 +63,15 @@ KNOWN_HF_CONFIGS: dict[str, dict[str, Any]] = {
                               "eos_token_id": 32000},
     "berkeley-nest/Starling-LM-7B-alpha": {**_MISTRAL_7B, "vocab_size": 32002, "max_position_embeddings": 8192,
                                            "eos_token_id": 32000},
+    "openchat/openchat-3.5-0106": {**_MISTRAL_7B, "vocab_size": 32002, "max_position_embeddings": 8192,
+                                   "eos_token_id": 32000},
+    # Yi-34B-Chat's trunk (Llama architecture, GQA 56/8) with the scalar head
+    "Nexusflow/Starling-RM-34B": {"architectures": ["LlamaForSequenceClassification"], "model_type": "llama",
+                                  "vocab_size": 64000, "hidden_size": 7168, "intermediate_size": 20480,
+                                  "num_hidden_layers": 60, "num_attention_heads": 56, "num_key_value_heads": 8,
+                                  "hidden_act": "silu", "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+                                  "rope_theta": 5000000.0, "tie_word_embeddings": False, "bos_token_id": 1,
+                                  "eos_token_id": 2, "initializer_range": 0.02},
 }
 
 
@@ -123,35 +141,40 @@ def hbm_bytes(device_kind: str, num_devices: int, override_gib: float | None) ->
 
 def resolve_model_config(cfg, num_layers: int | None):
     """The architecture the run would train (init_from's config.json, else `model`), with runtime fields."""
-    from starling_jax.model.config import ModelConfig
     from starling_jax.train.job import model_runtime
 
-    runtime = model_runtime(cfg.model)
-    if not cfg.init_from:
-        model_cfg = cfg.model
-    elif Path(cfg.init_from).expanduser().is_dir():
-        model_cfg = ModelConfig.from_hf_folder(Path(cfg.init_from).expanduser(), **runtime)
-    elif cfg.init_from in KNOWN_HF_CONFIGS:
-        model_cfg = ModelConfig.from_hf_dict(KNOWN_HF_CONFIGS[cfg.init_from], source=f"{cfg.init_from} (built-in)",
-                                             **runtime)
-    else:
-        model_cfg = ModelConfig.from_hf_dict(_hub_config(cfg.init_from), source=f"{cfg.init_from}/config.json",
-                                             **runtime)
-    if num_layers is not None:
-        if num_layers < 1:
-            raise ConfigError(f"--num-layers {num_layers}: must be >= 1")
-        model_cfg = model_cfg.replace(num_hidden_layers=num_layers)
-    return model_cfg
+    model_cfg = architecture(cfg.init_from, "init_from", **model_runtime(cfg.model)) if cfg.init_from else cfg.model
+    return _with_layers(model_cfg, num_layers)
 
 
-def _hub_config(model_id: str) -> dict:
+def architecture(source: str, key: str, **runtime):
+    """A model's architecture without its weights: `source` is a local folder's config.json, else the built-in
+    table of known Hub configs, else the Hub's config.json (`key` names the config field in errors)."""
+    from starling_jax.model.config import ModelConfig
+
+    if Path(source).expanduser().is_dir():
+        return ModelConfig.from_hf_folder(Path(source).expanduser(), **runtime)
+    if source in KNOWN_HF_CONFIGS:
+        return ModelConfig.from_hf_dict(KNOWN_HF_CONFIGS[source], source=f"{source} (built-in)", **runtime)
+    return ModelConfig.from_hf_dict(_hub_config(source, key), source=f"{source}/config.json", **runtime)
+
+
+def _with_layers(model_cfg, num_layers: int | None):
+    if num_layers is None:
+        return model_cfg
+    if num_layers < 1:
+        raise ConfigError(f"--num-layers {num_layers}: must be >= 1")
+    return model_cfg.replace(num_hidden_layers=num_layers)
+
+
+def _hub_config(model_id: str, key: str = "init_from") -> dict:
     try:
         from huggingface_hub import hf_hub_download
 
         return json.loads(Path(hf_hub_download(model_id, "config.json")).read_text())
     except Exception as e:
         raise CheckpointError(
-            f"init_from={model_id}: not a local folder, not in the built-in table {sorted(KNOWN_HF_CONFIGS)}, and "
+            f"{key}={model_id}: not a local folder, not in the built-in table {sorted(KNOWN_HF_CONFIGS)}, and "
             f"its config.json could not be fetched ({type(e).__name__}); pass a local folder holding config.json"
         ) from None
 
@@ -321,6 +344,134 @@ def compile_report(cfg, topology: str, num_layers: int | None = None, hbm_gib: f
     }
 
 
+def _role_bytes(rl) -> dict[str, int]:
+    """Per-chip bytes of each resident role of the RL set, from the shardings."""
+    params = rl.state["params"]
+    actor, critic = sharded_bytes(params["actor"]), sharded_bytes(params["critic"])
+    return {"actor": actor, "critic": critic, "optimizer": sharded_bytes(rl.state) - actor - critic,
+            "reference": sharded_bytes(rl.frozen["reference"]), "reward": sharded_bytes(rl.frozen["reward"])}
+
+
+RL_PROGRAMS = ("rollout", "score", "experience", "update", "eval_rollout", "eval_score", "eval_experience")
+
+
+def compile_rl_report(cfg, topology: str, num_layers: int | None = None, hbm_gib: float | None = None,
+                      num_slices: int = 1, programs: str | None = None) -> dict[str, Any]:
+    """Compiles every program of one PPO/APA iteration (`rl/abstract.py`) for `topology` → the report: per program
+    its own memory (`compiled.memory_analysis()`) plus the roles resident beside it (actor, critic, optimizer state,
+    reference, reward model: they stay in HBM for the whole run), and `per_chip_bytes` = the peak over the
+    programs."""
+    from starling_jax.parallel import sharding
+    from starling_jax.rl.job import PPOJob
+
+    chosen = RL_PROGRAMS if not programs else tuple(p.strip() for p in programs.split(","))
+    if unknown := [p for p in chosen if p not in RL_PROGRAMS]:
+        raise ConfigError(f"--programs: unknown {unknown}; choose from {','.join(RL_PROGRAMS)}")
+    devices, topology_name = topology_devices(topology, num_slices)
+    kind = devices[0].device_kind
+    if num_slices > 1 and cfg.mesh.dcn != num_slices:
+        if cfg.mesh.dcn != 1:
+            raise ConfigError(f"mesh.dcn={cfg.mesh.dcn} but --num-slices {num_slices}: they must agree")
+        cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, dcn=num_slices))
+    mesh = sharding.make_mesh(cfg.mesh, devices=devices)
+    capacity, capacity_source = hbm_bytes(kind, len(devices), hbm_gib)
+    models = {"policy": _with_layers(architecture(cfg.policy, "policy"), num_layers),
+              "reward": _with_layers(architecture(cfg.reward_model, "reward_model"), num_layers)}
+    if cfg.num_layers_unfrozen > models["policy"].num_hidden_layers:
+        raise ConfigError(f"num_layers_unfrozen={cfg.num_layers_unfrozen} exceeds the policy's "
+                          f"{models['policy'].num_hidden_layers} layers (lower --num-layers less)")
+    dp = sharding.data_parallel_size(mesh)
+    warnings = []
+    for key, rows in (("rollout.batch_size", cfg.rollout.batch_size), ("rollout.minibatch_size",
+                                                                       cfg.rollout.minibatch_size)):
+        if rows % dp:  # as train_ppo refuses it: its rows are sharded over the data-parallel devices
+            raise ConfigError(f"{key}={rows} is not a multiple of the mesh's {dp} data-parallel devices on "
+                              f"{topology}; raise it, or give mesh.tensor > 1 (e.g. mesh.fsdp={dp // 2} "
+                              "mesh.tensor=2)")
+    job = PPOJob(cfg)
+    job.abstract_inputs(mesh, models)
+    rl = job.abstract_set
+    roles = _role_bytes(rl)
+    resident = sum(roles.values())
+    in_role = {"state": ("actor", "critic", "optimizer")}
+    programs = {}
+    for prog in (p for p in rl.programs if p.name in chosen):
+        compiled, oom, lower_s, compile_s = _compile(prog.fn, *prog.args)
+        parts, source, _ = _memory(compiled, oom, prog.args, prog.donated)
+        passed = {r for role in prog.roles for r in in_role.get(role, (role,))}
+        beside = resident - sum(roles[r] for r in passed)
+        own = _total(parts)
+        total = own + beside
+        if oom:
+            warnings.append(f"{prog.name}: {oom}")
+        programs[prog.name] = {"per_chip_bytes": total, "per_chip_gib": round(total / GIB, 3), "program_bytes": own,
+                               "resident_beside_bytes": beside, "memory_bytes": parts, "memory_source": source,
+                               "compiled": compiled is not None, "fits": compiled is not None and total <= capacity,
+                               "rows": prog.rows, "length": prog.length, "lower_s": round(lower_s, 2),
+                               "compile_s": round(compile_s, 2)}
+    peak_name = max(programs, key=lambda k: programs[k]["per_chip_bytes"])
+    peak = programs[peak_name]["per_chip_bytes"]
+    mc = rl.models
+    return {
+        "status": "completed", "job": "train_ppo", "algorithm": cfg.algorithm,
+        "topology": topology, "topology_name": topology_name, "num_slices": num_slices, "device_kind": kind,
+        "num_chips": len(devices), "mesh": dict(mesh.shape),
+        "models": {name: {"model_type": m.model_type, "num_layers": m.num_hidden_layers, "param_dtype": m.param_dtype,
+                          "num_params": m.num_params(head="lm" if name == "actor" else "score")}
+                   for name, m in mc.items()},
+        "num_layers_unfrozen": cfg.num_layers_unfrozen, "dtype": mc["actor"].dtype,
+        "remat_policy": mc["actor"].remat_policy, "scan_layers": mc["actor"].scan_layers,
+        "roles_bytes": roles, "resident_bytes": resident, "resident_gib": round(resident / GIB, 3),
+        "programs": programs, "peak_program": peak_name,
+        "per_chip_bytes": peak, "per_chip_gib": round(peak / GIB, 3),
+        "hbm_bytes": capacity, "hbm_gib": round(capacity / GIB, 3), "hbm_source": capacity_source,
+        "fits": all(p["fits"] for p in programs.values()),
+        "compile_s": round(sum(p["compile_s"] for p in programs.values()), 2),
+        "warnings": warnings,
+    }
+
+
+def format_rl_report(r: dict[str, Any]) -> str:
+    gib = lambda b: f"{b / GIB:8.3f} GiB"
+    slices = f" × {r['num_slices']} slices" if r.get("num_slices", 1) > 1 else ""
+    lines = [(f"topology {r['topology']}{slices} ({r['topology_name']}): {r['num_chips']} × {r['device_kind']}, "
+              f"mesh {r['mesh']}"),
+             f"{r['algorithm']}: " + ", ".join(f"{k} {m['model_type']} {m['num_layers']} layers "
+                                               f"{m['num_params'] / 1e9:.2f}B {m['param_dtype']}"
+                                               for k, m in r["models"].items())
+             + f"; num_layers_unfrozen {r['num_layers_unfrozen']}, compute {r['dtype']}, remat {r['remat_policy']}",
+             "resident per chip (all roles, for the whole run):"]
+    lines += [f"  {name:<15} {gib(b)}" for name, b in r["roles_bytes"].items()]
+    lines.append(f"  {'total':<15} {gib(r['resident_bytes'])}")
+    lines.append(f"programs per chip (own arguments + outputs − aliased + temporaries + code, + the roles resident "
+                 f"beside it), of {gib(r['hbm_bytes']).strip()} HBM ({r['hbm_source']}):")
+    for name, p in r["programs"].items():
+        lines.append(f"  {name:<11} {p['rows']:>4}×{p['length']:<5} own {gib(p['program_bytes'])} + beside "
+                     f"{gib(p['resident_beside_bytes'])} = {gib(p['per_chip_bytes'])}"
+                     f"{'+' if not p['compiled'] else ''} → {'FITS' if p['fits'] else 'DOES NOT FIT'} "
+                     f"(compile {p['compile_s']:.1f} s)")
+    lines.append(f"peak {r['peak_program']}: {gib(r['per_chip_bytes'])} per chip "
+                 f"({100 * r['per_chip_bytes'] / r['hbm_bytes']:.0f}% of HBM) → {'FITS' if r['fits'] else 'DOES NOT FIT'}")
+    lines += [f"warning: {w}" for w in r["warnings"]]
+    return "\n".join(lines)
+
+
+def is_rl_config(path: str | None, overrides) -> bool:
+    """A PPO/APA config: its YAML (or the overrides) sets one of the RL run's own top-level keys."""
+    keys = {"policy", "reward_model", "algorithm", "rollout", "num_layers_unfrozen", "critic_init", "kl"}
+    if any(o.split("=", 1)[0].split(".", 1)[0] in keys for o in overrides):
+        return True
+    if not path:
+        return False
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError:
+        return False  # load_config reports the missing file
+    return isinstance(data, dict) and bool(keys & set(data))
+
+
 def format_report(r: dict[str, Any]) -> str:
     gib = lambda b: f"{b / GIB:9.3f} GiB"
     m = r["memory_bytes"]
@@ -367,6 +518,11 @@ def parse_args(argv):
     parser.add_argument("--num-layers", type=int, default=None, help="compile a shallower model (smoke runs)")
     parser.add_argument("--hbm-gib", type=float, default=None, help="override the per-chip memory capacity")
     parser.add_argument("--mfu", type=float, default=0.4, help="assumed MFU for the step-time estimate")
+    parser.add_argument("--job", choices=("rm", "ppo"), default=None,
+                        help="the run the config is for (default: ppo when it sets policy / reward_model / "
+                             "algorithm / rollout ..., else rm)")
+    parser.add_argument("--programs", default=None,
+                        help=f"PPO/APA: compile only these of {','.join(RL_PROGRAMS)} (comma-separated; default all)")
     parser.add_argument("--json", action="store_true", help="print only the JSON summary line")
     return cli.parse_config_args(parser, argv)
 
@@ -381,10 +537,19 @@ def main(argv=None) -> int:
         from starling_jax.config import load_config
         from starling_jax.train.rm_config import RMRunConfig
 
-        cfg = load_config(RMRunConfig, args.config, args.overrides)
-        report = compile_report(cfg, args.topology, args.num_layers, args.hbm_gib, args.mfu, args.num_slices)
+        if args.job == "ppo" or (args.job is None and is_rl_config(args.config, args.overrides)):
+            from starling_jax.rl.config import PPORunConfig
+
+            cfg = load_config(PPORunConfig, args.config, args.overrides)
+            report = compile_rl_report(cfg, args.topology, args.num_layers, args.hbm_gib, args.num_slices,
+                                       args.programs)
+            text = format_rl_report
+        else:
+            cfg = load_config(RMRunConfig, args.config, args.overrides)
+            report = compile_report(cfg, args.topology, args.num_layers, args.hbm_gib, args.mfu, args.num_slices)
+            text = format_report
         if not args.json:
-            print(format_report(report), flush=True)
+            print(text(report), flush=True)
         cli.print_summary(report)
         return 0 if report["fits"] else 1
 

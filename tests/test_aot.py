@@ -89,3 +89,91 @@ def test_tpu_out_of_memory_message_is_parsed():
     assert aot._OOM.search(msg)
     assert aot._oom_bytes(msg, "HLO temporaries") == int(29.06 * GIB)
     assert aot._oom_bytes(msg, "available HBM") == int(15.75 * GIB)
+
+
+def _hf_config(folder, arch: str, layers: int, hidden: int) -> str:
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": [arch], "model_type": "llama", "vocab_size": 256, "hidden_size": hidden,
+        "intermediate_size": 2 * hidden, "num_hidden_layers": layers, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "hidden_act": "silu", "max_position_embeddings": 512, "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0, "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2}))
+    return str(folder)
+
+
+def rl_role_bytes_per_device(policy: tuple[int, int], rm: tuple[int, int], fsdp: int = 4) -> dict[str, int]:
+    """Analytic per-device bytes of each role of `_hf_config` models given as (layers, hidden): the matrices
+    (embedding, attention q/k/v/o with 4 heads / 2 KV heads, MLP gate/up/down, heads) split `fsdp` ways, the RMSNorm
+    weights (2 per layer + the final one) replicated; actor and critic fp32 (+ AdamW's two fp32 moments), the full
+    reference copy and the reward model bf16."""
+    def model(layers, hidden, head):
+        head_dim = hidden // 4
+        layer = hidden * head_dim * (2 * 4 + 2 * 2) + 3 * hidden * (2 * hidden)
+        return 256 * hidden + layers * layer + head, layers * 2 * hidden + hidden  # (matrices, norms)
+
+    def per_device(matrices_norms, itemsize):
+        matrices, norms = matrices_norms
+        return itemsize * (matrices // fsdp + norms)
+
+    (p_layers, p_hidden), (r_layers, r_hidden) = policy, rm
+    actor = per_device(model(p_layers, p_hidden, p_hidden * 256), 4)  # untied LM head [D, V]
+    critic = per_device(model(p_layers, p_hidden, p_hidden), 4)  # value head [D, 1]
+    return {"actor": actor, "critic": critic, "optimizer": 2 * (actor + critic),
+            "reference": per_device(model(p_layers, p_hidden, p_hidden * 256), 2),
+            "reward": per_device(model(r_layers, r_hidden, r_hidden), 2)}  # score head [D, 1]
+
+
+def test_rl_set_compiles_every_program_on_the_cpu_mesh(tmp_path):
+    """PPO from config.json files alone (no weights): sampler, reward model, experience and update compile on 4
+    CPU devices; every role's bytes per device equal the analytic count of its parameters (and AdamW state), and
+    the compiler's donated update state equals actor + critic + AdamW."""
+    policy = _hf_config(tmp_path / "policy", "LlamaForCausalLM", 2, 64)
+    rm = _hf_config(tmp_path / "rm", "LlamaForSequenceClassification", 3, 32)
+    rc, s, err = run_aot("--topology", "cpu", "--json", f"policy={policy}", f"reward_model={rm}",
+                         "runtime.frozen_param_dtype=bfloat16", "rollout.batch_size=8", "rollout.minibatch_size=4",
+                         "rollout.max_new_tokens=8", "prompts.max_prompt_tokens=8", "prompts.rm_max_length=64",
+                         "prompts.eval_prompts=8")  # = the rollout batch: no separate eval programs
+    assert rc == 0 and s["job"] == "train_ppo" and s["fits"] is True, err[-3000:]
+    assert s["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert list(s["programs"]) == ["rollout", "score", "experience", "update"]
+    roles, expected = s["roles_bytes"], rl_role_bytes_per_device(policy=(2, 64), rm=(3, 32))
+    for name in ("actor", "critic", "reference", "reward"):
+        assert roles[name] == expected[name], (name, roles, expected)
+    scalars = 64  # AdamW's count, step, iteration, rng, kl_coef, reward statistics
+    assert expected["optimizer"] <= roles["optimizer"] <= expected["optimizer"] + scalars, (roles, expected)
+    state = expected["actor"] + expected["critic"] + expected["optimizer"]
+    alias = s["programs"]["update"]["memory_bytes"]["alias"]
+    assert state <= alias <= state + scalars, (alias, state)
+    assert s["models"]["reward"]["num_layers"] == 3 and s["models"]["critic"]["num_layers"] == 2
+    for name, p in s["programs"].items():
+        assert p["compiled"] and p["fits"] and p["memory_bytes"]["temp"] > 0, name
+        assert p["per_chip_bytes"] == p["program_bytes"] + p["resident_beside_bytes"], name
+    assert s["programs"]["update"]["resident_beside_bytes"] == roles["reference"] + roles["reward"]
+    assert s["programs"]["rollout"]["length"] == 16 and s["programs"]["score"]["length"] == 128
+    assert s["per_chip_bytes"] == max(p["per_chip_bytes"] for p in s["programs"].values())
+
+
+def test_rl_set_adds_eval_programs_for_a_larger_eval_batch(tmp_path):
+    """Evaluation rolls out all held-out prompts at once: with more of them than the rollout batch, the set holds
+    eval programs at that size (abstract only, nothing compiled)."""
+    from starling_jax.config import load_config
+    from starling_jax.parallel import sharding
+    from starling_jax.rl.config import PPORunConfig
+    from starling_jax.rl.job import PPOJob
+
+    policy = _hf_config(tmp_path / "policy", "LlamaForCausalLM", 2, 64)
+    cfg = load_config(PPORunConfig, None, [f"policy={policy}", f"reward_model={policy}", "critic_init=policy",
+                                           "rollout.batch_size=4", "rollout.minibatch_size=2",
+                                           "prompts.eval_prompts=6", "num_layers_unfrozen=1"])
+    job = PPOJob(cfg)
+    import jax
+
+    mesh = sharding.make_mesh(cfg.mesh, devices=jax.devices()[:1])
+    state, minibatch, _ = job.abstract_inputs(mesh, {"policy": aot.architecture(policy, "policy"),
+                                                     "reward": aot.architecture(policy, "reward_model")})
+    rows = {p.name: p.rows for p in job.abstract_set.programs}
+    assert rows == {"rollout": 4, "score": 4, "experience": 4, "update": 2, "eval_rollout": 6, "eval_score": 6,
+                    "eval_experience": 6}
+    assert minibatch["tokens"].shape == (2, 64 + 24) and set(state) >= {"params", "opt_state", "kl_coef"}
+    # hydra reference: the top layer only, so fewer bytes than the actor
+    assert aot.sharded_bytes(job.abstract_set.frozen["reference"]) < aot.sharded_bytes(state["params"]["actor"])

@@ -5,7 +5,9 @@ TPU-shaped reward model (hidden 512 = 4 × 128 lanes, so every per-chip shard is
 and on two v5e-4 slices joined over DCN:
 - start-up prints none of libtpu's metadata errors;
 - the per-chip train state the compiler reports equals an analytic count of parameters and AdamW state;
-- two slices keep that state per chip (parameters replicated across slices, sharded within) on a (dcn, ...) mesh.
+- two slices keep that state per chip (parameters replicated across slices, sharded within) on a (dcn, ...) mesh;
+- the RL set (actor + critic + AdamW, hydra reference, reward model; config.json only): the per-chip bytes of
+  every role equal an analytic count, and the compiler's donated update state and reward-model arguments agree.
 """
 
 from __future__ import annotations
@@ -31,10 +33,30 @@ LIBTPU_START_UP_ERRORS = ("could not determine TPU accelerator type", "TPU_WORKE
                           "Failed to find host bounds")
 
 
-def start_aot(*args: str) -> subprocess.Popen:
+# The RL set: a TPU-shaped Mistral policy (actor; critic from its trunk) and a deeper Llama reward model, given by
+# their config.json only; hydra reference (top layer), frozen roles in bf16, fp32 trainable weights and AdamW.
+RL_V, POLICY_LAYERS, RM_LAYERS, UNFROZEN = 4096, 2, 3, 1
+RL_CONFIG = ["num_layers_unfrozen=1", "rollout.batch_size=8", "rollout.minibatch_size=4",
+             "rollout.max_new_tokens=16", "prompts.max_prompt_tokens=112", "prompts.rm_max_length=128",
+             "runtime.param_dtype=float32", "runtime.frozen_param_dtype=bfloat16", "runtime.dtype=bfloat16",
+             "runtime.scan_layers=true", "runtime.remat_policy=full"]
+
+
+def write_hf_config(folder, arch: str, model_type: str, layers: int) -> str:
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": [arch], "model_type": model_type, "vocab_size": RL_V, "hidden_size": D,
+        "intermediate_size": F, "num_hidden_layers": layers, "num_attention_heads": HEADS,
+        "num_key_value_heads": KV, "head_dim": HEAD_DIM, "hidden_act": "silu", "max_position_embeddings": 1024,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False, "bos_token_id": 1,
+        "eos_token_id": 2}))
+    return str(folder)
+
+
+def start_aot(*args: str, config: list[str] = CONFIG) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TPU_") and k != "XLA_FLAGS"}
     env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
-    return subprocess.Popen([sys.executable, "-m", "starling_jax.aot", *CONFIG, "--json", *args], env=env,
+    return subprocess.Popen([sys.executable, "-m", "starling_jax.aot", *config, "--json", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -45,10 +67,17 @@ def result(proc: subprocess.Popen) -> tuple[int, dict, str]:
 
 
 @pytest.fixture(scope="module")
-def compiled():
-    """Both compiles at once (each is mostly one single-threaded XLA TPU compile)."""
+def compiled(tmp_path_factory):
+    """The compiles at once (each is mostly one single-threaded XLA TPU compile). The RL set compiles its update
+    and reward-model programs only (the sampler and experience programs are compiled on the CPU mesh in
+    test_aot.py): the two that hold the trainable state and the reward model."""
+    tmp = tmp_path_factory.mktemp("rl")
+    rl_config = [f"policy={write_hf_config(tmp / 'policy', 'MistralForCausalLM', 'mistral', POLICY_LAYERS)}",
+                 f"reward_model={write_hf_config(tmp / 'rm', 'LlamaForSequenceClassification', 'llama', RM_LAYERS)}",
+                 *RL_CONFIG]
     one, two = start_aot("--topology", "v5e-4"), start_aot("--topology", "v5e-4", "--num-slices", "2")
-    return {"one": result(one), "two": result(two)}
+    rl = start_aot("--topology", "v5e-4", "--programs", "update,score", config=rl_config)
+    return {"one": result(one), "two": result(two), "rl": result(rl)}
 
 
 @pytest.fixture(scope="module")
@@ -100,3 +129,43 @@ def test_two_v5e_slices_compile_on_a_dcn_mesh(one_slice, two_slices):
     assert two["memory_bytes"]["alias"] == one["memory_bytes"]["alias"]
     assert two["memory_bytes"]["argument"] <= one["memory_bytes"]["argument"]  # the batch splits 8 ways, not 4
     assert not two["warnings"]
+
+
+def rl_role_bytes_per_chip() -> dict[str, int]:
+    """Matrices split FSDP ways, RMSNorm weights replicated; trainable roles fp32, frozen ones bf16."""
+    layer = D * HEAD_DIM * (2 * HEADS + 2 * KV) + 3 * D * F
+
+    def per_chip(matrices, norms, itemsize):
+        return itemsize * (matrices // FSDP + norms)
+
+    actor = per_chip(RL_V * D + POLICY_LAYERS * layer + D * RL_V, POLICY_LAYERS * 2 * D + D, 4)  # + LM head
+    critic = per_chip(RL_V * D + POLICY_LAYERS * layer + D, POLICY_LAYERS * 2 * D + D, 4)  # + value head [D, 1]
+    reference = per_chip(UNFROZEN * layer + D * RL_V, UNFROZEN * 2 * D + D, 2)  # hydra: top layer, norm, LM head
+    reward = per_chip(RL_V * D + RM_LAYERS * layer + D, RM_LAYERS * 2 * D + D, 2)
+    return {"actor": actor, "critic": critic, "optimizer": 2 * (actor + critic), "reference": reference,
+            "reward": reward}
+
+
+def test_rl_set_per_chip_state_matches_the_analytic_count(compiled):
+    rc, s, stderr = compiled["rl"]
+    assert rc == 0 and s["job"] == "train_ppo" and s["fits"] is True, stderr[-3000:]
+    assert s["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1} and set(s["programs"]) == {"update", "score"}
+    for message in LIBTPU_START_UP_ERRORS:
+        assert message not in stderr, stderr[-3000:]
+    expected = rl_role_bytes_per_chip()
+    roles = s["roles_bytes"]
+    scalars = 64  # step, iteration, rng, kl_coef, reward statistics, AdamW's count
+    for name in ("actor", "critic", "reference", "reward"):
+        assert roles[name] == expected[name], (name, roles, expected)
+    assert expected["optimizer"] <= roles["optimizer"] <= expected["optimizer"] + scalars, (roles, expected)
+    # the compiler's own figures: the donated state the update aliases, the reward model the scorer reads
+    update, score = s["programs"]["update"], s["programs"]["score"]
+    state = expected["actor"] + expected["critic"] + expected["optimizer"]
+    assert abs(update["memory_bytes"]["alias"] - state) <= 0.01 * state, (update, state)
+    assert update["resident_beside_bytes"] == expected["reference"] + expected["reward"]
+    rm_batch = 4 * (3 * 8 * 128 + 8) // FSDP  # tokens, positions, segment ids [8, 128] + reward index, int32
+    assert expected["reward"] <= score["memory_bytes"]["argument"] <= expected["reward"] + 2 * rm_batch, score
+    assert score["resident_beside_bytes"] == sum(expected.values()) - expected["reward"] + (roles["optimizer"] -
+                                                                                            expected["optimizer"])
+    assert s["per_chip_bytes"] == max(p["per_chip_bytes"] for p in s["programs"].values())
+    assert all(p["per_chip_bytes"] == p["program_bytes"] + p["resident_beside_bytes"] for p in s["programs"].values())

@@ -331,8 +331,18 @@ class PPOJob(Job):
                 f.write(json.dumps({"iteration": int(jax.device_get(state["iteration"])), "samples": samples}) + "\n")
         return {"reward": float(np.mean(raw[:n])), "kl": float(m["kl"]), "response_length": float(m["response_length"])}
 
-    def abstract_inputs(self, mesh):
-        raise ConfigError("aot for train_ppo is not implemented yet")
+    def abstract_inputs(self, mesh, models: dict | None = None):
+        """The update step's (abstract RL state, minibatch, jitted update); the whole RL set (every role, every
+        program of an iteration) is left in `self.abstract_set` (`rl/abstract.py`). `models`: {"policy",
+        "reward"} architectures; default: from `policy` / `reward_model` (config.json or the built-in table)."""
+        from starling_jax import aot
+        from starling_jax.rl import abstract
+
+        models = models or {"policy": aot.architecture(self.cfg.policy, "policy"),
+                            "reward": aot.architecture(self.cfg.reward_model, "reward_model")}
+        self.abstract_set = abstract.build(self, mesh, models["policy"], models["reward"])
+        update = next(p for p in self.abstract_set.programs if p.name == "update")
+        return update.args[0], update.args[1], update.fn
 
     def meta(self, last_eval: dict) -> dict:
         return {"eval_start": self.eval_start, "policy": str(self.policy_dir), "reward_model": str(self.rm_dir),
