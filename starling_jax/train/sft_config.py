@@ -60,7 +60,7 @@ class SFTRunConfig:
     mesh: MeshConfig = field(MeshConfig)
     data: SFTDataConfig = field(SFTDataConfig)
     optim: OptimConfig = field(lambda: OptimConfig(learning_rate=3e-3, warmup_steps=20))
-    train: TrainConfig = field(lambda: TrainConfig(steps=150, eval_every=50, save_every=50, log_every=10))
+    train: TrainConfig = field(lambda: TrainConfig(steps=100, eval_every=50, save_every=50, log_every=10))
     export: ExportConfig = field(ExportConfig)
 
     def __post_init__(self):

@@ -23,13 +23,21 @@ from starling_jax.data.synthetic import bundled_path
 pytestmark = pytest.mark.slow
 
 
-def run_module(module: str, *args: str, cwd: Path | None = None, expect: int = 0) -> tuple[dict, str]:
+def start_module(module: str, *args: str, cwd: Path | None = None) -> subprocess.Popen:
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
     env.pop("XLA_FLAGS", None)  # as a user starts it: one CPU device
-    proc = subprocess.run([sys.executable, "-m", f"starling_jax.{module}", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == expect, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
+    return subprocess.Popen([sys.executable, "-m", f"starling_jax.{module}", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen, expect: int = 0) -> tuple[dict, str]:
+    stdout, stderr = proc.communicate(timeout=1200)
+    assert proc.returncode == expect, stderr[-3000:]
+    return json.loads(stdout.strip().splitlines()[-1]), stderr
+
+
+def run_module(module: str, *args: str, cwd: Path | None = None, expect: int = 0) -> tuple[dict, str]:
+    return finish(start_module(module, *args, cwd=cwd), expect)
 
 
 def run_default(out: Path, *overrides: str) -> dict:
@@ -53,13 +61,12 @@ def test_embedded_defaults_chain_with_no_arguments(tmp_path):
     run = tmp_path / "runs" / "rm_default"
     assert (run / "hf" / "config.json").is_file() and (run / "summary.png").stat().st_size > 10_000
 
-    exported, _ = run_module("export_hf", cwd=tmp_path)
+    # the consumers only read what train_rm wrote: run them side by side
+    consumers = {m: start_module(m, cwd=tmp_path) for m in ("export_hf", "score", "verify_hf", "prepare_data")}
+    (exported, _), (scored, _), (verified, _), (prepared, _) = (finish(p) for p in consumers.values())
     assert (tmp_path / exported["output"] / "model.safetensors").is_file()
-    scored, _ = run_module("score", cwd=tmp_path)  # the HF export on the bundled file (train + eval rows)
-    assert scored["pairwise_accuracy"] >= 0.85, scored
-    verified, _ = run_module("verify_hf", cwd=tmp_path)
+    assert scored["pairwise_accuracy"] >= 0.85, scored  # the HF export on the bundled file (train + eval rows)
     assert verified["passed"] and verified["max_abs_score_diff"] < 1e-4, verified
-    prepared, _ = run_module("prepare_data", cwd=tmp_path)
     assert prepared["rows_kept"] == 3000 and (tmp_path / "runs" / "prepared_default" / "report.json").is_file()
 
 

@@ -41,11 +41,22 @@ def run_train(out: Path, data: Path, *extra: str, devices: int = 1, timeout: int
     return run_entry(train_cmd(out, data, *extra), devices, timeout)
 
 
-def test_one_device_and_eight_devices_give_the_same_losses(tmp_path, data_file):
+MESH_2X2X2 = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
+
+
+@pytest.fixture(scope="module")
+def eight_devices(tmp_path_factory, data_file) -> tuple[Path, dict]:
+    """One process, 8 devices on a data × fsdp × tensor = 2 × 2 × 2 mesh: what the one-device run and the
+    two-process run are compared with (its output folder, its summary)."""
+    out = tmp_path_factory.mktemp("eight_devices")
+    return out, run_train(out, data_file, *MESH_2X2X2, devices=8)
+
+
+def test_one_device_and_eight_devices_give_the_same_losses(tmp_path, data_file, eight_devices):
     single = run_train(tmp_path / "one", data_file, devices=1)
-    sharded = run_train(tmp_path / "eight", data_file, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", devices=8)
+    eight_dir, sharded = eight_devices
     assert single["steps"] == sharded["steps"] == 8
-    a, b = losses(tmp_path / "one"), losses(tmp_path / "eight")
+    a, b = losses(tmp_path / "one"), losses(eight_dir)
     assert sorted(a) == list(range(1, 9))
     np.testing.assert_allclose([a[s] for s in sorted(a)], [b[s] for s in sorted(a)], rtol=0, atol=1e-5)
     # the losses differ step to step: the comparison is not between two constant curves
@@ -214,9 +225,9 @@ def test_checkpoint_from_another_model_size_is_a_one_line_error(tmp_path, data_f
 
 
 @pytest.mark.multiprocess
-def test_two_processes_give_the_same_losses_as_one(tmp_path, data_file):
-    mesh = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
-    single = run_train(tmp_path / "one", data_file, *mesh, devices=8)
+def test_two_processes_give_the_same_losses_as_one(tmp_path, data_file, eight_devices):
+    mesh = MESH_2X2X2
+    one_dir, single = eight_devices
     out = tmp_path / "two"
     port = free_port()
     procs = []
@@ -230,7 +241,7 @@ def test_two_processes_give_the_same_losses_as_one(tmp_path, data_file):
     for p, (stdout, stderr) in zip(procs, results):
         assert p.returncode == 0, stderr[-3000:]
     summaries = [json.loads(stdout.strip().splitlines()[-1]) for stdout, _ in results]
-    a, b = losses(tmp_path / "one"), losses(out)
+    a, b = losses(one_dir), losses(out)
     assert sorted(a) == sorted(b) == list(range(1, 9))
     np.testing.assert_allclose([a[s] for s in sorted(a)], [b[s] for s in sorted(a)], rtol=0, atol=1e-5)
     for summary in summaries:  # every host computed the same metrics over the whole eval split
