@@ -9,6 +9,8 @@ with the format the model was trained with (a checkpoint's recorded template; an
 Output: JSON lines, one per input row in input order, with `rewards` in the order of the row's `answers`
 (skipped rows carry `rewards: null` and the reason). The last printed line is a JSON summary with ranking
 metrics against the given ranks; pairwise files (`prompt`/`chosen`/`rejected`) report their `accuracy`.
+All answers are scored in length-sorted micro-batches of `--batch-size` sequences, each padded to one of a few
+bucket lengths (`score_batches.py`), so short answers are not padded to the longest and few programs compile.
 """
 
 from __future__ import annotations
@@ -29,6 +31,11 @@ from starling_jax.metrics import RankingMetrics
 from starling_jax.model import hf_io
 from starling_jax.parallel import sharding
 from starling_jax.paths import as_path
+# jit_rewards is re-exported: rl/ imports it from here
+from starling_jax.score_batches import BucketedScorer, jit_rewards  # noqa: F401
+
+# Padded lengths are multiples of this (as the train pipeline's `data.pad_to_multiple` default).
+PAD_TO_MULTIPLE = 128
 
 
 def detect_format(path: str) -> str:
@@ -58,7 +65,6 @@ def load_reward_model(model: str, mesh):
 
 def score(model: str, data: str, output: str | None = None, template: str | None = None,
           max_length: int | None = None, batch_size: int = 32, on_bad_row: str = "error") -> dict:
-    import jax
     import numpy as np
 
     # --- model & tokenizer
@@ -72,7 +78,8 @@ def score(model: str, data: str, output: str | None = None, template: str | None
     template = template or default_template
     current = tokenizer_lib.data_provenance(tokenizer, tokenizer_dir, template, max_length)
     tokenizer_lib.check_provenance(recorded, current, f"reward model {model}", "score", keys=keys)
-    rewards_fn = jit_rewards(graphdef, mesh)
+    scorer = BucketedScorer(graphdef, mesh, rows=batch_size, max_length=max_length,
+                            pad_to_multiple=PAD_TO_MULTIPLE, pad_id=tokenizer.pad_token_id or 0)
 
     # --- rows → tokenized answers (input order kept; skipped rows remembered with their reason)
     fmt = detect_format(data)
@@ -90,30 +97,12 @@ def score(model: str, data: str, output: str | None = None, template: str | None
     for skipped in report.skipped:
         lines[skipped["row"]] = {"row": skipped["row"], "rewards": None, "error": skipped["reason"]}
 
-    # --- score all answers, sequences bucketed by length into fixed-shape batches
-    sequences = [(i, j, t) for i, tr in enumerate(tokenized) for j, t in enumerate(tr.tokens)]
-    rewards = [np.zeros(tr.num_answers, np.float64) for tr in tokenized]
-    from starling_jax.parallel.sharding import data_parallel_size
-
-    n_dev = data_parallel_size(mesh)
-    batch_size = max(n_dev, -(-batch_size // n_dev) * n_dev)
-    order = sorted(range(len(sequences)), key=lambda s: len(sequences[s][2]))
-    pad_id = tokenizer.pad_token_id or 0
-    for start in range(0, len(order), batch_size):
-        chunk = [sequences[s] for s in order[start:start + batch_size]]
-        length = -(-max(len(t) for _, _, t in chunk) // 128) * 128
-        tokens = np.full((batch_size, length), pad_id, np.int32)
-        positions = np.zeros((batch_size, length), np.int32)
-        segment_ids = np.zeros((batch_size, length), np.int32)
-        reward_index = np.zeros((batch_size,), np.int32)
-        for r, (_, _, t) in enumerate(chunk):
-            tokens[r, :len(t)] = t
-            positions[r, :len(t)] = np.arange(len(t))
-            segment_ids[r, :len(t)] = 1
-            reward_index[r] = len(t) - 1
-        out = np.asarray(jax.device_get(rewards_fn(params, tokens, positions, segment_ids, reward_index)))
-        for r, (i, j, _) in enumerate(chunk):
-            rewards[i][j] = float(out[r])
+    # --- score all answers: length-sorted micro-batches padded to a few bucket lengths (score_batches.py)
+    sequences = [t for tr in tokenized for t in tr.tokens]
+    reward_index = [int(i) for tr in tokenized for i in tr.reward_index]
+    flat = scorer(params, sequences, reward_index) if sequences else np.zeros(0, np.float32)
+    offsets = np.cumsum([0] + [tr.num_answers for tr in tokenized])
+    rewards = [flat[offsets[i]:offsets[i + 1]].astype(np.float64) for i in range(len(tokenized))]
 
     # --- output lines and metrics
     metrics = RankingMetrics()
@@ -137,22 +126,6 @@ def score(model: str, data: str, output: str | None = None, template: str | None
     return summary
 
 
-def jit_rewards(graphdef, mesh):
-    import jax
-    from flax import nnx
-
-    from starling_jax.parallel import sharding
-
-    batch = sharding.batch_sharding(mesh, 2)
-
-    def rewards(params, tokens, positions, segment_ids, reward_index):
-        with sharding.activation_sharding(mesh):
-            return nnx.merge(graphdef, params).rewards(tokens, positions, segment_ids, reward_index)
-
-    return jax.jit(rewards, in_shardings=(None, batch, batch, batch, sharding.batch_sharding(mesh, 1)),
-                   out_shardings=sharding.replicated(mesh))
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m starling_jax.score", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -167,7 +140,8 @@ def main(argv=None) -> int:
                              "own chat_template")
     parser.add_argument("--max-length", type=int, default=None, help="tokens per sequence (default: the run's, "
                                                                       "or 2048)")
-    parser.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass")
+    parser.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass (a micro-batch; rounded up to a "
+                        "multiple of the data-parallel devices)")
     parser.add_argument("--on-bad-row", choices=("error", "skip"), default="error")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     cli.setup_logging()
