@@ -244,6 +244,21 @@ def _total(parts: dict) -> int:
     return parts["argument"] + parts["output"] - parts["alias"] + parts["temp"] + parts["generated_code"]
 
 
+def _topology_mesh(cfg, topology: str, num_slices: int, hbm_gib: float | None):
+    """The topology's devices and the config's mesh over them (the slices are the dcn axis) → (cfg with mesh.dcn
+    set, devices, topology name, mesh, per-chip capacity, where the capacity comes from)."""
+    from starling_jax.parallel import sharding
+
+    devices, topology_name = topology_devices(topology, num_slices)
+    if num_slices > 1 and cfg.mesh.dcn != num_slices:
+        if cfg.mesh.dcn != 1:
+            raise ConfigError(f"mesh.dcn={cfg.mesh.dcn} but --num-slices {num_slices}: they must agree")
+        cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, dcn=num_slices))
+    mesh = sharding.make_mesh(cfg.mesh, devices=devices)
+    capacity, capacity_source = hbm_bytes(devices[0].device_kind, len(devices), hbm_gib)
+    return cfg, devices, topology_name, mesh, capacity, capacity_source
+
+
 def compile_report(cfg, topology: str, num_layers: int | None = None, hbm_gib: float | None = None,
                    mfu: float = 0.4, num_slices: int = 1, job=None) -> dict[str, Any]:
     """Compiles the job's train step (and its eval step) for `topology` (`num_slices` slices over DCN) → the
@@ -252,14 +267,8 @@ def compile_report(cfg, topology: str, num_layers: int | None = None, hbm_gib: f
     from starling_jax.train.rm_job import RMJob
 
     # --- devices & mesh
-    devices, topology_name = topology_devices(topology, num_slices)
+    cfg, devices, topology_name, mesh, capacity, capacity_source = _topology_mesh(cfg, topology, num_slices, hbm_gib)
     kind = devices[0].device_kind
-    if num_slices > 1 and cfg.mesh.dcn != num_slices:  # the slices are the dcn axis
-        if cfg.mesh.dcn != 1:
-            raise ConfigError(f"mesh.dcn={cfg.mesh.dcn} but --num-slices {num_slices}: they must agree")
-        cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, dcn=num_slices))
-    mesh = sharding.make_mesh(cfg.mesh, devices=devices)
-    capacity, capacity_source = hbm_bytes(kind, len(devices), hbm_gib)
 
     # --- the job's abstract state, batch and jitted step (nothing is allocated)
     model_cfg = resolve_model_config(cfg, num_layers)
@@ -367,14 +376,8 @@ def compile_rl_report(cfg, topology: str, num_layers: int | None = None, hbm_gib
     chosen = RL_PROGRAMS if not programs else tuple(p.strip() for p in programs.split(","))
     if unknown := [p for p in chosen if p not in RL_PROGRAMS]:
         raise ConfigError(f"--programs: unknown {unknown}; choose from {','.join(RL_PROGRAMS)}")
-    devices, topology_name = topology_devices(topology, num_slices)
+    cfg, devices, topology_name, mesh, capacity, capacity_source = _topology_mesh(cfg, topology, num_slices, hbm_gib)
     kind = devices[0].device_kind
-    if num_slices > 1 and cfg.mesh.dcn != num_slices:
-        if cfg.mesh.dcn != 1:
-            raise ConfigError(f"mesh.dcn={cfg.mesh.dcn} but --num-slices {num_slices}: they must agree")
-        cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, dcn=num_slices))
-    mesh = sharding.make_mesh(cfg.mesh, devices=devices)
-    capacity, capacity_source = hbm_bytes(kind, len(devices), hbm_gib)
     models = {"policy": _with_layers(architecture(cfg.policy, "policy"), num_layers),
               "reward": _with_layers(architecture(cfg.reward_model, "reward_model"), num_layers)}
     if cfg.num_layers_unfrozen > models["policy"].num_hidden_layers:

@@ -31,8 +31,7 @@ from starling_jax.metrics import RankingMetrics
 from starling_jax.model import hf_io
 from starling_jax.parallel import sharding
 from starling_jax.paths import as_path
-# jit_rewards is re-exported: rl/ imports it from here
-from starling_jax.score_batches import BucketedScorer, jit_rewards  # noqa: F401
+from starling_jax.score_batches import BucketedScorer
 
 # Padded lengths are multiples of this (as the train pipeline's `data.pad_to_multiple` default).
 PAD_TO_MULTIPLE = 128

@@ -10,7 +10,7 @@ Roles (as `rl/job.py` sets them up):
 Programs (each the very jitted function the run calls, at the run's shapes):
   rollout     the sampler (`sample.engine.make_sampler`): prefill + decode over a [rollout.batch_size,
               max_prompt_tokens + max_new_tokens − 1] KV cache, actor params
-  score       the reward model (`score.jit_rewards`) on the re-rendered (rm_max_length) or shared-token batch
+  score       the reward model (`score_batches.jit_rewards`) on the re-rendered (rm_max_length) or shared-token batch
   experience  actor / reference / critic forwards + KL, rewards, GAE (`PPOJob._experience_fn`)
   update      one donated actor-critic minibatch update (`rl.update.jit_update_step`)
 Architectures come from `policy` / `reward_model` as given by the caller (a folder's config.json, the built-in
@@ -24,8 +24,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
+from starling_jax.data.batch_spec import round_up
 from starling_jax.model import create
 from starling_jax.model.config import ModelConfig
 from starling_jax.model.heads import role_class
@@ -33,7 +35,7 @@ from starling_jax.parallel import sharding
 from starling_jax.rl.hydra import ReferenceTop
 from starling_jax.rl.update import EXPERIENCE_KEYS, jit_update_step
 from starling_jax.sample.engine import SamplingConfig, make_sampler
-from starling_jax.score import jit_rewards
+from starling_jax.score_batches import jit_rewards
 from starling_jax.train.optimizer import make_optimizer, trainable_mask
 
 PAD_MULTIPLE = 128  # the reward batch's padding (rl.rerender's pack_sequences default)
@@ -107,8 +109,6 @@ def build(job, mesh, policy_cfg: ModelConfig, rm_cfg: ModelConfig) -> AbstractRL
     mask = {"actor": trainable_mask(actor, frozen_layers, n),
             "critic": trainable_mask(critic, critic_frozen, critic_cfg.num_hidden_layers)}
     tx, _ = make_optimizer(cfg.optim, cfg.train.steps * job.updates_per_step, mask)
-    import optax
-
     abstract_opt = jax.eval_shape(tx.init, params)
     opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, params_shardings,
                                           transform_non_params=lambda _: rep)
@@ -139,9 +139,9 @@ def build(job, mesh, policy_cfg: ModelConfig, rm_cfg: ModelConfig) -> AbstractRL
     job.reward_mean, job.reward_std = 0.0, 1.0  # values only; rm_config normalization reads them from config.json
     experience = jax.jit(job._experience_fn)
     rm_len = cfg.prompts.rm_max_length if not cfg.reward_model_shares_tokenizer else p + t
-    rm_len = -(-rm_len // PAD_MULTIPLE) * PAD_MULTIPLE
+    rm_len = round_up(rm_len, PAD_MULTIPLE)
     # evaluation rolls out all held-out prompts at once (padded to the data-parallel size): more rows than training
-    eval_rows = -(-cfg.prompts.eval_prompts // dp) * dp
+    eval_rows = round_up(cfg.prompts.eval_prompts, dp)
     for prefix, rows in (("", b), ("eval_", eval_rows)):
         if prefix and rows == b:
             break  # the same programs as training
@@ -150,7 +150,7 @@ def build(job, mesh, policy_cfg: ModelConfig, rm_cfg: ModelConfig) -> AbstractRL
             state["params"]["actor"], _array((rows, p), jnp.int32, rows2), _array((rows,), jnp.int32, rows1),
             _array((rows,), jnp.int32, rows1), key), roles=("actor",), rows=rows, length=p + t))
         # score: the reward model on the longest batch it can get, rows padded to the data-parallel size
-        rm_rows = -(-rows // dp) * dp
+        rm_rows = round_up(rows, dp)
         tok = _array((rm_rows, rm_len), jnp.int32, rows2)
         programs.append(Program(f"{prefix}score", scorer,
                                 (frozen["reward"], tok, tok, tok, _array((rm_rows,), jnp.int32, rows1)),

@@ -38,7 +38,7 @@ from starling_jax.rl.rerender import check_shared_tokenizer, rm_batch_from_text,
 from starling_jax.rl.rewards import RewardStats
 from starling_jax.rl.update import init_rl_state, jit_update_step, minibatch_indices
 from starling_jax.sample.engine import FINISH_EOS, FINISH_STOP, SamplingConfig, make_sampler, rollout_arrays
-from starling_jax.score import jit_rewards
+from starling_jax.score_batches import jit_rewards
 from starling_jax.tokenizer import load_tokenizer
 from starling_jax.train import loop
 from starling_jax.train.job import Job, new_figure, save_figure

@@ -265,6 +265,8 @@ def _due(step: int, every: int, last: int) -> bool:
 def _save(job: Job, ckpt: Checkpointer, window: StepWindow, step: int, state, frozen: dict, last_eval: dict,
           force: bool = False) -> None:
     window.drain()  # a non-finite step raises here, before anything of it is saved
+    if window.last_good_checkpoint == step:  # e.g. a SIGTERM right after the scheduled save of this step
+        return
     meta = {**models_meta(job.models), **job.meta(last_eval), "eval": last_eval,
             "run_config": config_lib.to_dict(job.cfg)}
     ckpt.save(step, state, job.train_data.state(), meta, force=force, frozen=frozen or None)
@@ -342,8 +344,7 @@ def _train(job: Job, out: AnyPath, mesh, is_main: bool) -> dict[str, Any]:
             if _due(step, train.save_every, train.steps):
                 _save(job, ckpt, window, step, state, frozen, last_eval)
             if preemption.check():
-                if window.last_good_checkpoint != step:  # a SIGTERM right after a scheduled save: saved already
-                    _save(job, ckpt, window, step, state, frozen, last_eval, force=True)
+                _save(job, ckpt, window, step, state, frozen, last_eval, force=True)
                 status = "preempted"
                 break
         window.drain()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,6 @@ from starling_jax.data.synthetic import resolve_bundled
 from starling_jax.errors import CheckpointError
 from starling_jax.model import create, hf_io
 from starling_jax.parallel import sharding
-from starling_jax.paths import copy_file
 from starling_jax.tokenizer import load_tokenizer
 from starling_jax.train import loop, sft_step
 from starling_jax.train.job import (Job, build_optimizer, init_model, new_figure, plot_loss, replicate_mask,
@@ -195,9 +193,8 @@ class SFTJob(Job):
                 stale.write_text(chat_template)
             generation = GenerationConfig(bos_token_id=self.tokenizer.bos_token_id, eos_token_id=eos_ids,
                                           pad_token_id=self.tokenizer.pad_token_id)
-            with tempfile.TemporaryDirectory() as tmp:  # save_pretrained writes local files; folder may be a URL
-                generation.save_pretrained(tmp)
-                copy_file(Path(tmp) / "generation_config.json", folder / "generation_config.json")
+            # what save_pretrained writes, through the folder's own path type (folder may be a URL)
+            (folder / "generation_config.json").write_text(generation.to_json_string(use_diff=True))
         return folder
 
     def summary(self, last_eval: dict) -> dict:

@@ -13,7 +13,8 @@ from starling_jax.model import hf_io
 from starling_jax.parallel import sharding
 from starling_jax.rl.rerender import (check_shared_tokenizer, pack_sequences, rm_batch_from_text,
                                       rm_batch_from_tokens)
-from starling_jax.score import jit_rewards, score
+from starling_jax.score import score
+from starling_jax.score_batches import jit_rewards
 from starling_jax.tokenizer import default_tokenizer_dir, load_tokenizer
 from tests.model.hf_fixtures import make_hf_model
 
