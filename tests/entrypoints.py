@@ -45,13 +45,16 @@ def losses(out: Path) -> dict[int, float]:
     return rows
 
 
-def kill_after_metrics(cmd: list[str], out: Path, rows: int, timeout: float = 400) -> None:
-    """Starts `cmd` and SIGKILLs it as soon as `out/metrics.jsonl` has `rows` rows (asserting it was still running):
-    a run killed mid-training, past its first checkpoint."""
-    proc = subprocess.Popen(cmd, env=env_with(1), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def kill_after_metrics(cmd: list[str], out: Path, rows: int, timeout: float = 400, devices: int = 1,
+                       checkpoint: int | None = None) -> None:
+    """Starts `cmd` on `devices` simulated devices and SIGKILLs it as soon as `out/metrics.jsonl` has `rows` rows and,
+    if given, the checkpoint of step `checkpoint` is complete (orbax renames its folder into place when it is)
+    (asserting it was still running): a run killed mid-training, past a checkpoint."""
+    proc = subprocess.Popen(cmd, env=env_with(devices), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics, deadline = out / "metrics.jsonl", time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= rows:
+        if (metrics.is_file() and len(metrics.read_text().splitlines()) >= rows
+                and (checkpoint is None or (out / "checkpoints" / str(checkpoint)).is_dir())):
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)

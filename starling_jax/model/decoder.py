@@ -98,6 +98,18 @@ class Attention(nnx.Module):
         blocks = [(k, v, self_mask)] if cache is None else [(*cache, True), (k, v, self_mask)]
         return self.project_out(attention.gqa_attention(q, blocks)), k, v
 
+    def decode(self, x, positions, cache_k, cache_v, visible, index):
+        """One decode step (x [N, 1, D]) that first writes its key/value at cache index `index` of this layer's
+        heads-first cache [N, G, S, Dh], then attends over the updated cache (`visible` [N, 1, 1, 1, S] includes
+        `index`). Writing before reading lets XLA update the buffer in place (nothing reads the old cache) and
+        leaves one attention block instead of cache + new token. → (output [N, 1, D], cache_k, cache_v)."""
+        q, k, v = self.project_qkv(x, positions)
+        write = lambda cache, new: jax.lax.dynamic_update_slice(
+            cache, new.transpose(0, 2, 1, 3).astype(cache.dtype), (0, 0, index, 0))
+        cache_k, cache_v = write(cache_k, k), write(cache_v, v)
+        out = attention.gqa_attention(q, [(cache_k, cache_v, visible, True)])
+        return self.project_out(out), cache_k, cache_v
+
 
 
 class MLP(nnx.Module):
@@ -136,6 +148,13 @@ class DecoderLayer(nnx.Module):
         x = x + out
         x = x + self.mlp(self.mlp_norm(x))
         return constrain(x, ("act_batch", "act_length", "act_embed")), k, v
+
+    def decode(self, x, positions, cache_k, cache_v, visible, index):
+        """The layer for one decode step that writes its cache first (see `Attention.decode`)."""
+        out, cache_k, cache_v = self.attn.decode(self.attn_norm(x), positions, cache_k, cache_v, visible, index)
+        x = x + out
+        x = x + self.mlp(self.mlp_norm(x))
+        return constrain(x, ("act_batch", "act_length", "act_embed")), cache_k, cache_v
 
 
 class Decoder(nnx.Module):
@@ -217,3 +236,15 @@ class Decoder(nnx.Module):
                 vs.append(v)
             k, v = jnp.stack(ks), jnp.stack(vs)
         return self.final_norm(x), k, v
+
+    def decode(self, tokens, positions, cache_k, cache_v, visible, index):
+        """One decode step of tokens [N, 1] over per-layer heads-first caches (sequences of [N, G, S, Dh], layers
+        not scanned): each layer writes its new key/value at `index`, then attends over its cache (`visible`
+        [N, 1, 1, 1, S], index included). → (hidden [N, 1, D], cache_k, cache_v as tuples)."""
+        x = constrain(self.embed_tokens(tokens), ("act_batch", "act_length", "act_embed"))
+        new_k, new_v = [], []
+        for layer, ck, cv in zip(self.layers, cache_k, cache_v):
+            x, ck, cv = layer.decode(x, positions, ck, cv, visible, index)
+            new_k.append(ck)
+            new_v.append(cv)
+        return self.final_norm(x), tuple(new_k), tuple(new_v)

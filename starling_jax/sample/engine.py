@@ -24,8 +24,10 @@ KV-cache layout on the mesh
   each [S, Dh] slab in place (`attention.gqa_attention`), with no per-step transpose of the cache. GQA: the cache
   holds the G KV heads only; the H = G·R query heads read them through a [G, R] reshape of the queries, never
   a repeated copy.
-  The new token's k/v are attended as a second block next to the cache and written once per step for all layers
-  (an in-place update of the loop carry), so the cache is never concatenated or copied.
+  Per-layer buffers: each layer writes the new token's k/v into its buffer first and then attends over the
+  buffer alone (`Decoder.decode`); nothing reads the old buffer afterwards, so XLA updates it in place and the
+  cache is never concatenated or copied. Scanned layers: the new k/v are attended as a second block next to the
+  stacked cache and written for all layers after the step (behind an optimization barrier, for the same reason).
 
 Sliding window (Mistral): masking, not a rolling buffer. A cached key j is visible to the query at cache index i
 iff it is a real token (j ≥ P - length), j < i, and i - j < W (HF's rule, which with left padding equals the
@@ -62,6 +64,10 @@ from starling_jax.sample import logits as logits_lib
 
 FINISH_LENGTH, FINISH_EOS, FINISH_STOP = 0, 1, 2
 FINISH_REASONS = ("length", "eos", "stop")
+# XLA:CPU only: no YNNPACK library fusions. A decode step is ~30 dots of [16, ≤768] rows plus the LM head; XLA's
+# own dot emitter runs that loop ~25% faster than the YNNPACK fusions it uses by default (measured side by side in
+# one process with bench/rollout.py's model; same tokens). Other backends get no options.
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 CACHE_AXES = (None, "act_batch", "act_kv_heads", None, None)  # [layers, N, G, S, Dh]
 
 
@@ -173,25 +179,32 @@ def sample(model, prompt_tokens, prompt_lengths, row_ids, key, cfg: SamplingConf
     def body(carry):
         step, tok, cache_k, cache_v, state = carry
         i = p + step - 1
+        positions = (prompt_lengths + step - 1)[:, None]
+        if not mcfg.scan_layers:
+            # Per-layer buffers: each layer writes its new key/value at index i, then attends over its cache.
+            visible = (cache_idx[None, :] >= start[:, None]) & (cache_idx[None, :] <= i)
+            if window is not None:
+                visible &= (i - cache_idx[None, :]) < window
+            hidden, cache_k, cache_v = model.decoder.decode(tok[:, None], positions, cache_k, cache_v,
+                                                            visible[:, None, None, None, :], i)
+            cache_k = tuple(constrain(c, CACHE_AXES[1:]) for c in cache_k)
+            cache_v = tuple(constrain(c, CACHE_AXES[1:]) for c in cache_v)
+            tok, state = record(step, model.logits(hidden)[:, 0], state)
+            return step + 1, tok, cache_k, cache_v, state
+        # Scanned layers (one stacked buffer): the new keys/values are attended as a second block and written
+        # for all layers at once after the step.
         visible = (cache_idx[None, :] >= start[:, None]) & (cache_idx[None, :] < i)
         if window is not None:
             visible &= (i - cache_idx[None, :]) < window
-        positions = (prompt_lengths + step - 1)[:, None]
         hidden, k, v = model.decoder.cached(tok[:, None], positions, (cache_k, cache_v, visible[:, None, None, None, :]),
                                             jnp.ones((n, 1, 1, 1, 1), bool))
         logits = model.logits(hidden)[:, 0]
         # Write the new keys/values only after every layer has read the cache: the barrier makes the writes
         # depend on the logits, so XLA updates the cache buffers in place instead of copying them each step.
         k, v, logits = jax.lax.optimization_barrier((k, v, logits))
-        new_k, new_v = heads_first(k), heads_first(v)
-        if mcfg.scan_layers:
-            write = lambda cache, new: constrain(
-                jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype), (0, 0, 0, i, 0)), CACHE_AXES)
-        else:
-            write = lambda cache, new: tuple(
-                constrain(jax.lax.dynamic_update_slice(c, x.astype(c.dtype), (0, 0, i, 0)), CACHE_AXES[1:])
-                for c, x in zip(cache, new))
-        cache_k, cache_v = write(cache_k, new_k), write(cache_v, new_v)
+        write = lambda cache, new: constrain(
+            jax.lax.dynamic_update_slice(cache, heads_first(new).astype(cache.dtype), (0, 0, 0, i, 0)), CACHE_AXES)
+        cache_k, cache_v = write(cache_k, k), write(cache_v, v)
         tok, state = record(step, logits, state)
         return step + 1, tok, cache_k, cache_v, state
 
@@ -234,9 +247,12 @@ def make_sampler(graphdef: nnx.GraphDef, cfg: SamplingConfig, mesh: Mesh | None 
         with sharding.activation_sharding(mesh):
             return sample_from_params(graphdef, params, prompt_tokens, prompt_lengths, row_ids, key, cfg)
 
+    platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+    options = CPU_COMPILER_OPTIONS if platform == "cpu" else None
     if mesh is None:
-        return jax.jit(run)
+        return jax.jit(run, compiler_options=options)
     rows = sharding.batch_sharding(mesh, 1)
     table = sharding.batch_sharding(mesh, 2)
     out = SampleOutput(table, rows, rows, table, table)
-    return jax.jit(run, in_shardings=(None, table, rows, rows, sharding.replicated(mesh)), out_shardings=out)
+    return jax.jit(run, in_shardings=(None, table, rows, rows, sharding.replicated(mesh)), out_shardings=out,
+                   compiler_options=options)

@@ -3,7 +3,10 @@
 import json
 import re
 import shutil
+import signal
+import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -13,6 +16,7 @@ from starling_jax import train_ppo  # noqa: E402
 from starling_jax.config import load_config  # noqa: E402
 from starling_jax.data.chat import to_hh  # noqa: E402
 from starling_jax.tokenizer import default_tokenizer_dir  # noqa: E402
+from tests.entrypoints import kill_after_metrics  # noqa: E402
 from tests.model.hf_fixtures import make_hf_model  # noqa: E402
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
@@ -83,29 +87,59 @@ def test_one_line_errors(folders, tmp_path, capsys, override, message):
 
 
 @pytest.mark.slow
-def test_resume_continues_the_same_run_and_exports(folders, tmp_path, capsys):
-    # Uninterrupted: 3 iterations. Interrupted: 2 iterations (checkpoint at 2), then resumed to 3. The third
-    # iteration's rollouts (their mean raw score and KL) and the final policy are the same.
+def test_sigterm_sigkill_and_restart_continue_the_same_run_and_export(folders, tmp_path, capsys, monkeypatch):
+    # Uninterrupted: 3 iterations. Interrupted: a SIGTERM during iteration 1 (saves step 1 and exits cleanly), a
+    # restart in a subprocess SIGKILLed during iteration 3 (no clean-up, its step-2 checkpoint complete), then a
+    # restart from that checkpoint to 3. Every iteration's rollouts (scores, KL, response lengths) and
+    # losses equal the uninterrupted run's bit for bit, and the resumed run exports.
+    steps = ["train.steps=3", "train.save_every=1", "train.async_checkpointing=false"]
     straight = tmp_path / "straight"
-    assert train_ppo.main(base_args(folders, straight, "train.steps=3", "train.save_every=1")) == 0
+    assert train_ppo.main(base_args(folders, straight, *steps)) == 0
     s = summary_of(capsys)
     assert s["status"] == "completed" and s["steps"] == 3 and s["algorithm"] == "ppo"
     for key in ("output_dir", "reward_start", "reward_end", "kl_end", "hf_export_dir"):
         assert key in s
+
+    # SIGTERM (a real signal to this process, raised inside iteration 1 so that the run's handler is installed)
+    from starling_jax.rl.job import PPOJob
+
+    original = PPOJob.train_step
+
+    def step_then_sigterm(self, *args):
+        out = original(self, *args)
+        signal.raise_signal(signal.SIGTERM)
+        return out
+
     resumed = tmp_path / "resumed"
-    assert train_ppo.main(base_args(folders, resumed, "train.steps=2", "train.save_every=1")) == 0
-    capsys.readouterr()
-    assert train_ppo.main(base_args(folders, resumed, "train.steps=3", "train.save_every=1")) == 0
+    with monkeypatch.context() as m:
+        m.setattr(PPOJob, "train_step", step_then_sigterm)
+        assert train_ppo.main(base_args(folders, resumed, *steps)) == 0
+    t = summary_of(capsys)
+    assert t["status"] == "preempted" and t["steps"] == 1 and t["hf_export_dir"] is None, t
+    assert sorted(int(p.name) for p in (resumed / "checkpoints").iterdir() if p.name.isdigit()) == [1]
+
+    # SIGKILL (the same 8 simulated devices as this process, so that the programs are the same)
+    kill_after_metrics([sys.executable, "-m", "starling_jax.train_ppo", *base_args(folders, resumed, *steps)],
+                       resumed, rows=2, timeout=300, devices=jax.device_count(), checkpoint=2)
+    r_args = base_args(folders, resumed, *steps)
+    assert train_ppo.main(r_args) == 0
     r = summary_of(capsys)
-    assert r["resumed_from"] == 2
-    rows = lambda d: {json.loads(x)["step"]: json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()}  # noqa: E731
-    a, b = rows(straight)[3], rows(resumed)[3]
-    for key in ("rollout/score_raw", "rollout/kl", "loss"):
-        assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
-    assert r["reward_end"] == pytest.approx(s["reward_end"], rel=1e-5)
+    assert r["status"] == "completed" and r["resumed_from"] == 2, r
+
+    def rows(d):  # step → row; a restart rewrites the steps after its checkpoint: the newest row wins
+        return {json.loads(x)["step"]: json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()}
+
+    a, b = rows(straight), rows(resumed)
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    keys = [k for k in a[3] if k.startswith("rollout/") and k not in ("rollout/tokens_per_s",)] + ["loss"]
+    assert {"rollout/score_raw", "rollout/kl", "rollout/response_length", "rollout/entropy"} <= set(keys)
+    for step in (1, 2, 3):
+        assert {k: b[step][k] for k in keys} == {k: a[step][k] for k in keys}, step
+    assert a[2]["rollout/score_raw"] != a[3]["rollout/score_raw"]  # the iterations differ: not a constant compared
+    assert (r["reward_start"], r["reward_end"], r["kl_end"]) == (s["reward_start"], s["reward_end"], s["kl_end"])
+    assert r["hf_export_dir"] and (resumed / "hf" / "config.json").is_file()
 
     # The exported policy loads in transformers; its greedy completions equal our sampler's on the export.
-    import jax
     import torch
     import transformers
 
@@ -113,15 +147,15 @@ def test_resume_continues_the_same_run_and_exports(folders, tmp_path, capsys):
     from starling_jax.parallel import sharding
     from starling_jax.sample.engine import SamplingConfig, make_sampler
 
-    hf = transformers.AutoModelForCausalLM.from_pretrained(s["hf_export_dir"], dtype=torch.float32,
+    hf = transformers.AutoModelForCausalLM.from_pretrained(r["hf_export_dir"], dtype=torch.float32,
                                                            attn_implementation="eager").eval()
-    tok = transformers.AutoTokenizer.from_pretrained(s["hf_export_dir"])
+    tok = transformers.AutoTokenizer.from_pretrained(r["hf_export_dir"])
     ids = tok("[INST] Name a colour. [/INST]", add_special_tokens=True)["input_ids"]
     with torch.no_grad():
         want = hf.generate(torch.tensor([ids]), attention_mask=torch.ones((1, len(ids)), dtype=torch.long),
                            max_new_tokens=5, min_new_tokens=5, do_sample=False)[0, len(ids):].tolist()
     mesh = sharding.make_mesh(sharding.MeshConfig(), devices=jax.devices()[:1])
-    _, graphdef, params = hf_io.load_hf(s["hf_export_dir"], "causal_lm", mesh)
+    _, graphdef, params = hf_io.load_hf(r["hf_export_dir"], "causal_lm", mesh)
     out = make_sampler(graphdef, SamplingConfig(max_new_tokens=5, temperature=0.0), mesh)(
         params, jax.numpy.asarray([ids], jax.numpy.int32), jax.numpy.asarray([len(ids)], jax.numpy.int32),
         jax.numpy.zeros((1,), jax.numpy.int32), jax.random.key(0))
