@@ -24,7 +24,7 @@ def run_aot(*args: str, devices: int = 4) -> tuple[int, dict, str]:
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", HF_HUB_OFFLINE="1",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     proc = subprocess.run([sys.executable, "-m", "starling_jax.aot", *args], env=env, capture_output=True, text=True,
-                          timeout=300)
+                          check=False, timeout=300)
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     return proc.returncode, summary, proc.stderr
 
@@ -151,6 +151,25 @@ def test_rl_set_compiles_every_program_on_the_cpu_mesh(tmp_path):
     assert s["programs"]["update"]["resident_beside_bytes"] == roles["reference"] + roles["reward"]
     assert s["programs"]["rollout"]["length"] == 16 and s["programs"]["score"]["length"] == 128
     assert s["per_chip_bytes"] == max(p["per_chip_bytes"] for p in s["programs"].values())
+
+
+def test_rl_minibatch_that_does_not_split_is_refused_and_the_suggested_mesh_compiles(tmp_path):
+    """As train_ppo's set-up refuses it (beta's minibatch 16 on v5p-64's 32 chips): a minibatch that is not a
+    multiple of the data-parallel devices is one error line naming the key; the mesh the message suggests
+    (half the fsdp, tensor 2) is accepted and compiles (one program: the guard runs before any)."""
+    policy = _hf_config(tmp_path / "policy", "LlamaForCausalLM", 2, 64)
+    rm = _hf_config(tmp_path / "rm", "LlamaForSequenceClassification", 2, 32)
+    base = ["--topology", "cpu", "--json", f"policy={policy}", f"reward_model={rm}", "rollout.batch_size=4",
+            "rollout.minibatch_size=2", "rollout.max_new_tokens=8", "prompts.max_prompt_tokens=8",
+            "prompts.rm_max_length=64", "prompts.eval_prompts=4"]
+    rc, s, err = run_aot(*base)
+    assert rc == 2 and s["status"] == "error", err[-2000:]
+    assert "rollout.minibatch_size=2 is not a multiple of the mesh's 4 data-parallel devices" in s["error"]
+    assert "mesh.fsdp=2 mesh.tensor=2" in s["error"]
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [f"error: {s['error']}"]
+    rc, s, err = run_aot(*base, "mesh.fsdp=2", "mesh.tensor=2", "--programs", "score")
+    assert rc == 0 and s["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2}, err[-3000:]
+    assert list(s["programs"]) == ["score"] and s["programs"]["score"]["compiled"]
 
 
 def test_rl_set_adds_eval_programs_for_a_larger_eval_batch(tmp_path):
