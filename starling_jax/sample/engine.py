@@ -64,9 +64,10 @@ from starling_jax.sample import logits as logits_lib
 
 FINISH_LENGTH, FINISH_EOS, FINISH_STOP = 0, 1, 2
 FINISH_REASONS = ("length", "eos", "stop")
-# XLA:CPU only: no YNNPACK library fusions. A decode step is ~30 dots of [16, ≤768] rows plus the LM head; XLA's
-# own dot emitter runs that loop ~25% faster than the YNNPACK fusions it uses by default (measured side by side in
-# one process with bench/rollout.py's model; same tokens). Other backends get no options.
+# XLA:CPU only: no YNNPACK library fusions. A decode step is ~30 small dots ([16, ≤768] rows) plus the LM head.
+# Measured side by side in one process on bench/rollout.py's model (same tokens): with XLA's own dot emitter the
+# loop is 2-3% faster on an idle 2-core machine and ~25% faster when other processes share the cores (as the
+# tf.data threads of an RL job do). Other backends get no options.
 CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 CACHE_AXES = (None, "act_batch", "act_kv_heads", None, None)  # [layers, N, G, S, Dh]
 

@@ -47,20 +47,39 @@ def top_p_mask(probs, top_p: float):
     hi = to_bits(jnp.max(probs, axis=-1))
     lo = jnp.minimum(lo, hi)
 
-    def unresolved(bounds):
+    # The vocabulary in blocks of BLOCK (zero-padded once: a zero is never above a threshold nor inside the
+    # bracket, whose low end is > 0): sums of blocks, then of their sums, keep the float error of the mass small.
+    n_blocks = -(-probs.shape[-1] // BLOCK)
+    blocks = jnp.pad(probs, ((0, 0), (0, n_blocks * BLOCK - probs.shape[-1]))).reshape(-1, n_blocks, BLOCK)
+
+    def open_counts(lo, mid, hi):
+        """Per row, in one pass over the vocabulary: the mass strictly above `mid`, and how many probabilities lie
+        in [lo, mid) and in [mid, hi) (packed in one int32 sum as low + 2^16 · high; V < 2^16 per row)."""
+        p_lo, p_mid, p_hi = (to_float(b)[:, None, None] for b in (lo, mid, hi))
+        low = (blocks >= p_lo) & (blocks < p_mid)
+        high = (blocks >= p_mid) & (blocks < p_hi)
+        mass_above, packed = jax.lax.reduce(  # one variadic reduction: one pass over the probabilities
+            (jnp.where(blocks > p_mid, blocks, 0.0), low.astype(jnp.int32) + (high.astype(jnp.int32) << 16)),
+            (jnp.float32(0), jnp.int32(0)), lambda a, b: (a[0] + b[0], a[1] + b[1]), (2,))
+        mass_above, packed = jnp.sum(mass_above, axis=-1), jnp.sum(packed, axis=-1)
+        return mass_above, packed & 0xFFFF, packed >> 16
+
+    def unresolved(state):
+        return jnp.any(state[2])
+
+    def halve(state):
         # Done when lo == hi, or when no probability lies in [lo, hi): every threshold in it keeps the same set.
-        lo, hi = bounds
-        between = (probs >= to_float(lo)[..., None]) & (probs < to_float(hi)[..., None])
-        return jnp.any((lo < hi) & jnp.any(between, axis=-1))
-
-    def halve(bounds):
-        lo, hi = bounds
+        # The counts for both halves come from the same pass as the mass, so the loop's test reads a flag; the
+        # count for [mid, hi) stands in for [mid + 1, hi) (a superset: at worst one more halving, same result).
+        lo, hi, _ = state
         mid = lo + (hi - lo) // 2
-        mass_above = jnp.sum(jnp.where(probs > to_float(mid)[..., None], probs, 0.0), axis=-1)
+        mass_above, in_low, in_high = open_counts(lo, mid, hi)
         ok = mass_above < top_p
-        return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
+        lo, hi = jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
+        return lo, hi, (lo < hi) & (jnp.where(ok, in_low, in_high) > 0)
 
-    _, hi = jax.lax.while_loop(unresolved, halve, (lo, hi))
+    start_open = (lo < hi) & jnp.any((probs >= to_float(lo)[..., None]) & (probs < to_float(hi)[..., None]), axis=-1)
+    _, hi, _ = jax.lax.while_loop(unresolved, halve, (lo, hi, start_open))
     return probs >= to_float(hi)[..., None]
 
 
