@@ -9,6 +9,14 @@ warm-up (JAX compile time excluded, reported separately); the greedy tokens of t
 
     python bench/rollout.py            # the shape above, 3 timed rollouts per row
     python bench/rollout.py --quick    # greedy only, batch 2 × 8 tokens, 8 new tokens, 1 rollout (CI smoke test)
+    python bench/rollout.py --bandwidth          # on a GPU: decode bandwidth of a 1.1B Mistral shape, batch 1/16/64
+    python bench/rollout.py --bandwidth --quick  # the same code path on a tiny shape (CI smoke test)
+
+`--bandwidth` times greedy decode of a random bf16 model built in memory (no transformers side): bytes read per
+decode step = all parameter bytes (every weight is read once per step, the LM head included) + the KV cache
+bytes read (keys and values of every layer, for the positions a step reads on average), over the step time,
+against the chip's HBM peak (H100 3.35 TB/s, H200 4.8 TB/s; `--peak-gbs` sets it elsewhere). Its JSON line has
+`hbm_fraction_batch1` and per-batch rows; `speedup` there is the batch-64 over the batch-1 token throughput.
 
 The last printed line is JSON with `speedup`: starling_jax's new tokens/s over transformers', over both modes
 (total transformers time / total starling_jax time), plus the per-mode ratios (`speedup_top_p` is null with --quick).
@@ -98,6 +106,80 @@ def jax_rollout(folder: Path, prompts: np.ndarray, new: int, mode: str, reps: in
     return seconds, np.asarray(out.tokens), compile_s
 
 
+# A TinyLlama-1.1B-shaped Mistral (GQA 32/4, 22 layers), the 1-2B shape of the issue's bandwidth measurement.
+BANDWIDTH_MODEL = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                       num_attention_heads=32, num_key_value_heads=4, sliding_window=4096,
+                       max_position_embeddings=4096)
+TINY_BANDWIDTH_MODEL = dict(BANDWIDTH_MODEL, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2)
+HBM_PEAK_GBS = {"H200": 4800.0, "H100": 3350.0, "A100": 2039.0}  # datasheet, per chip
+
+
+def decode_bytes_per_step(model: dict, params_bytes: int, batch: int, prompt: int, new: int,
+                          cache_itemsize: int) -> float:
+    """HBM bytes a greedy decode step reads, on average over the rollout: every parameter once, plus the keys
+    and values of every layer at the positions the step attends to (the sampler reads the whole preallocated
+    cache row and masks it: S = prompt + new - 1 positions)."""
+    head_dim = model["hidden_size"] // model["num_attention_heads"]
+    s = prompt + new - 1
+    kv = 2 * model["num_hidden_layers"] * batch * model["num_key_value_heads"] * s * head_dim * cache_itemsize
+    return float(params_bytes + kv)
+
+
+def bandwidth_rows(quick: bool, peak_gbs: float | None, reps: int) -> tuple[list[dict], dict]:
+    import jax
+    import jax.numpy as jnp
+
+    from starling_jax.model import create
+    from starling_jax.model.config import ModelConfig
+    from starling_jax.parallel.sharding import MeshConfig, make_mesh
+    from starling_jax.sample.engine import SamplingConfig, make_sampler
+
+    shape = TINY_BANDWIDTH_MODEL if quick else BANDWIDTH_MODEL
+    prompt, new = (8, 8) if quick else (64, 128)
+    batches = (1, 2) if quick else (1, 16, 64)
+    cfg = ModelConfig(model_type="mistral", **shape, dtype="bfloat16", param_dtype="bfloat16", pad_token_id=0)
+    mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+    graphdef, params = create.create_sharded(cfg, "causal_lm", mesh, seed=0)
+    params_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    kind = jax.devices()[0].device_kind
+    peak = peak_gbs or next((v for k, v in HBM_PEAK_GBS.items() if k in kind), None)
+    fn = make_sampler(graphdef, SamplingConfig(max_new_tokens=new, temperature=0.0), None)
+    rows = []
+    for b in batches:
+        prompts = jnp.asarray(np.random.default_rng(b).integers(1, shape["vocab_size"], (b, prompt)), jnp.int32)
+        args = (params, prompts, jnp.full((b,), prompt, jnp.int32), jnp.arange(b), jax.random.key(0))
+        compiled = fn.lower(*args).compile()
+        seconds, out = timed(lambda: jax.block_until_ready(compiled(*args)), reps)
+        step_s = seconds / new  # the prefill is one of `new` forwards; at prompt 64 it is a small share
+        nbytes = decode_bytes_per_step(shape, params_bytes, b, prompt, new, 2)
+        gbs = nbytes / step_s / 1e9
+        rows.append(dict(batch=b, step_ms=1e3 * step_s, tok_s=b * new / seconds, bytes_per_step=int(nbytes),
+                         gb_per_step=nbytes / 1e9, gbs=gbs, hbm_fraction=gbs / peak if peak else None))
+    info = dict(device=kind, params=int(sum(x.size for x in jax.tree.leaves(params))), params_gb=params_bytes / 1e9,
+                peak_gbs=peak, prompt=prompt, new_tokens=new, shape="tiny" if quick else "1.1B")
+    return rows, info
+
+
+def bandwidth_main(args) -> int:
+    rows, info = bandwidth_rows(args.quick, args.peak_gbs, args.reps)
+    print(f"# {info['device']}: random bf16 Mistral ({info['shape']}, {info['params'] / 1e9:.3f} B params, "
+          f"{info['params_gb']:.2f} GB), prompt {info['prompt']}, {info['new_tokens']} new tokens, greedy, median of "
+          f"{args.reps}; HBM peak {info['peak_gbs'] or 'unknown'} GB/s")
+    print("\n| batch | ms per decode step | new tokens/s | GB read per step | GB/s | fraction of HBM peak |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        frac = f"{r['hbm_fraction']:.1%}" if r["hbm_fraction"] is not None else "–"
+        print(f"| {r['batch']} | {r['step_ms']:.2f} | {r['tok_s']:.0f} | {r['gb_per_step']:.3f} | {r['gbs']:.0f} | "
+              f"{frac} |")
+    summary = {"status": "completed", "benchmark": "rollout_bandwidth", "quick": args.quick, **info,
+               "hbm_fraction_batch1": rows[0]["hbm_fraction"],
+               "speedup": round(rows[-1]["tok_s"] / rows[0]["tok_s"], 3),
+               "rows": rows}
+    print(json.dumps(summary))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="greedy only, batch 2 × 8, 8 new tokens, 1 rollout")
@@ -106,7 +188,14 @@ def main(argv=None) -> int:
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--bf16", action="store_true", help="also starling_jax with bf16 compute (same fp32 weights)")
+    ap.add_argument("--bandwidth", action="store_true",
+                    help="decode bandwidth vs the HBM peak (a GPU measurement; 1.1B shape, batch 1/16/64)")
+    ap.add_argument("--peak-gbs", type=float, default=None, help="HBM peak in GB/s (default: from the device kind)")
     args = ap.parse_args(argv)
+    if args.bandwidth:
+        if args.quick:
+            args.reps = 1
+        return bandwidth_main(args)
     modes = ["greedy"] if args.quick else list(MODES)
     if args.quick:
         args.batch, args.prompt, args.new, args.reps = 2, 8, 8, 1
