@@ -7,7 +7,8 @@ same Plackett-Luce loss written in torch and `torch.optim.AdamW`.
 
     python bench/rm_step.py                      # model A, 10 timed steps
     python bench/rm_step.py --models A,B --steps 5
-    python bench/rm_step.py --quick              # model A, 3 timed steps, headline rows only (smoke test)
+    python bench/rm_step.py --quick              # model A on a 2 × 7 × 128 batch, 3 timed steps, headline rows only
+                                                 # (a smoke test of the code path; its ratio is not the headline)
     python bench/rm_step.py --variants           # also decoder variants (attention / embedding formulations)
     python bench/rm_step.py --profile            # also forward and forward+backward timed separately
     python bench/rm_step.py --attention einsum,blockwise   # attention implementations timed (fp32 rows)
@@ -232,7 +233,8 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="A", help="comma list of A (hidden 256, 4 layers), B (hidden 512, 8 layers)")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per row (median reported)")
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--quick", action="store_true", help="3 timed steps, 1 warm-up, no extra rows")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke test: a 2 prompts x 7 answers x 128 tokens batch, 3 timed steps, 1 warm-up, no extra rows")
     ap.add_argument("--no-bf16", action="store_true", help="skip the bf16-compute row")
     ap.add_argument("--no-torch", action="store_true", help="skip PyTorch (ratios then missing)")
     ap.add_argument("--variants", action="store_true",
@@ -256,7 +258,7 @@ def main(argv=None) -> int:
     import torch
     import transformers
 
-    batch = make_batch()
+    batch = make_batch(prompts=2, length=128) if args.quick else make_batch()
     b, k, length = batch["tokens"].shape
     tokens_per_step = b * k * length
     load = os.getloadavg()
