@@ -53,6 +53,14 @@ def make_folder(folder: Path) -> Path:
     return folder
 
 
+def print_table(headers: list[str], cells: list[list]) -> None:
+    """A markdown table, after a blank line."""
+    print("\n| " + " | ".join(headers) + " |")
+    print("|" + "---|" * len(headers))
+    for row in cells:
+        print("| " + " | ".join(str(c) for c in row) + " |")
+
+
 def timed(fn, reps: int) -> tuple[float, object]:
     out = fn()  # warm-up (and compile)
     times = []
@@ -166,12 +174,9 @@ def bandwidth_main(args) -> int:
     print(f"# {info['device']}: random bf16 Mistral ({info['shape']}, {info['params'] / 1e9:.3f} B params, "
           f"{info['params_gb']:.2f} GB), prompt {info['prompt']}, {info['new_tokens']} new tokens, greedy, median of "
           f"{args.reps}; HBM peak {info['peak_gbs'] or 'unknown'} GB/s")
-    print("\n| batch | ms per decode step | new tokens/s | GB read per step | GB/s | fraction of HBM peak |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        frac = f"{r['hbm_fraction']:.1%}" if r["hbm_fraction"] is not None else "–"
-        print(f"| {r['batch']} | {r['step_ms']:.2f} | {r['tok_s']:.0f} | {r['gb_per_step']:.3f} | {r['gbs']:.0f} | "
-              f"{frac} |")
+    print_table(["batch", "ms per decode step", "new tokens/s", "GB read per step", "GB/s", "fraction of HBM peak"],
+                [[r["batch"], f"{r['step_ms']:.2f}", f"{r['tok_s']:.0f}", f"{r['gb_per_step']:.3f}", f"{r['gbs']:.0f}",
+                  f"{r['hbm_fraction']:.1%}" if r["hbm_fraction"] is not None else "–"] for r in rows])
     summary = {"status": "completed", "benchmark": "rollout_bandwidth", "quick": args.quick, **info,
                "hbm_fraction_batch1": rows[0]["hbm_fraction"],
                "speedup": round(rows[-1]["tok_s"] / rows[0]["tok_s"], 3),
@@ -229,12 +234,11 @@ def main(argv=None) -> int:
                                  tok_s=new_tokens / b_s, speedup=t_s / b_s, compile_s=b_compile))
     same = float(np.mean(np.all(greedy_tokens["torch"] == greedy_tokens["jax"], axis=1)))
 
-    print("\n| mode | implementation | rollout s | new tokens/s | ms per decode step | vs transformers | compile s |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        compile_s = f"{r['compile_s']:.1f}" if r["compile_s"] is not None else "–"
-        print(f"| {r['mode']} | {r['impl']} | {r['seconds']:.3f} | {r['tok_s']:.0f} | "
-              f"{1000 * r['seconds'] / args.new:.2f} | {r['speedup']:.2f} | {compile_s} |")
+    print_table(["mode", "implementation", "rollout s", "new tokens/s", "ms per decode step", "vs transformers",
+                 "compile s"],
+                [[r["mode"], r["impl"], f"{r['seconds']:.3f}", f"{r['tok_s']:.0f}",
+                  f"{1000 * r['seconds'] / args.new:.2f}", f"{r['speedup']:.2f}",
+                  f"{r['compile_s']:.1f}" if r["compile_s"] is not None else "–"] for r in rows])
     print(f"\ngreedy rows with identical tokens (starling_jax vs transformers): {same:.0%}")
     by_mode = {r["mode"]: r["speedup"] for r in rows if r["impl"].startswith("starling_jax sampler (fp32")}
     summary = {"status": "completed", "benchmark": "rollout", "quick": args.quick, "batch": args.batch,

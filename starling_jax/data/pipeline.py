@@ -12,7 +12,10 @@ The position is `(epoch, batch)`; `state()` is a JSON-serializable dict saved wi
 `restore(state)` restarts exactly at that batch (independent of prefetching, which only runs ahead). tf.data
 drives the reading, gathering and padding (`tf.numpy_function` over batch positions, parallel and
 deterministic) and the prefetching. Training iterates forever (each epoch re-planned with `seed + epoch`);
-`mode="eval"` is one pass in file order, no shuffle, padded final batch.
+`mode="eval"` is one pass, no shuffle, padded final batch, the examples sorted longest first (stable): each
+batch is padded to its own longest sequence, so the sort is the eval's length bucketing (at most
+max_length / pad_to_multiple batch shapes, and batches of like lengths). Eval metrics are per-prompt means, so
+the order changes nothing but the padding.
 
 Rows with more answers than K keep the K best (stable sort by rank). Answers are stored best-first. Padded
 answer slots have `answer_mask` False, `ranks` 1e9 (sorts last; never inf, so no NaN in losses), no tokens.
@@ -144,8 +147,10 @@ def _getitems(source, idx):
 
 
 def batch_plan(lengths: np.ndarray, global_batch_size: int, *, seed: int, epoch: int, shuffle: bool,
-               bucket_window: int = 32) -> np.ndarray:
-    """int64 [num_batches, global_batch_size] example indices (-1 = padding row); same on every host."""
+               bucket_window: int = 32, longest_first: bool = False) -> np.ndarray:
+    """int64 [num_batches, global_batch_size] example indices (-1 = padding row); same on every host.
+    Without `shuffle`: file order, or with `longest_first` the examples sorted by length, longest first (ties in
+    file order)."""
     n = len(lengths)
     g = global_batch_size
     if shuffle:
@@ -155,6 +160,8 @@ def batch_plan(lengths: np.ndarray, global_batch_size: int, *, seed: int, epoch:
             w = g * bucket_window
             chunks = [order[s:s + w] for s in range(0, n, w)]
             order = np.concatenate([c[np.argsort(lengths[c], kind="stable")] for c in chunks]) if chunks else order
+    elif longest_first:
+        order = np.argsort(-np.asarray(lengths, np.int64), kind="stable")
     else:
         order = np.arange(n)
     nb = max(1, -(-n // g)) if n else 0
@@ -255,7 +262,8 @@ class RankingPipeline:
     def plan(self, epoch: int) -> np.ndarray:
         if self._plan_epoch != epoch:
             self._plan = batch_plan(self.lengths, self.global_batch_size, seed=self.seed + 0, epoch=epoch,
-                                    shuffle=self.mode == "train", bucket_window=self.bucket_window)
+                                    shuffle=self.mode == "train", bucket_window=self.bucket_window,
+                                    longest_first=self.mode == "eval")
             self._plan_epoch = epoch
         return self._plan
 

@@ -36,7 +36,7 @@ def test_batch_contract():
     (b,) = list(p)
     assert b["tokens"].shape == (4, 7, 256) and b["tokens"].dtype == np.int32
     assert b["ranks"].dtype == np.float32 and b["answer_mask"].dtype == bool
-    assert b["row"].tolist() == [1, 2, 3, -1]
+    assert b["row"].tolist() == [1, 3, 2, -1]  # eval: longest first (row 1 has a 130-token answer, row 3 9, row 2 4)
     # row 1: best-first, ties stable: answer 1 (rank 1), then answers 0 and 2 (rank 2)
     assert b["ranks"][0, :3].tolist() == [1, 2, 2] and b["answer_mask"][0].tolist() == [1, 1, 1, 0, 0, 0, 0]
     assert b["tokens"][0, 0, :130].tolist() == list(range(101, 231)) and b["tokens"][0, 0, 130:].sum() == 0
@@ -45,7 +45,7 @@ def test_batch_contract():
     assert b["segment_ids"][0, 1, :6].tolist() == [1, 1, 1, 1, 1, 0]
     assert b["answer_lengths"][0, :3].tolist() == [129, 4, 6]
     # row 3 has 9 answers: the 7 best are kept, best-first
-    assert b["ranks"][2].tolist() == [1, 2, 3, 4, 5, 6, 7] and b["answer_mask"][2].all()
+    assert b["ranks"][1].tolist() == [1, 2, 3, 4, 5, 6, 7] and b["answer_mask"][1].all()
     # padding row contributes nothing
     assert not b["answer_mask"][3].any() and b["segment_ids"][3].sum() == 0
     assert select_answers([3, 1, 2, 1], 2) == [1, 3]
@@ -80,6 +80,25 @@ def test_train_iterates_epochs_and_pads_to_128(synth_file):
     ev = RankingPipeline(open_source(synth_file, max_length=128), global_batch_size=8, mode="eval",
                          process_index=0, process_count=1)
     assert len(list(ev)) == 8 and len(list(ev)) == 8  # one pass, restartable
+
+
+def test_eval_plan_is_longest_first_and_pads_less_than_file_order(synth_file):
+    """The eval pass is length-bucketed: examples sorted longest first (ties in file order), each batch padded
+    to its own longest sequence; every row exactly once."""
+    from starling_jax.data.pipeline import open_source
+
+    ev = RankingPipeline(open_source(synth_file, max_length=512), global_batch_size=8, mode="eval",
+                         pad_to_multiple=8, process_index=0, process_count=1)
+    longest = [int(ev.lengths[g[g >= 0]].max()) for g in ev.plan(0)]
+    assert longest == sorted(longest, reverse=True) and longest[0] > longest[-1]
+    order = [int(i) for i in ev.plan(0).ravel() if i >= 0]
+    assert order == sorted(range(len(ev.lengths)), key=lambda i: (-int(ev.lengths[i]), i))
+    batches = list(ev)
+    assert sorted(r for b in batches for r in b["row"].tolist() if r >= 0) == list(range(1, 62))
+    padded = sum(b["tokens"].shape[0] * b["tokens"].shape[2] for b in batches)
+    in_file_order = batch_plan(ev.lengths, 8, seed=0, epoch=0, shuffle=False)
+    padded_file_order = sum(8 * (-(-int(ev.lengths[g[g >= 0]].max()) // 8) * 8) for g in in_file_order)
+    assert padded <= padded_file_order
 
 
 def _run(*args):
