@@ -181,11 +181,14 @@ def sample(model, prompt_tokens, prompt_lengths, row_ids, key, cfg: SamplingConf
         step, tok, cache_k, cache_v, state = carry
         i = p + step - 1
         positions = (prompt_lengths + step - 1)[:, None]
+        # Cached keys the new token sees: real ones up to index i (per-layer buffers, written before they are
+        # read) or i - 1 (scanned layers: the new key is a second block), within the window.
+        last = i if not mcfg.scan_layers else i - 1
+        visible = (cache_idx[None, :] >= start[:, None]) & (cache_idx[None, :] <= last)
+        if window is not None:
+            visible &= (i - cache_idx[None, :]) < window
         if not mcfg.scan_layers:
             # Per-layer buffers: each layer writes its new key/value at index i, then attends over its cache.
-            visible = (cache_idx[None, :] >= start[:, None]) & (cache_idx[None, :] <= i)
-            if window is not None:
-                visible &= (i - cache_idx[None, :]) < window
             hidden, cache_k, cache_v = model.decoder.decode(tok[:, None], positions, cache_k, cache_v,
                                                             visible[:, None, None, None, :], i)
             cache_k = tuple(constrain(c, CACHE_AXES[1:]) for c in cache_k)
@@ -194,9 +197,6 @@ def sample(model, prompt_tokens, prompt_lengths, row_ids, key, cfg: SamplingConf
             return step + 1, tok, cache_k, cache_v, state
         # Scanned layers (one stacked buffer): the new keys/values are attended as a second block and written
         # for all layers at once after the step.
-        visible = (cache_idx[None, :] >= start[:, None]) & (cache_idx[None, :] < i)
-        if window is not None:
-            visible &= (i - cache_idx[None, :]) < window
         hidden, k, v = model.decoder.cached(tok[:, None], positions, (cache_k, cache_v, visible[:, None, None, None, :]),
                                             jnp.ones((n, 1, 1, 1, 1), bool))
         logits = model.logits(hidden)[:, 0]

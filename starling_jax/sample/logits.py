@@ -49,20 +49,19 @@ def top_p_mask(probs, top_p: float):
 
     # The vocabulary in blocks of BLOCK (zero-padded once: a zero is never above a threshold nor inside the
     # bracket, whose low end is > 0): sums of blocks, then of their sums, keep the float error of the mass small.
-    n_blocks = -(-probs.shape[-1] // BLOCK)
-    blocks = jnp.pad(probs, ((0, 0), (0, n_blocks * BLOCK - probs.shape[-1]))).reshape(-1, n_blocks, BLOCK)
+    blocks = _blocks(probs)
 
     def open_counts(lo, mid, hi):
-        """Per row, in one pass over the vocabulary: the mass strictly above `mid`, and how many probabilities lie
-        in [lo, mid) and in [mid, hi) (packed in one int32 sum as low + 2^16 · high; V < 2^16 per row)."""
+        """Per row, in one pass over the vocabulary: the mass strictly above `mid`, and whether any probability
+        lies in [lo, mid) and in [mid, hi) (counted per block in one int32 as low + 2^16 · high: ≤ BLOCK each)."""
         p_lo, p_mid, p_hi = (to_float(b)[:, None, None] for b in (lo, mid, hi))
         low = (blocks >= p_lo) & (blocks < p_mid)
         high = (blocks >= p_mid) & (blocks < p_hi)
         mass_above, packed = jax.lax.reduce(  # one variadic reduction: one pass over the probabilities
             (jnp.where(blocks > p_mid, blocks, 0.0), low.astype(jnp.int32) + (high.astype(jnp.int32) << 16)),
             (jnp.float32(0), jnp.int32(0)), lambda a, b: (a[0] + b[0], a[1] + b[1]), (2,))
-        mass_above, packed = jnp.sum(mass_above, axis=-1), jnp.sum(packed, axis=-1)
-        return mass_above, packed & 0xFFFF, packed >> 16
+        return (jnp.sum(mass_above, axis=-1), jnp.any((packed & 0xFFFF) > 0, axis=-1),
+                jnp.any((packed >> 16) > 0, axis=-1))
 
     def unresolved(state):
         return jnp.any(state[2])
@@ -76,7 +75,7 @@ def top_p_mask(probs, top_p: float):
         mass_above, in_low, in_high = open_counts(lo, mid, hi)
         ok = mass_above < top_p
         lo, hi = jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
-        return lo, hi, (lo < hi) & (jnp.where(ok, in_low, in_high) > 0)
+        return lo, hi, (lo < hi) & jnp.where(ok, in_low, in_high)
 
     start_open = (lo < hi) & jnp.any((probs >= to_float(lo)[..., None]) & (probs < to_float(hi)[..., None]), axis=-1)
     _, hi, _ = jax.lax.while_loop(unresolved, halve, (lo, hi, start_open))
@@ -96,15 +95,21 @@ def _pick(x, tokens):
     return jnp.take_along_axis(x, tokens[:, None], axis=1)[:, 0]
 
 
+def _blocks(x):
+    """[N, V] → [N, ceil(V / BLOCK), BLOCK] float32, zero-padded at the end."""
+    n, v = x.shape
+    nb = -(-v // BLOCK)
+    return jnp.pad(x.astype(jnp.float32), ((0, 0), (0, nb * BLOCK - v))).reshape(n, nb, BLOCK)
+
+
 def inverse_cdf(probs, u):
     """Index [N] of the first token whose cumulative probability exceeds u · Σ probs (u [N] in [0, 1)).
 
     Two levels: block sums locate the block, a cumulative sum inside that block locates the token. A token of
     probability 0 is never returned (when rounding leaves no cumulative value above the target, the block's last
     token of positive probability is taken)."""
-    n, v = probs.shape
-    nb = -(-v // BLOCK)
-    blocks = jnp.pad(probs.astype(jnp.float32), ((0, 0), (0, nb * BLOCK - v))).reshape(n, nb, BLOCK)
+    blocks = _blocks(probs)
+    nb = blocks.shape[1]
     cum_blocks = jnp.cumsum(jnp.sum(blocks, axis=-1), axis=-1)  # [N, nb]
     target = u * cum_blocks[:, -1]
     b = jnp.minimum(jnp.sum(cum_blocks <= target[:, None], axis=-1), nb - 1)  # first block with cum > target
