@@ -86,4 +86,5 @@ class RMRunConfig:
         if self.train.micro_batches > 1 and self.data.batch_size % self.train.micro_batches:
             raise ConfigError(f"data.batch_size={self.data.batch_size} is not divisible by "
                               f"train.micro_batches={self.train.micro_batches}")
-        check_layout(self.model.attention_impl, self.data.attention_layout)
+        check_layout(self.model.attention_impl, self.data.attention_layout, self.model.sliding_window,
+                     self.data.max_length)

@@ -19,6 +19,7 @@ from starling_jax.data.batch_spec import KWISE_TRAIN, kwise_specs, round_up
 from starling_jax.data.synthetic import resolve_bundled
 from starling_jax.errors import CheckpointError
 from starling_jax.metrics import RankingMetrics
+from starling_jax.model.attention import check_layout
 from starling_jax.model import create, hf_io
 from starling_jax.parallel import sharding
 from starling_jax.tokenizer import load_tokenizer
@@ -110,6 +111,8 @@ class RMJob(Job):
             cfg.model, cfg.init_from, ROLE, mesh, cfg.seed, tokenizer.pad_token_id)
         if model_cfg.vocab_size < len(tokenizer):
             raise CheckpointError(f"model vocab_size={model_cfg.vocab_size} < tokenizer size {len(tokenizer)}")
+        # init_from's config.json may bring its own window
+        check_layout(model_cfg.attention_impl, cfg.data.attention_layout, model_cfg.sliding_window, cfg.data.max_length)
         self.model_cfg = model_cfg
         self.models = [ModelEntry("reward", ROLE, model_cfg, trainable=True)]
         tx, schedule, mask = build_optimizer(cfg.optim, cfg.train.steps, model_cfg, params)

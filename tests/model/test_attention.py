@@ -157,20 +157,59 @@ def test_decoder_blockwise_equals_einsum():
 
 
 def test_layouts_an_implementation_cannot_handle_are_one_line_errors():
-    for impl, layout in (("fused", "packed"), ("cudnn", "shared_prefix"), ("splash", "shared_prefix")):
+    for impl, layout, window in (("fused", "packed", None), ("cudnn", "shared_prefix", None),
+                                 ("splash", "shared_prefix", 1024)):
         with pytest.raises(ConfigError) as e:
-            A.check_layout(impl, layout)
+            A.check_layout(impl, layout, window, 2048)
         msg = str(e.value)
         assert "\n" not in msg and f"attention_impl={impl}" in msg and f"data.layout={layout}" in msg
-    A.check_layout("blockwise", "shared_prefix")
-    A.check_layout("splash", "packed")
+    A.check_layout("blockwise", "shared_prefix", 1024, 2048)
+    A.check_layout("splash", "packed", 1024, 2048)
+    A.check_layout("splash", "shared_prefix", 4096, 2048)  # Mistral's window never bites at 2048
     with pytest.raises(ConfigError, match="needs a TPU"):
         A.splash_attention(*(jnp.zeros((1, 8, 2, 4)),) * 3, jnp.ones((1, 8), jnp.int32))
 
 
+@pytest.mark.parametrize("rows,window", [(slice(None), None), (slice(0, 2), 5), (slice(0, 2), None)])
+def test_splash_equals_einsum_values_and_gradients_in_interpret_mode(qkv, rows, window):
+    """The real splash kernels (Pallas interpreter on CPU) against einsum: all four rows need the two-pass
+    shared-prefix program; rows 0-1 (plain segments only) run the one-pass program, with and without a window."""
+    q, k, v, w = (x[rows] for x in qkv)
+    seg, pos, _ = _layout()
+    seg, pos = jnp.asarray(seg[rows]), jnp.asarray(pos[rows])
+    real = (seg != 0)[..., None, None]
+    w = w * real  # the loss reads real tokens only (padding outputs are unread by contract)
+
+    def loss(impl):
+        def f(q, k, v):
+            if impl == "einsum":
+                out = A.einsum_attention(q, k, v, A.attention_mask(seg, pos, window))
+            else:
+                out = A.splash_attention(q, k, v, seg, window, interpret=True)
+            return jnp.sum(out * w), out
+        return f
+
+    (le, oe), ge = jax.value_and_grad(loss("einsum"), (0, 1, 2), has_aux=True)(q, k, v)
+    (ls, os), gs = jax.value_and_grad(loss("splash"), (0, 1, 2), has_aux=True)(q, k, v)
+    np.testing.assert_allclose(np.asarray(os * real), np.asarray(oe * real), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(float(ls), float(le), rtol=1e-5)
+    for a, b in zip(gs, ge):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
+
+
+def test_splash_shared_prefix_under_a_biting_window_is_nan_not_wrong(qkv):
+    """The trainers refuse this configuration (check_layout); called directly, the kernel poisons the output
+    instead of returning attention over the wrong keys."""
+    q, k, v, _ = qkv
+    seg, _, _ = _layout()
+    out = A.splash_attention(q, k, v, jnp.asarray(seg), 5, interpret=True)
+    assert np.isnan(np.asarray(out)).all()
+
+
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu (the `tpu` extra)")
 def test_splash_compiles_for_a_tpu_topology():
-    """Splash forward+backward with segment ids, sharded over a v5e-4 mesh, compiled ahead of time on CPU."""
+    """Splash forward+backward with segment ids (both programs: plain segments and the two-pass shared prefix),
+    sharded over a v5e-4 mesh, compiled ahead of time on CPU."""
     from jax.sharding import NamedSharding, PartitionSpec
 
     from starling_jax import aot
