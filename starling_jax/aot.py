@@ -263,6 +263,7 @@ def compile_report(cfg, topology: str, num_layers: int | None = None, hbm_gib: f
                    mfu: float = 0.4, num_slices: int = 1, job=None) -> dict[str, Any]:
     """Compiles the job's train step (and its eval step) for `topology` (`num_slices` slices over DCN) → the
     report (see module doc). `job`: a `train.job.Job` for `cfg` (default: the reward-model job)."""
+    from starling_jax.model import attention
     from starling_jax.parallel import sharding
     from starling_jax.train.rm_job import RMJob
 
@@ -327,6 +328,8 @@ def compile_report(cfg, topology: str, num_layers: int | None = None, hbm_gib: f
         "dtype": model_cfg.dtype,
         "remat_policy": model_cfg.remat_policy,
         "scan_layers": model_cfg.scan_layers,
+        "attention_impl": (attention.AUTO.get(devices[0].platform, "einsum") if model_cfg.attention_impl == "auto"
+                           else model_cfg.attention_impl),
         "batch": list(batch["tokens"].shape),
         "micro_batches": cfg.train.micro_batches,
         "memory_bytes": parts,
@@ -483,7 +486,8 @@ def format_report(r: dict[str, Any]) -> str:
         f"topology {r['topology']}{slices} ({r['topology_name']}): {r['num_chips']} × {r['device_kind']}, "
         f"mesh {r['mesh']}",
         f"model {r['model_type']} {r['num_layers']} layers, {r['num_params'] / 1e9:.2f}B params, "
-        f"param {r['param_dtype']} / compute {r['dtype']}, remat {r['remat_policy']}, scan {r['scan_layers']}",
+        f"param {r['param_dtype']} / compute {r['dtype']}, remat {r['remat_policy']}, scan {r['scan_layers']}, "
+        f"attention {r.get('attention_impl', 'einsum')}",
         f"batch {r['batch'][0]}×{r['batch'][1]}×{r['batch'][2]} (B×K×L), {r['micro_batches']} micro-batches",
         f"compile: lower {r['lower_s']:.1f} s, compile {r['compile_s']:.1f} s",
         f"memory per chip ({r['memory_source']}):",

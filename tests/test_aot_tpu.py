@@ -5,7 +5,8 @@ TPU-shaped reward model (hidden 512 = 4 × 128 lanes, so every per-chip shard is
 and on two v5e-4 slices joined over DCN:
 - start-up prints none of libtpu's metadata errors;
 - the per-chip train state the compiler reports equals an analytic count of parameters and AdamW state;
-- two slices keep that state per chip (parameters replicated across slices, sharded within) on a (dcn, ...) mesh;
+- two slices keep that state per chip (parameters replicated across slices, sharded within) on a (dcn, ...) mesh,
+  with `model.attention_impl=auto` resolved to the splash kernels;
 - the RL set (actor + critic + AdamW, hydra reference, reward model; config.json only): the per-chip bytes of
   every role equal an analytic count, and the compiler's donated update state and reward-model arguments agree.
 """
@@ -75,7 +76,9 @@ def compiled(tmp_path_factory):
     rl_config = [f"policy={write_hf_config(tmp / 'policy', 'MistralForCausalLM', 'mistral', POLICY_LAYERS)}",
                  f"reward_model={write_hf_config(tmp / 'rm', 'LlamaForSequenceClassification', 'llama', RM_LAYERS)}",
                  *RL_CONFIG]
-    one, two = start_aot("--topology", "v5e-4"), start_aot("--topology", "v5e-4", "--num-slices", "2")
+    # the two-slice compile also runs the recipes' `attention_impl: auto`, which must pick splash for a TPU mesh
+    one = start_aot("--topology", "v5e-4")
+    two = start_aot("--topology", "v5e-4", "--num-slices", "2", config=[*CONFIG, "model.attention_impl=auto"])
     rl = start_aot("--topology", "v5e-4", "--programs", "update,score", config=rl_config)
     return {"one": result(one), "two": result(two), "rl": result(rl)}
 
@@ -125,6 +128,7 @@ def test_two_v5e_slices_compile_on_a_dcn_mesh(one_slice, two_slices):
     _, two, stderr = two_slices
     assert two["num_slices"] == 2 and two["num_chips"] == 8 and two["fits"] is True, stderr[-2000:]
     assert two["mesh"] == {"dcn": 2, "data": 1, "fsdp": 4, "tensor": 1}
+    assert one["attention_impl"] == "einsum" and two["attention_impl"] == "splash"
     # parameters and optimizer state are replicated across slices, sharded within one: same bytes per chip
     assert two["memory_bytes"]["alias"] == one["memory_bytes"]["alias"]
     assert two["memory_bytes"]["argument"] <= one["memory_bytes"]["argument"]  # the batch splits 8 ways, not 4

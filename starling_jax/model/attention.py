@@ -17,7 +17,8 @@ Implementations (`IMPLS`):
   einsum     the reference: the [N, H, L, L] scores in float32, any layout.
   blockwise  flash-style attention in plain JAX: online softmax over key blocks, a custom VJP that recomputes
              each block's probabilities from the saved log-sum-exp; holds one [N, H, bq, bk] block at a time,
-             skips key blocks after the query block (causality) and before its window. Any layout, any backend.
+             skips key blocks after the query block (causality) and block pairs no token pair of any row can
+             see (other segments, sibling answers, padding). Any layout, any backend.
   fused      `jax.nn.dot_product_attention` from per-row lengths (XLA, or cuDNN on GPU for bf16/fp16): one
              right-padded plain segment per row only.
   cudnn      the same, forcing the cuDNN kernel (GPU only). jax 0.10.2's `jax.nn.dot_product_attention` takes
@@ -25,6 +26,9 @@ Implementations (`IMPLS`):
   splash     the Pallas TPU splash-attention kernel (TPU only): segment ids + causal (+ local window) mask; the
              shared-prefix rule as two kernel passes merged by log-sum-exp (its segment rule is equality). Any
              layout, but not a shared prefix with a window shorter than the row (the window is in indices).
+  auto       resolved when the program is traced, from the platform of the mesh it runs on (`resolve`): splash
+             on TPU, blockwise on GPU (any layout, never the scores), einsum elsewhere. One recipe then serves a
+             TPU pod, a GPU cluster and an ahead-of-time compile for a TPU topology on a CPU host.
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ import numpy as np
 from starling_jax.errors import ConfigError
 
 PREFIX_STRIDE = 1 << 16
-IMPLS = ("einsum", "blockwise", "fused", "cudnn", "splash")
+IMPLS = ("einsum", "blockwise", "fused", "cudnn", "splash", "auto")
+AUTO = {"tpu": "splash", "gpu": "blockwise"}  # platform → implementation for `auto` (else einsum)
 # What each implementation can attend over (see the module docstring); `check_layout` refuses the rest.
 LAYOUTS = ("per_answer", "packed", "shared_prefix")
 SUPPORTED_LAYOUTS = {
@@ -48,6 +53,7 @@ SUPPORTED_LAYOUTS = {
     "fused": {"per_answer"},
     "cudnn": {"per_answer"},
     "splash": set(LAYOUTS),
+    "auto": set(LAYOUTS),
 }
 _NEG = -0.5 * float(np.finfo(np.float32).max)  # finite "minus infinity": exp(_NEG - m) == 0, no inf - inf
 
@@ -61,10 +67,23 @@ def check_layout(impl: str, layout: str, sliding_window: int | None = None, max_
         ok = sorted(i for i, layouts in SUPPORTED_LAYOUTS.items() if layout in layouts)
         raise ConfigError(f"model.attention_impl={impl} cannot handle data.layout={layout} (it supports "
                           f"{sorted(SUPPORTED_LAYOUTS[impl])}); use attention_impl one of {ok}")
-    if impl == "splash" and layout == "shared_prefix" and sliding_window and max_length and sliding_window < max_length:
-        raise ConfigError(f"model.attention_impl=splash cannot handle data.layout=shared_prefix with a sliding window "
+    if impl in ("splash", "auto") and layout == "shared_prefix" and sliding_window and max_length and sliding_window < max_length:
+        raise ConfigError(f"model.attention_impl={impl} cannot handle data.layout=shared_prefix with a sliding window "
                           f"({sliding_window}) shorter than data.max_length ({max_length}): its window is in indices, "
                           "and a prompt's answers lie at different distances from it; use attention_impl blockwise")
+
+
+def resolve(impl: str) -> str:
+    """`impl`, with `auto` replaced by the implementation for the platform the program is traced for: the
+    enclosing `activation_sharding` mesh's devices (a TPU topology's on a CPU host under `aot`), else JAX's
+    default backend."""
+    if impl != "auto":
+        return impl
+    from starling_jax.parallel.sharding import active_mesh
+
+    mesh = active_mesh()
+    platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+    return AUTO.get(platform, "einsum")
 
 
 def visible(q_seg, k_seg):
@@ -150,6 +169,33 @@ def _kv_range(i, block_q: int, block_k: int, num_k: int):
     return 0, jnp.minimum((i * block_q + block_q - 1) // block_k + 1, num_k)
 
 
+def _live_blocks(seg, block_q: int, block_k: int):
+    """Boolean [query blocks, key blocks]: False where no token of the query block can see any token of the key
+    block in any row, so both passes skip the pair (a packed row's other segments, a shared prompt's sibling
+    answers, padding). Conservative: each block is summarized per row by the [min, max] of (a) its segment ids
+    and (b) the group numbers of its answers (queries) or prompts (keys); a pair is live when (a) or (b)
+    overlaps in some row. Exactness stays with `_block_mask`; this only decides what need not be computed.
+    O(N · blocks²) work, never [L, L]."""
+    big = jnp.iinfo(jnp.int32).max
+    grouped = seg >= PREFIX_STRIDE
+    prompt = grouped & (seg % PREFIX_STRIDE == 0)
+    group = seg // PREFIX_STRIDE
+
+    def ranges(values, keep, block):  # → ([N, blocks] min, [N, blocks] max) over the kept tokens
+        n, length = values.shape
+        v = values.reshape(n, length // block, block)
+        k = keep.reshape(n, length // block, block)
+        return jnp.where(k, v, big).min(-1), jnp.where(k, v, -big).max(-1)
+
+    def overlap(a, b):  # [N, nq] ranges vs [N, nk] ranges → [N, nq, nk]
+        return (a[0][:, :, None] <= b[1][:, None, :]) & (b[0][:, None, :] <= a[1][:, :, None])
+
+    real = seg != 0
+    same = overlap(ranges(seg, real, block_q), ranges(seg, real, block_k))
+    prefix = overlap(ranges(group, grouped & ~prompt, block_q), ranges(group, prompt, block_k))
+    return jnp.any(same | prefix, axis=0)
+
+
 def _block_mask(seg, pos, i, j, block_q, block_k, window, r):
     """Boolean [N, 1, bq·R, bk]: the rule between query block i and key block j (R query heads per KV head
     share each query token's row)."""
@@ -184,11 +230,15 @@ def _block_dims(q, k, block_q: int, block_k: int):
 def _blockwise_forward(q, k, v, seg, pos, window, block_q, block_k):
     """→ out [N, G, L·R, Dh] (q dtype), lse f32 [N, G, L·R] (0 on rows that see nothing)."""
     n, g, rows, dh, r, nq, nk, bqr, scale = _block_dims(q, k, block_q, block_k)
+    live = _live_blocks(seg, block_q, block_k)
 
     def q_block(_, i):
         q_i = jax.lax.dynamic_slice_in_dim(q, i * bqr, bqr, 2)
 
         def kv_block(j, carry):
+            return jax.lax.cond(live[i, j], functools.partial(visit, j), lambda c: c, carry)
+
+        def visit(j, carry):
             acc, m, l = carry
             k_j = jax.lax.dynamic_slice_in_dim(k, j * block_k, block_k, 2)
             v_j = jax.lax.dynamic_slice_in_dim(v, j * block_k, block_k, 2)
@@ -215,23 +265,41 @@ def _blockwise_forward(q, k, v, seg, pos, window, block_q, block_k):
     return out, lse
 
 
+PER_ROW = True  # see `_by_row`
+
+
+def _by_row(fn, *arrays):
+    """fn over each row of the leading axis in turn (`lax.map`) when PER_ROW, else once over the batch. Rows
+    in turn let each row skip its own dead block pairs (`_live_blocks`); over a batch only the pairs dead in
+    every row are skipped, and in a batch of packed rows that is almost none."""
+    if not PER_ROW or arrays[0].shape[0] == 1:
+        return fn(*arrays)
+    one = lambda xs: jax.tree.map(lambda y: y[0], fn(*(x[None] for x in xs)))  # noqa: E731
+    return jax.lax.map(one, arrays)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 def _blockwise(q, k, v, seg, pos, window, block_q, block_k):
-    return _blockwise_forward(q, k, v, seg, pos, window, block_q, block_k)[0]
+    return _blockwise_fwd(q, k, v, seg, pos, window, block_q, block_k)[0]
 
 
 def _blockwise_fwd(q, k, v, seg, pos, window, block_q, block_k):
-    out, lse = _blockwise_forward(q, k, v, seg, pos, window, block_q, block_k)
+    out, lse = _by_row(lambda *a: _blockwise_forward(*a, window, block_q, block_k), q, k, v, seg, pos)
     return out, (q, k, v, seg, pos, out, lse)
 
 
 def _blockwise_bwd(window, block_q, block_k, res, d_out):
+    grads = _by_row(lambda *a: _blockwise_backward(*a, window, block_q, block_k), *res, d_out)
+    return (*grads, None, None)
+
+
+def _blockwise_backward(q, k, v, seg, pos, out, lse, d_out, window, block_q, block_k):
     """FlashAttention-2 backward: per block P = exp(S - lse), dV += Pᵀ dO, dS = P ∘ (dO Vᵀ - rowsum(dO ∘ O)),
     dQ += dS K·scale, dK += dSᵀ Q·scale."""
-    q, k, v, seg, pos, out, lse = res
     n, g, rows, dh, r, nq, nk, bqr, scale = _block_dims(q, k, block_q, block_k)
     d_out = d_out.astype(q.dtype)
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1)  # [N, G, L·R]
+    live = _live_blocks(seg, block_q, block_k)
 
     def q_block(carry, i):
         dk, dv = carry
@@ -239,6 +307,9 @@ def _blockwise_bwd(window, block_q, block_k, res, d_out):
         lse_i, delta_i = (jax.lax.dynamic_slice_in_dim(x, i * bqr, bqr, 2) for x in (lse, delta))
 
         def kv_block(j, inner):
+            return jax.lax.cond(live[i, j], functools.partial(visit, j), lambda c: c, inner)
+
+        def visit(j, inner):
             dq_i, dk, dv = inner
             k_j = jax.lax.dynamic_slice_in_dim(k, j * block_k, block_k, 2)
             v_j = jax.lax.dynamic_slice_in_dim(v, j * block_k, block_k, 2)
@@ -261,7 +332,7 @@ def _blockwise_bwd(window, block_q, block_k, res, d_out):
     zeros = jnp.zeros(k.shape, jnp.float32)
     (dk, dv), dq = jax.lax.scan(q_block, (zeros, zeros), jnp.arange(nq))
     dq = jnp.moveaxis(dq, 0, 2).reshape(n, g, rows, dh)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
 _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
@@ -423,16 +494,17 @@ def splash_attention(q, k, v, segment_ids, sliding_window: int | None = None, me
 def prepare(cfg, segment_ids, positions):
     """What `attend` needs, computed once per forward pass (shared by all layers): the [N, 1, 1, L, L] mask
     (einsum), per-row lengths (fused, cudnn) or (segment_ids, positions) (blockwise, splash)."""
-    if cfg.attention_impl == "einsum":
+    impl = resolve(cfg.attention_impl)
+    if impl == "einsum":
         return attention_mask(segment_ids, positions, cfg.sliding_window)
-    if cfg.attention_impl in ("fused", "cudnn"):
+    if impl in ("fused", "cudnn"):
         return jnp.sum(segment_ids != 0, axis=-1).astype(jnp.int32)
     return segment_ids, positions
 
 
 def attend(cfg, q, k, v, context):
     """q [N, L, H, Dh], k/v [N, L, G, Dh] (after RoPE) → [N, L, H, Dh] with `cfg.attention_impl`."""
-    impl = cfg.attention_impl
+    impl = resolve(cfg.attention_impl)
     if impl == "einsum":
         return einsum_attention(q, k, v, context)
     if impl in ("fused", "cudnn"):

@@ -20,7 +20,7 @@ from starling_jax.model.attention import IMPLS
 # HF `model_type` → the `*For*` class prefix used on export.
 ARCHITECTURES = {"mistral": "Mistral", "llama": "Llama"}
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-# einsum | blockwise | fused | cudnn | splash: see model/attention.py (which layouts each handles).
+# einsum | blockwise | fused | cudnn | splash | auto: see model/attention.py (which layouts each handles).
 ATTENTION_IMPLS = IMPLS
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -50,7 +50,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype (bfloat16 on TPU)
     remat_policy: str = "none"  # none | full | dots | dots_no_batch
     scan_layers: bool = False
-    attention_impl: str = "einsum"  # einsum | blockwise | fused | cudnn | splash (see model/attention.py)
+    attention_impl: str = "einsum"  # einsum | blockwise | fused | cudnn | splash | auto (see model/attention.py)
     attention_block: int = 128  # blockwise: query and key block length
 
     def __post_init__(self):

@@ -87,8 +87,10 @@ def test_mask_encodes_the_rule(window):
     assert not got[2, 14:20, 8:14].any() and not got[2, 20:, :20].any() and not got[1, 10:25, :10].any()
 
 
-@pytest.mark.parametrize("window,blocks", [(None, (16, 8)), (5, (8, 16)), (None, (64, 64)), (3, (8, 8))])
-def test_blockwise_equals_einsum_values_and_gradients(qkv, window, blocks):
+@pytest.mark.parametrize("window,blocks,per_row", [(None, (16, 8), True), (5, (8, 16), True), (None, (64, 64), True),
+                                                   (3, (8, 8), True), (None, (8, 8), False)])
+def test_blockwise_equals_einsum_values_and_gradients(qkv, window, blocks, per_row, monkeypatch):
+    monkeypatch.setattr(A, "PER_ROW", per_row)
     q, k, v, w = qkv
     seg, pos, _ = _layout()
     seg, pos = jnp.asarray(seg), jnp.asarray(pos)
@@ -111,6 +113,24 @@ def test_blockwise_equals_einsum_values_and_gradients(qkv, window, blocks):
     for a, b in zip(gb, ge):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
     assert np.all(np.asarray(ob)[~np.asarray(seg != 0)] == 0)  # padding rows see nothing
+
+
+def test_live_blocks_cover_every_visible_pair_and_skip_dead_ones():
+    """`_live_blocks` may only drop block pairs in which no token sees another (checked against the brute-force
+    rule, row by row and over the batch); it does drop sibling answers, other segments and padding."""
+    seg, pos, meta = _layout()
+    brute = _brute_mask(meta, pos, None)  # [N, L, L]
+    b = 8
+    blocks = brute.reshape(N, L // b, b, L // b, b).any(axis=(2, 4))  # [N, nq, nk]
+    causal = np.tril(np.ones((L // b, L // b), bool))
+    for r in range(N):
+        live = np.asarray(A._live_blocks(jnp.asarray(seg[r:r + 1]), b, b))
+        assert not (blocks[r] & ~live).any(), r
+        if r in (1, 2):  # packed segments, shared-prefix groups: some causal pairs are dead
+            assert (causal & ~live).any(), r
+    union = np.asarray(A._live_blocks(jnp.asarray(seg), b, b))
+    assert not (blocks.any(0) & ~union).any()
+    assert not np.asarray(A._live_blocks(jnp.zeros((1, 16), jnp.int32), 8, 8)).any()  # padding sees nothing
 
 
 def test_blockwise_never_holds_the_score_matrix():
@@ -228,3 +248,21 @@ def test_splash_compiles_for_a_tpu_topology():
     compiled = jax.jit(jax.grad(loss, (0, 1, 2))).lower(
         spec(8, 300, 8, 128), spec(8, 300, 4, 128), spec(8, 300, 4, 128), spec(8, 300, dt=jnp.int32)).compile()
     assert "tpu_custom_call" in compiled.as_text()
+
+
+def test_auto_resolves_from_the_platform_of_the_mesh(monkeypatch):
+    """`auto` is splash on a TPU mesh, blockwise on a GPU one, einsum elsewhere (the TPU case through a real
+    topology: tests/test_aot_tpu.py); explicit choices pass through."""
+    from types import SimpleNamespace
+
+    from starling_jax.parallel import sharding
+
+    assert A.resolve("auto") == "einsum" and A.resolve("blockwise") == "blockwise"  # CPU here, no mesh
+    for platform, impl in (("tpu", "splash"), ("gpu", "blockwise"), ("cpu", "einsum")):
+        fake = SimpleNamespace(devices=np.array([SimpleNamespace(platform=platform)]))
+        monkeypatch.setattr(sharding, "active_mesh", lambda fake=fake: fake)
+        assert A.resolve("auto") == impl
+        assert A.resolve("einsum") == "einsum"
+    A.check_layout("auto", "shared_prefix", 4096, 2048)
+    with pytest.raises(ConfigError, match="attention_impl=auto cannot handle"):
+        A.check_layout("auto", "shared_prefix", 1024, 2048)
