@@ -87,32 +87,40 @@ def test_mask_encodes_the_rule(window):
     assert not got[2, 14:20, 8:14].any() and not got[2, 20:, :20].any() and not got[1, 10:25, :10].any()
 
 
+def assert_equals_einsum(attend, qkv, seg, pos, window, jit: bool = True) -> np.ndarray:
+    """attend(q, k, v) against the einsum reference over (seg, pos, window): outputs on real tokens, and a loss
+    that reads only those and its gradients (fp32, 1e-5; padding outputs are unread by contract). → attend's
+    outputs."""
+    q, k, v, w = qkv
+    real = (seg != 0)[..., None, None]
+    w = w * real
+
+    def value_and_grad(fn):
+        def loss(q, k, v):
+            out = fn(q, k, v)
+            return jnp.sum(out * w), out
+        f = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)
+        return jax.jit(f) if jit else f
+
+    (le, oe), ge = value_and_grad(lambda q, k, v: A.einsum_attention(q, k, v, A.attention_mask(seg, pos, window)))(
+        q, k, v)
+    (lx, ox), gx = value_and_grad(attend)(q, k, v)
+    np.testing.assert_allclose(np.asarray(ox * real), np.asarray(oe * real), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(float(lx), float(le), rtol=1e-5)
+    for a, b in zip(gx, ge):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
+    return np.asarray(ox)
+
+
 @pytest.mark.parametrize("window,blocks,per_row", [(None, (16, 8), True), (5, (8, 16), True), (None, (64, 64), True),
                                                    (3, (8, 8), True), (None, (8, 8), False)])
 def test_blockwise_equals_einsum_values_and_gradients(qkv, window, blocks, per_row, monkeypatch):
     monkeypatch.setattr(A, "PER_ROW", per_row)
-    q, k, v, w = qkv
     seg, pos, _ = _layout()
     seg, pos = jnp.asarray(seg), jnp.asarray(pos)
-    real = (seg != 0)[..., None, None]
-    w = w * real  # the loss reads real tokens only (padding outputs are unread by contract)
-
-    def loss(impl):
-        def f(q, k, v):
-            if impl == "einsum":
-                out = A.einsum_attention(q, k, v, A.attention_mask(seg, pos, window))
-            else:
-                out = A.blockwise_attention(q, k, v, seg, pos, window, *blocks)
-            return jnp.sum(out * w), out
-        return f
-
-    (le, oe), ge = jax.jit(jax.value_and_grad(loss("einsum"), (0, 1, 2), has_aux=True))(q, k, v)
-    (lb, ob), gb = jax.jit(jax.value_and_grad(loss("blockwise"), (0, 1, 2), has_aux=True))(q, k, v)
-    np.testing.assert_allclose(np.asarray(ob * real), np.asarray(oe * real), atol=1e-5, rtol=1e-5)
-    np.testing.assert_allclose(float(lb), float(le), rtol=1e-5)
-    for a, b in zip(gb, ge):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
-    assert np.all(np.asarray(ob)[~np.asarray(seg != 0)] == 0)  # padding rows see nothing
+    out = assert_equals_einsum(lambda q, k, v: A.blockwise_attention(q, k, v, seg, pos, window, *blocks),
+                               qkv, seg, pos, window)
+    assert np.all(out[~np.asarray(seg != 0)] == 0)  # padding rows see nothing
 
 
 def test_live_blocks_cover_every_visible_pair_and_skip_dead_ones():
@@ -194,27 +202,10 @@ def test_layouts_an_implementation_cannot_handle_are_one_line_errors():
 def test_splash_equals_einsum_values_and_gradients_in_interpret_mode(qkv, rows, window):
     """The real splash kernels (Pallas interpreter on CPU) against einsum: all four rows need the two-pass
     shared-prefix program; rows 0-1 (plain segments only) run the one-pass program, with and without a window."""
-    q, k, v, w = (x[rows] for x in qkv)
     seg, pos, _ = _layout()
     seg, pos = jnp.asarray(seg[rows]), jnp.asarray(pos[rows])
-    real = (seg != 0)[..., None, None]
-    w = w * real  # the loss reads real tokens only (padding outputs are unread by contract)
-
-    def loss(impl):
-        def f(q, k, v):
-            if impl == "einsum":
-                out = A.einsum_attention(q, k, v, A.attention_mask(seg, pos, window))
-            else:
-                out = A.splash_attention(q, k, v, seg, window, interpret=True)
-            return jnp.sum(out * w), out
-        return f
-
-    (le, oe), ge = jax.value_and_grad(loss("einsum"), (0, 1, 2), has_aux=True)(q, k, v)
-    (ls, os), gs = jax.value_and_grad(loss("splash"), (0, 1, 2), has_aux=True)(q, k, v)
-    np.testing.assert_allclose(np.asarray(os * real), np.asarray(oe * real), atol=1e-5, rtol=1e-5)
-    np.testing.assert_allclose(float(ls), float(le), rtol=1e-5)
-    for a, b in zip(gs, ge):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
+    assert_equals_einsum(lambda q, k, v: A.splash_attention(q, k, v, seg, window, interpret=True),
+                         [x[rows] for x in qkv], seg, pos, window, jit=False)
 
 
 def test_splash_shared_prefix_under_a_biting_window_is_nan_not_wrong(qkv):
