@@ -328,8 +328,7 @@ def compile_report(cfg, topology: str, num_layers: int | None = None, hbm_gib: f
         "dtype": model_cfg.dtype,
         "remat_policy": model_cfg.remat_policy,
         "scan_layers": model_cfg.scan_layers,
-        "attention_impl": (attention.AUTO.get(devices[0].platform, "einsum") if model_cfg.attention_impl == "auto"
-                           else model_cfg.attention_impl),
+        "attention_impl": attention.resolve(model_cfg.attention_impl, devices[0].platform),
         "batch": list(batch["tokens"].shape),
         "micro_batches": cfg.train.micro_batches,
         "memory_bytes": parts,

@@ -67,22 +67,24 @@ def check_layout(impl: str, layout: str, sliding_window: int | None = None, max_
         ok = sorted(i for i, layouts in SUPPORTED_LAYOUTS.items() if layout in layouts)
         raise ConfigError(f"model.attention_impl={impl} cannot handle data.layout={layout} (it supports "
                           f"{sorted(SUPPORTED_LAYOUTS[impl])}); use attention_impl one of {ok}")
-    if impl in ("splash", "auto") and layout == "shared_prefix" and sliding_window and max_length and sliding_window < max_length:
+    bites = sliding_window and max_length and sliding_window < max_length
+    if impl in ("splash", "auto") and layout == "shared_prefix" and bites:
         raise ConfigError(f"model.attention_impl={impl} cannot handle data.layout=shared_prefix with a sliding window "
                           f"({sliding_window}) shorter than data.max_length ({max_length}): its window is in indices, "
                           "and a prompt's answers lie at different distances from it; use attention_impl blockwise")
 
 
-def resolve(impl: str) -> str:
-    """`impl`, with `auto` replaced by the implementation for the platform the program is traced for: the
-    enclosing `activation_sharding` mesh's devices (a TPU topology's on a CPU host under `aot`), else JAX's
-    default backend."""
+def resolve(impl: str, platform: str | None = None) -> str:
+    """`impl`, with `auto` replaced by the implementation for `platform`, by default the platform the program is
+    traced for: the enclosing `activation_sharding` mesh's devices (a TPU topology's on a CPU host under `aot`),
+    else JAX's default backend."""
     if impl != "auto":
         return impl
-    from starling_jax.parallel.sharding import active_mesh
+    if platform is None:
+        from starling_jax.parallel.sharding import active_mesh
 
-    mesh = active_mesh()
-    platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+        mesh = active_mesh()
+        platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
     return AUTO.get(platform, "einsum")
 
 

@@ -253,6 +253,7 @@ def test_run_config_refuses_a_layout_the_attention_cannot_handle():
     # splash takes shared prefixes unless the model's window is shorter than the rows (its window is in indices)
     RMRunConfig(data=DataConfig(layout="shared_prefix", max_length=256),
                 model=tiny_model().replace(attention_impl="splash", sliding_window=4096))
-    with pytest.raises(ConfigError, match=r"splash cannot handle data.layout=shared_prefix with a sliding window \(128\)"):
+    refused = r"splash cannot handle data.layout=shared_prefix with a sliding window \(128\)"
+    with pytest.raises(ConfigError, match=refused):
         RMRunConfig(data=DataConfig(layout="shared_prefix", max_length=256),
                     model=tiny_model().replace(attention_impl="splash", sliding_window=128))
