@@ -230,12 +230,14 @@ def _memory(compiled, oom: str | None, args, donated) -> tuple[dict, str, int | 
         mem = compiled.memory_analysis()
         parts = {"argument": mem.argument_size_in_bytes, "output": mem.output_size_in_bytes,
                  "temp": mem.temp_size_in_bytes, "generated_code": mem.generated_code_size_in_bytes,
-                 "alias": mem.alias_size_in_bytes}
+                 "alias": mem.alias_size_in_bytes,
+                 # host RAM, not HBM (not in the total): what `remat_policy=full_offload` moves off the chip
+                 "host_temp": mem.host_temp_size_in_bytes}
         return parts, "compiled.memory_analysis()", None
     # out of memory: temporaries from the compiler's message, arguments from the shardings
     donated_bytes = sharded_bytes(donated) if donated is not None else 0
     parts = {"argument": sharded_bytes(args), "output": donated_bytes, "alias": donated_bytes, "generated_code": 0,
-             "temp": _oom_bytes(oom, "HLO temporaries") or 0}
+             "temp": _oom_bytes(oom, "HLO temporaries") or 0, "host_temp": 0}
     return (parts, "compiler refused: out of memory; temporaries from its message, arguments from shardings",
             _oom_bytes(oom, "available HBM"))
 
@@ -327,6 +329,7 @@ def compile_report(cfg, topology: str, num_layers: int | None = None, hbm_gib: f
         "param_dtype": model_cfg.param_dtype,
         "dtype": model_cfg.dtype,
         "remat_policy": model_cfg.remat_policy,
+        "mlp_chunks": model_cfg.mlp_chunks,
         "scan_layers": model_cfg.scan_layers,
         "attention_impl": attention.resolve(model_cfg.attention_impl, devices[0].platform),
         "batch": list(batch["tokens"].shape),
@@ -425,7 +428,8 @@ def compile_rl_report(cfg, topology: str, num_layers: int | None = None, hbm_gib
                           "num_params": m.num_params(head="lm" if name == "actor" else "score")}
                    for name, m in mc.items()},
         "num_layers_unfrozen": cfg.num_layers_unfrozen, "dtype": mc["actor"].dtype,
-        "remat_policy": mc["actor"].remat_policy, "scan_layers": mc["actor"].scan_layers,
+        "remat_policy": mc["actor"].remat_policy, "mlp_chunks": mc["actor"].mlp_chunks,
+        "scan_layers": mc["actor"].scan_layers,
         "roles_bytes": roles, "resident_bytes": resident, "resident_gib": round(resident / GIB, 3),
         "programs": programs, "peak_program": peak_name,
         "per_chip_bytes": peak, "per_chip_gib": round(peak / GIB, 3),
@@ -485,7 +489,8 @@ def format_report(r: dict[str, Any]) -> str:
         f"topology {r['topology']}{slices} ({r['topology_name']}): {r['num_chips']} × {r['device_kind']}, "
         f"mesh {r['mesh']}",
         f"model {r['model_type']} {r['num_layers']} layers, {r['num_params'] / 1e9:.2f}B params, "
-        f"param {r['param_dtype']} / compute {r['dtype']}, remat {r['remat_policy']}, scan {r['scan_layers']}, "
+        f"param {r['param_dtype']} / compute {r['dtype']}, remat {r['remat_policy']}"
+        + (f" (MLP in {r['mlp_chunks']} chunks)" if r.get("mlp_chunks", 1) > 1 else "") + f", scan {r['scan_layers']}, "
         f"attention {r.get('attention_impl', 'einsum')}",
         f"batch {r['batch'][0]}×{r['batch'][1]}×{r['batch'][2]} (B×K×L), {r['micro_batches']} micro-batches",
         f"compile: lower {r['lower_s']:.1f} s, compile {r['compile_s']:.1f} s",
@@ -495,6 +500,8 @@ def format_report(r: dict[str, Any]) -> str:
         f"  − aliased       {gib(m['alias'])}   (donated state reused for the new state)",
         f"  temporaries     {gib(m['temp'])}",
         f"  generated code  {gib(m['generated_code'])}",
+        *([f"  (host memory    {gib(m['host_temp'])}   offloaded temporaries, in host RAM: not in the total)"]
+          if m.get("host_temp") else []),
         f"  total           {gib(r['per_chip_bytes'])}{'+' if not r['compiled'] else ''}  of {gib(r['hbm_bytes'])} "
         f"HBM ({r['hbm_source']}) → "
         f"{'FITS' if r['per_chip_bytes'] <= r['hbm_bytes'] and r['compiled'] else 'DOES NOT FIT'} "

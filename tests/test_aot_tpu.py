@@ -8,7 +8,8 @@ and on two v5e-4 slices joined over DCN:
 - two slices keep that state per chip (parameters replicated across slices, sharded within) on a (dcn, ...) mesh,
   with `model.attention_impl=auto` resolved to the splash kernels;
 - the RL set (actor + critic + AdamW, hydra reference, reward model; config.json only): the per-chip bytes of
-  every role equal an analytic count, and the compiler's donated update state and reward-model arguments agree.
+  every role equal an analytic count, and the compiler's donated update state and reward-model arguments agree;
+- `remat_policy=full_offload` puts the layer inputs in host memory (an analytic count) and shrinks temporaries.
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ def compiled(tmp_path_factory):
     one = start_aot("--topology", "v5e-4")
     two = start_aot("--topology", "v5e-4", "--num-slices", "2", config=[*CONFIG, "model.attention_impl=auto"])
     rl = start_aot("--topology", "v5e-4", "--programs", "update,score", config=rl_config)
-    return {"one": result(one), "two": result(two), "rl": result(rl)}
+    levers = start_aot("--topology", "v5e-4", config=[*CONFIG, "model.remat_policy=full_offload", "model.mlp_chunks=4"])
+    return {"one": result(one), "two": result(two), "rl": result(rl), "levers": result(levers)}
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +135,18 @@ def test_two_v5e_slices_compile_on_a_dcn_mesh(one_slice, two_slices):
     assert two["memory_bytes"]["alias"] == one["memory_bytes"]["alias"]
     assert two["memory_bytes"]["argument"] <= one["memory_bytes"]["argument"]  # the batch splits 8 ways, not 4
     assert not two["warnings"]
+
+
+def test_offload_moves_the_layer_inputs_to_host_memory(one_slice, compiled):
+    """`remat_policy=full_offload` (+ `mlp_chunks`): what full remat keeps of the forward, every layer's input
+    [layers, rows per chip, L, D] (fp32 here), is in host memory, to the byte, and the chip's temporaries shrink."""
+    rc, s, stderr = compiled["levers"]
+    assert rc == 0 and s["remat_policy"] == "full_offload" and s["mlp_chunks"] == 4, stderr[-3000:]
+    rows_per_chip = 8 * 2 // FSDP
+    assert s["memory_bytes"]["host_temp"] == LAYERS * rows_per_chip * 128 * D * 4, s["memory_bytes"]
+    _, full, _ = one_slice
+    assert full["memory_bytes"]["host_temp"] == 0
+    assert s["memory_bytes"]["temp"] < full["memory_bytes"]["temp"], (s["memory_bytes"], full["memory_bytes"])
 
 
 def rl_role_bytes_per_chip() -> dict[str, int]:

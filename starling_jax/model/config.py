@@ -19,7 +19,7 @@ from starling_jax.model.attention import IMPLS
 
 # HF `model_type` → the `*For*` class prefix used on export.
 ARCHITECTURES = {"mistral": "Mistral", "llama": "Llama"}
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+REMAT_POLICIES = ("none", "full", "full_offload", "dots", "dots_no_batch")
 # einsum | blockwise | fused | cudnn | splash | auto: see model/attention.py (which layouts each handles).
 ATTENTION_IMPLS = IMPLS
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -48,10 +48,13 @@ class ModelConfig:
     # --- runtime (not in HF) ---
     param_dtype: str = "float32"  # master weights
     dtype: str = "float32"  # compute dtype (bfloat16 on TPU)
-    remat_policy: str = "none"  # none | full | dots | dots_no_batch
+    remat_policy: str = "none"  # none | full | full_offload (layer inputs in host memory) | dots | dots_no_batch
     scan_layers: bool = False
     attention_impl: str = "einsum"  # einsum | blockwise | fused | cudnn | splash | auto (see model/attention.py)
     attention_block: int = 128  # blockwise: query and key block length
+    # The MLP over the sequence in this many chunks (the gcd with each call's length L), each under remat with
+    # `remat_policy`: one layer's [N, L, F] MLP activations in the backward shrink to [N, L/chunks, F].
+    mlp_chunks: int = 1
 
     def __post_init__(self):
         if self.model_type not in ARCHITECTURES:
@@ -63,6 +66,8 @@ class ModelConfig:
         for key in ("param_dtype", "dtype"):
             if getattr(self, key) not in DTYPES:
                 raise ConfigError(f"model.{key}={getattr(self, key)!r}: choose one of {sorted(DTYPES)}")
+        if self.mlp_chunks < 1:
+            raise ConfigError(f"model.mlp_chunks={self.mlp_chunks}: must be >= 1 (1 = the whole sequence at once)")
         if self.hidden_size % self.num_attention_heads and self.head_dim is None:
             raise ConfigError("model.hidden_size must be divisible by num_attention_heads (or set head_dim)")
         if self.num_attention_heads % self.num_key_value_heads:

@@ -14,9 +14,12 @@ answers in one row) restart their positions independently and shared-prefix answ
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from starling_jax.model import attention
 from starling_jax.model.config import ModelConfig
@@ -24,6 +27,11 @@ from starling_jax.parallel.sharding import constrain
 
 REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
+    # full, but each layer's input (what full remat keeps: [layers, N, L, D] under scan) goes to host memory
+    # between the forward and the backward instead of staying in HBM
+    "full_offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=["layer_input"], offload_src="device",
+        offload_dst="pinned_host"),
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
@@ -123,11 +131,31 @@ class MLP(nnx.Module):
         self.down_proj = _init(cfg, rngs, (f, d), ("mlp", "embed"))
 
     def __call__(self, x):
+        """x [N, L, D] → [N, L, D]; in `cfg.mlp_chunks` chunks of the sequence when L allows (`swiglu_chunked`)."""
         dtype = self.cfg.jnp_dtype
-        gate = x @ self.gate_proj[...].astype(dtype)
-        up = x @ self.up_proj[...].astype(dtype)
-        hidden = constrain(jax.nn.silu(gate) * up, ("act_batch", "act_length", "act_mlp"))
-        return hidden @ self.down_proj[...].astype(dtype)
+        weights = tuple(w[...].astype(dtype) for w in (self.gate_proj, self.up_proj, self.down_proj))
+        chunks = math.gcd(x.shape[-2], self.cfg.mlp_chunks)
+        if chunks == 1:
+            return swiglu(x, *weights)
+        return swiglu_chunked(x, weights, chunks, REMAT.get(self.cfg.remat_policy))
+
+
+def swiglu(x, gate_w, up_w, down_w):
+    hidden = constrain(jax.nn.silu(x @ gate_w) * (x @ up_w), ("act_batch", "act_length", "act_mlp"))
+    return hidden @ down_w
+
+
+def swiglu_chunked(x, weights, chunks: int, policy):
+    """`swiglu` over `chunks` equal slices of the sequence axis, one after the other (`lax.map`), each slice under
+    `jax.checkpoint(policy)`: its backward recomputes only that slice's gate/up/hidden [N, L/chunks, F]. The MLP
+    is position-wise, so the result is the same; only the peak of one layer's MLP activations changes. Without a
+    remat policy (`policy=None`) the map saves every slice's activations for the backward, as the whole MLP does."""
+    n, length, d = x.shape
+    slices = x.reshape(n, chunks, length // chunks, d).swapaxes(0, 1)  # [chunks, N, L/chunks, D]
+    body = (lambda xs: swiglu(xs, *weights)) if policy is None else jax.checkpoint(
+        lambda xs: swiglu(xs, *weights), policy=policy)
+    out = jax.lax.map(body, slices)
+    return constrain(out.swapaxes(0, 1).reshape(n, length, d), ("act_batch", "act_length", "act_embed"))
 
 
 class DecoderLayer(nnx.Module):
@@ -189,7 +217,7 @@ class Decoder(nnx.Module):
         x = constrain(self.embed_tokens(tokens), ("act_batch", "act_length", "act_embed"))
 
         def apply_layer(layer, x):
-            return layer(x, positions, mask)
+            return layer(checkpoint_name(x, "layer_input"), positions, mask)
 
         if cfg.remat_policy != "none":
             apply_layer = nnx.remat(apply_layer, policy=REMAT[cfg.remat_policy], prevent_cse=not cfg.scan_layers)

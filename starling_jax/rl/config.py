@@ -32,12 +32,13 @@ class RuntimeConfig:
     param_dtype: str = "float32"  # actor and critic master weights
     frozen_param_dtype: str = "float32"  # reference and reward model (bfloat16 halves their memory)
     dtype: str = "float32"  # compute dtype (bfloat16 on TPU)
-    remat_policy: str = "none"
+    remat_policy: str = "none"  # none | full | full_offload | dots | dots_no_batch (model/decoder.py)
     scan_layers: bool = False
+    mlp_chunks: int = 1  # the MLP over the sequence in chunks, each under remat_policy (model/config.py)
 
     def load_kwargs(self, frozen: bool) -> dict:
         return {"param_dtype": self.frozen_param_dtype if frozen else self.param_dtype, "dtype": self.dtype,
-                "remat_policy": self.remat_policy, "scan_layers": self.scan_layers}
+                "remat_policy": self.remat_policy, "scan_layers": self.scan_layers, "mlp_chunks": self.mlp_chunks}
 
 
 @dataclasses.dataclass

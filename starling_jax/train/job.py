@@ -161,7 +161,7 @@ def model_runtime(model: ModelConfig) -> dict:
     """The `model.*` fields that still apply when `init_from` fixes the architecture."""
     return dict(param_dtype=model.param_dtype, dtype=model.dtype, remat_policy=model.remat_policy,
                 scan_layers=model.scan_layers, attention_impl=model.attention_impl,
-                attention_block=model.attention_block)
+                attention_block=model.attention_block, mlp_chunks=model.mlp_chunks)
 
 
 def init_model(model: ModelConfig, init_from: str | None, role: str, mesh: Mesh, seed: int,
