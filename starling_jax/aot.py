@@ -485,12 +485,12 @@ def format_report(r: dict[str, Any]) -> str:
     gib = lambda b: f"{b / GIB:9.3f} GiB"
     m = r["memory_bytes"]
     slices = f" × {r['num_slices']} slices" if r.get("num_slices", 1) > 1 else ""
+    mlp = f" (MLP in {r['mlp_chunks']} chunks)" if r.get("mlp_chunks", 1) > 1 else ""
     lines = [
         f"topology {r['topology']}{slices} ({r['topology_name']}): {r['num_chips']} × {r['device_kind']}, "
         f"mesh {r['mesh']}",
         f"model {r['model_type']} {r['num_layers']} layers, {r['num_params'] / 1e9:.2f}B params, "
-        f"param {r['param_dtype']} / compute {r['dtype']}, remat {r['remat_policy']}"
-        + (f" (MLP in {r['mlp_chunks']} chunks)" if r.get("mlp_chunks", 1) > 1 else "") + f", scan {r['scan_layers']}, "
+        f"param {r['param_dtype']} / compute {r['dtype']}, remat {r['remat_policy']}{mlp}, scan {r['scan_layers']}, "
         f"attention {r.get('attention_impl', 'einsum')}",
         f"batch {r['batch'][0]}×{r['batch'][1]}×{r['batch'][2]} (B×K×L), {r['micro_batches']} micro-batches",
         f"compile: lower {r['lower_s']:.1f} s, compile {r['compile_s']:.1f} s",
