@@ -215,4 +215,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    cli.without_torch()
     sys.exit(main())

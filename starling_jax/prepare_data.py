@@ -101,4 +101,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from starling_jax.cli import without_torch
+
+    without_torch()
     raise SystemExit(main())

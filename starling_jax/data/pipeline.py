@@ -232,10 +232,12 @@ class RankingPipeline:
         """Stop the tf.data iterator (prefetch threads); iteration can resume afterwards from `state()`."""
         it, self._it = self._it, None
         if it is not None:
-            del it
-            import gc
+            alive = weakref.ref(it)
+            del it  # normally the last reference: the iterator and its threads go now
+            if alive() is not None:  # held by a reference cycle: only a full collection frees it (~2 s in a
+                import gc            # process holding JAX, TF and transformers, so not by default)
 
-            gc.collect()
+                gc.collect()
 
     # -- lengths / plan
     def _scan_lengths(self) -> np.ndarray:
