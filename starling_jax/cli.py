@@ -18,10 +18,10 @@ def without_torch() -> None:
 
     PyTorch is never on the training path (only tests, benchmarks and `verify_hf`/`convert_starling` use it), but
     where it is installed (the dev environment, many users' machines) transformers' configuration modules and
-    tensorboardX's writer import it anyway, as an option: ~4 s of start-up per run on a 2-core machine. With
-    `sys.modules["torch"] = None` they see it as absent and take their documented torch-less paths. Not called
-    when an entry point's `main()` runs inside another program (tests, notebooks), and a no-op where torch is
-    already loaded."""
+    tensorboardX's writer import it anyway, as an option: 2.5–3 s of start-up per run on a 2-core machine
+    (BENCHMARKS.md, "Start-up of a run"). With `sys.modules["torch"] = None` they see it as absent and take their
+    torch-less paths. Not called when an entry point's `main()` runs inside another program (tests, notebooks),
+    and a no-op where torch is already loaded."""
     if "torch" not in sys.modules:
         sys.modules["torch"] = None  # type: ignore[assignment]
 
