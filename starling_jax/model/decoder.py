@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from starling_jax.model import attention
+from starling_jax.model import attention, grad_sink
 from starling_jax.model.config import ModelConfig
 from starling_jax.parallel.sharding import constrain
 
@@ -57,15 +57,19 @@ class RMSNorm(nnx.Module):
 
 
 def rope(x, positions, theta: float):
-    """Rotary embedding in the HF "rotate_half" layout. x: [N, L, heads, Dh], positions: [N, L]."""
+    """Rotary embedding in the HF "rotate_half" layout. x: [N, L, heads, Dh], positions: [N, L].
+
+    As HF computes it: the angles and their cos/sin in float32, cast to x's dtype, then x·cos + rotate_half(x)·sin
+    in x's dtype. (In bf16 that keeps the rotated q and k in bf16 instead of float32 copies of [N, L, heads, Dh]:
+    a few of those per layer were live in the 7B backward.)"""
     dh = x.shape[-1]
     inv_freq = 1.0 / (theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [N, L, Dh/2]
     angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
-    x32 = x.astype(jnp.float32)
-    x1, x2 = jnp.split(x32, 2, axis=-1)
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+    return x * cos + rotated * sin
 
 
 class Attention(nnx.Module):
@@ -185,6 +189,26 @@ class DecoderLayer(nnx.Module):
         return constrain(x, ("act_batch", "act_length", "act_embed")), cache_k, cache_v
 
 
+def _call_layer(layer: DecoderLayer, x, context):
+    positions, mask = context
+    return layer(x, positions, mask)
+
+
+def cast_projections(stacked: nnx.State, dtype) -> nnx.State:
+    """The stacked layers' projection matrices (`*_proj`) in the compute dtype, cast once before the layer scan.
+
+    The layers cast them at use (`w[...].astype(dtype)`), so values and gradients stay bit-identical; what moves is
+    the cast's transpose in the backward: outside the scan, so the scan stacks each layer's weight gradient in the
+    compute dtype (the dtype the matmul's transpose produces it in anyway) and one convert to the parameter dtype
+    follows. With bf16 compute and float32 parameters that halves the per-micro-batch gradient buffer of the
+    matrices (the 7B recipes: −0.9 GiB per chip, BENCHMARKS.md). The norm scales, used in float32, keep theirs."""
+    def cast(path, leaf):
+        names = [getattr(k, "key", None) for k in path]
+        return leaf.astype(dtype) if any(isinstance(n, str) and n.endswith("_proj") for n in names) else leaf
+
+    return jax.tree_util.tree_map_with_path(cast, stacked)
+
+
 class Decoder(nnx.Module):
     """Token embeddings → N × (RMSNorm, GQA attention, RMSNorm, SwiGLU) → final RMSNorm."""
 
@@ -224,6 +248,15 @@ class Decoder(nnx.Module):
 
         if cfg.scan_layers:
             graphdef, stacked = nnx.split(self.layers)
+            # under a gradient sink (train.step), full remat's backward adds each layer's gradient in place
+            acc = grad_sink.take(stacked) if cfg.remat_policy in ("full", "full_offload") else None
+            stacked = cast_projections(stacked, cfg.jnp_dtype)
+            if acc is not None:
+                x = grad_sink.scan_layers(_call_layer, graphdef, stacked, acc, x, (positions, mask),
+                                          offload=cfg.remat_policy == "full_offload",
+                                          saved_axes=("act_batch", "act_saved_length", "act_embed"),
+                                          input_axes=("act_batch", "act_length", "act_embed"))
+                return self.final_norm(x)
 
             def body(x, layer_state):
                 return apply_layer(nnx.merge(graphdef, layer_state), x), None

@@ -57,6 +57,9 @@ LOGICAL_RULES: dict[str, tuple[str, ...] | None] = {
     "act_mlp": ("tensor",),
     "act_vocab": ("tensor",),
     "act_answers": None,
+    # a layer input saved for the backward (full remat): its length split over the tensor-parallel devices, which
+    # would otherwise each keep the same copy of all layers' inputs (gathered back one layer at a time)
+    "act_saved_length": ("tensor",),
 }
 
 

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from starling_jax.model import grad_sink
 from starling_jax.train.state import TrainState
 
 
@@ -36,20 +37,39 @@ def accumulate_gradients(loss_fn: Callable, params, batch: dict, micro_batches: 
     """→ (loss sum, count, summed grads, aux per row [B, ...]) of `loss_fn(params, batch_or_micro) →
     (loss sum, (count, aux))`, over `micro_batches` interleaved micro-batches (one `lax.scan`, one set of
     gradient buffers). Sums, not means, so that micro-batches with different numbers of valid rows add up to
-    exactly the full batch."""
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    exactly the full batch.
+
+    The loss is traced under a gradient sink (`model.grad_sink`): decoders with scanned layers under full remat
+    add their layers' gradients into the accumulator in place, in the backward layer scan; every other
+    parameter's gradient is added after the backward, as usual. Same sums either way."""
+    acc = jax.tree.map(jnp.zeros_like, params)
+
+    def add_grads(acc, mb):
+        taken = []
+
+        def loss_into(p, a):
+            with grad_sink.sink(p, a) as s:
+                out = loss_fn(p, mb)
+            taken[:] = [id(leaf) in s.taken for leaf in jax.tree.leaves(p)]
+            return out
+
+        (l, (c, a)), (g, g_acc) = jax.value_and_grad(loss_into, argnums=(0, 1), has_aux=True)(params, acc)
+        # a leaf the sink took: its accumulator's cotangent is acc + (its gradient through the sink); the plain
+        # gradient holds whatever other uses of it contributed (usually nothing, a zero XLA drops)
+        new_acc = [(ga if t else ac) + gp for t, ga, ac, gp in
+                   zip(taken, jax.tree.leaves(g_acc), jax.tree.leaves(acc), jax.tree.leaves(g))]
+        return l, c, jax.tree.unflatten(jax.tree.structure(acc), new_acc), a
+
     if micro_batches == 1:
-        (loss_sum, (count, aux)), grads = grad_fn(params, batch)
+        loss_sum, count, grads, aux = add_grads(acc, batch)
         return loss_sum, count, grads, aux
 
     def accumulate(carry, mb):
-        (l, (c, a)), g = grad_fn(params, mb)
         acc_l, acc_c, acc_g = carry
-        return (acc_l + l, acc_c + c, jax.tree.map(jnp.add, acc_g, g)), a
+        l, c, acc_g, a = add_grads(acc_g, mb)
+        return (acc_l + l, acc_c + c, acc_g), a
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    (loss_sum, count, grads), aux = jax.lax.scan(accumulate, (0.0, 0.0, zeros),
-                                                 split_micro_batches(batch, micro_batches))
+    (loss_sum, count, grads), aux = jax.lax.scan(accumulate, (0.0, 0.0, acc), split_micro_batches(batch, micro_batches))
     return loss_sum, count, grads, jax.tree.map(merge_micro_batches, aux)
 
 
