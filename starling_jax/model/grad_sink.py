@@ -27,6 +27,7 @@ import threading
 from typing import Any, Callable, Iterator
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from starling_jax.parallel.sharding import constrain
@@ -131,7 +132,7 @@ def _backward(apply_layer, graphdef, layout, residuals, dy):
                 a, jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False) + d.astype(a.dtype), i, 0), acc, d_state)
         return (dh, acc), None
 
-    (dx, acc), _ = jax.lax.scan(body, (dy, acc), (stacked, inputs, jax.numpy.arange(num_layers)), reverse=True)
+    (dx, acc), _ = jax.lax.scan(body, (dy, acc), (stacked, inputs, jnp.arange(num_layers)), reverse=True)
     return None, acc, dx, None
 
 

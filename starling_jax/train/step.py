@@ -61,8 +61,7 @@ def accumulate_gradients(loss_fn: Callable, params, batch: dict, micro_batches: 
         return l, c, jax.tree.unflatten(jax.tree.structure(acc), new_acc), a
 
     if micro_batches == 1:
-        loss_sum, count, grads, aux = add_grads(acc, batch)
-        return loss_sum, count, grads, aux
+        return add_grads(acc, batch)
 
     def accumulate(carry, mb):
         acc_l, acc_c, acc_g = carry

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from starling_jax.model import decoder, grad_sink
+from starling_jax.model import create, decoder, grad_sink
 from starling_jax.model.heads import build_model
 from starling_jax.parallel import sharding
 from starling_jax.parallel.sharding import MeshConfig, make_mesh
@@ -22,8 +22,6 @@ WEIGHTS = jnp.linspace(-1.0, 1.0, L)
 
 
 def model_and_batch(cfg, mesh=None):
-    from starling_jax.model import create
-
     if mesh is None:
         graphdef, params = nnx.split(build_model(cfg, "reward", seed=1))
     else:
@@ -177,8 +175,6 @@ def test_saved_layer_inputs_are_split_over_the_tensor_parallel_devices(monkeypat
     """On a mesh with tensor=4, each saved layer input waits split over the 4 tensor-parallel devices (logical axis
     `act_saved_length`) instead of as 4 identical copies: the compiled step's per-device temporaries fall by at
     least ¾ of what 3 of those 4 copies hold (XLA's buffer assignment)."""
-    from starling_jax.model import create
-
     cfg = BASE.replace(remat_policy="full", num_hidden_layers=8, sliding_window=None)
     mesh = make_mesh(MeshConfig(data=1, fsdp=2, tensor=4))
     graphdef, params = create.create_sharded(cfg, "reward", mesh, seed=1)
