@@ -13,8 +13,9 @@ same Plackett-Luce loss written in torch and `torch.optim.AdamW`.
     python bench/rm_step.py --profile            # also forward and forward+backward timed separately
     python bench/rm_step.py --attention einsum,blockwise   # attention implementations timed (fp32 rows)
 
-Timings are medians of N steps after warm-up; JAX compile time is excluded from the step time and reported
-separately. The last printed line is a JSON summary.
+Timings are medians of N steps after warm-up, taken in interleaved rounds (each round settles and then times one
+call of every row, PyTorch's included: `time_interleaved`), so every row sees the same machine; JAX compile time
+is excluded from the step time and reported separately. The last printed line is a JSON summary.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ def make_batch(seed: int = 0, prompts: int = PROMPTS, answers: int = ANSWERS, le
 
 
 def timed(fn, steps: int, warmup: int) -> tuple[float, list[float]]:
+    """(median, all) seconds of `steps` calls of fn after `warmup` calls (the timing of bench/rm_nectar.py and
+    bench/gpu_step.py; this benchmark interleaves its rows instead, `time_interleaved`)."""
     for _ in range(warmup):
         fn()
     times = []
@@ -67,7 +70,8 @@ def timed(fn, steps: int, warmup: int) -> tuple[float, list[float]]:
 
 
 # ---------------------------------------------------------------------------------------------- PyTorch
-def torch_rows(model_name: str, batch: dict, steps: int, warmup: int, forward_only: bool) -> list[dict]:
+def torch_rows(model_name: str, batch: dict, forward_only: bool) -> list[dict]:
+    """Rows {kind, impl, fn (one timed call), compile_s} of the PyTorch side."""
     import torch
     from transformers import MistralConfig, MistralForSequenceClassification
 
@@ -97,16 +101,12 @@ def torch_rows(model_name: str, batch: dict, steps: int, warmup: int, forward_on
         opt.step()
         return loss.item()
 
-    rows = []
-    med, _ = timed(step, steps, warmup)
-    rows.append(dict(kind="train step", impl="PyTorch fp32 (sdpa)", step_s=med, compile_s=0.0))
+    rows = [dict(kind="train step", impl="PyTorch fp32 (sdpa)", fn=step, compile_s=0.0)]
     if forward_only:
         def score():
             with torch.inference_mode():
                 return model(input_ids=tokens, attention_mask=attn).logits[:, 0].sum().item()
-        med, _ = timed(score, steps, warmup)
-        rows.append(dict(kind="forward only (scoring)", impl="PyTorch fp32 (sdpa)", step_s=med, compile_s=0.0))
-    del model, opt
+        rows.append(dict(kind="forward only (scoring)", impl="PyTorch fp32 (sdpa)", fn=score, compile_s=0.0))
     return rows
 
 
@@ -123,26 +123,22 @@ def decoder_variant(attention: str = "einsum", embed: str = "take"):
 
     saved = (dec.Attention.__call__, dec.Decoder.embed_tokens)
 
-    def qkv(self, x, positions):
-        cfg, dtype = self.cfg, self.cfg.jnp_dtype
-        q = jnp.einsum("nld,dhk->nlhk", x, self.q_proj[...].astype(dtype))
-        k = jnp.einsum("nld,dgk->nlgk", x, self.k_proj[...].astype(dtype))
-        v = jnp.einsum("nld,dgk->nlgk", x, self.v_proj[...].astype(dtype))
-        return dec.rope(q, positions, cfg.rope_theta), dec.rope(k, positions, cfg.rope_theta), v
+    def qkv(self, x, rot):
+        return self.project_qkv(x, rot)
 
-    def attn_dpa(self, x, positions, mask):
+    def attn_dpa(self, x, rot, mask):
         # jax.nn.dot_product_attention (XLA impl), GQA natively, boolean mask [N, 1, L, L].
-        q, k, v = qkv(self, x, positions)
+        q, k, v = qkv(self, x, rot)
         out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, 0], implementation="xla")
         return jnp.einsum("nlhk,hkd->nld", out, self.o_proj[...].astype(self.cfg.jnp_dtype))
 
-    def attn_bias(self, x, positions, mask):
+    def attn_bias(self, x, rot, mask):
         # the module's einsums, with an additive f32 bias instead of a select on the scores (backward of an add
         # is the identity), and the 1/sqrt(Dh) folded into q.
         cfg, dtype = self.cfg, self.cfg.jnp_dtype
         n, length, _ = x.shape
         g, dh = cfg.num_key_value_heads, cfg.resolved_head_dim
-        q, k, v = qkv(self, x, positions)
+        q, k, v = qkv(self, x, rot)
         q = (q * (dh ** -0.5)).astype(dtype).reshape(n, length, g, -1, dh)
         bias = jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min / 2).astype(jnp.float32)
         scores = jnp.einsum("nqgrk,nsgk->ngrqs", q, k, preferred_element_type=jnp.float32) + bias
@@ -164,9 +160,11 @@ def decoder_variant(attention: str = "einsum", embed: str = "take"):
         dec.Attention.__call__, dec.Decoder.embed_tokens = saved
 
 
-def jax_rows(model_name: str, batch: dict, steps: int, warmup: int, dtype: str, label: str,
-             forward_only: bool = False, profile: bool = False, attention: str = "einsum") -> list[dict]:
+def jax_rows(model_name: str, batch: dict, dtype: str, label: str, forward_only: bool = False,
+             profile: bool = False, attention: str = "einsum") -> list[dict]:
+    """Rows {kind, impl, fn (one timed call), compile_s} of one starling_jax configuration, compiled here."""
     import jax
+    import jax.numpy as jnp
 
     from starling_jax.model import create
     from starling_jax.model.config import ModelConfig
@@ -200,18 +198,16 @@ def jax_rows(model_name: str, batch: dict, steps: int, warmup: int, dtype: str, 
         holder["state"] = new_state
         return metrics
 
-    med, _ = timed(step, steps, warmup)
     metrics = jax.device_get(step())
     assert bool(metrics["finite"]), metrics
-    rows.append(dict(kind="train step", impl=label, step_s=med, compile_s=compile_s))
-    params = holder["state"]["params"]
+    rows.append(dict(kind="train step", impl=label, fn=step, compile_s=compile_s))
+    params = jax.tree.map(jnp.copy, holder["state"]["params"])  # the train step donates (deletes) its state
 
     def add(kind, fn, *args):
         start = time.perf_counter()
         c = jax.jit(fn).lower(*args).compile()
         cs = time.perf_counter() - start
-        med, _ = timed(lambda: jax.block_until_ready(c(*args)), steps, warmup)
-        rows.append(dict(kind=kind, impl=label, step_s=med, compile_s=cs))
+        rows.append(dict(kind=kind, impl=label, fn=lambda: jax.block_until_ready(c(*args)), compile_s=cs))
 
     if forward_only or profile:
         add("forward only (scoring)", lambda p, b: rm_step.eval_rewards(p, b, graphdef=graphdef, mesh=mesh),
@@ -223,8 +219,29 @@ def jax_rows(model_name: str, batch: dict, steps: int, warmup: int, dtype: str, 
 
         add("forward + loss", loss_only, params, gbatch)
         add("forward + backward", jax.value_and_grad(loss_only), params, gbatch)
-    del holder, params, state, compiled
     return rows
+
+
+def time_interleaved(rows: list[dict], steps: int, warmup: int) -> None:
+    """Sets each row's `step_s`: the median of `steps` timed calls of its `fn`, after `warmup` calls, in rounds
+    that visit every row in turn; at each visit one untimed call settles the row (its threads awake, its
+    buffers back in cache after the other rows ran) before the timed one. Rows timed one after the other would
+    each see a different machine (this VM's speed drifts by 10-20% within minutes; the side timed second ran
+    slower in the same process), so their ratios would measure the drift; without the settling call, the first
+    call after another framework's step pays for the switch (PyTorch's ~15%, XLA's less)."""
+    for r in rows:
+        for _ in range(warmup):
+            r["fn"]()
+    times = [[] for _ in rows]
+    for _ in range(steps):
+        for r, t in zip(rows, times):
+            r["fn"]()
+            start = time.perf_counter()
+            r["fn"]()
+            t.append(time.perf_counter() - start)
+    for r, t in zip(rows, times):
+        r["step_s"] = statistics.median(t)
+        del r["fn"]
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -272,18 +289,19 @@ def main(argv=None) -> int:
     for m in models:
         rows = []
         if not args.no_torch:
-            rows += torch_rows(m, batch, args.steps, args.warmup, forward_only=not args.quick)
+            rows += torch_rows(m, batch, forward_only=not args.quick)
         for attention in attentions:
-            rows += jax_rows(m, batch, args.steps, args.warmup, "float32", f"starling_jax fp32 {attention}",
-                             forward_only=not args.quick, profile=args.profile, attention=attention)
+            rows += jax_rows(m, batch, "float32", f"starling_jax fp32 {attention}", forward_only=not args.quick,
+                             profile=args.profile, attention=attention)
         if not args.no_bf16:
-            rows += jax_rows(m, batch, args.steps, args.warmup, "bfloat16",
-                             f"starling_jax bf16 compute {attentions[0]}", attention=attentions[0])
+            rows += jax_rows(m, batch, "bfloat16", f"starling_jax bf16 compute {attentions[0]}",
+                             attention=attentions[0])
         if args.variants:
             for attention, embed in (("einsum", "clip"), ("bias", "take"), ("dpa", "take"), ("bias", "clip")):
                 with decoder_variant(attention, embed):
-                    rows += jax_rows(m, batch, args.steps, args.warmup, "float32",
-                                     f"variant fp32 attn={attention} embed={embed}", profile=args.profile)
+                    rows += jax_rows(m, batch, "float32", f"variant fp32 attn={attention} embed={embed}",
+                                     profile=args.profile)
+        time_interleaved(rows, args.steps, args.warmup)
         for r in rows:
             r["model"] = m
         results += rows

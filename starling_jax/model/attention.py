@@ -42,9 +42,11 @@ import numpy as np
 
 from starling_jax.errors import ConfigError
 
-PREFIX_STRIDE = 1 << 16
+PREFIX_BITS = 16
+PREFIX_STRIDE = 1 << PREFIX_BITS
 IMPLS = ("einsum", "blockwise", "fused", "cudnn", "splash", "auto")
 AUTO = {"tpu": "splash", "gpu": "blockwise"}  # platform → implementation for `auto` (else einsum)
+BLOCKS = {"cpu": 256}  # platform → blockwise block length for `model.attention_block: 0` (else 128)
 # What each implementation can attend over (see the module docstring); `check_layout` refuses the rest.
 LAYOUTS = ("per_answer", "packed", "shared_prefix")
 SUPPORTED_LAYOUTS = {
@@ -80,17 +82,30 @@ def resolve(impl: str, platform: str | None = None) -> str:
     else JAX's default backend."""
     if impl != "auto":
         return impl
-    if platform is None:
-        from starling_jax.parallel.sharding import active_mesh
+    return AUTO.get(platform or _platform(), "einsum")
 
-        mesh = active_mesh()
-        platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
-    return AUTO.get(platform, "einsum")
+
+def resolve_block(block: int, platform: str | None = None) -> int:
+    """The blockwise block length: `block`, or with 0 the one for `platform` (default as in `resolve`): 256 on
+    CPU, where a 128 block's small per-block matmuls cost more than the causal blocks they skip (the per-row
+    forward+backward at L = 256 and 1024, BENCHMARKS.md), else 128."""
+    return block or BLOCKS.get(platform or _platform(), 128)
+
+
+def _platform() -> str:
+    from starling_jax.parallel.sharding import active_mesh
+
+    mesh = active_mesh()
+    return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
 
 
 def visible(q_seg, k_seg):
-    """The segment part of the rule, broadcasting q_seg against k_seg (see the module docstring)."""
-    prefix = (k_seg % PREFIX_STRIDE == 0) & (k_seg // PREFIX_STRIDE == q_seg // PREFIX_STRIDE)
+    """The segment part of the rule, broadcasting q_seg against k_seg (see the module docstring).
+
+    `% PREFIX_STRIDE` and `// PREFIX_STRIDE` as a mask and a shift (ids are >= 0): XLA fuses this into every
+    consumer of the [.., q, k] mask and evaluates it per score element; integer division there made the CPU
+    blockwise forward ~4x slower (BENCHMARKS.md, "Train step vs PyTorch")."""
+    prefix = ((k_seg & (PREFIX_STRIDE - 1)) == 0) & ((k_seg >> PREFIX_BITS) == (q_seg >> PREFIX_BITS))
     return (k_seg != 0) & ((q_seg == k_seg) | prefix)
 
 
@@ -106,6 +121,15 @@ def attention_mask(segment_ids, positions, sliding_window: int | None):
     """Boolean [N, 1, 1, L, L] (query, key) mask of the rule, for `einsum`."""
     idx = jnp.arange(segment_ids.shape[-1])
     return allowed(segment_ids, segment_ids, positions, positions, idx, idx, sliding_window)[:, None, None]
+
+
+def rows_mask(segment_ids, positions, select, sliding_window: int | None):
+    """Boolean [N, 1, 1, Q, L]: the rule for the queries at tokens select [N, Q] (int) against every key."""
+    take = lambda x: jnp.take_along_axis(x, select.astype(jnp.int32), axis=1)  # noqa: E731
+    keys = jnp.arange(segment_ids.shape[-1])
+    ok = allowed(take(segment_ids), segment_ids, take(positions), positions, select.astype(jnp.int32), keys,
+                 sliding_window)
+    return ok[:, None, None]
 
 
 # ------------------------------------------------------------------------------------------------ einsum
@@ -176,7 +200,7 @@ def _live_blocks(seg, block_q: int, block_k: int):
     block in any row, so both passes skip the pair (a packed row's other segments, a shared prompt's sibling
     answers, padding). Conservative: each block is summarized per row by the [min, max] of (a) its segment ids
     and (b) the group numbers of its answers (queries) or prompts (keys); a pair is live when (a) or (b)
-    overlaps in some row. Exactness stays with `_block_mask`; this only decides what need not be computed.
+    overlaps in some row. Exactness stays with `_strip_mask`; this only decides what need not be computed.
     O(N · blocks²) work, never [L, L]."""
     big = jnp.iinfo(jnp.int32).max
     grouped = seg >= PREFIX_STRIDE
@@ -198,18 +222,23 @@ def _live_blocks(seg, block_q: int, block_k: int):
     return jnp.any(same | prefix, axis=0)
 
 
-def _block_mask(seg, pos, i, j, block_q, block_k, window, r):
-    """Boolean [N, 1, bq·R, bk]: the rule between query block i and key block j (R query heads per KV head
-    share each query token's row)."""
+def _strip_mask(seg, pos, i, block_q, window, r):
+    """Boolean [N, 1, bq·R, L]: the rule between query block i and every key (R query heads per KV head share
+    each query token's row). Built once per query block, outside the key loop, and handed to the loop body as
+    an operand, which makes XLA store it: the loop body slices it per key block (`_key_block`). Built inside the
+    body instead, XLA fuses the rule into each consumer of the scores and evaluates it for every [G, R] copy of
+    every element (the CPU forward 2-4x slower at L = 256, BENCHMARKS.md)."""
     qs = jax.lax.dynamic_slice_in_dim(seg, i * block_q, block_q, 1)
     qp = jax.lax.dynamic_slice_in_dim(pos, i * block_q, block_q, 1)
-    ks = jax.lax.dynamic_slice_in_dim(seg, j * block_k, block_k, 1)
-    kp = jax.lax.dynamic_slice_in_dim(pos, j * block_k, block_k, 1)
     qi = i * block_q + jnp.arange(block_q)
-    kj = j * block_k + jnp.arange(block_k)
-    ok = allowed(qs, ks, qp, kp, qi, kj, window)  # [N, bq, bk]
-    n = ok.shape[0]
-    return jnp.broadcast_to(ok[:, :, None, :], (n, block_q, r, block_k)).reshape(n, 1, block_q * r, block_k)
+    ok = allowed(qs, seg, qp, pos, qi, jnp.arange(seg.shape[1]), window)  # [N, bq, L]
+    n, _, length = ok.shape
+    return jnp.broadcast_to(ok[:, :, None, :], (n, block_q, r, length)).reshape(n, 1, block_q * r, length)
+
+
+def _key_block(strip, j, block_k):
+    """Key block j of a `_strip_mask`: [N, 1, bq·R, bk]."""
+    return jax.lax.dynamic_slice_in_dim(strip, j * block_k, block_k, 3)
 
 
 def _dot(a, b, contract):
@@ -236,6 +265,7 @@ def _blockwise_forward(q, k, v, seg, pos, window, block_q, block_k):
 
     def q_block(_, i):
         q_i = jax.lax.dynamic_slice_in_dim(q, i * bqr, bqr, 2)
+        strip = _strip_mask(seg, pos, i, block_q, window, r)
 
         def kv_block(j, carry):
             return jax.lax.cond(live[i, j], functools.partial(visit, j), lambda c: c, carry)
@@ -244,7 +274,7 @@ def _blockwise_forward(q, k, v, seg, pos, window, block_q, block_k):
             acc, m, l = carry
             k_j = jax.lax.dynamic_slice_in_dim(k, j * block_k, block_k, 2)
             v_j = jax.lax.dynamic_slice_in_dim(v, j * block_k, block_k, 2)
-            mask = _block_mask(seg, pos, i, j, block_q, block_k, window, r)
+            mask = _key_block(strip, j, block_k)
             s = jnp.where(mask, _dot(q_i, k_j, "last") * scale, _NEG)
             m_new = jnp.maximum(m, s.max(-1))
             p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
@@ -307,6 +337,7 @@ def _blockwise_backward(q, k, v, seg, pos, out, lse, d_out, window, block_q, blo
         dk, dv = carry
         q_i, do_i = (jax.lax.dynamic_slice_in_dim(x, i * bqr, bqr, 2) for x in (q, d_out))
         lse_i, delta_i = (jax.lax.dynamic_slice_in_dim(x, i * bqr, bqr, 2) for x in (lse, delta))
+        strip = _strip_mask(seg, pos, i, block_q, window, r)
 
         def kv_block(j, inner):
             return jax.lax.cond(live[i, j], functools.partial(visit, j), lambda c: c, inner)
@@ -315,7 +346,7 @@ def _blockwise_backward(q, k, v, seg, pos, out, lse, d_out, window, block_q, blo
             dq_i, dk, dv = inner
             k_j = jax.lax.dynamic_slice_in_dim(k, j * block_k, block_k, 2)
             v_j = jax.lax.dynamic_slice_in_dim(v, j * block_k, block_k, 2)
-            mask = _block_mask(seg, pos, i, j, block_q, block_k, window, r)
+            mask = _key_block(strip, j, block_k)
             p = jnp.where(mask, jnp.exp(_dot(q_i, k_j, "last") * scale - lse_i[..., None]), 0.0)
             dv_j = _dot(p.astype(do_i.dtype), do_i, "rows")
             ds = (p * (_dot(do_i, v_j, "last") - delta_i[..., None]) * scale).astype(q.dtype)
@@ -513,8 +544,8 @@ def attend(cfg, q, k, v, context):
         return fused_attention(q, k, v, context, cfg.sliding_window, "cudnn" if impl == "cudnn" else None)
     segment_ids, positions = context
     if impl == "blockwise":
-        return blockwise_attention(q, k, v, segment_ids, positions, cfg.sliding_window,
-                                   cfg.attention_block, cfg.attention_block)
+        block = resolve_block(cfg.attention_block)
+        return blockwise_attention(q, k, v, segment_ids, positions, cfg.sliding_window, block, block)
     if impl == "splash":
         from starling_jax.parallel.sharding import active_mesh
 

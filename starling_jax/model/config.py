@@ -51,7 +51,7 @@ class ModelConfig:
     remat_policy: str = "none"  # none | full | full_offload (layer inputs in host memory) | dots | dots_no_batch
     scan_layers: bool = False
     attention_impl: str = "einsum"  # einsum | blockwise | fused | cudnn | splash | auto (see model/attention.py)
-    attention_block: int = 128  # blockwise: query and key block length
+    attention_block: int = 0  # blockwise: query and key block length; 0 = by platform (256 on CPU, else 128)
     # The MLP over the sequence in this many chunks (the gcd with each call's length L), each under remat with
     # `remat_policy`: one layer's [N, L, F] MLP activations in the backward shrink to [N, L/chunks, F].
     mlp_chunks: int = 1
@@ -66,6 +66,8 @@ class ModelConfig:
         for key in ("param_dtype", "dtype"):
             if getattr(self, key) not in DTYPES:
                 raise ConfigError(f"model.{key}={getattr(self, key)!r}: choose one of {sorted(DTYPES)}")
+        if self.attention_block < 0:
+            raise ConfigError(f"model.attention_block={self.attention_block}: must be >= 0 (0 = by platform)")
         if self.mlp_chunks < 1:
             raise ConfigError(f"model.mlp_chunks={self.mlp_chunks}: must be >= 1 (1 = the whole sequence at once)")
         if self.hidden_size % self.num_attention_heads and self.head_dim is None:

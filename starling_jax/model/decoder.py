@@ -15,6 +15,7 @@ answers in one row) restart their positions independently and shared-prefix answ
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -56,20 +57,51 @@ class RMSNorm(nnx.Module):
         return (self.scale[...].astype(jnp.float32) * x32).astype(x.dtype)
 
 
-def rope(x, positions, theta: float):
-    """Rotary embedding in the HF "rotate_half" layout. x: [N, L, heads, Dh], positions: [N, L].
+def dense(x, w, contract: int = 1):
+    """x [..., *w.shape[:contract]] · w → [..., *w.shape[contract:]], computed as one 2-D matmul
+    [tokens, in] @ [in, out] between reshapes (bitcasts: the merged axes are adjacent and row-major).
 
-    As HF computes it: the angles and their cos/sin in float32, cast to x's dtype, then x·cos + rotate_half(x)·sin
-    in x's dtype. (In bf16 that keeps the rotated q and k in bf16 instead of float32 copies of [N, L, heads, Dh]:
-    a few of those per layer were live in the 7B backward.)"""
-    dh = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
+    The same product as `jnp.einsum`, but the backward's weight gradient stays a plain 2-D dot: from a 3-D
+    [N, L, D] operand XLA:CPU canonicalises it by first copying both [N, L, ·] operands into transposed
+    [·, N, L] buffers (the MLP's fp32 forward+backward on this CPU: 300 ms with einsum, 212 ms in 2-D,
+    BENCHMARKS.md). Sharding is unchanged: the token axes merge into one whose major part (the batch) carries
+    the data/FSDP sharding, and `act_length` is never sharded."""
+    k = math.prod(w.shape[:contract])
+    lead, out = x.shape[: x.ndim - contract], w.shape[contract:]
+    return (x.reshape(-1, k) @ w.reshape(k, -1)).reshape(*lead, *out)
+
+
+def take_rows(x, select):
+    """x [N, L, ...] at the tokens select [N, Q] → [N, Q, ...]."""
+    index = select.astype(jnp.int32).reshape(*select.shape, *([1] * (x.ndim - 2)))
+    return jnp.take_along_axis(x, index, axis=1)
+
+
+class Rotary(NamedTuple):
+    """RoPE's cos and sin for every token, [N, L, 1, Dh] in the compute dtype (`rotary`)."""
+
+    cos: jax.Array
+    sin: jax.Array
+
+
+def rotary(positions, head_dim: int, theta: float, dtype) -> Rotary:
+    """RoPE tables for positions [N, L], as HF computes them: the angles and their cos/sin in float32, cast to the
+    compute dtype. Computed once per forward pass and handed to every layer: computed inside a layer, XLA fuses
+    the cos/sin into each consumer and evaluates them once per head and again in the backward (the CPU attention
+    block's forward+backward spent ~40% on them at Dh 32, BENCHMARKS.md)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [N, L, Dh/2]
     angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
-    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    return Rotary(jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype))
+
+
+def rope(x, rot: Rotary):
+    """Rotary embedding in the HF "rotate_half" layout: x·cos + rotate_half(x)·sin in x's dtype, x [N, L, heads,
+    Dh]. (In bf16 that keeps the rotated q and k in bf16 instead of float32 copies of [N, L, heads, Dh]: a few of
+    those per layer were live in the 7B backward.)"""
     x1, x2 = jnp.split(x, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return x * cos + rotated * sin
+    return x * rot.cos + rotated * rot.sin
 
 
 class Attention(nnx.Module):
@@ -81,41 +113,53 @@ class Attention(nnx.Module):
         self.v_proj = _init(cfg, rngs, (d, g, dh), ("embed", "kv_heads", "head_dim"))
         self.o_proj = _init(cfg, rngs, (h, dh, d), ("q_heads", "head_dim", "embed"))
 
-    def project_qkv(self, x, positions):
-        """x [N, L, D] → q [N, L, H, Dh], k and v [N, L, G, Dh], RoPE applied to q and k."""
+    def project_qkv(self, x, rot: Rotary):
+        """x [N, L, D] → q [N, L, H, Dh], k and v [N, L, G, Dh], RoPE (`rot`, see `rotary`) applied to q and k."""
         cfg, dtype = self.cfg, self.cfg.jnp_dtype
-        q = jnp.einsum("nld,dhk->nlhk", x, self.q_proj[...].astype(dtype))
-        k = jnp.einsum("nld,dgk->nlgk", x, self.k_proj[...].astype(dtype))
-        v = jnp.einsum("nld,dgk->nlgk", x, self.v_proj[...].astype(dtype))
-        q = constrain(rope(q, positions, cfg.rope_theta), ("act_batch", "act_length", "act_heads", None))
-        k = constrain(rope(k, positions, cfg.rope_theta), ("act_batch", "act_length", "act_kv_heads", None))
+        q = dense(x, self.q_proj[...].astype(dtype))
+        k = dense(x, self.k_proj[...].astype(dtype))
+        v = dense(x, self.v_proj[...].astype(dtype))
+        q = constrain(rope(q, rot), ("act_batch", "act_length", "act_heads", None))
+        k = constrain(rope(k, rot), ("act_batch", "act_length", "act_kv_heads", None))
         v = constrain(v, ("act_batch", "act_length", "act_kv_heads", None))
         return q, k, v
 
     def project_out(self, out):
         out = constrain(out, ("act_batch", "act_length", "act_heads", None))
-        return jnp.einsum("nlhk,hkd->nld", out, self.o_proj[...].astype(self.cfg.jnp_dtype))
+        return dense(out, self.o_proj[...].astype(self.cfg.jnp_dtype), contract=2)
 
-    def __call__(self, x, positions, mask):
+    def __call__(self, x, rot, mask):
         cfg = self.cfg
-        q, k, v = self.project_qkv(x, positions)
+        q, k, v = self.project_qkv(x, rot)
         return self.project_out(attention.attend(cfg, q, k, v, mask))  # `mask`: what attention.prepare built
 
-    def cached(self, x, positions, cache, self_mask):
+    def rows(self, x, rot, rows_mask, select):
+        """Attention output [N, Q, D] of the tokens `select` [N, Q] over the keys of all of x [N, L, D] (the
+        einsum form: Q·L scores per head, tiny next to L·L)."""
+        dtype = self.cfg.jnp_dtype
+        k = constrain(rope(dense(x, self.k_proj[...].astype(dtype)), rot),
+                      ("act_batch", "act_length", "act_kv_heads", None))
+        v = constrain(dense(x, self.v_proj[...].astype(dtype)), ("act_batch", "act_length", "act_kv_heads", None))
+        q_rot = Rotary(*(take_rows(t, select) for t in rot))
+        q = constrain(rope(dense(take_rows(x, select), self.q_proj[...].astype(dtype)), q_rot),
+                      ("act_batch", "act_length", "act_heads", None))
+        return self.project_out(attention.gqa_attention(q, [(k, v, rows_mask)]))
+
+    def cached(self, x, rot, cache, self_mask):
         """Attention of the new tokens x [N, L, D] over the cached keys plus themselves (prefill: L prompt tokens
         and `cache=None`; decode: L = 1). cache: (k, v [N, G, S, Dh] (heads first), mask [N, 1, 1, L, S]) or
         None; self_mask [N, 1, 1, L, L]. → (output [N, L, D], the new k, v [N, L, G, Dh] for the caller to
         store)."""
-        q, k, v = self.project_qkv(x, positions)
+        q, k, v = self.project_qkv(x, rot)
         blocks = [(k, v, self_mask)] if cache is None else [(*cache, True), (k, v, self_mask)]
         return self.project_out(attention.gqa_attention(q, blocks)), k, v
 
-    def decode(self, x, positions, cache_k, cache_v, visible, index):
+    def decode(self, x, rot, cache_k, cache_v, visible, index):
         """One decode step (x [N, 1, D]) that first writes its key/value at cache index `index` of this layer's
         heads-first cache [N, G, S, Dh], then attends over the updated cache (`visible` [N, 1, 1, 1, S] includes
         `index`). Writing before reading lets XLA update the buffer in place (nothing reads the old cache) and
         leaves one attention block instead of cache + new token. → (output [N, 1, D], cache_k, cache_v)."""
-        q, k, v = self.project_qkv(x, positions)
+        q, k, v = self.project_qkv(x, rot)
         write = lambda cache, new: jax.lax.dynamic_update_slice(
             cache, new.transpose(0, 2, 1, 3).astype(cache.dtype), (0, 0, index, 0))
         cache_k, cache_v = write(cache_k, k), write(cache_v, v)
@@ -145,8 +189,8 @@ class MLP(nnx.Module):
 
 
 def swiglu(x, gate_w, up_w, down_w):
-    hidden = constrain(jax.nn.silu(x @ gate_w) * (x @ up_w), ("act_batch", "act_length", "act_mlp"))
-    return hidden @ down_w
+    hidden = constrain(jax.nn.silu(dense(x, gate_w)) * dense(x, up_w), ("act_batch", "act_length", "act_mlp"))
+    return dense(hidden, down_w)
 
 
 def swiglu_chunked(x, weights, chunks: int, policy):
@@ -169,29 +213,36 @@ class DecoderLayer(nnx.Module):
         self.mlp_norm = RMSNorm(cfg, rngs)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x, positions, mask):
-        x = x + self.attn(self.attn_norm(x), positions, mask)
+    def __call__(self, x, rot, mask):
+        x = x + self.attn(self.attn_norm(x), rot, mask)
         x = x + self.mlp(self.mlp_norm(x))
         return constrain(x, ("act_batch", "act_length", "act_embed"))
 
-    def cached(self, x, positions, cache, self_mask):
+    def rows(self, x, rot, rows_mask, select):
+        """The layer's output at the tokens `select` [N, Q] only → [N, Q, D]. Keys and values come from every
+        token (`Attention.rows`); rows_mask [N, 1, 1, Q, L] (`attention.rows_mask`) says which each selected
+        query sees."""
+        x_rows = take_rows(x, select) + self.attn.rows(self.attn_norm(x), rot, rows_mask, select)
+        return x_rows + self.mlp(self.mlp_norm(x_rows))
+
+    def cached(self, x, rot, cache, self_mask):
         """The same layer over new tokens with a KV cache (see `Attention.cached`) → (x, k, v)."""
-        out, k, v = self.attn.cached(self.attn_norm(x), positions, cache, self_mask)
+        out, k, v = self.attn.cached(self.attn_norm(x), rot, cache, self_mask)
         x = x + out
         x = x + self.mlp(self.mlp_norm(x))
         return constrain(x, ("act_batch", "act_length", "act_embed")), k, v
 
-    def decode(self, x, positions, cache_k, cache_v, visible, index):
+    def decode(self, x, rot, cache_k, cache_v, visible, index):
         """The layer for one decode step that writes its cache first (see `Attention.decode`)."""
-        out, cache_k, cache_v = self.attn.decode(self.attn_norm(x), positions, cache_k, cache_v, visible, index)
+        out, cache_k, cache_v = self.attn.decode(self.attn_norm(x), rot, cache_k, cache_v, visible, index)
         x = x + out
         x = x + self.mlp(self.mlp_norm(x))
         return constrain(x, ("act_batch", "act_length", "act_embed")), cache_k, cache_v
 
 
 def _call_layer(layer: DecoderLayer, x, context):
-    positions, mask = context
-    return layer(x, positions, mask)
+    rot, mask = context
+    return layer(x, rot, mask)
 
 
 def cast_projections(stacked: nnx.State, dtype) -> nnx.State:
@@ -228,23 +279,45 @@ class Decoder(nnx.Module):
             self.layers = nnx.List([DecoderLayer(cfg, rngs) for _ in range(cfg.num_hidden_layers)])
         self.final_norm = RMSNorm(cfg, rngs)
 
+    def rotary(self, positions) -> Rotary:
+        """The RoPE tables of positions [N, L] for every layer (see `rotary`)."""
+        cfg = self.cfg
+        return rotary(positions, cfg.resolved_head_dim, cfg.rope_theta, cfg.jnp_dtype)
+
     def embed_tokens(self, tokens):
         # Gather from a table whose vocabulary is whole on every device (cast first: half the bytes in bf16);
         # a gather from a vocab-sharded table makes SPMD replicate it anyway, less efficiently.
         table = constrain(self.embed[...].astype(self.cfg.jnp_dtype), (None, None))
         return jnp.take(table, tokens, axis=0)
 
-    def __call__(self, tokens, positions, segment_ids):
-        """tokens, positions, segment_ids: int [N, L] → hidden states [N, L, D] (compute dtype)."""
+    def __call__(self, tokens, positions, segment_ids, select=None):
+        """tokens, positions, segment_ids: int [N, L] → hidden states [N, L, D] (compute dtype).
+
+        select: int [N, Q] or None. Given, → the hidden states of those tokens only, [N, Q, D], and the last layer
+        computes only their rows (`DecoderLayer.rows`): the reward model reads one token per sequence, so its
+        last layer's queries, attention output, residual and MLP for every other token are never needed (a
+        1/num_layers share of the forward and backward). With scanned layers all rows are computed and then
+        selected (the last layer is inside the scan)."""
         cfg = self.cfg
         mask = attention.prepare(cfg, segment_ids, positions)
+        rot = self.rotary(positions)
         x = constrain(self.embed_tokens(tokens), ("act_batch", "act_length", "act_embed"))
 
         def apply_layer(layer, x):
-            return layer(checkpoint_name(x, "layer_input"), positions, mask)
+            return layer(checkpoint_name(x, "layer_input"), rot, mask)
+
+        def apply_rows(layer, x):
+            rows_mask = attention.rows_mask(segment_ids, positions, select, cfg.sliding_window)
+            return layer.rows(checkpoint_name(x, "layer_input"), rot, rows_mask, select)
 
         if cfg.remat_policy != "none":
             apply_layer = nnx.remat(apply_layer, policy=REMAT[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
+            apply_rows = nnx.remat(apply_rows, policy=REMAT[cfg.remat_policy], prevent_cse=True)
+        if select is not None and not cfg.scan_layers:
+            *layers, last = self.layers
+            for layer in layers:
+                x = apply_layer(layer, x)
+            return self.final_norm(apply_rows(last, x))
 
         if cfg.scan_layers:
             graphdef, stacked = nnx.split(self.layers)
@@ -252,11 +325,11 @@ class Decoder(nnx.Module):
             acc = grad_sink.take(stacked) if cfg.remat_policy in ("full", "full_offload") else None
             stacked = cast_projections(stacked, cfg.jnp_dtype)
             if acc is not None:
-                x = grad_sink.scan_layers(_call_layer, graphdef, stacked, acc, x, (positions, mask),
+                x = grad_sink.scan_layers(_call_layer, graphdef, stacked, acc, x, (rot, mask),
                                           offload=cfg.remat_policy == "full_offload",
                                           saved_axes=("act_batch", "act_saved_length", "act_embed"),
                                           input_axes=("act_batch", "act_length", "act_embed"))
-                return self.final_norm(x)
+                return self.final_norm(x if select is None else take_rows(x, select))
 
             def body(x, layer_state):
                 return apply_layer(nnx.merge(graphdef, layer_state), x), None
@@ -265,7 +338,7 @@ class Decoder(nnx.Module):
         else:
             for layer in self.layers:
                 x = apply_layer(layer, x)
-        return self.final_norm(x)
+        return self.final_norm(x if select is None else take_rows(x, select))
 
     def cached(self, tokens, positions, cache, self_mask):
         """Forward of new tokens [N, L] against a KV cache (the sampler's prefill and decode steps).
@@ -278,13 +351,14 @@ class Decoder(nnx.Module):
         caller's job, so the cache stays one buffer updated in place by the decode loop).
         """
         x = constrain(self.embed_tokens(tokens), ("act_batch", "act_length", "act_embed"))
+        rot = self.rotary(positions)
         if self.cfg.scan_layers:
             graphdef, stacked = nnx.split(self.layers)
 
             def body(x, xs):
                 layer_state, layer_cache = xs
                 layer_cache = None if layer_cache is None else (*layer_cache, cache[2])
-                x, k, v = nnx.merge(graphdef, layer_state).cached(x, positions, layer_cache, self_mask)
+                x, k, v = nnx.merge(graphdef, layer_state).cached(x, rot, layer_cache, self_mask)
                 return x, (k, v)
 
             x, (k, v) = jax.lax.scan(body, x, (stacked, None if cache is None else cache[:2]))
@@ -292,7 +366,7 @@ class Decoder(nnx.Module):
             ks, vs = [], []
             for i, layer in enumerate(self.layers):
                 layer_cache = None if cache is None else (cache[0][i], cache[1][i], cache[2])
-                x, k, v = layer.cached(x, positions, layer_cache, self_mask)
+                x, k, v = layer.cached(x, rot, layer_cache, self_mask)
                 ks.append(k)
                 vs.append(v)
             k, v = jnp.stack(ks), jnp.stack(vs)
@@ -303,9 +377,10 @@ class Decoder(nnx.Module):
         not scanned): each layer writes its new key/value at `index`, then attends over its cache (`visible`
         [N, 1, 1, 1, S], index included). → (hidden [N, 1, D], cache_k, cache_v as tuples)."""
         x = constrain(self.embed_tokens(tokens), ("act_batch", "act_length", "act_embed"))
+        rot = self.rotary(positions)
         new_k, new_v = [], []
         for layer, ck, cv in zip(self.layers, cache_k, cache_v):
-            x, ck, cv = layer.decode(x, positions, ck, cv, visible, index)
+            x, ck, cv = layer.decode(x, rot, ck, cv, visible, index)
             new_k.append(ck)
             new_v.append(cv)
         return self.final_norm(x), tuple(new_k), tuple(new_v)

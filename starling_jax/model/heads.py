@@ -71,9 +71,10 @@ class RewardModel(nnx.Module):
         return self.score(self.decoder(tokens, positions, segment_ids))
 
     def rewards(self, tokens, positions, segment_ids, reward_index):
-        """→ rewards [N]: the score at `reward_index` [N] of each sequence."""
-        scores = self(tokens, positions, segment_ids)
-        return jnp.take_along_axis(scores, reward_index[:, None].astype(jnp.int32), axis=1)[:, 0]
+        """→ rewards [N]: the score at `reward_index` [N] of each sequence (the decoder's last layer computes only
+        that token's row, `Decoder.__call__(select=...)`)."""
+        hidden = self.decoder(tokens, positions, segment_ids, select=reward_index[:, None])  # [N, 1, D]
+        return self.score(hidden)[:, 0]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -57,11 +57,12 @@ class ReferenceTop(nnx.Module):
             self.lm_head = nnx.clone(actor.lm_head)
 
 
-def apply_layers(cfg: ModelConfig, layers, x, positions, mask, start: int = 0, stop: int | None = None):
+def apply_layers(cfg: ModelConfig, layers, x, rot, mask, start: int = 0, stop: int | None = None):
     """Runs decoder layers [start, stop) of `layers` (an nnx.List, or one stacked layer when cfg.scan_layers) on
-    hidden states x [N, L, D]: the loop of `Decoder.__call__` restricted to a slice of the stack."""
+    hidden states x [N, L, D]: the loop of `Decoder.__call__` restricted to a slice of the stack. rot: the RoPE
+    tables (`Decoder.rotary`), mask: what `attention.prepare` built."""
     def apply_layer(layer, x):
-        return layer(x, positions, mask)
+        return layer(x, rot, mask)
 
     if cfg.remat_policy != "none":
         apply_layer = nnx.remat(apply_layer, policy=REMAT[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
@@ -83,7 +84,7 @@ def _decoder_inputs(actor: CausalLM, tokens, positions, segment_ids):
     cfg = actor.cfg
     mask = attention.prepare(cfg, segment_ids, positions)
     x = constrain(actor.decoder.embed_tokens(tokens), ("act_batch", "act_length", "act_embed"))
-    return x, mask
+    return x, (actor.decoder.rotary(positions), mask)
 
 
 def _logits(cfg: ModelConfig, hidden, head_owner, embed):
@@ -97,10 +98,10 @@ def hydra_logits(actor: CausalLM, reference: ReferenceTop, tokens, positions, se
     Gradients reach only the actor's top (the bottom is frozen, so its activations are stop-gradient)."""
     cfg = actor.cfg
     start = cfg.num_hidden_layers - reference.num_layers_unfrozen
-    x, mask = _decoder_inputs(actor, tokens, positions, segment_ids)
-    shared = jax.lax.stop_gradient(apply_layers(cfg, actor.decoder.layers, x, positions, mask, 0, start))
-    actor_hidden = actor.decoder.final_norm(apply_layers(cfg, actor.decoder.layers, shared, positions, mask, start))
-    ref_hidden = reference.final_norm(apply_layers(cfg, reference.layers, shared, positions, mask))
+    x, (rot, mask) = _decoder_inputs(actor, tokens, positions, segment_ids)
+    shared = jax.lax.stop_gradient(apply_layers(cfg, actor.decoder.layers, x, rot, mask, 0, start))
+    actor_hidden = actor.decoder.final_norm(apply_layers(cfg, actor.decoder.layers, shared, rot, mask, start))
+    ref_hidden = reference.final_norm(apply_layers(cfg, reference.layers, shared, rot, mask))
     actor_logits = _logits(cfg, actor_hidden, actor, actor.decoder.embed)
     ref_logits = _logits(cfg, ref_hidden, reference, actor.decoder.embed)
     return actor_logits, jax.lax.stop_gradient(ref_logits)
@@ -110,9 +111,9 @@ def actor_logits(actor: CausalLM, tokens, positions, segment_ids, frozen_layers:
     """The actor's logits [N, L, V] with its bottom `frozen_layers` layers (and embeddings) outside the gradient:
     equal to `actor(...)`, without the backward pass through layers that never train."""
     cfg = actor.cfg
-    x, mask = _decoder_inputs(actor, tokens, positions, segment_ids)
-    shared = jax.lax.stop_gradient(apply_layers(cfg, actor.decoder.layers, x, positions, mask, 0, frozen_layers))
-    hidden = actor.decoder.final_norm(apply_layers(cfg, actor.decoder.layers, shared, positions, mask, frozen_layers))
+    x, (rot, mask) = _decoder_inputs(actor, tokens, positions, segment_ids)
+    shared = jax.lax.stop_gradient(apply_layers(cfg, actor.decoder.layers, x, rot, mask, 0, frozen_layers))
+    hidden = actor.decoder.final_norm(apply_layers(cfg, actor.decoder.layers, shared, rot, mask, frozen_layers))
     return _logits(cfg, hidden, actor, actor.decoder.embed)
 
 

