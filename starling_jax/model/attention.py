@@ -82,17 +82,18 @@ def resolve(impl: str, platform: str | None = None) -> str:
     else JAX's default backend."""
     if impl != "auto":
         return impl
-    return AUTO.get(platform or _platform(), "einsum")
+    return AUTO.get(platform or trace_platform(), "einsum")
 
 
 def resolve_block(block: int, platform: str | None = None) -> int:
     """The blockwise block length: `block`, or with 0 the one for `platform` (default as in `resolve`): 256 on
     CPU, where a 128 block's small per-block matmuls cost more than the causal blocks they skip (the per-row
     forward+backward at L = 256 and 1024, BENCHMARKS.md), else 128."""
-    return block or BLOCKS.get(platform or _platform(), 128)
+    return block or BLOCKS.get(platform or trace_platform(), 128)
 
 
-def _platform() -> str:
+def trace_platform() -> str:
+    """The platform the program is traced for (see `resolve`)."""
     from starling_jax.parallel.sharding import active_mesh
 
     mesh = active_mesh()

@@ -64,8 +64,12 @@ def dense(x, w, contract: int = 1):
     The same product as `jnp.einsum`, but the backward's weight gradient stays a plain 2-D dot: from a 3-D
     [N, L, D] operand XLA:CPU canonicalises it by first copying both [N, L, ·] operands into transposed
     [·, N, L] buffers (the MLP's fp32 forward+backward on this CPU: 300 ms with einsum, 212 ms in 2-D,
-    BENCHMARKS.md). Sharding is unchanged: the token axes merge into one whose major part (the batch) carries
-    the data/FSDP sharding, and `act_length` is never sharded."""
+    BENCHMARKS.md). On CPU only: on TPU the 2-D form raised the 7B recipe's per-chip temporaries (v5e-32,
+    tensor 2: +0.46 GiB), so other platforms keep the einsum."""
+    if attention.trace_platform() != "cpu":
+        letters = "abcdefghijklmnopqrstuvwxyz"
+        xs, outs = letters[: x.ndim], letters[x.ndim: x.ndim + w.ndim - contract]
+        return jnp.einsum(f"{xs},{xs[x.ndim - contract:]}{outs}->{xs[: x.ndim - contract]}{outs}", x, w)
     k = math.prod(w.shape[:contract])
     lead, out = x.shape[: x.ndim - contract], w.shape[contract:]
     return (x.reshape(-1, k) @ w.reshape(k, -1)).reshape(*lead, *out)
