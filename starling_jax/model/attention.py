@@ -18,7 +18,9 @@ Implementations (`IMPLS`):
   blockwise  flash-style attention in plain JAX: online softmax over key blocks, a custom VJP that recomputes
              each block's probabilities from the saved log-sum-exp; holds one [N, H, bq, bk] block at a time,
              skips key blocks after the query block (causality) and block pairs no token pair of any row can
-             see (other segments, sibling answers, padding). Any layout, any backend.
+             see (other segments, sibling answers, padding). Any layout, any backend. Short rows on CPU take
+             its strip form instead (`resolve_blocks`): each query block against all keys up to its causal
+             bound in one block, the query blocks unrolled.
   fused      `jax.nn.dot_product_attention` from per-row lengths (XLA, or cuDNN on GPU for bf16/fp16): one
              right-padded plain segment per row only.
   cudnn      the same, forcing the cuDNN kernel (GPU only). jax 0.10.2's `jax.nn.dot_product_attention` takes
@@ -47,6 +49,8 @@ PREFIX_STRIDE = 1 << PREFIX_BITS
 IMPLS = ("einsum", "blockwise", "fused", "cudnn", "splash", "auto")
 AUTO = {"tpu": "splash", "gpu": "blockwise"}  # platform → implementation for `auto` (else einsum)
 BLOCKS = {"cpu": 256}  # platform → blockwise block length for `model.attention_block: 0` (else 128)
+STRIPS = {"cpu": 512}  # platform → the longest row that `attention_block: 0` gives blockwise's strip form
+STRIP_BLOCK = 64  # the strip form's query block for `attention_block: 0`
 # What each implementation can attend over (see the module docstring); `check_layout` refuses the rest.
 LAYOUTS = ("per_answer", "packed", "shared_prefix")
 SUPPORTED_LAYOUTS = {
@@ -85,11 +89,21 @@ def resolve(impl: str, platform: str | None = None) -> str:
     return AUTO.get(platform or trace_platform(), "einsum")
 
 
-def resolve_block(block: int, platform: str | None = None) -> int:
-    """The blockwise block length: `block`, or with 0 the one for `platform` (default as in `resolve`): 256 on
-    CPU, where a 128 block's small per-block matmuls cost more than the causal blocks they skip (the per-row
-    forward+backward at L = 256 and 1024, BENCHMARKS.md), else 128."""
-    return block or BLOCKS.get(platform or trace_platform(), 128)
+def resolve_blocks(block: int, length: int, platform: str | None = None) -> tuple[int, int | None]:
+    """(block_q, block_k) of `blockwise_attention` for rows of `length` tokens: (block, block) for an explicit
+    `model.attention_block`; with 0, by `platform` (default as in `resolve`). On CPU, rows of at most
+    `STRIPS["cpu"]` tokens take the strip form (block_k None) with 64-token query blocks; longer rows loop over
+    256-token blocks. There XLA's per-block loop and branch cost more than the causal blocks a small block
+    skips, so 256 beats 128 in the loop; the unrolled strips beat both up to 512 tokens, packed rows included,
+    but at 1024 lose to the loop on packed rows, whose other segments' blocks only the loop skips (BENCHMARKS.md,
+    "Train step vs PyTorch"). Elsewhere 128-token blocks in the loop."""
+    if block:
+        return block, block
+    platform = platform or trace_platform()
+    if length <= STRIPS.get(platform, 0):
+        return STRIP_BLOCK, None
+    block = BLOCKS.get(platform, 128)
+    return block, block
 
 
 def trace_platform() -> str:
@@ -124,12 +138,17 @@ def attention_mask(segment_ids, positions, sliding_window: int | None):
     return allowed(segment_ids, segment_ids, positions, positions, idx, idx, sliding_window)[:, None, None]
 
 
+def take_rows(x, select):
+    """x [N, L, ...] at the tokens select [N, Q] → [N, Q, ...]."""
+    index = select.astype(jnp.int32).reshape(*select.shape, *([1] * (x.ndim - 2)))
+    return jnp.take_along_axis(x, index, axis=1)
+
+
 def rows_mask(segment_ids, positions, select, sliding_window: int | None):
     """Boolean [N, 1, 1, Q, L]: the rule for the queries at tokens select [N, Q] (int) against every key."""
-    take = lambda x: jnp.take_along_axis(x, select.astype(jnp.int32), axis=1)  # noqa: E731
     keys = jnp.arange(segment_ids.shape[-1])
-    ok = allowed(take(segment_ids), segment_ids, take(positions), positions, select.astype(jnp.int32), keys,
-                 sliding_window)
+    ok = allowed(take_rows(segment_ids, select), segment_ids, take_rows(positions, select), positions,
+                 select.astype(jnp.int32), keys, sliding_window)
     return ok[:, None, None]
 
 
@@ -307,7 +326,7 @@ def _by_row(fn, *arrays):
     every row are skipped, and in a batch of packed rows that is almost none."""
     if not PER_ROW or arrays[0].shape[0] == 1:
         return fn(*arrays)
-    one = lambda xs: jax.tree.map(lambda y: y[0], fn(*(x[None] for x in xs)))  # noqa: E731
+    one = lambda xs: jax.tree.map(lambda y: y[0], fn(*jax.tree.map(lambda x: x[None], xs)))  # noqa: E731
     return jax.lax.map(one, arrays)
 
 
@@ -317,12 +336,21 @@ def _blockwise(q, k, v, seg, pos, window, block_q, block_k):
 
 
 def _blockwise_fwd(q, k, v, seg, pos, window, block_q, block_k):
-    out, lse = _by_row(lambda *a: _blockwise_forward(*a, window, block_q, block_k), q, k, v, seg, pos)
+    if block_k is None:
+        masks = _strip_masks(seg, pos, block_q, window, q.shape[2] // k.shape[2])
+        out, lse = _by_row(lambda *a: _strip_forward(*a, block_q), q, k, v, masks)
+    else:
+        out, lse = _by_row(lambda *a: _blockwise_forward(*a, window, block_q, block_k), q, k, v, seg, pos)
     return out, (q, k, v, seg, pos, out, lse)
 
 
 def _blockwise_bwd(window, block_q, block_k, res, d_out):
-    grads = _by_row(lambda *a: _blockwise_backward(*a, window, block_q, block_k), *res, d_out)
+    q, k, v, seg, pos, out, lse = res
+    if block_k is None:
+        masks = _strip_masks(seg, pos, block_q, window, q.shape[2] // k.shape[2])
+        grads = _by_row(lambda *a: _strip_backward(*a, block_q), q, k, v, masks, out, lse, d_out)
+    else:
+        grads = _by_row(lambda *a: _blockwise_backward(*a, window, block_q, block_k), *res, d_out)
     return (*grads, None, None)
 
 
@@ -369,18 +397,74 @@ def _blockwise_backward(q, k, v, seg, pos, out, lse, d_out, window, block_q, blo
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
+# The strip form (`block_k=None`): query block i attends to keys [0, (i + 1)·bq) — everything up to its causal
+# bound — as one block, with the query blocks unrolled (static shapes). No online softmax, no loop or branch per
+# block pair, and causality still skips the keys after each query block: at L = 256 with 64-token query blocks,
+# 6 of 16 block pairs. For rows of up to 512 tokens on CPU, where XLA's per-block loop and branch cost more than
+# the key blocks they skip (`resolve_blocks`). Row by row (`_by_row`), XLA may keep all of a row's strips live:
+# about one row's [H, L, L] scores at a time (never the batch's), another reason it is for short rows only.
+def _strip_masks(seg, pos, block_q, window, r):
+    """The `_strip_mask` of every query block cut at its causal bound: [N, 1, bq·R, (i + 1)·bq] for block i.
+    Built over the whole batch before the per-row loop and stored (its operand, and the barrier when there is
+    no loop), for the reason `_strip_mask` gives: fused into the scores' consumers, the rule is evaluated per
+    score element, and the strip form's CPU attention ran 2x slower than with the masks stored."""
+    nq = seg.shape[1] // block_q
+    return jax.lax.optimization_barrier(
+        [_strip_mask(seg, pos, i, block_q, window, r)[..., :(i + 1) * block_q] for i in range(nq)])
+
+
+def _strip_forward(q, k, v, masks, block_q):
+    """→ out [N, G, L·R, Dh] (q dtype), lse f32 [N, G, L·R] (0 on rows that see nothing); as `_blockwise_forward`,
+    with `_strip_masks`."""
+    n, g, rows, dh, r, nq, _, bqr, scale = _block_dims(q, k, block_q, block_q)
+    outs, lses = [], []
+    for i, mask in enumerate(masks):
+        keys = (i + 1) * block_q
+        s = jnp.where(mask, _dot(q[:, :, i * bqr:(i + 1) * bqr], k[:, :, :keys], "last") * scale, _NEG)
+        m = s.max(-1)
+        p = jnp.where(mask, jnp.exp(s - m[..., None]), 0.0)
+        l = p.sum(-1)
+        seen = l > 0
+        out = _dot(p.astype(v.dtype), v[:, :, :keys], "mid") / jnp.where(seen, l, 1.0)[..., None]
+        outs.append(out.astype(q.dtype))
+        lses.append(jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0))
+    return jnp.concatenate(outs, 2), jnp.concatenate(lses, 2)
+
+
+def _strip_backward(q, k, v, masks, out, lse, d_out, block_q):
+    """The backward of `_strip_forward`, per query block as in `_blockwise_backward`; dK and dV accumulate over
+    the query blocks on their key prefixes."""
+    n, g, rows, dh, r, nq, _, bqr, scale = _block_dims(q, k, block_q, block_q)
+    d_out = d_out.astype(q.dtype)
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1)  # [N, G, L·R]
+    dq, dk, dv = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32)
+    for i, mask in enumerate(masks):
+        keys, sl = (i + 1) * block_q, slice(i * bqr, (i + 1) * bqr)
+        q_i, do_i, lse_i, delta_i = q[:, :, sl], d_out[:, :, sl], lse[:, :, sl], delta[:, :, sl]
+        k_s, v_s = k[:, :, :keys], v[:, :, :keys]
+        p = jnp.where(mask, jnp.exp(_dot(q_i, k_s, "last") * scale - lse_i[..., None]), 0.0)
+        dv = dv.at[:, :, :keys].add(_dot(p.astype(do_i.dtype), do_i, "rows"))
+        ds = (p * (_dot(do_i, v_s, "last") - delta_i[..., None]) * scale).astype(q.dtype)
+        dq.append(_dot(ds, k_s, "mid"))
+        dk = dk.at[:, :, :keys].add(_dot(ds, q_i, "rows"))
+    return jnp.concatenate(dq, 2).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
 _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
 
 
 def blockwise_attention(q, k, v, segment_ids, positions, sliding_window: int | None = None,
-                        block_q: int = 128, block_k: int = 128):
+                        block_q: int = 128, block_k: int | None = 128):
     """Flash-style attention of the layout rule; q [N, L, H, Dh], k/v [N, L, G, Dh] → [N, L, H, Dh].
 
-    L is padded internally (segment 0) to a multiple of the block sizes; blocks shrink to L when L is smaller.
-    Outputs on rows that see no key (padding) are 0 and get no gradient."""
+    block_k None: the strip form (each query block against all keys up to its causal bound, `_strip_forward`),
+    else online softmax over key blocks of block_k in a loop. L is padded internally (segment 0) to a multiple
+    of the block sizes; blocks shrink to L when L is smaller. Outputs on rows that see no key (padding) are 0
+    and get no gradient."""
     length = q.shape[1]
-    block_q, block_k = min(block_q, length), min(block_k, length)
-    step = math.lcm(block_q, block_k)
+    block_q = min(block_q, length)
+    block_k = None if block_k is None else min(block_k, length)
+    step = block_q if block_k is None else math.lcm(block_q, block_k)
     padded = -(-length // step) * step
     if padded != length:
         pad = lambda x: jnp.pad(x, [(0, 0), (0, padded - length)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
@@ -545,8 +629,8 @@ def attend(cfg, q, k, v, context):
         return fused_attention(q, k, v, context, cfg.sliding_window, "cudnn" if impl == "cudnn" else None)
     segment_ids, positions = context
     if impl == "blockwise":
-        block = resolve_block(cfg.attention_block)
-        return blockwise_attention(q, k, v, segment_ids, positions, cfg.sliding_window, block, block)
+        blocks = resolve_blocks(cfg.attention_block, q.shape[1])
+        return blockwise_attention(q, k, v, segment_ids, positions, cfg.sliding_window, *blocks)
     if impl == "splash":
         from starling_jax.parallel.sharding import active_mesh
 

@@ -51,7 +51,7 @@ class ModelConfig:
     remat_policy: str = "none"  # none | full | full_offload (layer inputs in host memory) | dots | dots_no_batch
     scan_layers: bool = False
     attention_impl: str = "einsum"  # einsum | blockwise | fused | cudnn | splash | auto (see model/attention.py)
-    attention_block: int = 0  # blockwise: query and key block length; 0 = by platform (256 on CPU, else 128)
+    attention_block: int = 0  # blockwise: query and key block length; 0 = by platform and row length (resolve_blocks)
     # The MLP over the sequence in this many chunks (the gcd with each call's length L), each under remat with
     # `remat_policy`: one layer's [N, L, F] MLP activations in the backward shrink to [N, L/chunks, F].
     mlp_chunks: int = 1

@@ -65,20 +65,13 @@ def dense(x, w, contract: int = 1):
     [N, L, D] operand XLA:CPU canonicalises it by first copying both [N, L, ·] operands into transposed
     [·, N, L] buffers (the MLP's fp32 forward+backward on this CPU: 300 ms with einsum, 212 ms in 2-D,
     BENCHMARKS.md). On CPU only: on TPU the 2-D form raised the 7B recipe's per-chip temporaries (v5e-32,
-    tensor 2: +0.46 GiB), so other platforms keep the einsum."""
+    tensor 2: +0.46 GiB), so other platforms keep the einsum's single dot_general (`jnp.tensordot` lowers to the
+    same StableHLO op, forward and backward)."""
     if attention.trace_platform() != "cpu":
-        letters = "abcdefghijklmnopqrstuvwxyz"
-        xs, outs = letters[: x.ndim], letters[x.ndim: x.ndim + w.ndim - contract]
-        return jnp.einsum(f"{xs},{xs[x.ndim - contract:]}{outs}->{xs[: x.ndim - contract]}{outs}", x, w)
+        return jnp.tensordot(x, w, axes=contract)
     k = math.prod(w.shape[:contract])
     lead, out = x.shape[: x.ndim - contract], w.shape[contract:]
     return (x.reshape(-1, k) @ w.reshape(k, -1)).reshape(*lead, *out)
-
-
-def take_rows(x, select):
-    """x [N, L, ...] at the tokens select [N, Q] → [N, Q, ...]."""
-    index = select.astype(jnp.int32).reshape(*select.shape, *([1] * (x.ndim - 2)))
-    return jnp.take_along_axis(x, index, axis=1)
 
 
 class Rotary(NamedTuple):
@@ -144,8 +137,8 @@ class Attention(nnx.Module):
         k = constrain(rope(dense(x, self.k_proj[...].astype(dtype)), rot),
                       ("act_batch", "act_length", "act_kv_heads", None))
         v = constrain(dense(x, self.v_proj[...].astype(dtype)), ("act_batch", "act_length", "act_kv_heads", None))
-        q_rot = Rotary(*(take_rows(t, select) for t in rot))
-        q = constrain(rope(dense(take_rows(x, select), self.q_proj[...].astype(dtype)), q_rot),
+        q_rot = Rotary(*(attention.take_rows(t, select) for t in rot))
+        q = constrain(rope(dense(attention.take_rows(x, select), self.q_proj[...].astype(dtype)), q_rot),
                       ("act_batch", "act_length", "act_heads", None))
         return self.project_out(attention.gqa_attention(q, [(k, v, rows_mask)]))
 
@@ -226,7 +219,7 @@ class DecoderLayer(nnx.Module):
         """The layer's output at the tokens `select` [N, Q] only → [N, Q, D]. Keys and values come from every
         token (`Attention.rows`); rows_mask [N, 1, 1, Q, L] (`attention.rows_mask`) says which each selected
         query sees."""
-        x_rows = take_rows(x, select) + self.attn.rows(self.attn_norm(x), rot, rows_mask, select)
+        x_rows = attention.take_rows(x, select) + self.attn.rows(self.attn_norm(x), rot, rows_mask, select)
         return x_rows + self.mlp(self.mlp_norm(x_rows))
 
     def cached(self, x, rot, cache, self_mask):
@@ -333,7 +326,7 @@ class Decoder(nnx.Module):
                                           offload=cfg.remat_policy == "full_offload",
                                           saved_axes=("act_batch", "act_saved_length", "act_embed"),
                                           input_axes=("act_batch", "act_length", "act_embed"))
-                return self.final_norm(x if select is None else take_rows(x, select))
+                return self.final_norm(x if select is None else attention.take_rows(x, select))
 
             def body(x, layer_state):
                 return apply_layer(nnx.merge(graphdef, layer_state), x), None
@@ -342,7 +335,7 @@ class Decoder(nnx.Module):
         else:
             for layer in self.layers:
                 x = apply_layer(layer, x)
-        return self.final_norm(x if select is None else take_rows(x, select))
+        return self.final_norm(x if select is None else attention.take_rows(x, select))
 
     def cached(self, tokens, positions, cache, self_mask):
         """Forward of new tokens [N, L] against a KV cache (the sampler's prefill and decode steps).

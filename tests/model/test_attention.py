@@ -113,7 +113,10 @@ def assert_equals_einsum(attend, qkv, seg, pos, window, jit: bool = True) -> np.
 
 
 @pytest.mark.parametrize("window,blocks,per_row", [(None, (16, 8), True), (5, (8, 16), True), (None, (64, 64), True),
-                                                   (3, (8, 8), True), (None, (8, 8), False)])
+                                                   (3, (8, 8), True), (None, (8, 8), False),
+                                                   # the strip form (block_k None): L = 40 pads to 48 with 16
+                                                   (None, (16, None), True), (5, (8, None), True),
+                                                   (3, (64, None), True), (None, (8, None), False)])
 def test_blockwise_equals_einsum_values_and_gradients(qkv, window, blocks, per_row, monkeypatch):
     monkeypatch.setattr(A, "PER_ROW", per_row)
     seg, pos, _ = _layout()
@@ -155,6 +158,25 @@ def test_blockwise_never_holds_the_score_matrix():
     scores_bytes = n * h * length * length * 4
     temp = compiled.memory_analysis().temp_size_in_bytes
     assert temp < scores_bytes / 16, (temp, scores_bytes)
+
+
+def test_blockwise_strip_form_holds_one_row_of_scores_at_a_time():
+    """The strip form (block_k None, rows of <= 512 tokens on CPU) keeps about one row's [H, L, L] scores in
+    flight (its unrolled strips of that row) plus the batch's boolean strip masks, never the batch's scores:
+    8 rows of 512 tokens compile to temporaries under half of the batch's [N, H, L, L] f32 scores (measured
+    0.43; holding every row's strips would be ~1.8 x)."""
+    n, length, h, g, dh = 8, 512, 2, 1, 16
+    spec = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)  # noqa: E731
+    ints = jax.ShapeDtypeStruct((n, length), jnp.int32)
+
+    def f(q, k, v, seg, pos):
+        return jnp.sum(A.blockwise_attention(q, k, v, seg, pos, None, 64, None))
+
+    compiled = jax.jit(jax.grad(f, (0, 1, 2))).lower(
+        spec(n, length, h, dh), spec(n, length, g, dh), spec(n, length, g, dh), ints, ints).compile()
+    scores_bytes = n * h * length * length * 4
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    assert temp < scores_bytes / 2, (temp, scores_bytes)
 
 
 TINY = ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
@@ -295,12 +317,15 @@ def test_selected_rows_equal_the_full_forward_values_and_gradients(impl, remat, 
                                atol=1e-5, rtol=1e-5)
 
 
-def test_block_length_zero_resolves_by_platform():
-    """`model.attention_block: 0` is 256 on CPU (bigger blocks beat causal skipping there) and 128 on GPU/TPU; an
-    explicit length passes through; a negative one is a config error naming the key."""
-    assert A.resolve_block(0, "cpu") == 256
-    assert A.resolve_block(0, "gpu") == 128 and A.resolve_block(0, "tpu") == 128
-    assert A.resolve_block(64, "cpu") == 64
-    assert A.resolve_block(0) == (256 if jax.default_backend() == "cpu" else 128)
+def test_blocks_resolve_by_platform_and_row_length():
+    """`model.attention_block: 0`: on CPU the strip form (block_k None) with 64-token query blocks up to 512
+    tokens, then 256-token blocks in the loop; 128 on GPU/TPU. An explicit length passes through as the loop's
+    block; a negative one is a config error naming the key."""
+    assert A.resolve_blocks(0, 256, "cpu") == (64, None) and A.resolve_blocks(0, 512, "cpu") == (64, None)
+    assert A.resolve_blocks(0, 40, "cpu") == (64, None)  # blockwise_attention shrinks it to L
+    assert A.resolve_blocks(0, 513, "cpu") == (256, 256) and A.resolve_blocks(0, 2048, "cpu") == (256, 256)
+    assert A.resolve_blocks(0, 256, "gpu") == (128, 128) and A.resolve_blocks(0, 256, "tpu") == (128, 128)
+    assert A.resolve_blocks(64, 256, "cpu") == (64, 64)
+    assert A.resolve_blocks(0, 256) == ((64, None) if jax.default_backend() == "cpu" else (128, 128))
     with pytest.raises(ConfigError, match="model.attention_block=-1"):
         TINY.replace(attention_block=-1)
