@@ -110,16 +110,22 @@ class Attention(nnx.Module):
         self.v_proj = _init(cfg, rngs, (d, g, dh), ("embed", "kv_heads", "head_dim"))
         self.o_proj = _init(cfg, rngs, (h, dh, d), ("q_heads", "head_dim", "embed"))
 
-    def project_qkv(self, x, rot: Rotary):
-        """x [N, L, D] → q [N, L, H, Dh], k and v [N, L, G, Dh], RoPE (`rot`, see `rotary`) applied to q and k."""
-        cfg, dtype = self.cfg, self.cfg.jnp_dtype
-        q = dense(x, self.q_proj[...].astype(dtype))
+    def project_q(self, x, rot: Rotary):
+        """x [N, L, D] → q [N, L, H, Dh] with RoPE (`rot`, see `rotary`)."""
+        q = dense(x, self.q_proj[...].astype(self.cfg.jnp_dtype))
+        return constrain(rope(q, rot), ("act_batch", "act_length", "act_heads", None))
+
+    def project_kv(self, x, rot: Rotary):
+        """x [N, L, D] → k (with RoPE) and v, [N, L, G, Dh]."""
+        dtype = self.cfg.jnp_dtype
         k = dense(x, self.k_proj[...].astype(dtype))
         v = dense(x, self.v_proj[...].astype(dtype))
-        q = constrain(rope(q, rot), ("act_batch", "act_length", "act_heads", None))
         k = constrain(rope(k, rot), ("act_batch", "act_length", "act_kv_heads", None))
-        v = constrain(v, ("act_batch", "act_length", "act_kv_heads", None))
-        return q, k, v
+        return k, constrain(v, ("act_batch", "act_length", "act_kv_heads", None))
+
+    def project_qkv(self, x, rot: Rotary):
+        """x [N, L, D] → q [N, L, H, Dh], k and v [N, L, G, Dh], RoPE applied to q and k."""
+        return self.project_q(x, rot), *self.project_kv(x, rot)
 
     def project_out(self, out):
         out = constrain(out, ("act_batch", "act_length", "act_heads", None))
@@ -133,13 +139,8 @@ class Attention(nnx.Module):
     def rows(self, x, rot, rows_mask, select):
         """Attention output [N, Q, D] of the tokens `select` [N, Q] over the keys of all of x [N, L, D] (the
         einsum form: Q·L scores per head, tiny next to L·L)."""
-        dtype = self.cfg.jnp_dtype
-        k = constrain(rope(dense(x, self.k_proj[...].astype(dtype)), rot),
-                      ("act_batch", "act_length", "act_kv_heads", None))
-        v = constrain(dense(x, self.v_proj[...].astype(dtype)), ("act_batch", "act_length", "act_kv_heads", None))
-        q_rot = Rotary(*(attention.take_rows(t, select) for t in rot))
-        q = constrain(rope(dense(attention.take_rows(x, select), self.q_proj[...].astype(dtype)), q_rot),
-                      ("act_batch", "act_length", "act_heads", None))
+        k, v = self.project_kv(x, rot)
+        q = self.project_q(attention.take_rows(x, select), Rotary(*(attention.take_rows(t, select) for t in rot)))
         return self.project_out(attention.gqa_attention(q, [(k, v, rows_mask)]))
 
     def cached(self, x, rot, cache, self_mask):
