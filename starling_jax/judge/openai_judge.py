@@ -54,7 +54,10 @@ class Usage:
 class OpenAIJudge:
     def __init__(self, model: str, base_url: str | None = None, *, timeout: float = 120.0, max_retries: int = 6,
                  backoff_s: float = 1.0, temperature: float = 0.0, max_tokens: int | None = None):
-        import openai  # the `label` extra: only LLM judges need it
+        try:
+            import openai  # the `label` extra: only LLM judges need it
+        except ImportError:
+            raise JudgeError("--judge openai:... needs the openai client: pip install 'starling_jax[label]'") from None
 
         key = os.environ.get(KEY_VARIABLE)
         if not key:
