@@ -71,7 +71,7 @@ class RewardScorer:
     def __init__(self, model: str, template: str | None = None, max_length: int | None = None,
                  batch_size: int = 32):
         mesh = sharding.make_mesh(sharding.MeshConfig())
-        cfg, graphdef, self.params, tokenizer_dir, default_len, recorded, default_template = \
+        _, graphdef, self.params, tokenizer_dir, default_len, recorded, default_template = \
             load_reward_model(model, mesh)
         self.tokenizer = tokenizer_lib.load_tokenizer(tokenizer_dir)
         self.max_length = max_length or default_len

@@ -20,7 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 
-ANSWER = re.compile(r"\[Answer ([A-Z])\]\n(.*?)\n\[End of answer \1\]", re.S)
+ANSWER = re.compile(r"\[Answer ([A-Z])\]\n(.*?)\n\[End of answer \1\]", re.DOTALL)
 
 
 def key_of(messages) -> str:

@@ -9,9 +9,9 @@ import pytest
 
 from starling_jax import gather_answers
 from starling_jax import generate as gen
+from starling_jax.data.nectar import ReadReport
 from starling_jax.data.prompts import read_prompts
 from starling_jax.judge.rows import read_rows
-from starling_jax.data.nectar import ReadReport
 
 PROMPTS = [{"prompt": "\n\nHuman: Name a fruit.\n\nAssistant:", "source": ["fruit"]},
            {"prompt": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Name a colour.\n\nAssistant:"},
