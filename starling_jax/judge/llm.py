@@ -99,18 +99,23 @@ def label_rows(rows: list[Row], judge, judge_spec: str, template, cache: Cache, 
     with ThreadPoolExecutor(max_workers=max(1, int(concurrency))) as pool:
         futures = [(row, pool.submit(judge_order, judge, judge_spec, template, cache, row, o, order, seed,
                                      max_attempts)) for row, o, order in jobs]
-        for row, future in futures:
-            results[row.row].append(future.result())  # a JudgeError (fatal) propagates from here
-            if progress is not None:
-                progress.update(1)
+        try:
+            for row, future in futures:
+                results[row.row].append(future.result())  # a JudgeError (fatal) propagates from here
+                if progress is not None:
+                    progress.update(1)
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)  # send nothing more; the cache holds what was answered
+            raise
     labelled, rejected = [], []
     for row in rows:
         judged = results[row.row]
         failed = [r for r in judged if r.ranking is None]
         if failed:
+            # final: every failed order used up its attempts (a rerun asks again only after a transport failure)
             rejected.append({"row": row.row, "reason": failed[0].error,
                              "orders_failed": len(failed), "orders": len(judged),
-                             "replies_cached": all(r.cached for r in failed)})
+                             "final": all(r.attempts >= max_attempts for r in failed)})
             continue
         rankings = [r.ranking for r in judged]
         ranks = ranks_from_scores(borda_scores(rankings, row.k))

@@ -176,7 +176,7 @@ def test_faults_kill_and_restart_lose_nothing_and_send_nothing_twice(tmp_path):
     assert len(labelled) == summary["labelled"] and len(rejects) == summary["rejected"] > 0
     never = {key for key in judge.answered() if judge.answered()[key] == 0}
     assert len(never) >= 1
-    assert all("unusable reply" in r["reason"] and "3 of 3 attempts" in r["reason"] for r in rejects)
+    assert all("unusable reply" in r["reason"] and "3 of 3 attempts" in r["reason"] and r["final"] for r in rejects)
     assert summary["retries"] > 0 and summary["prompt_tokens"] > 0 and summary["completion_tokens"] > 0
     assert summary["cached"] >= 1  # the restart answered orders from the cache
     # nothing sent twice: each order got exactly one usable answer over both runs, and an order whose replies are
@@ -242,3 +242,33 @@ def test_key_of_matches_the_first_user_message():
     assert key_of([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]) == \
         key_of([{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"},
                 {"role": "user", "content": "again"}])
+
+
+def test_a_server_that_keeps_failing_rejects_the_row_and_a_rerun_asks_again(tmp_path, monkeypatch):
+    """5xx past --max-retries: the row is rejected (not final), nothing is cached, and a rerun sends it again."""
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    rows, qualities = make_rows(3, seed=4)
+    data = write_rows(tmp_path / "rows.jsonl", rows)
+    judge = FakeJudge(qualities)
+    down = {"on": True}
+    real = judge.handle
+
+    def handle(body, auth):
+        if down["on"]:
+            return 503, {"error": {"message": "overloaded", "type": "server_error"}}, {}
+        return real(body, auth)
+
+    judge.handle = handle
+    out = tmp_path / "o.jsonl"
+    with Server(judge) as server:
+        kwargs = dict(base_url=server.base_url, max_retries=2, backoff=0.001, concurrency=2, progress=False)
+        summary = label_lib.label(str(data), str(out), "openai:fake", **kwargs)
+        assert summary["labelled"] == 0 and summary["rejected"] == 3
+        assert summary["requests"] == 3 * 3 and summary["retries"] == 3 * 2
+        rejects = [json.loads(line) for line in Path(f"{out}.rejects.jsonl").read_text().splitlines()]
+        assert all(r["reason"] == "request failed: HTTP 503: overloaded (after 2 retries)" and not r["final"]
+                   for r in rejects)
+        down["on"] = False
+        again = label_lib.label(str(data), str(out), "openai:fake", **kwargs)
+    assert again["labelled"] == 3 and again["requests"] == 3 and again["retries"] == 0
+    assert not Path(f"{out}.rejects.jsonl").read_text()
