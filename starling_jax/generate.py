@@ -2,7 +2,7 @@
 
     python -m starling_jax.generate --model DIR (--prompt TEXT | --data FILE) [--max-new-tokens N]
         [--temperature T] [--top-k K] [--top-p P] [--seed S] [--batch-size B] [--template NAME]
-        [--stop TEXT ...] [--output FILE]
+        [--stop TEXT ...] [--num-samples K] [--output FILE]
 
 DIR is an HF causal-LM folder (`*ForCausalLM` + tokenizer) or a starling_jax policy checkpoint (Orbax run folder).
 `--data` takes Nectar-format rows (an HH `prompt`) or JSON lines with `messages` (a role/content list). Each
@@ -12,8 +12,12 @@ cut from its text. Rows end at an EOS id (the tokenizer's, config.json's and gen
 string (`--stop`, plus the template's end-of-turn markers, matched at the token level) or after
 `--max-new-tokens`. `--temperature 0` is greedy.
 
-Output: JSON lines in input order (to `--output`, or printed), each with `row`, `prompt` (the rendered text the
-model saw), `completion`, `finish_reason` (eos | stop | length) and `num_tokens`. The last printed line is a JSON
+Output: JSON lines in input order (to `--output`, or printed), each with `row`, `sample`, `prompt` (the rendered
+text the model saw), `completion`, `finish_reason` (eos | stop | length) and `num_tokens`. `--num-samples K`
+writes K completions per prompt (lines `sample` 0..K-1 of a row follow each other): independent draws, sample s of
+row i drawn with the sampler's row id s·N + i (N prompts; each row id folds into the key), so sample 0 is what a
+run without `--num-samples` gives. `python -m starling_jax.gather_answers` turns such files into unranked
+Nectar rows for `label`. The last printed line is a JSON
 summary with `rows`, `new_tokens` and `tokens_per_s` (generation time including compilation).
 
 With no arguments it generates with the policy of the default `python -m starling_jax.train_sft` run
@@ -128,7 +132,7 @@ def ensure_default_policy() -> str:
 # ---------------------------------------------------------------------------------------------- main
 def generate(model: str, conversations, *, max_new_tokens: int = 256, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, seed: int = 0, batch_size: int = 16, template: str = "tokenizer",
-             stops=(), output: str | None = None) -> dict:
+             stops=(), output: str | None = None, num_samples: int = 1) -> dict:
     from tqdm import tqdm
 
     from starling_jax.parallel import sharding
@@ -137,6 +141,8 @@ def generate(model: str, conversations, *, max_new_tokens: int = 256, temperatur
     from starling_jax.tokenizer import load_tokenizer
 
     get_template(template)  # an unknown name fails before the model is loaded
+    if num_samples < 1:
+        raise ConfigError(f"--num-samples {num_samples}: must be ≥ 1")
     sampling_args = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
     SamplingConfig(**sampling_args)  # bad values fail before the model is loaded, too
     mesh = sharding.make_mesh(sharding.MeshConfig())
@@ -151,19 +157,23 @@ def generate(model: str, conversations, *, max_new_tokens: int = 256, temperatur
                               pad_token_id=tokenizer.pad_token_id or 0)
     sampler = Sampler(graphdef, params, cfg, mesh, batch_size)
     start = time.perf_counter()
-    with tqdm(total=len(prompts), desc="generate", unit="row", file=sys.stderr) as bar:
-        results = sampler.generate(prompts, sampling, seed, progress=bar,
-                                   names=[f"row {i + 1}" for i in range(len(prompts))])
+    n = len(prompts)
+    # sample s of row i is sampler row s·n + i: distinct row ids, so independent draws; sample 0 = one-sample run
+    jobs = [(i, s) for i in range(n) for s in range(num_samples)]
+    with tqdm(total=len(jobs), desc="generate", unit="row", file=sys.stderr) as bar:
+        results = sampler.generate([prompts[i] for i, _ in jobs], sampling, seed, progress=bar,
+                                   row_ids=[s * n + i for i, s in jobs],
+                                   names=[f"row {i + 1}" for i, _ in jobs])
     seconds = time.perf_counter() - start
 
     lines = []
-    for i, (text, res) in enumerate(zip(texts, results)):
+    for (i, sample), res in zip(jobs, results):
         completion = tokenizer.decode(res.tokens, skip_special_tokens=True)
         if res.finish_reason == "stop":
             cut = max((completion.rfind(s) for s in stop_strings), default=-1)
             completion = completion[:cut] if cut >= 0 else completion
-        lines.append({"row": i + 1, "prompt": text, "completion": completion, "finish_reason": res.finish_reason,
-                      "num_tokens": len(res.tokens)})
+        lines.append({"row": i + 1, "sample": sample, "prompt": texts[i], "completion": completion,
+                      "finish_reason": res.finish_reason, "num_tokens": len(res.tokens)})
     if output:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         with open(output, "w", encoding="utf-8") as f:
@@ -175,7 +185,7 @@ def generate(model: str, conversations, *, max_new_tokens: int = 256, temperatur
     new_tokens = sum(line["num_tokens"] for line in lines)
     return {"status": "completed", "model": str(model), "rows": len(lines), "new_tokens": new_tokens,
             "tokens_per_s": round(new_tokens / seconds, 2), "seconds": round(seconds, 3), "output": output,
-            "template": template, "temperature": temperature, "seed": seed}
+            "template": template, "temperature": temperature, "seed": seed, "num_samples": num_samples}
 
 
 def main(argv=None) -> int:
@@ -195,6 +205,7 @@ def main(argv=None) -> int:
     parser.add_argument("--template", default="tokenizer", help=f"chat template: {', '.join(TEMPLATE_NAMES)} "
                         "(tokenizer = the model folder's own, default)")
     parser.add_argument("--stop", action="append", default=[], help="extra stop string (repeatable)")
+    parser.add_argument("--num-samples", type=int, default=1, help="completions per prompt (independent draws)")
     parser.add_argument("--output", default=None, help="JSON-lines output file (default: print the lines)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     cli.setup_logging()
@@ -209,7 +220,8 @@ def main(argv=None) -> int:
         model = args.model if args.model is not None else ensure_default_policy()
         return generate(model, conversations, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                         top_k=args.top_k, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
-                        template=args.template, stops=args.stop, output=args.output)
+                        template=args.template, stops=args.stop, output=args.output,
+                        num_samples=args.num_samples)
 
     return cli.run_main(run)
 

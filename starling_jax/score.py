@@ -62,23 +62,49 @@ def load_reward_model(model: str, mesh):
             meta.get("template", "tokenizer"))
 
 
+class RewardScorer:
+    """A reward model with the scoring `score` does: the tokenizer and template it was trained with (checked against
+    its recorded provenance), each answer rendered as the last assistant turn of its conversation, rewards read at
+    the last token, length-bucketed micro-batches (`score_batches.py`). `label --judge rm:DIR` uses it too, so its
+    ranks order answers exactly as `score`'s rewards do."""
+
+    def __init__(self, model: str, template: str | None = None, max_length: int | None = None,
+                 batch_size: int = 32):
+        mesh = sharding.make_mesh(sharding.MeshConfig())
+        _, graphdef, self.params, tokenizer_dir, default_len, recorded, default_template = \
+            load_reward_model(model, mesh)
+        self.tokenizer = tokenizer_lib.load_tokenizer(tokenizer_dir)
+        self.max_length = max_length or default_len
+        # the model was trained on data tokenized with `recorded`: the same tokenizer (fingerprint) and, for a
+        # named template given here, the same template, or a one-line error naming both
+        keys = ["tokenizer_fingerprint"] + (["template"] if template and template != "tokenizer" else [])
+        self.template = template or default_template
+        current = tokenizer_lib.data_provenance(self.tokenizer, tokenizer_dir, self.template, self.max_length)
+        tokenizer_lib.check_provenance(recorded, current, f"reward model {model}", "score", keys=keys)
+        self.scorer = BucketedScorer(graphdef, mesh, rows=batch_size, max_length=self.max_length,
+                                     pad_to_multiple=PAD_TO_MULTIPLE, pad_id=self.tokenizer.pad_token_id or 0)
+
+    def tokenize(self, ranking):
+        """A `Ranking` → its `TokenizedRanking` (answers in row order); raises RowDoesNotFit."""
+        return tokenize_ranking(ranking, self.tokenizer, self.template, self.max_length)
+
+    def rewards(self, tokenized) -> list:
+        """float64 rewards per tokenized row, in the row's answer order (all rows' answers in one bucketed pass)."""
+        import numpy as np
+
+        sequences = [t for tr in tokenized for t in tr.tokens]
+        reward_index = [int(i) for tr in tokenized for i in tr.reward_index]
+        flat = self.scorer(self.params, sequences, reward_index) if sequences else np.zeros(0, np.float32)
+        offsets = np.cumsum([0] + [tr.num_answers for tr in tokenized])
+        return [flat[offsets[i]:offsets[i + 1]].astype(np.float64) for i in range(len(tokenized))]
+
+
 def score(model: str, data: str, output: str | None = None, template: str | None = None,
           max_length: int | None = None, batch_size: int = 32, on_bad_row: str = "error") -> dict:
     import numpy as np
 
-    # --- model & tokenizer
-    mesh = sharding.make_mesh(sharding.MeshConfig())
-    cfg, graphdef, params, tokenizer_dir, default_len, recorded, default_template = load_reward_model(model, mesh)
-    tokenizer = tokenizer_lib.load_tokenizer(tokenizer_dir)
-    max_length = max_length or default_len
-    # the model was trained on data tokenized with `recorded`: the same tokenizer (fingerprint) and, for a
-    # named template given here, the same template, or a one-line error naming both
-    keys = ["tokenizer_fingerprint"] + (["template"] if template and template != "tokenizer" else [])
-    template = template or default_template
-    current = tokenizer_lib.data_provenance(tokenizer, tokenizer_dir, template, max_length)
-    tokenizer_lib.check_provenance(recorded, current, f"reward model {model}", "score", keys=keys)
-    scorer = BucketedScorer(graphdef, mesh, rows=batch_size, max_length=max_length,
-                            pad_to_multiple=PAD_TO_MULTIPLE, pad_id=tokenizer.pad_token_id or 0)
+    scorer = RewardScorer(model, template, max_length, batch_size)
+    template = scorer.template
 
     # --- rows → tokenized answers (input order kept; skipped rows remembered with their reason)
     fmt = detect_format(data)
@@ -88,7 +114,7 @@ def score(model: str, data: str, output: str | None = None, template: str | None
     tokenized = []
     for ranking in reader(data, on_bad_row, report):
         try:
-            tokenized.append(tokenize_ranking(ranking, tokenizer, template, max_length))
+            tokenized.append(scorer.tokenize(ranking))
         except RowDoesNotFit as e:
             if on_bad_row == "error":
                 raise DataError(f"{data}: row {ranking.row}: {e}") from None
@@ -97,11 +123,7 @@ def score(model: str, data: str, output: str | None = None, template: str | None
         lines[skipped["row"]] = {"row": skipped["row"], "rewards": None, "error": skipped["reason"]}
 
     # --- score all answers: length-sorted micro-batches padded to a few bucket lengths (score_batches.py)
-    sequences = [t for tr in tokenized for t in tr.tokens]
-    reward_index = [int(i) for tr in tokenized for i in tr.reward_index]
-    flat = scorer(params, sequences, reward_index) if sequences else np.zeros(0, np.float32)
-    offsets = np.cumsum([0] + [tr.num_answers for tr in tokenized])
-    rewards = [flat[offsets[i]:offsets[i + 1]].astype(np.float64) for i in range(len(tokenized))]
+    rewards = scorer.rewards(tokenized)
 
     # --- output lines and metrics
     metrics = RankingMetrics()

@@ -1,0 +1,190 @@
+"""Gather answers from several sources into unranked Nectar-schema rows (the input of `label`).
+
+    python -m starling_jax.gather_answers --output FILE [--prompts FILE]
+        [--generated FILE[=MODEL] ...] [--nectar FILE ...] [--answers FILE[=MODEL] ...]
+        [--min-answers N] [--max-answers N] [--dedupe]
+
+Sources (each flag repeatable, read in the order given):
+- `--generated FILE[=MODEL]`: `python -m starling_jax.generate` output (one line per completion: `row`, `sample`,
+  `completion`); line `row` n answers row n of `--prompts`, the file generate read with `--data`. MODEL names the
+  answers (default: the file's stem).
+- `--nectar FILE`: Nectar rows (ranked or not): their `answers` (`answer`, `model`) join the row with the same HH
+  prompt; their `source` is kept.
+- `--answers FILE[=MODEL]`: JSON lines with an HH `prompt` (or `messages`, a role/content list ending with a user
+  turn) and `answer` (or `completion`), optionally `model` (else MODEL, else the file's stem).
+
+Rows are joined by their HH prompt text. The output rows are those of `--prompts` in its order, or, without it, each
+prompt in the order it is first met; each has `prompt`, `answers: [{answer, model}]` (in source order) and
+`source`. `--dedupe` keeps the first of answers with the same text; `--max-answers` keeps the first N; a row left
+with fewer than `--min-answers` (default 2) answers is not written (counted in the summary as `rows_too_few`).
+The last printed line is a JSON summary: rows, answers, answers per source, rows_too_few.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from starling_jax import cli
+from starling_jax.data.chat import parse_hh, to_hh
+from starling_jax.data.nectar import iter_raw_rows
+from starling_jax.data.prompts import parse_messages, read_prompts
+from starling_jax.errors import ConfigError, DataError
+
+
+def _split_spec(spec: str) -> tuple[str, str]:
+    """`FILE=MODEL` → (FILE, MODEL); `FILE` → (FILE, its stem)."""
+    path, sep, model = spec.partition("=")
+    if sep and not model:
+        raise ConfigError(f"{spec!r}: empty model name after '='")
+    return path, model if sep else Path(path).stem
+
+
+def _hh(messages, where: str) -> str:
+    if any(m["role"] == "system" for m in messages):
+        raise DataError(f"{where}: a system message cannot be written as an HH prompt (Nectar rows have none)")
+    return to_hh(messages)
+
+
+def _rows(path: str):
+    """(row, dict) of a JSON file; a line that is not a JSON object is a one-line DataError naming file and row."""
+    for row, raw in iter_raw_rows(path):
+        if isinstance(raw, tuple):
+            raise DataError(f"{path}: row {row}: {raw[1]}")
+        if not isinstance(raw, dict):
+            raise DataError(f"{path}: row {row}: expected a JSON object, got {type(raw).__name__}")
+        yield row, raw
+
+
+def _prompt_of(raw: dict, where: str) -> str:
+    if "messages" in raw and "prompt" not in raw:
+        return _hh(parse_messages(raw["messages"], where), where)
+    prompt = raw.get("prompt")
+    try:
+        parse_hh(prompt)
+    except ValueError as e:
+        raise DataError(f"{where}: field 'prompt': {e}") from None
+    return prompt
+
+
+def gather(output: str, prompts: str | None = None, generated=(), nectar=(), answers=(), *, min_answers: int = 2,
+           max_answers: int | None = None, dedupe: bool = False) -> dict:
+    if not (generated or nectar or answers):
+        raise ConfigError("no sources: give --generated, --nectar or --answers")
+    if generated and not prompts:
+        raise ConfigError("--generated needs --prompts: the file generate read with --data (its rows are what "
+                          "generate's `row` numbers refer to)")
+    if min_answers < 1 or (max_answers is not None and max_answers < min_answers):
+        raise ConfigError("--min-answers must be ≥ 1 and --max-answers ≥ --min-answers")
+    order: list[str] = []
+    collected: dict[str, list[dict]] = defaultdict(list)
+    sources: dict[str, list[str]] = defaultdict(list)
+    per_source: dict[str, int] = {}
+
+    def add(prompt: str, answer: str, model: str, where: str):
+        if not isinstance(answer, str):
+            raise DataError(f"{where}: the answer is not a string")
+        if prompt not in collected and prompts is None:
+            order.append(prompt)
+        collected[prompt].append({"answer": answer, "model": model})
+
+    if prompts:
+        conversations = read_prompts(prompts)
+        order = [_hh(conv, f"{prompts}: row {i + 1}") for i, conv in enumerate(conversations)]
+        for index, (_, raw) in enumerate(_rows(prompts)):  # keep the prompt file's own `source`
+            if isinstance(raw.get("source"), (list, str)):
+                sources[order[index]] += [raw["source"]] if isinstance(raw["source"], str) else list(raw["source"])
+    for spec in generated:
+        path, model = _split_spec(spec)
+        count = 0
+        for row, raw in _rows(path):
+            where = f"{path}: row {row}"
+            n = raw.get("row")
+            if not isinstance(n, int) or not 1 <= n <= len(order):
+                raise DataError(f"{where}: field 'row' is {n!r}, not a row of --prompts {prompts} "
+                                f"(1..{len(order)}); was it generated from another file?")
+            add(order[n - 1], raw.get("completion"), model, where)
+            count += 1
+        per_source[spec] = count
+    for path in nectar:
+        count = 0
+        for row, raw in _rows(path):
+            where = f"{path}: row {row}"
+            prompt = _prompt_of(raw, where)
+            listed = raw.get("answers")
+            if not isinstance(listed, list):
+                raise DataError(f"{where}: field 'answers' is not a list")
+            for j, a in enumerate(listed):
+                if not isinstance(a, dict):
+                    raise DataError(f"{where}: field 'answers[{j}]' is not an object")
+                add(prompt, a.get("answer"), "" if a.get("model") is None else str(a["model"]),
+                    f"{where}: answers[{j}]")
+                count += 1
+            src = raw.get("source")
+            if isinstance(src, (list, str)):
+                sources[prompt] += [src] if isinstance(src, str) else list(src)
+        per_source[path] = count
+    for spec in answers:
+        path, default_model = _split_spec(spec)
+        count = 0
+        for row, raw in _rows(path):
+            where = f"{path}: row {row}"
+            text = raw.get("answer", raw.get("completion"))
+            add(_prompt_of(raw, where), text, str(raw.get("model") or default_model), where)
+            count += 1
+        per_source[spec] = count
+
+    out_rows, too_few, written = [], 0, 0
+    for prompt in order:
+        got = collected.get(prompt, [])
+        if dedupe:
+            seen: set[str] = set()
+            got = [a for a in got if not (a["answer"] in seen or seen.add(a["answer"]))]
+        if max_answers:
+            got = got[:max_answers]
+        if len(got) < min_answers:
+            too_few += 1
+            continue
+        row = {"prompt": prompt, "answers": got}
+        if sources.get(prompt):
+            row["source"] = list(dict.fromkeys(sources[prompt]))
+        out_rows.append(row)
+        written += len(got)
+    unmatched = [p for p in collected if p not in set(order)]
+    if unmatched:
+        raise DataError(f"{len(unmatched)} answer prompt(s) are not in --prompts {prompts}, e.g. "
+                        f"{unmatched[0][:80]!r}")
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    with open(output, "w", encoding="utf-8") as f:
+        for row in out_rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return {"status": "completed", "output": output, "rows": len(out_rows), "answers": written,
+            "answers_per_source": per_source, "rows_too_few": too_few}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m starling_jax.gather_answers", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", required=True, help="unranked Nectar-schema rows (JSON lines)")
+    parser.add_argument("--prompts", default=None, help="the prompt file (Nectar rows or messages rows)")
+    parser.add_argument("--generated", action="append", default=[], metavar="FILE[=MODEL]",
+                        help="generate output (repeatable)")
+    parser.add_argument("--nectar", action="append", default=[], metavar="FILE", help="Nectar rows (repeatable)")
+    parser.add_argument("--answers", action="append", default=[], metavar="FILE[=MODEL]",
+                        help="answer file: prompt/messages + answer/completion per line (repeatable)")
+    parser.add_argument("--min-answers", type=int, default=2)
+    parser.add_argument("--max-answers", type=int, default=None)
+    parser.add_argument("--dedupe", action="store_true", help="drop answers whose text an earlier one has")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    cli.setup_logging()
+    return cli.run_main(lambda: gather(args.output, args.prompts, args.generated, args.nectar, args.answers,
+                                       min_answers=args.min_answers, max_answers=args.max_answers,
+                                       dedupe=args.dedupe))
+
+
+if __name__ == "__main__":
+    cli.without_torch()
+    sys.exit(main())
