@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 from pathlib import Path
 
 
@@ -51,6 +50,3 @@ def folder_files(*folders: str | Path, skip: tuple[str, ...] = ()) -> dict[str, 
     return out
 
 
-def copy_folder(src: str | Path, dst: str | Path) -> Path:
-    shutil.copytree(src, dst, dirs_exist_ok=True)
-    return Path(dst)
