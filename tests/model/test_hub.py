@@ -154,3 +154,37 @@ def test_unreachable_hub_is_one_line_cut_between_words(monkeypatch):
     n = len(cause.split(" "))
     assert len(cause) <= 200 and cause.split(" ") == [f"word{i}" for i in range(n)]  # whole words only
     assert msg.endswith("or pass a local folder; offline: HF_HUB_OFFLINE=1 reads only the cache"), msg
+
+
+MISSING = "no-such-org/no-such-model"
+
+
+@pytest.mark.parametrize("case", ["generate", "score", "verify_hf", "convert_starling", "train_rm.init_from",
+                                  "train_sft.init_from", "train_rm.data.tokenizer", "prepare_data"])
+def test_every_model_reference_goes_through_the_resolver(case, offline_cache, tmp_path, capsys):
+    """Each entry point's model or tokenizer reference is resolved by `hub.resolve` with the key the user typed: a
+    Hub id that is not cached, offline, is the resolver's one line naming that key."""
+    import importlib
+
+    from starling_jax.data.synthetic import BUNDLED_ALIAS
+
+    out = f"output_dir={tmp_path / 'out'}"
+    module, argv, key = {
+        "generate": ("generate", ["--model", MISSING, "--prompt", "hi"], "--model"),
+        "score": ("score", ["--model", MISSING, "--data", BUNDLED_ALIAS], "--model"),
+        "verify_hf": ("verify_hf", ["--model", MISSING], "--model"),
+        "convert_starling": ("convert_starling", ["--input", str(tmp_path / "weights.bin"), "--base", MISSING,
+                                                  "--output", str(tmp_path / "converted")], "--base"),
+        "train_rm.init_from": ("train_rm", [out, f"init_from={MISSING}"], "init_from"),
+        "train_sft.init_from": ("train_sft", [out, f"init_from={MISSING}"], "init_from"),
+        "train_rm.data.tokenizer": ("train_rm", [out, f"data.tokenizer={MISSING}"], "data.tokenizer"),
+        "prepare_data": ("prepare_data", ["--input", BUNDLED_ALIAS, "--output", str(tmp_path / "prepared"),
+                                          "--tokenizer", MISSING], "--tokenizer"),
+    }[case]
+    (tmp_path / "weights.bin").write_bytes(b"not opened before --base is resolved")
+    assert importlib.import_module(f"starling_jax.{module}").main(argv) == 2
+    cap = capsys.readouterr()
+    err = [line for line in cap.err.splitlines() if line.startswith("error: ")]
+    assert len(err) == 1 and "Traceback" not in cap.err, cap.err
+    assert err[0].startswith(f"error: {key}={MISSING}: not a local folder, and not in the HuggingFace Hub cache "), err
+    assert err[0].endswith("or pass a local folder")
