@@ -51,13 +51,13 @@ def hf_home(tmp_path_factory):
     prompts = root / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": to_hh([{"role": "user", "content": f"{q} ({i})"}])}) + "\n"
                                for i in range(2) for q in QUESTIONS))
-    return home, prompts, folder_files(policy, openchat)
+    return home, prompts
 
 
 @pytest.mark.slow  # two train_ppo subprocesses, each 2 iterations of tiny models: ~2 min on the 2-core machine
 @pytest.mark.parametrize("name", ["alpha", "beta"])
 def test_recipe_runs_as_written_from_cached_hub_ids(hf_home, tmp_path, name):
-    home, prompts, _ = hf_home
+    home, prompts = hf_home
     out = tmp_path / name
     cmd = [sys.executable, "-m", "starling_jax.train_ppo", str(RECIPES[name]), *SIZES, f"prompts.train={prompts}",
            f"output_dir={out}"]
@@ -97,22 +97,25 @@ def test_missing_hub_id_offline_is_one_line(tmp_path, capsys, monkeypatch):
     assert json.loads(cap.out.strip().splitlines()[-1])["status"] == "error"
 
 
-def test_pickle_only_reward_model_names_convert_starling(hf_home, tmp_path, capsys, monkeypatch):
+def test_pickle_only_reward_model_names_convert_starling(tmp_path, capsys, monkeypatch):
     """Upstream, berkeley-nest/Starling-RM-7B-alpha holds only a pickle: its snapshot (configs and tokenizer, no
     safetensors) is refused in one line that names the conversion command."""
+    import numpy as np
     from huggingface_hub import constants
+    from safetensors.numpy import save
 
     from starling_jax import train_ppo
 
-    _, prompts, policy_files = hf_home
     alpha = recipe("alpha")
     cache = tmp_path / "hf_home"
-    add_to_hub_cache(cache, alpha.policy, policy_files)
+    add_to_hub_cache(cache, alpha.policy, {  # resolved first: a *ForCausalLM with safetensors
+        "config.json": json.dumps({"architectures": ["MistralForCausalLM"], "model_type": "mistral"}).encode(),
+        "model.safetensors": save({"model.embed_tokens.weight": np.zeros((2, 2), np.float32)})})
     snapshot = add_to_hub_cache(cache, alpha.reward_model, folder_files(default_tokenizer_dir("llama2_chat")) | {
         "config.json": json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}).encode()})
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache / "hub"))
-    assert train_ppo.main([str(RECIPES["alpha"]), f"prompts.train={prompts}", f"output_dir={tmp_path / 'out'}"]) == 2
+    assert train_ppo.main([str(RECIPES["alpha"]), f"output_dir={tmp_path / 'out'}"]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert err == [(f"error: reward_model={alpha.reward_model}: the Hub snapshot {snapshot} has no safetensors weights "
                     "(starling_jax never downloads or unpickles .bin/.pt weights); convert them to a safetensors "
