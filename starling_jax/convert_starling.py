@@ -32,7 +32,7 @@ from pathlib import Path
 from starling_jax import cli
 from starling_jax import tokenizer as tokenizer_lib
 from starling_jax.errors import CheckpointError, ConfigError
-from starling_jax.model import hf_io
+from starling_jax.model import hf_io, hub
 from starling_jax.model.config import ModelConfig
 
 DEFAULT_BASE = "meta-llama/Llama-2-7b-chat-hf"
@@ -121,7 +121,7 @@ def convert(input: str, base: str, output: str, overwrite: bool = False) -> dict
     hf_io.check_output_folder(output, overwrite)
     src = Path(input)
     pickle_path = find_pickle(src)
-    base_dir = hf_io.resolve_model_dir(base) if not Path(base).is_dir() else Path(base)
+    base_dir = hub.resolve(base, key="--base", files="config")  # config.json and tokenizer, not the weights
     config_src = src / "config.json" if src.is_dir() and (src / "config.json").is_file() else base_dir / "config.json"
     hf_config = hf_io._read_hf_config(config_src.parent)
     if hf_config.get("model_type") != "llama":

@@ -96,14 +96,13 @@ def template_name(template: str, tokenizer) -> str | None:
 def load_policy(model: str, mesh):
     """→ (model cfg, graphdef, params, tokenizer folder, HF folder or None) from an HF folder or a checkpoint."""
     from starling_jax.ckpt.manager import load_model
-    from starling_jax.model import hf_io
+    from starling_jax.model import hf_io, hub
+    from starling_jax.paths import as_path
 
-    path = Path(model)
-    if not path.exists() and (str(model).count("/") != 1 or path.parent.is_dir()):
-        raise CheckpointError(f"{model}: no such model folder")
-    if (path / "config.json").is_file() or not path.exists():
-        cfg, graphdef, params = hf_io.load_hf(model, "causal_lm", mesh)
-        folder = hf_io.resolve_model_dir(model)
+    path = as_path(model)  # a local folder or a URL (gs://...)
+    if not path.is_dir() or (path / "config.json").is_file():  # an HF folder, URL or Hub id (or a one-line error)
+        folder = hub.resolve(model, key="--model")
+        cfg, graphdef, params = hf_io.load_hf(folder, "causal_lm", mesh)
         return cfg, graphdef, params, folder, folder
     meta, cfg, graphdef, params = load_model(path, mesh)
     if meta["role"] != "causal_lm":

@@ -54,6 +54,19 @@ def copy_file(src: AnyPath, dst: AnyPath) -> None:
         shutil.copyfileobj(fsrc, fdst, _CHUNK)
 
 
+def append_text(path: AnyPath, text: str) -> None:
+    """Appends `text` to the file at `path`. A local file is opened in append mode; a Cloud Storage object cannot
+    be appended to, so a URL's object is read and written again whole (for small files such as samples.jsonl)."""
+    path = as_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not is_url(path):
+        with path.open("a", encoding="utf-8") as f:
+            f.write(text)
+        return
+    before = path.read_text(encoding="utf-8") if path.exists() else ""
+    path.write_text(before + text, encoding="utf-8")
+
+
 def _files(folder: AnyPath, prefix: str = "") -> list[tuple[str, AnyPath]]:
     """(relative name, path) of every file under `folder`, sorted."""
     out = []

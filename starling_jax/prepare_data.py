@@ -45,7 +45,8 @@ def run(args) -> dict:
 
     t0 = time.time()
     out = Path(args.output)
-    tok_dir = resolve_tokenizer_dir(args.tokenizer) if args.tokenizer else default_tokenizer_for(args.template)
+    tok_dir = (resolve_tokenizer_dir(args.tokenizer, key="--tokenizer") if args.tokenizer
+               else default_tokenizer_for(args.template))
     tok = load_tokenizer(tok_dir)
     # a re-run replaces the previous dataset
     shutil.rmtree(out / "nectar_tokenized", ignore_errors=True)

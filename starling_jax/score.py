@@ -28,7 +28,7 @@ from starling_jax.data.synthetic import BUNDLED_ALIAS, resolve_bundled
 from starling_jax.data.tokenize import RowDoesNotFit, tokenize_ranking
 from starling_jax.errors import CheckpointError, DataError
 from starling_jax.metrics import RankingMetrics
-from starling_jax.model import hf_io
+from starling_jax.model import hf_io, hub
 from starling_jax.parallel import sharding
 from starling_jax.paths import as_path
 from starling_jax.score_batches import BucketedScorer
@@ -49,9 +49,9 @@ def load_reward_model(model: str, mesh):
     template) from an HF folder or a checkpoint. A checkpoint defaults to the template it was trained with; an
     HF export to its tokenizer's chat_template (which renders exactly the training tokens)."""
     path = as_path(model)  # a local folder or a URL (gs://...)
-    if (path / "config.json").is_file() or not path.exists():
-        cfg, graphdef, params = hf_io.load_hf(model, "reward", mesh)
-        folder = hf_io.resolve_model_dir(model)
+    if not path.is_dir() or (path / "config.json").is_file():  # an HF folder, URL or Hub id (or a one-line error)
+        folder = hub.resolve(model, key="--model")
+        cfg, graphdef, params = hf_io.load_hf(folder, "reward", mesh)
         recorded = hf_io._read_hf_config(folder).get("starling_jax_data") or {}
         return cfg, graphdef, params, folder, int(recorded.get("max_length") or 2048), recorded, "tokenizer"
     meta, cfg, graphdef, params = load_model(path, mesh)

@@ -30,6 +30,7 @@ from pathlib import Path
 from starling_jax.data.chat import get_template
 from starling_jax.data.tokenize import tokenize_answers
 from starling_jax.errors import CheckpointError, DataError
+from starling_jax.model import hub
 
 BASE_VOCAB = 32000
 OPENCHAT_TOKENS = ("<|end_of_turn|>", "<|pad_0|>")
@@ -146,36 +147,11 @@ def default_tokenizer_for(template: str) -> Path:
     return default_tokenizer_dir(named, openchat_special_tokens=template == "openchat_3.5")
 
 
-HUB_TOKENIZER_PATTERNS = ["tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template*"]
-
-
-def resolve_tokenizer_dir(name: str | Path) -> Path:
-    """A tokenizer folder, or a HuggingFace Hub id (e.g. `meta-llama/Llama-2-7b-chat-hf`) whose tokenizer files
-    are downloaded into the HF cache. Offline or unknown → one-line CheckpointError naming the id."""
-    from starling_jax.paths import is_url, local_copy
-
-    if is_url(name):  # gs://...: copied into the local cache (tokenizers read local files)
-        try:
-            return local_copy(name)
-        except FileNotFoundError:
-            raise CheckpointError(f"{name}: tokenizer folder not found") from None
-    path = Path(name).expanduser()
-    if path.exists():
-        return path
-    text = str(name)
-    looks_like_id = text.count("/") == 1 and not text.startswith((".", "/", "~")) and all(text.split("/"))
-    if not looks_like_id:
-        raise CheckpointError(f"{path}: tokenizer folder not found (give a folder or a Hub id like org/name)")
-    try:
-        from huggingface_hub import snapshot_download
-
-        local = snapshot_download(text, allow_patterns=HUB_TOKENIZER_PATTERNS)
-    except Exception as e:  # noqa: BLE001 - offline, unknown or gated repo
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise CheckpointError(
-            f"tokenizer {text}: not a local folder and not fetched from the HuggingFace Hub "
-            f"({type(e).__name__}: {reason[:200]}); download it and pass the folder") from None
-    return Path(local)
+def resolve_tokenizer_dir(name: str | Path, key: str | None = None) -> Path:
+    """A tokenizer folder, a `gs://` URL or a HuggingFace Hub id (e.g. `meta-llama/Llama-2-7b-chat-hf`, only its
+    tokenizer files fetched): `model/hub.py::resolve`. Missing, offline and not cached, or unknown → one-line
+    CheckpointError naming `key=name` (or the name)."""
+    return hub.resolve(name, key=key, files="tokenizer")
 
 
 # ---------------------------------------------------------------------------------------------- provenance

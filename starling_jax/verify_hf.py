@@ -94,10 +94,10 @@ def verify(model: str, dtype: str = "float32", tolerance: float | None = None, m
     import jax
     from flax import nnx
 
-    from starling_jax.model import hf_io
+    from starling_jax.model import hf_io, hub
     from starling_jax.parallel.sharding import MeshConfig, activation_sharding, make_mesh
 
-    folder = hf_io.resolve_model_dir(model)
+    folder = hub.resolve(model, key="--model")
     hf_cfg = hf_io._read_hf_config(folder)
     archs = hf_cfg.get("architectures") or []
     seq_cls = any(a.endswith("ForSequenceClassification") for a in archs)

@@ -7,9 +7,9 @@ API
   save_hf(folder, cfg, state, role, *, tokenizer_dir=None, extra_config=None, max_shard_bytes=5e9) -> Path
   key_table(cfg, role) -> list[KeySpec]     (the table; used by both directions and by tests)
 
-`model` is a local folder, a URL (`gs://...`, copied into the local cache first: `paths.local_copy`) or a Hub id
-(downloaded with `snapshot_download(allow_patterns=["*.json", "*.safetensors", "tokenizer*"])` only when no such
-local path exists). `save_hf`'s folder may be a URL too (written locally, then uploaded). `role` is "causal_lm" or "reward".
+`model` is a local folder, a URL (`gs://...`) or a Hub id, resolved by `model/hub.py::resolve` (URLs copied into the
+local cache, Hub ids fetched without pickles into the HF cache; `HF_HUB_OFFLINE=1` reads the cache). `save_hf`'s
+folder may be a URL too (written locally, then uploaded). `role` is "causal_lm" or "reward".
 `runtime` are `ModelConfig` runtime overrides (dtype, param_dtype, scan_layers, remat_policy).
 
 The table
@@ -62,10 +62,10 @@ from jax.sharding import Mesh
 
 from starling_jax.errors import CheckpointError, ConfigError
 from starling_jax.model.config import ARCHITECTURES, ModelConfig
-from starling_jax.model import heads
+from starling_jax.model import heads, hub
 from starling_jax.model.create import abstract_model
 from starling_jax.parallel import sharding
-from starling_jax.paths import as_path, is_url, local_copy, upload_folder
+from starling_jax.paths import as_path, is_url, upload_folder
 from starling_jax import tokenizer as tokenizer_lib
 
 log = logging.getLogger(__name__)
@@ -154,35 +154,6 @@ def _check_table_covers(table: list[KeySpec], abstract: nnx.State, cfg: ModelCon
         want = cfg.num_hidden_layers if (cfg.scan_layers and path[:2] == ("decoder", "layers")) else 1
         if counts.get(path, 0) != want:
             raise AssertionError(f"variable {path} is covered {counts.get(path, 0)} times by the key table")
-
-
-# ---------------------------------------------------------------------------------------------- folder access
-def resolve_model_dir(model: str | Path, revision: str | None = None) -> Path:
-    """A local folder, a URL folder copied into the local cache, or a Hub id downloaded (json, safetensors and
-    tokenizer files only) into the HF cache."""
-    if is_url(model):
-        if not as_path(model).is_dir():
-            raise CheckpointError(f"{model}: no such model folder")
-        return local_copy(model)
-    path = Path(model).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise CheckpointError(f"{path}: not a folder (give the model folder, not a file)")
-        return path
-    text = str(model)
-    looks_like_id = text.count("/") == 1 and not text.startswith((".", "/", "~")) and all(text.split("/"))
-    if not looks_like_id:
-        raise CheckpointError(f"{path}: no such model folder")
-    try:
-        from huggingface_hub import snapshot_download
-        local = snapshot_download(text, revision=revision,
-                                  allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
-    except Exception as e:  # offline, unknown repo, gated repo, ...
-        raise CheckpointError(
-            f"{text}: not a local folder and could not be fetched from the HuggingFace Hub "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); download it and pass the folder"
-        ) from None
-    return Path(local)
 
 
 class _Weights:
@@ -309,7 +280,7 @@ def load_hf(model: str | Path, role: str, mesh: Mesh, *, init_missing_head: bool
     """
     if role not in ROLES:
         raise ConfigError(f"model role {role!r}: choose one of {list(ROLES)}")
-    folder = resolve_model_dir(model, revision)
+    folder = hub.resolve(model, revision=revision)
     hf_config = _read_hf_config(folder)
     cfg = ModelConfig.from_hf_dict(hf_config, source=str(folder / "config.json"), **runtime)
     weights = _Weights(folder)
@@ -503,13 +474,14 @@ def atomic_folder(folder: str | Path, *, write: bool = True):
 def save_hf(folder: str | Path, cfg: ModelConfig, state: nnx.State, role: str, *,
             tokenizer_dir: str | Path | None = None, template: str | None = None,
             extra_config: dict | None = None, max_shard_bytes: int = 5_000_000_000,
-            overwrite: bool = True) -> Path:
+            overwrite: bool = True, extra_files: Iterable[str | Path] = ()) -> Path:
     """Writes `state` (a `role` model of `cfg`) as a HF folder that transformers loads; returns the folder.
 
     With `template` (the data template the model was trained with) the exported tokenizer's `chat_template`
     renders exactly the training tokens and a reward model's pad id is made safe for HF pooling
     (`tokenizer.export_tokenizer`). The folder is written to a temporary sibling and renamed into place; an
-    existing non-empty folder is refused unless `overwrite`.
+    existing non-empty folder is refused unless `overwrite`. `extra_files` (local files, e.g. the policy's
+    `generation_config.json`) are copied into the folder before it is renamed or uploaded.
     Every process must call it (the gathers are collective); only process 0 writes.
     """
     from safetensors.numpy import save_file
@@ -579,6 +551,8 @@ def save_hf(folder: str | Path, cfg: ModelConfig, state: nnx.State, role: str, *
                 copy_tokenizer_files(tokenizer_dir, out)
                 if export_tok is not None:
                     tokenizer_lib.save_export_tokenizer(export_tok, tokenizer_dir, out)
+            for extra in map(Path, extra_files):
+                shutil.copyfile(extra, out / extra.name)
 
     return folder
 
@@ -606,5 +580,5 @@ def read_hf_tensors(folder: str | Path) -> dict[str, np.ndarray]:
         w.close()
 
 
-__all__: Iterable[str] = ("KeySpec", "key_table", "load_hf", "save_hf", "resolve_model_dir", "read_hf_tensors",
+__all__: Iterable[str] = ("KeySpec", "key_table", "load_hf", "save_hf", "read_hf_tensors",
                           "hf_config_dict", "copy_tokenizer_files")

@@ -82,8 +82,8 @@ class PPORunConfig:
     output_dir: str = DEFAULT_PPO_DIR
     seed: int = 0  # fixes the prompt order, the rollouts' sampling keys and the minibatch order
     algorithm: str = "ppo"  # ppo | apa
-    policy: str = DEFAULT_POLICY  # HF causal-LM folder (actor and reference start here)
-    reward_model: str = DEFAULT_REWARD_MODEL  # HF reward-model folder (frozen)
+    policy: str = DEFAULT_POLICY  # HF causal-LM folder, gs:// URL or Hub id (actor and reference start here)
+    reward_model: str = DEFAULT_REWARD_MODEL  # HF reward-model folder, gs:// URL or Hub id (frozen)
     # true: the policy's tokens are scored as they are (checked: same vocabulary and chat template); false: the
     # completions are decoded and re-rendered in the reward model's format and tokenizer (Starling-alpha)
     reward_model_shares_tokenizer: bool = False

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -28,8 +27,9 @@ from starling_jax.data.chat import adds_bos_by_tokenizer, render
 from starling_jax.data.prompts import read_prompts
 from starling_jax.data.synthetic import resolve_bundled
 from starling_jax.errors import CheckpointError, ConfigError, DataError
-from starling_jax.model import hf_io
+from starling_jax.model import hf_io, hub
 from starling_jax.parallel import sharding
+from starling_jax.paths import append_text, as_path
 from starling_jax.rl import kl as kl_lib
 from starling_jax.rl.config import PPORunConfig
 from starling_jax.rl.experience import make_experience, rollout_forward
@@ -76,14 +76,17 @@ class PromptIterator:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
-def _require_folder(path: str, role: str, key: str) -> Path:
-    folder = Path(path)
+def _model_folder(ref: str, role: str, key: str) -> Path:
+    """`policy` / `reward_model` (a folder, a gs:// URL or a Hub id: `hub.resolve`) → its local folder, which must
+    hold a *ForCausalLM (role causal_lm) or a *ForSequenceClassification (role reward)."""
+    folder = hub.resolve(ref, key=key)
     if not (folder / "config.json").is_file():
-        raise CheckpointError(f"{key}={path}: no HF model folder there (config.json missing)")
+        raise CheckpointError(f"{key}={ref}: no HF model folder there (config.json missing)")
     archs = json.loads((folder / "config.json").read_text()).get("architectures") or []
     want = "ForCausalLM" if role == "causal_lm" else "ForSequenceClassification"
     if archs and not any(a.endswith(want) for a in archs):
-        raise CheckpointError(f"{key}={path}: a {archs[0]} folder, not a *{want} ({'policy' if role == 'causal_lm' else 'reward model'})")
+        raise CheckpointError(f"{key}={ref}: a {archs[0]} folder, not a *{want} "
+                              f"({'policy' if role == 'causal_lm' else 'reward model'})")
     return folder
 
 
@@ -102,8 +105,8 @@ class PPOJob(Job):
     def setup(self, mesh) -> None:
         cfg = self.cfg
         self.mesh = mesh
-        self.policy_dir = _require_folder(cfg.policy, "causal_lm", "policy")
-        self.rm_dir = _require_folder(cfg.reward_model, "reward", "reward_model")
+        self.policy_dir = _model_folder(cfg.policy, "causal_lm", "policy")
+        self.rm_dir = _model_folder(cfg.reward_model, "reward", "reward_model")
         self.tokenizer = load_tokenizer(self.policy_dir)
         self.rm_tokenizer = load_tokenizer(self.rm_dir)
         if cfg.reward_model_shares_tokenizer:
@@ -324,11 +327,9 @@ class PPOJob(Job):
                     "completion": self.tokenizer.decode(np.asarray(out.tokens)[i, :int(out.lengths[i])],
                                                         skip_special_tokens=True), "reward": float(raw[i])}
                    for i, r in enumerate(rows[:4])]
-        if jax.process_index() == 0:  # a table of sample completions per evaluation
-            out_dir = Path(self.cfg.output_dir)
-            out_dir.mkdir(parents=True, exist_ok=True)
-            with open(out_dir / "samples.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps({"iteration": int(jax.device_get(state["iteration"])), "samples": samples}) + "\n")
+        if jax.process_index() == 0:  # a table of sample completions per evaluation (output_dir may be a URL)
+            append_text(as_path(self.cfg.output_dir) / "samples.jsonl",
+                        json.dumps({"iteration": int(jax.device_get(state["iteration"])), "samples": samples}) + "\n")
         return {"reward": float(np.mean(raw[:n])), "kl": float(m["kl"]), "response_length": float(m["response_length"])}
 
     def abstract_inputs(self, mesh, models: dict | None = None):
@@ -349,12 +350,11 @@ class PPOJob(Job):
                 "algorithm": self.cfg.algorithm}
 
     def export(self, state, frozen, last_eval, folder: Path) -> Path:
-        hf_io.save_hf(folder, self.actor_cfg, state["params"]["actor"], "causal_lm", tokenizer_dir=self.policy_dir)
-        if jax.process_index() == 0:
-            for name in ("generation_config.json", "tokenizer_config.json", "chat_template.jinja"):
-                if (self.policy_dir / name).is_file():
-                    shutil.copy(self.policy_dir / name, folder / name)
-        return folder
+        """The actor as a HF folder (a local path or a URL: `save_hf` writes it aside, then renames or uploads it)
+        with the policy's tokenizer files and generation config."""
+        generation = self.policy_dir / "generation_config.json"
+        return hf_io.save_hf(folder, self.actor_cfg, state["params"]["actor"], "causal_lm",
+                             tokenizer_dir=self.policy_dir, extra_files=[generation] if generation.is_file() else [])
 
     def summary(self, last_eval: dict) -> dict:
         return {"algorithm": self.cfg.algorithm, "reward_start": self.eval_start.get("reward"),

@@ -23,7 +23,7 @@ from jax.sharding import Mesh
 
 from starling_jax.data.batch_spec import BatchSpec
 from starling_jax.errors import ConfigError
-from starling_jax.model import create, hf_io
+from starling_jax.model import create, hf_io, hub
 from starling_jax.model.config import ModelConfig
 from starling_jax.parallel import sharding
 from starling_jax import tokenizer as tokenizer_lib
@@ -149,9 +149,9 @@ def resolve_tokenizer_dir(tokenizer: str | None, init_from: str | None, template
     """The tokenizer folder: `data.tokenizer`, else init_from's own, else the offline Mistral tokenizer with the
     named template."""
     if tokenizer:
-        return tokenizer_lib.resolve_tokenizer_dir(tokenizer)  # a folder or a Hub id
+        return tokenizer_lib.resolve_tokenizer_dir(tokenizer, key="data.tokenizer")  # a folder, URL or Hub id
     if init_from:
-        model_dir = hf_io.resolve_model_dir(init_from)
+        model_dir = hub.resolve(init_from, key="init_from")
         if (model_dir / "tokenizer_config.json").is_file():
             return model_dir
     return tokenizer_lib.default_tokenizer_for(template)
@@ -168,8 +168,8 @@ def init_model(model: ModelConfig, init_from: str | None, role: str, mesh: Mesh,
                pad_token_id: int | None) -> tuple[ModelConfig, nnx.GraphDef, nnx.State, nnx.State]:
     """→ (model cfg, graphdef, params, params shardings); params created or loaded directly in their shards."""
     if init_from:
-        model_cfg, graphdef, params = hf_io.load_hf(init_from, role, mesh, init_missing_head=True, seed=seed,
-                                                    **model_runtime(model))
+        model_cfg, graphdef, params = hf_io.load_hf(hub.resolve(init_from, key="init_from"), role, mesh,
+                                                    init_missing_head=True, seed=seed, **model_runtime(model))
     else:
         model_cfg = model
         graphdef, params = create.create_sharded(model_cfg, role, mesh, seed=seed)

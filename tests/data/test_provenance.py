@@ -73,7 +73,7 @@ def test_hub_id_offline_is_one_line_naming_it(monkeypatch, tmp_path, capsys):
                             "--tokenizer", "meta-llama/Llama-2-7b-chat-hf"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "meta-llama/Llama-2-7b-chat-hf" in err[0]
-    with pytest.raises(CheckpointError, match="not found"):
+    with pytest.raises(CheckpointError, match="folder: no such tokenizer folder"):
         resolve_tokenizer_dir(tmp_path / "no" / "such" / "folder")
 
 

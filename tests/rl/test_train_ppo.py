@@ -63,7 +63,7 @@ def summary_of(capsys):
 
 
 @pytest.mark.parametrize("override,message", [
-    ("policy=/nonexistent/policy", "policy=/nonexistent/policy: no HF model folder"),
+    ("policy=/nonexistent/policy", "policy=/nonexistent/policy: no such model folder"),
     ("WRONG_ROLE", r"ForSequenceClassification folder, not a \*ForCausalLM"),
     ("reward_model_shares_tokenizer=true", "different chat templates|different vocabularies"),
     ("rollout.max_new_tokens=100000", "leave no room"),

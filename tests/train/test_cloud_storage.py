@@ -136,3 +136,62 @@ def test_local_copy_refreshes_changed_files(tmp_path, monkeypatch):
         assert (local_copy(url) / "sub" / "a.bin").read_bytes() == b"abcd"
         with pytest.raises(FileNotFoundError):
             local_copy(f"gs://{BUCKET}/nothing")
+
+
+@pytest.mark.slow  # two train_ppo runs of tiny models (the second resumes; the compile cache is shared): ~2 min
+def test_ppo_run_on_gs_stops_resumes_and_exports(tmp_path):
+    """train_ppo with its models, prompts and output_dir in the bucket: a run stopped by its step limit after
+    iteration 1, resumed to 2 and exported; checkpoints, samples.jsonl (appended across the runs) and the HF folder
+    end up in the bucket."""
+    import shutil
+
+    from etils import epath
+
+    from starling_jax.data.chat import to_hh
+    from starling_jax.errors import CheckpointError
+    from starling_jax.model import hub
+    from starling_jax.paths import upload_folder
+    from starling_jax.tokenizer import default_tokenizer_dir
+    from tests.model.hf_fixtures import make_hf_model
+
+    tok = default_tokenizer_dir("llama2_chat")
+    policy = make_hf_model(tmp_path / "policy", "mistral", head="lm", vocab=32000, layers=2, sliding_window=4096)
+    rm = make_hf_model(tmp_path / "rm", "llama", head="score", vocab=32000, layers=2, seed=1)
+    for folder in (policy, rm):
+        for f in tok.iterdir():
+            shutil.copy(f, folder / f.name)
+    assert (policy / "generation_config.json").is_file()
+    questions = ["What is the capital of France?", "Name a colour.", "Tell me a joke.", "How are you?"]
+    prompts = "".join(json.dumps({"prompt": to_hh([{"role": "user", "content": f"{q} ({i})"}])}) + "\n"
+                      for i in range(6) for q in questions)
+    with fake_gcs() as env:
+        bucket = f"gs://{BUCKET}"
+        run = f"{bucket}/runs/ppo"
+        upload_folder(policy, f"{bucket}/models/policy")
+        upload_folder(rm, f"{bucket}/models/rm")
+        epath.Path(f"{bucket}/data/prompts.jsonl").write_text(prompts)
+        with pytest.raises(CheckpointError, match=f"^policy={bucket}/models/nothing: no such model folder$"):
+            hub.resolve(f"{bucket}/models/nothing", key="policy")
+        args = [f"policy={bucket}/models/policy", f"reward_model={bucket}/models/rm",
+                f"prompts.train={bucket}/data/prompts.jsonl", f"output_dir={run}", "prompts.eval_prompts=8",
+                "rollout.batch_size=8", "rollout.minibatch_size=8", "rollout.max_new_tokens=6",
+                "prompts.max_prompt_tokens=32", "train.progress_bar=false", "export.plot=false"]
+        cache = {"STARLING_JAX_CACHE": str(tmp_path / "cache")}  # the models' local copies
+        cmd = [sys.executable, "-m", "starling_jax.train_ppo", *args]
+        stopped = _finish(_start([*cmd, "train.steps=1", "export.hf=false"], {**env, **cache}), timeout=600)
+        assert stopped["status"] == "completed" and stopped["steps"] == 1 and stopped["hf_export_dir"] is None
+        resumed = _finish(_start([*cmd, "train.steps=2"], {**env, **cache}), timeout=600)
+        assert resumed["status"] == "completed" and resumed["resumed_from"] == 1 and resumed["steps"] == 2, resumed
+        assert resumed["output_dir"] == run and resumed["hf_export_dir"] == f"{run}/hf"
+
+        out = epath.Path(run)
+        assert {p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()} == {"1", "2"}
+        assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+        samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+        assert [s["iteration"] for s in samples] == [0, 1, 2]  # start, end of run 1, end of the resumed run
+        assert all(len(s["samples"]) == 4 and isinstance(s["samples"][0]["completion"], str) for s in samples)
+        for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                     "generation_config.json"):
+            assert (out / "hf" / name).is_file(), name
+        assert json.loads((out / "hf" / "config.json").read_text())["architectures"] == ["MistralForCausalLM"]
+        assert not any(p.name.startswith(".") for p in out.iterdir())  # no temporary folder left
