@@ -5,7 +5,7 @@ A *unit* is what must stay contiguous in one row:
   shared_prefix  the prompt once, then each of the prompt's answers (its tokens after the prompt): segment ids
                  g·PREFIX_STRIDE on the prompt and g·PREFIX_STRIDE + k on answer k (k = 1..), positions 0..P-1 on
                  the prompt and P.. on every answer (each continues from the prompt's end). With the attention
-                 rule of `model/attention.py` an answer sees its prompt and itself, so its hidden states, and the
+                 rule of `model/attention/rule.py` an answer sees its prompt and itself, so its hidden states, and the
                  reward at its last token, equal those of its per-answer sequence. A prompt whose unit is longer
                  than the row length falls back to per-answer units.
 The prompt P is the longest common token prefix of the prompt's answer sequences (at most the shortest one

@@ -15,13 +15,11 @@ from typing import Any
 import jax.numpy as jnp
 
 from starling_jax.errors import CheckpointError, ConfigError
-from starling_jax.model.attention import IMPLS
+from starling_jax.model import attention
 
 # HF `model_type` → the `*For*` class prefix used on export.
 ARCHITECTURES = {"mistral": "Mistral", "llama": "Llama"}
 REMAT_POLICIES = ("none", "full", "full_offload", "dots", "dots_no_batch")
-# einsum | blockwise | fused | cudnn | splash | auto: see model/attention.py (which layouts each handles).
-ATTENTION_IMPLS = IMPLS
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -50,7 +48,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype (bfloat16 on TPU)
     remat_policy: str = "none"  # none | full | full_offload (layer inputs in host memory) | dots | dots_no_batch
     scan_layers: bool = False
-    attention_impl: str = "einsum"  # einsum | blockwise | fused | cudnn | splash | auto (see model/attention.py)
+    attention_impl: str = "einsum"  # an entry of model/attention/registry.py (einsum, blockwise, ...) or auto
     attention_block: int = 0  # blockwise: query and key block length; 0 = by platform and row length (resolve_blocks)
     # The MLP over the sequence in this many chunks (the gcd with each call's length L), each under remat with
     # `remat_policy`: one layer's [N, L, F] MLP activations in the backward shrink to [N, L/chunks, F].
@@ -61,8 +59,7 @@ class ModelConfig:
             raise ConfigError(f"model.model_type={self.model_type!r}: unknown architecture; supported: {sorted(ARCHITECTURES)}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ConfigError(f"model.remat_policy={self.remat_policy!r}: choose one of {list(REMAT_POLICIES)}")
-        if self.attention_impl not in ATTENTION_IMPLS:
-            raise ConfigError(f"model.attention_impl={self.attention_impl!r}: choose one of {list(ATTENTION_IMPLS)}")
+        attention.check_impl(self.attention_impl)  # the registry's names (model/attention/registry.py)
         for key in ("param_dtype", "dtype"):
             if getattr(self, key) not in DTYPES:
                 raise ConfigError(f"model.{key}={getattr(self, key)!r}: choose one of {sorted(DTYPES)}")
@@ -80,11 +77,6 @@ class ModelConfig:
     @property
     def resolved_head_dim(self) -> int:
         return self.head_dim or self.hidden_size // self.num_attention_heads
-
-    @property
-    def attention_from_lengths(self) -> bool:
-        """True for the kernels that rebuild the mask from per-row lengths (fused, cudnn), see ATTENTION_IMPLS."""
-        return self.attention_impl in ("fused", "cudnn")
 
     @property
     def jnp_dtype(self):

@@ -7,9 +7,10 @@ Axes (see ARCHITECTURE.md): N sequences, L length, D model width, H query heads,
 F MLP width, V vocabulary. Every parameter names its logical axes (`axes=`); `parallel/sharding.py` maps them to
 the mesh.
 
-Attention layout: the rule of `model/attention.py` (segments, shared prefixes, causality, HF Mistral's sliding
-window), computed by `cfg.attention_impl`. RoPE uses the explicit `positions`, so packed segments (several
-answers in one row) restart their positions independently and shared-prefix answers continue from their prompt.
+Attention layout: the rule of `model/attention/rule.py` (segments, shared prefixes, causality, HF Mistral's
+sliding window), computed by the registry entry `cfg.attention_impl` names (`model/attention/registry.py`).
+RoPE uses the explicit `positions`, so packed segments (several answers in one row) restart their positions
+independently and shared-prefix answers continue from their prompt.
 """
 
 from __future__ import annotations
@@ -137,20 +138,21 @@ class Attention(nnx.Module):
         return self.project_out(attention.attend(cfg, q, k, v, mask))  # `mask`: what attention.prepare built
 
     def rows(self, x, rot, rows_mask, select):
-        """Attention output [N, Q, D] of the tokens `select` [N, Q] over the keys of all of x [N, L, D] (the
-        einsum form: Q·L scores per head, tiny next to L·L)."""
+        """Attention output [N, Q, D] of the tokens `select` [N, Q] over the keys of all of x [N, L, D], through
+        the implementation's cached path (`attention.attend_cached`; the reference's einsum form: Q·L scores per
+        head, tiny next to L·L)."""
         k, v = self.project_kv(x, rot)
         q = self.project_q(attention.take_rows(x, select), Rotary(*(attention.take_rows(t, select) for t in rot)))
-        return self.project_out(attention.gqa_attention(q, [(k, v, rows_mask)]))
+        return self.project_out(attention.attend_cached(self.cfg, q, [(k, v, rows_mask)]))
 
     def cached(self, x, rot, cache, self_mask):
         """Attention of the new tokens x [N, L, D] over the cached keys plus themselves (prefill: L prompt tokens
         and `cache=None`; decode: L = 1). cache: (k, v [N, G, S, Dh] (heads first), mask [N, 1, 1, L, S]) or
-        None; self_mask [N, 1, 1, L, L]. → (output [N, L, D], the new k, v [N, L, G, Dh] for the caller to
-        store)."""
+        None; self_mask [N, 1, 1, L, L]. The implementation's cached path attends (`attention.attend_cached`).
+        → (output [N, L, D], the new k, v [N, L, G, Dh] for the caller to store)."""
         q, k, v = self.project_qkv(x, rot)
         blocks = [(k, v, self_mask)] if cache is None else [(*cache, True), (k, v, self_mask)]
-        return self.project_out(attention.gqa_attention(q, blocks)), k, v
+        return self.project_out(attention.attend_cached(self.cfg, q, blocks)), k, v
 
     def decode(self, x, rot, cache_k, cache_v, visible, index):
         """One decode step (x [N, 1, D]) that first writes its key/value at cache index `index` of this layer's
@@ -161,7 +163,7 @@ class Attention(nnx.Module):
         write = lambda cache, new: jax.lax.dynamic_update_slice(
             cache, new.transpose(0, 2, 1, 3).astype(cache.dtype), (0, 0, index, 0))
         cache_k, cache_v = write(cache_k, k), write(cache_v, v)
-        out = attention.gqa_attention(q, [(cache_k, cache_v, visible, True)])
+        out = attention.attend_cached(self.cfg, q, [(cache_k, cache_v, visible, True)])
         return self.project_out(out), cache_k, cache_v
 
 

@@ -21,13 +21,17 @@ KV-cache layout on the mesh
   one stacked array, which the layer scan slices). N (batch) is sharded over the data-parallel axes (`data`, `fsdp`:
   logical axis `act_batch`), G (KV heads) over `tensor` (`act_kv_heads`, replicated when `tensor` does not divide
   G); layers, positions and head dim are whole. Heads before positions: a decode step's single query reads
-  each [S, Dh] slab in place (`attention.gqa_attention`), with no per-step transpose of the cache. GQA: the cache
-  holds the G KV heads only; the H = G·R query heads read them through a [G, R] reshape of the queries, never
-  a repeated copy.
+  each [S, Dh] slab in place (the reference's `attention.gqa_attention`), with no per-step transpose of the
+  cache. GQA: the cache holds the G KV heads only; the H = G·R query heads read them through a [G, R] reshape
+  of the queries, never a repeated copy.
   Per-layer buffers: each layer writes the new token's k/v into its buffer first and then attends over the
   buffer alone (`Decoder.decode`); nothing reads the old buffer afterwards, so XLA updates it in place and the
   cache is never concatenated or copied. Scanned layers: the new k/v are attended as a second block next to the
   stacked cache and written for all layers after the step (behind an optimization barrier, for the same reason).
+
+Attention: prefill and decode attend through the cached path of the registry entry `model.attention_impl` names
+(`attention.attend_cached`, the reference's for entries without one), over key blocks with the boolean masks built
+here: the rule's mask over the left-padded prompt (`attention.attention_mask`), then the cache's visibility below.
 
 Sliding window (Mistral): masking, not a rolling buffer. A cached key j is visible to the query at cache index i
 iff it is a real token (j ≥ P - length), j < i, and i - j < W (HF's rule, which with left padding equals the

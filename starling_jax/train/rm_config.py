@@ -49,7 +49,7 @@ class DataConfig:
 
     @property
     def attention_layout(self) -> str:
-        """What the attention must handle: per_answer | packed | shared_prefix (model/attention.py)."""
+        """What the attention must handle: per_answer | packed | shared_prefix (model/attention/registry.py)."""
         return "shared_prefix" if self.layout == "shared_prefix" else ("packed" if self.packing else "per_answer")
 
     def __post_init__(self):

@@ -1,4 +1,4 @@
-"""Attention implementations (model/attention.py) against the einsum reference and a brute-force rule.
+"""Attention implementations (model/attention/) against the einsum reference and a brute-force rule.
 
 The layout rule is re-derived here token by token from a *semantic* description of each row (which group,
 prompt or which answer, index, position), not from the segment-id encoding, so an encoding bug cannot hide.
@@ -16,6 +16,7 @@ from flax import nnx
 
 from starling_jax.errors import ConfigError
 from starling_jax.model import attention as A
+from starling_jax.model.attention import blockwise as B
 from starling_jax.model.config import ModelConfig
 from starling_jax.model.heads import build_model
 
@@ -117,12 +118,12 @@ def assert_equals_einsum(attend, qkv, seg, pos, window, jit: bool = True) -> np.
                                                    # the strip form (block_k None): L = 40 pads to 48 with 16
                                                    (None, (16, None), True), (5, (8, None), True),
                                                    (3, (64, None), True), (None, (8, None), False)])
-def test_blockwise_equals_einsum_values_and_gradients(qkv, window, blocks, per_row, monkeypatch):
-    monkeypatch.setattr(A, "PER_ROW", per_row)
+def test_blockwise_equals_einsum_values_and_gradients(qkv, window, blocks, per_row):
     seg, pos, _ = _layout()
     seg, pos = jnp.asarray(seg), jnp.asarray(pos)
-    out = assert_equals_einsum(lambda q, k, v: A.blockwise_attention(q, k, v, seg, pos, window, *blocks),
-                               qkv, seg, pos, window)
+    out = assert_equals_einsum(
+        lambda q, k, v: A.blockwise_attention(q, k, v, seg, pos, window, *blocks, per_row=per_row), qkv, seg, pos,
+        window)
     assert np.all(out[~np.asarray(seg != 0)] == 0)  # padding rows see nothing
 
 
@@ -135,13 +136,13 @@ def test_live_blocks_cover_every_visible_pair_and_skip_dead_ones():
     blocks = brute.reshape(N, L // b, b, L // b, b).any(axis=(2, 4))  # [N, nq, nk]
     causal = np.tril(np.ones((L // b, L // b), bool))
     for r in range(N):
-        live = np.asarray(A._live_blocks(jnp.asarray(seg[r:r + 1]), b, b))
+        live = np.asarray(B._live_blocks(jnp.asarray(seg[r:r + 1]), b, b))
         assert not (blocks[r] & ~live).any(), r
         if r in (1, 2):  # packed segments, shared-prefix groups: some causal pairs are dead
             assert (causal & ~live).any(), r
-    union = np.asarray(A._live_blocks(jnp.asarray(seg), b, b))
+    union = np.asarray(B._live_blocks(jnp.asarray(seg), b, b))
     assert not (blocks.any(0) & ~union).any()
-    assert not np.asarray(A._live_blocks(jnp.zeros((1, 16), jnp.int32), 8, 8)).any()  # padding sees nothing
+    assert not np.asarray(B._live_blocks(jnp.zeros((1, 16), jnp.int32), 8, 8)).any()  # padding sees nothing
 
 
 def test_blockwise_never_holds_the_score_matrix():
