@@ -152,19 +152,21 @@ class ArgumentParser(argparse.ArgumentParser):
     same one-line `error: ...`, JSON summary and exit 2 as every other mistake once `run_main` catches it (parse
     inside the function `run_main` runs). `--help` still prints the help and exits 0."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, hint: str = "", **kwargs):
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
         super().__init__(*args, **kwargs)
+        self.hint = hint  # said in every usage error, before the pointer to --help
 
     def error(self, message: str):
         from starling_jax.errors import UsageError
 
-        raise UsageError(f"{message} (`{self.prog} --help` lists the flags)")
+        raise UsageError(f"{message} ({self.hint}{'; ' if self.hint else ''}`{self.prog} --help` lists the flags)")
 
 
 def config_parser(prog: str, doc: str, example_override: str) -> ArgumentParser:
     """The `[CONFIG.yaml] [key=value ...]` command line shared by the entry points that take a run config."""
-    parser = ArgumentParser(prog=prog, description=doc)
+    parser = ArgumentParser(prog=prog, description=doc,
+                            hint=f"settings are key=value overrides, e.g. {example_override}")
     parser.add_argument("config", nargs="?", help="YAML config file (e.g. configs/rm_llama2_7b_starling.yaml)")
     parser.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {example_override}")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -204,8 +206,9 @@ def embedded_default(value: str | None, default: str, flag: str) -> str:
 
 def run_default_run(module: str, log_file: str | Path, what: str, alternative: str) -> None:
     """Runs `python -m <module>` with no arguments (an embedded default run another entry point needs first), its
-    output shown as it comes and kept in `log_file`. A failure is one `ConfigError` line naming the command, its
-    exit code and its own `error:` line, and the log (never the child's traceback in this process's)."""
+    output shown as it comes, each line prefixed with `[<module>]` (so that its own `error:` line is not taken for
+    this process's), and kept as it is in `log_file`. A failure is one `ConfigError` line naming the command, its
+    exit code and its own error, and the log (never a traceback)."""
     from starling_jax.errors import ConfigError
 
     command = f"python -m {module}"
@@ -217,7 +220,8 @@ def run_default_run(module: str, log_file: str | Path, what: str, alternative: s
         proc = subprocess.Popen([sys.executable, "-m", module], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, errors="replace")
         for line in proc.stdout:
-            sys.stderr.write(line)
+            sys.stderr.write(f"[{module.rsplit('.', 1)[-1]}] {line}")
+            sys.stderr.flush()
             log_out.write(line)
             if line.startswith("error: "):
                 last_error = line[len("error: "):].strip()
