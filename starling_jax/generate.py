@@ -32,7 +32,7 @@ from starling_jax import cli
 from starling_jax.data.chat import TEMPLATE_NAMES, TEMPLATES, adds_bos_by_tokenizer, get_template, parse_hh, render
 from starling_jax.data.prompts import read_prompts
 from starling_jax.data.synthetic import bundled_path
-from starling_jax.errors import CheckpointError, ConfigError, UsageError
+from starling_jax.errors import CheckpointError, ConfigError, DataError, UsageError
 
 DEFAULT_SFT_RUN_DIR = "runs/sft_default"  # where `python -m starling_jax.train_sft` writes by default
 DEFAULT_SFT_HF_DIR = f"{DEFAULT_SFT_RUN_DIR}/hf"
@@ -166,6 +166,13 @@ def generate(model: str, conversations, *, max_new_tokens: int = 256, temperatur
     sampling = SamplingConfig(**sampling_args, eos_token_ids=eos_ids(folder, tokenizer, cfg),
                               stop_sequences=stop_token_sequences(tokenizer, stop_strings),
                               pad_token_id=tokenizer.pad_token_id or 0)
+    # the sampler checks this too (Sampler.check_fits), in its own field's name; here the flag the user typed
+    room = cfg.max_position_embeddings - max_new_tokens + 1
+    for i, prompt in enumerate(prompts):
+        if len(prompt) > room:
+            raise DataError(f"row {i + 1}: prompt of {len(prompt)} tokens leaves no room for --max-new-tokens "
+                            f"{max_new_tokens} within the model's max_position_embeddings="
+                            f"{cfg.max_position_embeddings}")
     sampler = Sampler(graphdef, params, cfg, mesh, batch_size)
     start = time.perf_counter()
     with tqdm(total=len(prompts), desc="generate", unit="row", file=sys.stderr) as bar:

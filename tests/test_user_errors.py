@@ -10,8 +10,19 @@ import json
 
 import pytest
 
-from starling_jax import aot, cli, convert_starling, export_hf, generate, prepare_data, score, train_ppo, train_rm
-from starling_jax import train_sft, verify_hf
+from starling_jax import (
+    aot,
+    cli,
+    convert_starling,
+    export_hf,
+    generate,
+    prepare_data,
+    score,
+    train_ppo,
+    train_rm,
+    train_sft,
+    verify_hf,
+)
 from starling_jax.config import load_config, save_config
 from starling_jax.data.nectar import split_of
 from starling_jax.data.synthetic import bundled_path
