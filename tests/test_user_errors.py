@@ -12,6 +12,7 @@ import pytest
 
 from starling_jax import (
     aot,
+    base_configs,
     cli,
     convert_starling,
     export_hf,
@@ -24,6 +25,7 @@ from starling_jax import (
     verify_hf,
 )
 from starling_jax.config import load_config, save_config
+from starling_jax.data import synthetic
 from starling_jax.data.nectar import split_of
 from starling_jax.data.synthetic import bundled_path
 from starling_jax.errors import ConfigError
@@ -67,6 +69,9 @@ CONFIG_HELP = "(settings are key=value overrides, e.g. {}; `python -m starling_j
     (score.main, ["--batch-size", "many"], "argument --batch-size: invalid int value: 'many' " + HELP.format("score")),
     (export_hf.main, ["--step", "last"], "argument --step: invalid int value: 'last' " + HELP.format("export_hf")),
     (convert_starling.main, ["--inptu", "x"], "unrecognized arguments: --inptu x " + HELP.format("convert_starling")),
+    (synthetic.main, ["--rows", "x", "out.jsonl"],
+     "argument --rows: invalid int value: 'x' " + HELP.format("data.synthetic")),
+    (base_configs.main, ["--chek"], "unrecognized arguments: --chek " + HELP.format("base_configs")),
     (verify_hf.main, ["--dtype", "float16"],
      "argument --dtype: invalid choice: 'float16' (choose from {choices}) " + HELP.format("verify_hf")),
 ])
