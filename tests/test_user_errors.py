@@ -24,7 +24,7 @@ from starling_jax import (
     train_sft,
     verify_hf,
 )
-from starling_jax.config import load_config, save_config
+from starling_jax.config import load_config, save_config, to_dict
 from starling_jax.data import synthetic
 from starling_jax.data.nectar import split_of
 from starling_jax.data.synthetic import bundled_path
@@ -223,9 +223,9 @@ def test_resume_with_a_changed_config_is_refused_naming_the_keys(tmp_path, capsy
     error, summary = one_error(capsys)
     assert error == (f"{out / 'config.yaml'}: the run in output_dir={out} would resume with a changed config: "
                      "data.max_length (256 → 128), optim.learning_rate (0.001 → 0.01); only train.steps, the "
-                     "log/eval/save cadence (train.*_every, train.eval_max_batches, train.keep_checkpoints), export.* "
-                     "and mesh.* may change on resume: revert the changes, or start a new run with another "
-                     "output_dir")
+                     "log/eval/save cadence (train.*_every, train.eval_max_batches, train.keep_checkpoints), export.*, "
+                     "mesh.* and the memory levers (remat_policy, mlp_chunks, attention_impl, attention_block) may "
+                     "change on resume: revert the changes, or start a new run with another output_dir")
     assert summary["error_type"] == "ConfigError"
 
 
@@ -234,6 +234,9 @@ def test_resume_may_change_steps_cadence_export_and_mesh(tmp_path):
     fake_run(out, load_config(RMRunConfig, overrides=[f"output_dir={out}"]))
     same = ["train.steps=900", "train.log_every=1", "train.eval_every=7", "train.save_every=3", "export.hf=false",
             "train.eval_max_batches=2", "mesh.fsdp=2", "train.progress_bar=false"]
+    # the memory levers, wherever their section is (model.* or a shared runtime.*)
+    where = {k.rsplit(".", 1)[-1]: k for k in loop._flat(to_dict(RMRunConfig()))}
+    same += [f"{where['remat_policy']}=full", f"{where['mlp_chunks']}=2", f"{where['attention_impl']}=blockwise"]
     loop.check_resume_config(load_config(RMRunConfig, overrides=[f"output_dir={out}", *same]), out)
     changed = load_config(RMRunConfig, overrides=[f"output_dir={out}", "seed=1"])
     with pytest.raises(ConfigError, match=r"seed \(0 → 1\)"):

@@ -27,6 +27,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from omegaconf import OmegaConf
 from tensorboardX import SummaryWriter
 
 from starling_jax import config as config_lib
@@ -275,11 +276,13 @@ def _save(job: Job, ckpt: Checkpointer, window: StepWindow, step: int, state, fr
 
 
 # Keys a resumed run may change: how long it runs, how often it logs, evaluates and saves, what it writes at the
-# end (export.*), and how its devices are laid out (mesh.*: an elastic resume on another topology; results are
-# the same). Any other change would silently continue the old run with a new meaning, so it is refused.
+# end (export.*), and how the same computation is laid out on its devices: mesh.* (an elastic resume on another
+# topology) and the memory levers (last key component; results unchanged, tests/model/test_memory_levers.py), which
+# such a resume may need. Any other change would silently continue the old run with a new meaning: refused.
 RESUME_MAY_CHANGE = ("output_dir", "train.steps", "train.log_every", "train.eval_every", "train.eval_max_batches",
                      "train.save_every", "train.keep_checkpoints", "train.async_checkpointing", "train.progress_bar",
                      "train.peak_tflops_per_device", "export.", "mesh.")
+RESUME_MAY_CHANGE_LEVERS = ("remat_policy", "mlp_chunks", "attention_impl", "attention_block")
 
 
 def _flat(tree, prefix: str = "") -> dict[str, Any]:
@@ -298,8 +301,6 @@ def check_resume_config(cfg, out: AnyPath) -> None:
     """Refuses (one line) to resume the run in `out` with a config that differs from its `config.yaml` in a key
     outside `RESUME_MAY_CHANGE`, naming every changed key with both values. Keys only one side has (a config
     written by another version of starling_jax) are not compared."""
-    from omegaconf import OmegaConf
-
     saved_path = out / "config.yaml"
     if not saved_path.is_file() or not has_checkpoint(out):
         return
@@ -316,12 +317,14 @@ def check_resume_config(cfg, out: AnyPath) -> None:
         return text if len(text) <= 60 else text[:57] + "..."
 
     changed = [f"{k} ({short(saved[k])} → {short(current[k])})" for k in sorted(set(saved) & set(current))
-               if saved[k] != current[k] and not k.startswith(RESUME_MAY_CHANGE)]
+               if saved[k] != current[k] and not k.startswith(RESUME_MAY_CHANGE)
+               and k.rsplit(".", 1)[-1] not in RESUME_MAY_CHANGE_LEVERS]
     if changed:
         raise ConfigError(f"{saved_path}: the run in output_dir={cfg.output_dir} would resume with a changed config: "
                           f"{', '.join(changed)}; only train.steps, the log/eval/save cadence (train.*_every, "
-                          "train.eval_max_batches, train.keep_checkpoints), export.* and mesh.* may change on "
-                          "resume: revert the changes, or start a new run with another output_dir")
+                          "train.eval_max_batches, train.keep_checkpoints), export.*, mesh.* and the memory levers "
+                          f"({', '.join(RESUME_MAY_CHANGE_LEVERS)}) may change on resume: revert the changes, or "
+                          "start a new run with another output_dir")
 
 
 def write_config(cfg, path: AnyPath) -> None:
