@@ -112,6 +112,12 @@ def test_an_empty_data_file_is_named(tmp_path, capsys):
         error, summary = one_error(capsys)
         assert error == f"{empty}: the train split is empty (the file holds no rows)"
         assert summary["error_type"] == "DataError"
+    one = tmp_path / "one.jsonl"  # an empty data.eval file: named as the eval split
+    one.write_text(bundled_path().read_text().splitlines()[0] + "\n")
+    for main in (train_rm.main, train_sft.main):
+        assert main([f"output_dir={tmp_path / 'run'}", f"data.train={one}", f"data.eval={empty}", "train.steps=1",
+                     "data.batch_size=1"]) == 2
+        assert one_error(capsys)[0] == f"{empty}: the eval split is empty (the file holds no rows)"
 
 
 def test_an_eval_split_with_no_rows_says_why(tmp_path, capsys):

@@ -219,10 +219,11 @@ class RankingPipeline:
                             "micro-batches")
         self._rows: dict[int, int] = {}  # epoch → packed rows per host
         if len(source) == 0:
-            raise DataError(empty_split_message(getattr(source, "name", "") or "the dataset",
-                                                getattr(source, "split", mode),
-                                                getattr(source, "report", None), getattr(source, "eval_fraction", 0.0),
-                                                prepared=isinstance(source, TfdsSource)))
+            # a whole file read for this pipeline (data.eval=FILE) is its `mode` split; a held-out part, its own
+            fraction, prepared = getattr(source, "eval_fraction", 0.0), isinstance(source, TfdsSource)
+            split = getattr(source, "split", mode) if fraction or prepared else mode
+            raise DataError(empty_split_message(getattr(source, "name", "") or "the dataset", split,
+                                                getattr(source, "report", None), fraction, prepared=prepared))
         self._shape: list = []  # per example: (selected sequence lengths, shared prefix length)
         self.lengths = self._scan_lengths()
         if self.packed:

@@ -105,8 +105,8 @@ class SFTJob(Job):
         self.train_data = SFTPipeline(train, global_batch_size=d.batch_size, mode="train", report=train_report,
                                       name=d.train, eval_fraction=train_fraction, **pipe)
         self.eval_data = SFTPipeline(evals, global_batch_size=d.eval_batch_size, mode="eval", report=eval_report,
-                                     name=d.eval or d.train, split="train" if d.eval else "eval",
-                                     eval_fraction=0.0 if d.eval else d.eval_fraction, **pipe)
+                                     name=d.eval or d.train, eval_fraction=0.0 if d.eval else d.eval_fraction,
+                                     **pipe)
         log.info("data: %d train / %d eval conversations (%d answer tokens in train)", len(train), len(evals),
                  sum(len(e) - e.answer_start for e in train))
         model_cfg, self.graphdef, params, params_shardings = init_model(
