@@ -541,12 +541,11 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    # Compile-only TPU devices come from libtpu's topology, not from a local TPU: keep JAX's backend on the CPU.
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    cli.setup_logging(args.verbose)
-
     def run():
+        args = parse_args(sys.argv[1:] if argv is None else argv)  # usage errors: one line (cli.ArgumentParser)
+        # Compile-only TPU devices come from libtpu's topology, not from a local TPU: keep JAX's backend on the CPU.
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        cli.setup_logging(args.verbose)
         from starling_jax.config import load_config
         from starling_jax.train.rm_config import RMRunConfig
 

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -109,6 +110,17 @@ def slurm_distributed_args(env) -> dict[str, Any]:
             "cluster_detection_method": "deactivate"}
 
 
+def brief(text: str, limit: int = 400) -> str:
+    """A library's error message fit for a one-line `error:`: its first non-empty line, whitespace collapsed, whole
+    when it has at most `limit` characters, else cut at the last word boundary before `limit` with an ellipsis
+    (never in the middle of a word)."""
+    line = next((" ".join(ln.split()) for ln in str(text).splitlines() if ln.strip()), "")
+    if len(line) <= limit:
+        return line
+    cut = line.rfind(" ", 0, limit)
+    return line[:cut if cut > 0 else limit].rstrip(" ,;:") + " …"
+
+
 def print_summary(summary: dict[str, Any]) -> None:
     """The last line an entry point prints: one JSON object scripts can parse with `tail -n1`."""
     sys.stdout.flush()
@@ -134,9 +146,27 @@ def run_main(main: Callable[[], dict[str, Any] | int]) -> int:
     return 0
 
 
-def config_parser(prog: str, doc: str, example_override: str) -> argparse.ArgumentParser:
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for every entry point: a usage mistake (unknown flag, bad choice, missing required flag, a value
+    that does not parse) raises `UsageError` instead of printing the usage text and exiting, so it becomes the
+    same one-line `error: ...`, JSON summary and exit 2 as every other mistake once `run_main` catches it (parse
+    inside the function `run_main` runs). `--help` still prints the help and exits 0."""
+
+    def __init__(self, *args, hint: str = "", **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+        self.hint = hint  # said in every usage error, before the pointer to --help
+
+    def error(self, message: str):
+        from starling_jax.errors import UsageError
+
+        raise UsageError(f"{message} ({self.hint}{'; ' if self.hint else ''}`{self.prog} --help` lists the flags)")
+
+
+def config_parser(prog: str, doc: str, example_override: str) -> ArgumentParser:
     """The `[CONFIG.yaml] [key=value ...]` command line shared by the entry points that take a run config."""
-    parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog=prog, description=doc,
+                            hint=f"settings are key=value overrides, e.g. {example_override}")
     parser.add_argument("config", nargs="?", help="YAML config file (e.g. configs/rm_llama2_7b_starling.yaml)")
     parser.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {example_override}")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -144,7 +174,8 @@ def config_parser(prog: str, doc: str, example_override: str) -> argparse.Argume
 
 
 def parse_config_args(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
-    """Parse (options may sit between overrides); a first positional holding `=` is an override, not a file."""
+    """Parse (options may sit between overrides); a first positional holding `=` is an override, not a file.
+    Usage errors raise `UsageError` (`ArgumentParser`): call this inside `run_main`."""
     args = parser.parse_intermixed_args(argv)
     if args.config and "=" in args.config:
         args.overrides.insert(0, args.config)
@@ -156,6 +187,9 @@ def parse_config_args(parser: argparse.ArgumentParser, argv) -> argparse.Namespa
 # entry points' embedded defaults read it, so the four commands chain with no arguments.
 DEFAULT_RUN_DIR = "runs/rm_default"
 DEFAULT_HF_DIR = f"{DEFAULT_RUN_DIR}/hf"  # its HF export
+# Tokens per sequence of the embedded train_rm run (RMRunConfig.data.max_length) and prepare_data's default
+# --max-length: one constant, so `prepare_data` → `train_rm data.train=runs/prepared_default` chains as documented.
+DEFAULT_MAX_LENGTH = 256
 
 
 def embedded_default(value: str | None, default: str, flag: str) -> str:
@@ -170,10 +204,43 @@ def embedded_default(value: str | None, default: str, flag: str) -> str:
     return default
 
 
+def run_default_run(module: str, log_file: str | Path, what: str, alternative: str) -> None:
+    """Runs `python -m <module>` with no arguments (an embedded default run another entry point needs first), its
+    output shown as it comes, each line prefixed with `[<module>]` (so that its own `error:` line is not taken for
+    this process's), and kept as it is in `log_file`. A failure is one `ConfigError` line naming the command, its
+    exit code and its own error, and the log (never a traceback)."""
+    from starling_jax.errors import ConfigError
+
+    command = f"python -m {module}"
+    log_file = Path(log_file)
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    print(f"running `{command}` {what} (its output is also in {log_file})", file=sys.stderr, flush=True)
+    last_error = ""
+    with open(log_file, "w", encoding="utf-8") as log_out:
+        proc = subprocess.Popen([sys.executable, "-m", module], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, errors="replace")
+        for line in proc.stdout:
+            sys.stderr.write(f"[{module.rsplit('.', 1)[-1]}] {line}")
+            sys.stderr.flush()
+            log_out.write(line)
+            if line.startswith("error: "):
+                last_error = line[len("error: "):].strip()
+        code = proc.wait()
+    if code != 0:
+        said = f": {last_error}" if last_error else ""
+        raise ConfigError(f"`{command}`, run {what}, failed with exit code {code}{said}; its output is in {log_file}; "
+                          f"fix that and run again, or {alternative}")
+
+
 def config_main(argv, prog: str, doc: str, example_override: str,
                 train: Callable[[str | None, list[str]], dict[str, Any]]) -> int:
     """A training entry point: `[CONFIG.yaml] [key=value ...]` → logging → `train(config_file, overrides)` under
     `run_main` (one-line errors, JSON summary). `train` imports JAX itself, so --help and usage errors stay fast."""
-    args = parse_config_args(config_parser(prog, doc, example_override), sys.argv[1:] if argv is None else argv)
-    setup_logging(args.verbose)
-    return run_main(lambda: train(args.config, args.overrides))
+    parser = config_parser(prog, doc, example_override)
+
+    def run():
+        args = parse_config_args(parser, sys.argv[1:] if argv is None else argv)
+        setup_logging(args.verbose)
+        return train(args.config, args.overrides)
+
+    return run_main(run)

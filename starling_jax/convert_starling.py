@@ -23,7 +23,6 @@ is refused unless `--overwrite`. The last printed line is a JSON summary.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -57,7 +56,7 @@ def find_pickle(path: Path) -> Path:
 
             path = Path(snapshot_download(text, allow_patterns=["*.bin", "*.pt", "*.pth", "*.json"]))
         except Exception as e:  # noqa: BLE001 - offline, unknown or gated repo
-            reason = " ".join(str(e).split())[:200]
+            reason = cli.brief(str(e))  # its first line, never cut inside a word
             raise CheckpointError(f"{text}: not a local file or folder and not fetched from the HuggingFace Hub "
                                   f"({type(e).__name__}: {reason}); download it and pass the folder") from None
     files = sorted({p for pattern in PICKLE_NAMES for p in path.glob(pattern)} - {path / "training_args.bin"})
@@ -188,17 +187,20 @@ def _plan_shards(tensors: dict, max_bytes: int) -> list[list[str]]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m starling_jax.convert_starling", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(prog="python -m starling_jax.convert_starling", description=__doc__)
     parser.add_argument("--input", default=DEFAULT_INPUT, help="the Starling-RM-7B-alpha .bin/.pt file, its folder, "
                         f"or a Hub id (default: {DEFAULT_INPUT})")
     parser.add_argument("--base", default=DEFAULT_BASE, help="folder or Hub id with the Llama-2-7B-chat "
                         f"config.json and tokenizer (default: {DEFAULT_BASE})")
     parser.add_argument("--output", default=DEFAULT_OUTPUT, help=f"HF folder to write (default: {DEFAULT_OUTPUT})")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --output folder")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     cli.setup_logging()
-    return cli.run_main(lambda: convert(args.input, args.base, args.output, args.overwrite))
+
+    def run():
+        args = parser.parse_args(sys.argv[1:] if argv is None else argv)  # usage errors: one line
+        return convert(args.input, args.base, args.output, args.overwrite)
+
+    return cli.run_main(run)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,10 @@ class ConfigError(StarlingError):
     """Unknown config key, bad value or missing config file."""
 
 
+class UsageError(ConfigError):
+    """A command-line flag is unknown, missing or malformed (argparse's usage errors, raised by `cli.ArgumentParser`)."""
+
+
 class DataError(StarlingError):
     """A data file is missing or a row is malformed (message names file, row and field)."""
 

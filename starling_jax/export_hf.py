@@ -17,7 +17,6 @@ refused unless `--overwrite`.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from starling_jax import cli
@@ -55,18 +54,17 @@ def export(checkpoint: str, output: str, step: int | None = None, tokenizer: str
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m starling_jax.export_hf", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(prog="python -m starling_jax.export_hf", description=__doc__)
     parser.add_argument("--checkpoint", default=None, help="checkpoint folder (run output, checkpoints/, or a step; "
                         f"default: {cli.DEFAULT_RUN_DIR}, the embedded train_rm run)")
     parser.add_argument("--output", default=None, help="HF folder to write (default: CHECKPOINT/hf_export)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest complete)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the one the run used)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --output folder")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     cli.setup_logging()
 
     def run():
+        args = parser.parse_args(sys.argv[1:] if argv is None else argv)  # usage errors: one line
         checkpoint = cli.embedded_default(args.checkpoint, cli.DEFAULT_RUN_DIR, "--checkpoint")
         return export(checkpoint, args.output or str(as_path(checkpoint) / "hf_export"), args.step, args.tokenizer,
                       args.overwrite)

@@ -26,10 +26,8 @@ With no arguments it generates with the policy of the default `python -m starlin
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,7 +36,7 @@ from starling_jax import cli
 from starling_jax.data.chat import TEMPLATE_NAMES, TEMPLATES, adds_bos_by_tokenizer, get_template, parse_hh, render
 from starling_jax.data.prompts import read_prompts
 from starling_jax.data.synthetic import bundled_path
-from starling_jax.errors import CheckpointError, ConfigError
+from starling_jax.errors import CheckpointError, ConfigError, DataError, UsageError
 
 DEFAULT_SFT_RUN_DIR = "runs/sft_default"  # where `python -m starling_jax.train_sft` writes by default
 DEFAULT_SFT_HF_DIR = f"{DEFAULT_SFT_RUN_DIR}/hf"
@@ -119,16 +117,35 @@ def ensure_default_policy() -> str:
     if importlib.util.find_spec("starling_jax.train_sft") is None:
         raise ConfigError(f"--model not given and {DEFAULT_SFT_HF_DIR} does not exist, and this checkout has no "
                           f"starling_jax.train_sft to train it; pass --model")
-    print(f"{DEFAULT_SFT_HF_DIR} not found: training the default policy (python -m starling_jax.train_sft)",
-          file=sys.stderr, flush=True)
-    done = subprocess.run([sys.executable, "-m", "starling_jax.train_sft"])
-    if done.returncode != 0 or not Path(DEFAULT_SFT_HF_DIR, "config.json").is_file():
-        raise ConfigError(f"python -m starling_jax.train_sft failed (exit {done.returncode}) or did not write "
-                          f"{DEFAULT_SFT_HF_DIR}; pass --model")
+    cli.run_default_run("starling_jax.train_sft", f"{DEFAULT_SFT_RUN_DIR}.log",
+                        f"to train the default policy {DEFAULT_SFT_HF_DIR} (--model not given)", "pass --model")
+    if not Path(DEFAULT_SFT_HF_DIR, "config.json").is_file():
+        raise ConfigError(f"python -m starling_jax.train_sft did not write {DEFAULT_SFT_HF_DIR}; pass --model")
     return DEFAULT_SFT_HF_DIR
 
 
 # ---------------------------------------------------------------------------------------------- main
+def check_flags(args) -> None:
+    """The flags' values, checked before anything is trained, loaded or read; a bad one is a `UsageError` naming
+    the flag as typed (`--top-p 2`), not the sampler's field."""
+    checks = [
+        ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, "must be at least 1"),
+        ("--temperature", args.temperature, args.temperature >= 0, "must be ≥ 0 (0 = greedy)"),
+        ("--top-k", args.top_k, args.top_k >= 0, "must be ≥ 0 (0 = off)"),
+        ("--top-p", args.top_p, 0 < args.top_p <= 1, "must be in (0, 1] (1 = off)"),
+        ("--batch-size", args.batch_size, args.batch_size >= 1, "must be at least 1 (rows per batch)"),
+    ]
+    for flag, value, ok, rule in checks:
+        if not ok:
+            shown = int(value) if isinstance(value, float) and value.is_integer() else value  # as typed: 2, not 2.0
+            raise UsageError(f"{flag} {shown}: {rule}")
+    if args.template not in TEMPLATE_NAMES:
+        raise UsageError(f"--template {args.template}: choose one of {', '.join(TEMPLATE_NAMES)}")
+    for stop in args.stop:
+        if not stop:
+            raise UsageError("--stop '': an empty stop string would end every row at once")
+
+
 def generate(model: str, conversations, *, max_new_tokens: int = 256, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, seed: int = 0, batch_size: int = 16, template: str = "tokenizer",
              stops=(), output: str | None = None, num_samples: int = 1) -> dict:
@@ -154,6 +171,13 @@ def generate(model: str, conversations, *, max_new_tokens: int = 256, temperatur
     sampling = SamplingConfig(**sampling_args, eos_token_ids=eos_ids(folder, tokenizer, cfg),
                               stop_sequences=stop_token_sequences(tokenizer, stop_strings),
                               pad_token_id=tokenizer.pad_token_id or 0)
+    # the sampler checks this too (Sampler.check_fits), in its own field's name; here the flag the user typed
+    room = cfg.max_position_embeddings - max_new_tokens + 1
+    for i, prompt in enumerate(prompts):
+        if len(prompt) > room:
+            raise DataError(f"row {i + 1}: prompt of {len(prompt)} tokens leaves no room for --max-new-tokens "
+                            f"{max_new_tokens} within the model's max_position_embeddings="
+                            f"{cfg.max_position_embeddings}")
     sampler = Sampler(graphdef, params, cfg, mesh, batch_size)
     start = time.perf_counter()
     n = len(prompts)
@@ -188,8 +212,7 @@ def generate(model: str, conversations, *, max_new_tokens: int = 256, temperatur
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m starling_jax.generate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(prog="python -m starling_jax.generate", description=__doc__)
     parser.add_argument("--model", default=None, help="HF causal-LM folder or policy checkpoint "
                         f"(default: {DEFAULT_SFT_HF_DIR}, the default train_sft run's export, trained if missing)")
     source = parser.add_mutually_exclusive_group()
@@ -206,10 +229,11 @@ def main(argv=None) -> int:
     parser.add_argument("--stop", action="append", default=[], help="extra stop string (repeatable)")
     parser.add_argument("--num-samples", type=int, default=1, help="completions per prompt (independent draws)")
     parser.add_argument("--output", default=None, help="JSON-lines output file (default: print the lines)")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     cli.setup_logging()
 
     def run():
+        args = parser.parse_args(sys.argv[1:] if argv is None else argv)  # usage errors: one line
+        check_flags(args)  # before the default policy is trained or any model is loaded
         if args.prompt:
             conversations = [[{"role": "user", "content": p}] for p in args.prompt]
         elif args.data:

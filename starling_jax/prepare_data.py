@@ -11,7 +11,6 @@ last printed line is a one-line JSON summary (report counts + output folder).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -20,13 +19,17 @@ import sys
 import time
 from pathlib import Path
 
+from starling_jax.cli import DEFAULT_MAX_LENGTH, ArgumentParser
 from starling_jax.data.chat import TEMPLATE_NAMES
 from starling_jax.data.synthetic import BUNDLED_ALIAS, resolve_bundled
-from starling_jax.errors import StarlingError
+from starling_jax.errors import StarlingError, UsageError
+
+MIN_MAX_LENGTH = 8  # as train_rm's data.max_length
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="starling_jax.prepare_data", description=__doc__.splitlines()[0])
+    """The flags, checked before anything is read (a usage mistake raises `UsageError`, one line)."""
+    ap = ArgumentParser(prog="python -m starling_jax.prepare_data", description=__doc__.splitlines()[0])
     ap.add_argument("--input", default=BUNDLED_ALIAS,
                     help="Nectar-schema file (.parquet/.jsonl/.json), Hub name (berkeley-nest/Nectar), or "
                          "'bundled' (the synthetic file shipped with the package; the default)")
@@ -34,10 +37,18 @@ def parse_args(argv=None):
     ap.add_argument("--tokenizer", default=None, help="HF tokenizer folder or Hub id, e.g. "
                     "meta-llama/Llama-2-7b-chat-hf (default: the offline Mistral v1 tokenizer for the template)")
     ap.add_argument("--template", default="llama2_chat", choices=TEMPLATE_NAMES)
-    ap.add_argument("--max-length", type=int, default=2048)
+    ap.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH,
+                    help=f"tokens per sequence, prompt + answer (default {DEFAULT_MAX_LENGTH}, the embedded train_rm "
+                         "run's data.max_length; the 7B recipes use 2048)")
     ap.add_argument("--on-bad-row", default="error", choices=("error", "skip"))
     ap.add_argument("--eval-fraction", type=float, default=0.05)
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.max_length < MIN_MAX_LENGTH:  # else every row would be "too long" and blamed one by one
+        raise UsageError(f"--max-length {args.max_length}: must be at least {MIN_MAX_LENGTH} tokens (prompt + answer; "
+                         f"train_rm's default is {DEFAULT_MAX_LENGTH}, the 7B recipes use 2048)")
+    if not 0.0 <= args.eval_fraction < 1.0:
+        raise UsageError(f"--eval-fraction {args.eval_fraction}: must be in [0, 1)")
+    return args
 
 
 def run(args) -> dict:
@@ -88,12 +99,14 @@ def write_report(b, args, out: Path, tok_dir, t0: float) -> dict:
 def main(argv=None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     logging.getLogger("absl").setLevel(logging.ERROR)
-    args = parse_args(argv)
+    args = None
     try:
+        args = parse_args(argv)
         report = run(args)
     except StarlingError as e:
         print(f"error: {e}", file=sys.stderr)
-        print(json.dumps({"status": "error", "error": str(e), "output": str(args.output)}))
+        print(json.dumps({"status": "error", "error_type": type(e).__name__, "error": str(e),
+                          "output": str(args.output) if args else None}))
         return 2
     summary = {k: report[k] for k in ("rows_read", "rows_kept", "rows_skipped", "rows_truncated", "splits")}
     summary = {"status": "completed", **summary, "output": report["output"]}

@@ -15,7 +15,6 @@ bucket lengths (`score_batches.py`), so short answers are not padded to the long
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -23,10 +22,11 @@ from pathlib import Path
 from starling_jax import cli
 from starling_jax import tokenizer as tokenizer_lib
 from starling_jax.ckpt.manager import load_model
+from starling_jax.data.chat import TEMPLATE_NAMES
 from starling_jax.data.nectar import ReadReport, iter_raw_rows, read_pairwise, read_rankings
 from starling_jax.data.synthetic import BUNDLED_ALIAS, resolve_bundled
 from starling_jax.data.tokenize import RowDoesNotFit, tokenize_ranking
-from starling_jax.errors import CheckpointError, DataError
+from starling_jax.errors import CheckpointError, DataError, UsageError
 from starling_jax.metrics import RankingMetrics
 from starling_jax.model import hf_io, hub
 from starling_jax.parallel import sharding
@@ -80,7 +80,9 @@ class RewardScorer:
         keys = ["tokenizer_fingerprint"] + (["template"] if template and template != "tokenizer" else [])
         self.template = template or default_template
         current = tokenizer_lib.data_provenance(self.tokenizer, tokenizer_dir, self.template, self.max_length)
-        tokenizer_lib.check_provenance(recorded, current, f"reward model {model}", "score", keys=keys)
+        tokenizer_lib.check_provenance(recorded, current, f"reward model {model}", "score", keys=keys, remake=None,
+                                       settings={"template": "--template",
+                                                 "tokenizer": "the model's tokenizer files to"})
         self.scorer = BucketedScorer(graphdef, mesh, rows=batch_size, max_length=self.max_length,
                                      pad_to_multiple=PAD_TO_MULTIPLE, pad_id=self.tokenizer.pad_token_id or 0)
 
@@ -103,11 +105,12 @@ def score(model: str, data: str, output: str | None = None, template: str | None
           max_length: int | None = None, batch_size: int = 32, on_bad_row: str = "error") -> dict:
     import numpy as np
 
+    # --- inputs first: a missing or unreadable --data fails before any model is loaded
+    fmt = detect_format(data)
     scorer = RewardScorer(model, template, max_length, batch_size)
     template = scorer.template
 
     # --- rows → tokenized answers (input order kept; skipped rows remembered with their reason)
-    fmt = detect_format(data)
     report = ReadReport()
     reader = read_pairwise if fmt == "pairwise" else read_rankings
     lines: dict[int, dict] = {}
@@ -147,9 +150,18 @@ def score(model: str, data: str, output: str | None = None, template: str | None
     return summary
 
 
+def check_flags(args) -> None:
+    """The flags' values, checked before the model is loaded (`UsageError` naming the flag as typed)."""
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size {args.batch_size}: must be at least 1 (sequences per forward pass)")
+    if args.max_length is not None and args.max_length < 8:
+        raise UsageError(f"--max-length {args.max_length}: must be at least 8 tokens (prompt + answer)")
+    if args.template is not None and args.template not in TEMPLATE_NAMES:
+        raise UsageError(f"--template {args.template}: choose one of {', '.join(TEMPLATE_NAMES)}")
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m starling_jax.score", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(prog="python -m starling_jax.score", description=__doc__)
     parser.add_argument("--model", default=None, help="HF reward-model folder / Hub id, or a checkpoint folder "
                         f"(default: {cli.DEFAULT_HF_DIR}, the embedded train_rm run's export)")
     parser.add_argument("--data", default=BUNDLED_ALIAS, help="Nectar-format or pairwise file (jsonl, json, parquet); "
@@ -164,11 +176,15 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass (a micro-batch; rounded up to a "
                         "multiple of the data-parallel devices)")
     parser.add_argument("--on-bad-row", choices=("error", "skip"), default="error")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     cli.setup_logging()
-    return cli.run_main(lambda: score(cli.embedded_default(args.model, cli.DEFAULT_HF_DIR, "--model"),
-                                      resolve_bundled(args.data), args.output, args.template, args.max_length,
-                                      args.batch_size, args.on_bad_row))
+
+    def run():
+        args = parser.parse_args(sys.argv[1:] if argv is None else argv)  # usage errors: one line
+        check_flags(args)
+        return score(cli.embedded_default(args.model, cli.DEFAULT_HF_DIR, "--model"), resolve_bundled(args.data),
+                     args.output, args.template, args.max_length, args.batch_size, args.on_bad_row)
+
+    return cli.run_main(run)
 
 
 if __name__ == "__main__":

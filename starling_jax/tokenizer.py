@@ -201,16 +201,51 @@ def _describe(p: dict) -> str:
             f"template {p.get('template')} (sha {p.get('template_sha256')}), max_length {p.get('max_length')}")
 
 
+# provenance key → (what an error calls it, the setting that chooses it, the prepare_data flag that does)
+_PROVENANCE_FIELDS = {
+    "max_length": ("max_length", "max_length", "--max-length"),
+    "template": ("template", "template", "--template"),
+    "template_sha256": ("template text", "template", "--template"),
+    "tokenizer_fingerprint": ("tokenizer", "tokenizer", "--tokenizer"),
+}
+
+
 def check_provenance(recorded: dict, current: dict, recorded_what: str, current_what: str,
-                     keys=("tokenizer_fingerprint", "template", "template_sha256", "max_length")) -> None:
-    """DataError (one line, both sides named) when `recorded` and `current` differ on any of `keys` that both
-    hold. The tokenizer's name may differ (another path to the same files); its fingerprint may not."""
+                     keys=("tokenizer_fingerprint", "template", "template_sha256", "max_length"),
+                     settings: dict[str, str] | None = None, remake: str | None = "prepare the data again") -> None:
+    """DataError (one line) when `recorded` and `current` differ on any of `keys` that both hold. The tokenizer's
+    name may differ (another path to the same files); its fingerprint may not.
+
+    The message starts with what differs and the fix: `settings` maps `max_length`, `template` and `tokenizer` to
+    the setting that chooses them on the current side (e.g. `data.max_length`, `--template`), which the fix says
+    to set to the recorded value; `remake` (None: no such option) is the other way, redoing the recorded side with
+    the current values (prepare_data's flags named). Both sides in full follow."""
     bad = [k for k in keys if recorded.get(k) is not None and current.get(k) is not None
            and str(recorded[k]) != str(current[k])]
-    if bad:
-        raise DataError(f"{recorded_what} was made with {_describe(recorded)} but {current_what} uses "
-                        f"{_describe(current)} ({', '.join(bad)} differ{'s' if len(bad) == 1 else ''}); "
-                        "use the same tokenizer, template and max_length, or prepare the data again")
+    if not bad:
+        return
+    if "template" in bad and "template_sha256" in bad:
+        bad.remove("template_sha256")  # one template change: named once
+    settings = settings or {}
+    diffs, sets, remakes = [], [], []
+    for k in bad:
+        what, setting, flag = _PROVENANCE_FIELDS.get(k, (k, k, None))
+        # the value a user types: the tokenizer's and the template's name, not their hashes
+        typed = {"tokenizer_fingerprint": "tokenizer", "template_sha256": "template"}.get(k, k)
+        rec, cur = recorded.get(typed), current.get(typed)
+        if k == "tokenizer_fingerprint":
+            diffs.append(f"tokenizer ({rec}, fingerprint {recorded[k]}, vs {cur}, fingerprint {current[k]})")
+        else:
+            diffs.append(f"{what} ({recorded[k]} vs {current[k]})")
+        name = settings.get(setting, setting)
+        sets.append(f"{name} {rec}" if name.startswith("-") or " " in name else f"{name}={rec}")
+        if flag:
+            remakes.append(f"{flag} {cur}")
+    fix = f"set {', '.join(dict.fromkeys(sets))}"
+    if remake:
+        fix += f", or {remake}" + (f" with {' '.join(dict.fromkeys(remakes))}" if remakes else "")
+    raise DataError(f"{recorded_what} and {current_what} differ in {'; '.join(diffs)}: {fix}. {recorded_what} was "
+                    f"made with {_describe(recorded)}; {current_what} uses {_describe(current)}")
 
 
 # ---------------------------------------------------------------------------------------------- export

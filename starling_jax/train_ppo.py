@@ -13,7 +13,6 @@ latest complete checkpoint in `output_dir`; SIGTERM saves and exits. The last pr
 from __future__ import annotations
 
 import logging
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,14 +22,18 @@ log = logging.getLogger("starling_jax")
 
 
 def ensure_default_runs(cfg) -> None:
-    """Trains the default reward model / SFT policy when the run uses them and they are missing."""
+    """Trains the default reward model / SFT policy when the run uses them and they are missing; a failed child run
+    is one line naming its command and its log (`<default run folder>.log`, e.g. runs/rm_default.log)."""
     from starling_jax.rl.config import DEFAULT_POLICY, DEFAULT_REWARD_MODEL
 
-    for path, module in ((cfg.reward_model, "starling_jax.train_rm"), (cfg.policy, "starling_jax.train_sft")):
-        default = DEFAULT_REWARD_MODEL if module.endswith("rm") else DEFAULT_POLICY
+    for path, module, key in ((cfg.reward_model, "starling_jax.train_rm", "reward_model"),
+                              (cfg.policy, "starling_jax.train_sft", "policy")):
+        default = DEFAULT_REWARD_MODEL if key == "reward_model" else DEFAULT_POLICY
         if path == default and not (Path(path) / "config.json").is_file():
-            log.info("%s is missing: running python -m %s first", path, module)
-            subprocess.run([sys.executable, "-m", module], check=True)
+            run_dir = Path(path).parent  # runs/rm_default for runs/rm_default/hf
+            cli.run_default_run(module, run_dir.with_name(run_dir.name + ".log"),
+                                f"to train the missing {key}={path} (the default {module.rsplit('.', 1)[1]} run)",
+                                f"set {key}=FOLDER_OR_HUB_ID")
 
 
 def train(config_file: str | None, overrides: list[str]) -> dict:

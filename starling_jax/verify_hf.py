@@ -23,7 +23,6 @@ torch is needed (`pip install starling_jax[dev]`).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -42,8 +41,8 @@ TEXTS = [
 ]
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="starling-verify-hf", description=__doc__.split("\n")[0])
+def _parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(prog="python -m starling_jax.verify_hf", description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help=f"HF model folder (or Hub id); default: {cli.DEFAULT_HF_DIR}, the "
                    "embedded train_rm run's export")
     p.add_argument("--dtype", default="float32", choices=sorted(DEFAULT_TOLERANCE), help="starling_jax compute dtype")
@@ -178,8 +177,8 @@ def _logsumexp(x):
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
     try:
+        args = _parser().parse_args(argv)  # usage errors: one line (cli.ArgumentParser)
         model = cli.embedded_default(args.model, cli.DEFAULT_HF_DIR, "--model")
         summary = verify(model, args.dtype, args.tolerance, args.max_length, args.seed)
     except StarlingError as e:

@@ -304,6 +304,27 @@ class ReadReport:
         return dataclasses.asdict(self)
 
 
+def empty_split_message(source, split: str, report: ReadReport | None = None, eval_fraction: float = 0.0,
+                        prepared: bool = False) -> str:
+    """Why a split of `source` has no rows, naming the file: it is empty, every row was skipped, or none fell in
+    `split` (the eval split held out by prompt hash)."""
+    if prepared:
+        why = ("a prepared dataset: give the eval rows with data.eval, or prepare it again with a larger "
+               "--eval-fraction" if split == "eval" else "a prepared dataset: prepare it again (see its report.json)")
+    elif report is None:
+        why = "no rows"
+    elif report.rows_read == 0:
+        why = "the file holds no rows"
+    elif report.rows_skipped >= report.rows_read:
+        why = f"all {report.rows_read} rows were skipped as bad rows (on_bad_row=skip)"
+    elif eval_fraction:
+        why = (f"none of its {report.rows_read} rows fell in the {split} split held out by prompt hash "
+               f"(eval_fraction={eval_fraction}): use more rows, a larger eval_fraction, or data.eval=FILE")
+    else:
+        why = f"{report.rows_read} rows read, {report.rows_skipped} skipped, none left for {split}"
+    return f"{source}: the {split} split is empty ({why})"
+
+
 def read_rankings(
     source: str | Path,
     on_bad_row: str = "error",

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from starling_jax import tokenizer as tokenizer_lib
-from starling_jax.data.nectar import ReadReport, read_rankings, split_of
+from starling_jax.data.nectar import ReadReport, empty_split_message, read_rankings, split_of
 from starling_jax.data.tokenize import RowDoesNotFit, tokenize_ranking
 from starling_jax.data import layout as layout_lib
 from starling_jax.data.batch_spec import KWISE, MASKED_RANK
@@ -76,8 +76,10 @@ def select_answers(ranks: Sequence[float], k: int) -> list[int]:
 class InMemorySource:
     """Random-access examples from `TokenizedRanking`s (small runs straight from a file)."""
 
-    def __init__(self, tokenized, report=None, provenance: dict | None = None):
+    def __init__(self, tokenized, report=None, provenance: dict | None = None, name: str = "",
+                 split: str = "train", eval_fraction: float = 0.0):
         self.report = report  # nectar.ReadReport of the pass that read the rows (skipped rows, counts), if any
+        self.name, self.split, self.eval_fraction = name, split, eval_fraction  # for errors: which file and split
         self.provenance = provenance or {}  # tokenizer.data_provenance of the tokenization
         self._ex = [
             {"row": t.row, "tokens": list(t.tokens), "ranks": np.asarray(t.ranks, np.float32),
@@ -99,6 +101,7 @@ class TfdsSource:
     def __init__(self, builder_dir, split: str):
         import tensorflow_datasets as tfds
 
+        self.name, self.split, self.eval_fraction = str(builder_dir), split, 0.0  # for errors
         self.builder = tfds.builder_from_directory(str(builder_dir))
         if split not in self.builder.info.splits:
             raise DataError(f"{builder_dir}: no split {split!r} (has {list(self.builder.info.splits)})")
@@ -216,7 +219,11 @@ class RankingPipeline:
                             "micro-batches")
         self._rows: dict[int, int] = {}  # epoch → packed rows per host
         if len(source) == 0:
-            raise DataError("the dataset split is empty")
+            # a whole file read for this pipeline (data.eval=FILE) is its `mode` split; a held-out part, its own
+            fraction, prepared = getattr(source, "eval_fraction", 0.0), isinstance(source, TfdsSource)
+            split = getattr(source, "split", mode) if fraction or prepared else mode
+            raise DataError(empty_split_message(getattr(source, "name", "") or "the dataset", split,
+                                                getattr(source, "report", None), fraction, prepared=prepared))
         self._shape: list = []  # per example: (selected sequence lengths, shared prefix length)
         self.lengths = self._scan_lengths()
         if self.packed:
@@ -462,7 +469,8 @@ def open_source(path, split: str = "train", *, tokenizer=None, template: str = "
     if prepared is not None:
         src = TfdsSource(prepared, split)
         tokenizer_lib.check_provenance(src.provenance, current if check_length else {**current, "max_length": None},
-                                       f"prepared dataset {prepared}", "this run")
+                                       f"prepared dataset {prepared}", "this run",
+                                       settings={k: f"data.{k}" for k in ("max_length", "template", "tokenizer")})
         return src
     if as_path(path).is_dir():
         raise DataError(f"{path}: folder holds no prepared dataset (run starling_jax.prepare_data)")
@@ -481,4 +489,4 @@ def open_source(path, split: str = "train", *, tokenizer=None, template: str = "
                 raise DataError(f"{path}: row {r.row}: {e} (on_bad_row=skip drops such rows and reports them)")
             report.rows_kept -= 1
             report.skip(r.row, str(e))
-    return InMemorySource(out, report, current)
+    return InMemorySource(out, report, current, name=str(path), split=split, eval_fraction=eval_fraction)

@@ -27,8 +27,8 @@ import numpy as np
 
 from starling_jax.data.batch_spec import SFT, round_up
 from starling_jax.data.chat import Message, to_hh
-from starling_jax.data.nectar import (BadRow, Ranking, ReadReport, iter_raw_rows, read_rankings, split_of,
-                                      validated_rows)
+from starling_jax.data.nectar import (BadRow, Ranking, ReadReport, empty_split_message, iter_raw_rows,
+                                      read_rankings, split_of, validated_rows)
 from starling_jax.data.pipeline import batch_plan
 from starling_jax.data.tokenize import RowDoesNotFit, tokenize_answers
 from starling_jax.errors import DataError
@@ -158,9 +158,10 @@ class SFTPipeline:
 
     def __init__(self, examples: list[SFTExample], *, global_batch_size: int, max_length: int,
                  pad_to_multiple: int = 128, pad_id: int = 0, seed: int = 0, mode: str = "train",
-                 process_index: int = 0, process_count: int = 1, report: ReadReport | None = None):
-        if not examples:
-            raise DataError(f"the {mode} split has no examples")
+                 process_index: int = 0, process_count: int = 1, report: ReadReport | None = None,
+                 name: str = "", split: str | None = None, eval_fraction: float = 0.0):
+        if not examples:  # name the file (`name`) and why its split is empty
+            raise DataError(empty_split_message(name or "the dataset", split or mode, report, eval_fraction))
         if global_batch_size % process_count:
             raise DataError(f"global batch size {global_batch_size} is not divisible by {process_count} processes")
         self.examples = examples

@@ -15,11 +15,12 @@ turn asks for a different word: only the last request counts), some have 3-6 ans
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import numpy as np
+
+from starling_jax import cli
 
 WORDS = ("apple", "river", "stone", "cloud", "green", "music", "table", "horse")
 # Never requested: pad answers to a length drawn independently of the rank (so length carries no signal, but
@@ -108,14 +109,17 @@ def write_jsonl(rows, path) -> Path:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = cli.ArgumentParser(prog="python -m starling_jax.data.synthetic", description=__doc__.splitlines()[0])
     ap.add_argument("output")
     ap.add_argument("--rows", type=int, default=3000)
     ap.add_argument("--seed", type=int, default=0)
-    a = ap.parse_args(argv)
-    p = write_jsonl(generate(a.rows, a.seed), a.output)
-    print(json.dumps({"rows": a.rows, "output": str(p)}))
-    return 0
+
+    def run():
+        a = ap.parse_args(argv)  # usage errors: one line (cli.ArgumentParser)
+        p = write_jsonl(generate(a.rows, a.seed), a.output)
+        return {"status": "completed", "rows": a.rows, "output": str(p)}
+
+    return cli.run_main(run)
 
 
 if __name__ == "__main__":

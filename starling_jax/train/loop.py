@@ -27,12 +27,13 @@ from typing import Any
 
 import jax
 import numpy as np
+from omegaconf import OmegaConf
 from tensorboardX import SummaryWriter
 
 from starling_jax import config as config_lib
 from starling_jax import hardware
 from starling_jax.ckpt.manager import Checkpointer, models_meta
-from starling_jax.errors import TrainingError
+from starling_jax.errors import ConfigError, TrainingError
 from starling_jax.parallel import sharding
 from starling_jax.paths import AnyPath, as_path, copy_file, is_url
 from starling_jax.train.job import Job
@@ -274,18 +275,87 @@ def _save(job: Job, ckpt: Checkpointer, window: StepWindow, step: int, state, fr
     window.writer.sync()
 
 
+# Keys a resumed run may change: how long it runs, how often it logs, evaluates and saves, what it writes at the
+# end (export.*), and how the same computation is laid out on its devices: mesh.* (an elastic resume on another
+# topology) and the memory levers (last key component; results unchanged, tests/model/test_memory_levers.py), which
+# such a resume may need. Any other change would silently continue the old run with a new meaning: refused.
+RESUME_MAY_CHANGE = ("output_dir", "train.steps", "train.log_every", "train.eval_every", "train.eval_max_batches",
+                     "train.save_every", "train.keep_checkpoints", "train.async_checkpointing", "train.progress_bar",
+                     "train.peak_tflops_per_device", "export.", "mesh.")
+RESUME_MAY_CHANGE_LEVERS = ("remat_policy", "mlp_chunks", "attention_impl", "attention_block")
+
+
+def _flat(tree, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: tree}
+
+
+def has_checkpoint(out: AnyPath) -> bool:
+    """True when `out/checkpoints` holds a complete step (Orbax renames a step folder into place when complete)."""
+    folder = out / "checkpoints"
+    return folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())
+
+
+def check_resume_config(cfg, out: AnyPath) -> None:
+    """Refuses (one line) to resume the run in `out` with a config that differs from its `config.yaml` in a key
+    outside `RESUME_MAY_CHANGE`, naming every changed key with both values. Keys only one side has (a config
+    written by another version of starling_jax) are not compared."""
+    saved_path = out / "config.yaml"
+    if not saved_path.is_file() or not has_checkpoint(out):
+        return
+    try:
+        saved = _flat(OmegaConf.to_container(OmegaConf.create(saved_path.read_text())))
+    except Exception as e:  # noqa: BLE001 - an unreadable file: say so, do not guess
+        log.warning("%s: not compared with this run's config (%s)", saved_path, str(e).splitlines()[0])
+        return
+    # the current config through the same YAML round trip, so that equal values compare equal (tuples, floats)
+    current = _flat(OmegaConf.to_container(OmegaConf.create(OmegaConf.to_yaml(OmegaConf.structured(cfg)))))
+
+    def short(value) -> str:
+        text = json.dumps(value, default=str)
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    changed = [f"{k} ({short(saved[k])} → {short(current[k])})" for k in sorted(set(saved) & set(current))
+               if saved[k] != current[k] and not k.startswith(RESUME_MAY_CHANGE)
+               and k.rsplit(".", 1)[-1] not in RESUME_MAY_CHANGE_LEVERS]
+    if changed:
+        raise ConfigError(f"{saved_path}: the run in output_dir={cfg.output_dir} would resume with a changed config: "
+                          f"{', '.join(changed)}; only train.steps, the log/eval/save cadence (train.*_every, "
+                          "train.eval_max_batches, train.keep_checkpoints), export.*, mesh.* and the memory levers "
+                          f"({', '.join(RESUME_MAY_CHANGE_LEVERS)}) may change on resume: revert the changes, or "
+                          "start a new run with another output_dir")
+
+
+def write_config(cfg, path: AnyPath) -> None:
+    """`config.yaml`, replaced in one step on a local disk (written aside, then renamed over the old one)."""
+    if is_url(path):
+        config_lib.save_config(cfg, path)
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    config_lib.save_config(cfg, tmp)
+    os.replace(tmp, path)
+
+
 def run(job: Job) -> dict[str, Any]:
-    """Runs `job` to `train.steps` (or a preemption) → the JSON summary. See the module doc for the phases."""
+    """Runs `job` to `train.steps` (or a preemption) → the JSON summary. See the module doc for the phases.
+
+    `config.yaml` is written only once the job's set-up succeeded, so a run that fails before that leaves the
+    previous run's config in `output_dir` as it was; resuming that run with a changed config is refused
+    (`check_resume_config`)."""
     cfg = job.cfg
     out = as_path(cfg.output_dir, absolute=True)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir={cfg.output_dir}: {out} is a file, not a folder; choose another output_dir")
+    check_resume_config(cfg, out)
     is_main = jax.process_index() == 0
     lock = OutputLock(out, enabled=is_main)
     try:
-        if is_main:
-            config_lib.save_config(cfg, out / "config.yaml")
         mesh = sharding.make_mesh(cfg.mesh)
         log.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.devices()[0].device_kind)
         job.setup(mesh)
+        if is_main:
+            write_config(cfg, out / "config.yaml")
         try:
             return _train(job, out, mesh, is_main)
         finally:

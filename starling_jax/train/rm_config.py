@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from starling_jax.cli import DEFAULT_RUN_DIR
+from starling_jax.cli import DEFAULT_MAX_LENGTH, DEFAULT_RUN_DIR
 from starling_jax.config import field
 from starling_jax.data.layout import LAYOUTS
 from starling_jax.data.synthetic import BUNDLED_ALIAS
@@ -37,7 +37,7 @@ class DataConfig:
     eval_fraction: float = 0.1
     tokenizer: str | None = None  # HF tokenizer folder; None → the offline Mistral tokenizer (mistral-common)
     template: str = "llama2_chat"  # the Starling-RM-7B-alpha format; or openchat_3.5 | chatml | raw | tokenizer
-    max_length: int = 256
+    max_length: int = DEFAULT_MAX_LENGTH  # prompt + answer tokens; prepare_data's --max-length default too
     num_answers: int = 7  # K: answers per prompt in a batch (rows with fewer are masked, more keep the K best)
     pad_to_multiple: int = 128
     batch_size: int = 8  # prompts per optimizer step, global (all hosts)

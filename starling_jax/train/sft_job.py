@@ -101,8 +101,12 @@ class SFTJob(Job):
         pipe = dict(max_length=d.max_length, pad_to_multiple=d.pad_to_multiple,
                     pad_id=self.tokenizer.pad_token_id or 0, seed=cfg.seed, process_index=jax.process_index(),
                     process_count=jax.process_count())
-        self.train_data = SFTPipeline(train, global_batch_size=d.batch_size, mode="train", **pipe)
-        self.eval_data = SFTPipeline(evals, global_batch_size=d.eval_batch_size, mode="eval", **pipe)
+        train_fraction = 0.0 if d.eval else d.eval_fraction
+        self.train_data = SFTPipeline(train, global_batch_size=d.batch_size, mode="train", report=train_report,
+                                      name=d.train, eval_fraction=train_fraction, **pipe)
+        self.eval_data = SFTPipeline(evals, global_batch_size=d.eval_batch_size, mode="eval", report=eval_report,
+                                     name=d.eval or d.train, eval_fraction=0.0 if d.eval else d.eval_fraction,
+                                     **pipe)
         log.info("data: %d train / %d eval conversations (%d answer tokens in train)", len(train), len(evals),
                  sum(len(e) - e.answer_start for e in train))
         model_cfg, self.graphdef, params, params_shardings = init_model(

@@ -59,13 +59,15 @@ def test_prepare_row_that_cannot_fit_is_reported(tmp_path, tok_dir, capsys):
     rows = [{"prompt": "\n\nHuman: hi\n\nAssistant:", "answers": [{"answer": "a", "rank": 1},
                                                                {"answer": "b", "rank": 2}]}] * 2
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    # on_bad_row=error (the default) stops at the first row that cannot fit, naming it
+    # on_bad_row=error (the default) stops at the first row that cannot fit, naming it (chatml's end-of-turn suffix
+    # is 7 tokens: with the prompt's least kept part no answer fits in 8)
     rc = prepare_data.main(["--input", str(f), "--output", str(tmp_path / "e"), "--tokenizer", str(tok_dir),
-                            "--max-length", "2", "--eval-fraction", "0"])
+                            "--max-length", "8", "--template", "chatml", "--eval-fraction", "0"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and f"{f}: row 1: answer 0 cannot fit" in err[0]
     rc = prepare_data.main(["--input", str(f), "--output", str(tmp_path / "o"), "--tokenizer", str(tok_dir),
-                            "--max-length", "2", "--eval-fraction", "0", "--on-bad-row", "skip"])
+                            "--max-length", "8", "--template", "chatml", "--eval-fraction", "0",
+                            "--on-bad-row", "skip"])
     assert rc == 2  # nothing left to write; the report still lists every row
     assert "no rows left" in capsys.readouterr().err
     rep = json.loads((tmp_path / "o" / "report.json").read_text())

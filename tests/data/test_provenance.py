@@ -1,14 +1,16 @@
 """Tokenizer and template provenance: prepared data, training and scoring must agree, or a one-line error."""
 import json
+import re
 import shutil
 
 import pytest
 
 from conftest import good_row
 from starling_jax import prepare_data, train_rm
+from starling_jax.cli import DEFAULT_MAX_LENGTH
 from starling_jax.data.pipeline import open_source
 from starling_jax.errors import CheckpointError, DataError
-from starling_jax.tokenizer import (default_tokenizer_for, load_tokenizer, resolve_tokenizer_dir,
+from starling_jax.tokenizer import (check_provenance, default_tokenizer_for, load_tokenizer, resolve_tokenizer_dir,
                                     tokenizer_fingerprint)
 
 
@@ -45,6 +47,45 @@ def test_train_rm_refuses_data_prepared_differently(prepared, override, named, t
     assert rc == 2 and len(err) == 1, err
     for name in named:  # both sides are named
         assert name in err[0]
+
+
+def test_the_differing_field_and_its_fix_come_first(prepared, tmp_path, capsys):
+    """The message starts with what differs and how to fix it (either side), then both sides in full."""
+    rc = train_rm.main([f"output_dir={tmp_path / 'run'}", f"data.train={prepared}", "data.max_length=128",
+                        "data.eval_fraction=0", f"data.eval={prepared}", "train.steps=1"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert rc == 2 and len(err) == 1, err
+    assert re.fullmatch(r"error: prepared dataset (\S+) and this run differ in max_length \(64 vs 128\): set "
+                        r"data\.max_length=64, or prepare the data again with --max-length 128\. prepared dataset "
+                        r"\1 was made with tokenizer .*, max_length 64; this run uses tokenizer .*, max_length 128",
+                        err[0]), err[0]
+    assert str(prepared) in err[0]
+    with pytest.raises(DataError) as e:  # several fields: each named, each with its setting
+        check_provenance({"template": "llama2_chat", "template_sha256": "a", "max_length": 64},
+                         {"template": "chatml", "template_sha256": "b", "max_length": 128}, "dataset D", "this run",
+                         settings={"template": "data.template", "max_length": "data.max_length"})
+    assert str(e.value).startswith("dataset D and this run differ in template (llama2_chat vs chatml); max_length "
+                                   "(64 vs 128): set data.template=llama2_chat, data.max_length=64, or prepare the "
+                                   "data again with --template chatml --max-length 128. dataset D was made with ")
+
+
+def test_prepare_data_defaults_chain_into_train_rm(tmp_path):
+    """`prepare_data` with its defaults → `train_rm data.train=...` with its defaults: the same max_length (one
+    constant), tokenizer and template, so the documented chain is not refused."""
+    from starling_jax.train.job import resolve_tokenizer_dir
+    from starling_jax.train.rm_config import RMRunConfig
+
+    cfg = RMRunConfig()
+    assert prepare_data.parse_args([]).max_length == cfg.data.max_length == DEFAULT_MAX_LENGTH
+    f = tmp_path / "rows.jsonl"
+    f.write_text("".join(json.dumps(good_row(i)) + "\n" for i in range(1, 9)))
+    out = tmp_path / "prepared"
+    assert prepare_data.main(["--input", str(f), "--output", str(out), "--eval-fraction", "0"]) == 0
+    d = cfg.data
+    train_dir = resolve_tokenizer_dir(d.tokenizer, cfg.init_from, d.template)  # what the reward-model job resolves
+    src = open_source(out, tokenizer=load_tokenizer(train_dir), template=d.template, max_length=d.max_length,
+                      tokenizer_name=str(train_dir))
+    assert len(src) == 8 and src.provenance["max_length"] == DEFAULT_MAX_LENGTH
 
 
 def test_same_size_vocabularies_are_told_apart(tok_dir, tmp_path, tok):

@@ -115,8 +115,8 @@ def test_one_line_errors(case, policy, tmp_path, capsys):
         "too_long": ["--model", str(policy), "--prompt", "hi " * 400, "--max-new-tokens", "200"],
     }[case]
     expected = {"missing_model": "no such model folder", "bad_row": "row 2: no 'prompt'",
-                "bad_messages": "row 3: field 'messages'", "unknown_template": "unknown chat template 'vicuna'",
-                "too_long": "leaves no room for max_new_tokens=200"}[case]
+                "bad_messages": "row 3: field 'messages'", "unknown_template": "--template vicuna: choose one of",
+                "too_long": "row 1: prompt of 408 tokens leaves no room for --max-new-tokens 200"}[case]
     assert gen.main(args) == 2
     captured = capsys.readouterr()
     errors = error_lines(captured.err)
