@@ -13,7 +13,8 @@ For each rollout b (prompt x, response y of n_b tokens, response mask m [B, T]):
                 none        s
                 running_std s / σ_run          (trlx `scale_reward: running`, Starling's choice)
                 ref         s / σ_ref          (trlx `scale_reward: ref`)
-                running     (s − μ_run) / σ_run   (centred; not in trlx: the embedded demo's default)
+                running     (s − μ_run) / (σ_pop + 1e-6)   (centred; not in trlx: the embedded demo's default,
+                            kept as it was measured, with the population std σ_pop = sqrt(M2 / n))
                 rm_config   (s − reward_mean) / reward_std   (the statistics `train_rm` stores in the RM's
                             exported config.json; fixed, so the scale does not drift during the run)
 5. penalty    s ← s − p · [response did not end with EOS]  (`missing_eos_penalty`; trl/OpenRLHF's option), in
@@ -126,8 +127,8 @@ def normalize_scores(scores: Array, mode: str, stats: RewardStats, reward_mean: 
         return scores / _positive(stats.std)
     if mode == "ref":
         return scores / _positive(stats.ref_std)
-    if mode == "running":
-        return (scores - stats.mean) / _positive(stats.std)
+    if mode == "running":  # the demo's mode as measured (BENCHMARKS): population std, + eps
+        return (scores - stats.mean) / (jnp.sqrt(stats.m2 / jnp.maximum(stats.count, 1.0)) + 1e-6)
     if mode == "rm_config":
         if reward_mean is None or not reward_std:
             raise ConfigError("rl.reward.normalize=rm_config needs reward_mean and reward_std in the reward "

@@ -99,7 +99,7 @@ def test_clip_first_then_scale_then_penalty():
     std, mean = np.std(clipped, ddof=1), np.mean(clipped)
     ended = jnp.array([True, False, True])
     for mode, want in [("none", clipped), ("running_std", clipped / std), ("ref", clipped / std),
-                       ("running", (clipped - mean) / std), ("rm_config", (clipped - 1.0) / 2.0)]:
+                       ("running", (clipped - mean) / np.std(clipped)), ("rm_config", (clipped - 1.0) / 2.0)]:
         cfg = RewardConfig(normalize=mode, clip=10.0, missing_eos_penalty=1.5)
         scores, stats = shape_scores(cfg, raw, ended, init_reward_stats(), 1.0, 2.0)
         np.testing.assert_allclose(scores, want - np.array([0, 1.5, 0]), rtol=1e-5, err_msg=mode)
