@@ -33,6 +33,7 @@ from starling_jax.model.config import ModelConfig
 from starling_jax.model.heads import role_class
 from starling_jax.parallel import sharding
 from starling_jax.rl.hydra import ReferenceTop
+from starling_jax.rl.rewards import RewardStats
 from starling_jax.rl.update import EXPERIENCE_KEYS, jit_update_step
 from starling_jax.sample.engine import SamplingConfig, make_sampler
 from starling_jax.score_batches import jit_rewards
@@ -117,7 +118,7 @@ def build(job, mesh, policy_cfg: ModelConfig, rm_cfg: ModelConfig) -> AbstractRL
              "opt_state": _abstract(abstract_opt, opt_shardings),
              "rng": _array(jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))).shape, jnp.uint32, rep),
              "kl_coef": scalar(jnp.float32),
-             "reward_stats": {k: scalar(jnp.float32) for k in ("count", "mean", "m2")}}
+             "reward_stats": {k: scalar(jnp.float32) for k in RewardStats._fields}}
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
 
     # --- shapes of one iteration

@@ -1,7 +1,8 @@
 """Experience: from a rollout batch to the arrays PPO/APA train on, and the minibatch loss of the update.
 
 Rollout layout (what the sampler returns, concatenated): tokens [B, P + T] = LEFT-padded prompt [B, P] followed by
-the completion [B, T] (right-padded with pad ids after each row's end); positions count 0..n−1 over each row's real
+the completion [B, T] (right-padded with pad ids after each row's end; a row with a stop string cut to its answer +
+EOS first, `rl/stops.py`); positions count 0..n−1 over each row's real
 tokens; segment_ids are 1 on real tokens (prompt and generated), 0 on padding. Response token j of every row sits
 at the same index P + j, so per-response-token quantities are static slices of the forward (no gather):
 

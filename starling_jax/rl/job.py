@@ -36,8 +36,9 @@ from starling_jax.rl.experience import make_experience, rollout_forward
 from starling_jax.rl.hydra import ReferenceTop
 from starling_jax.rl.rerender import check_shared_tokenizer, rm_batch_from_text, rm_batch_from_tokens
 from starling_jax.rl.rewards import RewardStats
+from starling_jax.rl.stops import Completions, cut_at_stop_strings
 from starling_jax.rl.update import init_rl_state, jit_update_step, minibatch_indices
-from starling_jax.sample.engine import FINISH_EOS, FINISH_STOP, SamplingConfig, make_sampler, rollout_arrays
+from starling_jax.sample.engine import SamplingConfig, make_sampler, rollout_arrays
 from starling_jax.score_batches import jit_rewards
 from starling_jax.tokenizer import load_tokenizer
 from starling_jax.train import loop
@@ -206,8 +207,10 @@ class PPOJob(Job):
         return ids[-self.cfg.prompts.max_prompt_tokens:]  # Starling cuts prompts from the left
 
     # ------------------------------------------------------------------ rollouts
-    def _rollout(self, params, rows: np.ndarray, key) -> tuple[dict, Any]:
-        """Samples one completion per row → (rollout batch in the experience layout, sampler output on host)."""
+    def _rollout(self, params, rows: np.ndarray, key) -> tuple[dict, Any, Completions]:
+        """Samples one completion per row and cuts it at the stop strings as the authors' trlx does
+        (`rl/stops.py`) → (rollout batch in the experience layout, built from the cut completions; sampler output;
+        the completions), all on host."""
         p = self.cfg.prompts.max_prompt_tokens
         b = len(rows)
         pad = self.sampling.pad_token_id
@@ -218,27 +221,43 @@ class PPOJob(Job):
             prompts[i, p - len(ids):] = ids
             lengths[i] = len(ids)
         rows_sharding = sharding.batch_sharding(self.mesh, 1)
-        prompts, lengths = (jax.device_put(prompts, sharding.batch_sharding(self.mesh, 2)),
-                            jax.device_put(lengths, rows_sharding))
-        out = self._sample(params, prompts, lengths, jax.device_put(np.asarray(rows, np.int32), rows_sharding), key)
-        arrays = jax.device_get(rollout_arrays(prompts, lengths, out))
+        out = self._sample(params, jax.device_put(prompts, sharding.batch_sharding(self.mesh, 2)),
+                           jax.device_put(lengths, rows_sharding),
+                           jax.device_put(np.asarray(rows, np.int32), rows_sharding), key)
+        out = jax.device_get(out)
+        stops = self.cfg.rollout.stop_strings
+        completions = cut_at_stop_strings(self.tokenizer, out.tokens, out.lengths, out.finish_reason, stops,
+                                          self._eos_id() if stops else -1, pad)
+        arrays = jax.device_get(rollout_arrays(prompts, lengths, out._replace(tokens=completions.tokens,
+                                                                              lengths=completions.lengths)))
         batch = {k: np.asarray(arrays[k]) for k in ("tokens", "positions", "segment_ids")}
         batch["mask"] = np.asarray(arrays["response_mask"], np.float32)
-        return batch, jax.device_get(out)
+        return batch, out, completions
 
-    def _score(self, rm_params, rows, out) -> np.ndarray:
-        gen = np.asarray(out.lengths)
-        completions = [np.asarray(out.tokens)[i, :gen[i]].tolist() for i in range(len(rows))]
+    def _eos_id(self) -> int:
+        """The EOS appended to a completion cut at a stop string (trlx: `tokenizer.eos_token`)."""
+        eos = self.tokenizer.eos_token_id
+        if eos is None and self.sampling.eos_token_ids:
+            eos = self.sampling.eos_token_ids[0]
+        if eos is None:
+            raise ConfigError(f"policy={self.cfg.policy}: its tokenizer has no EOS token to end a completion cut at "
+                              "rollout.stop_strings")
+        return int(eos)
+
+    def _score(self, rm_params, rows, completions: Completions) -> np.ndarray:
+        """Raw RM scores [len(rows)] of the cut completions: their tokens (shared tokenizer; they end at the EOS
+        appended after a cut) or their answer text re-rendered in the RM's format (the RM's template closes the
+        turn)."""
         n_dev = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         num_rows = -(-len(rows) // n_dev) * n_dev
         if self.cfg.reward_model_shares_tokenizer:
-            batch = rm_batch_from_tokens([self.prompt_tokens[r] for r in rows], completions,
+            generated = [completions.tokens[i, :completions.lengths[i]].tolist() for i in range(len(rows))]
+            batch = rm_batch_from_tokens([self.prompt_tokens[r] for r in rows], generated,
                                          self.rm_tokenizer.pad_token_id or 0, num_rows=num_rows)
         else:
-            texts = [self.tokenizer.decode(c, skip_special_tokens=True) for c in completions]
             batch, _ = rm_batch_from_text(self.rm_tokenizer, self.cfg.prompts.rm_template,
-                                          [self.conversations[r] for r in rows], texts, self.cfg.prompts.rm_max_length,
-                                          num_rows=num_rows)
+                                          [self.conversations[r] for r in rows], completions.texts,
+                                          self.cfg.prompts.rm_max_length, num_rows=num_rows)
         scores = self._rewards(rm_params, batch["tokens"], batch["positions"], batch["segment_ids"],
                                batch["reward_index"])
         return np.asarray(jax.device_get(scores))[:len(rows)]
@@ -271,12 +290,11 @@ class PPOJob(Job):
         rows = np.asarray(host_batch["row"])
         it = int(jax.device_get(state["iteration"]))
         t0 = time.perf_counter()
-        batch, out = self._rollout(state["params"]["actor"], rows, self._iteration_key(it, 0))
+        batch, out, completions = self._rollout(state["params"]["actor"], rows, self._iteration_key(it, 0))
         t1 = time.perf_counter()
-        raw = self._score(frozen["reward"], rows, out)
+        raw = self._score(frozen["reward"], rows, completions)
         t2 = time.perf_counter()
-        reason = np.asarray(out.finish_reason)
-        ended = (reason == FINISH_EOS) | (reason == FINISH_STOP)
+        ended = completions.ended
         exp, stats, rollout_metrics = self._experience(state["params"], frozen["reference"], state["reward_stats"],
                                                        state["kl_coef"], batch, jnp.asarray(raw), jnp.asarray(ended))
         state = {**state, "reward_stats": stats}
@@ -316,16 +334,14 @@ class PPOJob(Job):
         rows = np.asarray(self.eval_rows)
         n_dev = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         padded = np.concatenate([rows, np.repeat(rows[:1], (-len(rows)) % n_dev)])
-        batch, out = self._rollout(state["params"]["actor"], padded, jax.random.key(self.cfg.seed + 1))
-        raw = self._score(frozen["reward"], padded, out)
-        ended = np.isin(np.asarray(out.finish_reason), (FINISH_EOS, FINISH_STOP))
+        batch, _, completions = self._rollout(state["params"]["actor"], padded, jax.random.key(self.cfg.seed + 1))
+        raw = self._score(frozen["reward"], padded, completions)
         _, _, m = self._experience(state["params"], frozen["reference"], state["reward_stats"], state["kl_coef"],
-                                   batch, jnp.asarray(raw), jnp.asarray(ended))
+                                   batch, jnp.asarray(raw), jnp.asarray(completions.ended))
         m = jax.device_get(m)
         n = len(rows)
         samples = [{"prompt": self.conversations[r][-1]["content"][:200],
-                    "completion": self.tokenizer.decode(np.asarray(out.tokens)[i, :int(out.lengths[i])],
-                                                        skip_special_tokens=True), "reward": float(raw[i])}
+                    "completion": completions.texts[i], "reward": float(raw[i])}
                    for i, r in enumerate(rows[:4])]
         if jax.process_index() == 0:  # a table of sample completions per evaluation (output_dir may be a URL)
             append_text(as_path(self.cfg.output_dir) / "samples.jsonl",

@@ -11,6 +11,9 @@ Two paths, chosen once per run (`rl.reward_model_shares_tokenizer`):
   at the last generated token (the end-of-turn EOS when the row finished; the last budgeted token when it was
   cut by `max_new_tokens`).
 
+Either way the completions are those of `rl/stops.py`: a row with a stop string gives its answer text (first path)
+or its answer tokens + the appended EOS (second path), never the stop string.
+
 Both return the RM batch of ARCHITECTURE.md's calling convention, right-padded: tokens, positions, segment_ids
 int32 [N, L] and reward_index int32 [N]; L is a multiple of `pad_multiple` so that a run compiles a few shapes.
 """

@@ -8,7 +8,8 @@ RL state (a pytree of global arrays, donated to the update, checkpointed whole):
   opt_state   optax state of both (one AdamW over the pair, as trlx; frozen layers masked by the optimizer)
   rng         uint32 [2]      key data: minibatch order and sampling keys are folded from it
   kl_coef     float32 []      β of the KL controller
-  reward_stats {count, mean, m2} float32 []: running moments of raw RM scores (`rewards.RewardStats` fields)
+  reward_stats {count, mean, m2, ref_std} float32 []: running moments of the clipped RM scores
+              (`rewards.RewardStats` fields)
 
 Frozen models (reference: a hydra `ReferenceTop` or a full copy; reward model) live outside the donated state.
 Batch axis B is sharded over the data-parallel mesh axes; every loss is a masked mean over the global batch, so

@@ -175,3 +175,96 @@ def test_short_run_raises_held_out_reward(folders, tmp_path, capsys, algorithm):
     s = summary_of(capsys)
     assert s["reward_end"] > s["reward_start"] + 0.05, s
     assert s["kl_end"] < 3.0, s
+
+
+def test_rollout_cut_at_a_stop_string_trains_and_scores_the_answer_plus_eos(folders, tmp_path, monkeypatch):
+    # The sampler is replaced by crafted outputs (the tiny random policy would almost never say the stop string).
+    # Run A: rows that end on "GPT4 Correct User:" (the sampler's token-level stop), that carry it split into
+    # byte tokens (the sampler ran on to the length budget), that end on EOS, or that have no stop string. Run B:
+    # the same rows as if the policy had sampled EOS right after each answer. Through the job's rollout → score →
+    # experience path both give the same rollout batch, the same reward-model inputs (re-rendered text and
+    # shared-tokenizer tokens), the same scores and the same experience: the stop string is in neither the
+    # trained response nor the reward model's text, and both end at the answer followed by EOS (as thwu1/trlx).
+    import jax.numpy as jnp
+
+    from starling_jax.parallel import sharding
+    from starling_jax.rl import job as job_lib
+    from starling_jax.rl.config import PPORunConfig
+    from starling_jax.sample.engine import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, SampleOutput
+
+    stop, t = "GPT4 Correct User:", 24
+    cfg = load_config(PPORunConfig, None, base_args(folders, tmp_path / "out", f'rollout.stop_strings=["{stop}"]',
+                                                     f"rollout.max_new_tokens={t}"))
+    job = job_lib.PPOJob(cfg)
+    job.setup(sharding.make_mesh(cfg.mesh, devices=jax.devices()[:1]))
+    tok, pad = job.tokenizer, job.sampling.pad_token_id
+    eos = tok.eos_token_id
+    enc = lambda text: tok.encode(text, add_special_tokens=False)  # noqa: E731
+    byte_stop = tok.convert_tokens_to_ids([f"<0x{c:02X}>" for c in stop.encode()])
+    long_row = enc(" ".join(QUESTIONS))[:t]  # a row cut by the length budget
+    sampled = [(enc(f"Paris is the capital.\n{stop}"), FINISH_STOP), ((enc("Sure") + byte_stop)[:t], FINISH_LENGTH),
+               (enc("Blue") + [eos], FINISH_EOS), (long_row, FINISH_LENGTH)] * 2
+    as_if_eos = [(enc("Paris is the capital.") + [eos], FINISH_EOS), (enc("Sure") + [eos], FINISH_EOS),
+                 (enc("Blue") + [eos], FINISH_EOS), (long_row, FINISH_LENGTH)] * 2
+
+    def fake_sampler(spec):
+        def sample(params, prompts, lengths, row_ids, key):
+            tokens = np.full((len(spec), t), pad, np.int32)
+            for i, (ids, _) in enumerate(spec):
+                tokens[i, :len(ids)] = ids
+            zeros = np.zeros((len(spec), t), np.float32)
+            return SampleOutput(tokens, np.array([len(ids) for ids, _ in spec], np.int32),
+                                np.array([r for _, r in spec], np.int32), zeros, zeros)
+        return sample
+
+    seen = {}
+
+    def spy(name):
+        real = getattr(job_lib, name)
+
+        def call(*args, **kwargs):
+            seen[name] = (args, kwargs, real(*args, **kwargs))
+            return seen[name][2]
+        monkeypatch.setattr(job_lib, name, call)
+
+    spy("rm_batch_from_text")
+    spy("rm_batch_from_tokens")
+    rows, params = np.arange(8), job.state["params"]
+
+    def run(spec):
+        job._sample = fake_sampler(spec)
+        batch, _, completions = job._rollout(params["actor"], rows, jax.random.key(0))
+        raw = job._score(job.frozen["reward"], rows, completions)
+        exp, _, _ = job._experience(params, job.frozen["reference"], job.state["reward_stats"], job.state["kl_coef"],
+                                    batch, jnp.asarray(raw), jnp.asarray(completions.ended))
+        texts, rm_text_batch = seen["rm_batch_from_text"][0][3], seen["rm_batch_from_text"][2][0]
+        with monkeypatch.context() as m:  # the shared-tokenizer path on the same completions
+            m.setattr(job.cfg, "reward_model_shares_tokenizer", True)
+            raw_shared = job._score(job.frozen["reward"], rows, completions)
+        return {"batch": batch, "completions": completions, "raw": raw, "exp": jax.device_get(exp), "texts": texts,
+                "rm_text_batch": rm_text_batch, "rm_generated": seen["rm_batch_from_tokens"][0][1],
+                "raw_shared": raw_shared}
+
+    a, b = run(sampled), run(as_if_eos)
+    p = cfg.prompts.max_prompt_tokens
+    answer = enc("Paris is the capital.") + [eos]
+    # the trained response: answer + EOS, the mask ends there; rows without a stop string are as sampled
+    assert a["batch"]["tokens"][0, p:p + len(answer)].tolist() == answer
+    assert a["batch"]["mask"][0].sum() == len(answer) < len(sampled[0][0])
+    assert a["batch"]["tokens"][1, p:p + 2].tolist() == enc("Sure") + [eos] and a["batch"]["mask"][1].sum() == 2
+    assert a["batch"]["tokens"][3, p:].tolist() == long_row and a["batch"]["mask"][3].sum() == t
+    assert a["completions"].ended.tolist() == [True, True, True, False] * 2
+    # the reward model's text and tokens: the answer, never the stop string
+    assert a["texts"][:3] == ["Paris is the capital.", "Sure", "Blue"]
+    rendered = tok.decode(a["rm_text_batch"]["tokens"][0, :a["rm_text_batch"]["reward_index"][0] + 1])
+    assert stop not in rendered and "GPT4" not in rendered and "Paris is the capital." in rendered, rendered
+    assert a["rm_generated"][0] == answer and a["rm_generated"][1] == enc("Sure") + [eos]
+    # ... exactly as if the policy had ended each answer with EOS itself
+    for key in ("tokens", "positions", "segment_ids", "mask"):
+        np.testing.assert_array_equal(a["batch"][key], b["batch"][key], err_msg=key)
+    assert a["texts"] == b["texts"] and a["rm_generated"] == b["rm_generated"]
+    np.testing.assert_array_equal(a["rm_text_batch"]["tokens"], b["rm_text_batch"]["tokens"])
+    np.testing.assert_array_equal(a["raw"], b["raw"])
+    np.testing.assert_array_equal(a["raw_shared"], b["raw_shared"])
+    for key in a["exp"]:
+        np.testing.assert_array_equal(a["exp"][key], b["exp"][key], err_msg=key)
