@@ -1,4 +1,4 @@
-"""Attention implementations behind one rule (`model.attention_impl`).
+"""Attention implementations behind one rule (`runtime.attention_impl` of every trainer, `ModelConfig.attention_impl`).
 
 The layout rule (ARCHITECTURE.md, "Model calling convention"): query token i attends to key token j iff
 
@@ -48,11 +48,13 @@ PREFIX_BITS = 16
 PREFIX_STRIDE = 1 << PREFIX_BITS
 IMPLS = ("einsum", "blockwise", "fused", "cudnn", "splash", "auto")
 AUTO = {"tpu": "splash", "gpu": "blockwise"}  # platform → implementation for `auto` (else einsum)
-BLOCKS = {"cpu": 256}  # platform → blockwise block length for `model.attention_block: 0` (else 128)
+BLOCKS = {"cpu": 256}  # platform → blockwise block length for `runtime.attention_block: 0` (else 128)
 STRIPS = {"cpu": 512}  # platform → the longest row that `attention_block: 0` gives blockwise's strip form
 STRIP_BLOCK = 64  # the strip form's query block for `attention_block: 0`
 # What each implementation can attend over (see the module docstring); `check_layout` refuses the rest.
-LAYOUTS = ("per_answer", "packed", "shared_prefix")
+# left_padded: one segment per row after left padding (RL rollouts: prompt, then completion); fused/cudnn take
+# per-row lengths, i.e. rows that start at index 0.
+LAYOUTS = ("per_answer", "packed", "shared_prefix", "left_padded")
 SUPPORTED_LAYOUTS = {
     "einsum": set(LAYOUTS),
     "blockwise": set(LAYOUTS),
@@ -64,18 +66,20 @@ SUPPORTED_LAYOUTS = {
 _NEG = -0.5 * float(np.finfo(np.float32).max)  # finite "minus infinity": exp(_NEG - m) == 0, no inf - inf
 
 
-def check_layout(impl: str, layout: str, sliding_window: int | None = None, max_length: int | None = None) -> None:
-    """One-line ConfigError when `model.attention_impl=impl` cannot attend over `data.layout=layout` (rows of
-    `max_length` tokens, with the model's `sliding_window`)."""
+def check_layout(impl: str, layout: str, sliding_window: int | None = None, max_length: int | None = None,
+                 what: str | None = None) -> None:
+    """One-line ConfigError when `runtime.attention_impl=impl` cannot attend over `data.layout=layout` (rows of
+    `max_length` tokens, with the model's `sliding_window`); `what` names the layout in the message (default
+    `data.layout=<layout>`)."""
     if impl not in SUPPORTED_LAYOUTS:
-        raise ConfigError(f"model.attention_impl={impl!r}: choose one of {list(IMPLS)}")
+        raise ConfigError(f"runtime.attention_impl={impl!r}: choose one of {list(IMPLS)}")
     if layout not in SUPPORTED_LAYOUTS[impl]:
         ok = sorted(i for i, layouts in SUPPORTED_LAYOUTS.items() if layout in layouts)
-        raise ConfigError(f"model.attention_impl={impl} cannot handle data.layout={layout} (it supports "
-                          f"{sorted(SUPPORTED_LAYOUTS[impl])}); use attention_impl one of {ok}")
+        raise ConfigError(f"runtime.attention_impl={impl} cannot handle {what or f'data.layout={layout}'} (it "
+                          f"supports {sorted(SUPPORTED_LAYOUTS[impl])}); use attention_impl one of {ok}")
     bites = sliding_window and max_length and sliding_window < max_length
     if impl in ("splash", "auto") and layout == "shared_prefix" and bites:
-        raise ConfigError(f"model.attention_impl={impl} cannot handle data.layout=shared_prefix with a sliding window "
+        raise ConfigError(f"runtime.attention_impl={impl} cannot handle data.layout=shared_prefix with a sliding window "
                           f"({sliding_window}) shorter than data.max_length ({max_length}): its window is in indices, "
                           "and a prompt's answers lie at different distances from it; use attention_impl blockwise")
 
@@ -91,7 +95,7 @@ def resolve(impl: str, platform: str | None = None) -> str:
 
 def resolve_blocks(block: int, length: int, platform: str | None = None) -> tuple[int, int | None]:
     """(block_q, block_k) of `blockwise_attention` for rows of `length` tokens: (block, block) for an explicit
-    `model.attention_block`; with 0, by `platform` (default as in `resolve`). On CPU, rows of at most
+    `runtime.attention_block`; with 0, by `platform` (default as in `resolve`). On CPU, rows of at most
     `STRIPS["cpu"]` tokens take the strip form (block_k None) with 64-token query blocks; longer rows loop over
     256-token blocks. There XLA's per-block loop and branch cost more than the causal blocks a small block
     skips, so 256 beats 128 in the loop; the unrolled strips beat both up to 512 tokens, packed rows included,
@@ -201,7 +205,7 @@ def fused_attention(q, k, v, lengths, sliding_window: int | None, implementation
     dtype is bf16/fp16; XLA otherwise). q: [N, L, H, Dh], k/v: [N, L, G, Dh], lengths: int [N] real tokens per
     row (one segment, right-padded). Outputs at padding positions are unread."""
     if implementation == "cudnn" and jax.default_backend() != "gpu":
-        raise ConfigError(f"model.attention_impl=cudnn needs a GPU (this backend is {jax.default_backend()}); "
+        raise ConfigError(f"runtime.attention_impl=cudnn needs a GPU (this backend is {jax.default_backend()}); "
                           "use fused or einsum")
     return jax.nn.dot_product_attention(
         q, k, v, is_causal=True, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
@@ -566,7 +570,7 @@ def splash_attention(q, k, v, segment_ids, sliding_window: int | None = None, me
     """
     platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
     if platform != "tpu" and not interpret:  # an AOT compile for a TPU topology has a TPU mesh on a CPU host
-        raise ConfigError(f"model.attention_impl=splash needs a TPU (these devices are {platform}); use blockwise")
+        raise ConfigError(f"runtime.attention_impl=splash needs a TPU (these devices are {platform}); use blockwise")
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 
     n, length, h, dh = q.shape
@@ -635,4 +639,4 @@ def attend(cfg, q, k, v, context):
         from starling_jax.parallel.sharding import active_mesh
 
         return splash_attention(q, k, v, segment_ids, cfg.sliding_window, mesh=active_mesh())
-    raise ConfigError(f"model.attention_impl={impl!r}: choose one of {list(IMPLS)}")
+    raise ConfigError(f"runtime.attention_impl={impl!r}: choose one of {list(IMPLS)}")
