@@ -147,7 +147,7 @@ def test_blockwise_prefill_gives_the_same_rollout(mistral, scan, monkeypatch):
     """`attention_impl=blockwise` (what RL's `runtime.attention_impl: auto` is on GPU; splash on TPU takes the same
     path): the prefill reads the left-padded prompts' segment ids and positions instead of an [N, H, P, P] mask,
     with the same rollout (Mistral's window 5 is shorter than the 7-token prompt)."""
-    folder, cfg, graphdef, params = mistral
+    folder = mistral[0]
     _, _, graphdef_e, params_e = load(folder, scan_layers=scan)
     _, cfg_b, graphdef_b, params_b = load(folder, scan_layers=scan, attention_impl="blockwise")
     assert cfg_b.attention_impl == "blockwise"
