@@ -186,7 +186,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=3, help="timed steps per row (median)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--pair-batch", type=int, default=16, help="PyTorch pairwise: pairs per padded mini-batch")
-    ap.add_argument("--attention", default="blockwise", help="starling_jax model.attention_impl")
+    ap.add_argument("--attention", default="blockwise", help="starling_jax runtime.attention_impl")
     ap.add_argument("--quick", action="store_true", help="tiny model, short sequences, 1 step (smoke test)")
     args = ap.parse_args(argv)
     lengths = LENGTHS

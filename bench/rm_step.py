@@ -12,7 +12,7 @@ same Plackett-Luce loss written in torch and `torch.optim.AdamW`.
     python bench/rm_step.py --variants           # also decoder variants (attention / embedding formulations)
     python bench/rm_step.py --profile            # also forward and forward+backward timed separately
     python bench/rm_step.py --attention einsum,blockwise   # attention implementations timed (fp32 rows)
-    python bench/rm_step.py --attention blockwise,blockwise:256   # impl:block = with model.attention_block
+    python bench/rm_step.py --attention blockwise,blockwise:256   # impl:block = with runtime.attention_block
 
 Timings are medians of N steps after warm-up, taken in interleaved rounds (each round settles and then times one
 call of every row, PyTorch's included: `time_interleaved`), so every row sees the same machine; JAX compile time
@@ -174,7 +174,7 @@ def jax_rows(model_name: str, batch: dict, dtype: str, label: str, forward_only:
     from starling_jax.train.optimizer import OptimConfig, make_optimizer
     from starling_jax.train.state import init_train_state
 
-    impl, _, block = attention.partition(":")  # "blockwise:256" = model.attention_block 256
+    impl, _, block = attention.partition(":")  # "blockwise:256" = runtime.attention_block 256
     cfg = ModelConfig(**COMMON, **MODELS[model_name], dtype=dtype, param_dtype="float32", pad_token_id=0,
                       attention_impl=impl, attention_block=int(block or 0))
     mesh = sharding.make_mesh(sharding.MeshConfig(), devices=jax.devices()[:1])
@@ -260,8 +260,8 @@ def main(argv=None) -> int:
                     help="also time decoder variants: attention dpa|bias, embedding take(mode=clip)")
     ap.add_argument("--profile", action="store_true", help="also time forward and forward+backward separately")
     ap.add_argument("--attention", default="blockwise,einsum",
-                    help="comma list of model.attention_impl values for the fp32 rows, each optionally "
-                         "impl:block for model.attention_block (default 0, by platform); the first is the "
+                    help="comma list of runtime.attention_impl values for the fp32 rows, each optionally "
+                         "impl:block for runtime.attention_block (default 0, by platform); the first is the "
                          "headline (bf16 and variant rows use it too)")
     args = ap.parse_args(argv)
     if args.quick:

@@ -143,7 +143,9 @@ def resolve_model_config(cfg, num_layers: int | None):
     """The architecture the run would train (init_from's config.json, else `model`), with runtime fields."""
     from starling_jax.train.job import model_runtime
 
-    model_cfg = architecture(cfg.init_from, "init_from", **model_runtime(cfg.model)) if cfg.init_from else cfg.model
+    model_cfg = cfg.model_config  # `model` with the `runtime:` fields
+    if cfg.init_from:
+        model_cfg = architecture(cfg.init_from, "init_from", **model_runtime(model_cfg))
     return _with_layers(model_cfg, num_layers)
 
 
@@ -209,10 +211,12 @@ def _cost_flops(compiled) -> float | None:
 
 
 # ------------------------------------------------------------------------------------------------ main
-def _compile(jitted, *args) -> tuple[Any, str | None, float, float]:
-    """→ (compiled or None when the compiler refused for memory, its OOM message, lower s, compile s)."""
+def _compile(jitted, *args) -> tuple[Any, str | None, float, float, int]:
+    """→ (compiled or None when the compiler refused for memory, its OOM message, lower s, compile s, Pallas TPU
+    kernel calls in the lowered program: > 0 when splash attention is in it)."""
     t0 = time.perf_counter()
     lowered = jitted.lower(*args)
+    kernel_calls = lowered.as_text().count("tpu_custom_call")
     t1 = time.perf_counter()
     try:
         compiled, oom = lowered.compile(), None
@@ -220,7 +224,7 @@ def _compile(jitted, *args) -> tuple[Any, str | None, float, float]:
         if not _OOM.search(str(e)):
             raise
         compiled, oom = None, str(e).splitlines()[0]
-    return compiled, oom, t1 - t0, time.perf_counter() - t1
+    return compiled, oom, t1 - t0, time.perf_counter() - t1, kernel_calls
 
 
 def _memory(compiled, oom: str | None, args, donated) -> tuple[dict, str, int | None]:
@@ -286,7 +290,7 @@ def compile_report(cfg, topology: str, num_layers: int | None = None, hbm_gib: f
                         "choose data.batch_size / train.micro_batches divisible by it")
 
     # --- the train step, lowered and compiled for the topology
-    compiled, oom, lower_s, compile_s = _compile(step_fn, state, batch)
+    compiled, oom, lower_s, compile_s, _ = _compile(step_fn, state, batch)
     parts, memory_source, compiler_hbm = _memory(compiled, oom, (state, batch), state)
     if oom:
         warnings.append(oom)
@@ -298,7 +302,7 @@ def compile_report(cfg, topology: str, num_layers: int | None = None, hbm_gib: f
     eval_inputs = job.abstract_eval_inputs(mesh, model_cfg)
     if eval_inputs is not None:
         params, eval_batch, eval_fn = eval_inputs
-        eval_compiled, eval_oom, _, eval_compile_s = _compile(eval_fn, params, eval_batch)
+        eval_compiled, eval_oom, _, eval_compile_s, _ = _compile(eval_fn, params, eval_batch)
         eval_parts, _, _ = _memory(eval_compiled, eval_oom, (params, eval_batch), None)
         eval_total = _total(eval_parts)
         eval_fits = eval_compiled is not None and eval_total <= capacity
@@ -375,6 +379,7 @@ def compile_rl_report(cfg, topology: str, num_layers: int | None = None, hbm_gib
     its own memory (`compiled.memory_analysis()`) plus the roles resident beside it (actor, critic, optimizer state,
     reference, reward model: they stay in HBM for the whole run), and `per_chip_bytes` = the peak over the
     programs."""
+    from starling_jax.model import attention
     from starling_jax.parallel import sharding
     from starling_jax.rl.job import PPOJob
 
@@ -404,7 +409,7 @@ def compile_rl_report(cfg, topology: str, num_layers: int | None = None, hbm_gib
     in_role = {"state": ("actor", "critic", "optimizer")}
     programs = {}
     for prog in (p for p in rl.programs if p.name in chosen):
-        compiled, oom, lower_s, compile_s = _compile(prog.fn, *prog.args)
+        compiled, oom, lower_s, compile_s, kernel_calls = _compile(prog.fn, *prog.args)
         parts, source, _ = _memory(compiled, oom, prog.args, prog.donated)
         passed = {r for role in prog.roles for r in in_role.get(role, (role,))}
         beside = resident - sum(roles[r] for r in passed)
@@ -415,7 +420,8 @@ def compile_rl_report(cfg, topology: str, num_layers: int | None = None, hbm_gib
         programs[prog.name] = {"per_chip_bytes": total, "per_chip_gib": round(total / GIB, 3), "program_bytes": own,
                                "resident_beside_bytes": beside, "memory_bytes": parts, "memory_source": source,
                                "compiled": compiled is not None, "fits": compiled is not None and total <= capacity,
-                               "rows": prog.rows, "length": prog.length, "lower_s": round(lower_s, 2),
+                               "rows": prog.rows, "length": prog.length, "kernel_calls": kernel_calls,
+                               "lower_s": round(lower_s, 2),
                                "compile_s": round(compile_s, 2)}
     peak_name = max(programs, key=lambda k: programs[k]["per_chip_bytes"])
     peak = programs[peak_name]["per_chip_bytes"]
@@ -430,6 +436,8 @@ def compile_rl_report(cfg, topology: str, num_layers: int | None = None, hbm_gib
         "num_layers_unfrozen": cfg.num_layers_unfrozen, "dtype": mc["actor"].dtype,
         "remat_policy": mc["actor"].remat_policy, "mlp_chunks": mc["actor"].mlp_chunks,
         "scan_layers": mc["actor"].scan_layers,
+        # what `auto` resolved to for this topology's mesh (every role, every program: one runtime section)
+        "attention_impl": attention.resolve(mc["actor"].attention_impl, devices[0].platform),
         "roles_bytes": roles, "resident_bytes": resident, "resident_gib": round(resident / GIB, 3),
         "programs": programs, "peak_program": peak_name,
         "per_chip_bytes": peak, "per_chip_gib": round(peak / GIB, 3),
@@ -448,7 +456,8 @@ def format_rl_report(r: dict[str, Any]) -> str:
              f"{r['algorithm']}: " + ", ".join(f"{k} {m['model_type']} {m['num_layers']} layers "
                                                f"{m['num_params'] / 1e9:.2f}B {m['param_dtype']}"
                                                for k, m in r["models"].items())
-             + f"; num_layers_unfrozen {r['num_layers_unfrozen']}, compute {r['dtype']}, remat {r['remat_policy']}",
+             + f"; num_layers_unfrozen {r['num_layers_unfrozen']}, compute {r['dtype']}, remat {r['remat_policy']}, "
+             f"attention {r.get('attention_impl', 'einsum')}",
              "resident per chip (all roles, for the whole run):"]
     lines += [f"  {name:<15} {gib(b)}" for name, b in r["roles_bytes"].items()]
     lines.append(f"  {'total':<15} {gib(r['resident_bytes'])}")

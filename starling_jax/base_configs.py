@@ -140,12 +140,15 @@ def render(schema: type, old_text: str = "", command: str = "") -> str:
                   "# Unknown keys and wrong types are refused with a one-line error naming the key.",
                   "# Written by `python -m starling_jax.base_configs` from the run-config dataclasses."]
     out = list(header) + [""]
+    moved = getattr(schema, "MOVED_KEYS", None) or {}  # old spellings a file may not use (config.load_config)
 
     def walk(obj, prefix: str, depth: int) -> None:
         source = field_comments(type(obj))
         for f in dataclasses.fields(obj):
             value = getattr(obj, f.name)
             key = prefix + f.name
+            if key in moved:
+                continue
             # a key the file has keeps its comments (none included); a new key gets the dataclass's
             if key in old:
                 above, trailing = old[key]

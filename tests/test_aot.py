@@ -136,6 +136,8 @@ def test_rl_set_compiles_every_program_on_the_cpu_mesh(tmp_path):
     assert rc == 0 and s["job"] == "train_ppo" and s["fits"] is True, err[-3000:]
     assert s["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
     assert list(s["programs"]) == ["rollout", "score", "experience", "update"]
+    # train_ppo's default runtime.attention_impl auto is einsum on CPU devices: no Pallas kernel in any program
+    assert s["attention_impl"] == "einsum" and not any(p["kernel_calls"] for p in s["programs"].values())
     roles, expected = s["roles_bytes"], rl_role_bytes_per_device(policy=(2, 64), rm=(3, 32))
     for name in ("actor", "critic", "reference", "reward"):
         assert roles[name] == expected[name], (name, roles, expected)

@@ -6,9 +6,10 @@ and on two v5e-4 slices joined over DCN:
 - start-up prints none of libtpu's metadata errors;
 - the per-chip train state the compiler reports equals an analytic count of parameters and AdamW state;
 - two slices keep that state per chip (parameters replicated across slices, sharded within) on a (dcn, ...) mesh,
-  with `model.attention_impl=auto` resolved to the splash kernels;
+  with `runtime.attention_impl=auto` resolved to the splash kernels;
 - the RL set (actor + critic + AdamW, hydra reference, reward model; config.json only): the per-chip bytes of
   every role equal an analytic count, and the compiler's donated update state and reward-model arguments agree;
+  with train_ppo's default `runtime.attention_impl: auto` its update, experience and score programs call splash;
 - `remat_policy=full_offload` puts the layer inputs in host memory (an analytic count).
 """
 
@@ -29,7 +30,8 @@ D, F, V, LAYERS, HEADS, KV, HEAD_DIM = 512, 1024, 32000, 2, 4, 4, 128
 FSDP = 4  # a v5e-4 slice: 4 chips, mesh fsdp=-1
 CONFIG = [f"model.hidden_size={D}", f"model.intermediate_size={F}", f"model.vocab_size={V}",
           f"model.num_hidden_layers={LAYERS}", f"model.num_attention_heads={HEADS}",
-          f"model.num_key_value_heads={KV}", "model.scan_layers=true", "model.remat_policy=full",
+          f"model.num_key_value_heads={KV}", "runtime.scan_layers=true", "runtime.remat_policy=full",
+          "runtime.attention_impl=einsum",
           "data.batch_size=8", "data.num_answers=2", "data.max_length=128", "data.pad_to_multiple=128"]
 LIBTPU_START_UP_ERRORS = ("could not determine TPU accelerator type", "TPU_WORKER_HOSTNAMES", "INVALID_ARGUMENT",
                           "Failed to find host bounds")
@@ -79,9 +81,11 @@ def compiled(tmp_path_factory):
                  *RL_CONFIG]
     # the two-slice compile also runs the recipes' `attention_impl: auto`, which must pick splash for a TPU mesh
     one = start_aot("--topology", "v5e-4")
-    two = start_aot("--topology", "v5e-4", "--num-slices", "2", config=[*CONFIG, "model.attention_impl=auto"])
-    rl = start_aot("--topology", "v5e-4", "--programs", "update,score", config=rl_config)
-    levers = start_aot("--topology", "v5e-4", config=[*CONFIG, "model.remat_policy=full_offload", "model.mlp_chunks=4"])
+    two = start_aot("--topology", "v5e-4", "--num-slices", "2", config=[*CONFIG, "runtime.attention_impl=auto"])
+    # the RL set with train_ppo's default `runtime.attention_impl: auto`: splash in every program for a TPU mesh
+    rl = start_aot("--topology", "v5e-4", "--programs", "update,score,experience", config=rl_config)
+    levers = start_aot("--topology", "v5e-4", config=[*CONFIG, "runtime.remat_policy=full_offload",
+                                                      "runtime.mlp_chunks=4"])
     return {"one": result(one), "two": result(two), "rl": result(rl), "levers": result(levers)}
 
 
@@ -168,7 +172,8 @@ def rl_role_bytes_per_chip() -> dict[str, int]:
 def test_rl_set_per_chip_state_matches_the_analytic_count(compiled):
     rc, s, stderr = compiled["rl"]
     assert rc == 0 and s["job"] == "train_ppo" and s["fits"] is True, stderr[-3000:]
-    assert s["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1} and set(s["programs"]) == {"update", "score"}
+    assert s["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert set(s["programs"]) == {"update", "score", "experience"}
     for message in LIBTPU_START_UP_ERRORS:
         assert message not in stderr, stderr[-3000:]
     expected = rl_role_bytes_per_chip()
@@ -188,3 +193,13 @@ def test_rl_set_per_chip_state_matches_the_analytic_count(compiled):
                                                                                             expected["optimizer"])
     assert s["per_chip_bytes"] == max(p["per_chip_bytes"] for p in s["programs"].values())
     assert all(p["per_chip_bytes"] == p["program_bytes"] + p["resident_beside_bytes"] for p in s["programs"].values())
+
+
+def test_rl_programs_compile_with_auto_resolved_to_splash(compiled):
+    """train_ppo's default `runtime.attention_impl: auto` on a TPU topology: the report says splash, and the
+    lowered update (actor + critic forward/backward), experience (actor, hydra reference, critic forwards) and
+    score (reward model) programs all call the Pallas kernel: no program materializes [rows, heads, L, L] scores."""
+    rc, s, stderr = compiled["rl"]
+    assert rc == 0 and s["attention_impl"] == "splash", stderr[-3000:]
+    for name in ("update", "experience", "score"):
+        assert s["programs"][name]["compiled"] and s["programs"][name]["kernel_calls"] > 0, (name, s["programs"][name])

@@ -151,6 +151,8 @@ class Attention(nnx.Module):
         None; self_mask [N, 1, 1, L, L]. The implementation's cached path attends (`attention.attend_cached`).
         → (output [N, L, D], the new k, v [N, L, G, Dh] for the caller to store)."""
         q, k, v = self.project_qkv(x, rot)
+        if cache is None and isinstance(self_mask, tuple):  # prefill with what attention.prepare built (blockwise,
+            return self.project_out(attention.attend(self.cfg, q, k, v, self_mask)), k, v  # splash): no [L, L] scores
         blocks = [(k, v, self_mask)] if cache is None else [(*cache, True), (k, v, self_mask)]
         return self.project_out(attention.attend_cached(self.cfg, q, blocks)), k, v
 

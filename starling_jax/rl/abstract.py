@@ -74,7 +74,7 @@ def _array(shape, dtype, shard):
 
 
 def with_runtime(model_cfg: ModelConfig, runtime, frozen: bool) -> ModelConfig:
-    return model_cfg.replace(**runtime.load_kwargs(frozen=frozen))
+    return model_cfg.replace(**runtime.model_kwargs(frozen=frozen))
 
 
 def build(job, mesh, policy_cfg: ModelConfig, rm_cfg: ModelConfig) -> AbstractRLSet:

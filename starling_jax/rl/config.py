@@ -11,6 +11,7 @@ from starling_jax.config import field
 from starling_jax.data.chat import TEMPLATE_NAMES
 from starling_jax.data.synthetic import BUNDLED_ALIAS
 from starling_jax.errors import ConfigError
+from starling_jax.model.attention import check_layout
 from starling_jax.parallel.sharding import MeshConfig
 from starling_jax.rl.experience import AdvantageConfig
 from starling_jax.rl.kl import KLConfig
@@ -18,27 +19,12 @@ from starling_jax.rl.losses import ALGORITHMS, LossConfig
 from starling_jax.rl.rewards import RewardConfig
 from starling_jax.train.job import ExportConfig, TrainConfig
 from starling_jax.train.optimizer import OptimConfig
+from starling_jax.train.runtime import RLRuntimeConfig
 
 DEFAULT_PPO_DIR = "runs/ppo_default"
 DEFAULT_POLICY = "runs/sft_default/hf"
 DEFAULT_REWARD_MODEL = "runs/rm_default/hf"
 CRITIC_INITS = ("reward", "policy")
-
-
-@dataclasses.dataclass
-class RuntimeConfig:
-    """Runtime fields of every model (the HF folders fix the architectures)."""
-
-    param_dtype: str = "float32"  # actor and critic master weights
-    frozen_param_dtype: str = "float32"  # reference and reward model (bfloat16 halves their memory)
-    dtype: str = "float32"  # compute dtype (bfloat16 on TPU)
-    remat_policy: str = "none"  # none | full | full_offload | dots | dots_no_batch (model/decoder.py)
-    scan_layers: bool = False
-    mlp_chunks: int = 1  # the MLP over the sequence in chunks, each under remat_policy (model/config.py)
-
-    def load_kwargs(self, frozen: bool) -> dict:
-        return {"param_dtype": self.frozen_param_dtype if frozen else self.param_dtype, "dtype": self.dtype,
-                "remat_policy": self.remat_policy, "scan_layers": self.scan_layers, "mlp_chunks": self.mlp_chunks}
 
 
 @dataclasses.dataclass
@@ -92,7 +78,8 @@ class PPORunConfig:
     # LM head) train and the reference is a hydra top on the actor's shared bottom (Starling: 4)
     num_layers_unfrozen: int = -1
     critic_layers_unfrozen: int = -1  # the critic's trainable top layers (-1: all)
-    runtime: RuntimeConfig = field(RuntimeConfig)
+    # dtypes, remat, scan and attention of every model (the HF folders fix the architectures), train/runtime.py
+    runtime: RLRuntimeConfig = field(RLRuntimeConfig)
     prompts: PromptConfig = field(PromptConfig)
     rollout: RolloutConfig = field(RolloutConfig)
     # β 0.3 (not Starling's 0.01): at lr 1e-3 the demo's KL ran away with β 0.05 (held-out kl_end 6.9 nats per
@@ -120,3 +107,8 @@ class PPORunConfig:
             raise ConfigError(f"critic_init={self.critic_init!r}: choose one of {list(CRITIC_INITS)}")
         if self.num_layers_unfrozen == 0 or self.num_layers_unfrozen < -1:
             raise ConfigError(f"num_layers_unfrozen={self.num_layers_unfrozen}: -1 (all) or N >= 1")
+        if self.optim.freeze_layers:
+            raise ConfigError(f"optim.freeze_layers={self.optim.freeze_layers} does not apply to train_ppo: set "
+                              "num_layers_unfrozen=N (only the top N policy layers train) and critic_layers_unfrozen")
+        # rollouts: a left-padded prompt and its completion, one segment per row (rl/experience.py)
+        check_layout(self.runtime.attention_impl, "left_padded", what="the rollouts' left-padded rows")

@@ -116,7 +116,7 @@ class PPOJob(Job):
             raise ConfigError("critic_init=reward needs reward_model_shares_tokenizer=true (the critic reads the "
                               "policy's tokens); use critic_init=policy")
 
-        dp = mesh.shape["data"] * mesh.shape["fsdp"]
+        dp = sharding.data_parallel_size(mesh)  # data × fsdp, × dcn across slices
         if cfg.rollout.minibatch_size % dp:
             raise ConfigError(f"rollout.minibatch_size={cfg.rollout.minibatch_size} is not a multiple of the mesh's "
                               f"{dp} data-parallel devices")
@@ -124,7 +124,7 @@ class PPOJob(Job):
         # --- models
         rt = cfg.runtime
         actor_cfg, self.actor_graphdef, actor_params = hf_io.load_hf(self.policy_dir, "causal_lm", mesh,
-                                                                     **rt.load_kwargs(frozen=False))
+                                                                     **rt.model_kwargs(frozen=False))
         self.actor_cfg = actor_cfg
         n = actor_cfg.num_hidden_layers
         self.frozen_layers = 0 if cfg.num_layers_unfrozen == -1 else n - cfg.num_layers_unfrozen
@@ -132,9 +132,9 @@ class PPOJob(Job):
             raise ConfigError(f"num_layers_unfrozen={cfg.num_layers_unfrozen} exceeds the policy's {n} layers")
         critic_from = self.rm_dir if cfg.critic_init == "reward" else self.policy_dir
         critic_cfg, self.critic_graphdef, critic_params = hf_io.load_hf(
-            critic_from, "reward", mesh, init_missing_head=True, seed=cfg.seed, **rt.load_kwargs(frozen=False))
+            critic_from, "reward", mesh, init_missing_head=True, seed=cfg.seed, **rt.model_kwargs(frozen=False))
         self.rm_cfg, self.rm_graphdef, rm_params = hf_io.load_hf(self.rm_dir, "reward", mesh,
-                                                                 **rt.load_kwargs(frozen=True))
+                                                                 **rt.model_kwargs(frozen=True))
         rm_json = json.loads((self.rm_dir / "config.json").read_text())
         self.reward_mean, self.reward_std = rm_json.get("reward_mean"), rm_json.get("reward_std")
         if cfg.reward.normalize == "rm_config" and (self.reward_mean is None or not self.reward_std):
@@ -248,7 +248,7 @@ class PPOJob(Job):
         """Raw RM scores [len(rows)] of the cut completions: their tokens (shared tokenizer; they end at the EOS
         appended after a cut) or their answer text re-rendered in the RM's format (the RM's template closes the
         turn)."""
-        n_dev = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        n_dev = sharding.data_parallel_size(self.mesh)
         num_rows = -(-len(rows) // n_dev) * n_dev
         if self.cfg.reward_model_shares_tokenizer:
             generated = [completions.tokens[i, :completions.lengths[i]].tolist() for i in range(len(rows))]
@@ -332,7 +332,7 @@ class PPOJob(Job):
     def evaluate(self, state, frozen, max_batches: int = 0) -> dict:
         """Rollouts on the held-out prompts with fixed keys: mean raw RM score, KL to the reference, length."""
         rows = np.asarray(self.eval_rows)
-        n_dev = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        n_dev = sharding.data_parallel_size(self.mesh)
         padded = np.concatenate([rows, np.repeat(rows[:1], (-len(rows)) % n_dev)])
         batch, _, completions = self._rollout(state["params"]["actor"], padded, jax.random.key(self.cfg.seed + 1))
         raw = self._score(frozen["reward"], padded, completions)

@@ -29,7 +29,7 @@ KV-cache layout on the mesh
   cache is never concatenated or copied. Scanned layers: the new k/v are attended as a second block next to the
   stacked cache and written for all layers after the step (behind an optimization barrier, for the same reason).
 
-Attention: prefill and decode attend through the cached path of the registry entry `model.attention_impl` names
+Attention: prefill and decode attend through the cached path of the registry entry `runtime.attention_impl` names
 (`attention.attend_cached`, the reference's for entries without one), over key blocks with the boolean masks built
 here: the rule's mask over the left-padded prompt (`attention.attention_mask`), then the cache's visibility below.
 
@@ -61,6 +61,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from starling_jax.errors import ConfigError
+from starling_jax.model import attention
 from starling_jax.model.attention import attention_mask
 from starling_jax.parallel import sharding
 from starling_jax.parallel.sharding import constrain
@@ -123,6 +124,16 @@ def _ends_with_stop(window, table):
     return jnp.any(jnp.all(match, axis=-1), axis=-1)
 
 
+def _prefill_mask(mcfg, real, positions):
+    """What the prefill's attention reads: with `attention_impl` blockwise or splash (`auto` off CPU) the segment
+    ids and positions of the left-padded prompts (no [N, H, P, P] scores); else the einsum mask. fused / cudnn take
+    right-padded rows only, so they get the mask here too."""
+    seg = real.astype(jnp.int32)
+    if attention.resolve(mcfg.attention_impl) in ("blockwise", "splash"):
+        return seg, positions
+    return attention_mask(seg, positions, mcfg.sliding_window)
+
+
 def sample(model, prompt_tokens, prompt_lengths, row_ids, key, cfg: SamplingConfig) -> SampleOutput:
     """Generates up to `cfg.max_new_tokens` tokens for every row (see the module doc for shapes and layout)."""
     mcfg = model.cfg
@@ -138,8 +149,7 @@ def sample(model, prompt_tokens, prompt_lengths, row_ids, key, cfg: SamplingConf
     idx = jnp.arange(p)
     real = idx[None, :] >= start[:, None]
     positions = jnp.where(real, idx[None, :] - start[:, None], 0).astype(jnp.int32)
-    hidden, k, v = model.decoder.cached(prompt_tokens, positions, None,
-                                        attention_mask(real.astype(jnp.int32), positions, window))
+    hidden, k, v = model.decoder.cached(prompt_tokens, positions, None, _prefill_mask(mcfg, real, positions))
     last_logits = model.logits(hidden[:, -1:])[:, 0]
     pad = ((0, 0), (0, 0), (0, 0), (0, s - p), (0, 0))
     heads_first = lambda x: x.transpose(0, 1, 3, 2, 4)  # [layers, N, L, G, Dh] → [layers, N, G, L, Dh]

@@ -28,6 +28,7 @@ from starling_jax.model.config import ModelConfig
 from starling_jax.parallel import sharding
 from starling_jax import tokenizer as tokenizer_lib
 from starling_jax.train.optimizer import OptimConfig, make_optimizer, trainable_mask
+from starling_jax.train.runtime import RUNTIME_KEYS
 from starling_jax.train.state import ModelEntry, TrainState
 
 
@@ -158,15 +159,15 @@ def resolve_tokenizer_dir(tokenizer: str | None, init_from: str | None, template
 
 
 def model_runtime(model: ModelConfig) -> dict:
-    """The `model.*` fields that still apply when `init_from` fixes the architecture."""
-    return dict(param_dtype=model.param_dtype, dtype=model.dtype, remat_policy=model.remat_policy,
-                scan_layers=model.scan_layers, attention_impl=model.attention_impl,
-                attention_block=model.attention_block, mlp_chunks=model.mlp_chunks)
+    """The runtime fields of `model` (a run config's `model_config`: `runtime:` applied), which still apply when
+    `init_from` fixes the architecture."""
+    return {k: getattr(model, k) for k in RUNTIME_KEYS}
 
 
 def init_model(model: ModelConfig, init_from: str | None, role: str, mesh: Mesh, seed: int,
                pad_token_id: int | None) -> tuple[ModelConfig, nnx.GraphDef, nnx.State, nnx.State]:
-    """→ (model cfg, graphdef, params, params shardings); params created or loaded directly in their shards."""
+    """→ (model cfg, graphdef, params, params shardings); params created or loaded directly in their shards.
+    `model`: the run config's `model_config` (the architecture with the `runtime:` fields)."""
     if init_from:
         model_cfg, graphdef, params = hf_io.load_hf(hub.resolve(init_from, key="init_from"), role, mesh,
                                                     init_missing_head=True, seed=seed, **model_runtime(model))

@@ -7,6 +7,7 @@ embedded CPU demo), then the YAML file, then the overrides. See `configs/rm_base
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 from starling_jax.cli import DEFAULT_MAX_LENGTH, DEFAULT_RUN_DIR
 from starling_jax.config import field
@@ -19,6 +20,7 @@ from starling_jax.parallel.sharding import MeshConfig
 from starling_jax.train.job import ExportConfig, TrainConfig
 from starling_jax.train.optimizer import OptimConfig
 from starling_jax.train.rm_step import LossConfig
+from starling_jax.train.runtime import MOVED_MODEL_KEYS, RuntimeConfig, check_model_runtime
 
 TEMPLATES = ("llama2_chat", "openchat_3.5", "chatml", "raw", "tokenizer")
 
@@ -69,11 +71,13 @@ class DataConfig:
 class RMRunConfig:
     output_dir: str = DEFAULT_RUN_DIR
     seed: int = 0  # fixes init, data order and anything sampled
+    MOVED_KEYS: ClassVar[dict[str, str]] = MOVED_MODEL_KEYS  # model.<runtime key> → runtime.<key>
+
     # HF folder or Hub id whose weights initialize the trunk (the score head starts random unless the folder is a
-    # reward model). Its config.json fixes the architecture; `model.*` then only sets runtime fields
-    # (dtype, param_dtype, remat_policy, scan_layers). None → random init of `model`.
+    # reward model). Its config.json fixes the architecture (`model` is then ignored). None → random init of `model`.
     init_from: str | None = None
-    model: ModelConfig = field(tiny_model)
+    model: ModelConfig = field(tiny_model)  # the architecture (its runtime fields come from `runtime`)
+    runtime: RuntimeConfig = field(RuntimeConfig)  # dtypes, remat, scan, attention: for init_from's model too
     mesh: MeshConfig = field(MeshConfig)
     # the CPU demo's sequences are < 64 tokens: pad to 32 there (the TPU recipes pad to 128)
     data: DataConfig = field(lambda: DataConfig(pad_to_multiple=32))
@@ -86,5 +90,11 @@ class RMRunConfig:
         if self.train.micro_batches > 1 and self.data.batch_size % self.train.micro_batches:
             raise ConfigError(f"data.batch_size={self.data.batch_size} is not divisible by "
                               f"train.micro_batches={self.train.micro_batches}")
-        check_layout(self.model.attention_impl, self.data.attention_layout, self.model.sliding_window,
+        check_model_runtime(self.model)
+        check_layout(self.runtime.attention_impl, self.data.attention_layout, self.model.sliding_window,
                      self.data.max_length)
+
+    @property
+    def model_config(self) -> ModelConfig:
+        """`model` with the runtime fields of `runtime` (the architecture trained without `init_from`)."""
+        return self.model.replace(**self.runtime.model_kwargs())

@@ -108,7 +108,7 @@ class RMJob(Job):
             log.warning("data: skipped %d bad row(s) (data.on_bad_row=skip), e.g. %s", len(self.skipped_rows),
                         "; ".join(f"{s['source']} row {s['row']}: {s['reason']}" for s in self.skipped_rows[:3]))
         model_cfg, self.graphdef, params, params_shardings = init_model(
-            cfg.model, cfg.init_from, ROLE, mesh, cfg.seed, tokenizer.pad_token_id)
+            cfg.model_config, cfg.init_from, ROLE, mesh, cfg.seed, tokenizer.pad_token_id)
         if model_cfg.vocab_size < len(tokenizer):
             raise CheckpointError(f"model vocab_size={model_cfg.vocab_size} < tokenizer size {len(tokenizer)}")
         # init_from's config.json may bring its own window
@@ -165,7 +165,7 @@ class RMJob(Job):
                 "L": round_up(d.max_length, d.pad_to_multiple)}
 
     def abstract_inputs(self, mesh, model_cfg=None):
-        model_cfg = model_cfg or self.cfg.model
+        model_cfg = model_cfg or self.cfg.model_config
         self.graphdef, params = create.abstract_model(model_cfg, ROLE)
         tx, schedule, mask = build_optimizer(self.cfg.optim, self.cfg.train.steps, model_cfg, params)
         shardings = state_shardings(sharding.state_shardings(params, mesh), tx, params, mesh)
@@ -178,7 +178,7 @@ class RMJob(Job):
         return state, batch, step
 
     def abstract_eval_inputs(self, mesh, model_cfg=None):
-        model_cfg = model_cfg or self.cfg.model
+        model_cfg = model_cfg or self.cfg.model_config
         graphdef, params = create.abstract_model(model_cfg, ROLE)
         params = abstract_train_state(params, sharding.state_shardings(params, mesh))
         _, eval_spec = kwise_specs(self.cfg.data.attention_layout != "per_answer")

@@ -5,15 +5,18 @@ key, commented."""
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 from starling_jax.config import field
 from starling_jax.data.chat import TEMPLATE_NAMES
 from starling_jax.data.synthetic import BUNDLED_ALIAS
 from starling_jax.errors import ConfigError
+from starling_jax.model.attention import check_layout
 from starling_jax.model.config import ModelConfig
 from starling_jax.parallel.sharding import MeshConfig
 from starling_jax.train.job import ExportConfig, TrainConfig
 from starling_jax.train.optimizer import OptimConfig
+from starling_jax.train.runtime import MOVED_MODEL_KEYS, RuntimeConfig, check_model_runtime
 
 DEFAULT_SFT_DIR = "runs/sft_default"
 
@@ -53,10 +56,13 @@ class SFTDataConfig:
 class SFTRunConfig:
     output_dir: str = DEFAULT_SFT_DIR
     seed: int = 0  # fixes init and data order
-    # HF folder or Hub id of a causal LM (e.g. openchat/openchat_3.5); its config.json fixes the architecture and
-    # `model.*` only sets runtime fields. None → random init of `model`.
+    MOVED_KEYS: ClassVar[dict[str, str]] = MOVED_MODEL_KEYS  # model.<runtime key> → runtime.<key>
+
+    # HF folder or Hub id of a causal LM (e.g. openchat/openchat_3.5); its config.json fixes the architecture
+    # (`model` is then ignored). None → random init of `model`.
     init_from: str | None = None
-    model: ModelConfig = field(tiny_policy)
+    model: ModelConfig = field(tiny_policy)  # the architecture (its runtime fields come from `runtime`)
+    runtime: RuntimeConfig = field(RuntimeConfig)  # dtypes, remat, scan, attention: for init_from's model too
     mesh: MeshConfig = field(MeshConfig)
     data: SFTDataConfig = field(SFTDataConfig)
     optim: OptimConfig = field(lambda: OptimConfig(learning_rate=3e-3, warmup_steps=20))
@@ -67,3 +73,11 @@ class SFTRunConfig:
         if self.train.micro_batches > 1 and self.data.batch_size % self.train.micro_batches:
             raise ConfigError(f"data.batch_size={self.data.batch_size} is not divisible by "
                               f"train.micro_batches={self.train.micro_batches}")
+        check_model_runtime(self.model)
+        # conversations are right-padded rows of one segment each: every implementation handles them
+        check_layout(self.runtime.attention_impl, "per_answer")
+
+    @property
+    def model_config(self) -> ModelConfig:
+        """`model` with the runtime fields of `runtime` (the architecture trained without `init_from`)."""
+        return self.model.replace(**self.runtime.model_kwargs())

@@ -110,7 +110,7 @@ class SFTJob(Job):
         log.info("data: %d train / %d eval conversations (%d answer tokens in train)", len(train), len(evals),
                  sum(len(e) - e.answer_start for e in train))
         model_cfg, self.graphdef, params, params_shardings = init_model(
-            cfg.model, cfg.init_from, ROLE, mesh, cfg.seed, self.tokenizer.pad_token_id)
+            cfg.model_config, cfg.init_from, ROLE, mesh, cfg.seed, self.tokenizer.pad_token_id)
         if model_cfg.vocab_size < len(self.tokenizer):
             raise CheckpointError(f"model vocab_size={model_cfg.vocab_size} < tokenizer size {len(self.tokenizer)}")
         self.model_cfg = model_cfg
@@ -156,7 +156,7 @@ class SFTJob(Job):
 
     # --- aot
     def abstract_inputs(self, mesh, model_cfg=None):
-        model_cfg = model_cfg or self.cfg.model
+        model_cfg = model_cfg or self.cfg.model_config
         graphdef, params = create.abstract_model(model_cfg, ROLE)
         tx, schedule, mask = build_optimizer(self.cfg.optim, self.cfg.train.steps, model_cfg, params)
         shardings = state_shardings(sharding.state_shardings(params, mesh), tx, params, mesh)
@@ -169,7 +169,7 @@ class SFTJob(Job):
         return state, batch, step
 
     def abstract_eval_inputs(self, mesh, model_cfg=None):
-        model_cfg = model_cfg or self.cfg.model
+        model_cfg = model_cfg or self.cfg.model_config
         graphdef, params = create.abstract_model(model_cfg, ROLE)
         params = abstract_train_state(params, sharding.state_shardings(params, mesh))
         d = self.cfg.data

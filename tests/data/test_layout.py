@@ -245,15 +245,16 @@ def test_pipeline_packed_batches_hold_the_per_answer_sequences(mode, micro):
 def test_run_config_refuses_a_layout_the_attention_cannot_handle():
     from starling_jax.errors import ConfigError
     from starling_jax.train.rm_config import DataConfig, RMRunConfig, tiny_model
+    from starling_jax.train.runtime import RuntimeConfig
 
-    RMRunConfig(data=DataConfig(layout="shared_prefix", packing=True),
-                model=tiny_model().replace(attention_impl="blockwise"))
-    with pytest.raises(ConfigError, match="attention_impl=fused cannot handle data.layout=packed"):
-        RMRunConfig(data=DataConfig(packing=True), model=tiny_model().replace(attention_impl="fused"))
+    RMRunConfig(data=DataConfig(layout="shared_prefix", packing=True), runtime=RuntimeConfig(attention_impl="blockwise"))
+    with pytest.raises(ConfigError, match="runtime.attention_impl=fused cannot handle data.layout=packed"):
+        RMRunConfig(data=DataConfig(packing=True), runtime=RuntimeConfig(attention_impl="fused"))
     # splash takes shared prefixes unless the model's window is shorter than the rows (its window is in indices)
-    RMRunConfig(data=DataConfig(layout="shared_prefix", max_length=256),
-                model=tiny_model().replace(attention_impl="splash", sliding_window=4096))
-    refused = r"splash cannot handle data.layout=shared_prefix with a sliding window \(128\)"
-    with pytest.raises(ConfigError, match=refused):
-        RMRunConfig(data=DataConfig(layout="shared_prefix", max_length=256),
-                    model=tiny_model().replace(attention_impl="splash", sliding_window=128))
+    RMRunConfig(data=DataConfig(layout="shared_prefix", max_length=256), model=tiny_model().replace(sliding_window=4096),
+                runtime=RuntimeConfig(attention_impl="splash"))
+    refused = r"{} cannot handle data.layout=shared_prefix with a sliding window \(128\)"
+    for impl in ("splash", "auto"):  # the default auto is splash on a TPU
+        with pytest.raises(ConfigError, match=refused.format(impl)):
+            RMRunConfig(data=DataConfig(layout="shared_prefix", max_length=256),
+                        model=tiny_model().replace(sliding_window=128), runtime=RuntimeConfig(attention_impl=impl))

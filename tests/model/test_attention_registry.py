@@ -28,6 +28,7 @@ from starling_jax.model.config import ModelConfig
 from starling_jax.model.heads import build_model
 from starling_jax.sample.engine import SamplingConfig, make_sampler
 from starling_jax.train.rm_config import DataConfig, RMRunConfig
+from starling_jax.train.runtime import RuntimeConfig
 
 TOY = "toy_no_context"
 CALLS: collections.Counter = collections.Counter()  # what the toy was asked to do, counted when traced
@@ -64,9 +65,9 @@ def toy():
 def test_config_validation_reads_the_registry(toy):
     cfg = CFG.replace(attention_impl=TOY)  # ModelConfig's own check, unedited
     assert cfg.attention_impl == TOY and TOY in A.names()
-    RMRunConfig(model=cfg.replace(vocab_size=32000))
+    RMRunConfig(runtime=RuntimeConfig(attention_impl=TOY))
     with pytest.raises(ConfigError, match=f"attention_impl={TOY} cannot handle data.layout=packed"):
-        RMRunConfig(data=DataConfig(packing=True), model=cfg.replace(vocab_size=32000))
+        RMRunConfig(data=DataConfig(packing=True), runtime=RuntimeConfig(attention_impl=TOY))
     with pytest.raises(ValueError, match="already registered"):
         A.register(toy)
     assert A.resolve(TOY, "tpu") == TOY and A.select(TOY).name == TOY
@@ -139,7 +140,7 @@ def test_the_sampler_prefills_and_decodes_with_the_registered_implementation(toy
 
 def test_aot_compiles_and_reports_the_registered_implementation(toy):
     """The cheapest run aot accepts: the tiny reward model, 2 layers, short rows, on this host's CPU devices."""
-    cfg = load_config(RMRunConfig, None, [f"model.attention_impl={TOY}", "data.batch_size=8", "data.max_length=32",
+    cfg = load_config(RMRunConfig, None, [f"runtime.attention_impl={TOY}", "data.batch_size=8", "data.max_length=32",
                                           "data.num_answers=2", "data.pad_to_multiple=32", "train.micro_batches=1"])
     report = aot.compile_report(cfg, "cpu", num_layers=2)
     assert report["attention_impl"] == TOY
@@ -155,5 +156,5 @@ def test_an_entry_without_a_cached_path_uses_the_reference_and_says_so(caplog):
         A.attend_cached(CFG.replace(attention_impl="toy_uncached"), q, [(k, v, mask)])
     np.testing.assert_array_equal(np.asarray(got), np.asarray(A.gqa_attention(q, [(k, v, mask)])))
     logged = [r.getMessage() for r in caplog.records if "toy_uncached" in r.getMessage()]
-    assert logged == ["model.attention_impl=toy_uncached has no cached path: the sampler and selected rows use "
+    assert logged == ["runtime.attention_impl=toy_uncached has no cached path: the sampler and selected rows use "
                       "einsum's"]

@@ -100,3 +100,23 @@ def test_frozen_bottom_forward_same_loss_and_top_gradients(models):
     for a, b in zip(top(g_full), top(g_frozen)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
     assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(g_frozen["actor"]["decoder"]["layers"][0]))
+
+
+def test_rollout_forward_with_blockwise_attention_equals_einsum(models):
+    """`runtime.attention_impl` reaches every RL forward (actor, hydra reference, critic): on the left-padded rollout
+    layout blockwise attention (what `auto` picks on GPU; splash on TPU reads the same segment ids and positions)
+    gives einsum's log-probs, reference log-probs and values, and so the same update loss."""
+    batch, _, _ = rollout_batch()
+    einsum_actor, einsum_critic = models
+    outs = {}
+    blockwise = CFG.replace(attention_impl="blockwise")
+    for impl, actor, critic in (("einsum", einsum_actor, einsum_critic),
+                                ("blockwise", tiny_model(blockwise, "causal_lm", seed=0),
+                                 tiny_model(blockwise, "reward", seed=1))):
+        assert actor.cfg.attention_impl == impl
+        outs[impl] = nnx.jit(lambda a, r, c: rollout_forward(a, r, c, batch, P, hydra=True))(
+            actor, ReferenceTop(actor, 1), critic)
+    real = batch["mask"] > 0  # after a row's end the tokens are padding: their outputs are never read
+    for key in ("logprobs", "ref_logprobs", "values"):
+        np.testing.assert_allclose(np.asarray(outs["blockwise"][key])[real], np.asarray(outs["einsum"][key])[real],
+                                   atol=2e-5, err_msg=key)

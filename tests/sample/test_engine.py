@@ -142,6 +142,27 @@ def test_scanned_layers_give_the_same_rollout(mistral):
     np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
 
 
+@pytest.mark.parametrize("scan", [False, True])
+def test_blockwise_prefill_gives_the_same_rollout(mistral, scan, monkeypatch):
+    """`attention_impl=blockwise` (what RL's `runtime.attention_impl: auto` is on GPU; splash on TPU takes the same
+    path): the prefill reads the left-padded prompts' segment ids and positions instead of an [N, H, P, P] mask,
+    with the same rollout (Mistral's window 5 is shorter than the 7-token prompt)."""
+    folder = mistral[0]
+    _, _, graphdef_e, params_e = load(folder, scan_layers=scan)
+    _, cfg_b, graphdef_b, params_b = load(folder, scan_layers=scan, attention_impl="blockwise")
+    assert cfg_b.attention_impl == "blockwise"
+    from starling_jax.model.attention import blockwise as attention_blockwise
+
+    traced = []
+    blockwise = attention_blockwise.blockwise_attention
+    monkeypatch.setattr(attention_blockwise, "blockwise_attention",
+                        lambda *a, **k: traced.append(a[0].shape) or blockwise(*a, **k))
+    a, b = run(graphdef_e, params_e, SAMPLED), run(graphdef_b, params_b, SAMPLED)
+    assert traced and all(shape[1] == 8 for shape in traced)  # the prefill (8 prompt tokens) took blockwise
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+
+
 def test_sampling_logprobs_match_warped_full_forward(mistral):
     from tests.sample.test_logits import reference_warp
 

@@ -1,4 +1,4 @@
-"""Attention: one layout rule (`rule.py`), computed by the implementation `model.attention_impl` names in the
+"""Attention: one layout rule (`rule.py`), computed by the implementation `runtime.attention_impl` names in the
 registry (`registry.py`). Every caller selects through the registry: the decoder and the RL hydra (`prepare`,
 `attend`), the decoder's selected rows and the sampler's KV cache (`attend_cached`), config validation
 (`check_impl`, `check_layout`) and `aot`'s report (`resolve`).
@@ -15,7 +15,7 @@ The entries, one module each (what each declares: its layouts, platforms, `prepa
              (`registry.AUTO`: splash on TPU, blockwise on GPU, einsum elsewhere).
 
 A new implementation is one `Implementation(...)` entry, registered (`register`, `with registered(...)`; the
-built-ins below, in the tuple at the end of the imports): its name is then a valid `model.attention_impl`
+built-ins below, in the tuple at the end of the imports): its name is then a valid `runtime.attention_impl`
 everywhere.
 """
 
@@ -48,7 +48,7 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # `IMPLS` (every valid `model.attention_impl`) read from the registry when asked for, so it includes entries
+    # `IMPLS` (every valid `runtime.attention_impl`) read from the registry when asked for, so it includes entries
     # registered after this import
     if name == "IMPLS":
         return names()

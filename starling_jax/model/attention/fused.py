@@ -17,7 +17,7 @@ def fused_attention(q, k, v, lengths, sliding_window: int | None, implementation
     dtype is bf16/fp16; XLA otherwise). q: [N, L, H, Dh], k/v: [N, L, G, Dh], lengths: int [N] real tokens per
     row (one segment, right-padded). Outputs at padding positions are unread."""
     if implementation == "cudnn" and jax.default_backend() != "gpu":
-        raise ConfigError(f"model.attention_impl=cudnn needs a GPU (this backend is {jax.default_backend()}); "
+        raise ConfigError(f"runtime.attention_impl=cudnn needs a GPU (this backend is {jax.default_backend()}); "
                           "use fused or einsum")
     return jax.nn.dot_product_attention(
         q, k, v, is_causal=True, query_seq_lengths=lengths, key_value_seq_lengths=lengths,

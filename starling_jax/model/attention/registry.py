@@ -1,9 +1,9 @@
-"""The attention registry: `model.attention_impl` names one `Implementation` (or `auto`), and everything that
+"""The attention registry: `runtime.attention_impl` names one `Implementation` (or `auto`), and everything that
 attends selects through here: the decoder's layers and the RL hydra (`prepare` / `attend`), the decoder's
 selected rows and the sampler's prefill and decode over the KV cache (`attend_cached`), config validation
 (`check_impl`, `check_layout`) and `aot`'s report (`resolve`).
 
-Adding an implementation is one `register(Implementation(...))`: its name is then a valid `model.attention_impl`.
+Adding an implementation is one `register(Implementation(...))`: its name is then a valid `runtime.attention_impl`.
 `auto` is not an entry: it resolves, when the program is traced, to the entry `AUTO` names for the platform of
 the mesh the program runs on (`trace_platform`), else the reference. One recipe then serves a TPU pod, a GPU
 cluster and an ahead-of-time compile for a TPU topology on a CPU host.
@@ -33,7 +33,7 @@ _PLATFORM_NAMES = {"tpu": "TPU", "gpu": "GPU", "cpu": "CPU"}
 class Implementation:
     """One attention implementation, as the registry knows it.
 
-    name       its `model.attention_impl` value.
+    name       its `runtime.attention_impl` value.
     layouts    which of `rule.LAYOUTS` it can attend over (`check_layout` refuses the others).
     platforms  the JAX platforms it runs on; None: any.
     prepare    (cfg, segment_ids [N, L], positions [N, L]) → its context, built once per forward pass and handed
@@ -45,7 +45,7 @@ class Implementation:
                the sampler's prefill and decode steps and `Decoder(select=...)`'s rows. None: the reference's
                (`attend_cached` logs that once).
     refuses    (layout, sliding_window, max_length) → None, or why this configuration is refused, as the tail
-               of "model.attention_impl=X cannot handle data.layout=Y ..." (a limit beyond `layouts`)."""
+               of "runtime.attention_impl=X cannot handle data.layout=Y ..." (a limit beyond `layouts`)."""
 
     name: str
     layouts: frozenset[str]
@@ -91,20 +91,20 @@ def registered(impl: Implementation) -> Iterator[Implementation]:
 
 
 def names() -> tuple[str, ...]:
-    """Every valid `model.attention_impl`: the entries in registration order, then `auto`."""
+    """Every valid `runtime.attention_impl`: the entries in registration order, then `auto`."""
     return (*_REGISTRY, "auto")
 
 
 def check_impl(impl: str) -> None:
     """One-line ConfigError unless `impl` names an entry or `auto`."""
     if impl not in names():
-        raise ConfigError(f"model.attention_impl={impl!r}: choose one of {list(names())}")
+        raise ConfigError(f"runtime.attention_impl={impl!r}: choose one of {list(names())}")
 
 
 def get(name: str) -> Implementation:
     """The entry registered as `name` (not `auto`: see `select`)."""
     if name not in _REGISTRY:
-        raise ConfigError(f"model.attention_impl={name!r}: choose one of {list(_REGISTRY)}")
+        raise ConfigError(f"runtime.attention_impl={name!r}: choose one of {list(_REGISTRY)}")
     return _REGISTRY[name]
 
 
@@ -138,18 +138,21 @@ def layouts(impl: str) -> frozenset[str]:
     return frozenset.intersection(*(c.layouts for c in candidates(impl)))
 
 
-def check_layout(impl: str, layout: str, sliding_window: int | None = None, max_length: int | None = None) -> None:
-    """One-line ConfigError when `model.attention_impl=impl` cannot attend over `data.layout=layout` (rows of
-    `max_length` tokens, with the model's `sliding_window`)."""
+def check_layout(impl: str, layout: str, sliding_window: int | None = None, max_length: int | None = None,
+                 what: str | None = None) -> None:
+    """One-line ConfigError when `runtime.attention_impl=impl` cannot attend over `data.layout=layout` (rows of
+    `max_length` tokens, with the model's `sliding_window`); `what` names the layout in the message (default
+    `data.layout=<layout>`)."""
     supported = layouts(impl)
+    what = what or f"data.layout={layout}"
     if layout not in supported:
         ok = sorted(name for name in names() if layout in layouts(name))
-        raise ConfigError(f"model.attention_impl={impl} cannot handle data.layout={layout} (it supports "
+        raise ConfigError(f"runtime.attention_impl={impl} cannot handle {what} (it supports "
                           f"{sorted(supported)}); use attention_impl one of {ok}")
     for entry in candidates(impl):
         reason = entry.refuses(layout, sliding_window, max_length) if entry.refuses else None
         if reason:
-            raise ConfigError(f"model.attention_impl={impl} cannot handle data.layout={layout} {reason}")
+            raise ConfigError(f"runtime.attention_impl={impl} cannot handle {what} {reason}")
 
 
 def select(impl: str, platform: str | None = None) -> Implementation:
@@ -161,7 +164,7 @@ def select(impl: str, platform: str | None = None) -> Implementation:
     if entry.platforms is not None and platform not in entry.platforms:
         need = " or ".join(_PLATFORM_NAMES.get(p, p) for p in sorted(entry.platforms))
         here = [e.name for e in _REGISTRY.values() if e.platforms is None or platform in e.platforms]
-        raise ConfigError(f"model.attention_impl={entry.name} needs a {need} (these devices are {platform}); "
+        raise ConfigError(f"runtime.attention_impl={entry.name} needs a {need} (these devices are {platform}); "
                           f"use one of {here}")
     return entry
 
@@ -185,7 +188,7 @@ def attend_cached(cfg, q, blocks):
     if entry.attend_cached is None:
         if entry.name not in _LOGGED:
             _LOGGED.add(entry.name)
-            log.info("model.attention_impl=%s has no cached path: the sampler and selected rows use %s's",
+            log.info("runtime.attention_impl=%s has no cached path: the sampler and selected rows use %s's",
                      entry.name, REFERENCE)
         entry = _REGISTRY[REFERENCE]
     return entry.attend_cached(cfg, q, blocks)

@@ -23,7 +23,9 @@ import jax.numpy as jnp
 PREFIX_BITS = 16
 PREFIX_STRIDE = 1 << PREFIX_BITS
 # What a batch's rows can hold (`data.attention_layout`); each implementation declares which it attends over.
-LAYOUTS = ("per_answer", "packed", "shared_prefix")
+# left_padded: one segment per row after left padding (RL rollouts: prompt, then completion); fused/cudnn take
+# per-row lengths, i.e. rows that start at index 0.
+LAYOUTS = ("per_answer", "packed", "shared_prefix", "left_padded")
 
 
 def visible(q_seg, k_seg):

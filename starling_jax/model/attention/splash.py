@@ -109,7 +109,7 @@ def splash_attention(q, k, v, segment_ids, sliding_window: int | None = None, me
     """
     platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
     if platform != "tpu" and not interpret:  # an AOT compile for a TPU topology has a TPU mesh on a CPU host
-        raise ConfigError(f"model.attention_impl=splash needs a TPU (these devices are {platform}); use blockwise")
+        raise ConfigError(f"runtime.attention_impl=splash needs a TPU (these devices are {platform}); use blockwise")
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 
     n, length, h, dh = q.shape
