@@ -12,7 +12,7 @@ import pytest
 
 torch = pytest.importorskip("torch")  # the point is a process where torch IS importable
 
-JAX_ONLY = ["train_rm", "train_sft", "train_ppo", "prepare_data", "score", "export_hf", "generate", "aot"]
+JAX_ONLY = ["train_rm", "train_sft", "train_dpo", "train_ppo", "prepare_data", "score", "export_hf", "generate", "aot"]
 WITH_TORCH = ["verify_hf", "convert_starling"]  # compare with / read PyTorch checkpoints
 
 
