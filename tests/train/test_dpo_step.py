@@ -115,9 +115,12 @@ def test_answer_logprobs_equal_each_sequence_alone(models, per_answer):
     assert batch["completion_lengths"][b, 0] == len(ex.tokens[0]) - ex.answer_start[0]
 
 
-@pytest.mark.parametrize("layout", [dict(layout="shared_prefix"), dict(layout="shared_prefix", packing=True),
-                                    dict(layout="per_answer", packing=True)])
-@pytest.mark.parametrize("loss", ["kwise", "pairwise", "ipo"])
+SHARED, SHARED_PACKED, PACKED = ({"layout": "shared_prefix"}, {"layout": "shared_prefix", "packing": True},
+                                 {"layout": "per_answer", "packing": True})
+
+
+@pytest.mark.parametrize("layout,loss", [(SHARED, "kwise"), (SHARED_PACKED, "kwise"), (PACKED, "kwise"),
+                                         (SHARED_PACKED, "pairwise"), (SHARED_PACKED, "ipo")])
 def test_shared_prefix_and_packed_equal_one_answer_per_row(models, per_answer, layout, loss):
     examples, ref_batch, ref_out = per_answer
     loss_cfg = DPOLossConfig(name=loss, beta=0.5)
