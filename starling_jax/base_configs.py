@@ -1,9 +1,9 @@
-"""configs/{rm,sft,ppo}_base.yaml: every key of a run config with the embedded default's value, written from the
+"""configs/{rm,sft,ppo,dpo}_base.yaml: every key of a run config with the embedded default's value, written from the
 run-config dataclasses.
 
     python -m starling_jax.base_configs [--check]
 
-Each file lists every key of its run config (`RMRunConfig`, `SFTRunConfig`, `PPORunConfig`), nested sections
+Each file lists every key of its run config (`RMRunConfig`, `SFTRunConfig`, `PPORunConfig`, `DPORunConfig`), nested sections
 included, in the dataclasses' order, with the value the entry point runs with when given no arguments. A key's
 comment is the one the file already has (hand-written comments survive a rewrite), else the dataclass's own: the
 `# ...` after the field and the comment lines just above it. The file's header (its leading comment block) is kept.
@@ -33,6 +33,7 @@ BASES = {
     "rm_base.yaml": ("starling_jax.train.rm_config", "RMRunConfig", "python -m starling_jax.train_rm"),
     "sft_base.yaml": ("starling_jax.train.sft_config", "SFTRunConfig", "python -m starling_jax.train_sft"),
     "ppo_base.yaml": ("starling_jax.rl.config", "PPORunConfig", "python -m starling_jax.train_ppo"),
+    "dpo_base.yaml": ("starling_jax.train.dpo_config", "DPORunConfig", "python -m starling_jax.train_dpo"),
 }
 _KEY = re.compile(r"^(\s*)([A-Za-z_][\w]*):(.*)$")
 

@@ -11,6 +11,15 @@ Output: JSON lines, one per input row in input order, with `rewards` in the orde
 metrics against the given ranks; pairwise files (`prompt`/`chosen`/`rejected`) report their `accuracy`.
 All answers are scored in length-sorted micro-batches of `--batch-size` sequences, each padded to one of a few
 bucket lengths (`score_batches.py`), so short answers are not padded to the longest and few programs compile.
+
+DPO models score like reward models (as RewardBench scores them):
+
+    python -m starling_jax.score --model POLICY --reference REF [--beta B] --data FILE ...
+
+POLICY and REF are HF `*ForCausalLM` folders (a `train_dpo` export and its starting policy); the reward of an
+answer is its implied reward β · Σ_t (log π(y_t | x, y_<t) − log π_ref(y_t | x, y_<t)) over the answer's tokens
+(the answer text and the template's end of turn), rendered in POLICY's chat format. β defaults to the one a
+`train_dpo` export records (`dpo_beta` in its config.json), else 0.1.
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ from starling_jax.metrics import RankingMetrics
 from starling_jax.model import hf_io, hub
 from starling_jax.parallel import sharding
 from starling_jax.paths import as_path
-from starling_jax.score_batches import BucketedScorer
+from starling_jax.score_batches import BucketedLogProbs, BucketedScorer
 
 # Padded lengths are multiples of this (as the train pipeline's `data.pad_to_multiple` default).
 PAD_TO_MULTIPLE = 128
@@ -160,6 +169,100 @@ def check_flags(args) -> None:
         raise UsageError(f"--template {args.template}: choose one of {', '.join(TEMPLATE_NAMES)}")
 
 
+DEFAULT_DPO_BETA = 0.1  # trl's DPOConfig default, for a policy that records none
+
+
+def score_dpo(model: str, reference: str, data: str, output: str | None = None, template: str | None = None,
+              max_length: int | None = None, batch_size: int = 32, on_bad_row: str = "error",
+              beta: float | None = None) -> dict:
+    """Implied rewards of a DPO policy against its reference for every answer (the output and summary of
+    `score`, plus `reference` and `beta`)."""
+    import numpy as np
+
+    mesh = sharding.make_mesh(sharding.MeshConfig())
+    folder = hub.resolve(model, key="--model")
+    ref_folder = hub.resolve(reference, key="--reference")
+    cfg, graphdef, params = hf_io.load_hf(folder, "causal_lm", mesh)
+    ref_cfg, ref_graphdef, ref_params = hf_io.load_hf(ref_folder, "causal_lm", mesh)
+    if ref_cfg.vocab_size != cfg.vocab_size:
+        raise CheckpointError(f"--reference {reference}: vocabulary of {ref_cfg.vocab_size} tokens, the policy "
+                              f"--model {model} has {cfg.vocab_size}: not its reference")
+    config = hf_io._read_hf_config(folder)
+    if beta is None:
+        beta = float(config.get("dpo_beta") or DEFAULT_DPO_BETA)
+    if beta <= 0:
+        raise UsageError(f"--beta {beta}: must be positive")
+    tokenizer = tokenizer_lib.load_tokenizer(folder)
+    recorded = config.get("starling_jax_data") or {}
+    max_length = max_length or int(recorded.get("max_length") or 2048)
+    keys = ["tokenizer_fingerprint"] + (["template"] if template and template != "tokenizer" else [])
+    template = template or "tokenizer"
+    current = tokenizer_lib.data_provenance(tokenizer, folder, template, max_length)
+    tokenizer_lib.check_provenance(recorded, current, f"policy {model}", "score", keys=keys)
+    if (ref_folder / "tokenizer_config.json").is_file():
+        ref_tok = tokenizer_lib.load_tokenizer(ref_folder)
+        if tokenizer_lib.tokenizer_fingerprint(ref_tok) != tokenizer_lib.tokenizer_fingerprint(tokenizer):
+            raise CheckpointError(f"--reference {reference}: its tokenizer differs from the policy's ({model}); "
+                                  "implied rewards need one tokenization")
+    common = dict(rows=batch_size, max_length=max_length, pad_to_multiple=PAD_TO_MULTIPLE,
+                  pad_id=tokenizer.pad_token_id or 0)
+    policy_scorer = BucketedLogProbs(graphdef, mesh, **common)
+    reference_scorer = BucketedLogProbs(ref_graphdef, mesh, **common)
+
+    fmt = detect_format(data)
+    report = ReadReport()
+    reader = read_pairwise if fmt == "pairwise" else read_rankings
+    lines: dict[int, dict] = {}
+    tokenized = []
+    for ranking in reader(data, on_bad_row, report):
+        try:
+            tokenized.append(tokenize_ranking(ranking, tokenizer, template, max_length))
+        except RowDoesNotFit as e:
+            if on_bad_row == "error":
+                raise DataError(f"{data}: row {ranking.row}: {e}") from None
+            lines[ranking.row] = {"row": ranking.row, "rewards": None, "error": str(e)}
+    for skipped in report.skipped:
+        lines[skipped["row"]] = {"row": skipped["row"], "rewards": None, "error": skipped["reason"]}
+
+    sequences = [t for tr in tokenized for t in tr.tokens]
+    starts = [int(i) for tr in tokenized for i in tr.answer_start]
+    if sequences:
+        flat = beta * (policy_scorer(params, sequences, starts).astype(np.float64)
+                       - reference_scorer(ref_params, sequences, starts).astype(np.float64))
+    else:
+        flat = np.zeros(0)
+    offsets = np.cumsum([0] + [tr.num_answers for tr in tokenized])
+    metrics = RankingMetrics()
+    for i, tr in enumerate(tokenized):
+        rw = flat[offsets[i]:offsets[i + 1]]
+        lines[tr.row] = {"row": tr.row, "rewards": [float(x) for x in rw], "ranks": [float(x) for x in tr.ranks],
+                         "truncated": tr.truncated}
+        metrics.update(rw[None], tr.ranks[None], np.ones((1, tr.num_answers), bool), tr.answer_lengths[None])
+    if output:
+        as_path(output).parent.mkdir(parents=True, exist_ok=True)
+        with as_path(output).open("w", encoding="utf-8") as f:
+            for row in sorted(lines):
+                f.write(json.dumps(lines[row]) + "\n")
+    computed = metrics.compute() if tokenized else {}
+    summary = {"status": "completed", "model": str(model), "reference": str(reference), "beta": beta,
+               "data": str(data), "format": fmt, "template": template, "rows_read": report.rows_read,
+               "rows_scored": len(tokenized), "rows_skipped": len(lines) - len(tokenized),
+               "rows_truncated": sum(tr.truncated for tr in tokenized), "output": output}
+    if fmt == "pairwise":
+        summary["accuracy"] = computed.get("pairwise_accuracy")
+    summary.update({k: v for k, v in computed.items() if k != "num_pairs" or fmt == "nectar"})
+    return summary
+
+
+def _score_dpo_args(args) -> dict:
+    if args.reference is None:
+        raise UsageError("--beta applies only with --reference (DPO scoring)")
+    if args.model is None:
+        raise UsageError("--reference needs --model (the DPO policy, a *ForCausalLM folder)")
+    return score_dpo(args.model, args.reference, resolve_bundled(args.data), args.output, args.template,
+                     args.max_length, args.batch_size, args.on_bad_row, args.beta)
+
+
 def main(argv=None) -> int:
     parser = cli.ArgumentParser(prog="python -m starling_jax.score", description=__doc__)
     parser.add_argument("--model", default=None, help="HF reward-model folder / Hub id, or a checkpoint folder "
@@ -176,11 +279,17 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass (a micro-batch; rounded up to a "
                         "multiple of the data-parallel devices)")
     parser.add_argument("--on-bad-row", choices=("error", "skip"), default="error")
+    parser.add_argument("--reference", default=None, help="HF causal-LM folder of the reference policy: score a "
+                        "DPO policy (--model, a *ForCausalLM) by its implied rewards against it")
+    parser.add_argument("--beta", type=float, default=None, help="with --reference: β of the implied reward "
+                        f"(default: the policy's recorded dpo_beta, else {DEFAULT_DPO_BETA})")
     cli.setup_logging()
 
     def run():
         args = parser.parse_args(sys.argv[1:] if argv is None else argv)  # usage errors: one line
         check_flags(args)
+        if args.reference is not None or args.beta is not None:
+            return _score_dpo_args(args)
         return score(cli.embedded_default(args.model, cli.DEFAULT_HF_DIR, "--model"), resolve_bundled(args.data),
                      args.output, args.template, args.max_length, args.batch_size, args.on_bad_row)
 

@@ -127,3 +127,55 @@ class BucketedScorer:
             batch = pack_micro_batch(sequences, index, idx, self.rows, length, self.pad_id)
             out[idx] = np.asarray(jax.device_get(self._fn(params, *batch)))[:len(idx)]
         return out
+
+
+def jit_completion_logprobs(graphdef, mesh):
+    """The jitted causal-LM forward for DPO scoring: (params, tokens, positions, segment_ids [N, L], start [N],
+    end [N]) → Σ_{start ≤ c ≤ end} log p(tokens[n, c] | tokens[n, :c]) [N] (float32), sharded like `jit_rewards`."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from starling_jax.parallel import sharding
+    from starling_jax.train.dpo_step import token_logprobs
+
+    batch, rows = sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 1)
+
+    def logprobs(params, tokens, positions, segment_ids, start, end):
+        with sharding.activation_sharding(mesh):
+            logits = nnx.merge(graphdef, params)(tokens, positions, segment_ids)
+            lp = token_logprobs(logits, tokens, segment_ids)
+            col = jnp.arange(tokens.shape[1])
+            inside = (col >= start[:, None]) & (col <= end[:, None])
+            return jnp.sum(jnp.where(inside, lp, 0.0), axis=-1)
+
+    return jax.jit(logprobs, in_shardings=(None, batch, batch, batch, rows, rows),
+                   out_shardings=sharding.replicated(mesh))
+
+
+class BucketedLogProbs(BucketedScorer):
+    """A causal LM's log-probability of each sequence's tokens from `start` on (an answer after its prompt), in
+    the same length-bucketed micro-batches as `BucketedScorer` (DPO implied rewards: `score --reference`)."""
+
+    def __init__(self, graphdef, mesh, **kwargs):
+        super().__init__(graphdef, mesh, **kwargs)
+        self._fn = jit_completion_logprobs(graphdef, mesh)
+
+    def __call__(self, params, sequences: Sequence[np.ndarray], starts: Sequence[int]) -> np.ndarray:  # type: ignore[override]
+        """→ float32 [N]: Σ of log p(token | the tokens before it) over tokens[starts[s]:] of each sequence s."""
+        import jax
+
+        lengths = np.asarray([len(t) for t in sequences], np.int64)
+        starts = np.asarray(starts, np.int64)
+        if starts.shape != lengths.shape or np.any(starts < 1) or np.any(starts >= lengths):
+            raise ValueError("BucketedLogProbs: every sequence needs 1 <= start < its length (a prompt, an answer)")
+        out = np.zeros(len(lengths), np.float32)
+        for idx, length in plan_micro_batches(lengths, self.rows, self.buckets):
+            self.shapes.add((self.rows, length))
+            tokens, positions, segment_ids, end = pack_micro_batch(sequences, lengths - 1, idx, self.rows, length,
+                                                                   self.pad_id)
+            start = np.zeros((self.rows,), np.int32)
+            start[:len(idx)] = starts[idx]
+            out[idx] = np.asarray(jax.device_get(self._fn(params, tokens, positions, segment_ids, start,
+                                                          end)))[:len(idx)]
+        return out

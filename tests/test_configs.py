@@ -38,7 +38,8 @@ def test_sft_base_yaml_is_the_embedded_default():
 # ------------------------------------------------------------------------------------------------ base files
 BASES = [("rm_base.yaml", "starling_jax.train.rm_config", "RMRunConfig"),
          ("sft_base.yaml", "starling_jax.train.sft_config", "SFTRunConfig"),
-         ("ppo_base.yaml", "starling_jax.rl.config", "PPORunConfig")]
+         ("ppo_base.yaml", "starling_jax.rl.config", "PPORunConfig"),
+         ("dpo_base.yaml", "starling_jax.train.dpo_config", "DPORunConfig")]
 
 
 def dataclass_leaves(obj, prefix: str = "", moved=None):

@@ -12,8 +12,8 @@ import pytest
 
 torch = pytest.importorskip("torch")  # the point is a process where torch IS importable
 
-JAX_ONLY = ["train_rm", "train_sft", "train_ppo", "prepare_data", "score", "export_hf", "generate", "aot", "label",
-            "gather_answers"]
+JAX_ONLY = ["train_rm", "train_sft", "train_dpo", "train_ppo", "prepare_data", "score", "export_hf", "generate", "aot",
+            "label", "gather_answers"]
 WITH_TORCH = ["verify_hf", "convert_starling"]  # compare with / read PyTorch checkpoints
 
 

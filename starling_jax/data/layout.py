@@ -60,14 +60,19 @@ class Unit:
         return self.prefix + sum(self.lengths)
 
 
-def units_of(prompt: int, seqs: Sequence[np.ndarray], layout: str, length: int) -> list[Unit]:
-    """The units of one prompt's answer sequences (slot order) under `layout` for rows of `length` tokens."""
+def units_of(prompt: int, seqs: Sequence[np.ndarray], layout: str, length: int,
+             max_prefix: int | None = None) -> list[Unit]:
+    """The units of one prompt's answer sequences (slot order) under `layout` for rows of `length` tokens.
+    `max_prefix`: the shared prefix holds at most this many tokens (DPO keeps every answer token in its answer's
+    own segment: the prefix stops at the answers' first token)."""
     if layout not in LAYOUTS:
         raise DataError(f"data.layout={layout!r}: choose one of {list(LAYOUTS)}")
     for slot, s in enumerate(seqs):
         if len(s) > length:
             raise DataError(f"prompt {prompt}: answer {slot} has {len(s)} tokens > row length {length}")
     p = shared_prefix_length(seqs) if layout == "shared_prefix" else 0
+    if max_prefix is not None:
+        p = min(p, int(max_prefix))
     return units_from_lengths(prompt, [len(s) for s in seqs], p, length)
 
 
@@ -148,13 +153,15 @@ def rows_needed(units: list[Unit], length: int, micro_batches: int = 1, packing:
 
 def pack(answer_tokens: Sequence[Sequence[np.ndarray]], num_answers: int, length: int, num_rows: int | None = None,
          layout: str = "shared_prefix", packing: bool = True, micro_batches: int = 1, row_offset: int = 0,
-         pad_id: int = 0) -> dict:
+         pad_id: int = 0, max_prefix: Sequence[int] | None = None) -> dict:
     """Prompts' answer sequences (slot order, ≤ K each) → the model-facing arrays of the packed batch.
+    `max_prefix`: per prompt, a cap on its shared prefix (`units_of`).
 
     → tokens, positions, segment_ids int32 [R, L]; reward_row, reward_index int32 [B, K] (empty slots point at
     (row_offset, 0) and are masked by the caller's answer_mask); real_tokens (int, before prefix sharing:
     Σ answer lengths; see `efficiency`)."""
-    units = [u for b, seqs in enumerate(answer_tokens) for u in units_of(b, seqs, layout, length)]
+    units = [u for b, seqs in enumerate(answer_tokens)
+             for u in units_of(b, seqs, layout, length, None if max_prefix is None else max_prefix[b])]
     if num_rows is None:
         num_rows = rows_needed(units, length, micro_batches, packing)
     if num_rows % micro_batches:

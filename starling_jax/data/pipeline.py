@@ -20,6 +20,9 @@ the order changes nothing but the padding.
 Rows with more answers than K keep the K best (stable sort by rank). Answers are stored best-first. Padded
 answer slots have `answer_mask` False, `ranks` 1e9 (sorts last; never inf, so no NaN in losses), no tokens.
 Besides the ARCHITECTURE.md keys a batch carries `row` int32 [B] (1-based input row, -1 for padding rows).
+With `completions=True` (DPO: answer log-probabilities) it also carries `completion_lengths` int32 [B, K]: the
+tokens after the prompt (answer text + template suffix), which end at the answer's `reward_index`; a shared prefix
+then stops at the answers' first token, so every answer token lies in its answer's own segment.
 
 Layouts (`layout`, `packing`; data/layout.py): `per_answer` without packing gives [B, K, L] arrays; otherwise
 the model-facing arrays are packed rows [R, L] (+ `reward_row` [B, K]) of length `max_length` (rounded up to
@@ -84,6 +87,7 @@ class InMemorySource:
         self._ex = [
             {"row": t.row, "tokens": list(t.tokens), "ranks": np.asarray(t.ranks, np.float32),
              "answer_lengths": np.asarray(t.answer_lengths, np.int32),
+             "answer_start": np.asarray(t.answer_start, np.int32),
              "reward_index": np.asarray(t.reward_index, np.int32)}
             for t in tokenized
         ]
@@ -186,7 +190,7 @@ class RankingPipeline:
                  pad_to_multiple: int = 128, seed: int = 0, mode: str = "train", bucket_window: int = 32,
                  process_index: int | None = None, process_count: int | None = None, pad_id: int = 0,
                  prefetch: int = 2, num_parallel: int = 2, layout: str = "per_answer", packing: bool = False,
-                 micro_batches: int = 1):
+                 micro_batches: int = 1, completions: bool = False):
         if mode not in ("train", "eval"):
             raise DataError(f"pipeline mode must be 'train' or 'eval', got {mode!r}")
         if process_index is None or process_count is None:
@@ -214,6 +218,7 @@ class RankingPipeline:
             raise DataError(f"data.layout={layout!r}: choose one of {list(layout_lib.LAYOUTS)}")
         self.layout, self.packing, self.micro_batches = layout, bool(packing), int(micro_batches)
         self.packed = layout != "per_answer" or self.packing
+        self.completions = bool(completions)
         if self.packed and self.per_host_batch % self.micro_batches:
             raise DataError(f"{self.per_host_batch} prompts per host are not divisible by {micro_batches} "
                             "micro-batches")
@@ -257,6 +262,8 @@ class RankingPipeline:
                 if self.packed:
                     seqs = [np.asarray(ex["tokens"][j]) for j in sel]
                     prefix = layout_lib.shared_prefix_length(seqs) if self.layout == "shared_prefix" else 0
+                    if self.completions:
+                        prefix = min(prefix, min(int(ex["answer_start"][j]) for j in sel))
                     self._shape.append(([len(q) for q in seqs], prefix))
         return out
 
@@ -327,25 +334,36 @@ class RankingPipeline:
         ranks = np.full((b, k), MASKED_RANK, np.float32)
         answer_mask = np.zeros((b, k), bool)
         answer_lengths = np.zeros((b, k), np.int32)
+        completion_lengths = np.zeros((b, k), np.int32)
+        max_prefix = np.zeros((b,), np.int64)
         row = np.full((b,), -1, np.int32)
         seqs: list[list[np.ndarray]] = [[] for _ in range(b)]
         real = [i for i in range(b) if indices[i] >= 0]
         for i, ex in zip(real, _getitems(self.source, [indices[i] for i in real])):
             row[i] = int(ex["row"])
-            for slot, j in enumerate(select_answers(ex["ranks"], k)):
+            sel = select_answers(ex["ranks"], k)
+            for slot, j in enumerate(sel):
                 seqs[i].append(np.asarray(ex["tokens"][j], np.int32))
                 ranks[i, slot] = float(ex["ranks"][j])
                 answer_mask[i, slot] = True
                 answer_lengths[i, slot] = int(ex["answer_lengths"][j])
+                if self.completions:
+                    completion_lengths[i, slot] = len(ex["tokens"][j]) - int(ex["answer_start"][j])
+            if self.completions:
+                max_prefix[i] = min(int(ex["answer_start"][j]) for j in sel)
         offset = self.process_index * rows // self.micro_batches  # this host's rows inside each micro-batch
         packed = layout_lib.pack(seqs, k, self.row_length, rows, self.layout, self.packing, self.micro_batches,
-                                 offset, self.pad_id)
+                                 offset, self.pad_id, max_prefix if self.completions else None)
         packed.pop("real_tokens")
-        return {**packed, "ranks": ranks, "answer_mask": answer_mask, "answer_lengths": answer_lengths, "row": row}
+        out = {**packed, "ranks": ranks, "answer_mask": answer_mask, "answer_lengths": answer_lengths, "row": row}
+        if self.completions:
+            out["completion_lengths"] = completion_lengths
+        return out
 
     @property
     def batch_keys(self) -> tuple:
-        return BATCH_KEYS + (("reward_row",) if self.packed else ())
+        return (BATCH_KEYS + (("reward_row",) if self.packed else ())
+                + (("completion_lengths",) if self.completions else ()))
 
     def make_batch(self, indices: np.ndarray, length: int) -> dict:
         b, k = len(indices), self.num_answers
@@ -356,6 +374,7 @@ class RankingPipeline:
         ranks = np.full((b, k), MASKED_RANK, np.float32)
         answer_mask = np.zeros((b, k), bool)
         answer_lengths = np.zeros((b, k), np.int32)
+        completion_lengths = np.zeros((b, k), np.int32)
         row = np.full((b,), -1, np.int32)
         real = [i for i in range(b) if indices[i] >= 0]
         exs = _getitems(self.source, [indices[i] for i in real])
@@ -373,9 +392,14 @@ class RankingPipeline:
                 ranks[i, slot] = float(ex["ranks"][j])
                 answer_mask[i, slot] = True
                 answer_lengths[i, slot] = int(ex["answer_lengths"][j])
-        return {"tokens": tokens, "positions": positions, "segment_ids": segment_ids,
-                "reward_index": reward_index, "ranks": ranks, "answer_mask": answer_mask,
-                "answer_lengths": answer_lengths, "row": row}
+                if self.completions:
+                    completion_lengths[i, slot] = n - int(ex["answer_start"][j])
+        out = {"tokens": tokens, "positions": positions, "segment_ids": segment_ids,
+               "reward_index": reward_index, "ranks": ranks, "answer_mask": answer_mask,
+               "answer_lengths": answer_lengths, "row": row}
+        if self.completions:
+            out["completion_lengths"] = completion_lengths
+        return out
 
     def _load_step(self, step):
         step = int(step)

@@ -34,8 +34,10 @@ log = logging.getLogger("starling_jax")
 ROLE = "reward"
 
 
-def build_data(cfg: RMRunConfig, tokenizer, tokenizer_dir: Path) -> tuple[data_pipeline.RankingPipeline,
-                                                                          data_pipeline.RankingPipeline]:
+def build_data(cfg: RMRunConfig, tokenizer, tokenizer_dir: Path, **pipeline_options
+               ) -> tuple[data_pipeline.RankingPipeline, data_pipeline.RankingPipeline]:
+    """(train, eval) pipelines of `cfg.data`; `pipeline_options`: more `RankingPipeline` arguments (DPO's
+    `completions`)."""
     d = cfg.data
     common = dict(tokenizer=tokenizer, template=d.template, max_length=d.max_length, on_bad_row=d.on_bad_row,
                   tokenizer_name=str(tokenizer_dir))
@@ -46,7 +48,7 @@ def build_data(cfg: RMRunConfig, tokenizer, tokenizer_dir: Path) -> tuple[data_p
     else:
         eval_src = data_pipeline.open_source(resolve_bundled(d.train), "eval", eval_fraction=d.eval_fraction, **common)
     pipe = dict(num_answers=d.num_answers, max_length=d.max_length, pad_to_multiple=d.pad_to_multiple,
-                pad_id=tokenizer.pad_token_id or 0, layout=d.layout, packing=d.packing)
+                pad_id=tokenizer.pad_token_id or 0, layout=d.layout, packing=d.packing, **pipeline_options)
     train = data_pipeline.RankingPipeline(train_src, global_batch_size=d.batch_size, seed=cfg.seed, mode="train",
                                           micro_batches=cfg.train.micro_batches, **pipe)
     evals = data_pipeline.RankingPipeline(eval_src, global_batch_size=d.eval_batch_size, seed=cfg.seed,

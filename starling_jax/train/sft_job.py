@@ -71,6 +71,30 @@ def end_of_turn_ids(tokenizer, template: str) -> list[int]:
     return [end] + ([int(eos)] if eos is not None and int(eos) != end else [])
 
 
+def export_causal_lm(folder: Path, model_cfg, params, tokenizer, tokenizer_dir, template: str,
+                     extra_config: dict | None = None) -> Path:
+    """An HF `*ForCausalLM` folder whose tokenizer carries the training chat template (`export_chat_template`) and
+    whose `generation_config.json` stops at the template's end-of-turn token (train_sft's and train_dpo's export)."""
+    from transformers import GenerationConfig
+
+    chat_template = export_chat_template(tokenizer, template)
+    eos_ids = end_of_turn_ids(tokenizer, template)
+    hf_io.save_hf(folder, model_cfg, params, ROLE, tokenizer_dir=tokenizer_dir, extra_config=extra_config)
+    if jax.process_index() == 0:
+        config_path = folder / "tokenizer_config.json"
+        tok_cfg = json.loads(config_path.read_text())
+        tok_cfg["chat_template"] = chat_template
+        config_path.write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n")
+        stale = folder / "chat_template.jinja"  # transformers prefers it over tokenizer_config's template
+        if stale.exists():
+            stale.write_text(chat_template)
+        generation = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=eos_ids,
+                                      pad_token_id=tokenizer.pad_token_id)
+        # what save_pretrained writes, through the folder's own path type (folder may be a URL)
+        (folder / "generation_config.json").write_text(generation.to_json_string(use_diff=True))
+    return folder
+
+
 class SFTJob(Job):
     name = "train_sft"
     batch_spec = SFT_TRAIN
@@ -182,24 +206,8 @@ class SFTJob(Job):
                 "max_length": self.cfg.data.max_length, "eval_start": self.eval_start}
 
     def export(self, state, frozen, last_eval, folder: Path) -> Path:
-        from transformers import GenerationConfig
-
-        chat_template = export_chat_template(self.tokenizer, self.cfg.data.template)
-        eos_ids = end_of_turn_ids(self.tokenizer, self.cfg.data.template)
-        hf_io.save_hf(folder, self.model_cfg, state["params"], ROLE, tokenizer_dir=self.tokenizer_dir)
-        if jax.process_index() == 0:
-            config_path = folder / "tokenizer_config.json"
-            tok_cfg = json.loads(config_path.read_text())
-            tok_cfg["chat_template"] = chat_template
-            config_path.write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n")
-            stale = folder / "chat_template.jinja"  # transformers prefers it over tokenizer_config's template
-            if stale.exists():
-                stale.write_text(chat_template)
-            generation = GenerationConfig(bos_token_id=self.tokenizer.bos_token_id, eos_token_id=eos_ids,
-                                          pad_token_id=self.tokenizer.pad_token_id)
-            # what save_pretrained writes, through the folder's own path type (folder may be a URL)
-            (folder / "generation_config.json").write_text(generation.to_json_string(use_diff=True))
-        return folder
+        return export_causal_lm(folder, self.model_cfg, state["params"], self.tokenizer, self.tokenizer_dir,
+                                self.cfg.data.template)
 
     def summary(self, last_eval: dict) -> dict:
         return {
