@@ -30,7 +30,7 @@ class RuntimeConfig:
     scan_layers: bool = False  # true: one stacked layer under lax.scan (compile time independent of depth)
     # The MLP over the sequence in this many chunks, each under remat_policy: less backward memory, same results.
     mlp_chunks: int = 1
-    # einsum | blockwise | fused | cudnn | splash | auto (model/attention.py). auto: splash on TPU, blockwise on GPU,
+    # einsum | blockwise | fused | cudnn | splash | auto (model/attention/). auto: splash on TPU, blockwise on GPU,
     # einsum on CPU, resolved for the mesh each program is compiled for.
     attention_impl: str = "auto"
     attention_block: int = 0  # blockwise: query/key block length; 0 = by platform and row length (resolve_blocks)
