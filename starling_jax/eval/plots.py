@@ -1,5 +1,5 @@
-"""The PNGs of `evaluate` (matplotlib with the Agg backend, imported here only: a plot is the one thing that needs
-it, so the rest of the evaluation runs without it)."""
+"""The PNGs of `evaluate` (matplotlib with the Agg backend, imported when a plot is written: `--no-plot` runs and
+the library functions do not pay its start-up)."""
 
 from __future__ import annotations
 

@@ -215,5 +215,5 @@ def test_question_file_without_turns_is_a_one_line_error(tmp_path, capsys, rows,
 ])
 def test_bad_flags_are_one_line_errors(tmp_path, capsys, argv, message):
     argv = [str(write(tmp_path / "p.jsonl", PROMPTS)) if a == "P" else a for a in argv]
-    code, summary, err = run(capsys, *argv)
+    code, _, err = run(capsys, *argv)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1

@@ -151,8 +151,8 @@ def test_unknown_subset_is_a_one_line_error_or_a_counted_skip(tmp_path, capsys):
                                                             raw_row(2, "made-up-subset", "a", "b")]))
     assert evaluate.main(["rewardbench", "--model", str(tmp_path / "nowhere"), "--data", str(data)]) == 2
     out, err = capsys.readouterr()
-    assert err.strip().splitlines() == [f"error: {data}: row 2: field 'subset': 'made-up-subset' is not a "
-                                        "RewardBench v1 subset"]
+    assert err.strip().splitlines() == [(f"error: {data}: row 2: field 'subset': 'made-up-subset' is not a "
+                                         "RewardBench v1 subset")]
     assert json.loads(out.strip().splitlines()[-1])["status"] == "error"
     report = rb.ReadReport()
     kept = list(rb.read_examples(str(data), "skip", report))

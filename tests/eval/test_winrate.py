@@ -53,7 +53,7 @@ def test_raw_win_rate_moves_with_length_the_controlled_one_does_not():
         results[verbosity] = winrate.length_controlled_win_rate(prefs, model, reference)
     raw = [results[v]["win_rate"] for v in (-400.0, 0.0, 400.0)]
     lc = [results[v]["length_controlled_win_rate"] for v in (-400.0, 0.0, 400.0)]
-    assert raw[0] < 30 < 40 < raw[1] < 60 < 70 < raw[2]  # verbosity buys raw win rate
+    assert raw[0] < 30 and 40 < raw[1] < 60 and raw[2] > 70  # verbosity buys raw win rate
     assert max(lc) - min(lc) < 6 and all(abs(x - 50) < 5 for x in lc)  # ...not the controlled one
     assert all(r["gamma"] > 1 for r in results.values())  # the fitted length effect is the judge's bias
 
