@@ -284,8 +284,11 @@ class DPOScorer:
                 owners.append(i)
         rewards = implied_rewards(self.model, self.ref_model, sequences, starts, self.beta,
                                   self.tokenizer.pad_token_id or 0, self.batch_size)
-        for i in {o for o in owners}:
-            out[i] = rewards[[k for k, o in enumerate(owners) if o == i]]
+        positions: dict[int, list[int]] = {}
+        for k, owner in enumerate(owners):
+            positions.setdefault(owner, []).append(k)
+        for i, ks in positions.items():
+            out[i] = rewards[ks]
         return out
 
 
