@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")  # the point is a process where torch IS importable
 
 JAX_ONLY = ["train_rm", "train_sft", "train_dpo", "train_ppo", "prepare_data", "score", "export_hf", "generate", "aot",
-            "label", "gather_answers"]
+            "label", "gather_answers", "evaluate"]
 WITH_TORCH = ["verify_hf", "convert_starling"]  # compare with / read PyTorch checkpoints
 
 
