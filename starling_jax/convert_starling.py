@@ -29,9 +29,10 @@ import sys
 from pathlib import Path
 
 from starling_jax import cli
-from starling_jax import tokenizer as tokenizer_lib
+from starling_jax.data import tokenizer as tokenizer_lib
 from starling_jax.errors import CheckpointError, ConfigError
-from starling_jax.model import hf_io, hub
+from starling_jax import hub
+from starling_jax.model import hf_io
 from starling_jax.model.config import ModelConfig
 
 DEFAULT_BASE = "meta-llama/Llama-2-7b-chat-hf"

@@ -30,7 +30,7 @@ def export(checkpoint: str, output: str, step: int | None = None, tokenizer: str
     from starling_jax.model import hf_io
     from starling_jax.model.create import num_params
     from starling_jax.parallel import sharding
-    from starling_jax.tokenizer import resolve_tokenizer_dir
+    from starling_jax.data.tokenizer import resolve_tokenizer_dir
 
     mesh = sharding.make_mesh(sharding.MeshConfig())
     meta, model_cfg, _, params = load_model(checkpoint, mesh, step)

@@ -46,15 +46,7 @@ from starling_jax import cli
 from starling_jax.data.nectar import ReadReport
 from starling_jax.errors import ConfigError, DataError
 from starling_jax.judge.rows import nectar_row, read_rows
-
-JUDGE_KINDS = ("openai", "rm")
-
-
-def parse_judge(spec: str) -> tuple[str, str]:
-    kind, sep, name = spec.partition(":")
-    if not sep or kind not in JUDGE_KINDS or not name:
-        raise ConfigError(f"--judge {spec!r}: expected openai:MODEL or rm:DIR")
-    return kind, name
+from starling_jax.judge.spec import JUDGE_KINDS, parse_judge  # noqa: F401 (label.X)
 
 
 def _write_jsonl(path: Path, lines) -> None:

@@ -52,7 +52,7 @@ def parse_args(argv=None):
 
 
 def run(args) -> dict:
-    from starling_jax.tokenizer import default_tokenizer_for, load_tokenizer, resolve_tokenizer_dir
+    from starling_jax.data.tokenizer import default_tokenizer_for, load_tokenizer, resolve_tokenizer_dir
 
     t0 = time.time()
     out = Path(args.output)

@@ -93,7 +93,8 @@ def verify(model: str, dtype: str = "float32", tolerance: float | None = None, m
     import jax
     from flax import nnx
 
-    from starling_jax.model import hf_io, hub
+    from starling_jax import hub
+    from starling_jax.model import hf_io
     from starling_jax.parallel.sharding import MeshConfig, activation_sharding, make_mesh
 
     folder = hub.resolve(model, key="--model")

@@ -41,7 +41,7 @@ def test_programs_hide_torch_exactly_where_they_never_use_it(module):
 def test_without_torch_the_tokenizer_and_metrics_writer_work_and_tokenize_the_same(tmp_path):
     """transformers (AutoTokenizer, chat template) and tensorboardX take their torch-less paths with the same
     results: token ids of the default tokenizer with torch hidden equal those in this process (torch loaded)."""
-    from starling_jax import tokenizer as tokenizer_lib
+    from starling_jax.data import tokenizer as tokenizer_lib
 
     text = "\n\nHuman: Write a short line about rivers.\n\nAssistant: Rivers run to the sea, ünïcödé 123."
     expected = tokenizer_lib.load_tokenizer(tokenizer_lib.default_tokenizer_for("llama2_chat"))(text)["input_ids"]
@@ -49,7 +49,7 @@ def test_without_torch_the_tokenizer_and_metrics_writer_work_and_tokenize_the_sa
             "from pathlib import Path\n"
             "from starling_jax.cli import without_torch\n"
             "without_torch()\n"
-            "from starling_jax import tokenizer as t\n"
+            "from starling_jax.data import tokenizer as t\n"
             "from starling_jax.train.loop import MetricsWriter\n"
             "tok = t.load_tokenizer(t.default_tokenizer_for('llama2_chat'))\n"
             f"w = MetricsWriter(Path({str(tmp_path)!r}), enabled=True)\n"

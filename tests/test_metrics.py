@@ -1,4 +1,4 @@
-"""Tests of starling_jax.metrics against hand-computed examples and brute-force references."""
+"""Tests of starling_jax.eval.metrics against hand-computed examples and brute-force references."""
 
 import itertools
 import json
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from starling_jax.metrics import RankingMetrics, ranking_metrics
+from starling_jax.eval.metrics import RankingMetrics, ranking_metrics
 
 
 def tau_b_reference(x, y):

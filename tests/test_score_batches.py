@@ -11,7 +11,7 @@ from flax import nnx
 from starling_jax.model.config import ModelConfig
 from starling_jax.model.create import create_sharded
 from starling_jax.parallel import sharding
-from starling_jax.score_batches import BucketedScorer, bucket_lengths, plan_micro_batches
+from starling_jax.eval.score_batches import BucketedScorer, bucket_lengths, plan_micro_batches
 
 CFG = ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, sliding_window=None)

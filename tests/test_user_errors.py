@@ -145,7 +145,7 @@ def test_generate_checks_its_flags_before_training_or_loading(argv, message, tmp
     """In an empty folder (no default policy): the flag is refused at once, nothing is trained."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(generate, "ensure_default_policy", lambda: pytest.fail("trained the default policy"))
-    monkeypatch.setattr(generate, "load_policy", lambda *a: pytest.fail("loaded a model"))
+    monkeypatch.setattr("starling_jax.sample.chat.load_policy", lambda *a: pytest.fail("loaded a model"))
     assert generate.main(argv) == 2
     error, summary = one_error(capsys)
     assert error == message and summary["error_type"] == "UsageError"

@@ -30,7 +30,11 @@ from collections.abc import Sequence
 import numpy as np
 
 from starling_jax.errors import DataError
-from starling_jax.model.attention import PREFIX_STRIDE
+
+# Segment ids of a shared-prefix group g: g·PREFIX_STRIDE on its prompt, g·PREFIX_STRIDE + k on answer k; plain
+# segments are 1 .. PREFIX_STRIDE − 1. The attention rule (model/attention/rule.py) reads the same encoding.
+PREFIX_BITS = 16
+PREFIX_STRIDE = 1 << PREFIX_BITS
 
 LAYOUTS = ("per_answer", "shared_prefix")
 

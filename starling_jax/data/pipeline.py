@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from starling_jax import tokenizer as tokenizer_lib
+from starling_jax.data import tokenizer as tokenizer_lib
 from starling_jax.data.nectar import ReadReport, empty_split_message, read_rankings, split_of
 from starling_jax.data.tokenize import RowDoesNotFit, tokenize_ranking
 from starling_jax.data import layout as layout_lib

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 
-from starling_jax import tokenizer as tokenizer_lib
+from starling_jax.data import tokenizer as tokenizer_lib
 from starling_jax.data.nectar import ReadReport, read_rankings, split_of
 from starling_jax.errors import DataError
 from starling_jax.data.tokenize import LengthStats, RowDoesNotFit, tokenize_ranking

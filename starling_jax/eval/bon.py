@@ -1,7 +1,7 @@
 """Best-of-n with a reward model: the mean reward of the best of n samples vs n, with the analytic KL.
 
 For each prompt the policy draws N = max(n) independent samples (`generate --num-samples N`); the reward model
-scores each (`score.RewardScorer`); best-of-n takes the highest-reward sample among the FIRST n (so the n's share
+scores each (`eval.scorer.RewardScorer`); best-of-n takes the highest-reward sample among the FIRST n (so the n's share
 their samples and the curve is the max over nested sets, as in Stiennon et al. / Gao et al. 2022). The analytic KL
 between the best-of-n policy and the policy is log n − (n − 1)/n (Stiennon et al. 2020, appendix; an upper bound
 for continuous reward distributions).

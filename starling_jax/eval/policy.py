@@ -7,7 +7,7 @@ text or a plain user message) or `instruction` (AlpacaEval); a row may carry its
 of sample 0 per `row`) or rows with `output` / `answer` / `reference`.
 
 Judges (`label`'s backends):
-- `rm:DIR`: rewards of the reward model (`score.RewardScorer`, via `judge.rm_judge`); the preference of an answer
+- `rm:DIR`: rewards of the reward model (`eval.scorer.RewardScorer`, via `judge.rm_judge`); the preference of an answer
   over its reference is 1 / 0.5 / 0 as its reward is higher / equal / lower; the mean reward is reported too.
 - `openai:MODEL`: the Nectar ranking prompt of `label` on the two answers, asked in both orders (position bias
   cancels; Borda aggregation), preference from the ranks; rows the judge does not answer are counted and reported.
@@ -94,7 +94,7 @@ def read_reference_answers(path: str, count: int) -> list[str]:
 
 
 def parse_judge(spec: str) -> tuple[str, str]:
-    from starling_jax.label import parse_judge as label_parse  # the same specs as label
+    from starling_jax.judge.spec import parse_judge as label_parse  # the same specs as label
 
     return label_parse(spec)
 
@@ -103,7 +103,7 @@ def parse_judge(spec: str) -> tuple[str, str]:
 def generate_answers(model: str, conversations: list[list[dict]], output: Path, sampling: dict,
                      num_samples: int = 1) -> list[list[str]]:
     """The sampler's completions (`generate.generate`, written to `output`): [prompt][sample]."""
-    from starling_jax.generate import generate
+    from starling_jax.sample.chat import generate
 
     generate(model, conversations, output=str(output), num_samples=num_samples, **sampling)
     out: list[list[str]] = [[] for _ in conversations]

@@ -20,7 +20,7 @@ where it is shorter.
 
 Scorers plug in through `PairScorer`: anything with `name` and `score_rows(rankings) -> [rewards | reason]` (a
 `Ranking` per example, its answers (chosen, rejected); rewards in answer order, or the reason the row was not
-scored). `RewardModelScorer` wraps `score.RewardScorer`; `DPOScorer` uses implied rewards
+scored). `RewardModelScorer` wraps `eval.scorer.RewardScorer`; `DPOScorer` uses implied rewards
 β·Σ(log π − log π_ref) over the answer tokens (`implied_rewards`, one small function).
 """
 
@@ -177,11 +177,11 @@ class PairScorer(Protocol):
 
 
 class RewardModelScorer:
-    """A reward model (HF folder / Hub id / checkpoint) through `score.RewardScorer` (the `score` rewards)."""
+    """A reward model (HF folder / Hub id / checkpoint) through `eval.scorer.RewardScorer` (the `score` rewards)."""
 
     def __init__(self, model: str, template: str | None = None, max_length: int | None = None,
                  batch_size: int = 32):
-        from starling_jax.score import RewardScorer  # loads JAX
+        from starling_jax.eval.scorer import RewardScorer  # loads JAX
 
         self.name = "reward_model"
         self.scorer = RewardScorer(model, template, max_length, batch_size)
@@ -255,8 +255,8 @@ class DPOScorer:
                  max_length: int = 2048, batch_size: int = 8):
         from flax import nnx
 
-        from starling_jax import tokenizer as tokenizer_lib
-        from starling_jax.generate import load_policy
+        from starling_jax.data import tokenizer as tokenizer_lib
+        from starling_jax.sample.chat import load_policy
         from starling_jax.parallel import sharding
 
         mesh = sharding.make_mesh(sharding.MeshConfig())

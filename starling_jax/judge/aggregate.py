@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from starling_jax.metrics import _kendall_tau_b
+from starling_jax.eval.metrics import _kendall_tau_b
 
 
 def borda_scores(rankings: Sequence[Sequence[int]], k: int) -> np.ndarray:

@@ -1,6 +1,6 @@
 """`--judge rm:DIR`: a reward model ranks each row's answers by reward (higher = better), ties stay ties.
 
-The rewards are `score`'s (`score.RewardScorer`: the same rendering, tokenizer, template, truncation and bucketed
+The rewards are `score`'s (`eval.scorer.RewardScorer`: the same rendering, tokenizer, template, truncation and bucketed
 forward), so `label --judge rm:DIR` orders answers exactly as `python -m starling_jax.score --model DIR` scores
 them. A row that does not fit the model's max_length is rejected with the reason."""
 
@@ -16,7 +16,7 @@ from starling_jax.judge.rows import Row
 def label_rows_rm(rows: list[Row], model: str, judge_spec: str, *, template: str | None = None,
                   max_length: int | None = None, batch_size: int = 32):
     """→ (labelled: [(row, ranks, record)], rejected: [{row, reason}], template used)."""
-    from starling_jax.score import RewardScorer  # loads JAX: only this judge needs it
+    from starling_jax.eval.scorer import RewardScorer  # loads JAX: only this judge needs it
 
     scorer = RewardScorer(model, template, max_length, batch_size)
     tokenized, kept, rejected = [], [], []

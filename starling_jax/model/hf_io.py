@@ -7,7 +7,7 @@ API
   save_hf(folder, cfg, state, role, *, tokenizer_dir=None, extra_config=None, max_shard_bytes=5e9) -> Path
   key_table(cfg, role) -> list[KeySpec]     (the table; used by both directions and by tests)
 
-`model` is a local folder, a URL (`gs://...`) or a Hub id, resolved by `model/hub.py::resolve` (URLs copied into the
+`model` is a local folder, a URL (`gs://...`) or a Hub id, resolved by `hub.py::resolve` (URLs copied into the
 local cache, Hub ids fetched without pickles into the HF cache; `HF_HUB_OFFLINE=1` reads the cache). `save_hf`'s
 folder may be a URL too (written locally, then uploaded). `role` is "causal_lm" or "reward".
 `runtime` are `ModelConfig` runtime overrides (dtype, param_dtype, scan_layers, remat_policy).
@@ -62,11 +62,12 @@ from jax.sharding import Mesh
 
 from starling_jax.errors import CheckpointError, ConfigError
 from starling_jax.model.config import ARCHITECTURES, ModelConfig
-from starling_jax.model import heads, hub
+from starling_jax import hub
+from starling_jax.model import heads
 from starling_jax.model.create import abstract_model
 from starling_jax.parallel import sharding
 from starling_jax.paths import as_path, is_url, upload_folder
-from starling_jax import tokenizer as tokenizer_lib
+from starling_jax.data import tokenizer as tokenizer_lib
 
 log = logging.getLogger(__name__)
 

@@ -32,11 +32,11 @@ from starling_jax.model import create
 from starling_jax.model.config import ModelConfig
 from starling_jax.model.heads import role_class
 from starling_jax.parallel import sharding
-from starling_jax.rl.hydra import ReferenceTop
+from starling_jax.model.hydra import ReferenceTop
 from starling_jax.rl.rewards import RewardStats
 from starling_jax.rl.update import EXPERIENCE_KEYS, jit_update_step
 from starling_jax.sample.engine import SamplingConfig, make_sampler
-from starling_jax.score_batches import jit_rewards
+from starling_jax.eval.score_batches import jit_rewards
 from starling_jax.train.optimizer import make_optimizer, trainable_mask
 
 PAD_MULTIPLE = 128  # the reward batch's padding (rl.rerender's pack_sequences default)

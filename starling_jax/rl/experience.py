@@ -30,7 +30,7 @@ from starling_jax.errors import ConfigError
 from starling_jax.rl import advantages as adv_lib
 from starling_jax.rl import kl as kl_lib
 from starling_jax.rl import rewards as rewards_lib
-from starling_jax.rl.hydra import actor_logits, hydra_logits
+from starling_jax.model.hydra import actor_logits, hydra_logits
 from starling_jax.rl.losses import LossConfig, actor_critic_loss, token_entropy
 
 Array = jax.Array

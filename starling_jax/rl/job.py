@@ -27,20 +27,21 @@ from starling_jax.data.chat import adds_bos_by_tokenizer, render
 from starling_jax.data.prompts import read_prompts
 from starling_jax.data.synthetic import resolve_bundled
 from starling_jax.errors import CheckpointError, ConfigError, DataError
-from starling_jax.model import hf_io, hub
+from starling_jax import hub
+from starling_jax.model import hf_io
 from starling_jax.parallel import sharding
 from starling_jax.paths import append_text, as_path
 from starling_jax.rl import kl as kl_lib
 from starling_jax.rl.config import PPORunConfig
 from starling_jax.rl.experience import make_experience, rollout_forward
-from starling_jax.rl.hydra import ReferenceTop
+from starling_jax.model.hydra import ReferenceTop
 from starling_jax.rl.rerender import check_shared_tokenizer, rm_batch_from_text, rm_batch_from_tokens
 from starling_jax.rl.rewards import RewardStats
 from starling_jax.rl.stops import Completions, cut_at_stop_strings
 from starling_jax.rl.update import init_rl_state, jit_update_step, minibatch_indices
 from starling_jax.sample.engine import SamplingConfig, make_sampler, rollout_arrays
-from starling_jax.score_batches import jit_rewards
-from starling_jax.tokenizer import load_tokenizer
+from starling_jax.eval.score_batches import jit_rewards
+from starling_jax.data.tokenizer import load_tokenizer
 from starling_jax.train import loop
 from starling_jax.train.job import Job, new_figure, save_figure
 from starling_jax.train.optimizer import make_optimizer, trainable_mask
@@ -182,7 +183,7 @@ class PPOJob(Job):
                               f"{cfg.rollout.max_new_tokens} leave no room within the policy's "
                               f"max_position_embeddings={limit}")
         self.train_data = PromptIterator(sorted(order[n_eval:].tolist()), cfg.rollout.batch_size, cfg.seed)
-        from starling_jax.generate import eos_ids, stop_token_sequences
+        from starling_jax.sample.chat import eos_ids, stop_token_sequences
 
         r = cfg.rollout
         self.sampling = SamplingConfig(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_k=r.top_k,
@@ -352,11 +353,11 @@ class PPOJob(Job):
         """The update step's (abstract RL state, minibatch, jitted update); the whole RL set (every role, every
         program of an iteration) is left in `self.abstract_set` (`rl/abstract.py`). `models`: {"policy",
         "reward"} architectures; default: from `policy` / `reward_model` (config.json or the built-in table)."""
-        from starling_jax import aot
+        from starling_jax.model import architectures
         from starling_jax.rl import abstract
 
-        models = models or {"policy": aot.architecture(self.cfg.policy, "policy"),
-                            "reward": aot.architecture(self.cfg.reward_model, "reward_model")}
+        models = models or {"policy": architectures.architecture(self.cfg.policy, "policy"),
+                            "reward": architectures.architecture(self.cfg.reward_model, "reward_model")}
         self.abstract_set = abstract.build(self, mesh, models["policy"], models["reward"])
         update = next(p for p in self.abstract_set.programs if p.name == "update")
         return update.args[0], update.args[1], update.fn

@@ -55,7 +55,7 @@ class DPORunConfig:
     # architecture (`model` is then ignored). null → random init of `model` (tests).
     policy: str | None = DEFAULT_POLICY
     # -1: every layer trains and the reference is a full frozen copy of the starting policy; N ≥ 1: only the top N
-    # layers (+ final norm, LM head) train and the reference is a hydra copy of those (rl/hydra.py)
+    # layers (+ final norm, LM head) train and the reference is a hydra copy of those (model/hydra.py)
     num_layers_unfrozen: int = -1
     # on_the_fly: the reference's log-probs are computed in every step (the reference stays in device memory);
     # precompute: once per dataset before training (no reference weights or forward during training)

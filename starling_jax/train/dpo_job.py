@@ -2,7 +2,7 @@
 
 Its parts: the trainable `policy` (role `causal_lm`, from `policy`'s HF folder) and, with on-the-fly reference
 log-probs, the frozen `reference` (a full copy of the starting policy, or with `num_layers_unfrozen = N` the hydra
-copy of its top N layers on the policy's frozen bottom: `rl/hydra.py`); the K-wise batch of `train_rm` (same files,
+copy of its top N layers on the policy's frozen bottom: `model/hydra.py`); the K-wise batch of `train_rm` (same files,
 prepared datasets and provenance checks, same layouts and packing) plus each answer's token count
 (`dpo_step.dpo_specs`); the step `dpo_step.train_step`; ranking metrics of the implied rewards
 β·(log π − log π_ref) on the held-out rankings (also at step 0, where every implied reward is 0); an HF export with
@@ -28,12 +28,12 @@ from flax import nnx
 from starling_jax.data import pipeline as data_pipeline
 from starling_jax.data.batch_spec import round_up
 from starling_jax.errors import CheckpointError, ConfigError
-from starling_jax.metrics import RankingMetrics
+from starling_jax.eval.metrics import RankingMetrics
 from starling_jax.model import create
 from starling_jax.model.attention import check_layout
 from starling_jax.parallel import sharding
-from starling_jax.rl.hydra import ReferenceTop
-from starling_jax.tokenizer import load_tokenizer
+from starling_jax.model.hydra import ReferenceTop
+from starling_jax.data.tokenizer import load_tokenizer
 from starling_jax.train import dpo_step, loop
 from starling_jax.train.dpo_config import DPORunConfig
 from starling_jax.train.job import (

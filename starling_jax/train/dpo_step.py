@@ -24,10 +24,10 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from starling_jax.data.batch_spec import BatchSpec, Field, kwise_specs
+from starling_jax.losses.logprobs import answer_logprobs, token_logprobs
 from starling_jax.losses.preference import PREFERENCE_LOSSES, implied_rewards
-from starling_jax.model.attention import PREFIX_STRIDE
 from starling_jax.parallel import sharding
-from starling_jax.rl.hydra import actor_logits, hydra_logits
+from starling_jax.model.hydra import actor_logits, hydra_logits
 from starling_jax.train.dpo_config import DPOLossConfig
 from starling_jax.train.rm_step import batch_pairwise_accuracy
 from starling_jax.train.state import TrainState
@@ -52,48 +52,6 @@ def dpo_specs(packed: bool, precomputed: bool) -> tuple[BatchSpec, BatchSpec]:
 
 def spec_of(batch: dict) -> BatchSpec:
     return dpo_specs("reward_row" in batch, "reference_logps" in batch)[0]
-
-
-# ------------------------------------------------------------------------------------------------ log-probs
-def predecessor_columns(segment_ids: jax.Array) -> jax.Array:
-    """[N, L] → the column whose logits predict each token: c − 1, except at the first token of a shared-prefix
-    answer segment (id g·2¹⁶ + k), which continues its group's prompt (id g·2¹⁶): the last prompt column before it.
-    Column 0 (no predecessor) maps to 0; callers never count its log-prob."""
-    n, length = segment_ids.shape
-    col = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (n, length))
-    is_prompt = (segment_ids % PREFIX_STRIDE == 0) & (segment_ids != 0)
-    last_prompt = jax.lax.cummax(jnp.where(is_prompt, col, -1), axis=1)
-    before = jnp.concatenate([jnp.zeros((n, 1), segment_ids.dtype), segment_ids[:, :-1]], axis=1)
-    answer_start = (segment_ids >= PREFIX_STRIDE) & ~is_prompt & (segment_ids != before)
-    return jnp.where(answer_start, last_prompt, jnp.maximum(col - 1, 0))
-
-
-def token_logprobs(logits: jax.Array, tokens: jax.Array, segment_ids: jax.Array) -> jax.Array:
-    """logits [N, L, V], tokens [N, L] → log p(tokens[n, c] | its predecessors) [N, L] float32 (garbage at
-    columns that predict nothing: callers select answer tokens)."""
-    prev = predecessor_columns(segment_ids)
-    logits = logits.astype(jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)  # [N, L]
-    rows = jnp.arange(tokens.shape[0])[:, None]
-    return logits[rows, prev, tokens] - jnp.take_along_axis(lse, prev, axis=1)
-
-
-def answer_rows(batch: dict) -> jax.Array:
-    """[B, K] row of each answer in the model-facing arrays (per-answer batches are flattened to [B·K, L])."""
-    if batch["tokens"].ndim == 3:
-        b, k, _ = batch["tokens"].shape
-        return jnp.arange(b * k, dtype=jnp.int32).reshape(b, k)
-    return batch["reward_row"]
-
-
-def answer_logprobs(token_lp: jax.Array, batch: dict) -> jax.Array:
-    """Per-token log-probs [N, L] → each answer's sum over its `completion_lengths` tokens ending at its
-    `reward_index` [B, K] (0 for empty slots)."""
-    rows = token_lp[answer_rows(batch)]  # [B, K, L]
-    col = jnp.arange(rows.shape[-1])
-    end = batch["reward_index"][..., None]
-    inside = (col > end - batch["completion_lengths"][..., None]) & (col <= end)
-    return jnp.sum(jnp.where(inside, rows, 0.0), axis=-1)
 
 
 def _flat(batch: dict):

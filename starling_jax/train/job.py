@@ -23,10 +23,11 @@ from jax.sharding import Mesh
 
 from starling_jax.data.batch_spec import BatchSpec
 from starling_jax.errors import ConfigError
-from starling_jax.model import create, hf_io, hub
+from starling_jax import hub
+from starling_jax.model import create, hf_io
 from starling_jax.model.config import ModelConfig
 from starling_jax.parallel import sharding
-from starling_jax import tokenizer as tokenizer_lib
+from starling_jax.data import tokenizer as tokenizer_lib
 from starling_jax.train.optimizer import OptimConfig, make_optimizer, trainable_mask
 from starling_jax.train.runtime import RUNTIME_KEYS
 from starling_jax.train.state import ModelEntry, TrainState

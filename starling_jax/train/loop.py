@@ -31,7 +31,7 @@ from omegaconf import OmegaConf
 from tensorboardX import SummaryWriter
 
 from starling_jax import config as config_lib
-from starling_jax import hardware
+from starling_jax.parallel import hardware
 from starling_jax.ckpt.manager import Checkpointer, models_meta
 from starling_jax.errors import ConfigError, TrainingError
 from starling_jax.parallel import sharding

@@ -18,11 +18,11 @@ from starling_jax.data import pipeline as data_pipeline
 from starling_jax.data.batch_spec import KWISE_TRAIN, kwise_specs, round_up
 from starling_jax.data.synthetic import resolve_bundled
 from starling_jax.errors import CheckpointError
-from starling_jax.metrics import RankingMetrics
+from starling_jax.eval.metrics import RankingMetrics
 from starling_jax.model import create, hf_io
 from starling_jax.model.attention import check_layout
 from starling_jax.parallel import sharding
-from starling_jax.tokenizer import load_tokenizer
+from starling_jax.data.tokenizer import load_tokenizer
 from starling_jax.train import loop, rm_step
 from starling_jax.train.job import (Job, build_optimizer, init_model, new_figure, plot_loss, replicate_mask,
                                     resolve_tokenizer_dir, save_figure)

@@ -24,7 +24,7 @@ from starling_jax.data.synthetic import resolve_bundled
 from starling_jax.errors import CheckpointError
 from starling_jax.model import create, hf_io
 from starling_jax.parallel import sharding
-from starling_jax.tokenizer import load_tokenizer
+from starling_jax.data.tokenizer import load_tokenizer
 from starling_jax.train import loop, sft_step
 from starling_jax.train.job import (Job, build_optimizer, init_model, new_figure, plot_loss, replicate_mask,
                                     resolve_tokenizer_dir, save_figure)

@@ -9,21 +9,21 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 @pytest.fixture(scope="session")
 def tok_dir():
-    from starling_jax.tokenizer import default_tokenizer_dir
+    from starling_jax.data.tokenizer import default_tokenizer_dir
 
     return default_tokenizer_dir("llama2_chat")
 
 
 @pytest.fixture(scope="session")
 def tok(tok_dir):
-    from starling_jax.tokenizer import load_tokenizer
+    from starling_jax.data.tokenizer import load_tokenizer
 
     return load_tokenizer(tok_dir)
 
 
 @pytest.fixture(scope="session")
 def oc_tok():
-    from starling_jax.tokenizer import default_tokenizer_dir, load_tokenizer
+    from starling_jax.data.tokenizer import default_tokenizer_dir, load_tokenizer
 
     return load_tokenizer(default_tokenizer_dir("openchat_3.5", openchat_special_tokens=True))
 

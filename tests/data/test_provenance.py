@@ -10,7 +10,7 @@ from starling_jax import prepare_data, train_rm
 from starling_jax.cli import DEFAULT_MAX_LENGTH
 from starling_jax.data.pipeline import open_source
 from starling_jax.errors import CheckpointError, DataError
-from starling_jax.tokenizer import (check_provenance, default_tokenizer_for, load_tokenizer, resolve_tokenizer_dir,
+from starling_jax.data.tokenizer import (check_provenance, default_tokenizer_for, load_tokenizer, resolve_tokenizer_dir,
                                     tokenizer_fingerprint)
 
 

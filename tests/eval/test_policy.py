@@ -26,7 +26,7 @@ SAMPLING = ["--max-new-tokens", "12", "--batch-size", "4", "--temperature", "1.0
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     require_torch()
-    from starling_jax.tokenizer import default_tokenizer_for
+    from starling_jax.data.tokenizer import default_tokenizer_for
 
     base = tmp_path_factory.mktemp("models")
     out = {"rm": make_hf_model(base / "rm", "mistral", "score", **SMALL),

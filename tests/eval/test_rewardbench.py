@@ -166,7 +166,7 @@ def tiny_folders(tmp_path_factory):
     from tests.model.hf_fixtures import make_hf_model, require_torch
 
     require_torch()
-    from starling_jax.tokenizer import default_tokenizer_for
+    from starling_jax.data.tokenizer import default_tokenizer_for
 
     base = tmp_path_factory.mktemp("models")
     small = {"vocab": 32000, "hidden": 32, "layers": 2, "heads": 4, "inter": 64, "sliding_window": None}

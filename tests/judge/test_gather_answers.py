@@ -30,7 +30,7 @@ def policy(tmp_path_factory):
     from starling_jax.model.config import ModelConfig
     from starling_jax.model.heads import build_model
     from starling_jax.model.hf_io import save_hf
-    from starling_jax.tokenizer import default_tokenizer_dir
+    from starling_jax.data.tokenizer import default_tokenizer_dir
 
     cfg = ModelConfig(vocab_size=32000, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, sliding_window=None,

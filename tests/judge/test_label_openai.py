@@ -111,7 +111,7 @@ def test_labelled_rows_are_nectar_rows_with_the_record(tmp_path, monkeypatch):
 @pytest.mark.slow  # prepare_data imports TensorFlow and builds a TFDS dataset (about a minute here)
 def test_prepare_data_accepts_labelled_output(tmp_path, monkeypatch, capsys):
     from starling_jax import prepare_data
-    from starling_jax.tokenizer import default_tokenizer_dir
+    from starling_jax.data.tokenizer import default_tokenizer_dir
 
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
     rows, qualities = make_rows(8, seed=2)

@@ -13,7 +13,7 @@ require_torch()
 
 from starling_jax import label as label_lib  # noqa: E402
 from starling_jax import score as score_lib  # noqa: E402
-from starling_jax.tokenizer import default_tokenizer_for  # noqa: E402
+from starling_jax.data.tokenizer import default_tokenizer_for  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from tests.model.hf_fixtures import make_hf_model, require_torch, rewrite_config
 require_torch()
 
 from starling_jax import label as label_lib  # noqa: E402
-from starling_jax.tokenizer import default_tokenizer_for  # noqa: E402
+from starling_jax.data.tokenizer import default_tokenizer_for  # noqa: E402
 
 for module in ("fastapi", "uvicorn", "starlette"):
     pytest.importorskip(module, reason="`transformers serve` needs transformers[serving] (fastapi, uvicorn, "

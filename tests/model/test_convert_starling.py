@@ -12,7 +12,7 @@ torch = require_torch()
 
 from starling_jax import convert_starling  # noqa: E402
 from starling_jax.errors import CheckpointError  # noqa: E402
-from starling_jax.tokenizer import default_tokenizer_for, load_tokenizer  # noqa: E402
+from starling_jax.data.tokenizer import default_tokenizer_for, load_tokenizer  # noqa: E402
 
 from .hf_fixtures import make_hf_model  # noqa: E402
 

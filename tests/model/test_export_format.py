@@ -16,7 +16,7 @@ from starling_jax import score, train_rm  # noqa: E402
 from starling_jax.data.chat import parse_hh  # noqa: E402
 from starling_jax.data.tokenize import tokenize_answers  # noqa: E402
 from starling_jax.errors import CheckpointError  # noqa: E402
-from starling_jax.tokenizer import default_tokenizer_for, load_tokenizer, safe_pad_id  # noqa: E402
+from starling_jax.data.tokenizer import default_tokenizer_for, load_tokenizer, safe_pad_id  # noqa: E402
 
 from .hf_fixtures import make_hf_model, rewrite_config  # noqa: E402
 

@@ -10,7 +10,7 @@ from flax import nnx
 from starling_jax.model.config import ModelConfig
 from starling_jax.rl import advantages, kl, rewards
 from starling_jax.rl.experience import AdvantageConfig, make_experience, minibatch_loss, rollout_forward
-from starling_jax.rl.hydra import ReferenceTop
+from starling_jax.model.hydra import ReferenceTop
 from starling_jax.rl.losses import LossConfig
 from tests.rl.fixtures import tiny_model
 

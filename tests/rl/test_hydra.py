@@ -8,7 +8,7 @@ from flax import nnx
 
 from starling_jax.errors import ConfigError
 from starling_jax.model.config import ModelConfig
-from starling_jax.rl.hydra import ReferenceTop, hydra_logits, hydra_param_counts
+from starling_jax.model.hydra import ReferenceTop, hydra_logits, hydra_param_counts
 from tests.rl.fixtures import perturb, tiny_model
 
 TINY = dict(model_type="mistral", vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=4,

@@ -11,7 +11,7 @@ import pytest
 from starling_jax import train_ppo
 from starling_jax.data.chat import to_hh
 from starling_jax.parallel import sharding
-from starling_jax.tokenizer import default_tokenizer_dir
+from starling_jax.data.tokenizer import default_tokenizer_dir
 from tests.model.hf_fixtures import make_hf_model
 
 QUESTIONS = ["What is the capital of France?", "Name a colour.", "Tell me a joke.", "How are you?",

@@ -14,7 +14,7 @@ import pytest
 from starling_jax.config import load_config
 from starling_jax.data.chat import to_hh
 from starling_jax.rl.config import PPORunConfig
-from starling_jax.tokenizer import default_tokenizer_dir
+from starling_jax.data.tokenizer import default_tokenizer_dir
 from tests.entrypoints import env_with, summary
 from tests.hub_cache import add_to_hub_cache, folder_files
 from tests.model.hf_fixtures import make_hf_model

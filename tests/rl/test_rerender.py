@@ -14,8 +14,8 @@ from starling_jax.parallel import sharding
 from starling_jax.rl.rerender import (check_shared_tokenizer, pack_sequences, rm_batch_from_text,
                                       rm_batch_from_tokens)
 from starling_jax.score import score
-from starling_jax.score_batches import jit_rewards
-from starling_jax.tokenizer import default_tokenizer_dir, load_tokenizer
+from starling_jax.eval.score_batches import jit_rewards
+from starling_jax.data.tokenizer import default_tokenizer_dir, load_tokenizer
 from tests.model.hf_fixtures import make_hf_model
 
 PROMPTS = ["\n\nHuman: What is the capital of France?\n\nAssistant:",

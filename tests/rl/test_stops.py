@@ -4,10 +4,10 @@ crafted sampler outputs with the OpenChat 3.5 tokenizer (EOS `<|end_of_turn|>`).
 import numpy as np
 import pytest
 
-from starling_jax.generate import stop_token_sequences
+from starling_jax.sample.chat import stop_token_sequences
 from starling_jax.rl.stops import cut_at_stop_strings, cut_text
 from starling_jax.sample.engine import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, SampleOutput, rollout_arrays
-from starling_jax.tokenizer import default_tokenizer_dir, load_tokenizer
+from starling_jax.data.tokenizer import default_tokenizer_dir, load_tokenizer
 
 STOP = "GPT4 Correct User:"
 T = 24

@@ -15,7 +15,7 @@ pytest.importorskip("starling_jax.train.job", reason="train_ppo runs on the shar
 from starling_jax import train_ppo  # noqa: E402
 from starling_jax.config import load_config  # noqa: E402
 from starling_jax.data.chat import to_hh  # noqa: E402
-from starling_jax.tokenizer import default_tokenizer_dir  # noqa: E402
+from starling_jax.data.tokenizer import default_tokenizer_dir  # noqa: E402
 from tests.entrypoints import kill_after_metrics  # noqa: E402
 from tests.model.hf_fixtures import make_hf_model  # noqa: E402
 

@@ -21,7 +21,7 @@ def policy(tmp_path_factory):
     from starling_jax.model.config import ModelConfig
     from starling_jax.model.heads import build_model
     from starling_jax.model.hf_io import save_hf
-    from starling_jax.tokenizer import default_tokenizer_dir
+    from starling_jax.data.tokenizer import default_tokenizer_dir
     from flax import nnx
 
     cfg = ModelConfig(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -50,7 +50,7 @@ def test_jsonl_in_input_order_and_greedy_equals_transformers(policy, tmp_path, c
     import torch
     import transformers
 
-    from starling_jax.tokenizer import load_tokenizer
+    from starling_jax.data.tokenizer import load_tokenizer
 
     convs = [
         {"prompt": "\n\nHuman: Name a color.\n\nAssistant:"},

@@ -149,9 +149,9 @@ def test_ppo_run_on_gs_stops_resumes_and_exports(tmp_path):
 
     from starling_jax.data.chat import to_hh
     from starling_jax.errors import CheckpointError
-    from starling_jax.model import hub
+    from starling_jax import hub
     from starling_jax.paths import upload_folder
-    from starling_jax.tokenizer import default_tokenizer_dir
+    from starling_jax.data.tokenizer import default_tokenizer_dir
     from tests.model.hf_fixtures import make_hf_model
 
     tok = default_tokenizer_dir("llama2_chat")

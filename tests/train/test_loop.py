@@ -159,7 +159,7 @@ def _messages_file(path, n, poison_row=None):
 
 
 def test_skip_nonfinite_skips_the_bad_batch_logs_its_rows_and_saves_nothing_of_it(tmp_path, monkeypatch, capsys):
-    from starling_jax.tokenizer import default_tokenizer_dir, load_tokenizer
+    from starling_jax.data.tokenizer import default_tokenizer_dir, load_tokenizer
     from starling_jax.train_sft import main
 
     _poison_rows(monkeypatch, load_tokenizer(default_tokenizer_dir("llama2_chat")), "zebrafish")

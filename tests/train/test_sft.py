@@ -17,7 +17,7 @@ from starling_jax.errors import DataError
 from starling_jax.losses.lm import masked_token_nll
 from starling_jax.model.config import ModelConfig
 from starling_jax.model.heads import build_model
-from starling_jax.tokenizer import default_tokenizer_dir, load_tokenizer
+from starling_jax.data.tokenizer import default_tokenizer_dir, load_tokenizer
 from starling_jax.train import sft_step
 
 

@@ -47,7 +47,7 @@ def policy_dir(tmp_path_factory) -> Path:
     from flax import nnx
 
     from starling_jax.model.heads import build_model
-    from starling_jax.tokenizer import default_tokenizer_for, load_tokenizer
+    from starling_jax.data.tokenizer import default_tokenizer_for, load_tokenizer
     from starling_jax.train.sft_config import tiny_policy
     from starling_jax.train.sft_job import export_causal_lm
 

@@ -154,7 +154,7 @@ def test_export_loads_in_transformers_and_score_agrees(tmp_path, data_file):
     # transformers (PyTorch) on the same token ids: the reward of its pooled last real token
     from starling_jax.data.nectar import load_rankings
     from starling_jax.data.tokenize import tokenize_ranking
-    from starling_jax.tokenizer import load_tokenizer
+    from starling_jax.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(hf_dir)
     hf_model = AutoModelForSequenceClassification.from_pretrained(str(hf_dir), dtype=torch.float32).eval()

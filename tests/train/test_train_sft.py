@@ -82,7 +82,7 @@ def test_export_loads_in_transformers_renders_the_training_tokens_and_stops(stra
     from starling_jax.ckpt.manager import load_model
     from starling_jax.data.sft import read_conversations, tokenize_conversation
     from starling_jax.parallel import sharding
-    from starling_jax.tokenizer import default_tokenizer_dir, load_tokenizer
+    from starling_jax.data.tokenizer import default_tokenizer_dir, load_tokenizer
 
     out, s = straight
     hf_dir = Path(s["hf_export_dir"])

@@ -19,9 +19,8 @@ of a few selected queries (`Decoder(select=...)`).
 from __future__ import annotations
 
 import jax.numpy as jnp
+from starling_jax.data.layout import PREFIX_BITS, PREFIX_STRIDE  # noqa: F401 (the segment encoding)
 
-PREFIX_BITS = 16
-PREFIX_STRIDE = 1 << PREFIX_BITS
 # What a batch's rows can hold (`data.attention_layout`); each implementation declares which it attends over.
 # left_padded: one segment per row after left padding (RL rollouts: prompt, then completion); fused/cudnn take
 # per-row lengths, i.e. rows that start at index 0.

@@ -137,7 +137,7 @@ def jit_completion_logprobs(graphdef, mesh):
     from flax import nnx
 
     from starling_jax.parallel import sharding
-    from starling_jax.train.dpo_step import token_logprobs
+    from starling_jax.losses.logprobs import token_logprobs
 
     batch, rows = sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 1)
 

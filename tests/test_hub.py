@@ -1,4 +1,4 @@
-"""`model/hub.py::resolve`: a local folder, a cached Hub id offline, a missing one, a pickle-only snapshot, and the
+"""`hub.py::resolve`: a local folder, a cached Hub id offline, a missing one, a pickle-only snapshot, and the
 files it asks huggingface_hub for (filtered by huggingface_hub's own pattern matcher)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 from safetensors.numpy import save
 
 from starling_jax.errors import CheckpointError
-from starling_jax.model import hub
+from starling_jax import hub
 from tests.hub_cache import add_to_hub_cache
 
 CONFIG = json.dumps({"architectures": ["MistralForCausalLM"], "model_type": "mistral"}).encode()
@@ -51,7 +51,7 @@ def test_cached_hub_id_resolves_offline_to_its_snapshot(offline_cache):
     assert hub.resolve("org/tiny", files="tokenizer") == snapshot
     assert hub.resolve("org/tiny", files="config") == snapshot
     # the tokenizer resolver of data.tokenizer / --tokenizer is the same function
-    from starling_jax.tokenizer import resolve_tokenizer_dir
+    from starling_jax.data.tokenizer import resolve_tokenizer_dir
 
     assert resolve_tokenizer_dir("org/tiny", key="data.tokenizer") == snapshot
 

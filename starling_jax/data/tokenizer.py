@@ -30,7 +30,7 @@ from pathlib import Path
 from starling_jax.data.chat import get_template
 from starling_jax.data.tokenize import tokenize_answers
 from starling_jax.errors import CheckpointError, DataError
-from starling_jax.model import hub
+from starling_jax import hub
 
 BASE_VOCAB = 32000
 OPENCHAT_TOKENS = ("<|end_of_turn|>", "<|pad_0|>")
@@ -149,7 +149,7 @@ def default_tokenizer_for(template: str) -> Path:
 
 def resolve_tokenizer_dir(name: str | Path, key: str | None = None) -> Path:
     """A tokenizer folder, a `gs://` URL or a HuggingFace Hub id (e.g. `meta-llama/Llama-2-7b-chat-hf`, only its
-    tokenizer files fetched): `model/hub.py::resolve`. Missing, offline and not cached, or unknown → one-line
+    tokenizer files fetched): `hub.py::resolve`. Missing, offline and not cached, or unknown → one-line
     CheckpointError naming `key=name` (or the name)."""
     return hub.resolve(name, key=key, files="tokenizer")
 
