@@ -6,6 +6,7 @@ Synthetic examples with a Nectar-like length distribution (log-normal sequence l
 capped at 2048, 7 answers) go through `RankingPipeline` (bucketed vs. unbucketed). Prints a small table and a
 final one-line JSON summary.
 """
+
 import argparse
 import json
 import os
@@ -27,17 +28,30 @@ def nectar_like(rows, seed=0, k=7, max_length=2048):
         prompt = int(np.clip(rng.lognormal(4.5, 0.9), 8, 1500))
         ans = np.clip(rng.lognormal(5.6, 0.7, size=k), 1, None).astype(int)
         lens = np.minimum(prompt + ans + 12, max_length)
-        out.append(TokenizedRanking(row=r + 1, tokens=[np.ones(n, np.int32) for n in lens],
-                                    answer_start=np.full(k, min(prompt, max_length - 2), np.int32),
-                                    answer_lengths=(lens - prompt).clip(0).astype(np.int32),
-                                    reward_index=(lens - 1).astype(np.int32),
-                                    ranks=rng.permutation(k).astype(np.float32) + 1))
+        out.append(
+            TokenizedRanking(
+                row=r + 1,
+                tokens=[np.ones(n, np.int32) for n in lens],
+                answer_start=np.full(k, min(prompt, max_length - 2), np.int32),
+                answer_lengths=(lens - prompt).clip(0).astype(np.int32),
+                reward_index=(lens - 1).astype(np.int32),
+                ranks=rng.permutation(k).astype(np.float32) + 1,
+            )
+        )
     return out
 
 
 def run(src, bucket_window, args):
-    p = RankingPipeline(src, global_batch_size=args.global_batch, num_answers=7, max_length=2048, seed=0,
-                        bucket_window=bucket_window, process_index=0, process_count=1)
+    p = RankingPipeline(
+        src,
+        global_batch_size=args.global_batch,
+        num_answers=7,
+        max_length=2048,
+        seed=0,
+        bucket_window=bucket_window,
+        process_index=0,
+        process_count=1,
+    )
     next(p)  # warm up
     t0 = time.perf_counter()
     ex = real = total = 0
@@ -48,9 +62,13 @@ def run(src, bucket_window, args):
         total += b["tokens"].size
     dt = time.perf_counter() - t0
     p.close()
-    return {"bucket_window": bucket_window, "examples_per_s": round(ex / dt, 1),
-            "tokens_per_s": round(total / dt), "real_tokens_per_s": round(real / dt),
-            "padding_efficiency": round(real / total, 3)}
+    return {
+        "bucket_window": bucket_window,
+        "examples_per_s": round(ex / dt, 1),
+        "tokens_per_s": round(total / dt),
+        "real_tokens_per_s": round(real / dt),
+        "padding_efficiency": round(real / total, 3),
+    }
 
 
 def main():
@@ -63,8 +81,10 @@ def main():
     rows = [run(src, w, args) for w in (32, 1)]
     print(f"{'bucket_window':>13} {'examples/s':>11} {'tokens/s (padded)':>18} {'real tokens/s':>14} {'pad eff':>8}")
     for r in rows:
-        print(f"{r['bucket_window']:>13} {r['examples_per_s']:>11} {r['tokens_per_s']:>18} "
-              f"{r['real_tokens_per_s']:>14} {r['padding_efficiency']:>8}")
+        print(
+            f"{r['bucket_window']:>13} {r['examples_per_s']:>11} {r['tokens_per_s']:>18} "
+            f"{r['real_tokens_per_s']:>14} {r['padding_efficiency']:>8}"
+        )
     print(json.dumps({"results": rows, "global_batch": args.global_batch, "num_answers": 7}))
 
 

@@ -42,8 +42,11 @@ def timed(fn, steps: int, warmup: int = 2) -> float:
 def kwise_batch(rng, prompts, answers, length, vocab, pad_to=None):
     """Right-padded K-wise batch: lengths between length/2 and length (pad_to=None: all full length)."""
     shape = (prompts, answers, length)
-    lengths = (np.full((prompts, answers), length) if pad_to is None
-               else rng.integers(length // 2, length + 1, size=(prompts, answers)))
+    lengths = (
+        np.full((prompts, answers), length)
+        if pad_to is None
+        else rng.integers(length // 2, length + 1, size=(prompts, answers))
+    )
     real = np.arange(length)[None, None, :] < lengths[..., None]
     tokens = np.where(real, rng.integers(1, vocab, size=shape), 0).astype(np.int32)
     return {
@@ -68,16 +71,31 @@ def parity(rows: list) -> dict:
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    cfg = ModelConfig(model_type="mistral", vocab_size=1000, hidden_size=128, intermediate_size=352,
-                      num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=2, sliding_window=24,
-                      max_position_embeddings=256, pad_token_id=0, initializer_range=0.05)
+    cfg = ModelConfig(
+        model_type="mistral",
+        vocab_size=1000,
+        hidden_size=128,
+        intermediate_size=352,
+        num_hidden_layers=3,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        sliding_window=24,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        initializer_range=0.05,
+    )
     mesh = sharding.make_mesh(sharding.MeshConfig(), devices=jax.devices()[:1])
     graphdef, params = create.create_sharded(cfg, "reward", mesh, seed=1)
     batch = kwise_batch(np.random.default_rng(0), 3, 4, 64, cfg.vocab_size, pad_to=True)
     folder = Path(tempfile.mkdtemp()) / "hf"
     hf_io.save_hf(folder, cfg, params, "reward")
-    tm = AutoModelForSequenceClassification.from_pretrained(str(folder), dtype=torch.float32,
-                                                            attn_implementation="eager").to(DEVICE).eval()
+    tm = (
+        AutoModelForSequenceClassification.from_pretrained(
+            str(folder), dtype=torch.float32, attn_implementation="eager"
+        )
+        .to(DEVICE)
+        .eval()
+    )
     toks = torch.tensor(batch["tokens"].reshape(-1, 64), dtype=torch.long, device=DEVICE)
     with torch.no_grad():
         ref = tm(toks, attention_mask=(toks != 0).long()).logits[:, 0].double().cpu().numpy().reshape(3, 4)
@@ -88,8 +106,14 @@ def parity(rows: list) -> dict:
             ours = np.asarray(jax.device_get(fn(params, batch)), np.float64)
         diff = float(np.max(np.abs(ours - ref)))
         out[precision] = diff
-        rows.append(("parity", f"max |reward diff| vs transformers, JAX precision={precision}", f"{diff:.2e}",
-                     "fp32, TF32 off in torch"))
+        rows.append(
+            (
+                "parity",
+                f"max |reward diff| vs transformers, JAX precision={precision}",
+                f"{diff:.2e}",
+                "fp32, TF32 off in torch",
+            )
+        )
     # the fused attention path: fp32 (XLA kernel) vs transformers, bf16 (cuDNN kernel) vs the bf16 einsum path
     from flax import nnx
 
@@ -98,8 +122,10 @@ def parity(rows: list) -> dict:
     def rewards_with(**changes):
         g = nnx.graphdef(nnx.eval_shape(lambda: build_model(cfg.replace(**changes), "reward")))
         with jax.default_matmul_precision("highest"):
-            return np.asarray(jax.device_get(jax.jit(lambda p, b: rm_step.eval_rewards(p, b, graphdef=g, mesh=mesh))(
-                params, batch)), np.float64)
+            return np.asarray(
+                jax.device_get(jax.jit(lambda p, b: rm_step.eval_rewards(p, b, graphdef=g, mesh=mesh))(params, batch)),
+                np.float64,
+            )
 
     out["fused_fp32"] = float(np.max(np.abs(rewards_with(attention_impl="fused") - ref)))
     bf16_einsum = rewards_with(dtype="bfloat16")
@@ -108,11 +134,18 @@ def parity(rows: list) -> dict:
     out["einsum_bf16_vs_fp32_ref"] = float(np.max(np.abs(bf16_einsum - ref)))
     rows.append(("parity", "fused attention fp32 vs transformers", f"{out['fused_fp32']:.2e}", "XLA kernel"))
     if jax.default_backend() == "gpu":  # the cuDNN flash kernel (bf16 only)
-        out["cudnn_bf16_vs_einsum_bf16"] = float(np.max(np.abs(
-            rewards_with(dtype="bfloat16", attention_impl="cudnn") - bf16_einsum)))
+        out["cudnn_bf16_vs_einsum_bf16"] = float(
+            np.max(np.abs(rewards_with(dtype="bfloat16", attention_impl="cudnn") - bf16_einsum))
+        )
         rows.append(("parity", "cudnn bf16 vs einsum bf16", f"{out['cudnn_bf16_vs_einsum_bf16']:.2e}", "cuDNN"))
-    rows.append(("parity", "fused bf16 vs einsum bf16", f"{out['fused_bf16_vs_einsum_bf16']:.2e}",
-                 f"einsum bf16 vs fp32 reference: {out['einsum_bf16_vs_fp32_ref']:.2e}"))
+    rows.append(
+        (
+            "parity",
+            "fused bf16 vs einsum bf16",
+            f"{out['fused_bf16_vs_einsum_bf16']:.2e}",
+            f"einsum bf16 vs fp32 reference: {out['einsum_bf16_vs_fp32_ref']:.2e}",
+        )
+    )
     return out
 
 
@@ -137,8 +170,11 @@ def jax_step(cfg, batch, steps) -> tuple[float, float]:
     compiled = fn.lower(state, gbatch).compile()
     compile_s = time.perf_counter() - t
     hlo = compiled.as_text() or ""
-    print(f"  {cfg.attention_impl}/{cfg.remat_policy}: cuDNN fused attention in the compiled step: "
-          f"{'cudnn' in hlo.lower() and 'fmha' in hlo.lower()}", flush=True)
+    print(
+        f"  {cfg.attention_impl}/{cfg.remat_policy}: cuDNN fused attention in the compiled step: "
+        f"{'cudnn' in hlo.lower() and 'fmha' in hlo.lower()}",
+        flush=True,
+    )
     holder = {"state": state}
 
     def step():
@@ -156,10 +192,18 @@ def torch_step(cfg, batch, steps) -> float:
     import torch
     from transformers import MistralConfig, MistralForSequenceClassification
 
-    hf = MistralConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-                       intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
-                       num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
-                       sliding_window=None, num_labels=1, pad_token_id=0, attn_implementation="sdpa")
+    hf = MistralConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        sliding_window=None,
+        num_labels=1,
+        pad_token_id=0,
+        attn_implementation="sdpa",
+    )
     model = MistralForSequenceClassification(hf).to(DEVICE).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0, fused=DEVICE == "cuda")
     p, k, length = batch["tokens"].shape
@@ -192,8 +236,11 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--length", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--variants", default="einsum:none,einsum:full,fused:none,fused:full",
-                    help="comma-separated ATTENTION_IMPL:REMAT_POLICY pairs to time")
+    ap.add_argument(
+        "--variants",
+        default="einsum:none,einsum:full,fused:none,fused:full",
+        help="comma-separated ATTENTION_IMPL:REMAT_POLICY pairs to time",
+    )
     ap.add_argument("--tiny", action="store_true", help="a narrow model (smoke run of this script on a CPU)")
     a = ap.parse_args(argv)
 
@@ -204,10 +251,22 @@ def main(argv=None) -> int:
 
     global DEVICE
     DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-    width = (dict(hidden_size=256, intermediate_size=768, num_attention_heads=8, num_key_value_heads=4) if a.tiny
-             else dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8))
-    cfg_kw = dict(model_type="mistral", vocab_size=32000, **width, num_hidden_layers=a.layers, sliding_window=None,
-                  max_position_embeddings=4096, pad_token_id=0, param_dtype="float32", dtype="bfloat16")
+    width = (
+        dict(hidden_size=256, intermediate_size=768, num_attention_heads=8, num_key_value_heads=4)
+        if a.tiny
+        else dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8)
+    )
+    cfg_kw = dict(
+        model_type="mistral",
+        vocab_size=32000,
+        **width,
+        num_hidden_layers=a.layers,
+        sliding_window=None,
+        max_position_embeddings=4096,
+        pad_token_id=0,
+        param_dtype="float32",
+        dtype="bfloat16",
+    )
     batch = kwise_batch(np.random.default_rng(0), a.prompts, 7, a.length, 32000)
     tokens = int(batch["tokens"].size)
     cfg = ModelConfig(**cfg_kw)
@@ -219,8 +278,10 @@ def main(argv=None) -> int:
 
     kind = jax.devices()[0].device_kind
     peak = next((v for k, v in PEAK_BF16.items() if k in kind), None)
-    print(f"device {kind}; jax {jax.__version__}, torch {torch.__version__}, transformers {transformers.__version__}",
-          flush=True)
+    print(
+        f"device {kind}; jax {jax.__version__}, torch {torch.__version__}, transformers {transformers.__version__}",
+        flush=True,
+    )
     rows: list = []
     try:
         par = parity(rows)
@@ -232,8 +293,9 @@ def main(argv=None) -> int:
     for variant in a.variants.split(","):
         impl, remat = variant.split(":")
         try:
-            s, c = jax_step(ModelConfig(**cfg_kw, attention_impl=impl, remat_policy=remat, scan_layers=True), batch,
-                            a.steps)
+            s, c = jax_step(
+                ModelConfig(**cfg_kw, attention_impl=impl, remat_policy=remat, scan_layers=True), batch, a.steps
+            )
         except Exception as e:
             print(f"jax {variant} failed: {type(e).__name__}: {str(e)[:1500]}", flush=True)
             continue
@@ -244,13 +306,27 @@ def main(argv=None) -> int:
     for name, (s, c) in results.items():
         mfu = flops / s / peak if peak else None
         mfu_text = f"MFU {mfu:.1%}" if mfu is not None else "MFU n/a"
-        rows.append(("train step", name, f"{s * 1e3:.1f} ms", f"{tokens / s:,.0f} tok/s", mfu_text,
-                     f"speed vs torch {t / s:.2f}x"))
-        summary[name] = {"step_s": round(s, 4), "tokens_per_s": round(tokens / s),
-                         "mfu": round(mfu, 4) if mfu is not None else None,
-                         "compile_s": round(c, 1) if c else None, "speed_vs_torch": round(t / s, 3)}
-    print(f"\nmodel: hidden {cfg.hidden_size}, {a.layers} layers; batch {a.prompts}x7x{a.length} = {tokens} tokens; "
-          f"model FLOPs/step {flops:.3e}; peak bf16 {peak or 0:.3g} FLOP/s")
+        rows.append(
+            (
+                "train step",
+                name,
+                f"{s * 1e3:.1f} ms",
+                f"{tokens / s:,.0f} tok/s",
+                mfu_text,
+                f"speed vs torch {t / s:.2f}x",
+            )
+        )
+        summary[name] = {
+            "step_s": round(s, 4),
+            "tokens_per_s": round(tokens / s),
+            "mfu": round(mfu, 4) if mfu is not None else None,
+            "compile_s": round(c, 1) if c else None,
+            "speed_vs_torch": round(t / s, 3),
+        }
+    print(
+        f"\nmodel: hidden {cfg.hidden_size}, {a.layers} layers; batch {a.prompts}x7x{a.length} = {tokens} tokens; "
+        f"model FLOPs/step {flops:.3e}; peak bf16 {peak or 0:.3g} FLOP/s"
+    )
     for r in rows:
         print(" | ".join(str(x) for x in r))
     print(json.dumps(summary))

@@ -34,15 +34,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
-
 import rm_step as rm_step_bench  # noqa: E402  (shared timing helper and model table)
+
 from starling_jax.data import layout  # noqa: E402
 
 K = 7
 LENGTHS = {"prompt": (64, 0.8, 8, 512), "answer": (128, 0.7, 4, 768), "max_length": 1024}
 QUICK_LENGTHS = {"prompt": (16, 0.8, 4, 64), "answer": (24, 0.7, 2, 96), "max_length": 192}
-TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, sliding_window=None)
+TINY = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    sliding_window=None,
+)
 
 
 def nectar_like(n: int, seed: int, lengths: dict, vocab: int) -> list[tuple[list[np.ndarray], np.ndarray]]:
@@ -62,7 +69,7 @@ def nectar_like(n: int, seed: int, lengths: dict, vocab: int) -> list[tuple[list
         ranks = np.arange(1, K + 1, dtype=np.float32)
         if rng.random() < 0.3:  # one tie: two neighbours share a rank
             t = int(rng.integers(0, K - 1))
-            ranks[t + 1:] -= 1
+            ranks[t + 1 :] -= 1
         out.append((seqs, ranks[rng.permutation(K)]))
     return out
 
@@ -71,7 +78,7 @@ def layout_stats(prompts, row_length: int, batch: int) -> tuple[float, float]:
     """(padding efficiency, prefix token ratio) of shared-prefix packed rows over global batches of `batch`."""
     processed = slots = per_answer = 0
     for s in range(0, len(prompts), batch):
-        chunk = [seqs for seqs, _ in prompts[s:s + batch]]
+        chunk = [seqs for seqs, _ in prompts[s : s + batch]]
         packed = layout.pack(chunk, K, row_length, layout="shared_prefix", packing=True)
         processed += int(np.sum(packed["segment_ids"] != 0))
         slots += packed["segment_ids"].size
@@ -99,19 +106,18 @@ def _padded(seqs):
     ids = np.zeros((len(seqs), n), np.int64)
     mask = np.zeros((len(seqs), n), np.int64)
     for i, s in enumerate(seqs):
-        ids[i, :len(s)], mask[i, :len(s)] = s, 1
+        ids[i, : len(s)], mask[i, : len(s)] = s, 1
     return torch.from_numpy(ids), torch.from_numpy(mask), int(mask.sum()), ids.size
 
 
 def torch_pairwise_step(model, opt, prompts, pair_batch: int) -> dict:
     import torch
 
-    pairs = [(seqs[i], seqs[j]) for seqs, ranks in prompts for i in range(K) for j in range(K)
-             if ranks[i] < ranks[j]]
+    pairs = [(seqs[i], seqs[j]) for seqs, ranks in prompts for i in range(K) for j in range(K) if ranks[i] < ranks[j]]
     opt.zero_grad(set_to_none=True)
     real = processed = 0
     for s in range(0, len(pairs), pair_batch):
-        chunk = pairs[s:s + pair_batch]
+        chunk = pairs[s : s + pair_batch]
         ids, mask, r, p = _padded([c for c, _ in chunk] + [r for _, r in chunk])
         real, processed = real + r, processed + p
         rewards = model(input_ids=ids, attention_mask=mask).logits[:, 0]
@@ -158,8 +164,11 @@ def jax_step(cfg_kw: dict, prompts, row_length: int, attention: str):
     state, shardings = init_train_state(params, sharding.state_shardings(abstract, mesh), tx, mesh, seed=0)
     packed = layout.pack([seqs for seqs, _ in prompts], K, row_length, layout="shared_prefix", packing=True)
     real = packed.pop("real_tokens")
-    batch = {**packed, "ranks": np.stack([r for _, r in prompts]).astype(np.float32),
-             "answer_mask": np.ones((len(prompts), K), bool)}
+    batch = {
+        **packed,
+        "ranks": np.stack([r for _, r in prompts]).astype(np.float32),
+        "answer_mask": np.ones((len(prompts), K), bool),
+    }
     batch_sh = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in batch.items()}
     gbatch = {k: jax.device_put(v, batch_sh[k]) for k, v in batch.items()}
     fn = rm_step.jit_train_step(graphdef, tx, schedule, rm_step.LossConfig(), 1, mesh, shardings, batch_sh)
@@ -173,8 +182,13 @@ def jax_step(cfg_kw: dict, prompts, row_length: int, attention: str):
         jax.block_until_ready(metrics)
         return metrics
 
-    info = {"tokens": packed["segment_ids"].size, "real": int(np.sum(packed["segment_ids"] != 0)),
-            "per_answer_tokens": real, "rows": packed["tokens"].shape[0], "compile_s": compile_s}
+    info = {
+        "tokens": packed["segment_ids"].size,
+        "real": int(np.sum(packed["segment_ids"] != 0)),
+        "per_answer_tokens": real,
+        "rows": packed["tokens"].shape[0],
+        "compile_s": compile_s,
+    }
     return step, info
 
 
@@ -205,10 +219,14 @@ def main(argv=None) -> int:
     prompts = nectar_like(args.prompts, 0, lengths, cfg_kw["vocab_size"])
     sample = nectar_like(128 if args.quick else 512, 1, lengths, cfg_kw["vocab_size"])
     efficiency, prefix_ratio = layout_stats(sample, row_length, 64)
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, load {load[0]:.2f} "
-          f"{load[1]:.2f} {load[2]:.2f}; jax {jax.__version__}, torch {torch.__version__}")
-    print(f"# {args.prompts} prompts x K={K} per update, rows of {row_length} tokens; median of {args.steps} "
-          f"steps after {args.warmup} warm-up; lengths {lengths}")
+    print(
+        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, load {load[0]:.2f} "
+        f"{load[1]:.2f} {load[2]:.2f}; jax {jax.__version__}, torch {torch.__version__}"
+    )
+    print(
+        f"# {args.prompts} prompts x K={K} per update, rows of {row_length} tokens; median of {args.steps} "
+        f"steps after {args.warmup} warm-up; lengths {lengths}"
+    )
 
     rows = []
     step, info = jax_step(cfg_kw, prompts, row_length, args.attention)
@@ -216,11 +234,13 @@ def main(argv=None) -> int:
     rows.append(dict(impl=f"starling_jax shared-prefix packed ({args.attention})", step_s=med, **info))
     model, opt = torch_model(cfg_kw)
     holder = {}
-    med, _ = rm_step_bench.timed(lambda: holder.update(torch_listwise_step(model, opt, prompts)), args.steps,
-                                 args.warmup)
+    med, _ = rm_step_bench.timed(
+        lambda: holder.update(torch_listwise_step(model, opt, prompts)), args.steps, args.warmup
+    )
     rows.append(dict(impl="PyTorch listwise (per-answer rows)", step_s=med, **holder))
-    med, _ = rm_step_bench.timed(lambda: holder.update(torch_pairwise_step(model, opt, prompts, args.pair_batch)),
-                                 args.steps, args.warmup)
+    med, _ = rm_step_bench.timed(
+        lambda: holder.update(torch_pairwise_step(model, opt, prompts, args.pair_batch)), args.steps, args.warmup
+    )
     rows.append(dict(impl="PyTorch pairwise (pair-expanded, trl-style)", step_s=med, **holder))
 
     print("\n| implementation | prompts/s | step s | tokens processed | non-padding | vs pairwise | vs listwise |")
@@ -228,16 +248,30 @@ def main(argv=None) -> int:
     pair_s, list_s = rows[2]["step_s"], rows[1]["step_s"]
     for r in rows:
         r["prompts_per_s"] = args.prompts / r["step_s"]
-        print(f"| {r['impl']} | {r['prompts_per_s']:.3f} | {r['step_s']:.2f} | {r['tokens']} | "
-              f"{r['real'] / r['tokens']:.2f} | {pair_s / r['step_s']:.2f} | {list_s / r['step_s']:.2f} |")
-    print(f"\nshared-prefix packed layout on {len(sample)} prompts (global batches of 64): padding efficiency "
-          f"{efficiency:.3f}, prefix token ratio {prefix_ratio:.3f}")
-    summary = {"bench": "rm_nectar", "status": "ok", "speedup": round(pair_s / rows[0]["step_s"], 3),
-               "speedup_vs_listwise": round(list_s / rows[0]["step_s"], 3),
-               "padding_efficiency": round(efficiency, 4), "prefix_token_ratio": round(prefix_ratio, 4),
-               "prompts_per_s": round(rows[0]["prompts_per_s"], 4), "prompts": args.prompts, "k": K,
-               "row_length": row_length, "model": "tiny" if args.quick else args.model,
-               "attention": args.attention, "load_at_start": load[0], "quick": args.quick}
+        print(
+            f"| {r['impl']} | {r['prompts_per_s']:.3f} | {r['step_s']:.2f} | {r['tokens']} | "
+            f"{r['real'] / r['tokens']:.2f} | {pair_s / r['step_s']:.2f} | {list_s / r['step_s']:.2f} |"
+        )
+    print(
+        f"\nshared-prefix packed layout on {len(sample)} prompts (global batches of 64): padding efficiency "
+        f"{efficiency:.3f}, prefix token ratio {prefix_ratio:.3f}"
+    )
+    summary = {
+        "bench": "rm_nectar",
+        "status": "ok",
+        "speedup": round(pair_s / rows[0]["step_s"], 3),
+        "speedup_vs_listwise": round(list_s / rows[0]["step_s"], 3),
+        "padding_efficiency": round(efficiency, 4),
+        "prefix_token_ratio": round(prefix_ratio, 4),
+        "prompts_per_s": round(rows[0]["prompts_per_s"], 4),
+        "prompts": args.prompts,
+        "k": K,
+        "row_length": row_length,
+        "model": "tiny" if args.quick else args.model,
+        "attention": args.attention,
+        "load_at_start": load[0],
+        "quick": args.quick,
+    }
     print(json.dumps(summary))
     return 0
 

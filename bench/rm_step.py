@@ -79,8 +79,7 @@ def torch_rows(model_name: str, batch: dict, forward_only: bool) -> list[dict]:
     torch.set_num_threads(2)
     torch.manual_seed(0)
     m = MODELS[model_name]
-    cfg = MistralConfig(**COMMON, **m, num_labels=1, pad_token_id=0, initializer_range=0.02,
-                        attn_implementation="sdpa")
+    cfg = MistralConfig(**COMMON, **m, num_labels=1, pad_token_id=0, initializer_range=0.02, attn_implementation="sdpa")
     model = MistralForSequenceClassification(cfg).float().train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
     b, k, length = batch["tokens"].shape
@@ -104,9 +103,11 @@ def torch_rows(model_name: str, batch: dict, forward_only: bool) -> list[dict]:
 
     rows = [dict(kind="train step", impl="PyTorch fp32 (sdpa)", fn=step, compile_s=0.0)]
     if forward_only:
+
         def score():
             with torch.inference_mode():
                 return model(input_ids=tokens, attention_mask=attn).logits[:, 0].sum().item()
+
         rows.append(dict(kind="forward only (scoring)", impl="PyTorch fp32 (sdpa)", fn=score, compile_s=0.0))
     return rows
 
@@ -140,7 +141,7 @@ def decoder_variant(attention: str = "einsum", embed: str = "take"):
         n, length, _ = x.shape
         g, dh = cfg.num_key_value_heads, cfg.resolved_head_dim
         q, k, v = qkv(self, x, rot)
-        q = (q * (dh ** -0.5)).astype(dtype).reshape(n, length, g, -1, dh)
+        q = (q * (dh**-0.5)).astype(dtype).reshape(n, length, g, -1, dh)
         bias = jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min / 2).astype(jnp.float32)
         scores = jnp.einsum("nqgrk,nsgk->ngrqs", q, k, preferred_element_type=jnp.float32) + bias
         probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
@@ -161,8 +162,15 @@ def decoder_variant(attention: str = "einsum", embed: str = "take"):
         dec.Attention.__call__, dec.Decoder.embed_tokens = saved
 
 
-def jax_rows(model_name: str, batch: dict, dtype: str, label: str, forward_only: bool = False,
-             profile: bool = False, attention: str = "einsum") -> list[dict]:
+def jax_rows(
+    model_name: str,
+    batch: dict,
+    dtype: str,
+    label: str,
+    forward_only: bool = False,
+    profile: bool = False,
+    attention: str = "einsum",
+) -> list[dict]:
     """Rows {kind, impl, fn (one timed call), compile_s} of one starling_jax configuration, compiled here."""
     import jax
     import jax.numpy as jnp
@@ -175,8 +183,15 @@ def jax_rows(model_name: str, batch: dict, dtype: str, label: str, forward_only:
     from starling_jax.train.state import init_train_state
 
     impl, _, block = attention.partition(":")  # "blockwise:256" = runtime.attention_block 256
-    cfg = ModelConfig(**COMMON, **MODELS[model_name], dtype=dtype, param_dtype="float32", pad_token_id=0,
-                      attention_impl=impl, attention_block=int(block or 0))
+    cfg = ModelConfig(
+        **COMMON,
+        **MODELS[model_name],
+        dtype=dtype,
+        param_dtype="float32",
+        pad_token_id=0,
+        attention_impl=impl,
+        attention_block=int(block or 0),
+    )
     mesh = sharding.make_mesh(sharding.MeshConfig(), devices=jax.devices()[:1])
     graphdef, params = create.create_sharded(cfg, "reward", mesh, seed=0)
     _, abstract = create.abstract_model(cfg, "reward")
@@ -212,9 +227,14 @@ def jax_rows(model_name: str, batch: dict, dtype: str, label: str, forward_only:
         rows.append(dict(kind=kind, impl=label, fn=lambda: jax.block_until_ready(c(*args)), compile_s=cs))
 
     if forward_only or profile:
-        add("forward only (scoring)", lambda p, b: rm_step.eval_rewards(p, b, graphdef=graphdef, mesh=mesh),
-            params, gbatch)
+        add(
+            "forward only (scoring)",
+            lambda p, b: rm_step.eval_rewards(p, b, graphdef=graphdef, mesh=mesh),
+            params,
+            gbatch,
+        )
     if profile:
+
         def loss_only(p, b):
             with sharding.activation_sharding(mesh):
                 return rm_step.rm_loss(p, graphdef, b, loss_cfg)[0]
@@ -252,17 +272,26 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="A", help="comma list of A (hidden 256, 4 layers), B (hidden 512, 8 layers)")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per row (median reported)")
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--quick", action="store_true",
-                    help="smoke test: a 2 prompts x 7 answers x 128 tokens batch, 3 timed steps, 1 warm-up, no extra rows")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test: a 2 prompts x 7 answers x 128 tokens batch, 3 timed steps, 1 warm-up, no extra rows",
+    )
     ap.add_argument("--no-bf16", action="store_true", help="skip the bf16-compute row")
     ap.add_argument("--no-torch", action="store_true", help="skip PyTorch (ratios then missing)")
-    ap.add_argument("--variants", action="store_true",
-                    help="also time decoder variants: attention dpa|bias, embedding take(mode=clip)")
+    ap.add_argument(
+        "--variants",
+        action="store_true",
+        help="also time decoder variants: attention dpa|bias, embedding take(mode=clip)",
+    )
     ap.add_argument("--profile", action="store_true", help="also time forward and forward+backward separately")
-    ap.add_argument("--attention", default="blockwise,einsum",
-                    help="comma list of runtime.attention_impl values for the fp32 rows, each optionally "
-                         "impl:block for runtime.attention_block (default 0, by platform); the first is the "
-                         "headline (bf16 and variant rows use it too)")
+    ap.add_argument(
+        "--attention",
+        default="blockwise,einsum",
+        help="comma list of runtime.attention_impl values for the fp32 rows, each optionally "
+        "impl:block for runtime.attention_block (default 0, by platform); the first is the "
+        "headline (bf16 and variant rows use it too)",
+    )
     args = ap.parse_args(argv)
     if args.quick:
         args.steps, args.warmup = 3, 1
@@ -282,11 +311,15 @@ def main(argv=None) -> int:
     b, k, length = batch["tokens"].shape
     tokens_per_step = b * k * length
     load = os.getloadavg()
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, load {load[0]:.2f} "
-          f"{load[1]:.2f} {load[2]:.2f}; jax {jax.__version__} ({jax.devices()[0].platform}), torch "
-          f"{torch.__version__}, transformers {transformers.__version__}")
-    print(f"# batch {b} prompts x {k} answers x {length} tokens = {tokens_per_step} tokens; "
-          f"median of {args.steps} steps after {args.warmup} warm-up")
+    print(
+        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, load {load[0]:.2f} "
+        f"{load[1]:.2f} {load[2]:.2f}; jax {jax.__version__} ({jax.devices()[0].platform}), torch "
+        f"{torch.__version__}, transformers {transformers.__version__}"
+    )
+    print(
+        f"# batch {b} prompts x {k} answers x {length} tokens = {tokens_per_step} tokens; "
+        f"median of {args.steps} steps after {args.warmup} warm-up"
+    )
 
     results = []
     for m in models:
@@ -294,16 +327,25 @@ def main(argv=None) -> int:
         if not args.no_torch:
             rows += torch_rows(m, batch, forward_only=not args.quick)
         for attention in attentions:
-            rows += jax_rows(m, batch, "float32", f"starling_jax fp32 {attention}", forward_only=not args.quick,
-                             profile=args.profile, attention=attention)
+            rows += jax_rows(
+                m,
+                batch,
+                "float32",
+                f"starling_jax fp32 {attention}",
+                forward_only=not args.quick,
+                profile=args.profile,
+                attention=attention,
+            )
         if not args.no_bf16:
-            rows += jax_rows(m, batch, "bfloat16", f"starling_jax bf16 compute {attentions[0]}",
-                             attention=attentions[0])
+            rows += jax_rows(
+                m, batch, "bfloat16", f"starling_jax bf16 compute {attentions[0]}", attention=attentions[0]
+            )
         if args.variants:
             for attention, embed in (("einsum", "clip"), ("bias", "take"), ("dpa", "take"), ("bias", "clip")):
                 with decoder_variant(attention, embed):
-                    rows += jax_rows(m, batch, "float32", f"variant fp32 attn={attention} embed={embed}",
-                                     profile=args.profile)
+                    rows += jax_rows(
+                        m, batch, "float32", f"variant fp32 attn={attention} embed={embed}", profile=args.profile
+                    )
         time_interleaved(rows, args.steps, args.warmup)
         for r in rows:
             r["model"] = m
@@ -318,16 +360,25 @@ def main(argv=None) -> int:
         ref = base.get((r["model"], r["kind"]))
         r["ratio_vs_torch"] = ref / r["step_s"] if ref else None
         ratio = f"{r['ratio_vs_torch']:.2f}" if ref else "–"
-        print(f"| {r['model']} | {r['kind']} | {r['impl']} | {r['tokens_per_s']:.0f} | {r['prompts_per_s']:.2f} | "
-              f"{r['step_s'] * 1e3:.0f} | {ratio} | {r['compile_s']:.1f} |")
+        print(
+            f"| {r['model']} | {r['kind']} | {r['impl']} | {r['tokens_per_s']:.0f} | {r['prompts_per_s']:.2f} | "
+            f"{r['step_s'] * 1e3:.0f} | {ratio} | {r['compile_s']:.1f} |"
+        )
     # headline: PyTorch's fp32 train step / starling_jax's fp32 train step with the first --attention (model 1)
-    head = next((r for r in results if r["impl"] == f"starling_jax fp32 {attentions[0]}"
-                 and r["kind"] == "train step"), None)
+    head = next(
+        (r for r in results if r["impl"] == f"starling_jax fp32 {attentions[0]}" and r["kind"] == "train step"), None
+    )
     speedup = round(head["ratio_vs_torch"], 3) if head and head["ratio_vs_torch"] else None
-    summary = {"bench": "rm_step", "status": "ok", "speedup": speedup, "attention": attentions[0],
-               "batch": [b, k, length], "steps": args.steps, "load_at_start": load[0],
-               "results": [{k2: (round(v, 4) if isinstance(v, float) else v) for k2, v in r.items()}
-                           for r in results]}
+    summary = {
+        "bench": "rm_step",
+        "status": "ok",
+        "speedup": speedup,
+        "attention": attentions[0],
+        "batch": [b, k, length],
+        "steps": args.steps,
+        "load_at_start": load[0],
+        "results": [{k2: (round(v, 4) if isinstance(v, float) else v) for k2, v in r.items()} for r in results],
+    }
     print(json.dumps(summary))
     return 0
 

@@ -38,8 +38,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 
-MODEL = dict(vocab_size=32000, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
-             num_key_value_heads=4, sliding_window=4096, max_position_embeddings=4096)
+MODEL = dict(
+    vocab_size=32000,
+    hidden_size=256,
+    intermediate_size=768,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    sliding_window=4096,
+    max_position_embeddings=4096,
+)
 MODES = {"greedy": dict(temperature=0.0, top_p=1.0), "top_p": dict(temperature=1.0, top_p=0.9)}
 
 
@@ -78,17 +86,27 @@ def torch_rollout(folder: Path, prompts: np.ndarray, new: int, mode: str, reps: 
     torch.set_num_threads(2)
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, attn_implementation="sdpa").eval()
     ids = torch.from_numpy(prompts.astype(np.int64))
-    kwargs = dict(do_sample=False) if mode == "greedy" else dict(do_sample=True, top_p=MODES[mode]["top_p"],
-                                                                   temperature=1.0, top_k=0)
+    kwargs = (
+        dict(do_sample=False)
+        if mode == "greedy"
+        else dict(do_sample=True, top_p=MODES[mode]["top_p"], temperature=1.0, top_k=0)
+    )
 
     def run():
         torch.manual_seed(0)
         with torch.no_grad():
-            return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
-                                  min_new_tokens=new, pad_token_id=0, eos_token_id=None, **kwargs)
+            return model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new,
+                min_new_tokens=new,
+                pad_token_id=0,
+                eos_token_id=None,
+                **kwargs,
+            )
 
     seconds, out = timed(run, reps)
-    return seconds, out[:, prompts.shape[1]:].numpy()
+    return seconds, out[:, prompts.shape[1] :].numpy()
 
 
 def jax_rollout(folder: Path, prompts: np.ndarray, new: int, mode: str, reps: int, dtype: str = "float32"):
@@ -104,8 +122,13 @@ def jax_rollout(folder: Path, prompts: np.ndarray, new: int, mode: str, reps: in
     cfg = SamplingConfig(max_new_tokens=new, **MODES[mode])
     fn = make_sampler(graphdef, cfg)
     n = prompts.shape[0]
-    args = (params, jnp.asarray(prompts, jnp.int32), jnp.full((n,), prompts.shape[1], jnp.int32), jnp.arange(n),
-            jax.random.key(0))
+    args = (
+        params,
+        jnp.asarray(prompts, jnp.int32),
+        jnp.full((n,), prompts.shape[1], jnp.int32),
+        jnp.arange(n),
+        jax.random.key(0),
+    )
     start = time.perf_counter()
     compiled = fn.lower(*args).compile()
     compile_s = time.perf_counter() - start
@@ -115,16 +138,30 @@ def jax_rollout(folder: Path, prompts: np.ndarray, new: int, mode: str, reps: in
 
 
 # A TinyLlama-1.1B-shaped Mistral (GQA 32/4, 22 layers), the 1-2B shape of the issue's bandwidth measurement.
-BANDWIDTH_MODEL = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                       num_attention_heads=32, num_key_value_heads=4, sliding_window=4096,
-                       max_position_embeddings=4096)
-TINY_BANDWIDTH_MODEL = dict(BANDWIDTH_MODEL, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2)
+BANDWIDTH_MODEL = dict(
+    vocab_size=32000,
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=22,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    sliding_window=4096,
+    max_position_embeddings=4096,
+)
+TINY_BANDWIDTH_MODEL = dict(
+    BANDWIDTH_MODEL,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
 HBM_PEAK_GBS = {"H200": 4800.0, "H100": 3350.0, "A100": 2039.0}  # datasheet, per chip
 
 
-def decode_bytes_per_step(model: dict, params_bytes: int, batch: int, prompt: int, new: int,
-                          cache_itemsize: int) -> float:
+def decode_bytes_per_step(
+    model: dict, params_bytes: int, batch: int, prompt: int, new: int, cache_itemsize: int
+) -> float:
     """HBM bytes a greedy decode step reads, on average over the rollout: every parameter once, plus the keys
     and values of every layer at the positions the step attends to (the sampler reads the whole preallocated
     cache row and masks it: S = prompt + new - 1 positions)."""
@@ -162,25 +199,59 @@ def bandwidth_rows(quick: bool, peak_gbs: float | None, reps: int) -> tuple[list
         step_s = seconds / new  # the prefill is one of `new` forwards; at prompt 64 it is a small share
         nbytes = decode_bytes_per_step(shape, params_bytes, b, prompt, new, 2)
         gbs = nbytes / step_s / 1e9
-        rows.append(dict(batch=b, step_ms=1e3 * step_s, tok_s=b * new / seconds, bytes_per_step=int(nbytes),
-                         gb_per_step=nbytes / 1e9, gbs=gbs, hbm_fraction=gbs / peak if peak else None))
-    info = dict(device=kind, params=int(sum(x.size for x in jax.tree.leaves(params))), params_gb=params_bytes / 1e9,
-                peak_gbs=peak, prompt=prompt, new_tokens=new, shape="tiny" if quick else "1.1B")
+        rows.append(
+            dict(
+                batch=b,
+                step_ms=1e3 * step_s,
+                tok_s=b * new / seconds,
+                bytes_per_step=int(nbytes),
+                gb_per_step=nbytes / 1e9,
+                gbs=gbs,
+                hbm_fraction=gbs / peak if peak else None,
+            )
+        )
+    info = dict(
+        device=kind,
+        params=int(sum(x.size for x in jax.tree.leaves(params))),
+        params_gb=params_bytes / 1e9,
+        peak_gbs=peak,
+        prompt=prompt,
+        new_tokens=new,
+        shape="tiny" if quick else "1.1B",
+    )
     return rows, info
 
 
 def bandwidth_main(args) -> int:
     rows, info = bandwidth_rows(args.quick, args.peak_gbs, args.reps)
-    print(f"# {info['device']}: random bf16 Mistral ({info['shape']}, {info['params'] / 1e9:.3f} B params, "
-          f"{info['params_gb']:.2f} GB), prompt {info['prompt']}, {info['new_tokens']} new tokens, greedy, median of "
-          f"{args.reps}; HBM peak {info['peak_gbs'] or 'unknown'} GB/s")
-    print_table(["batch", "ms per decode step", "new tokens/s", "GB read per step", "GB/s", "fraction of HBM peak"],
-                [[r["batch"], f"{r['step_ms']:.2f}", f"{r['tok_s']:.0f}", f"{r['gb_per_step']:.3f}", f"{r['gbs']:.0f}",
-                  f"{r['hbm_fraction']:.1%}" if r["hbm_fraction"] is not None else "–"] for r in rows])
-    summary = {"status": "completed", "benchmark": "rollout_bandwidth", "quick": args.quick, **info,
-               "hbm_fraction_batch1": rows[0]["hbm_fraction"],
-               "speedup": round(rows[-1]["tok_s"] / rows[0]["tok_s"], 3),
-               "rows": rows}
+    print(
+        f"# {info['device']}: random bf16 Mistral ({info['shape']}, {info['params'] / 1e9:.3f} B params, "
+        f"{info['params_gb']:.2f} GB), prompt {info['prompt']}, {info['new_tokens']} new tokens, greedy, median of "
+        f"{args.reps}; HBM peak {info['peak_gbs'] or 'unknown'} GB/s"
+    )
+    print_table(
+        ["batch", "ms per decode step", "new tokens/s", "GB read per step", "GB/s", "fraction of HBM peak"],
+        [
+            [
+                r["batch"],
+                f"{r['step_ms']:.2f}",
+                f"{r['tok_s']:.0f}",
+                f"{r['gb_per_step']:.3f}",
+                f"{r['gbs']:.0f}",
+                f"{r['hbm_fraction']:.1%}" if r["hbm_fraction"] is not None else "–",
+            ]
+            for r in rows
+        ],
+    )
+    summary = {
+        "status": "completed",
+        "benchmark": "rollout_bandwidth",
+        "quick": args.quick,
+        **info,
+        "hbm_fraction_batch1": rows[0]["hbm_fraction"],
+        "speedup": round(rows[-1]["tok_s"] / rows[0]["tok_s"], 3),
+        "rows": rows,
+    }
     print(json.dumps(summary))
     return 0
 
@@ -193,8 +264,11 @@ def main(argv=None) -> int:
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--bf16", action="store_true", help="also starling_jax with bf16 compute (same fp32 weights)")
-    ap.add_argument("--bandwidth", action="store_true",
-                    help="decode bandwidth vs the HBM peak (a GPU measurement; 1.1B shape, batch 1/16/64)")
+    ap.add_argument(
+        "--bandwidth",
+        action="store_true",
+        help="decode bandwidth vs the HBM peak (a GPU measurement; 1.1B shape, batch 1/16/64)",
+    )
     ap.add_argument("--peak-gbs", type=float, default=None, help="HBM peak in GB/s (default: from the device kind)")
     args = ap.parse_args(argv)
     if args.bandwidth:
@@ -207,10 +281,14 @@ def main(argv=None) -> int:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
     load = os.getloadavg()
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, load {load[0]:.2f} "
-          f"{load[1]:.2f} {load[2]:.2f}")
-    print(f"# random Mistral {MODEL}, fp32; batch {args.batch} x prompt {args.prompt}, {args.new} new tokens, "
-          f"median of {args.reps}")
+    print(
+        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, load {load[0]:.2f} "
+        f"{load[1]:.2f} {load[2]:.2f}"
+    )
+    print(
+        f"# random Mistral {MODEL}, fp32; batch {args.batch} x prompt {args.prompt}, {args.new} new tokens, "
+        f"median of {args.reps}"
+    )
     prompts = np.random.default_rng(0).integers(1, MODEL["vocab_size"], (args.batch, args.prompt)).astype(np.int32)
     new_tokens = args.batch * args.new
     rows, totals = [], {"torch": 0.0, "jax": 0.0}
@@ -224,27 +302,70 @@ def main(argv=None) -> int:
             totals["jax"] += j_s
             if mode == "greedy":
                 greedy_tokens = {"torch": t_tokens, "jax": j_tokens}
-            rows.append(dict(mode=mode, impl="transformers generate (PyTorch fp32, sdpa)", seconds=t_s,
-                             tok_s=new_tokens / t_s, speedup=1.0, compile_s=None))
-            rows.append(dict(mode=mode, impl="starling_jax sampler (fp32)", seconds=j_s, tok_s=new_tokens / j_s,
-                             speedup=t_s / j_s, compile_s=compile_s))
+            rows.append(
+                dict(
+                    mode=mode,
+                    impl="transformers generate (PyTorch fp32, sdpa)",
+                    seconds=t_s,
+                    tok_s=new_tokens / t_s,
+                    speedup=1.0,
+                    compile_s=None,
+                )
+            )
+            rows.append(
+                dict(
+                    mode=mode,
+                    impl="starling_jax sampler (fp32)",
+                    seconds=j_s,
+                    tok_s=new_tokens / j_s,
+                    speedup=t_s / j_s,
+                    compile_s=compile_s,
+                )
+            )
             if args.bf16:
                 b_s, _, b_compile = jax_rollout(folder, prompts, args.new, mode, args.reps, dtype="bfloat16")
-                rows.append(dict(mode=mode, impl="starling_jax sampler (bf16 compute)", seconds=b_s,
-                                 tok_s=new_tokens / b_s, speedup=t_s / b_s, compile_s=b_compile))
+                rows.append(
+                    dict(
+                        mode=mode,
+                        impl="starling_jax sampler (bf16 compute)",
+                        seconds=b_s,
+                        tok_s=new_tokens / b_s,
+                        speedup=t_s / b_s,
+                        compile_s=b_compile,
+                    )
+                )
     same = float(np.mean(np.all(greedy_tokens["torch"] == greedy_tokens["jax"], axis=1)))
 
-    print_table(["mode", "implementation", "rollout s", "new tokens/s", "ms per decode step", "vs transformers",
-                 "compile s"],
-                [[r["mode"], r["impl"], f"{r['seconds']:.3f}", f"{r['tok_s']:.0f}",
-                  f"{1000 * r['seconds'] / args.new:.2f}", f"{r['speedup']:.2f}",
-                  f"{r['compile_s']:.1f}" if r["compile_s"] is not None else "–"] for r in rows])
+    print_table(
+        ["mode", "implementation", "rollout s", "new tokens/s", "ms per decode step", "vs transformers", "compile s"],
+        [
+            [
+                r["mode"],
+                r["impl"],
+                f"{r['seconds']:.3f}",
+                f"{r['tok_s']:.0f}",
+                f"{1000 * r['seconds'] / args.new:.2f}",
+                f"{r['speedup']:.2f}",
+                f"{r['compile_s']:.1f}" if r["compile_s"] is not None else "–",
+            ]
+            for r in rows
+        ],
+    )
     print(f"\ngreedy rows with identical tokens (starling_jax vs transformers): {same:.0%}")
     by_mode = {r["mode"]: r["speedup"] for r in rows if r["impl"].startswith("starling_jax sampler (fp32")}
-    summary = {"status": "completed", "benchmark": "rollout", "quick": args.quick, "batch": args.batch,
-               "prompt": args.prompt, "new_tokens": args.new, "speedup": round(totals["torch"] / totals["jax"], 3),
-               "speedup_greedy": round(by_mode["greedy"], 3), "speedup_top_p": round(by_mode["top_p"], 3) if "top_p" in by_mode else None,
-               "greedy_rows_identical": same, "load_avg_1m": round(load[0], 2)}
+    summary = {
+        "status": "completed",
+        "benchmark": "rollout",
+        "quick": args.quick,
+        "batch": args.batch,
+        "prompt": args.prompt,
+        "new_tokens": args.new,
+        "speedup": round(totals["torch"] / totals["jax"], 3),
+        "speedup_greedy": round(by_mode["greedy"], 3),
+        "speedup_top_p": round(by_mode["top_p"], 3) if "top_p" in by_mode else None,
+        "greedy_rows_identical": same,
+        "load_avg_1m": round(load[0], 2),
+    }
     print(json.dumps(summary))
     return 0
 

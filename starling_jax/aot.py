@@ -38,9 +38,9 @@ from pathlib import Path
 from typing import Any
 
 from starling_jax import cli
-from starling_jax.parallel import hardware
 from starling_jax.errors import ConfigError
 from starling_jax.model.architectures import architecture
+from starling_jax.parallel import hardware
 
 GIB = 1024**3
 
@@ -79,15 +79,20 @@ def topology_devices(topology: str, num_slices: int = 1) -> tuple[list, str]:
         chips = int(match.group(2)) // per_chip
         if chips not in shapes:
             sizes = ",".join(str(n * per_chip) for n in sorted(shapes))
-            raise ConfigError(f"--topology {topology}: unknown size; known: {match.group(1)}-{{{sizes}}} "
-                              f"(or give a libtpu topology such as {prefix}:{shapes[max(shapes)]})")
+            raise ConfigError(
+                f"--topology {topology}: unknown size; known: {match.group(1)}-{{{sizes}}} "
+                f"(or give a libtpu topology such as {prefix}:{shapes[max(shapes)]})"
+            )
         name = f"{prefix}:{shapes[chips]}"
     elif not re.fullmatch(r"v\d[a-z]*:\d+(x\d+){1,2}", topology):
-        raise ConfigError(f"--topology {topology!r}: expected cpu, v4-N, v5p-N, v5e-N, v6e-N or a libtpu topology "
-                          "such as v5e:4x8")
+        raise ConfigError(
+            f"--topology {topology!r}: expected cpu, v4-N, v5p-N, v5e-N, v6e-N or a libtpu topology such as v5e:4x8"
+        )
     if importlib.util.find_spec("libtpu") is None:
-        raise ConfigError(f"--topology {topology} needs libtpu to compile for TPU on this host: "
-                          'pip install "starling_jax[tpu]" (or "jax[tpu]==0.10.2"), best in a separate virtualenv')
+        raise ConfigError(
+            f"--topology {topology} needs libtpu to compile for TPU on this host: "
+            'pip install "starling_jax[tpu]" (or "jax[tpu]==0.10.2"), best in a separate virtualenv'
+        )
     from jax.experimental import topologies
 
     compile_only_tpu_env(name)
@@ -95,8 +100,10 @@ def topology_devices(topology: str, num_slices: int = 1) -> tuple[list, str]:
         kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
         return list(topologies.get_topology_desc(name, "tpu", **kwargs).devices), name
     except Exception as e:  # libtpu's messages are long; keep the first line
-        raise ConfigError(f"--topology {topology} ({name}): libtpu could not build it: "
-                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        raise ConfigError(
+            f"--topology {topology} ({name}): libtpu could not build it: "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from None
 
 
 def hbm_bytes(device_kind: str, num_devices: int, override_gib: float | None) -> tuple[int, str]:
@@ -178,18 +185,31 @@ def _memory(compiled, oom: str | None, args, donated) -> tuple[dict, str, int | 
     arguments + scratch + code."""
     if compiled is not None:
         mem = compiled.memory_analysis()
-        parts = {"argument": mem.argument_size_in_bytes, "output": mem.output_size_in_bytes,
-                 "temp": mem.temp_size_in_bytes, "generated_code": mem.generated_code_size_in_bytes,
-                 "alias": mem.alias_size_in_bytes,
-                 # host RAM, not HBM (not in the total): what `remat_policy=full_offload` moves off the chip
-                 "host_temp": mem.host_temp_size_in_bytes}
+        parts = {
+            "argument": mem.argument_size_in_bytes,
+            "output": mem.output_size_in_bytes,
+            "temp": mem.temp_size_in_bytes,
+            "generated_code": mem.generated_code_size_in_bytes,
+            "alias": mem.alias_size_in_bytes,
+            # host RAM, not HBM (not in the total): what `remat_policy=full_offload` moves off the chip
+            "host_temp": mem.host_temp_size_in_bytes,
+        }
         return parts, "compiled.memory_analysis()", None
     # out of memory: temporaries from the compiler's message, arguments from the shardings
     donated_bytes = sharded_bytes(donated) if donated is not None else 0
-    parts = {"argument": sharded_bytes(args), "output": donated_bytes, "alias": donated_bytes, "generated_code": 0,
-             "temp": _oom_bytes(oom, "HLO temporaries") or 0, "host_temp": 0}
-    return (parts, "compiler refused: out of memory; temporaries from its message, arguments from shardings",
-            _oom_bytes(oom, "available HBM"))
+    parts = {
+        "argument": sharded_bytes(args),
+        "output": donated_bytes,
+        "alias": donated_bytes,
+        "generated_code": 0,
+        "temp": _oom_bytes(oom, "HLO temporaries") or 0,
+        "host_temp": 0,
+    }
+    return (
+        parts,
+        "compiler refused: out of memory; temporaries from its message, arguments from shardings",
+        _oom_bytes(oom, "available HBM"),
+    )
 
 
 def _total(parts: dict) -> int:
@@ -211,8 +231,15 @@ def _topology_mesh(cfg, topology: str, num_slices: int, hbm_gib: float | None):
     return cfg, devices, topology_name, mesh, capacity, capacity_source
 
 
-def compile_report(cfg, topology: str, num_layers: int | None = None, hbm_gib: float | None = None,
-                   mfu: float = 0.4, num_slices: int = 1, job=None) -> dict[str, Any]:
+def compile_report(
+    cfg,
+    topology: str,
+    num_layers: int | None = None,
+    hbm_gib: float | None = None,
+    mfu: float = 0.4,
+    num_slices: int = 1,
+    job=None,
+) -> dict[str, Any]:
     """Compiles the job's train step (and its eval step) for `topology` (`num_slices` slices over DCN) → the
     report (see module doc). `job`: a `train.job.Job` for `cfg` (default: the reward-model job)."""
     from starling_jax.model import attention
@@ -231,9 +258,11 @@ def compile_report(cfg, topology: str, num_layers: int | None = None, hbm_gib: f
     micro_rows = cfg.data.batch_size // cfg.train.micro_batches
     warnings = []
     if micro_rows % data_parallel:
-        warnings.append(f"each micro-batch holds {micro_rows} prompts, not a multiple of the {data_parallel} "
-                        "data-parallel devices: activations fall back to replicated (wasted compute and memory); "
-                        "choose data.batch_size / train.micro_batches divisible by it")
+        warnings.append(
+            f"each micro-batch holds {micro_rows} prompts, not a multiple of the {data_parallel} "
+            "data-parallel devices: activations fall back to replicated (wasted compute and memory); "
+            "choose data.batch_size / train.micro_batches divisible by it"
+        )
 
     # --- the train step, lowered and compiled for the topology
     compiled, oom, lower_s, compile_s, _ = _compile(step_fn, state, batch)
@@ -252,9 +281,14 @@ def compile_report(cfg, topology: str, num_layers: int | None = None, hbm_gib: f
         eval_parts, _, _ = _memory(eval_compiled, eval_oom, (params, eval_batch), None)
         eval_total = _total(eval_parts)
         eval_fits = eval_compiled is not None and eval_total <= capacity
-        eval_report = {"per_chip_bytes": eval_total, "per_chip_gib": round(eval_total / GIB, 3),
-                       "memory_bytes": eval_parts, "fits": eval_fits, "compile_s": round(eval_compile_s, 2),
-                       "batch": list(eval_batch["tokens"].shape)}
+        eval_report = {
+            "per_chip_bytes": eval_total,
+            "per_chip_gib": round(eval_total / GIB, 3),
+            "memory_bytes": eval_parts,
+            "fits": eval_fits,
+            "compile_s": round(eval_compile_s, 2),
+            "batch": list(eval_batch["tokens"].shape),
+        }
         if eval_oom:
             warnings.append(f"eval step: {eval_oom}")
         fits = fits and eval_fits
@@ -312,15 +346,26 @@ def _role_bytes(rl) -> dict[str, int]:
     """Per-chip bytes of each resident role of the RL set, from the shardings."""
     params = rl.state["params"]
     actor, critic = sharded_bytes(params["actor"]), sharded_bytes(params["critic"])
-    return {"actor": actor, "critic": critic, "optimizer": sharded_bytes(rl.state) - actor - critic,
-            "reference": sharded_bytes(rl.frozen["reference"]), "reward": sharded_bytes(rl.frozen["reward"])}
+    return {
+        "actor": actor,
+        "critic": critic,
+        "optimizer": sharded_bytes(rl.state) - actor - critic,
+        "reference": sharded_bytes(rl.frozen["reference"]),
+        "reward": sharded_bytes(rl.frozen["reward"]),
+    }
 
 
 RL_PROGRAMS = ("rollout", "score", "experience", "update", "eval_rollout", "eval_score", "eval_experience")
 
 
-def compile_rl_report(cfg, topology: str, num_layers: int | None = None, hbm_gib: float | None = None,
-                      num_slices: int = 1, programs: str | None = None) -> dict[str, Any]:
+def compile_rl_report(
+    cfg,
+    topology: str,
+    num_layers: int | None = None,
+    hbm_gib: float | None = None,
+    num_slices: int = 1,
+    programs: str | None = None,
+) -> dict[str, Any]:
     """Compiles every program of one PPO/APA iteration (`rl/abstract.py`) for `topology` → the report: per program
     its own memory (`compiled.memory_analysis()`) plus the roles resident beside it (actor, critic, optimizer state,
     reference, reward model: they stay in HBM for the whole run), and `per_chip_bytes` = the peak over the
@@ -334,19 +379,27 @@ def compile_rl_report(cfg, topology: str, num_layers: int | None = None, hbm_gib
         raise ConfigError(f"--programs: unknown {unknown}; choose from {','.join(RL_PROGRAMS)}")
     cfg, devices, topology_name, mesh, capacity, capacity_source = _topology_mesh(cfg, topology, num_slices, hbm_gib)
     kind = devices[0].device_kind
-    models = {"policy": _with_layers(architecture(cfg.policy, "policy"), num_layers),
-              "reward": _with_layers(architecture(cfg.reward_model, "reward_model"), num_layers)}
+    models = {
+        "policy": _with_layers(architecture(cfg.policy, "policy"), num_layers),
+        "reward": _with_layers(architecture(cfg.reward_model, "reward_model"), num_layers),
+    }
     if cfg.num_layers_unfrozen > models["policy"].num_hidden_layers:
-        raise ConfigError(f"num_layers_unfrozen={cfg.num_layers_unfrozen} exceeds the policy's "
-                          f"{models['policy'].num_hidden_layers} layers (lower --num-layers less)")
+        raise ConfigError(
+            f"num_layers_unfrozen={cfg.num_layers_unfrozen} exceeds the policy's "
+            f"{models['policy'].num_hidden_layers} layers (lower --num-layers less)"
+        )
     dp = sharding.data_parallel_size(mesh)
     warnings = []
-    for key, rows in (("rollout.batch_size", cfg.rollout.batch_size), ("rollout.minibatch_size",
-                                                                       cfg.rollout.minibatch_size)):
+    for key, rows in (
+        ("rollout.batch_size", cfg.rollout.batch_size),
+        ("rollout.minibatch_size", cfg.rollout.minibatch_size),
+    ):
         if rows % dp:  # as train_ppo refuses it: its rows are sharded over the data-parallel devices
-            raise ConfigError(f"{key}={rows} is not a multiple of the mesh's {dp} data-parallel devices on "
-                              f"{topology}; raise it, or give mesh.tensor > 1 (e.g. mesh.fsdp={dp // 2} "
-                              "mesh.tensor=2)")
+            raise ConfigError(
+                f"{key}={rows} is not a multiple of the mesh's {dp} data-parallel devices on "
+                f"{topology}; raise it, or give mesh.tensor > 1 (e.g. mesh.fsdp={dp // 2} "
+                "mesh.tensor=2)"
+            )
     job = PPOJob(cfg)
     job.abstract_inputs(mesh, models)
     rl = job.abstract_set
@@ -363,31 +416,60 @@ def compile_rl_report(cfg, topology: str, num_layers: int | None = None, hbm_gib
         total = own + beside
         if oom:
             warnings.append(f"{prog.name}: {oom}")
-        programs[prog.name] = {"per_chip_bytes": total, "per_chip_gib": round(total / GIB, 3), "program_bytes": own,
-                               "resident_beside_bytes": beside, "memory_bytes": parts, "memory_source": source,
-                               "compiled": compiled is not None, "fits": compiled is not None and total <= capacity,
-                               "rows": prog.rows, "length": prog.length, "kernel_calls": kernel_calls,
-                               "lower_s": round(lower_s, 2),
-                               "compile_s": round(compile_s, 2)}
+        programs[prog.name] = {
+            "per_chip_bytes": total,
+            "per_chip_gib": round(total / GIB, 3),
+            "program_bytes": own,
+            "resident_beside_bytes": beside,
+            "memory_bytes": parts,
+            "memory_source": source,
+            "compiled": compiled is not None,
+            "fits": compiled is not None and total <= capacity,
+            "rows": prog.rows,
+            "length": prog.length,
+            "kernel_calls": kernel_calls,
+            "lower_s": round(lower_s, 2),
+            "compile_s": round(compile_s, 2),
+        }
     peak_name = max(programs, key=lambda k: programs[k]["per_chip_bytes"])
     peak = programs[peak_name]["per_chip_bytes"]
     mc = rl.models
     return {
-        "status": "completed", "job": "train_ppo", "algorithm": cfg.algorithm,
-        "topology": topology, "topology_name": topology_name, "num_slices": num_slices, "device_kind": kind,
-        "num_chips": len(devices), "mesh": dict(mesh.shape),
-        "models": {name: {"model_type": m.model_type, "num_layers": m.num_hidden_layers, "param_dtype": m.param_dtype,
-                          "num_params": m.num_params(head="lm" if name == "actor" else "score")}
-                   for name, m in mc.items()},
-        "num_layers_unfrozen": cfg.num_layers_unfrozen, "dtype": mc["actor"].dtype,
-        "remat_policy": mc["actor"].remat_policy, "mlp_chunks": mc["actor"].mlp_chunks,
+        "status": "completed",
+        "job": "train_ppo",
+        "algorithm": cfg.algorithm,
+        "topology": topology,
+        "topology_name": topology_name,
+        "num_slices": num_slices,
+        "device_kind": kind,
+        "num_chips": len(devices),
+        "mesh": dict(mesh.shape),
+        "models": {
+            name: {
+                "model_type": m.model_type,
+                "num_layers": m.num_hidden_layers,
+                "param_dtype": m.param_dtype,
+                "num_params": m.num_params(head="lm" if name == "actor" else "score"),
+            }
+            for name, m in mc.items()
+        },
+        "num_layers_unfrozen": cfg.num_layers_unfrozen,
+        "dtype": mc["actor"].dtype,
+        "remat_policy": mc["actor"].remat_policy,
+        "mlp_chunks": mc["actor"].mlp_chunks,
         "scan_layers": mc["actor"].scan_layers,
         # what `auto` resolved to for this topology's mesh (every role, every program: one runtime section)
         "attention_impl": attention.resolve(mc["actor"].attention_impl, devices[0].platform),
-        "roles_bytes": roles, "resident_bytes": resident, "resident_gib": round(resident / GIB, 3),
-        "programs": programs, "peak_program": peak_name,
-        "per_chip_bytes": peak, "per_chip_gib": round(peak / GIB, 3),
-        "hbm_bytes": capacity, "hbm_gib": round(capacity / GIB, 3), "hbm_source": capacity_source,
+        "roles_bytes": roles,
+        "resident_bytes": resident,
+        "resident_gib": round(resident / GIB, 3),
+        "programs": programs,
+        "peak_program": peak_name,
+        "per_chip_bytes": peak,
+        "per_chip_gib": round(peak / GIB, 3),
+        "hbm_bytes": capacity,
+        "hbm_gib": round(capacity / GIB, 3),
+        "hbm_source": capacity_source,
         "fits": all(p["fits"] for p in programs.values()),
         "compile_s": round(sum(p["compile_s"] for p in programs.values()), 2),
         "warnings": warnings,
@@ -397,25 +479,37 @@ def compile_rl_report(cfg, topology: str, num_layers: int | None = None, hbm_gib
 def format_rl_report(r: dict[str, Any]) -> str:
     gib = lambda b: f"{b / GIB:8.3f} GiB"
     slices = f" × {r['num_slices']} slices" if r.get("num_slices", 1) > 1 else ""
-    lines = [(f"topology {r['topology']}{slices} ({r['topology_name']}): {r['num_chips']} × {r['device_kind']}, "
-              f"mesh {r['mesh']}"),
-             f"{r['algorithm']}: " + ", ".join(f"{k} {m['model_type']} {m['num_layers']} layers "
-                                               f"{m['num_params'] / 1e9:.2f}B {m['param_dtype']}"
-                                               for k, m in r["models"].items())
-             + f"; num_layers_unfrozen {r['num_layers_unfrozen']}, compute {r['dtype']}, remat {r['remat_policy']}, "
-             f"attention {r.get('attention_impl', 'einsum')}",
-             "resident per chip (all roles, for the whole run):"]
+    lines = [
+        (
+            f"topology {r['topology']}{slices} ({r['topology_name']}): {r['num_chips']} × {r['device_kind']}, "
+            f"mesh {r['mesh']}"
+        ),
+        f"{r['algorithm']}: "
+        + ", ".join(
+            f"{k} {m['model_type']} {m['num_layers']} layers {m['num_params'] / 1e9:.2f}B {m['param_dtype']}"
+            for k, m in r["models"].items()
+        )
+        + f"; num_layers_unfrozen {r['num_layers_unfrozen']}, compute {r['dtype']}, remat {r['remat_policy']}, "
+        f"attention {r.get('attention_impl', 'einsum')}",
+        "resident per chip (all roles, for the whole run):",
+    ]
     lines += [f"  {name:<15} {gib(b)}" for name, b in r["roles_bytes"].items()]
     lines.append(f"  {'total':<15} {gib(r['resident_bytes'])}")
-    lines.append(f"programs per chip (own arguments + outputs − aliased + temporaries + code, + the roles resident "
-                 f"beside it), of {gib(r['hbm_bytes']).strip()} HBM ({r['hbm_source']}):")
+    lines.append(
+        f"programs per chip (own arguments + outputs − aliased + temporaries + code, + the roles resident "
+        f"beside it), of {gib(r['hbm_bytes']).strip()} HBM ({r['hbm_source']}):"
+    )
     for name, p in r["programs"].items():
-        lines.append(f"  {name:<11} {p['rows']:>4}×{p['length']:<5} own {gib(p['program_bytes'])} + beside "
-                     f"{gib(p['resident_beside_bytes'])} = {gib(p['per_chip_bytes'])}"
-                     f"{'+' if not p['compiled'] else ''} → {'FITS' if p['fits'] else 'DOES NOT FIT'} "
-                     f"(compile {p['compile_s']:.1f} s)")
-    lines.append(f"peak {r['peak_program']}: {gib(r['per_chip_bytes'])} per chip "
-                 f"({100 * r['per_chip_bytes'] / r['hbm_bytes']:.0f}% of HBM) → {'FITS' if r['fits'] else 'DOES NOT FIT'}")
+        lines.append(
+            f"  {name:<11} {p['rows']:>4}×{p['length']:<5} own {gib(p['program_bytes'])} + beside "
+            f"{gib(p['resident_beside_bytes'])} = {gib(p['per_chip_bytes'])}"
+            f"{'+' if not p['compiled'] else ''} → {'FITS' if p['fits'] else 'DOES NOT FIT'} "
+            f"(compile {p['compile_s']:.1f} s)"
+        )
+    lines.append(
+        f"peak {r['peak_program']}: {gib(r['per_chip_bytes'])} per chip "
+        f"({100 * r['per_chip_bytes'] / r['hbm_bytes']:.0f}% of HBM) → {'FITS' if r['fits'] else 'DOES NOT FIT'}"
+    )
     lines += [f"warning: {w}" for w in r["warnings"]]
     return "\n".join(lines)
 
@@ -455,8 +549,11 @@ def format_report(r: dict[str, Any]) -> str:
         f"  − aliased       {gib(m['alias'])}   (donated state reused for the new state)",
         f"  temporaries     {gib(m['temp'])}",
         f"  generated code  {gib(m['generated_code'])}",
-        *([f"  (host memory    {gib(m['host_temp'])}   offloaded temporaries, in host RAM: not in the total)"]
-          if m.get("host_temp") else []),
+        *(
+            [f"  (host memory    {gib(m['host_temp'])}   offloaded temporaries, in host RAM: not in the total)"]
+            if m.get("host_temp")
+            else []
+        ),
         f"  total           {gib(r['per_chip_bytes'])}{'+' if not r['compiled'] else ''}  of {gib(r['hbm_bytes'])} "
         f"HBM ({r['hbm_source']}) → "
         f"{'FITS' if r['per_chip_bytes'] <= r['hbm_bytes'] and r['compiled'] else 'DOES NOT FIT'} "
@@ -464,16 +561,22 @@ def format_report(r: dict[str, Any]) -> str:
     ]
     if r.get("eval"):
         e = r["eval"]
-        lines.append(f"eval step (batch {'×'.join(map(str, e['batch']))}): {gib(e['per_chip_bytes'])} per chip → "
-                     f"{'FITS' if e['fits'] else 'DOES NOT FIT'} (compile {e['compile_s']:.1f} s)")
+        lines.append(
+            f"eval step (batch {'×'.join(map(str, e['batch']))}): {gib(e['per_chip_bytes'])} per chip → "
+            f"{'FITS' if e['fits'] else 'DOES NOT FIT'} (compile {e['compile_s']:.1f} s)"
+        )
     if r["compiler_flops_per_chip"] is not None:
-        lines.append(f"compiler FLOPs per chip: {r['compiler_flops_per_chip']:.3e} (cost_analysis; loop bodies "
-                     "— scanned layers, micro-batches — counted once)")
+        lines.append(
+            f"compiler FLOPs per chip: {r['compiler_flops_per_chip']:.3e} (cost_analysis; loop bodies "
+            "— scanned layers, micro-batches — counted once)"
+        )
     lines.append(f"model FLOPs per step: {r['model_flops_per_step']:.3e} ({r['tokens_per_step']} padded tokens)")
     if r["estimated_step_s"]:
-        lines.append(f"ESTIMATE (not measured): {r['estimated_step_s']:.2f} s/step, {r['estimated_tokens_per_s']} "
-                     f"tokens/s at {r['assumed_mfu']:.0%} MFU of {r['peak_flops_per_chip'] / 1e12:.0f} TFLOP/s "
-                     "per chip")
+        lines.append(
+            f"ESTIMATE (not measured): {r['estimated_step_s']:.2f} s/step, {r['estimated_tokens_per_s']} "
+            f"tokens/s at {r['assumed_mfu']:.0%} MFU of {r['peak_flops_per_chip'] / 1e12:.0f} TFLOP/s "
+            "per chip"
+        )
     lines += [f"warning: {w}" for w in r["warnings"]]
     return "\n".join(lines)
 
@@ -481,16 +584,24 @@ def format_report(r: dict[str, Any]) -> str:
 def parse_args(argv):
     parser = cli.config_parser("python -m starling_jax.aot", __doc__, "train.micro_batches=8")
     parser.add_argument("--topology", required=True, help="cpu | v5p-32 | v5e-32 | v6e-16 | v5e:4x8 | ...")
-    parser.add_argument("--num-slices", type=int, default=1,
-                        help="slices of the topology joined over DCN (multi-slice; sets mesh.dcn)")
+    parser.add_argument(
+        "--num-slices", type=int, default=1, help="slices of the topology joined over DCN (multi-slice; sets mesh.dcn)"
+    )
     parser.add_argument("--num-layers", type=int, default=None, help="compile a shallower model (smoke runs)")
     parser.add_argument("--hbm-gib", type=float, default=None, help="override the per-chip memory capacity")
     parser.add_argument("--mfu", type=float, default=0.4, help="assumed MFU for the step-time estimate")
-    parser.add_argument("--job", choices=("rm", "ppo"), default=None,
-                        help="the run the config is for (default: ppo when it sets policy / reward_model / "
-                             "algorithm / rollout ..., else rm)")
-    parser.add_argument("--programs", default=None,
-                        help=f"PPO/APA: compile only these of {','.join(RL_PROGRAMS)} (comma-separated; default all)")
+    parser.add_argument(
+        "--job",
+        choices=("rm", "ppo"),
+        default=None,
+        help="the run the config is for (default: ppo when it sets policy / reward_model / "
+        "algorithm / rollout ..., else rm)",
+    )
+    parser.add_argument(
+        "--programs",
+        default=None,
+        help=f"PPO/APA: compile only these of {','.join(RL_PROGRAMS)} (comma-separated; default all)",
+    )
     parser.add_argument("--json", action="store_true", help="print only the JSON summary line")
     return cli.parse_config_args(parser, argv)
 
@@ -508,8 +619,9 @@ def main(argv=None) -> int:
             from starling_jax.rl.config import PPORunConfig
 
             cfg = load_config(PPORunConfig, args.config, args.overrides)
-            report = compile_rl_report(cfg, args.topology, args.num_layers, args.hbm_gib, args.num_slices,
-                                       args.programs)
+            report = compile_rl_report(
+                cfg, args.topology, args.num_layers, args.hbm_gib, args.num_slices, args.programs
+            )
             text = format_rl_report
         else:
             cfg = load_config(RMRunConfig, args.config, args.overrides)

@@ -3,7 +3,8 @@ run-config dataclasses.
 
     python -m starling_jax.base_configs [--check]
 
-Each file lists every key of its run config (`RMRunConfig`, `SFTRunConfig`, `PPORunConfig`, `DPORunConfig`), nested sections
+Each file lists every key of its run config (`RMRunConfig`, `SFTRunConfig`, `PPORunConfig`, `DPORunConfig`), nested
+sections
 included, in the dataclasses' order, with the value the entry point runs with when given no arguments. A key's
 comment is the one the file already has (hand-written comments survive a rewrite), else the dataclass's own: the
 `# ...` after the field and the comment lines just above it. The file's header (its leading comment block) is kept.
@@ -80,7 +81,7 @@ def existing_comments(text: str) -> tuple[list[str], dict[str, tuple[list[str], 
     # the header ends at the first blank line: comment lines after it belong to the first key
     if "" in [h.strip() for h in header]:
         cut = max(k for k, h in enumerate(header) if not h.strip())
-        pending = [h.strip().lstrip("#").strip() for h in header[cut + 1:]]
+        pending = [h.strip().lstrip("#").strip() for h in header[cut + 1 :]]
         header = header[:cut]
     else:
         pending = []
@@ -107,8 +108,9 @@ def existing_comments(text: str) -> tuple[list[str], dict[str, tuple[list[str], 
 
 def yaml_words(comment: str) -> str:
     """A dataclass comment in YAML's words: None, True, False → null, true, false."""
-    return re.sub(r"\b(None|True|False)\b", lambda m: {"None": "null", "True": "true", "False": "false"}[m.group(1)],
-                  comment)
+    return re.sub(
+        r"\b(None|True|False)\b", lambda m: {"None": "null", "True": "true", "False": "false"}[m.group(1)], comment
+    )
 
 
 def scalar(value) -> str:
@@ -118,10 +120,11 @@ def scalar(value) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (list, tuple, dict)):
-        return yaml.safe_dump(list(value) if isinstance(value, tuple) else value, default_flow_style=True,
-                              width=10_000).strip()
+        return yaml.safe_dump(
+            list(value) if isinstance(value, tuple) else value, default_flow_style=True, width=10_000
+        ).strip()
     text = yaml.safe_dump(value, width=10_000).strip()
-    return text[:-len("\n...")].strip() if text.endswith("\n...") else text
+    return text[: -len("\n...")].strip() if text.endswith("\n...") else text
 
 
 def _line(indent: str, text: str, comment: str) -> str:
@@ -135,11 +138,13 @@ def render(schema: type, old_text: str = "", command: str = "") -> str:
     """The base YAML of `schema`'s default instance, comments from `old_text` (a previous version) or the source."""
     header, old = existing_comments(old_text) if old_text else ([], {})
     if not header:
-        header = [f"# Every key of a `{command}` run, with the embedded default's values (what it runs with no",
-                  "# arguments). Copy a section into your own YAML to change it, or override on the command line:",
-                  f"#   {command} configs/{{file}} train.steps=10",
-                  "# Unknown keys and wrong types are refused with a one-line error naming the key.",
-                  "# Written by `python -m starling_jax.base_configs` from the run-config dataclasses."]
+        header = [
+            f"# Every key of a `{command}` run, with the embedded default's values (what it runs with no",
+            "# arguments). Copy a section into your own YAML to change it, or override on the command line:",
+            f"#   {command} configs/{{file}} train.steps=10",
+            "# Unknown keys and wrong types are refused with a one-line error naming the key.",
+            "# Written by `python -m starling_jax.base_configs` from the run-config dataclasses.",
+        ]
     out = list(header) + [""]
     moved = getattr(schema, "MOVED_KEYS", None) or {}  # old spellings a file may not use (config.load_config)
 
@@ -195,8 +200,9 @@ def main(argv=None) -> int:
                 stale.append(name)
                 if not args.check:
                     path.write_text(new)
-        cli.print_summary({"status": "stale" if args.check and stale else "completed",
-                           ("stale" if args.check else "written"): stale})
+        cli.print_summary(
+            {"status": "stale" if args.check and stale else "completed", ("stale" if args.check else "written"): stale}
+        )
         return 1 if args.check and stale else 0
 
     return cli.run_main(run)

@@ -29,8 +29,11 @@ def without_torch() -> None:
 
 def setup_logging(verbose: bool = False) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # tf.data's C++ chatter
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     for noisy in ("absl", "jax._src", "orbax", "tensorflow", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -56,9 +59,11 @@ def initialize_distributed() -> None:
     if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if coordinator:
-        jax.distributed.initialize(coordinator_address=coordinator,
-                                   num_processes=int(os.environ["STARLING_JAX_NUM_PROCESSES"]),
-                                   process_id=int(os.environ["STARLING_JAX_PROCESS_ID"]))
+        jax.distributed.initialize(
+            coordinator_address=coordinator,
+            num_processes=int(os.environ["STARLING_JAX_NUM_PROCESSES"]),
+            process_id=int(os.environ["STARLING_JAX_PROCESS_ID"]),
+        )
     elif kwargs is not None:
         jax.distributed.initialize(**kwargs)
     else:
@@ -92,22 +97,34 @@ def slurm_distributed_args(env) -> dict[str, Any]:
     from starling_jax.errors import ConfigError
 
     nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
-    for key, value in (("SLURM_JOB_ID", env.get("SLURM_JOB_ID")), ("SLURM_STEP_NODELIST", nodelist),
-                       ("SLURM_NTASKS", env.get("SLURM_NTASKS")), ("SLURM_PROCID", env.get("SLURM_PROCID")),
-                       ("SLURM_LOCALID", env.get("SLURM_LOCALID"))):
+    for key, value in (
+        ("SLURM_JOB_ID", env.get("SLURM_JOB_ID")),
+        ("SLURM_STEP_NODELIST", nodelist),
+        ("SLURM_NTASKS", env.get("SLURM_NTASKS")),
+        ("SLURM_PROCID", env.get("SLURM_PROCID")),
+        ("SLURM_LOCALID", env.get("SLURM_LOCALID")),
+    ):
         if not value:
-            raise ConfigError(f"STARLING_JAX_DISTRIBUTED=slurm but {key} is not set: start the processes with srun "
-                              "inside an sbatch/salloc allocation (launch/slurm.sh does)")
+            raise ConfigError(
+                f"STARLING_JAX_DISTRIBUTED=slurm but {key} is not set: start the processes with srun "
+                "inside an sbatch/salloc allocation (launch/slurm.sh does)"
+            )
     try:
         host = first_slurm_host(nodelist)
         port = int(env.get("STARLING_JAX_COORDINATOR_PORT") or 61440 + int(env["SLURM_JOB_ID"]) % 4096)
         num, pid, local = int(env["SLURM_NTASKS"]), int(env["SLURM_PROCID"]), int(env["SLURM_LOCALID"])
     except ValueError:
-        raise ConfigError(f"SLURM environment not understood: nodelist {nodelist!r}, SLURM_NTASKS="
-                          f"{env.get('SLURM_NTASKS')!r}, SLURM_PROCID={env.get('SLURM_PROCID')!r}") from None
-    return {"coordinator_address": f"{host}:{port}", "num_processes": num, "process_id": pid,
-            "local_device_ids": [local] if _slurm_tasks_on_node(env) > 1 else None,
-            "cluster_detection_method": "deactivate"}
+        raise ConfigError(
+            f"SLURM environment not understood: nodelist {nodelist!r}, SLURM_NTASKS="
+            f"{env.get('SLURM_NTASKS')!r}, SLURM_PROCID={env.get('SLURM_PROCID')!r}"
+        ) from None
+    return {
+        "coordinator_address": f"{host}:{port}",
+        "num_processes": num,
+        "process_id": pid,
+        "local_device_ids": [local] if _slurm_tasks_on_node(env) > 1 else None,
+        "cluster_detection_method": "deactivate",
+    }
 
 
 def brief(text: str, limit: int = 400) -> str:
@@ -118,7 +135,7 @@ def brief(text: str, limit: int = 400) -> str:
     if len(line) <= limit:
         return line
     cut = line.rfind(" ", 0, limit)
-    return line[:cut if cut > 0 else limit].rstrip(" ,;:") + " …"
+    return line[: cut if cut > 0 else limit].rstrip(" ,;:") + " …"
 
 
 def print_summary(summary: dict[str, Any]) -> None:
@@ -165,8 +182,9 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def config_parser(prog: str, doc: str, example_override: str) -> ArgumentParser:
     """The `[CONFIG.yaml] [key=value ...]` command line shared by the entry points that take a run config."""
-    parser = ArgumentParser(prog=prog, description=doc,
-                            hint=f"settings are key=value overrides, e.g. {example_override}")
+    parser = ArgumentParser(
+        prog=prog, description=doc, hint=f"settings are key=value overrides, e.g. {example_override}"
+    )
     parser.add_argument("config", nargs="?", help="YAML config file (e.g. configs/rm_llama2_7b_starling.yaml)")
     parser.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {example_override}")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -199,8 +217,10 @@ def embedded_default(value: str | None, default: str, flag: str) -> str:
     if value is not None:
         return value
     if not Path(default).exists():
-        raise ConfigError(f"{flag} not given and the embedded default {default} does not exist: run "
-                          f"`python -m starling_jax.train_rm` first (it writes {DEFAULT_RUN_DIR}), or pass {flag}")
+        raise ConfigError(
+            f"{flag} not given and the embedded default {default} does not exist: run "
+            f"`python -m starling_jax.train_rm` first (it writes {DEFAULT_RUN_DIR}), or pass {flag}"
+        )
     return default
 
 
@@ -217,23 +237,31 @@ def run_default_run(module: str, log_file: str | Path, what: str, alternative: s
     print(f"running `{command}` {what} (its output is also in {log_file})", file=sys.stderr, flush=True)
     last_error = ""
     with open(log_file, "w", encoding="utf-8") as log_out:
-        proc = subprocess.Popen([sys.executable, "-m", module], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, errors="replace")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", module],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+        )
         for line in proc.stdout:
             sys.stderr.write(f"[{module.rsplit('.', 1)[-1]}] {line}")
             sys.stderr.flush()
             log_out.write(line)
             if line.startswith("error: "):
-                last_error = line[len("error: "):].strip()
+                last_error = line[len("error: ") :].strip()
         code = proc.wait()
     if code != 0:
         said = f": {last_error}" if last_error else ""
-        raise ConfigError(f"`{command}`, run {what}, failed with exit code {code}{said}; its output is in {log_file}; "
-                          f"fix that and run again, or {alternative}")
+        raise ConfigError(
+            f"`{command}`, run {what}, failed with exit code {code}{said}; its output is in {log_file}; "
+            f"fix that and run again, or {alternative}"
+        )
 
 
-def config_main(argv, prog: str, doc: str, example_override: str,
-                train: Callable[[str | None, list[str]], dict[str, Any]]) -> int:
+def config_main(
+    argv, prog: str, doc: str, example_override: str, train: Callable[[str | None, list[str]], dict[str, Any]]
+) -> int:
     """A training entry point: `[CONFIG.yaml] [key=value ...]` → logging → `train(config_file, overrides)` under
     `run_main` (one-line errors, JSON summary). `train` imports JAX itself, so --help and usage errors stay fast."""
     parser = config_parser(prog, doc, example_override)

@@ -28,10 +28,9 @@ import math
 import sys
 from pathlib import Path
 
-from starling_jax import cli
+from starling_jax import cli, hub
 from starling_jax.data import tokenizer as tokenizer_lib
 from starling_jax.errors import CheckpointError, ConfigError
-from starling_jax import hub
 from starling_jax.model import hf_io
 from starling_jax.model.config import ModelConfig
 
@@ -58,8 +57,10 @@ def find_pickle(path: Path) -> Path:
             path = Path(snapshot_download(text, allow_patterns=["*.bin", "*.pt", "*.pth", "*.json"]))
         except Exception as e:  # noqa: BLE001 - offline, unknown or gated repo
             reason = cli.brief(str(e))  # its first line, never cut inside a word
-            raise CheckpointError(f"{text}: not a local file or folder and not fetched from the HuggingFace Hub "
-                                  f"({type(e).__name__}: {reason}); download it and pass the folder") from None
+            raise CheckpointError(
+                f"{text}: not a local file or folder and not fetched from the HuggingFace Hub "
+                f"({type(e).__name__}: {reason}); download it and pass the folder"
+            ) from None
     files = sorted({p for pattern in PICKLE_NAMES for p in path.glob(pattern)} - {path / "training_args.bin"})
     if len(files) != 1:
         raise CheckpointError(f"{path}: expected one .bin/.pt weights file, found {[p.name for p in files]}")
@@ -71,13 +72,16 @@ def load_state_dict(path: Path) -> dict:
     try:
         import torch
     except ImportError:
-        raise ConfigError("convert_starling needs PyTorch to read the pickle: pip install 'starling_jax[dev]'") from None
+        raise ConfigError(
+            "convert_starling needs PyTorch to read the pickle: pip install 'starling_jax[dev]'"
+        ) from None
     try:
         sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 - code in the pickle, not a zip/pickle file, truncated, ...
         reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise CheckpointError(f"{path}: cannot load with torch.load(weights_only=True) "
-                              f"({type(e).__name__}: {reason[:300]})") from None
+        raise CheckpointError(
+            f"{path}: cannot load with torch.load(weights_only=True) ({type(e).__name__}: {reason[:300]})"
+        ) from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(k, str) for k in sd):
@@ -103,12 +107,16 @@ def starling_to_hf_keys(sd: dict, source: Path) -> dict:
         elif key.startswith("transformer."):
             name = "model." + key.removeprefix("transformer.")
         else:
-            raise CheckpointError(f"{source}: unexpected tensor {key!r} (a GPTRewardModel state dict holds "
-                                  "model.model.*, transformer.*, model.lm_head.weight and v_head.weight)")
+            raise CheckpointError(
+                f"{source}: unexpected tensor {key!r} (a GPTRewardModel state dict holds "
+                "model.model.*, transformer.*, model.lm_head.weight and v_head.weight)"
+            )
         if name in out:
             if out[name].shape != value.shape or not torch.equal(out[name], value):
-                raise CheckpointError(f"{source}: {key!r} differs from {origin[name]!r}; both name the same trunk "
-                                      "module and must be equal")
+                raise CheckpointError(
+                    f"{source}: {key!r} differs from {origin[name]!r}; both name the same trunk "
+                    "module and must be equal"
+                )
             continue
         out[name], origin[name] = value, key
     return out
@@ -125,8 +133,10 @@ def convert(input: str, base: str, output: str, overwrite: bool = False) -> dict
     config_src = src / "config.json" if src.is_dir() and (src / "config.json").is_file() else base_dir / "config.json"
     hf_config = hf_io._read_hf_config(config_src.parent)
     if hf_config.get("model_type") != "llama":
-        raise CheckpointError(f"{config_src}: model_type {hf_config.get('model_type')!r}; Starling-RM-7B-alpha is a "
-                              "Llama-2 model (give --base meta-llama/Llama-2-7b-chat-hf or its folder)")
+        raise CheckpointError(
+            f"{config_src}: model_type {hf_config.get('model_type')!r}; Starling-RM-7B-alpha is a "
+            "Llama-2 model (give --base meta-llama/Llama-2-7b-chat-hf or its folder)"
+        )
     tensors = starling_to_hf_keys(load_state_dict(pickle_path), pickle_path)
     if "score.weight" not in tensors:
         raise CheckpointError(f"{pickle_path}: no v_head.weight (the reward head)")
@@ -141,20 +151,26 @@ def convert(input: str, base: str, output: str, overwrite: bool = False) -> dict
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:
-        raise CheckpointError(f"{pickle_path}: does not match {config_src}: "
-                              + (f"missing {missing[:3]} " if missing else "") + (f"unexpected {extra[:3]}" if extra else ""))
+        raise CheckpointError(
+            f"{pickle_path}: does not match {config_src}: "
+            + (f"missing {missing[:3]} " if missing else "")
+            + (f"unexpected {extra[:3]}" if extra else "")
+        )
     for name, shape in expected.items():
         if tuple(tensors[name].shape) != tuple(shape):
-            raise CheckpointError(f"{pickle_path}: tensor {name} has shape {list(tensors[name].shape)}, "
-                                  f"{config_src} implies {list(shape)}")
+            raise CheckpointError(
+                f"{pickle_path}: tensor {name} has shape {list(tensors[name].shape)}, "
+                f"{config_src} implies {list(shape)}"
+            )
 
     # tokenizer: pad <unk> (the Starling rule) and the Starling format as chat_template, checked to render the
     # training tokens exactly; the data record lets `score` check the tokenizer
     tok = tokenizer_lib.prepare_export_tokenizer(base_dir, TEMPLATE, output, pad_token="unk")
     pad = tok.pad_token_id
     provenance = tokenizer_lib.data_provenance(tok, base, TEMPLATE, MAX_LENGTH)
-    config = hf_io.hf_config_dict(cfg, "reward", pad, {"starling_jax_data": provenance,
-                                                       "converted_from": str(pickle_path)})
+    config = hf_io.hf_config_dict(
+        cfg, "reward", pad, {"starling_jax_data": provenance, "converted_from": str(pickle_path)}
+    )
     shards = _plan_shards(tensors, max_bytes=5_000_000_000)
     with hf_io.atomic_folder(output) as out:
         weight_map = {}
@@ -165,13 +181,21 @@ def convert(input: str, base: str, output: str, overwrite: bool = False) -> dict
         if len(shards) > 1:
             total = sum(t.numel() * t.element_size() for t in tensors.values())
             (out / "model.safetensors.index.json").write_text(
-                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"
+            )
         (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         hf_io.copy_tokenizer_files(base_dir, out)
         tokenizer_lib.save_export_tokenizer(tok, base_dir, out)
-    return {"status": "completed", "input": str(pickle_path), "output": str(output),
-            "architecture": "LlamaForSequenceClassification", "dtype": dtype, "pad_token_id": pad,
-            "template": TEMPLATE, "num_params": int(sum(t.numel() for t in tensors.values()))}
+    return {
+        "status": "completed",
+        "input": str(pickle_path),
+        "output": str(output),
+        "architecture": "LlamaForSequenceClassification",
+        "dtype": dtype,
+        "pad_token_id": pad,
+        "template": TEMPLATE,
+        "num_params": int(sum(t.numel() for t in tensors.values())),
+    }
 
 
 def _plan_shards(tensors: dict, max_bytes: int) -> list[list[str]]:
@@ -189,10 +213,16 @@ def _plan_shards(tensors: dict, max_bytes: int) -> list[list[str]]:
 
 def main(argv=None) -> int:
     parser = cli.ArgumentParser(prog="python -m starling_jax.convert_starling", description=__doc__)
-    parser.add_argument("--input", default=DEFAULT_INPUT, help="the Starling-RM-7B-alpha .bin/.pt file, its folder, "
-                        f"or a Hub id (default: {DEFAULT_INPUT})")
-    parser.add_argument("--base", default=DEFAULT_BASE, help="folder or Hub id with the Llama-2-7B-chat "
-                        f"config.json and tokenizer (default: {DEFAULT_BASE})")
+    parser.add_argument(
+        "--input",
+        default=DEFAULT_INPUT,
+        help=f"the Starling-RM-7B-alpha .bin/.pt file, its folder, or a Hub id (default: {DEFAULT_INPUT})",
+    )
+    parser.add_argument(
+        "--base",
+        default=DEFAULT_BASE,
+        help=f"folder or Hub id with the Llama-2-7B-chat config.json and tokenizer (default: {DEFAULT_BASE})",
+    )
     parser.add_argument("--output", default=DEFAULT_OUTPUT, help=f"HF folder to write (default: {DEFAULT_OUTPUT})")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --output folder")
     cli.setup_logging()

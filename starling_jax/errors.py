@@ -15,7 +15,8 @@ class ConfigError(StarlingError):
 
 
 class UsageError(ConfigError):
-    """A command-line flag is unknown, missing or malformed (argparse's usage errors, raised by `cli.ArgumentParser`)."""
+    """A command-line flag is unknown, missing or malformed (argparse's usage errors, raised by
+    `cli.ArgumentParser`)."""
 
 
 class DataError(StarlingError):

@@ -23,14 +23,15 @@ from starling_jax import cli
 from starling_jax.paths import as_path, is_url
 
 
-def export(checkpoint: str, output: str, step: int | None = None, tokenizer: str | None = None,
-           overwrite: bool = False) -> dict:
+def export(
+    checkpoint: str, output: str, step: int | None = None, tokenizer: str | None = None, overwrite: bool = False
+) -> dict:
     from starling_jax.ckpt.manager import load_model
+    from starling_jax.data.tokenizer import resolve_tokenizer_dir
     from starling_jax.errors import CheckpointError
     from starling_jax.model import hf_io
     from starling_jax.model.create import num_params
     from starling_jax.parallel import sharding
-    from starling_jax.data.tokenizer import resolve_tokenizer_dir
 
     mesh = sharding.make_mesh(sharding.MeshConfig())
     meta, model_cfg, _, params = load_model(checkpoint, mesh, step)
@@ -46,17 +47,35 @@ def export(checkpoint: str, output: str, step: int | None = None, tokenizer: str
     if meta.get("data"):
         extra["starling_jax_data"] = meta["data"]
     hf_io.check_output_folder(output, overwrite)
-    folder = hf_io.save_hf(output, model_cfg, params, meta["role"], tokenizer_dir=tokenizer_dir,
-                           template=meta.get("template"), extra_config=extra, overwrite=overwrite)
-    return {"status": "completed", "checkpoint": str(checkpoint), "output": str(folder), "role": meta["role"],
-            "architecture": hf_io.hf_config_dict(model_cfg, meta["role"])["architectures"][0],
-            "num_params": num_params(params), **extra}
+    folder = hf_io.save_hf(
+        output,
+        model_cfg,
+        params,
+        meta["role"],
+        tokenizer_dir=tokenizer_dir,
+        template=meta.get("template"),
+        extra_config=extra,
+        overwrite=overwrite,
+    )
+    return {
+        "status": "completed",
+        "checkpoint": str(checkpoint),
+        "output": str(folder),
+        "role": meta["role"],
+        "architecture": hf_io.hf_config_dict(model_cfg, meta["role"])["architectures"][0],
+        "num_params": num_params(params),
+        **extra,
+    }
 
 
 def main(argv=None) -> int:
     parser = cli.ArgumentParser(prog="python -m starling_jax.export_hf", description=__doc__)
-    parser.add_argument("--checkpoint", default=None, help="checkpoint folder (run output, checkpoints/, or a step; "
-                        f"default: {cli.DEFAULT_RUN_DIR}, the embedded train_rm run)")
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        help="checkpoint folder (run output, checkpoints/, or a step; "
+        f"default: {cli.DEFAULT_RUN_DIR}, the embedded train_rm run)",
+    )
     parser.add_argument("--output", default=None, help="HF folder to write (default: CHECKPOINT/hf_export)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest complete)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the one the run used)")
@@ -66,8 +85,9 @@ def main(argv=None) -> int:
     def run():
         args = parser.parse_args(sys.argv[1:] if argv is None else argv)  # usage errors: one line
         checkpoint = cli.embedded_default(args.checkpoint, cli.DEFAULT_RUN_DIR, "--checkpoint")
-        return export(checkpoint, args.output or str(as_path(checkpoint) / "hf_export"), args.step, args.tokenizer,
-                      args.overwrite)
+        return export(
+            checkpoint, args.output or str(as_path(checkpoint) / "hf_export"), args.step, args.tokenizer, args.overwrite
+        )
 
     return cli.run_main(run)
 

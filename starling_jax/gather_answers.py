@@ -70,13 +70,24 @@ def _prompt_of(raw: dict, where: str) -> str:
     return prompt
 
 
-def gather(output: str, prompts: str | None = None, generated=(), nectar=(), answers=(), *, min_answers: int = 2,
-           max_answers: int | None = None, dedupe: bool = False) -> dict:
+def gather(
+    output: str,
+    prompts: str | None = None,
+    generated=(),
+    nectar=(),
+    answers=(),
+    *,
+    min_answers: int = 2,
+    max_answers: int | None = None,
+    dedupe: bool = False,
+) -> dict:
     if not (generated or nectar or answers):
         raise ConfigError("no sources: give --generated, --nectar or --answers")
     if generated and not prompts:
-        raise ConfigError("--generated needs --prompts: the file generate read with --data (its rows are what "
-                          "generate's `row` numbers refer to)")
+        raise ConfigError(
+            "--generated needs --prompts: the file generate read with --data (its rows are what "
+            "generate's `row` numbers refer to)"
+        )
     if min_answers < 1 or (max_answers is not None and max_answers < min_answers):
         raise ConfigError("--min-answers must be ≥ 1 and --max-answers ≥ --min-answers")
     order: list[str] = []
@@ -104,8 +115,10 @@ def gather(output: str, prompts: str | None = None, generated=(), nectar=(), ans
             where = f"{path}: row {row}"
             n = raw.get("row")
             if not isinstance(n, int) or not 1 <= n <= len(order):
-                raise DataError(f"{where}: field 'row' is {n!r}, not a row of --prompts {prompts} "
-                                f"(1..{len(order)}); was it generated from another file?")
+                raise DataError(
+                    f"{where}: field 'row' is {n!r}, not a row of --prompts {prompts} "
+                    f"(1..{len(order)}); was it generated from another file?"
+                )
             add(order[n - 1], raw.get("completion"), model, where)
             count += 1
         per_source[spec] = count
@@ -120,8 +133,9 @@ def gather(output: str, prompts: str | None = None, generated=(), nectar=(), ans
             for j, a in enumerate(listed):
                 if not isinstance(a, dict):
                     raise DataError(f"{where}: field 'answers[{j}]' is not an object")
-                add(prompt, a.get("answer"), "" if a.get("model") is None else str(a["model"]),
-                    f"{where}: answers[{j}]")
+                add(
+                    prompt, a.get("answer"), "" if a.get("model") is None else str(a["model"]), f"{where}: answers[{j}]"
+                )
                 count += 1
             src = raw.get("source")
             if isinstance(src, (list, str)):
@@ -155,34 +169,57 @@ def gather(output: str, prompts: str | None = None, generated=(), nectar=(), ans
         written += len(got)
     unmatched = [p for p in collected if p not in set(order)]
     if unmatched:
-        raise DataError(f"{len(unmatched)} answer prompt(s) are not in --prompts {prompts}, e.g. "
-                        f"{unmatched[0][:80]!r}")
+        raise DataError(f"{len(unmatched)} answer prompt(s) are not in --prompts {prompts}, e.g. {unmatched[0][:80]!r}")
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     with open(output, "w", encoding="utf-8") as f:
         for row in out_rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return {"status": "completed", "output": output, "rows": len(out_rows), "answers": written,
-            "answers_per_source": per_source, "rows_too_few": too_few}
+    return {
+        "status": "completed",
+        "output": output,
+        "rows": len(out_rows),
+        "answers": written,
+        "answers_per_source": per_source,
+        "rows_too_few": too_few,
+    }
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m starling_jax.gather_answers", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m starling_jax.gather_answers",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--output", required=True, help="unranked Nectar-schema rows (JSON lines)")
     parser.add_argument("--prompts", default=None, help="the prompt file (Nectar rows or messages rows)")
-    parser.add_argument("--generated", action="append", default=[], metavar="FILE[=MODEL]",
-                        help="generate output (repeatable)")
+    parser.add_argument(
+        "--generated", action="append", default=[], metavar="FILE[=MODEL]", help="generate output (repeatable)"
+    )
     parser.add_argument("--nectar", action="append", default=[], metavar="FILE", help="Nectar rows (repeatable)")
-    parser.add_argument("--answers", action="append", default=[], metavar="FILE[=MODEL]",
-                        help="answer file: prompt/messages + answer/completion per line (repeatable)")
+    parser.add_argument(
+        "--answers",
+        action="append",
+        default=[],
+        metavar="FILE[=MODEL]",
+        help="answer file: prompt/messages + answer/completion per line (repeatable)",
+    )
     parser.add_argument("--min-answers", type=int, default=2)
     parser.add_argument("--max-answers", type=int, default=None)
     parser.add_argument("--dedupe", action="store_true", help="drop answers whose text an earlier one has")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     cli.setup_logging()
-    return cli.run_main(lambda: gather(args.output, args.prompts, args.generated, args.nectar, args.answers,
-                                       min_answers=args.min_answers, max_answers=args.max_answers,
-                                       dedupe=args.dedupe))
+    return cli.run_main(
+        lambda: gather(
+            args.output,
+            args.prompts,
+            args.generated,
+            args.nectar,
+            args.answers,
+            min_answers=args.min_answers,
+            max_answers=args.max_answers,
+            dedupe=args.dedupe,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -55,10 +55,16 @@ def ensure_default_policy() -> str:
     if Path(DEFAULT_SFT_HF_DIR, "config.json").is_file():
         return DEFAULT_SFT_HF_DIR
     if importlib.util.find_spec("starling_jax.train_sft") is None:
-        raise ConfigError(f"--model not given and {DEFAULT_SFT_HF_DIR} does not exist, and this checkout has no "
-                          f"starling_jax.train_sft to train it; pass --model")
-    cli.run_default_run("starling_jax.train_sft", f"{DEFAULT_SFT_RUN_DIR}.log",
-                        f"to train the default policy {DEFAULT_SFT_HF_DIR} (--model not given)", "pass --model")
+        raise ConfigError(
+            f"--model not given and {DEFAULT_SFT_HF_DIR} does not exist, and this checkout has no "
+            f"starling_jax.train_sft to train it; pass --model"
+        )
+    cli.run_default_run(
+        "starling_jax.train_sft",
+        f"{DEFAULT_SFT_RUN_DIR}.log",
+        f"to train the default policy {DEFAULT_SFT_HF_DIR} (--model not given)",
+        "pass --model",
+    )
     if not Path(DEFAULT_SFT_HF_DIR, "config.json").is_file():
         raise ConfigError(f"python -m starling_jax.train_sft did not write {DEFAULT_SFT_HF_DIR}; pass --model")
     return DEFAULT_SFT_HF_DIR
@@ -88,8 +94,12 @@ def check_flags(args) -> None:
 
 def main(argv=None) -> int:
     parser = cli.ArgumentParser(prog="python -m starling_jax.generate", description=__doc__)
-    parser.add_argument("--model", default=None, help="HF causal-LM folder or policy checkpoint "
-                        f"(default: {DEFAULT_SFT_HF_DIR}, the default train_sft run's export, trained if missing)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="HF causal-LM folder or policy checkpoint "
+        f"(default: {DEFAULT_SFT_HF_DIR}, the default train_sft run's export, trained if missing)",
+    )
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--prompt", action="append", default=None, help="a user message (repeatable)")
     source.add_argument("--data", default=None, help="Nectar-format file (HH prompt) or JSON lines with messages")
@@ -99,8 +109,11 @@ def main(argv=None) -> int:
     parser.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--template", default="tokenizer", help=f"chat template: {', '.join(TEMPLATE_NAMES)} "
-                        "(tokenizer = the model folder's own, default)")
+    parser.add_argument(
+        "--template",
+        default="tokenizer",
+        help=f"chat template: {', '.join(TEMPLATE_NAMES)} (tokenizer = the model folder's own, default)",
+    )
     parser.add_argument("--stop", action="append", default=[], help="extra stop string (repeatable)")
     parser.add_argument("--num-samples", type=int, default=1, help="completions per prompt (independent draws)")
     parser.add_argument("--output", default=None, help="JSON-lines output file (default: print the lines)")
@@ -116,10 +129,20 @@ def main(argv=None) -> int:
         else:
             conversations = default_conversations()
         model = args.model if args.model is not None else ensure_default_policy()
-        return generate(model, conversations, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                        top_k=args.top_k, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
-                        template=args.template, stops=args.stop, output=args.output,
-                        num_samples=args.num_samples)
+        return generate(
+            model,
+            conversations,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            template=args.template,
+            stops=args.stop,
+            output=args.output,
+            num_samples=args.num_samples,
+        )
 
     return cli.run_main(run)
 

@@ -96,21 +96,26 @@ def resolve(ref: str | Path, *, key: str | None = None, files: str = "model", re
             raise CheckpointError(f"{name}: not a folder (give the {what} folder, not a file)")
         return path
     if not looks_like_hub_id(text):
-        raise CheckpointError(f"{name}: no such {what} folder (give a local folder, a gs:// URL or a HuggingFace "
-                              f"Hub id like org/name)")
+        raise CheckpointError(
+            f"{name}: no such {what} folder (give a local folder, a gs:// URL or a HuggingFace Hub id like org/name)"
+        )
     folder = _snapshot(text, name, files, revision)
     if files != "tokenizer":
         if not (folder / "config.json").is_file():
-            raise CheckpointError(f"{name}: the Hub snapshot {folder} has no config.json (not a transformers model, or "
-                                  f"an incomplete download: fetch it again with network access)")
+            raise CheckpointError(
+                f"{name}: the Hub snapshot {folder} has no config.json (not a transformers model, or "
+                f"an incomplete download: fetch it again with network access)"
+            )
         if files == "model" and not any(folder.glob("*.safetensors")):
             raise CheckpointError(
                 f"{name}: the Hub snapshot {folder} has no safetensors weights (starling_jax never downloads or "
                 f"unpickles .bin/.pt weights); convert them to a safetensors folder and pass that (the pickled "
-                f"{STARLING_RM_ALPHA}: `{CONVERT_STARLING}` writes {STARLING_RM_ALPHA_OUTPUT})")
+                f"{STARLING_RM_ALPHA}: `{CONVERT_STARLING}` writes {STARLING_RM_ALPHA_OUTPUT})"
+            )
     elif not any((folder / f).is_file() for f in TOKENIZER_MARKERS):
-        raise CheckpointError(f"{name}: the Hub snapshot {folder} has no tokenizer files "
-                              f"({', '.join(TOKENIZER_MARKERS)})")
+        raise CheckpointError(
+            f"{name}: the Hub snapshot {folder} has no tokenizer files ({', '.join(TOKENIZER_MARKERS)})"
+        )
     return folder
 
 
@@ -120,25 +125,38 @@ def _snapshot(repo_id: str, name: str, files: str, revision: str | None) -> Path
     download = f"`hf download {repo_id} {include}`"
     local = "pass a local folder; offline: HF_HUB_OFFLINE=1 reads only the cache"
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=PATTERNS[files],
-                                      ignore_patterns=IGNORE_PATTERNS))
+        return Path(
+            snapshot_download(
+                repo_id, revision=revision, allow_patterns=PATTERNS[files], ignore_patterns=IGNORE_PATTERNS
+            )
+        )
     except GatedRepoError:
-        why = (f"a gated repository on the HuggingFace Hub: accept its terms on https://huggingface.co/{repo_id} "
-               f"and log in (`hf auth login`), or pass a local folder")
+        why = (
+            f"a gated repository on the HuggingFace Hub: accept its terms on https://huggingface.co/{repo_id} "
+            f"and log in (`hf auth login`), or pass a local folder"
+        )
     except RepositoryNotFoundError:
-        why = ("no such repository on the HuggingFace Hub (or a private one: log in with `hf auth login`); check "
-               "the id or pass a local folder")
+        why = (
+            "no such repository on the HuggingFace Hub (or a private one: log in with `hf auth login`); check "
+            "the id or pass a local folder"
+        )
     except RevisionNotFoundError:
         why = f"the HuggingFace Hub has no revision {revision!r} of it"
     except (LocalEntryNotFoundError, IncompleteSnapshotError) as e:
         if offline():
-            why = (f"not in the HuggingFace Hub cache {hub_cache()} (HF_HUB_OFFLINE=1 reads only the cache); "
-                   f"download it with network access ({download}) or pass a local folder")
+            why = (
+                f"not in the HuggingFace Hub cache {hub_cache()} (HF_HUB_OFFLINE=1 reads only the cache); "
+                f"download it with network access ({download}) or pass a local folder"
+            )
         else:
             cause = e.__cause__ or e
-            why = (f"not fetched from the HuggingFace Hub ({type(cause).__name__}: {_short(cause)}); download it "
-                   f"with {download} or {local}")
+            why = (
+                f"not fetched from the HuggingFace Hub ({type(cause).__name__}: {_short(cause)}); download it "
+                f"with {download} or {local}"
+            )
     except Exception as e:  # noqa: BLE001 - proxy errors, Hub downtime, a bad token, ...
-        why = (f"not fetched from the HuggingFace Hub ({type(e).__name__}: {_short(e)}); download it with "
-               f"{download} or {local}")
+        why = (
+            f"not fetched from the HuggingFace Hub ({type(e).__name__}: {_short(e)}); download it with "
+            f"{download} or {local}"
+        )
     raise CheckpointError(f"{name}: not a local folder, and {why}")

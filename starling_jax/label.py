@@ -58,12 +58,31 @@ def _write_jsonl(path: Path, lines) -> None:
     os.replace(tmp, path)  # a killed run never leaves a half-written output
 
 
-def label(input: str, output: str, judge: str, *, base_url: str | None = None, judge_template: str | None = None,
-          orders: int = 1, fixed_order: bool = False, seed: int = 0, concurrency: int = 4, timeout: float = 120.0,
-          max_retries: int = 6, backoff: float = 1.0, max_attempts: int = 3, max_tokens: int | None = None,
-          cache: str | None = None, rejects: str | None = None, audit: bool = False, on_bad_row: str = "error",
-          template: str | None = None, max_length: int | None = None, batch_size: int = 32,
-          progress: bool = True) -> dict:
+def label(
+    input: str,
+    output: str,
+    judge: str,
+    *,
+    base_url: str | None = None,
+    judge_template: str | None = None,
+    orders: int = 1,
+    fixed_order: bool = False,
+    seed: int = 0,
+    concurrency: int = 4,
+    timeout: float = 120.0,
+    max_retries: int = 6,
+    backoff: float = 1.0,
+    max_attempts: int = 3,
+    max_tokens: int | None = None,
+    cache: str | None = None,
+    rejects: str | None = None,
+    audit: bool = False,
+    on_bad_row: str = "error",
+    template: str | None = None,
+    max_length: int | None = None,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> dict:
     kind, name = parse_judge(judge)
     if orders < 1:
         raise ConfigError(f"--orders {orders}: must be ≥ 1")
@@ -72,8 +91,10 @@ def label(input: str, output: str, judge: str, *, base_url: str | None = None, j
     if max_attempts < 1 or max_retries < 0 or concurrency < 1:
         raise ConfigError("--max-attempts and --concurrency must be ≥ 1, --max-retries ≥ 0")
     if kind == "rm" and (base_url or judge_template or orders != 1 or fixed_order or audit):
-        raise ConfigError(f"--judge {judge}: a reward model takes no --base-url, --judge-template, --orders, "
-                          "--fixed-order or --audit (it ranks by reward, in one pass)")
+        raise ConfigError(
+            f"--judge {judge}: a reward model takes no --base-url, --judge-template, --orders, "
+            "--fixed-order or --audit (it ranks by reward, in one pass)"
+        )
     out_path = Path(output)
     rejects_path = Path(rejects or f"{output}.rejects.jsonl")
     report = ReadReport()
@@ -84,8 +105,9 @@ def label(input: str, output: str, judge: str, *, base_url: str | None = None, j
     if kind == "rm":
         from starling_jax.judge.rm_judge import label_rows_rm
 
-        labelled, rejected, used = label_rows_rm(rows, name, judge, template=template, max_length=max_length,
-                                                 batch_size=batch_size)
+        labelled, rejected, used = label_rows_rm(
+            rows, name, judge, template=template, max_length=max_length, batch_size=batch_size
+        )
         summary["template"] = used
         usage = {"requests": 0, "retries": 0, "prompt_tokens": 0, "completion_tokens": 0, "cached": 0}
         judged = None
@@ -98,25 +120,51 @@ def label(input: str, output: str, judge: str, *, base_url: str | None = None, j
         from starling_jax.judge.prompt import load_template
 
         tmpl = load_template(judge_template)
-        llm = OpenAIJudge(name, base_url, timeout=timeout, max_retries=max_retries, backoff_s=backoff,
-                          max_tokens=max_tokens)
+        llm = OpenAIJudge(
+            name, base_url, timeout=timeout, max_retries=max_retries, backoff_s=backoff, max_tokens=max_tokens
+        )
         store = Cache(cache or f"{output}.cache.jsonl")
         total = len(rows) if fixed_order else len(rows) * orders
         try:
             with tqdm(total=total, desc="label", unit="order", file=sys.stderr, disable=not progress) as bar:
-                labelled, rejected, judged = label_rows(rows, llm, judge, tmpl, store, orders=orders, seed=seed,
-                                                        fixed_order=fixed_order, concurrency=concurrency,
-                                                        max_attempts=max_attempts, progress=bar)
+                labelled, rejected, judged = label_rows(
+                    rows,
+                    llm,
+                    judge,
+                    tmpl,
+                    store,
+                    orders=orders,
+                    seed=seed,
+                    fixed_order=fixed_order,
+                    concurrency=concurrency,
+                    max_attempts=max_attempts,
+                    progress=bar,
+                )
         finally:
             store.close()
         usage = {k: getattr(llm.usage, k) for k in ("requests", "retries", "prompt_tokens", "completion_tokens")}
         usage["cached"] = sum(r.cached for results in judged.values() for r in results)
-        summary.update({"judge_template": tmpl.name, "orders": 1 if fixed_order else orders,
-                        "fixed_order": fixed_order, "seed": seed, "cache": str(store.path)})
+        summary.update(
+            {
+                "judge_template": tmpl.name,
+                "orders": 1 if fixed_order else orders,
+                "fixed_order": fixed_order,
+                "seed": seed,
+                "cache": str(store.path),
+            }
+        )
     _write_jsonl(out_path, [nectar_row(row, ranks, **record) for row, ranks, record in labelled])
     _write_jsonl(rejects_path, rejected)
-    summary.update({"rows": report.rows_read, "labelled": len(labelled), "rejected": len(rejected),
-                    "skipped": report.rows_skipped, **usage, "rejects": str(rejects_path)})
+    summary.update(
+        {
+            "rows": report.rows_read,
+            "labelled": len(labelled),
+            "rejected": len(rejected),
+            "skipped": report.rows_skipped,
+            **usage,
+            "rejects": str(rejects_path),
+        }
+    )
     if audit:
         from starling_jax.judge.audit import audit as audit_fn
 
@@ -128,14 +176,18 @@ def label(input: str, output: str, judge: str, *, base_url: str | None = None, j
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m starling_jax.label", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m starling_jax.label", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--input", required=True, help="unranked Nectar-schema rows (jsonl, json, parquet)")
     parser.add_argument("--output", required=True, help="labelled Nectar rows (JSON lines)")
     parser.add_argument("--judge", required=True, help="openai:MODEL or rm:DIR")
     parser.add_argument("--base-url", default=None, help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
-    parser.add_argument("--judge-template", default=None, help="judge prompt template file (default: the shipped "
-                        "starling_jax/resources/judge_nectar.txt)")
+    parser.add_argument(
+        "--judge-template",
+        default=None,
+        help="judge prompt template file (default: the shipped starling_jax/resources/judge_nectar.txt)",
+    )
     parser.add_argument("--orders", type=int, default=1, help="orders (shuffles) per row, Borda-aggregated")
     parser.add_argument("--fixed-order", action="store_true", help="show answers in input order (one order)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the shuffles and pair orders")
@@ -156,13 +208,32 @@ def main(argv=None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     cli.setup_logging(args.verbose)
-    return cli.run_main(lambda: label(
-        args.input, args.output, args.judge, base_url=args.base_url, judge_template=args.judge_template,
-        orders=args.orders, fixed_order=args.fixed_order, seed=args.seed, concurrency=args.concurrency,
-        timeout=args.timeout, max_retries=args.max_retries, backoff=args.backoff, max_attempts=args.max_attempts,
-        max_tokens=args.max_tokens, cache=args.cache, rejects=args.rejects, audit=args.audit,
-        on_bad_row=args.on_bad_row, template=args.template, max_length=args.max_length,
-        batch_size=args.batch_size, progress=not args.no_progress))
+    return cli.run_main(
+        lambda: label(
+            args.input,
+            args.output,
+            args.judge,
+            base_url=args.base_url,
+            judge_template=args.judge_template,
+            orders=args.orders,
+            fixed_order=args.fixed_order,
+            seed=args.seed,
+            concurrency=args.concurrency,
+            timeout=args.timeout,
+            max_retries=args.max_retries,
+            backoff=args.backoff,
+            max_attempts=args.max_attempts,
+            max_tokens=args.max_tokens,
+            cache=args.cache,
+            rejects=args.rejects,
+            audit=args.audit,
+            on_bad_row=args.on_bad_row,
+            template=args.template,
+            max_length=args.max_length,
+            batch_size=args.batch_size,
+            progress=not args.no_progress,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -30,22 +30,35 @@ MIN_MAX_LENGTH = 8  # as train_rm's data.max_length
 def parse_args(argv=None):
     """The flags, checked before anything is read (a usage mistake raises `UsageError`, one line)."""
     ap = ArgumentParser(prog="python -m starling_jax.prepare_data", description=__doc__.splitlines()[0])
-    ap.add_argument("--input", default=BUNDLED_ALIAS,
-                    help="Nectar-schema file (.parquet/.jsonl/.json), Hub name (berkeley-nest/Nectar), or "
-                         "'bundled' (the synthetic file shipped with the package; the default)")
+    ap.add_argument(
+        "--input",
+        default=BUNDLED_ALIAS,
+        help="Nectar-schema file (.parquet/.jsonl/.json), Hub name (berkeley-nest/Nectar), or "
+        "'bundled' (the synthetic file shipped with the package; the default)",
+    )
     ap.add_argument("--output", default="runs/prepared_default", help="output folder (TFDS dataset + report.json)")
-    ap.add_argument("--tokenizer", default=None, help="HF tokenizer folder or Hub id, e.g. "
-                    "meta-llama/Llama-2-7b-chat-hf (default: the offline Mistral v1 tokenizer for the template)")
+    ap.add_argument(
+        "--tokenizer",
+        default=None,
+        help="HF tokenizer folder or Hub id, e.g. "
+        "meta-llama/Llama-2-7b-chat-hf (default: the offline Mistral v1 tokenizer for the template)",
+    )
     ap.add_argument("--template", default="llama2_chat", choices=TEMPLATE_NAMES)
-    ap.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH,
-                    help=f"tokens per sequence, prompt + answer (default {DEFAULT_MAX_LENGTH}, the embedded train_rm "
-                         "run's data.max_length; the 7B recipes use 2048)")
+    ap.add_argument(
+        "--max-length",
+        type=int,
+        default=DEFAULT_MAX_LENGTH,
+        help=f"tokens per sequence, prompt + answer (default {DEFAULT_MAX_LENGTH}, the embedded train_rm "
+        "run's data.max_length; the 7B recipes use 2048)",
+    )
     ap.add_argument("--on-bad-row", default="error", choices=("error", "skip"))
     ap.add_argument("--eval-fraction", type=float, default=0.05)
     args = ap.parse_args(argv)
     if args.max_length < MIN_MAX_LENGTH:  # else every row would be "too long" and blamed one by one
-        raise UsageError(f"--max-length {args.max_length}: must be at least {MIN_MAX_LENGTH} tokens (prompt + answer; "
-                         f"train_rm's default is {DEFAULT_MAX_LENGTH}, the 7B recipes use 2048)")
+        raise UsageError(
+            f"--max-length {args.max_length}: must be at least {MIN_MAX_LENGTH} tokens (prompt + answer; "
+            f"train_rm's default is {DEFAULT_MAX_LENGTH}, the 7B recipes use 2048)"
+        )
     if not 0.0 <= args.eval_fraction < 1.0:
         raise UsageError(f"--eval-fraction {args.eval_fraction}: must be in [0, 1)")
     return args
@@ -56,8 +69,11 @@ def run(args) -> dict:
 
     t0 = time.time()
     out = Path(args.output)
-    tok_dir = (resolve_tokenizer_dir(args.tokenizer, key="--tokenizer") if args.tokenizer
-               else default_tokenizer_for(args.template))
+    tok_dir = (
+        resolve_tokenizer_dir(args.tokenizer, key="--tokenizer")
+        if args.tokenizer
+        else default_tokenizer_for(args.template)
+    )
     tok = load_tokenizer(tok_dir)
     # a re-run replaces the previous dataset
     shutil.rmtree(out / "nectar_tokenized", ignore_errors=True)
@@ -67,8 +83,16 @@ def run(args) -> dict:
     from starling_jax.data.tfds_nectar import NoRowsKept, make_builder
 
     tfds.disable_progress_bar()
-    b = make_builder(resolve_bundled(args.input), out, tok, str(tok_dir), args.template, args.max_length,
-                     args.eval_fraction, args.on_bad_row)
+    b = make_builder(
+        resolve_bundled(args.input),
+        out,
+        tok,
+        str(tok_dir),
+        args.template,
+        args.max_length,
+        args.eval_fraction,
+        args.on_bad_row,
+    )
     try:
         b.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     except NoRowsKept:
@@ -83,14 +107,24 @@ def run(args) -> dict:
 def write_report(b, args, out: Path, tok_dir, t0: float) -> dict:
     rep = b.report
     report = {
-        "input": str(args.input), "output": str(out), "dataset_dir": str(b.data_dir),
-        "rows_read": rep.rows_read, "rows_kept": rep.rows_kept, "rows_skipped": rep.rows_skipped,
+        "input": str(args.input),
+        "output": str(out),
+        "dataset_dir": str(b.data_dir),
+        "rows_read": rep.rows_read,
+        "rows_kept": rep.rows_kept,
+        "rows_skipped": rep.rows_skipped,
         "rows_truncated": b.rows_truncated,
-        "rows_answer_cut": b.rows_answer_cut, "splits": b.split_counts,
-        "tokenizer": str(tok_dir), "template": args.template, "max_length": args.max_length,
+        "rows_answer_cut": b.rows_answer_cut,
+        "splits": b.split_counts,
+        "tokenizer": str(tok_dir),
+        "template": args.template,
+        "max_length": args.max_length,
         "provenance": b.provenance,
-        "eval_fraction": args.eval_fraction, "on_bad_row": args.on_bad_row,
-        "lengths": b.stats.as_dict(), "seconds": round(time.time() - t0, 2), "skipped": rep.skipped,
+        "eval_fraction": args.eval_fraction,
+        "on_bad_row": args.on_bad_row,
+        "lengths": b.stats.as_dict(),
+        "seconds": round(time.time() - t0, 2),
+        "skipped": rep.skipped,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
     return report
@@ -105,8 +139,16 @@ def main(argv=None) -> int:
         report = run(args)
     except StarlingError as e:
         print(f"error: {e}", file=sys.stderr)
-        print(json.dumps({"status": "error", "error_type": type(e).__name__, "error": str(e),
-                          "output": str(args.output) if args else None}))
+        print(
+            json.dumps(
+                {
+                    "status": "error",
+                    "error_type": type(e).__name__,
+                    "error": str(e),
+                    "output": str(args.output) if args else None,
+                }
+            )
+        )
         return 2
     summary = {k: report[k] for k in ("rows_read", "rows_kept", "rows_skipped", "rows_truncated", "splits")}
     summary = {"status": "completed", **summary, "output": report["output"]}

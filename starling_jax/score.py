@@ -5,7 +5,8 @@
 
 DIR is an HF `*ForSequenceClassification` folder (or a Starling `v_head` folder) or a starling_jax checkpoint.
 By default each conversation (the parsed prompt turns plus the answer as the last assistant turn) is rendered
-with the format the model was trained with (a checkpoint's recorded template; an HF folder's chat_template) and the reward is read at the last token of that rendering.
+with the format the model was trained with (a checkpoint's recorded template; an HF folder's chat_template) and the
+reward is read at the last token of that rendering.
 Output: JSON lines, one per input row in input order, with `rewards` in the order of the row's `answers`
 (skipped rows carry `rewards: null` and the reason). The last printed line is a JSON summary with ranking
 metrics against the given ranks; pairwise files (`prompt`/`chosen`/`rejected`) report their `accuracy`.
@@ -27,7 +28,7 @@ from __future__ import annotations
 import json
 import sys
 
-from starling_jax import cli
+from starling_jax import cli, hub
 from starling_jax.data import tokenizer as tokenizer_lib
 from starling_jax.data.chat import TEMPLATE_NAMES
 from starling_jax.data.nectar import ReadReport, iter_raw_rows, read_pairwise, read_rankings
@@ -35,12 +36,11 @@ from starling_jax.data.synthetic import BUNDLED_ALIAS, resolve_bundled
 from starling_jax.data.tokenize import RowDoesNotFit, tokenize_ranking
 from starling_jax.errors import CheckpointError, DataError, UsageError
 from starling_jax.eval.metrics import RankingMetrics
-from starling_jax import hub
+from starling_jax.eval.score_batches import BucketedLogProbs
+from starling_jax.eval.scorer import PAD_TO_MULTIPLE, RewardScorer, load_reward_model  # noqa: F401 (score.X)
 from starling_jax.model import hf_io
 from starling_jax.parallel import sharding
 from starling_jax.paths import as_path
-from starling_jax.eval.score_batches import BucketedLogProbs
-from starling_jax.eval.scorer import PAD_TO_MULTIPLE, RewardScorer, load_reward_model  # noqa: F401 (score.X)
 
 
 def detect_format(path: str) -> str:
@@ -50,8 +50,15 @@ def detect_format(path: str) -> str:
     return "nectar"
 
 
-def score(model: str, data: str, output: str | None = None, template: str | None = None,
-          max_length: int | None = None, batch_size: int = 32, on_bad_row: str = "error") -> dict:
+def score(
+    model: str,
+    data: str,
+    output: str | None = None,
+    template: str | None = None,
+    max_length: int | None = None,
+    batch_size: int = 32,
+    on_bad_row: str = "error",
+) -> dict:
     import numpy as np
 
     # --- inputs first: a missing or unreadable --data fails before any model is loaded
@@ -80,8 +87,12 @@ def score(model: str, data: str, output: str | None = None, template: str | None
     # --- output lines and metrics
     metrics = RankingMetrics()
     for tr, rw in zip(tokenized, rewards):
-        lines[tr.row] = {"row": tr.row, "rewards": [float(x) for x in rw], "ranks": [float(x) for x in tr.ranks],
-                         "truncated": tr.truncated}
+        lines[tr.row] = {
+            "row": tr.row,
+            "rewards": [float(x) for x in rw],
+            "ranks": [float(x) for x in tr.ranks],
+            "truncated": tr.truncated,
+        }
         metrics.update(rw[None], tr.ranks[None], np.ones((1, tr.num_answers), bool), tr.answer_lengths[None])
     if output:
         as_path(output).parent.mkdir(parents=True, exist_ok=True)
@@ -89,10 +100,18 @@ def score(model: str, data: str, output: str | None = None, template: str | None
             for row in sorted(lines):
                 f.write(json.dumps(lines[row]) + "\n")
     computed = metrics.compute() if tokenized else {}
-    summary = {"status": "completed", "model": str(model), "data": str(data), "format": fmt, "template": template,
-               "rows_read": report.rows_read, "rows_scored": len(tokenized),
-               "rows_skipped": len(lines) - len(tokenized),
-               "rows_truncated": sum(tr.truncated for tr in tokenized), "output": output}
+    summary = {
+        "status": "completed",
+        "model": str(model),
+        "data": str(data),
+        "format": fmt,
+        "template": template,
+        "rows_read": report.rows_read,
+        "rows_scored": len(tokenized),
+        "rows_skipped": len(lines) - len(tokenized),
+        "rows_truncated": sum(tr.truncated for tr in tokenized),
+        "output": output,
+    }
     if fmt == "pairwise":
         summary["accuracy"] = computed.get("pairwise_accuracy")
     summary.update({k: v for k, v in computed.items() if k != "num_pairs" or fmt == "nectar"})
@@ -112,9 +131,17 @@ def check_flags(args) -> None:
 DEFAULT_DPO_BETA = 0.1  # trl's DPOConfig default, for a policy that records none
 
 
-def score_dpo(model: str, reference: str, data: str, output: str | None = None, template: str | None = None,
-              max_length: int | None = None, batch_size: int = 32, on_bad_row: str = "error",
-              beta: float | None = None) -> dict:
+def score_dpo(
+    model: str,
+    reference: str,
+    data: str,
+    output: str | None = None,
+    template: str | None = None,
+    max_length: int | None = None,
+    batch_size: int = 32,
+    on_bad_row: str = "error",
+    beta: float | None = None,
+) -> dict:
     """Implied rewards of a DPO policy against its reference for every answer (the output and summary of
     `score`, plus `reference` and `beta`)."""
     import numpy as np
@@ -125,8 +152,10 @@ def score_dpo(model: str, reference: str, data: str, output: str | None = None, 
     cfg, graphdef, params = hf_io.load_hf(folder, "causal_lm", mesh)
     ref_cfg, ref_graphdef, ref_params = hf_io.load_hf(ref_folder, "causal_lm", mesh)
     if ref_cfg.vocab_size != cfg.vocab_size:
-        raise CheckpointError(f"--reference {reference}: vocabulary of {ref_cfg.vocab_size} tokens, the policy "
-                              f"--model {model} has {cfg.vocab_size}: not its reference")
+        raise CheckpointError(
+            f"--reference {reference}: vocabulary of {ref_cfg.vocab_size} tokens, the policy "
+            f"--model {model} has {cfg.vocab_size}: not its reference"
+        )
     config = hf_io._read_hf_config(folder)
     if beta is None:
         beta = float(config.get("dpo_beta") or DEFAULT_DPO_BETA)
@@ -142,10 +171,13 @@ def score_dpo(model: str, reference: str, data: str, output: str | None = None, 
     if (ref_folder / "tokenizer_config.json").is_file():
         ref_tok = tokenizer_lib.load_tokenizer(ref_folder)
         if tokenizer_lib.tokenizer_fingerprint(ref_tok) != tokenizer_lib.tokenizer_fingerprint(tokenizer):
-            raise CheckpointError(f"--reference {reference}: its tokenizer differs from the policy's ({model}); "
-                                  "implied rewards need one tokenization")
-    common = dict(rows=batch_size, max_length=max_length, pad_to_multiple=PAD_TO_MULTIPLE,
-                  pad_id=tokenizer.pad_token_id or 0)
+            raise CheckpointError(
+                f"--reference {reference}: its tokenizer differs from the policy's ({model}); "
+                "implied rewards need one tokenization"
+            )
+    common = dict(
+        rows=batch_size, max_length=max_length, pad_to_multiple=PAD_TO_MULTIPLE, pad_id=tokenizer.pad_token_id or 0
+    )
     policy_scorer = BucketedLogProbs(graphdef, mesh, **common)
     reference_scorer = BucketedLogProbs(ref_graphdef, mesh, **common)
 
@@ -167,16 +199,22 @@ def score_dpo(model: str, reference: str, data: str, output: str | None = None, 
     sequences = [t for tr in tokenized for t in tr.tokens]
     starts = [int(i) for tr in tokenized for i in tr.answer_start]
     if sequences:
-        flat = beta * (policy_scorer(params, sequences, starts).astype(np.float64)
-                       - reference_scorer(ref_params, sequences, starts).astype(np.float64))
+        flat = beta * (
+            policy_scorer(params, sequences, starts).astype(np.float64)
+            - reference_scorer(ref_params, sequences, starts).astype(np.float64)
+        )
     else:
         flat = np.zeros(0)
     offsets = np.cumsum([0] + [tr.num_answers for tr in tokenized])
     metrics = RankingMetrics()
     for i, tr in enumerate(tokenized):
-        rw = flat[offsets[i]:offsets[i + 1]]
-        lines[tr.row] = {"row": tr.row, "rewards": [float(x) for x in rw], "ranks": [float(x) for x in tr.ranks],
-                         "truncated": tr.truncated}
+        rw = flat[offsets[i] : offsets[i + 1]]
+        lines[tr.row] = {
+            "row": tr.row,
+            "rewards": [float(x) for x in rw],
+            "ranks": [float(x) for x in tr.ranks],
+            "truncated": tr.truncated,
+        }
         metrics.update(rw[None], tr.ranks[None], np.ones((1, tr.num_answers), bool), tr.answer_lengths[None])
     if output:
         as_path(output).parent.mkdir(parents=True, exist_ok=True)
@@ -184,10 +222,20 @@ def score_dpo(model: str, reference: str, data: str, output: str | None = None, 
             for row in sorted(lines):
                 f.write(json.dumps(lines[row]) + "\n")
     computed = metrics.compute() if tokenized else {}
-    summary = {"status": "completed", "model": str(model), "reference": str(reference), "beta": beta,
-               "data": str(data), "format": fmt, "template": template, "rows_read": report.rows_read,
-               "rows_scored": len(tokenized), "rows_skipped": len(lines) - len(tokenized),
-               "rows_truncated": sum(tr.truncated for tr in tokenized), "output": output}
+    summary = {
+        "status": "completed",
+        "model": str(model),
+        "reference": str(reference),
+        "beta": beta,
+        "data": str(data),
+        "format": fmt,
+        "template": template,
+        "rows_read": report.rows_read,
+        "rows_scored": len(tokenized),
+        "rows_skipped": len(lines) - len(tokenized),
+        "rows_truncated": sum(tr.truncated for tr in tokenized),
+        "output": output,
+    }
     if fmt == "pairwise":
         summary["accuracy"] = computed.get("pairwise_accuracy")
     summary.update({k: v for k, v in computed.items() if k != "num_pairs" or fmt == "nectar"})
@@ -199,30 +247,63 @@ def _score_dpo_args(args) -> dict:
         raise UsageError("--beta applies only with --reference (DPO scoring)")
     if args.model is None:
         raise UsageError("--reference needs --model (the DPO policy, a *ForCausalLM folder)")
-    return score_dpo(args.model, args.reference, resolve_bundled(args.data), args.output, args.template,
-                     args.max_length, args.batch_size, args.on_bad_row, args.beta)
+    return score_dpo(
+        args.model,
+        args.reference,
+        resolve_bundled(args.data),
+        args.output,
+        args.template,
+        args.max_length,
+        args.batch_size,
+        args.on_bad_row,
+        args.beta,
+    )
 
 
 def main(argv=None) -> int:
     parser = cli.ArgumentParser(prog="python -m starling_jax.score", description=__doc__)
-    parser.add_argument("--model", default=None, help="HF reward-model folder / Hub id, or a checkpoint folder "
-                        f"(default: {cli.DEFAULT_HF_DIR}, the embedded train_rm run's export)")
-    parser.add_argument("--data", default=BUNDLED_ALIAS, help="Nectar-format or pairwise file (jsonl, json, parquet); "
-                        "default: the bundled synthetic file")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="HF reward-model folder / Hub id, or a checkpoint folder "
+        f"(default: {cli.DEFAULT_HF_DIR}, the embedded train_rm run's export)",
+    )
+    parser.add_argument(
+        "--data",
+        default=BUNDLED_ALIAS,
+        help="Nectar-format or pairwise file (jsonl, json, parquet); default: the bundled synthetic file",
+    )
     parser.add_argument("--output", default=None, help="JSON-lines output, one line per input row")
-    parser.add_argument("--template", default=None,
-                        help="chat template: tokenizer (the model tokenizer's own), llama2_chat, openchat_3.5, "
-                             "chatml, raw; default: a checkpoint's recorded training template, an HF folder's "
-                             "own chat_template")
-    parser.add_argument("--max-length", type=int, default=None, help="tokens per sequence (default: the run's, "
-                                                                      "or 2048)")
-    parser.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass (a micro-batch; rounded up to a "
-                        "multiple of the data-parallel devices)")
+    parser.add_argument(
+        "--template",
+        default=None,
+        help="chat template: tokenizer (the model tokenizer's own), llama2_chat, openchat_3.5, "
+        "chatml, raw; default: a checkpoint's recorded training template, an HF folder's "
+        "own chat_template",
+    )
+    parser.add_argument(
+        "--max-length", type=int, default=None, help="tokens per sequence (default: the run's, or 2048)"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        help="sequences per forward pass (a micro-batch; rounded up to a multiple of the data-parallel devices)",
+    )
     parser.add_argument("--on-bad-row", choices=("error", "skip"), default="error")
-    parser.add_argument("--reference", default=None, help="HF causal-LM folder of the reference policy: score a "
-                        "DPO policy (--model, a *ForCausalLM) by its implied rewards against it")
-    parser.add_argument("--beta", type=float, default=None, help="with --reference: β of the implied reward "
-                        f"(default: the policy's recorded dpo_beta, else {DEFAULT_DPO_BETA})")
+    parser.add_argument(
+        "--reference",
+        default=None,
+        help="HF causal-LM folder of the reference policy: score a "
+        "DPO policy (--model, a *ForCausalLM) by its implied rewards against it",
+    )
+    parser.add_argument(
+        "--beta",
+        type=float,
+        default=None,
+        help="with --reference: β of the implied reward "
+        f"(default: the policy's recorded dpo_beta, else {DEFAULT_DPO_BETA})",
+    )
     cli.setup_logging()
 
     def run():
@@ -230,8 +311,15 @@ def main(argv=None) -> int:
         check_flags(args)
         if args.reference is not None or args.beta is not None:
             return _score_dpo_args(args)
-        return score(cli.embedded_default(args.model, cli.DEFAULT_HF_DIR, "--model"), resolve_bundled(args.data),
-                     args.output, args.template, args.max_length, args.batch_size, args.on_bad_row)
+        return score(
+            cli.embedded_default(args.model, cli.DEFAULT_HF_DIR, "--model"),
+            resolve_bundled(args.data),
+            args.output,
+            args.template,
+            args.max_length,
+            args.batch_size,
+            args.on_bad_row,
+        )
 
     return cli.run_main(run)
 

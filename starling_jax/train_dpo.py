@@ -47,8 +47,9 @@ def train(config_file: str | None, overrides: list[str]) -> dict:
 
 
 def main(argv=None) -> int:
-    return cli.config_main(argv, "python -m starling_jax.train_dpo", __doc__, "loss.name=pairwise train.steps=50",
-                           train)
+    return cli.config_main(
+        argv, "python -m starling_jax.train_dpo", __doc__, "loss.name=pairwise train.steps=50", train
+    )
 
 
 if __name__ == "__main__":

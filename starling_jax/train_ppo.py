@@ -26,14 +26,19 @@ def ensure_default_runs(cfg) -> None:
     is one line naming its command and its log (`<default run folder>.log`, e.g. runs/rm_default.log)."""
     from starling_jax.rl.config import DEFAULT_POLICY, DEFAULT_REWARD_MODEL
 
-    for path, module, key in ((cfg.reward_model, "starling_jax.train_rm", "reward_model"),
-                              (cfg.policy, "starling_jax.train_sft", "policy")):
+    for path, module, key in (
+        (cfg.reward_model, "starling_jax.train_rm", "reward_model"),
+        (cfg.policy, "starling_jax.train_sft", "policy"),
+    ):
         default = DEFAULT_REWARD_MODEL if key == "reward_model" else DEFAULT_POLICY
         if path == default and not (Path(path) / "config.json").is_file():
             run_dir = Path(path).parent  # runs/rm_default for runs/rm_default/hf
-            cli.run_default_run(module, run_dir.with_name(run_dir.name + ".log"),
-                                f"to train the missing {key}={path} (the default {module.rsplit('.', 1)[1]} run)",
-                                f"set {key}=FOLDER_OR_HUB_ID")
+            cli.run_default_run(
+                module,
+                run_dir.with_name(run_dir.name + ".log"),
+                f"to train the missing {key}={path} (the default {module.rsplit('.', 1)[1]} run)",
+                f"set {key}=FOLDER_OR_HUB_ID",
+            )
 
 
 def train(config_file: str | None, overrides: list[str]) -> dict:
@@ -49,8 +54,7 @@ def train(config_file: str | None, overrides: list[str]) -> dict:
 
 
 def main(argv=None) -> int:
-    return cli.config_main(argv, "python -m starling_jax.train_ppo", __doc__, "algorithm=apa train.steps=20",
-                           train)
+    return cli.config_main(argv, "python -m starling_jax.train_ppo", __doc__, "algorithm=apa train.steps=20", train)
 
 
 if __name__ == "__main__":

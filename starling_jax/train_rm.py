@@ -26,8 +26,7 @@ def train(config_file: str | None, overrides: list[str]) -> dict:
 
 
 def main(argv=None) -> int:
-    return cli.config_main(argv, "python -m starling_jax.train_rm", __doc__, "train.steps=100 data.batch_size=4",
-                           train)
+    return cli.config_main(argv, "python -m starling_jax.train_rm", __doc__, "train.steps=100 data.batch_size=4", train)
 
 
 if __name__ == "__main__":

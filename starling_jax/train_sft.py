@@ -29,8 +29,9 @@ def train(config_file: str | None, overrides: list[str]) -> dict:
 
 
 def main(argv=None) -> int:
-    return cli.config_main(argv, "python -m starling_jax.train_sft", __doc__, "train.steps=100 data.batch_size=8",
-                           train)
+    return cli.config_main(
+        argv, "python -m starling_jax.train_sft", __doc__, "train.steps=100 data.batch_size=8", train
+    )
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ a pad id that can end a rendering (pad = eos) fails here. Random-id inputs end w
 Pass/fail: `scaled_diff = max_abs_diff / max(1, max |reference|)` must be ≤ the tolerance, i.e. an absolute
 bound for logits/scores of magnitude ≤ 1 and a relative one for larger ones. Defaults: 1e-4 in float32 and
 5e-2 in bfloat16 (our compute in bfloat16 with float32 parameters, against the float32 PyTorch reference).
-The reference always runs in float32. Exit codes: 0 pass, 1 above tolerance, 2 user error (one line on stderr). The last stdout line is always the
+The reference always runs in float32. Exit codes: 0 pass, 1 above tolerance, 2 user error (one line on stderr). The last
+stdout line is always the
 JSON summary.
 torch is needed (`pip install starling_jax[dev]`).
 """
@@ -43,8 +44,11 @@ TEXTS = [
 
 def _parser() -> cli.ArgumentParser:
     p = cli.ArgumentParser(prog="python -m starling_jax.verify_hf", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=None, help=f"HF model folder (or Hub id); default: {cli.DEFAULT_HF_DIR}, the "
-                   "embedded train_rm run's export")
+    p.add_argument(
+        "--model",
+        default=None,
+        help=f"HF model folder (or Hub id); default: {cli.DEFAULT_HF_DIR}, the embedded train_rm run's export",
+    )
     p.add_argument("--dtype", default="float32", choices=sorted(DEFAULT_TOLERANCE), help="starling_jax compute dtype")
     p.add_argument("--tolerance", type=float, default=None, help="max scaled |diff| (defaults: %s)" % DEFAULT_TOLERANCE)
     p.add_argument("--max-length", type=int, default=64)
@@ -60,6 +64,7 @@ def _inputs(folder: Path, vocab: int, pad_id: int, max_length: int, seed: int, e
     if has_tokenizer:
         try:
             from transformers import AutoTokenizer
+
             tok = AutoTokenizer.from_pretrained(str(folder))
             rows = [tok(t, add_special_tokens=True)["input_ids"][:max_length] for t in TEXTS]
             if any(max(r) >= vocab for r in rows if r):
@@ -79,12 +84,13 @@ def _inputs(folder: Path, vocab: int, pad_id: int, max_length: int, seed: int, e
     length = int(lengths.max())
     tokens = np.full((len(rows), length), pad_id, np.int32)
     for i, r in enumerate(rows):
-        tokens[i, :len(r)] = r
+        tokens[i, : len(r)] = r
     return tokens, lengths, source
 
 
-def verify(model: str, dtype: str = "float32", tolerance: float | None = None, max_length: int = 64,
-           seed: int = 0) -> dict:
+def verify(
+    model: str, dtype: str = "float32", tolerance: float | None = None, max_length: int = 64, seed: int = 0
+) -> dict:
     try:
         import torch
         import transformers
@@ -109,8 +115,9 @@ def verify(model: str, dtype: str = "float32", tolerance: float | None = None, m
     pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
     eos = hf_cfg.get("eos_token_id")
     eos = eos[0] if isinstance(eos, list) and eos else eos
-    tokens, lengths, source = _inputs(folder, cfg.vocab_size, pad_id, max_length, seed,
-                                      eos if isinstance(eos, int) else None)
+    tokens, lengths, source = _inputs(
+        folder, cfg.vocab_size, pad_id, max_length, seed, eos if isinstance(eos, int) else None
+    )
     ar = np.arange(tokens.shape[1])[None, :]
     real = ar < lengths[:, None]
     positions = np.where(real, ar, 0).astype(np.int32)
@@ -143,8 +150,15 @@ def verify(model: str, dtype: str = "float32", tolerance: float | None = None, m
         else:
             ref = ref_model(input_ids=ids, attention_mask=mask).logits.double().numpy()
 
-    summary = {"model": str(model), "role": role, "architectures": archs, "dtype": dtype, "inputs": source,
-               "num_sequences": int(len(lengths)), "num_tokens": int(real.sum())}
+    summary = {
+        "model": str(model),
+        "role": role,
+        "architectures": archs,
+        "dtype": dtype,
+        "inputs": source,
+        "num_sequences": int(len(lengths)),
+        "num_tokens": int(real.sum()),
+    }
     if seq_cls:
         last = lengths - 1
         rows = np.arange(len(lengths))

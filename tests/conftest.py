@@ -24,6 +24,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 def pytest_collection_modifyitems(config, items):
     """Longest first: the embedded-default runs, then the other end-to-end (`slow`/`multiprocess`) tests, then the
     rest, so that pytest-xdist's two workers finish together instead of one running a long test alone at the end."""
+
     def cost_rank(item) -> int:
         if item.path.name == "test_default_run.py":
             return 0

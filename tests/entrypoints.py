@@ -15,8 +15,13 @@ from pathlib import Path
 
 def env_with(devices: int, **extra: str) -> dict:
     """The environment of a subprocess on `devices` simulated CPU devices (plus `extra` variables)."""
-    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-                TF_CPP_MIN_LOG_LEVEL="2", **extra)
+    return dict(
+        os.environ,
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_PLATFORMS="cpu",
+        TF_CPP_MIN_LOG_LEVEL="2",
+        **extra,
+    )
 
 
 def entry_cmd(module: str, out: Path, data: Path, *extra: str) -> list[str]:
@@ -45,16 +50,20 @@ def losses(out: Path) -> dict[int, float]:
     return rows
 
 
-def kill_after_metrics(cmd: list[str], out: Path, rows: int, timeout: float = 400, devices: int = 1,
-                       checkpoint: int | None = None) -> None:
+def kill_after_metrics(
+    cmd: list[str], out: Path, rows: int, timeout: float = 400, devices: int = 1, checkpoint: int | None = None
+) -> None:
     """Starts `cmd` on `devices` simulated devices and SIGKILLs it as soon as `out/metrics.jsonl` has `rows` rows and,
     if given, the checkpoint of step `checkpoint` is complete (orbax renames its folder into place when it is)
     (asserting it was still running): a run killed mid-training, past a checkpoint."""
     proc = subprocess.Popen(cmd, env=env_with(devices), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics, deadline = out / "metrics.jsonl", time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
-        if (metrics.is_file() and len(metrics.read_text().splitlines()) >= rows
-                and (checkpoint is None or (out / "checkpoints" / str(checkpoint)).is_dir())):
+        if (
+            metrics.is_file()
+            and len(metrics.read_text().splitlines()) >= rows
+            and (checkpoint is None or (out / "checkpoints" / str(checkpoint)).is_dir())
+        ):
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)

@@ -13,8 +13,9 @@ import os
 from pathlib import Path
 
 
-def add_to_hub_cache(hf_home: str | Path, repo_id: str, files: dict[str, str | Path | bytes],
-                     commit: str | None = None) -> Path:
+def add_to_hub_cache(
+    hf_home: str | Path, repo_id: str, files: dict[str, str | Path | bytes], commit: str | None = None
+) -> Path:
     """Stores `files` (repo path → local file to copy, or bytes) as `repo_id`'s `main` revision in the cache of
     `HF_HOME=hf_home` → the snapshot folder. The layout is checked with huggingface_hub's own cache lookup."""
     from huggingface_hub import try_to_load_from_cache
@@ -48,5 +49,3 @@ def folder_files(*folders: str | Path, skip: tuple[str, ...] = ()) -> dict[str, 
             if path.is_file() and rel not in skip:
                 out[rel] = path
     return out
-
-

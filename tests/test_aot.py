@@ -21,10 +21,21 @@ SMALL = ["data.batch_size=4", "data.max_length=128", "data.num_answers=3"]
 
 
 def run_aot(*args: str, devices: int = 4) -> tuple[int, dict, str]:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", HF_HUB_OFFLINE="1",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    proc = subprocess.run([sys.executable, "-m", "starling_jax.aot", *args], env=env, capture_output=True, text=True,
-                          check=False, timeout=300)
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        TF_CPP_MIN_LOG_LEVEL="2",
+        HF_HUB_OFFLINE="1",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "starling_jax.aot", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     return proc.returncode, summary, proc.stderr
 
@@ -32,8 +43,17 @@ def run_aot(*args: str, devices: int = 4) -> tuple[int, dict, str]:
 def test_cpu_topology_compiles_the_train_step_and_fits():
     rc, s, err = run_aot("--topology", "cpu", "train.micro_batches=2", *SMALL)
     assert rc == 0, err[-2000:]
-    for key in ("topology", "num_chips", "per_chip_bytes", "hbm_bytes", "fits", "compile_s", "memory_bytes",
-                "model_flops_per_step", "batch"):
+    for key in (
+        "topology",
+        "num_chips",
+        "per_chip_bytes",
+        "hbm_bytes",
+        "fits",
+        "compile_s",
+        "memory_bytes",
+        "model_flops_per_step",
+        "batch",
+    ):
         assert key in s, key
     assert s["topology"] == "cpu" and s["num_chips"] == 4 and s["fits"] is True
     assert s["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
@@ -50,8 +70,19 @@ def test_tiny_capacity_does_not_fit_and_exits_1():
 
 
 def test_builtin_hub_architecture_with_num_layers_override():
-    rc, s, err = run_aot("configs/rm_mistral7b_nectar.yaml", "--topology", "cpu", "--num-layers", "1", "--json",
-                         "data.batch_size=4", "data.max_length=128", "train.micro_batches=1", "--hbm-gib", "1000")
+    rc, s, err = run_aot(
+        "configs/rm_mistral7b_nectar.yaml",
+        "--topology",
+        "cpu",
+        "--num-layers",
+        "1",
+        "--json",
+        "data.batch_size=4",
+        "data.max_length=128",
+        "train.micro_batches=1",
+        "--hbm-gib",
+        "1000",
+    )
     assert rc == 0, err[-2000:]
     assert s["model_type"] == "mistral" and s["num_layers"] == 1 and s["scan_layers"] is True
     assert s["num_params"] == 32000 * 4096 + 4096 * 128 * (2 * 32 + 2 * 8) + 3 * 4096 * 14336 + 2 * 4096 + 4096 + 4096
@@ -84,8 +115,10 @@ def test_topology_names_and_capacities():
 
 
 def test_tpu_out_of_memory_message_is_parsed():
-    msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (29.06G) "
-           "exceeds available HBM (15.75G).")
+    msg = (
+        "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (29.06G) "
+        "exceeds available HBM (15.75G)."
+    )
     assert aot._OOM.search(msg)
     assert aot._oom_bytes(msg, "HLO temporaries") == int(29.06 * GIB)
     assert aot._oom_bytes(msg, "available HBM") == int(15.75 * GIB)
@@ -93,11 +126,27 @@ def test_tpu_out_of_memory_message_is_parsed():
 
 def _hf_config(folder, arch: str, layers: int, hidden: int) -> str:
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({
-        "architectures": [arch], "model_type": "llama", "vocab_size": 256, "hidden_size": hidden,
-        "intermediate_size": 2 * hidden, "num_hidden_layers": layers, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "hidden_act": "silu", "max_position_embeddings": 512, "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0, "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2}))
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": [arch],
+                "model_type": "llama",
+                "vocab_size": 256,
+                "hidden_size": hidden,
+                "intermediate_size": 2 * hidden,
+                "num_hidden_layers": layers,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "hidden_act": "silu",
+                "max_position_embeddings": 512,
+                "rms_norm_eps": 1e-5,
+                "rope_theta": 10000.0,
+                "tie_word_embeddings": False,
+                "bos_token_id": 1,
+                "eos_token_id": 2,
+            }
+        )
+    )
     return str(folder)
 
 
@@ -106,6 +155,7 @@ def rl_role_bytes_per_device(policy: tuple[int, int], rm: tuple[int, int], fsdp:
     (embedding, attention q/k/v/o with 4 heads / 2 KV heads, MLP gate/up/down, heads) split `fsdp` ways, the RMSNorm
     weights (2 per layer + the final one) replicated; actor and critic fp32 (+ AdamW's two fp32 moments), the full
     reference copy and the reward model bf16."""
+
     def model(layers, hidden, head):
         head_dim = hidden // 4
         layer = hidden * head_dim * (2 * 4 + 2 * 2) + 3 * hidden * (2 * hidden)
@@ -118,9 +168,13 @@ def rl_role_bytes_per_device(policy: tuple[int, int], rm: tuple[int, int], fsdp:
     (p_layers, p_hidden), (r_layers, r_hidden) = policy, rm
     actor = per_device(model(p_layers, p_hidden, p_hidden * 256), 4)  # untied LM head [D, V]
     critic = per_device(model(p_layers, p_hidden, p_hidden), 4)  # value head [D, 1]
-    return {"actor": actor, "critic": critic, "optimizer": 2 * (actor + critic),
-            "reference": per_device(model(p_layers, p_hidden, p_hidden * 256), 2),
-            "reward": per_device(model(r_layers, r_hidden, r_hidden), 2)}  # score head [D, 1]
+    return {
+        "actor": actor,
+        "critic": critic,
+        "optimizer": 2 * (actor + critic),
+        "reference": per_device(model(p_layers, p_hidden, p_hidden * 256), 2),
+        "reward": per_device(model(r_layers, r_hidden, r_hidden), 2),
+    }  # score head [D, 1]
 
 
 def test_rl_set_compiles_every_program_on_the_cpu_mesh(tmp_path):
@@ -129,10 +183,20 @@ def test_rl_set_compiles_every_program_on_the_cpu_mesh(tmp_path):
     the compiler's donated update state equals actor + critic + AdamW."""
     policy = _hf_config(tmp_path / "policy", "LlamaForCausalLM", 2, 64)
     rm = _hf_config(tmp_path / "rm", "LlamaForSequenceClassification", 3, 32)
-    rc, s, err = run_aot("--topology", "cpu", "--json", f"policy={policy}", f"reward_model={rm}",
-                         "runtime.frozen_param_dtype=bfloat16", "rollout.batch_size=8", "rollout.minibatch_size=4",
-                         "rollout.max_new_tokens=8", "prompts.max_prompt_tokens=8", "prompts.rm_max_length=64",
-                         "prompts.eval_prompts=8")  # = the rollout batch: no separate eval programs
+    rc, s, err = run_aot(
+        "--topology",
+        "cpu",
+        "--json",
+        f"policy={policy}",
+        f"reward_model={rm}",
+        "runtime.frozen_param_dtype=bfloat16",
+        "rollout.batch_size=8",
+        "rollout.minibatch_size=4",
+        "rollout.max_new_tokens=8",
+        "prompts.max_prompt_tokens=8",
+        "prompts.rm_max_length=64",
+        "prompts.eval_prompts=8",
+    )  # = the rollout batch: no separate eval programs
     assert rc == 0 and s["job"] == "train_ppo" and s["fits"] is True, err[-3000:]
     assert s["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
     assert list(s["programs"]) == ["rollout", "score", "experience", "update"]
@@ -161,9 +225,19 @@ def test_rl_minibatch_that_does_not_split_is_refused_and_the_suggested_mesh_comp
     (half the fsdp, tensor 2) is accepted and compiles (one program: the guard runs before any)."""
     policy = _hf_config(tmp_path / "policy", "LlamaForCausalLM", 2, 64)
     rm = _hf_config(tmp_path / "rm", "LlamaForSequenceClassification", 2, 32)
-    base = ["--topology", "cpu", "--json", f"policy={policy}", f"reward_model={rm}", "rollout.batch_size=4",
-            "rollout.minibatch_size=2", "rollout.max_new_tokens=8", "prompts.max_prompt_tokens=8",
-            "prompts.rm_max_length=64", "prompts.eval_prompts=4"]
+    base = [
+        "--topology",
+        "cpu",
+        "--json",
+        f"policy={policy}",
+        f"reward_model={rm}",
+        "rollout.batch_size=4",
+        "rollout.minibatch_size=2",
+        "rollout.max_new_tokens=8",
+        "prompts.max_prompt_tokens=8",
+        "prompts.rm_max_length=64",
+        "prompts.eval_prompts=4",
+    ]
     rc, s, err = run_aot(*base)
     assert rc == 2 and s["status"] == "error", err[-2000:]
     assert "rollout.minibatch_size=2 is not a multiple of the mesh's 4 data-parallel devices" in s["error"]
@@ -183,18 +257,36 @@ def test_rl_set_adds_eval_programs_for_a_larger_eval_batch(tmp_path):
     from starling_jax.rl.job import PPOJob
 
     policy = _hf_config(tmp_path / "policy", "LlamaForCausalLM", 2, 64)
-    cfg = load_config(PPORunConfig, None, [f"policy={policy}", f"reward_model={policy}", "critic_init=policy",
-                                           "rollout.batch_size=4", "rollout.minibatch_size=2",
-                                           "prompts.eval_prompts=6", "num_layers_unfrozen=1"])
+    cfg = load_config(
+        PPORunConfig,
+        None,
+        [
+            f"policy={policy}",
+            f"reward_model={policy}",
+            "critic_init=policy",
+            "rollout.batch_size=4",
+            "rollout.minibatch_size=2",
+            "prompts.eval_prompts=6",
+            "num_layers_unfrozen=1",
+        ],
+    )
     job = PPOJob(cfg)
     import jax
 
     mesh = sharding.make_mesh(cfg.mesh, devices=jax.devices()[:1])
-    state, minibatch, _ = job.abstract_inputs(mesh, {"policy": aot.architecture(policy, "policy"),
-                                                     "reward": aot.architecture(policy, "reward_model")})
+    state, minibatch, _ = job.abstract_inputs(
+        mesh, {"policy": aot.architecture(policy, "policy"), "reward": aot.architecture(policy, "reward_model")}
+    )
     rows = {p.name: p.rows for p in job.abstract_set.programs}
-    assert rows == {"rollout": 4, "score": 4, "experience": 4, "update": 2, "eval_rollout": 6, "eval_score": 6,
-                    "eval_experience": 6}
+    assert rows == {
+        "rollout": 4,
+        "score": 4,
+        "experience": 4,
+        "update": 2,
+        "eval_rollout": 6,
+        "eval_score": 6,
+        "eval_experience": 6,
+    }
     assert minibatch["tokens"].shape == (2, 64 + 24) and set(state) >= {"params", "opt_state", "kl_coef"}
     # hydra reference: the top layer only, so fewer bytes than the actor
     assert aot.sharded_bytes(job.abstract_set.frozen["reference"]) < aot.sharded_bytes(state["params"]["actor"])

@@ -23,45 +23,90 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                                reason="needs libtpu (the tpu extra); .ci/run's AOT step provides it")
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None, reason="needs libtpu (the tpu extra); .ci/run's AOT step provides it"
+)
 
 D, F, V, LAYERS, HEADS, KV, HEAD_DIM = 512, 1024, 32000, 2, 4, 4, 128
 FSDP = 4  # a v5e-4 slice: 4 chips, mesh fsdp=-1
-CONFIG = [f"model.hidden_size={D}", f"model.intermediate_size={F}", f"model.vocab_size={V}",
-          f"model.num_hidden_layers={LAYERS}", f"model.num_attention_heads={HEADS}",
-          f"model.num_key_value_heads={KV}", "runtime.scan_layers=true", "runtime.remat_policy=full",
-          "runtime.attention_impl=einsum",
-          "data.batch_size=8", "data.num_answers=2", "data.max_length=128", "data.pad_to_multiple=128"]
-LIBTPU_START_UP_ERRORS = ("could not determine TPU accelerator type", "TPU_WORKER_HOSTNAMES", "INVALID_ARGUMENT",
-                          "Failed to find host bounds")
+CONFIG = [
+    f"model.hidden_size={D}",
+    f"model.intermediate_size={F}",
+    f"model.vocab_size={V}",
+    f"model.num_hidden_layers={LAYERS}",
+    f"model.num_attention_heads={HEADS}",
+    f"model.num_key_value_heads={KV}",
+    "runtime.scan_layers=true",
+    "runtime.remat_policy=full",
+    "runtime.attention_impl=einsum",
+    "data.batch_size=8",
+    "data.num_answers=2",
+    "data.max_length=128",
+    "data.pad_to_multiple=128",
+]
+LIBTPU_START_UP_ERRORS = (
+    "could not determine TPU accelerator type",
+    "TPU_WORKER_HOSTNAMES",
+    "INVALID_ARGUMENT",
+    "Failed to find host bounds",
+)
 
 
 # The RL set: a TPU-shaped Mistral policy (actor; critic from its trunk) and a deeper Llama reward model, given by
 # their config.json only; hydra reference (top layer), frozen roles in bf16, fp32 trainable weights and AdamW.
 RL_V, POLICY_LAYERS, RM_LAYERS, UNFROZEN = 4096, 2, 3, 1
-RL_CONFIG = ["num_layers_unfrozen=1", "rollout.batch_size=8", "rollout.minibatch_size=4",
-             "rollout.max_new_tokens=16", "prompts.max_prompt_tokens=112", "prompts.rm_max_length=128",
-             "runtime.param_dtype=float32", "runtime.frozen_param_dtype=bfloat16", "runtime.dtype=bfloat16",
-             "runtime.scan_layers=true", "runtime.remat_policy=full"]
+RL_CONFIG = [
+    "num_layers_unfrozen=1",
+    "rollout.batch_size=8",
+    "rollout.minibatch_size=4",
+    "rollout.max_new_tokens=16",
+    "prompts.max_prompt_tokens=112",
+    "prompts.rm_max_length=128",
+    "runtime.param_dtype=float32",
+    "runtime.frozen_param_dtype=bfloat16",
+    "runtime.dtype=bfloat16",
+    "runtime.scan_layers=true",
+    "runtime.remat_policy=full",
+]
 
 
 def write_hf_config(folder, arch: str, model_type: str, layers: int) -> str:
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({
-        "architectures": [arch], "model_type": model_type, "vocab_size": RL_V, "hidden_size": D,
-        "intermediate_size": F, "num_hidden_layers": layers, "num_attention_heads": HEADS,
-        "num_key_value_heads": KV, "head_dim": HEAD_DIM, "hidden_act": "silu", "max_position_embeddings": 1024,
-        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False, "bos_token_id": 1,
-        "eos_token_id": 2}))
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": [arch],
+                "model_type": model_type,
+                "vocab_size": RL_V,
+                "hidden_size": D,
+                "intermediate_size": F,
+                "num_hidden_layers": layers,
+                "num_attention_heads": HEADS,
+                "num_key_value_heads": KV,
+                "head_dim": HEAD_DIM,
+                "hidden_act": "silu",
+                "max_position_embeddings": 1024,
+                "rms_norm_eps": 1e-5,
+                "rope_theta": 10000.0,
+                "tie_word_embeddings": False,
+                "bos_token_id": 1,
+                "eos_token_id": 2,
+            }
+        )
+    )
     return str(folder)
 
 
 def start_aot(*args: str, config: list[str] = CONFIG) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TPU_") and k != "XLA_FLAGS"}
     env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
-    return subprocess.Popen([sys.executable, "-m", "starling_jax.aot", *config, "--json", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "starling_jax.aot", *config, "--json", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def result(proc: subprocess.Popen) -> tuple[int, dict, str]:
@@ -76,16 +121,19 @@ def compiled(tmp_path_factory):
     and reward-model programs only (the sampler and experience programs are compiled on the CPU mesh in
     test_aot.py): the two that hold the trainable state and the reward model."""
     tmp = tmp_path_factory.mktemp("rl")
-    rl_config = [f"policy={write_hf_config(tmp / 'policy', 'MistralForCausalLM', 'mistral', POLICY_LAYERS)}",
-                 f"reward_model={write_hf_config(tmp / 'rm', 'LlamaForSequenceClassification', 'llama', RM_LAYERS)}",
-                 *RL_CONFIG]
+    rl_config = [
+        f"policy={write_hf_config(tmp / 'policy', 'MistralForCausalLM', 'mistral', POLICY_LAYERS)}",
+        f"reward_model={write_hf_config(tmp / 'rm', 'LlamaForSequenceClassification', 'llama', RM_LAYERS)}",
+        *RL_CONFIG,
+    ]
     # the two-slice compile also runs the recipes' `attention_impl: auto`, which must pick splash for a TPU mesh
     one = start_aot("--topology", "v5e-4")
     two = start_aot("--topology", "v5e-4", "--num-slices", "2", config=[*CONFIG, "runtime.attention_impl=auto"])
     # the RL set with train_ppo's default `runtime.attention_impl: auto`: splash in every program for a TPU mesh
     rl = start_aot("--topology", "v5e-4", "--programs", "update,score,experience", config=rl_config)
-    levers = start_aot("--topology", "v5e-4", config=[*CONFIG, "runtime.remat_policy=full_offload",
-                                                      "runtime.mlp_chunks=4"])
+    levers = start_aot(
+        "--topology", "v5e-4", config=[*CONFIG, "runtime.remat_policy=full_offload", "runtime.mlp_chunks=4"]
+    )
     return {"one": result(one), "two": result(two), "rl": result(rl), "levers": result(levers)}
 
 
@@ -165,8 +213,13 @@ def rl_role_bytes_per_chip() -> dict[str, int]:
     critic = per_chip(RL_V * D + POLICY_LAYERS * layer + D, POLICY_LAYERS * 2 * D + D, 4)  # + value head [D, 1]
     reference = per_chip(UNFROZEN * layer + D * RL_V, UNFROZEN * 2 * D + D, 2)  # hydra: top layer, norm, LM head
     reward = per_chip(RL_V * D + RM_LAYERS * layer + D, RM_LAYERS * 2 * D + D, 2)
-    return {"actor": actor, "critic": critic, "optimizer": 2 * (actor + critic), "reference": reference,
-            "reward": reward}
+    return {
+        "actor": actor,
+        "critic": critic,
+        "optimizer": 2 * (actor + critic),
+        "reference": reference,
+        "reward": reward,
+    }
 
 
 def test_rl_set_per_chip_state_matches_the_analytic_count(compiled):
@@ -189,8 +242,9 @@ def test_rl_set_per_chip_state_matches_the_analytic_count(compiled):
     assert update["resident_beside_bytes"] == expected["reference"] + expected["reward"]
     rm_batch = 4 * (3 * 8 * 128 + 8) // FSDP  # tokens, positions, segment ids [8, 128] + reward index, int32
     assert expected["reward"] <= score["memory_bytes"]["argument"] <= expected["reward"] + 2 * rm_batch, score
-    assert score["resident_beside_bytes"] == sum(expected.values()) - expected["reward"] + (roles["optimizer"] -
-                                                                                            expected["optimizer"])
+    assert score["resident_beside_bytes"] == sum(expected.values()) - expected["reward"] + (
+        roles["optimizer"] - expected["optimizer"]
+    )
     assert s["per_chip_bytes"] == max(p["per_chip_bytes"] for p in s["programs"].values())
     assert all(p["per_chip_bytes"] == p["program_bytes"] + p["resident_beside_bytes"] for p in s["programs"].values())
 

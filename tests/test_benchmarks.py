@@ -17,8 +17,9 @@ ROOT = Path(__file__).resolve().parent.parent
 def _run(script: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("XLA_FLAGS", None)  # one CPU device, as the benchmarks are meant to run
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--quick"], env=env, capture_output=True,
-                          text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), "--quick"], env=env, capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

@@ -18,8 +18,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_rm_base_yaml_is_the_embedded_default():
-    assert to_dict(load_config(RMRunConfig, ROOT / "configs" / "rm_base.yaml", [])) == \
-        to_dict(load_config(RMRunConfig, None, []))
+    assert to_dict(load_config(RMRunConfig, ROOT / "configs" / "rm_base.yaml", [])) == to_dict(
+        load_config(RMRunConfig, None, [])
+    )
 
 
 def test_recipes_load_and_pad_to_128():
@@ -31,15 +32,18 @@ def test_recipes_load_and_pad_to_128():
 def test_sft_base_yaml_is_the_embedded_default():
     from starling_jax.train.sft_config import SFTRunConfig
 
-    assert to_dict(load_config(SFTRunConfig, ROOT / "configs" / "sft_base.yaml", [])) == \
-        to_dict(load_config(SFTRunConfig, None, []))
+    assert to_dict(load_config(SFTRunConfig, ROOT / "configs" / "sft_base.yaml", [])) == to_dict(
+        load_config(SFTRunConfig, None, [])
+    )
 
 
 # ------------------------------------------------------------------------------------------------ base files
-BASES = [("rm_base.yaml", "starling_jax.train.rm_config", "RMRunConfig"),
-         ("sft_base.yaml", "starling_jax.train.sft_config", "SFTRunConfig"),
-         ("ppo_base.yaml", "starling_jax.rl.config", "PPORunConfig"),
-         ("dpo_base.yaml", "starling_jax.train.dpo_config", "DPORunConfig")]
+BASES = [
+    ("rm_base.yaml", "starling_jax.train.rm_config", "RMRunConfig"),
+    ("sft_base.yaml", "starling_jax.train.sft_config", "SFTRunConfig"),
+    ("ppo_base.yaml", "starling_jax.rl.config", "PPORunConfig"),
+    ("dpo_base.yaml", "starling_jax.train.dpo_config", "DPORunConfig"),
+]
 
 
 def dataclass_leaves(obj, prefix: str = "", moved=None):
@@ -75,8 +79,11 @@ def test_base_yaml_lists_every_key_with_its_default(name, module, cls):
                 break
             node = node[part]
         else:
-            same_type = (type(node) is type(default) or isinstance(default, (list, tuple))
-                         or (isinstance(default, float) and type(node) is int))  # YAML `1` for 1.0
+            same_type = (
+                type(node) is type(default)
+                or isinstance(default, (list, tuple))
+                or (isinstance(default, float) and type(node) is int)
+            )  # YAML `1` for 1.0
             if as_plain(node) != as_plain(default) or not same_type:
                 wrong.append(f"{key}: {node!r} in the file, {default!r} by default")
     assert not missing, f"configs/{name} lacks {missing} (python -m starling_jax.base_configs writes them)"
@@ -119,8 +126,10 @@ def test_generator_adds_a_new_key_with_the_dataclass_comment():
 
     old = "# header\n\nseed: 0                          # hand-written\n\ninner:\n  kept: 1\n"
     text = base_configs.render(Outer, old)
-    assert text == ("# header\n\nseed: 0                          # hand-written\n\ninner:\n  kept: 1\n"
-                    "  # above the new key\n  added: null                    # the new key's own comment\n")
+    assert text == (
+        "# header\n\nseed: 0                          # hand-written\n\ninner:\n  kept: 1\n"
+        "  # above the new key\n  added: null                    # the new key's own comment\n"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ recipe comments
@@ -133,8 +142,9 @@ def test_config_comments_name_what_exists(config):
     """Every README / BENCHMARKS section a config's comments name is a heading there, every `python -m` command is
     a module of the package, every file named is in the repository, and nothing points outside it."""
     # the comments as one text (a quoted section name may wrap onto the next comment line)
-    comments = " ".join(line.split("#", 1)[1].strip() for line in (ROOT / "configs" / config).read_text().splitlines()
-                        if "#" in line)
+    comments = " ".join(
+        line.split("#", 1)[1].strip() for line in (ROOT / "configs" / config).read_text().splitlines() if "#" in line
+    )
     assert "../" not in comments and "/work/" not in comments and "shared/reference" not in comments
     for doc, name in (("README", "README.md"), ("BENCHMARKS", "BENCHMARKS.md")):
         for section in re.findall(rf'{doc}(?:\.md)?(?:\'s)? "([^"]+)"', comments):
@@ -142,8 +152,11 @@ def test_config_comments_name_what_exists(config):
     for module in re.findall(r"python -m (starling_jax[\w.]*)", comments):
         assert importlib.util.find_spec(module) is not None, f"{config}: no module {module}"
     for path in re.findall(r"(?<![\w/.:])((?:[\w-]+/)*[\w-]+\.(?:yaml|py|sh|md))\b", comments):
-        assert any((ROOT / where / path).exists() for where in (".", "configs", "starling_jax")), \
+        assert any((ROOT / where / path).exists() for where in (".", "configs", "starling_jax")), (
             f"{config}: {path} does not exist"
+        )
+
+
 # ------------------------------------------------------------------------------------------------ runtime section
 def test_every_trainer_has_the_same_runtime_section():
     """train_rm, train_sft and train_ppo: one `runtime:` section, same keys and defaults (auto attention); PPO adds
@@ -156,17 +169,29 @@ def test_every_trainer_has_the_same_runtime_section():
 
     rm, sft, ppo = RMRunConfig().runtime, SFTRunConfig().runtime, PPORunConfig().runtime
     assert type(rm) is type(sft) is RuntimeConfig and type(ppo) is RLRuntimeConfig
-    assert dataclasses.asdict(rm) == dataclasses.asdict(sft) == {
-        k: v for k, v in dataclasses.asdict(ppo).items() if k != "frozen_param_dtype"}
+    assert (
+        dataclasses.asdict(rm)
+        == dataclasses.asdict(sft)
+        == {k: v for k, v in dataclasses.asdict(ppo).items() if k != "frozen_param_dtype"}
+    )
     assert rm.attention_impl == "auto" and rm.attention_block == 0 and ppo.frozen_param_dtype == "float32"
     # the runtime fields reach the model config (RM/SFT without init_from) and the RL models' load kwargs
-    cfg = load_config(RMRunConfig, None, ["runtime.attention_impl=blockwise", "runtime.attention_block=32",
-                                          "runtime.mlp_chunks=2", "runtime.dtype=bfloat16"])
+    cfg = load_config(
+        RMRunConfig,
+        None,
+        [
+            "runtime.attention_impl=blockwise",
+            "runtime.attention_block=32",
+            "runtime.mlp_chunks=2",
+            "runtime.dtype=bfloat16",
+        ],
+    )
     m = cfg.model_config
     assert (m.attention_impl, m.attention_block, m.mlp_chunks, m.dtype) == ("blockwise", 32, 2, "bfloat16")
     assert cfg.model.attention_impl == "einsum"  # the `model` section holds the architecture only
-    kw = load_config(PPORunConfig, None, ["runtime.attention_impl=splash", "runtime.frozen_param_dtype=bfloat16"]
-                     ).runtime.model_kwargs(frozen=True)
+    kw = load_config(
+        PPORunConfig, None, ["runtime.attention_impl=splash", "runtime.frozen_param_dtype=bfloat16"]
+    ).runtime.model_kwargs(frozen=True)
     assert kw["attention_impl"] == "splash" and kw["param_dtype"] == "bfloat16"
 
 
@@ -189,9 +214,14 @@ def run_main(main, args, capsys) -> tuple[int, str, dict]:
     return rc, captured.err.strip().splitlines()[-1], json.loads(captured.out.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("entry,override", [("train_rm", "model.attention_impl=blockwise"),
-                                            ("train_sft", "model.remat_policy=full"),
-                                            ("train_rm", "model.scan_layers=true")])
+@pytest.mark.parametrize(
+    "entry,override",
+    [
+        ("train_rm", "model.attention_impl=blockwise"),
+        ("train_sft", "model.remat_policy=full"),
+        ("train_rm", "model.scan_layers=true"),
+    ],
+)
 def test_old_model_runtime_keys_are_refused_naming_the_new_key(entry, override, capsys):
     import importlib
 
@@ -199,8 +229,10 @@ def test_old_model_runtime_keys_are_refused_naming_the_new_key(entry, override, 
     new = "runtime." + key.split(".", 1)[1]
     rc, err, summary = run_main(importlib.import_module(f"starling_jax.{entry}").main, [override], capsys)
     assert rc == 2 and summary["status"] == "error"
-    assert err == (f"error: command line override {override!r}: {key} is now {new} (the runtime section every "
-                   f"trainer shares); write {new}={value}")
+    assert err == (
+        f"error: command line override {override!r}: {key} is now {new} (the runtime section every "
+        f"trainer shares); write {new}={value}"
+    )
 
 
 def test_old_model_runtime_keys_in_a_file_are_refused(tmp_path, capsys):
@@ -208,8 +240,10 @@ def test_old_model_runtime_keys_in_a_file_are_refused(tmp_path, capsys):
 
     (tmp_path / "old.yaml").write_text("model:\n  hidden_size: 64\n  attention_impl: einsum\n")
     rc, err, _ = run_main(train_sft.main, [str(tmp_path / "old.yaml")], capsys)
-    assert rc == 2 and err == (f"error: {tmp_path / 'old.yaml'}: model.attention_impl is now runtime.attention_impl "
-                               "(the runtime section every trainer shares); move it under runtime:")
+    assert rc == 2 and err == (
+        f"error: {tmp_path / 'old.yaml'}: model.attention_impl is now runtime.attention_impl "
+        "(the runtime section every trainer shares); move it under runtime:"
+    )
     with pytest.raises(ConfigError, match=r"model.mlp_chunks=2: this key moved to runtime.mlp_chunks"):
         RMRunConfig(model=tiny_model().replace(mlp_chunks=2))
 
@@ -219,8 +253,11 @@ def test_train_ppo_refuses_freeze_layers_and_an_attention_that_cannot_read_rollo
 
     rc, err, summary = run_main(train_ppo.main, ["optim.freeze_layers=28"], capsys)
     assert rc == 2 and summary["status"] == "error"
-    assert err == ("error: optim.freeze_layers=28 does not apply to train_ppo: set num_layers_unfrozen=N (only the "
-                   "top N policy layers train) and critic_layers_unfrozen")
+    assert err == (
+        "error: optim.freeze_layers=28 does not apply to train_ppo: set num_layers_unfrozen=N (only the "
+        "top N policy layers train) and critic_layers_unfrozen"
+    )
     rc, err, _ = run_main(train_ppo.main, ["runtime.attention_impl=fused"], capsys)
-    assert rc == 2 and err.startswith("error: runtime.attention_impl=fused cannot handle the rollouts' left-padded "
-                                      "rows"), err
+    assert rc == 2 and err.startswith(
+        "error: runtime.attention_impl=fused cannot handle the rollouts' left-padded rows"
+    ), err

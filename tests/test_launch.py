@@ -25,8 +25,9 @@ def clean_env(**extra) -> dict:
 
 
 def tpu(*args, env=None, timeout=60) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(SCRIPT), *args], env=env or clean_env(), capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        ["bash", str(SCRIPT), *args], env=env or clean_env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
 
 
 def commands(stdout: str) -> list[list[str]]:
@@ -35,7 +36,7 @@ def commands(stdout: str) -> list[list[str]]:
 
 
 def job_lines(stdout: str) -> list[str]:
-    return [line[len("# job.sh| "):] for line in stdout.splitlines() if line.startswith("# job.sh| ")]
+    return [line[len("# job.sh| ") :] for line in stdout.splitlines() if line.startswith("# job.sh| ")]
 
 
 def test_shellcheck_passes_on_launch():
@@ -51,12 +52,37 @@ def test_shellcheck_passes_on_launch():
 def test_create_on_demand_spot_reserved_and_multislice():
     out = tpu("create", "--dry-run", *COMMON)
     assert out.returncode == 0, out.stderr
-    assert commands(out.stdout) == [["gcloud", "compute", "tpus", "tpu-vm", "create", "rm7b", "--zone=us-east5-a",
-                                     "--project=P", "--accelerator-type=v5p-32", "--version=v2-alpha-tpuv5"]]
+    assert commands(out.stdout) == [
+        [
+            "gcloud",
+            "compute",
+            "tpus",
+            "tpu-vm",
+            "create",
+            "rm7b",
+            "--zone=us-east5-a",
+            "--project=P",
+            "--accelerator-type=v5p-32",
+            "--version=v2-alpha-tpuv5",
+        ]
+    ]
     spot = commands(tpu("create", "--dry-run", *COMMON, "--spot").stdout)
-    assert spot == [["gcloud", "compute", "tpus", "queued-resources", "create", "rm7b", "--zone=us-east5-a",
-                     "--project=P", "--accelerator-type=v5p-32", "--runtime-version=v2-alpha-tpuv5",
-                     "--node-id=rm7b", "--spot"]]
+    assert spot == [
+        [
+            "gcloud",
+            "compute",
+            "tpus",
+            "queued-resources",
+            "create",
+            "rm7b",
+            "--zone=us-east5-a",
+            "--project=P",
+            "--accelerator-type=v5p-32",
+            "--runtime-version=v2-alpha-tpuv5",
+            "--node-id=rm7b",
+            "--spot",
+        ]
+    ]
     reserved = commands(tpu("create", "--dry-run", *COMMON, "--reserved", "--type", "v6e-16").stdout)[0]
     assert reserved[-1] == "--reserved" and "--runtime-version=v2-alpha-tpuv6e" in reserved
     multi = commands(tpu("create", "--dry-run", *COMMON, "--type", "v5litepod-16", "--slices", "2").stdout)[0]
@@ -69,8 +95,16 @@ def test_settings_come_from_environment_variables_too():
     env = clean_env(STARLING_TPU_NAME="n1", STARLING_TPU_ZONE="z1", STARLING_TPU_TYPE="v4-8", DRY_RUN="1")
     out = tpu("create", env=env)
     assert out.returncode == 0, out.stderr
-    assert commands(out.stdout)[0][:8] == ["gcloud", "compute", "tpus", "tpu-vm", "create", "n1", "--zone=z1",
-                                           "--accelerator-type=v4-8"]
+    assert commands(out.stdout)[0][:8] == [
+        "gcloud",
+        "compute",
+        "tpus",
+        "tpu-vm",
+        "create",
+        "n1",
+        "--zone=z1",
+        "--accelerator-type=v4-8",
+    ]
 
 
 def test_run_starts_one_distributed_job_on_every_worker_with_outputs_in_the_bucket():
@@ -87,8 +121,15 @@ def test_run_starts_one_distributed_job_on_every_worker_with_outputs_in_the_buck
     job = job_lines(out.stdout)
     python = next(line for line in job if ".venv/bin/python" in line)
     argv = shlex.split(python.split(">")[0])
-    assert argv == ["STARLING_JAX_DISTRIBUTED=1", ".venv/bin/python", "-m", "starling_jax.train_rm",
-                    "run_config.yaml", "train.steps=10", "output_dir=gs://B/runs/rm7b"]
+    assert argv == [
+        "STARLING_JAX_DISTRIBUTED=1",
+        ".venv/bin/python",
+        "-m",
+        "starling_jax.train_rm",
+        "run_config.yaml",
+        "train.steps=10",
+        "output_dir=gs://B/runs/rm7b",
+    ]
     assert any('log="gs://B/launch/rm7b/logs/$(hostname).log"' in line for line in job)
     assert any('gcloud storage cp - "gs://B/launch/rm7b/summary.json"' in line for line in job)
     # the job script itself is valid bash
@@ -96,8 +137,7 @@ def test_run_starts_one_distributed_job_on_every_worker_with_outputs_in_the_buck
 
 
 def test_run_keeps_a_given_output_dir_and_multislice_sets_the_dcn_axis():
-    out = tpu("run", "--dry-run", *COMMON, "--slices", "2", "--job", "train_sft", "c.yaml",
-              "output_dir=gs://other/x")
+    out = tpu("run", "--dry-run", *COMMON, "--slices", "2", "--job", "train_sft", "c.yaml", "output_dir=gs://other/x")
     assert out.returncode == 0, out.stderr
     python = next(line for line in job_lines(out.stdout) if ".venv/bin/python" in line)
     argv = shlex.split(python.split(">")[0])
@@ -117,25 +157,54 @@ def test_setup_installs_the_checkout_or_a_wheel_with_the_tpu_extra_on_every_work
     assert ssh[3:5] == ["tpu-vm", "ssh"] and "--worker=all" in ssh
     assert 'pip install -q ".[tpu]"' in ssh[-1] and "gs://B/launch/rm7b/code/starling_jax.tar.gz" in ssh[-1]
     wheel = commands(tpu("setup", "--dry-run", *COMMON, "--wheel", "dist/starling_jax-0.1.0-py3-none-any.whl").stdout)
-    assert wheel[0] == ["gcloud", "storage", "cp", "dist/starling_jax-0.1.0-py3-none-any.whl",
-                        "gs://B/launch/rm7b/code/starling_jax-0.1.0-py3-none-any.whl"]
+    assert wheel[0] == [
+        "gcloud",
+        "storage",
+        "cp",
+        "dist/starling_jax-0.1.0-py3-none-any.whl",
+        "gs://B/launch/rm7b/code/starling_jax-0.1.0-py3-none-any.whl",
+    ]
     assert 'pip install -q "./starling_jax-0.1.0-py3-none-any.whl[tpu]"' in wheel[-1][-1]
 
 
 def test_logs_ssh_copy_results_delete():
     logs = commands(tpu("logs", "--dry-run", *COMMON, "3").stdout)
-    assert logs == [["gcloud", "compute", "tpus", "tpu-vm", "ssh", "rm7b", "--zone=us-east5-a", "--project=P",
-                     "--worker=3", "--command=tail -n 200 -F starling_jax/run.log"]]
+    assert logs == [
+        [
+            "gcloud",
+            "compute",
+            "tpus",
+            "tpu-vm",
+            "ssh",
+            "rm7b",
+            "--zone=us-east5-a",
+            "--project=P",
+            "--worker=3",
+            "--command=tail -n 200 -F starling_jax/run.log",
+        ]
+    ]
     ssh = commands(tpu("ssh", "--dry-run", *COMMON, "1", "--", "ls", "-l").stdout)
     assert ssh[0][-2:] == ["--worker=1", "--command=ls -l"]
     results = commands(tpu("copy-results", "--dry-run", *COMMON, "out").stdout)
     assert ["gcloud", "storage", "cp", "-r", "gs://B/runs/rm7b", "out/"] in results
     assert ["gcloud", "storage", "cp", "-r", "gs://B/launch/rm7b/logs", "out/rm7b/launch_logs"] in results
     assert commands(tpu("delete", "--dry-run", *COMMON).stdout) == [
-        ["gcloud", "compute", "tpus", "tpu-vm", "delete", "rm7b", "--zone=us-east5-a", "--project=P", "--quiet"]]
+        ["gcloud", "compute", "tpus", "tpu-vm", "delete", "rm7b", "--zone=us-east5-a", "--project=P", "--quiet"]
+    ]
     assert commands(tpu("delete", "--dry-run", *COMMON, "--spot").stdout) == [
-        ["gcloud", "compute", "tpus", "queued-resources", "delete", "rm7b", "--zone=us-east5-a", "--project=P",
-         "--force", "--quiet"]]
+        [
+            "gcloud",
+            "compute",
+            "tpus",
+            "queued-resources",
+            "delete",
+            "rm7b",
+            "--zone=us-east5-a",
+            "--project=P",
+            "--force",
+            "--quiet",
+        ]
+    ]
 
 
 def test_usage_errors_are_one_line_naming_the_flag():
@@ -159,8 +228,13 @@ def test_usage_errors_are_one_line_naming_the_flag():
 
 
 def test_without_gcloud_a_real_run_says_so_in_one_line(tmp_path):
-    out = subprocess.run(["/bin/bash", str(SCRIPT), "create", *COMMON], env=clean_env(PATH=str(tmp_path)),
-                         capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        ["/bin/bash", str(SCRIPT), "create", *COMMON],
+        env=clean_env(PATH=str(tmp_path)),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "gcloud not found" in lines[0], out.stderr
@@ -227,13 +301,13 @@ def test_supervisor_recreates_a_preempted_slice_and_reruns_setup_and_the_same_co
     fake = bin_dir / "gcloud"
     fake.write_text(FAKE_GCLOUD.format(python=sys.executable, home=str(tmp_path)))
     fake.chmod(0o755)
-    (tmp_path / "state.json").write_text(json.dumps({"slice": None, "summary": None, "runs": 0, "alive": 0,
-                                                    "creates": 0}))
+    (tmp_path / "state.json").write_text(
+        json.dumps({"slice": None, "summary": None, "runs": 0, "alive": 0, "creates": 0})
+    )
     config = tmp_path / "rm.yaml"
     config.write_text("train:\n  steps: 100\n")
     env = clean_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", TMPDIR=str(tmp_path))
-    out = tpu("supervise", *COMMON, "--spot", "--interval", "0", str(config), "train.steps=100", env=env,
-              timeout=120)
+    out = tpu("supervise", *COMMON, "--spot", "--interval", "0", str(config), "train.steps=100", env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "run completed" in out.stdout
 
@@ -254,12 +328,19 @@ def test_supervisor_recreates_a_preempted_slice_and_reruns_setup_and_the_same_co
 
     sequence = [x for x in map(action, calls) if x]
     assert sequence == [
-        "create",                                             # no slice yet
-        "upload-code", "ssh-setup", "upload-job", "ssh-run",  # ready: setup, start the run
-        "ssh-alive?",                                         # running
-        "ssh-alive?",                                         # preempted: the job is gone, the slice SUSPENDED
-        "delete", "create",                                   # re-create
-        "upload-code", "ssh-setup", "upload-job", "ssh-run",  # setup again, the same command again
+        "create",  # no slice yet
+        "upload-code",
+        "ssh-setup",
+        "upload-job",
+        "ssh-run",  # ready: setup, start the run
+        "ssh-alive?",  # running
+        "ssh-alive?",  # preempted: the job is gone, the slice SUSPENDED
+        "delete",
+        "create",  # re-create
+        "upload-code",
+        "ssh-setup",
+        "upload-job",
+        "ssh-run",  # setup again, the same command again
     ], sequence
     creates = [c["args"] for c in calls if action(c) == "create"]
     assert creates[0] == creates[1] and "--spot" in creates[0] and creates[0][2] == "queued-resources"
@@ -278,10 +359,12 @@ def test_supervisor_gives_up_after_max_runs(tmp_path):
     fake = bin_dir / "gcloud"
     fake.write_text(FAKE_GCLOUD.format(python=sys.executable, home=str(tmp_path)))
     fake.chmod(0o755)
-    (tmp_path / "state.json").write_text(json.dumps({"slice": "ACTIVE", "summary": None, "runs": 5, "alive": 0,
-                                                    "creates": 0}))
+    (tmp_path / "state.json").write_text(
+        json.dumps({"slice": "ACTIVE", "summary": None, "runs": 5, "alive": 0, "creates": 0})
+    )
     env = clean_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", TMPDIR=str(tmp_path))
-    out = tpu("supervise", *COMMON, "--spot", "--interval", "0", "--max-runs", "2", "train.steps=3", env=env,
-              timeout=60)
+    out = tpu(
+        "supervise", *COMMON, "--spot", "--interval", "0", "--max-runs", "2", "train.steps=3", env=env, timeout=60
+    )
     assert out.returncode == 2
     assert "--max-runs" in out.stderr.strip().splitlines()[-1]

@@ -82,8 +82,12 @@ def test_every_layer_names_something_that_exists():
 
 
 def test_no_module_imports_from_a_higher_layer():
-    upward = [f"{a} (layer {layer_of(a)}) imports {b} (layer {layer_of(b)})"
-              for a, targets in graph().items() for b in targets if layer_of(b) > layer_of(a)]
+    upward = [
+        f"{a} (layer {layer_of(a)}) imports {b} (layer {layer_of(b)})"
+        for a, targets in graph().items()
+        for b in targets
+        if layer_of(b) > layer_of(a)
+    ]
     assert not upward, "\n".join(sorted(upward))
 
 

@@ -58,24 +58,30 @@ def test_hand_computed_single_prompt():
 
 def test_ties_masks_and_padding_rows():
     nan = float("nan")
-    rewards = np.array([
-        [2.0, 2.0, 0.0, nan],   # reward tie between rank 1 and rank 2; last answer masked (garbage)
-        [1.0, 5.0, 0.0, 9.0],   # rank tie for best (ranks 1, 1, 2); highest reward 5 has rank 1 → correct
-        [4.0, 4.0, 1.0, 0.0],   # highest reward tied between rank 2 and rank 1 answers → 0.5
-        [7.0, 7.0, 7.0, 7.0],   # padding row: all masked
-    ])
-    ranks = np.array([
-        [1.0, 2.0, 3.0, 0.0],
-        [1.0, 1.0, 2.0, 0.0],
-        [2.0, 1.0, 3.0, 4.0],
-        [1.0, 2.0, 3.0, 4.0],
-    ])
-    mask = np.array([
-        [True, True, True, False],
-        [True, True, True, False],
-        [True, True, True, True],
-        [False, False, False, False],
-    ])
+    rewards = np.array(
+        [
+            [2.0, 2.0, 0.0, nan],  # reward tie between rank 1 and rank 2; last answer masked (garbage)
+            [1.0, 5.0, 0.0, 9.0],  # rank tie for best (ranks 1, 1, 2); highest reward 5 has rank 1 → correct
+            [4.0, 4.0, 1.0, 0.0],  # highest reward tied between rank 2 and rank 1 answers → 0.5
+            [7.0, 7.0, 7.0, 7.0],  # padding row: all masked
+        ]
+    )
+    ranks = np.array(
+        [
+            [1.0, 2.0, 3.0, 0.0],
+            [1.0, 1.0, 2.0, 0.0],
+            [2.0, 1.0, 3.0, 4.0],
+            [1.0, 2.0, 3.0, 4.0],
+        ]
+    )
+    mask = np.array(
+        [
+            [True, True, True, False],
+            [True, True, True, False],
+            [True, True, True, True],
+            [False, False, False, False],
+        ]
+    )
     lengths = np.ones((4, 4), int)
     m = ranking_metrics(rewards, ranks, mask, lengths)
     # Row 0 pairs: (r1,r2) tie 0.5, (r1,r3) 1, (r2,r3) 1 → 2.5 / 3.
@@ -98,7 +104,7 @@ def test_ties_masks_and_padding_rows():
     taus = [tau_b_reference(list(rewards[b][mask[b]]), list(-ranks[b][mask[b]])) for b in range(3)]
     assert None not in taus
     for b in range(3):  # row by row against the reference, then their mean
-        one = ranking_metrics(rewards[b:b + 1], ranks[b:b + 1], mask[b:b + 1], lengths[b:b + 1])
+        one = ranking_metrics(rewards[b : b + 1], ranks[b : b + 1], mask[b : b + 1], lengths[b : b + 1])
         assert one["kendall_tau"] == pytest.approx(taus[b]) and one["num_kendall_prompts"] == 1
     assert m["kendall_tau"] == pytest.approx(np.mean(taus)) and m["num_kendall_prompts"] == 3
     # Zero length variance → correlation undefined → None; everything strict-JSON serializable.
@@ -118,8 +124,7 @@ def test_collapsed_model_scores_zero_kendall_tau():
 
 
 def test_undefined_metrics_are_none():
-    m = ranking_metrics(np.array([[1.0, 2.0]]), np.array([[1.0, 1.0]]), np.array([[True, True]]),
-                        np.array([[3, 4]]))
+    m = ranking_metrics(np.array([[1.0, 2.0]]), np.array([[1.0, 1.0]]), np.array([[True, True]]), np.array([[3, 4]]))
     assert m["pairwise_accuracy"] is None and m["num_pairs"] == 0
     assert m["top1_accuracy"] is None  # all ranks tied: nothing to get right
     assert m["kendall_tau"] is None and m["num_kendall_prompts"] == 0
@@ -223,8 +228,9 @@ def test_pooled_moments_stable_with_large_offset():
     mask = np.ones((50, 4), bool)
     acc = RankingMetrics()
     for b in range(50):
-        acc.update(rewards[b:b + 1], ranks[b:b + 1], mask[b:b + 1], lengths[b:b + 1])
+        acc.update(rewards[b : b + 1], ranks[b : b + 1], mask[b : b + 1], lengths[b : b + 1])
     m = acc.compute()
     assert m["reward_std"] == pytest.approx(float(np.std(rewards)), rel=1e-6)
-    assert m["reward_length_correlation"] == pytest.approx(float(np.corrcoef(rewards.ravel(), lengths.ravel())[0, 1]),
-                                                           abs=1e-6)
+    assert m["reward_length_correlation"] == pytest.approx(
+        float(np.corrcoef(rewards.ravel(), lengths.ravel())[0, 1]), abs=1e-6
+    )

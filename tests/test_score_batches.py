@@ -8,13 +8,20 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from starling_jax.eval.score_batches import BucketedScorer, bucket_lengths, plan_micro_batches
 from starling_jax.model.config import ModelConfig
 from starling_jax.model.create import create_sharded
 from starling_jax.parallel import sharding
-from starling_jax.eval.score_batches import BucketedScorer, bucket_lengths, plan_micro_batches
 
-CFG = ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, sliding_window=None)
+CFG = ModelConfig(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    sliding_window=None,
+)
 # Very different lengths, not sorted, with duplicates and a 1-token row.
 LENGTHS = [3, 300, 17, 1, 129, 64, 250, 17, 2]
 
@@ -58,9 +65,21 @@ def model():
     sequences = [rng.integers(1, CFG.vocab_size, n).astype(np.int32) for n in LENGTHS]
     reward_index = [int(rng.integers(0, n)) if s % 3 == 0 else n - 1 for s, n in enumerate(LENGTHS)]
     forward = jax.jit(lambda p, t, pos, seg, i: nnx.merge(graphdef, p).rewards(t, pos, seg, i))
-    want = np.asarray([float(forward(params, t[None], np.arange(len(t), dtype=np.int32)[None],
-                                     np.ones((1, len(t)), np.int32), np.asarray([i], np.int32))[0])
-                       for t, i in zip(sequences, reward_index)], np.float32)
+    want = np.asarray(
+        [
+            float(
+                forward(
+                    params,
+                    t[None],
+                    np.arange(len(t), dtype=np.int32)[None],
+                    np.ones((1, len(t)), np.int32),
+                    np.asarray([i], np.int32),
+                )[0]
+            )
+            for t, i in zip(sequences, reward_index)
+        ],
+        np.float32,
+    )
     return graphdef, params, sequences, reward_index, want
 
 

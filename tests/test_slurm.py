@@ -22,15 +22,19 @@ SCRIPT = ROOT / "launch" / "slurm.sh"
 
 
 def clean_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("STARLING_SLURM_", "SLURM_")) and k not in ("DRY_RUN", "XLA_FLAGS")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("STARLING_SLURM_", "SLURM_")) and k not in ("DRY_RUN", "XLA_FLAGS")
+    }
     env.update(extra)
     return env
 
 
 def slurm(*args, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(SCRIPT), *args], env=env or clean_env(), capture_output=True, text=True,
-                          timeout=60, cwd=ROOT)
+    return subprocess.run(
+        ["bash", str(SCRIPT), *args], env=env or clean_env(), capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
 
 
 def commands(stdout: str) -> list[list[str]]:
@@ -38,23 +42,51 @@ def commands(stdout: str) -> list[list[str]]:
 
 
 def test_dry_run_submits_itself_and_runs_one_process_per_node():
-    out = slurm("--dry-run", "--nodes", "2", "--partition", "gpu", "--time", "24:00:00",
-                "configs/rm_mistral7b_nectar.yaml", "train.steps=100")
+    out = slurm(
+        "--dry-run",
+        "--nodes",
+        "2",
+        "--partition",
+        "gpu",
+        "--time",
+        "24:00:00",
+        "configs/rm_mistral7b_nectar.yaml",
+        "train.steps=100",
+    )
     assert out.returncode == 0, out.stderr
     sbatch, srun = commands(out.stdout)
-    assert sbatch[:5] == ["sbatch", "--job-name=starling_jax-train_rm", "--nodes=2", "--ntasks-per-node=1",
-                          "--gpus-per-node=8"]
+    assert sbatch[:5] == [
+        "sbatch",
+        "--job-name=starling_jax-train_rm",
+        "--nodes=2",
+        "--ntasks-per-node=1",
+        "--gpus-per-node=8",
+    ]
     assert "--partition=gpu" in sbatch and "--time=24:00:00" in sbatch
     assert f"--export=ALL,STARLING_SLURM_REPO={ROOT}" in sbatch and f"--chdir={ROOT}" in sbatch
     script = sbatch.index(str(SCRIPT))
-    assert sbatch[script + 1:] == ["--gpus-per-node", "8", "--job", "train_rm", "--venv", str(ROOT / ".venv"), "--",
-                                   "configs/rm_mistral7b_nectar.yaml", "train.steps=100"]
+    assert sbatch[script + 1 :] == [
+        "--gpus-per-node",
+        "8",
+        "--job",
+        "train_rm",
+        "--venv",
+        str(ROOT / ".venv"),
+        "--",
+        "configs/rm_mistral7b_nectar.yaml",
+        "train.steps=100",
+    ]
     assert srun[:4] == ["srun", "--kill-on-bad-exit=1", "--ntasks-per-node=1", f"--chdir={ROOT}"]
     env_at = srun.index("env")
     assert srun[env_at + 1] == "STARLING_JAX_DISTRIBUTED=slurm"
     assert srun[env_at + 2].startswith("XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=true")
-    assert srun[env_at + 3:] == [str(ROOT / ".venv" / "bin" / "python"), "-m", "starling_jax.train_rm",
-                                 "configs/rm_mistral7b_nectar.yaml", "train.steps=100"]
+    assert srun[env_at + 3 :] == [
+        str(ROOT / ".venv" / "bin" / "python"),
+        "-m",
+        "starling_jax.train_rm",
+        "configs/rm_mistral7b_nectar.yaml",
+        "train.steps=100",
+    ]
 
 
 def test_per_gpu_mode_runs_one_process_per_gpu():
@@ -67,23 +99,33 @@ def test_per_gpu_mode_runs_one_process_per_gpu():
 
 def test_xla_gpu_flags_are_all_known_to_this_jaxlib():
     srun = commands(slurm("--dry-run", "c.yaml").stdout)[1]
-    flags = next(a for a in srun if a.startswith("XLA_FLAGS="))[len("XLA_FLAGS="):]
+    flags = next(a for a in srun if a.startswith("XLA_FLAGS="))[len("XLA_FLAGS=") :]
     assert len(flags.split()) >= 5
     # XLA aborts at start-up on an unknown flag (GPU flags are parsed on every platform)
-    out = subprocess.run([sys.executable, "-c", "import jax; jax.numpy.ones(2).block_until_ready(); print('ok')"],
-                         env=clean_env(XLA_FLAGS=flags, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", "import jax; jax.numpy.ones(2).block_until_ready(); print('ok')"],
+        env=clean_env(XLA_FLAGS=flags, JAX_PLATFORMS="cpu"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
 def test_inside_an_allocation_srun_starts_the_entry_point(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "srun").write_text(f"#!{sys.executable}\nimport json, sys\n"
-                                  f"open({str(tmp_path / 'srun.json')!r}, 'w').write(json.dumps(sys.argv[1:]))\n")
+    (bin_dir / "srun").write_text(
+        f"#!{sys.executable}\nimport json, sys\n"
+        f"open({str(tmp_path / 'srun.json')!r}, 'w').write(json.dumps(sys.argv[1:]))\n"
+    )
     (bin_dir / "srun").chmod(0o755)
-    env = clean_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_ID="77", SLURM_GPUS_ON_NODE="8",
-                    XLA_FLAGS="--xla_dump_to=/tmp/x")
+    env = clean_env(
+        PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        SLURM_JOB_ID="77",
+        SLURM_GPUS_ON_NODE="8",
+        XLA_FLAGS="--xla_dump_to=/tmp/x",
+    )
     out = slurm("--job", "train_rm", "train.steps=3", env=env)
     assert out.returncode == 0, out.stderr
     argv = json.loads((tmp_path / "srun.json").read_text())
@@ -95,27 +137,50 @@ def test_inside_an_allocation_srun_starts_the_entry_point(tmp_path):
 
 
 def test_usage_errors_are_one_line(tmp_path):
-    cases = [((), "CONFIG"), (("--dry-run", "--colour", "c.yaml"), "--colour"), (("--dry-run", "--nodes"), "--nodes"),
-             (("--dry-run", "c.yaml", "stray"), "stray"), (("missing.yaml",), "missing.yaml")]
+    cases = [
+        ((), "CONFIG"),
+        (("--dry-run", "--colour", "c.yaml"), "--colour"),
+        (("--dry-run", "--nodes"), "--nodes"),
+        (("--dry-run", "c.yaml", "stray"), "stray"),
+        (("missing.yaml",), "missing.yaml"),
+    ]
     for args, named in cases:
         out = slurm(*args)
         assert out.returncode == 2, (args, out.stderr)
         lines = out.stderr.strip().splitlines()
         assert len(lines) == 1 and named in lines[0], (args, out.stderr)
-    out = subprocess.run(["/bin/bash", str(SCRIPT), "train.steps=3"], env=clean_env(PATH=str(tmp_path)),
-                         capture_output=True, text=True, timeout=30, cwd=ROOT)
+    out = subprocess.run(
+        ["/bin/bash", str(SCRIPT), "train.steps=3"],
+        env=clean_env(PATH=str(tmp_path)),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+    )
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2 and len(lines) == 1 and "sbatch not found" in lines[0], out.stderr
 
 
 def test_slurm_distributed_args():
-    env = {"SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "gpu[003-010,012],cpu1", "SLURM_NTASKS": "16",
-           "SLURM_PROCID": "9", "SLURM_LOCALID": "1", "SLURM_STEP_TASKS_PER_NODE": "8(x2)"}
+    env = {
+        "SLURM_JOB_ID": "4242",
+        "SLURM_STEP_NODELIST": "gpu[003-010,012],cpu1",
+        "SLURM_NTASKS": "16",
+        "SLURM_PROCID": "9",
+        "SLURM_LOCALID": "1",
+        "SLURM_STEP_TASKS_PER_NODE": "8(x2)",
+    }
     args = cli.slurm_distributed_args(env)
-    assert args == {"coordinator_address": f"gpu003:{61440 + 4242 % 4096}", "num_processes": 16, "process_id": 9,
-                    "local_device_ids": [1], "cluster_detection_method": "deactivate"}
-    per_node = cli.slurm_distributed_args({**env, "SLURM_STEP_TASKS_PER_NODE": "1(x16)",
-                                           "STARLING_JAX_COORDINATOR_PORT": "1234"})
+    assert args == {
+        "coordinator_address": f"gpu003:{61440 + 4242 % 4096}",
+        "num_processes": 16,
+        "process_id": 9,
+        "local_device_ids": [1],
+        "cluster_detection_method": "deactivate",
+    }
+    per_node = cli.slurm_distributed_args(
+        {**env, "SLURM_STEP_TASKS_PER_NODE": "1(x16)", "STARLING_JAX_COORDINATOR_PORT": "1234"}
+    )
     assert per_node["local_device_ids"] is None and per_node["coordinator_address"] == "gpu003:1234"
     assert cli.first_slurm_host("node7") == "node7" and cli.first_slurm_host("a-1,a-2") == "a-1"
     assert cli.first_slurm_host("dgx-[07,09-11]") == "dgx-07"
@@ -124,24 +189,34 @@ def test_slurm_distributed_args():
             cli.slurm_distributed_args({k: v for k, v in env.items() if k != key})
 
 
-
-
-
 @pytest.mark.multiprocess
 def test_two_processes_with_slurm_environment_join_one_run():
-    code = ("from starling_jax import cli; cli.initialize_distributed(); import jax, numpy as np; "
-            "from jax.experimental import multihost_utils as m; "
-            "g = m.process_allgather(np.asarray([jax.process_index()])); "
-            "print('RESULT', jax.process_count(), jax.device_count(), g.ravel().tolist(), flush=True)")
+    code = (
+        "from starling_jax import cli; cli.initialize_distributed(); import jax, numpy as np; "
+        "from jax.experimental import multihost_utils as m; "
+        "g = m.process_allgather(np.asarray([jax.process_index()])); "
+        "print('RESULT', jax.process_count(), jax.device_count(), g.ravel().tolist(), flush=True)"
+    )
     port = free_port()
     procs = []
     for pid in (0, 1):
-        env = clean_env(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
-                        STARLING_JAX_DISTRIBUTED="slurm", STARLING_JAX_COORDINATOR_PORT=str(port),
-                        SLURM_JOB_ID="4242", SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2",
-                        SLURM_PROCID=str(pid), SLURM_LOCALID=str(pid), SLURM_STEP_TASKS_PER_NODE="2")
-        procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
+        env = clean_env(
+            JAX_PLATFORMS="cpu",
+            XLA_FLAGS="--xla_force_host_platform_device_count=2",
+            STARLING_JAX_DISTRIBUTED="slurm",
+            STARLING_JAX_COORDINATOR_PORT=str(port),
+            SLURM_JOB_ID="4242",
+            SLURM_STEP_NODELIST="localhost",
+            SLURM_NTASKS="2",
+            SLURM_PROCID=str(pid),
+            SLURM_LOCALID=str(pid),
+            SLURM_STEP_TASKS_PER_NODE="2",
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
     results = [p.communicate(timeout=180) for p in procs]
     for p, (stdout, stderr) in zip(procs, results):
         assert p.returncode == 0, stderr[-2000:]

@@ -26,22 +26,24 @@ from starling_jax.paths import as_path
 
 
 class Checkpointer:
-    def __init__(self, directory: str | Path, max_to_keep: int = 3, async_save: bool = True,
-                 read_only: bool = False):
+    def __init__(self, directory: str | Path, max_to_keep: int = 3, async_save: bool = True, read_only: bool = False):
         self.directory = as_path(directory, absolute=True)
         if read_only and not self.directory.is_dir():
             raise CheckpointError(f"{self.directory}: checkpoint folder not found")
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
-                                               enable_async_checkpointing=async_save, read_only=read_only)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=not read_only, enable_async_checkpointing=async_save, read_only=read_only
+        )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: Any, data_state: dict, meta: dict, force: bool = False,
-             frozen: dict | None = None) -> bool:
-        items = dict(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-                     meta=ocp.args.JsonSave(meta))
+    def save(
+        self, step: int, state: Any, data_state: dict, meta: dict, force: bool = False, frozen: dict | None = None
+    ) -> bool:
+        items = dict(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)
+        )
         if frozen:
             items["frozen"] = ocp.args.StandardSave(frozen)
         return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
@@ -51,8 +53,13 @@ class Checkpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return dict(restored["meta"])
 
-    def restore(self, abstract_state: Any, step: int | None = None, abstract_frozen: dict | None = None,
-                models: list | None = None) -> tuple[Any, dict, dict] | tuple[Any, dict, dict, dict]:
+    def restore(
+        self,
+        abstract_state: Any,
+        step: int | None = None,
+        abstract_frozen: dict | None = None,
+        models: list | None = None,
+    ) -> tuple[Any, dict, dict] | tuple[Any, dict, dict, dict]:
         """→ (state, data_state, meta), + frozen `{name: params}` when `abstract_frozen` is given.
 
         `abstract_*` (ShapeDtypeStructs with shardings) fix the layout. With `models` (the job's `ModelEntry`s) the
@@ -63,8 +70,9 @@ class Checkpointer:
         where = f"{self.directory}/{step}"
         if models is not None:
             check_models(self.read_meta(step), models, where)
-        items = dict(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
-                     meta=ocp.args.JsonRestore())
+        items = dict(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()
+        )
         if abstract_frozen:
             items["frozen"] = ocp.args.StandardRestore(abstract_frozen)
         try:
@@ -74,16 +82,27 @@ class Checkpointer:
         out = restored["state"], dict(restored["data"]), dict(restored["meta"])
         return (*out, dict(restored["frozen"])) if abstract_frozen is not None else out
 
-    def restore_params(self, abstract_params: Any, step: int | None = None, item: str = "state",
-                       name: str | None = None) -> Any:
+    def restore_params(
+        self, abstract_params: Any, step: int | None = None, item: str = "state", name: str | None = None
+    ) -> Any:
         """Only one model's parameters (no optimizer state): for export, scoring and reference/critic
         initialization. `item="state"`: the trainable model (`state["params"]`); `"frozen"`: frozen model `name`."""
         step = self._step(step)
         key = "params" if item == "state" else name
         target = {key: abstract_params}
         try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.PyTreeRestore(
-                target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)}))
+            restored = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    **{
+                        item: ocp.args.PyTreeRestore(
+                            target,
+                            restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                            partial_restore=True,
+                        )
+                    }
+                ),
+            )
         except (ValueError, KeyError) as e:
             raise CheckpointError(f"{self.directory}/{step}: cannot restore the parameters ({str(e)[:300]})") from None
         return restored[item][key]
@@ -111,14 +130,19 @@ def check_architecture(meta: dict, expected: dict, where: str) -> None:
         if found.get(key) != value:
             raise CheckpointError(
                 f"{where}: checkpoint holds a model with {key}={found.get(key)!r} but the config asks for "
-                f"{key}={value!r} (another model size? use a new output_dir or fix model.*)")
+                f"{key}={value!r} (another model size? use a new output_dir or fix model.*)"
+            )
 
 
 def models_meta(models: list) -> dict:
     """`meta` entries naming every model (`ModelEntry`s); the first trainable one is the top-level `role`/`model`."""
     primary = next((m for m in models if m.trainable), models[0])
-    return {"models": {m.name: m.meta() for m in models}, "role": primary.role,
-            "architecture": primary.config.architecture_dict(), "model": primary.meta()["model"]}
+    return {
+        "models": {m.name: m.meta() for m in models},
+        "role": primary.role,
+        "architecture": primary.config.architecture_dict(),
+        "model": primary.meta()["model"],
+    }
 
 
 def check_models(meta: dict, models: list, where: str) -> None:
@@ -127,27 +151,36 @@ def check_models(meta: dict, models: list, where: str) -> None:
     found = meta.get("models")
     if found is None:  # a checkpoint of one model written before models were named
         primary = next((m for m in models if m.trainable), models[0])
-        found = {primary.name: {"role": meta.get("role"), "trainable": True,
-                                "architecture": meta.get("architecture", {})}}
+        found = {
+            primary.name: {"role": meta.get("role"), "trainable": True, "architecture": meta.get("architecture", {})}
+        }
     wanted = {m.name: m for m in models}
     missing = sorted(set(wanted) - set(found))
     extra = sorted(set(found) - set(wanted))
     if missing:
-        raise CheckpointError(f"{where}: checkpoint has no model named {missing[0]!r} (it holds {sorted(found)}; "
-                              f"this job needs {sorted(wanted)})")
+        raise CheckpointError(
+            f"{where}: checkpoint has no model named {missing[0]!r} (it holds {sorted(found)}; "
+            f"this job needs {sorted(wanted)})"
+        )
     if extra:
-        raise CheckpointError(f"{where}: checkpoint holds a model {extra[0]!r} this job does not have (it holds "
-                              f"{sorted(found)}; this job needs {sorted(wanted)})")
+        raise CheckpointError(
+            f"{where}: checkpoint holds a model {extra[0]!r} this job does not have (it holds "
+            f"{sorted(found)}; this job needs {sorted(wanted)})"
+        )
     for name, m in wanted.items():
         got = found[name]
         if got.get("role") != m.role:
-            raise CheckpointError(f"{where}: model {name!r} has role {got.get('role')!r} in the checkpoint but "
-                                  f"{m.role!r} in this job")
+            raise CheckpointError(
+                f"{where}: model {name!r} has role {got.get('role')!r} in the checkpoint but {m.role!r} in this job"
+            )
         if bool(got.get("trainable", True)) != m.trainable:
-            raise CheckpointError(f"{where}: model {name!r} is {'trainable' if got.get('trainable') else 'frozen'} "
-                                  f"in the checkpoint but not in this job")
-        check_architecture({"architecture": got.get("architecture", {})}, m.config.architecture_dict(),
-                           f"{where} (model {name!r})")
+            raise CheckpointError(
+                f"{where}: model {name!r} is {'trainable' if got.get('trainable') else 'frozen'} "
+                f"in the checkpoint but not in this job"
+            )
+        check_architecture(
+            {"architecture": got.get("architecture", {})}, m.config.architecture_dict(), f"{where} (model {name!r})"
+        )
 
 
 def find_checkpoint_dir(path: str | Path) -> tuple[Path, int | None]:
@@ -184,8 +217,7 @@ def load_model(path: str | Path, mesh, step: int | None = None, name: str | None
     graphdef, abstract = abstract_model(model_cfg, entry["role"])
     shardings = sharding.state_shardings(abstract, mesh)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    params = ckpt.restore_params(target, step, item="state" if entry.get("trainable", True) else "frozen",
-                                 name=name)
+    params = ckpt.restore_params(target, step, item="state" if entry.get("trainable", True) else "frozen", name=name)
     meta = {**meta, "role": entry["role"], "model": entry["model"]}
     ckpt.close()
     return meta, model_cfg, graphdef, params

@@ -63,8 +63,10 @@ class BatchSpec:
         import jax
 
         shardings = self.shardings(mesh)
-        return {n: jax.ShapeDtypeStruct(s, np.dtype(self.field(n).dtype), sharding=shardings[n])
-                for n, s in self.shapes(dims).items()}
+        return {
+            n: jax.ShapeDtypeStruct(s, np.dtype(self.field(n).dtype), sharding=shardings[n])
+            for n, s in self.shapes(dims).items()
+        }
 
     def empty(self, dims: Mapping[str, int]) -> dict[str, np.ndarray]:
         """A batch of padding only (every field at its pad value): rows to fill, or whole padding batches."""
@@ -88,36 +90,44 @@ def round_up(x: int, multiple: int) -> int:
 MASKED_RANK = 1e9
 
 # The K-wise ranking batch (contract between data/pipeline.py and train/rm_step.py; ARCHITECTURE.md).
-KWISE = BatchSpec("kwise", (
-    Field("tokens", "int32", ("B", "K", "L")),
-    Field("positions", "int32", ("B", "K", "L")),
-    Field("segment_ids", "int32", ("B", "K", "L")),
-    Field("reward_index", "int32", ("B", "K")),
-    Field("ranks", "float32", ("B", "K"), pad=MASKED_RANK),
-    Field("answer_mask", "bool", ("B", "K"), pad=False),
-    Field("answer_lengths", "int32", ("B", "K")),
-    Field("row", "int32", ("B",), pad=-1, on_device=False),
-))
-KWISE_TRAIN = KWISE.only("tokens", "positions", "segment_ids", "reward_index", "ranks", "answer_mask",
-                         name="kwise_train")
+KWISE = BatchSpec(
+    "kwise",
+    (
+        Field("tokens", "int32", ("B", "K", "L")),
+        Field("positions", "int32", ("B", "K", "L")),
+        Field("segment_ids", "int32", ("B", "K", "L")),
+        Field("reward_index", "int32", ("B", "K")),
+        Field("ranks", "float32", ("B", "K"), pad=MASKED_RANK),
+        Field("answer_mask", "bool", ("B", "K"), pad=False),
+        Field("answer_lengths", "int32", ("B", "K")),
+        Field("row", "int32", ("B",), pad=-1, on_device=False),
+    ),
+)
+KWISE_TRAIN = KWISE.only(
+    "tokens", "positions", "segment_ids", "reward_index", "ranks", "answer_mask", name="kwise_train"
+)
 KWISE_EVAL = KWISE.only(*KWISE_TRAIN.names, "answer_lengths", name="kwise_eval")
 
 # The same rankings in packed / shared-prefix rows (data/layout.py): R rows of L tokens hold the prompts' segments;
 # answer (b, k)'s reward is read at row `reward_row[b, k]`, column `reward_index[b, k]`. R is the sharded axis of
 # the row fields, B of the per-answer fields (the pipeline keeps both divisible by the data-parallel size).
-KWISE_PACKED = BatchSpec("kwise_packed", (
-    Field("tokens", "int32", ("R", "L")),
-    Field("positions", "int32", ("R", "L")),
-    Field("segment_ids", "int32", ("R", "L")),
-    Field("reward_row", "int32", ("B", "K")),
-    Field("reward_index", "int32", ("B", "K")),
-    Field("ranks", "float32", ("B", "K"), pad=MASKED_RANK),
-    Field("answer_mask", "bool", ("B", "K"), pad=False),
-    Field("answer_lengths", "int32", ("B", "K")),
-    Field("row", "int32", ("B",), pad=-1, on_device=False),
-))
-KWISE_PACKED_TRAIN = KWISE_PACKED.only(*KWISE_TRAIN.names[:3], "reward_row", *KWISE_TRAIN.names[3:],
-                                       name="kwise_packed_train")
+KWISE_PACKED = BatchSpec(
+    "kwise_packed",
+    (
+        Field("tokens", "int32", ("R", "L")),
+        Field("positions", "int32", ("R", "L")),
+        Field("segment_ids", "int32", ("R", "L")),
+        Field("reward_row", "int32", ("B", "K")),
+        Field("reward_index", "int32", ("B", "K")),
+        Field("ranks", "float32", ("B", "K"), pad=MASKED_RANK),
+        Field("answer_mask", "bool", ("B", "K"), pad=False),
+        Field("answer_lengths", "int32", ("B", "K")),
+        Field("row", "int32", ("B",), pad=-1, on_device=False),
+    ),
+)
+KWISE_PACKED_TRAIN = KWISE_PACKED.only(
+    *KWISE_TRAIN.names[:3], "reward_row", *KWISE_TRAIN.names[3:], name="kwise_packed_train"
+)
 KWISE_PACKED_EVAL = KWISE_PACKED.only(*KWISE_PACKED_TRAIN.names, "answer_lengths", name="kwise_packed_eval")
 
 
@@ -125,13 +135,17 @@ def kwise_specs(packed: bool) -> tuple[BatchSpec, BatchSpec]:
     """(train spec, eval spec) of the K-wise batch in per-answer [B, K, L] or packed [R, L] rows."""
     return (KWISE_PACKED_TRAIN, KWISE_PACKED_EVAL) if packed else (KWISE_TRAIN, KWISE_EVAL)
 
+
 # The supervised (SFT) batch: one rendered conversation per row; `loss_mask` marks the tokens that are predicted
 # (the assistant's answer and its end-of-turn), so the prompt carries no loss.
-SFT = BatchSpec("sft", (
-    Field("tokens", "int32", ("B", "L")),
-    Field("positions", "int32", ("B", "L")),
-    Field("segment_ids", "int32", ("B", "L")),
-    Field("loss_mask", "bool", ("B", "L"), pad=False),
-    Field("row", "int32", ("B",), pad=-1, on_device=False),
-))
+SFT = BatchSpec(
+    "sft",
+    (
+        Field("tokens", "int32", ("B", "L")),
+        Field("positions", "int32", ("B", "L")),
+        Field("segment_ids", "int32", ("B", "L")),
+        Field("loss_mask", "bool", ("B", "L"), pad=False),
+        Field("row", "int32", ("B",), pad=-1, on_device=False),
+    ),
+)
 SFT_TRAIN = SFT.only("tokens", "positions", "segment_ids", "loss_mask", name="sft_train")

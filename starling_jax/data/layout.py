@@ -64,8 +64,9 @@ class Unit:
         return self.prefix + sum(self.lengths)
 
 
-def units_of(prompt: int, seqs: Sequence[np.ndarray], layout: str, length: int,
-             max_prefix: int | None = None) -> list[Unit]:
+def units_of(
+    prompt: int, seqs: Sequence[np.ndarray], layout: str, length: int, max_prefix: int | None = None
+) -> list[Unit]:
     """The units of one prompt's answer sequences (slot order) under `layout` for rows of `length` tokens.
     `max_prefix`: the shared prefix holds at most this many tokens (DPO keeps every answer token in its answer's
     own segment: the prefix stops at the answers' first token)."""
@@ -84,8 +85,9 @@ def units_from_lengths(prompt: int, seq_lengths: Sequence[int], prefix: int, len
     """`units_of` from the sequence lengths and the shared prefix length (planning without the tokens)."""
     if prefix == 0:
         return [Unit(prompt, [slot], 0, [int(n)]) for slot, n in enumerate(seq_lengths)]
-    return split_to_fit(Unit(prompt, list(range(len(seq_lengths))), prefix, [int(n) - prefix for n in seq_lengths]),
-                        length)
+    return split_to_fit(
+        Unit(prompt, list(range(len(seq_lengths))), prefix, [int(n) - prefix for n in seq_lengths]), length
+    )
 
 
 def split_to_fit(unit: Unit, room: int) -> list[Unit]:
@@ -105,8 +107,9 @@ def split_to_fit(unit: Unit, room: int) -> list[Unit]:
     return parts
 
 
-def assign_rows(units: list[Unit], length: int, num_rows: int | None, micro_batches: int = 1,
-                packing: bool = True) -> list[tuple[Unit, int]]:
+def assign_rows(
+    units: list[Unit], length: int, num_rows: int | None, micro_batches: int = 1, packing: bool = True
+) -> list[tuple[Unit, int]]:
     """Places units in rows → [(unit, row)]. First fit by decreasing length among the rows of the unit's
     micro-batch class (r ≡ prompt mod micro_batches). With packing, a shared-prefix unit that fits no row whole
     is split: the row with the most room takes the prompt and as many of the answers as fit (the prompt is
@@ -155,17 +158,29 @@ def rows_needed(units: list[Unit], length: int, micro_batches: int = 1, packing:
     return (max(r for _, r in placed) // micro_batches + 1) * micro_batches
 
 
-def pack(answer_tokens: Sequence[Sequence[np.ndarray]], num_answers: int, length: int, num_rows: int | None = None,
-         layout: str = "shared_prefix", packing: bool = True, micro_batches: int = 1, row_offset: int = 0,
-         pad_id: int = 0, max_prefix: Sequence[int] | None = None) -> dict:
+def pack(
+    answer_tokens: Sequence[Sequence[np.ndarray]],
+    num_answers: int,
+    length: int,
+    num_rows: int | None = None,
+    layout: str = "shared_prefix",
+    packing: bool = True,
+    micro_batches: int = 1,
+    row_offset: int = 0,
+    pad_id: int = 0,
+    max_prefix: Sequence[int] | None = None,
+) -> dict:
     """Prompts' answer sequences (slot order, ≤ K each) → the model-facing arrays of the packed batch.
     `max_prefix`: per prompt, a cap on its shared prefix (`units_of`).
 
     → tokens, positions, segment_ids int32 [R, L]; reward_row, reward_index int32 [B, K] (empty slots point at
     (row_offset, 0) and are masked by the caller's answer_mask); real_tokens (int, before prefix sharing:
     Σ answer lengths; see `efficiency`)."""
-    units = [u for b, seqs in enumerate(answer_tokens)
-             for u in units_of(b, seqs, layout, length, None if max_prefix is None else max_prefix[b])]
+    units = [
+        u
+        for b, seqs in enumerate(answer_tokens)
+        for u in units_of(b, seqs, layout, length, None if max_prefix is None else max_prefix[b])
+    ]
     if num_rows is None:
         num_rows = rows_needed(units, length, micro_batches, packing)
     if num_rows % micro_batches:
@@ -186,30 +201,36 @@ def pack(answer_tokens: Sequence[Sequence[np.ndarray]], num_answers: int, length
         if u.prefix == 0:
             (slot,) = u.answers
             n = len(seqs[slot])
-            tokens[r, c:c + n] = seqs[slot]
-            positions[r, c:c + n] = np.arange(n)
-            segment_ids[r, c:c + n] = g
+            tokens[r, c : c + n] = seqs[slot]
+            positions[r, c : c + n] = np.arange(n)
+            segment_ids[r, c : c + n] = g
             reward_row[u.prompt, slot], reward_index[u.prompt, slot] = local_row, c + n - 1
             c += n
         else:
             p = u.prefix
-            tokens[r, c:c + p] = seqs[u.answers[0]][:p]
-            positions[r, c:c + p] = np.arange(p)
-            segment_ids[r, c:c + p] = g * PREFIX_STRIDE
+            tokens[r, c : c + p] = seqs[u.answers[0]][:p]
+            positions[r, c : c + p] = np.arange(p)
+            segment_ids[r, c : c + p] = g * PREFIX_STRIDE
             c += p
             for k, slot in enumerate(u.answers):
                 n = len(seqs[slot]) - p
-                tokens[r, c:c + n] = seqs[slot][p:]
-                positions[r, c:c + n] = p + np.arange(n)
-                segment_ids[r, c:c + n] = g * PREFIX_STRIDE + k + 1
+                tokens[r, c : c + n] = seqs[slot][p:]
+                positions[r, c : c + n] = p + np.arange(n)
+                segment_ids[r, c : c + n] = g * PREFIX_STRIDE + k + 1
                 reward_row[u.prompt, slot], reward_index[u.prompt, slot] = local_row, c + n - 1
                 c += n
         fill[r], next_id[r] = c, g + 1
     if next_id.max(initial=1) >= PREFIX_STRIDE:
         raise DataError(f"a row holds {int(next_id.max()) - 1} units; at most {PREFIX_STRIDE - 1}")
     real = sum(len(s) for seqs in answer_tokens for s in seqs)
-    return {"tokens": tokens, "positions": positions, "segment_ids": segment_ids, "reward_row": reward_row,
-            "reward_index": reward_index, "real_tokens": real}
+    return {
+        "tokens": tokens,
+        "positions": positions,
+        "segment_ids": segment_ids,
+        "reward_row": reward_row,
+        "reward_index": reward_index,
+        "real_tokens": real,
+    }
 
 
 def efficiency(batch: dict) -> tuple[float, float]:

@@ -126,8 +126,10 @@ def validate_row(raw: Any, row: int) -> Ranking:
             raise BadRow(f"field 'answers[{j}]' is {type(a).__name__}, not an object")
         text = a.get("answer")
         if not isinstance(text, str):
-            raise BadRow(f"field 'answers[{j}].answer' is {'missing' if text is None else type(text).__name__}"
-                         + ("" if text is None else ", not a string"))
+            raise BadRow(
+                f"field 'answers[{j}].answer' is {'missing' if text is None else type(text).__name__}"
+                + ("" if text is None else ", not a string")
+            )
         if not _utf8(text):
             raise BadRow(f"field 'answers[{j}].answer' holds a lone surrogate (not encodable text)")
         rank = a.get("rank")
@@ -304,13 +306,17 @@ class ReadReport:
         return dataclasses.asdict(self)
 
 
-def empty_split_message(source, split: str, report: ReadReport | None = None, eval_fraction: float = 0.0,
-                        prepared: bool = False) -> str:
+def empty_split_message(
+    source, split: str, report: ReadReport | None = None, eval_fraction: float = 0.0, prepared: bool = False
+) -> str:
     """Why a split of `source` has no rows, naming the file: it is empty, every row was skipped, or none fell in
     `split` (the eval split held out by prompt hash)."""
     if prepared:
-        why = ("a prepared dataset: give the eval rows with data.eval, or prepare it again with a larger "
-               "--eval-fraction" if split == "eval" else "a prepared dataset: prepare it again (see its report.json)")
+        why = (
+            "a prepared dataset: give the eval rows with data.eval, or prepare it again with a larger --eval-fraction"
+            if split == "eval"
+            else "a prepared dataset: prepare it again (see its report.json)"
+        )
     elif report is None:
         why = "no rows"
     elif report.rows_read == 0:
@@ -318,8 +324,10 @@ def empty_split_message(source, split: str, report: ReadReport | None = None, ev
     elif report.rows_skipped >= report.rows_read:
         why = f"all {report.rows_read} rows were skipped as bad rows (on_bad_row=skip)"
     elif eval_fraction:
-        why = (f"none of its {report.rows_read} rows fell in the {split} split held out by prompt hash "
-               f"(eval_fraction={eval_fraction}): use more rows, a larger eval_fraction, or data.eval=FILE")
+        why = (
+            f"none of its {report.rows_read} rows fell in the {split} split held out by prompt hash "
+            f"(eval_fraction={eval_fraction}): use more rows, a larger eval_fraction, or data.eval=FILE"
+        )
     else:
         why = f"{report.rows_read} rows read, {report.rows_skipped} skipped, none left for {split}"
     return f"{source}: the {split} split is empty ({why})"
@@ -337,12 +345,14 @@ def read_rankings(
         raise DataError(f"on_bad_row must be one of {ON_BAD_ROW}, got {on_bad_row!r}")
     report = report if report is not None else ReadReport()
     report.source = str(source)
-    yield from validated_rows(rows if rows is not None else iter_raw_rows(source, split), validate_row, source,
-                              on_bad_row, report)
+    yield from validated_rows(
+        rows if rows is not None else iter_raw_rows(source, split), validate_row, source, on_bad_row, report
+    )
 
 
-def validated_rows(rows: Iterable[tuple[int, Any]], validate: Callable[[Any, int], T], source,
-                   on_bad_row: str, report: ReadReport) -> Iterator[T]:
+def validated_rows(
+    rows: Iterable[tuple[int, Any]], validate: Callable[[Any, int], T], source, on_bad_row: str, report: ReadReport
+) -> Iterator[T]:
     """`validate(raw, row)` over raw rows: a row it rejects (BadRow), or a line that is not JSON, raises a DataError
     naming the file and row (on_bad_row=error) or is counted in `report` and passed over (skip)."""
     for row, raw in rows:
@@ -368,12 +378,14 @@ def load_rankings(source, on_bad_row: str = "error", report: ReadReport | None =
 # ---------------------------------------------------------------------------------------------- pairwise
 
 
-def read_pairwise(source: str | Path, on_bad_row: str = "error", report: ReadReport | None = None,
-                  split: str = "train") -> Iterator[Ranking]:
+def read_pairwise(
+    source: str | Path, on_bad_row: str = "error", report: ReadReport | None = None, split: str = "train"
+) -> Iterator[Ranking]:
     """RewardBench layout (`prompt`, `chosen`, `rejected`) → 2-answer `Ranking`s (chosen rank 1, rejected 2).
 
     `prompt` may be plain user text or HH text; other columns (`subset`, `id`) go to `sources`.
     """
+
     def convert():
         for row, raw in iter_raw_rows(source, split):
             if isinstance(raw, dict):
@@ -383,8 +395,10 @@ def read_pairwise(source: str | Path, on_bad_row: str = "error", report: ReadRep
                 src = [str(raw[k]) for k in ("subset", "id") if raw.get(k) is not None]
                 raw = {
                     "prompt": p,
-                    "answers": [{"answer": raw.get("chosen"), "model": raw.get("chosen_model"), "rank": 1},
-                                {"answer": raw.get("rejected"), "model": raw.get("rejected_model"), "rank": 2}],
+                    "answers": [
+                        {"answer": raw.get("chosen"), "model": raw.get("chosen_model"), "rank": 1},
+                        {"answer": raw.get("rejected"), "model": raw.get("rejected_model"), "rank": 2},
+                    ],
                     "source": src,
                 }
             yield row, raw
@@ -402,7 +416,7 @@ def prompt_hash_fraction(prompt: str) -> float:
 
 
 def split_of(prompt: str, eval_fraction: float) -> str:
-    """"eval" or "train" by prompt hash: the same prompt always lands in the same split."""
+    """ "eval" or "train" by prompt hash: the same prompt always lands in the same split."""
     if not 0.0 <= eval_fraction <= 1.0:
         raise DataError(f"eval_fraction must be in [0, 1], got {eval_fraction}")
     return "eval" if prompt_hash_fraction(prompt) < eval_fraction else "train"

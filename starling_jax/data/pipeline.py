@@ -41,11 +41,11 @@ from pathlib import Path
 
 import numpy as np
 
+from starling_jax.data import layout as layout_lib
 from starling_jax.data import tokenizer as tokenizer_lib
+from starling_jax.data.batch_spec import KWISE, MASKED_RANK
 from starling_jax.data.nectar import ReadReport, empty_split_message, read_rankings, split_of
 from starling_jax.data.tokenize import RowDoesNotFit, tokenize_ranking
-from starling_jax.data import layout as layout_lib
-from starling_jax.data.batch_spec import KWISE, MASKED_RANK
 from starling_jax.errors import DataError
 from starling_jax.paths import as_path
 
@@ -79,16 +79,27 @@ def select_answers(ranks: Sequence[float], k: int) -> list[int]:
 class InMemorySource:
     """Random-access examples from `TokenizedRanking`s (small runs straight from a file)."""
 
-    def __init__(self, tokenized, report=None, provenance: dict | None = None, name: str = "",
-                 split: str = "train", eval_fraction: float = 0.0):
+    def __init__(
+        self,
+        tokenized,
+        report=None,
+        provenance: dict | None = None,
+        name: str = "",
+        split: str = "train",
+        eval_fraction: float = 0.0,
+    ):
         self.report = report  # nectar.ReadReport of the pass that read the rows (skipped rows, counts), if any
         self.name, self.split, self.eval_fraction = name, split, eval_fraction  # for errors: which file and split
         self.provenance = provenance or {}  # tokenizer.data_provenance of the tokenization
         self._ex = [
-            {"row": t.row, "tokens": list(t.tokens), "ranks": np.asarray(t.ranks, np.float32),
-             "answer_lengths": np.asarray(t.answer_lengths, np.int32),
-             "answer_start": np.asarray(t.answer_start, np.int32),
-             "reward_index": np.asarray(t.reward_index, np.int32)}
+            {
+                "row": t.row,
+                "tokens": list(t.tokens),
+                "ranks": np.asarray(t.ranks, np.float32),
+                "answer_lengths": np.asarray(t.answer_lengths, np.int32),
+                "answer_start": np.asarray(t.answer_start, np.int32),
+                "reward_index": np.asarray(t.reward_index, np.int32),
+            }
             for t in tokenized
         ]
 
@@ -112,8 +123,10 @@ class TfdsSource:
         self._src = self.builder.as_data_source(split=split)
         self.metadata = dict(self.builder.info.metadata or {})
         # what prepare_data tokenized with (tokenizer.data_provenance); older datasets: template and max_length
-        self.provenance = dict(self.metadata.get("provenance") or {
-            k: self.metadata[k] for k in ("template", "max_length") if k in self.metadata})
+        self.provenance = dict(
+            self.metadata.get("provenance")
+            or {k: self.metadata[k] for k in ("template", "max_length") if k in self.metadata}
+        )
         self.report = prepared_report(builder_dir)  # its skipped rows count in train_rm's rows_skipped
 
     def __len__(self):
@@ -137,8 +150,11 @@ def prepared_report(builder_dir) -> ReadReport | None:
         rep = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    report = ReadReport(source=str(rep.get("input", path)), rows_read=int(rep.get("rows_read", 0)),
-                        rows_kept=int(rep.get("rows_kept", 0)))
+    report = ReadReport(
+        source=str(rep.get("input", path)),
+        rows_read=int(rep.get("rows_read", 0)),
+        rows_kept=int(rep.get("rows_kept", 0)),
+    )
     for s in rep.get("skipped") or []:
         report.skip(s["row"], s["reason"])
     return report
@@ -153,8 +169,16 @@ def _getitems(source, idx):
 # ------------------------------------------------------------------------------------------------ plan
 
 
-def batch_plan(lengths: np.ndarray, global_batch_size: int, *, seed: int, epoch: int, shuffle: bool,
-               bucket_window: int = 32, longest_first: bool = False) -> np.ndarray:
+def batch_plan(
+    lengths: np.ndarray,
+    global_batch_size: int,
+    *,
+    seed: int,
+    epoch: int,
+    shuffle: bool,
+    bucket_window: int = 32,
+    longest_first: bool = False,
+) -> np.ndarray:
     """int64 [num_batches, global_batch_size] example indices (-1 = padding row); same on every host.
     Without `shuffle`: file order, or with `longest_first` the examples sorted by length, longest first (ties in
     file order)."""
@@ -165,7 +189,7 @@ def batch_plan(lengths: np.ndarray, global_batch_size: int, *, seed: int, epoch:
         order = rng.permutation(n)
         if bucket_window > 1:
             w = g * bucket_window
-            chunks = [order[s:s + w] for s in range(0, n, w)]
+            chunks = [order[s : s + w] for s in range(0, n, w)]
             order = np.concatenate([c[np.argsort(lengths[c], kind="stable")] for c in chunks]) if chunks else order
     elif longest_first:
         order = np.argsort(-np.asarray(lengths, np.int64), kind="stable")
@@ -186,11 +210,27 @@ def batch_plan(lengths: np.ndarray, global_batch_size: int, *, seed: int, epoch:
 class RankingPipeline:
     """Per-host K-wise batches (numpy dicts, see ARCHITECTURE.md) with an exact, JSON-serializable position."""
 
-    def __init__(self, source, *, global_batch_size: int, num_answers: int = 7, max_length: int | None = None,
-                 pad_to_multiple: int = 128, seed: int = 0, mode: str = "train", bucket_window: int = 32,
-                 process_index: int | None = None, process_count: int | None = None, pad_id: int = 0,
-                 prefetch: int = 2, num_parallel: int = 2, layout: str = "per_answer", packing: bool = False,
-                 micro_batches: int = 1, completions: bool = False):
+    def __init__(
+        self,
+        source,
+        *,
+        global_batch_size: int,
+        num_answers: int = 7,
+        max_length: int | None = None,
+        pad_to_multiple: int = 128,
+        seed: int = 0,
+        mode: str = "train",
+        bucket_window: int = 32,
+        process_index: int | None = None,
+        process_count: int | None = None,
+        pad_id: int = 0,
+        prefetch: int = 2,
+        num_parallel: int = 2,
+        layout: str = "per_answer",
+        packing: bool = False,
+        micro_batches: int = 1,
+        completions: bool = False,
+    ):
         if mode not in ("train", "eval"):
             raise DataError(f"pipeline mode must be 'train' or 'eval', got {mode!r}")
         if process_index is None or process_count is None:
@@ -220,15 +260,23 @@ class RankingPipeline:
         self.packed = layout != "per_answer" or self.packing
         self.completions = bool(completions)
         if self.packed and self.per_host_batch % self.micro_batches:
-            raise DataError(f"{self.per_host_batch} prompts per host are not divisible by {micro_batches} "
-                            "micro-batches")
+            raise DataError(
+                f"{self.per_host_batch} prompts per host are not divisible by {micro_batches} micro-batches"
+            )
         self._rows: dict[int, int] = {}  # epoch → packed rows per host
         if len(source) == 0:
             # a whole file read for this pipeline (data.eval=FILE) is its `mode` split; a held-out part, its own
             fraction, prepared = getattr(source, "eval_fraction", 0.0), isinstance(source, TfdsSource)
             split = getattr(source, "split", mode) if fraction or prepared else mode
-            raise DataError(empty_split_message(getattr(source, "name", "") or "the dataset", split,
-                                                getattr(source, "report", None), fraction, prepared=prepared))
+            raise DataError(
+                empty_split_message(
+                    getattr(source, "name", "") or "the dataset",
+                    split,
+                    getattr(source, "report", None),
+                    fraction,
+                    prepared=prepared,
+                )
+            )
         self._shape: list = []  # per example: (selected sequence lengths, shared prefix length)
         self.lengths = self._scan_lengths()
         if self.packed:
@@ -247,7 +295,7 @@ class RankingPipeline:
             alive = weakref.ref(it)
             del it  # normally the last reference: the iterator and its threads go now
             if alive() is not None:  # held by a reference cycle: only a full collection frees it (~2 s in a
-                import gc            # process holding JAX, TF and transformers, so not by default)
+                import gc  # process holding JAX, TF and transformers, so not by default)
 
                 gc.collect()
 
@@ -277,9 +325,15 @@ class RankingPipeline:
 
     def plan(self, epoch: int) -> np.ndarray:
         if self._plan_epoch != epoch:
-            self._plan = batch_plan(self.lengths, self.global_batch_size, seed=self.seed + 0, epoch=epoch,
-                                    shuffle=self.mode == "train", bucket_window=self.bucket_window,
-                                    longest_first=self.mode == "eval")
+            self._plan = batch_plan(
+                self.lengths,
+                self.global_batch_size,
+                seed=self.seed + 0,
+                epoch=epoch,
+                shuffle=self.mode == "train",
+                bucket_window=self.bucket_window,
+                longest_first=self.mode == "eval",
+            )
             self._plan_epoch = epoch
         return self._plan
 
@@ -289,18 +343,27 @@ class RankingPipeline:
             need = self.micro_batches
             for g in self.plan(epoch):
                 for h in range(self.process_count):
-                    mine = g[h * self.per_host_batch:(h + 1) * self.per_host_batch]
-                    units = [u for b, i in enumerate(mine) if i >= 0
-                             for u in layout_lib.units_from_lengths(b, *self._shape[i], self.row_length)]
-                    need = max(need, layout_lib.rows_needed(units, self.row_length, self.micro_batches,
-                                                            self.packing))
+                    mine = g[h * self.per_host_batch : (h + 1) * self.per_host_batch]
+                    units = [
+                        u
+                        for b, i in enumerate(mine)
+                        if i >= 0
+                        for u in layout_lib.units_from_lengths(b, *self._shape[i], self.row_length)
+                    ]
+                    need = max(need, layout_lib.rows_needed(units, self.row_length, self.micro_batches, self.packing))
             self._rows = {epoch: need}
         return self._rows[epoch]
 
     # -- state
     def state(self) -> dict:
-        return {"epoch": self._epoch, "batch": self._batch, "seed": self.seed, "mode": self.mode,
-                "global_batch_size": self.global_batch_size, "num_examples": self.num_examples}
+        return {
+            "epoch": self._epoch,
+            "batch": self._batch,
+            "seed": self.seed,
+            "mode": self.mode,
+            "global_batch_size": self.global_batch_size,
+            "num_examples": self.num_examples,
+        }
 
     get_state = state
 
@@ -323,7 +386,7 @@ class RankingPipeline:
         length = _round_up(longest, self.pad_to_multiple)
         if self.max_l:
             length = min(length, self.max_l)
-        mine = g[self.process_index * self.per_host_batch:(self.process_index + 1) * self.per_host_batch]
+        mine = g[self.process_index * self.per_host_batch : (self.process_index + 1) * self.per_host_batch]
         if self.packed:
             return self.make_packed_batch(mine, self.rows_per_host(epoch))
         return self.make_batch(mine, length)
@@ -352,8 +415,18 @@ class RankingPipeline:
             if self.completions:
                 max_prefix[i] = min(int(ex["answer_start"][j]) for j in sel)
         offset = self.process_index * rows // self.micro_batches  # this host's rows inside each micro-batch
-        packed = layout_lib.pack(seqs, k, self.row_length, rows, self.layout, self.packing, self.micro_batches,
-                                 offset, self.pad_id, max_prefix if self.completions else None)
+        packed = layout_lib.pack(
+            seqs,
+            k,
+            self.row_length,
+            rows,
+            self.layout,
+            self.packing,
+            self.micro_batches,
+            offset,
+            self.pad_id,
+            max_prefix if self.completions else None,
+        )
         packed.pop("real_tokens")
         out = {**packed, "ranks": ranks, "answer_mask": answer_mask, "answer_lengths": answer_lengths, "row": row}
         if self.completions:
@@ -362,8 +435,11 @@ class RankingPipeline:
 
     @property
     def batch_keys(self) -> tuple:
-        return (BATCH_KEYS + (("reward_row",) if self.packed else ())
-                + (("completion_lengths",) if self.completions else ()))
+        return (
+            BATCH_KEYS
+            + (("reward_row",) if self.packed else ())
+            + (("completion_lengths",) if self.completions else ())
+        )
 
     def make_batch(self, indices: np.ndarray, length: int) -> dict:
         b, k = len(indices), self.num_answers
@@ -394,9 +470,16 @@ class RankingPipeline:
                 answer_lengths[i, slot] = int(ex["answer_lengths"][j])
                 if self.completions:
                     completion_lengths[i, slot] = n - int(ex["answer_start"][j])
-        out = {"tokens": tokens, "positions": positions, "segment_ids": segment_ids,
-               "reward_index": reward_index, "ranks": ranks, "answer_mask": answer_mask,
-               "answer_lengths": answer_lengths, "row": row}
+        out = {
+            "tokens": tokens,
+            "positions": positions,
+            "segment_ids": segment_ids,
+            "reward_index": reward_index,
+            "ranks": ranks,
+            "answer_mask": answer_mask,
+            "answer_lengths": answer_lengths,
+            "row": row,
+        }
         if self.completions:
             out["completion_lengths"] = completion_lengths
         return out
@@ -475,9 +558,17 @@ def find_prepared(path) -> Path | None:
     return hits[-1].parent if hits else None
 
 
-def open_source(path, split: str = "train", *, tokenizer=None, template: str = "llama2_chat",
-                max_length: int | None = None, eval_fraction: float = 0.0, on_bad_row: str = "error",
-                tokenizer_name: str | None = None):
+def open_source(
+    path,
+    split: str = "train",
+    *,
+    tokenizer=None,
+    template: str = "llama2_chat",
+    max_length: int | None = None,
+    eval_fraction: float = 0.0,
+    on_bad_row: str = "error",
+    tokenizer_name: str | None = None,
+):
     """A prepared `prepare_data` folder → TfdsSource; a Nectar-schema file → tokenized InMemorySource.
 
     A prepared dataset must have been made with this tokenizer (same fingerprint), template and max_length:
@@ -487,14 +578,19 @@ def open_source(path, split: str = "train", *, tokenizer=None, template: str = "
         tokenizer_name = str(tokenizer_lib.default_tokenizer_for(template))
         tokenizer = tokenizer_lib.load_tokenizer(tokenizer_name)
     check_length, max_length = max_length is not None, max_length or 2048
-    current = tokenizer_lib.data_provenance(tokenizer, tokenizer_name or getattr(tokenizer, "name_or_path", "?"),
-                                            template, max_length)
+    current = tokenizer_lib.data_provenance(
+        tokenizer, tokenizer_name or getattr(tokenizer, "name_or_path", "?"), template, max_length
+    )
     prepared = find_prepared(path)
     if prepared is not None:
         src = TfdsSource(prepared, split)
-        tokenizer_lib.check_provenance(src.provenance, current if check_length else {**current, "max_length": None},
-                                       f"prepared dataset {prepared}", "this run",
-                                       settings={k: f"data.{k}" for k in ("max_length", "template", "tokenizer")})
+        tokenizer_lib.check_provenance(
+            src.provenance,
+            current if check_length else {**current, "max_length": None},
+            f"prepared dataset {prepared}",
+            "this run",
+            settings={k: f"data.{k}" for k in ("max_length", "template", "tokenizer")},
+        )
         return src
     if as_path(path).is_dir():
         raise DataError(f"{path}: folder holds no prepared dataset (run starling_jax.prepare_data)")

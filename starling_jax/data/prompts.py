@@ -21,11 +21,12 @@ def parse_messages(value, where: str) -> list[dict[str, str]]:
         raise DataError(f"{where}: field 'messages' must be a non-empty list of {{role, content}} objects")
     for i, m in enumerate(value):
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise DataError(f"{where}: field 'messages[{i}]' must be {{\"role\": one of {list(ROLES)}, "
-                            f"\"content\": string}}, got {json.dumps(m)[:120]}")
+            raise DataError(
+                f"{where}: field 'messages[{i}]' must be {{\"role\": one of {list(ROLES)}, "
+                f'"content": string}}, got {json.dumps(m)[:120]}'
+            )
     if value[-1]["role"] != "user":
-        raise DataError(f"{where}: field 'messages': the last message must be a user turn "
-                        f"(got {value[-1]['role']!r})")
+        raise DataError(f"{where}: field 'messages': the last message must be a user turn (got {value[-1]['role']!r})")
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 

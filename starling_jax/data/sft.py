@@ -27,8 +27,16 @@ import numpy as np
 
 from starling_jax.data.batch_spec import SFT, round_up
 from starling_jax.data.chat import Message, to_hh
-from starling_jax.data.nectar import (BadRow, Ranking, ReadReport, empty_split_message, iter_raw_rows,
-                                      read_rankings, split_of, validated_rows)
+from starling_jax.data.nectar import (
+    BadRow,
+    Ranking,
+    ReadReport,
+    empty_split_message,
+    iter_raw_rows,
+    read_rankings,
+    split_of,
+    validated_rows,
+)
 from starling_jax.data.pipeline import batch_plan
 from starling_jax.data.tokenize import RowDoesNotFit, tokenize_answers
 from starling_jax.errors import DataError
@@ -82,8 +90,9 @@ def validate_messages(raw: Any) -> tuple[tuple[Message, ...], str]:
     return tuple(out[:-1]), out[-1]["content"]
 
 
-def read_conversations(source: str | Path, on_bad_row: str = "error",
-                       report: ReadReport | None = None) -> Iterator[Conversation]:
+def read_conversations(
+    source: str | Path, on_bad_row: str = "error", report: ReadReport | None = None
+) -> Iterator[Conversation]:
     """Stream `Conversation`s from a Nectar-schema or `messages` file (the first row decides which)."""
     report = report if report is not None else ReadReport()
     report.source = str(source)
@@ -117,8 +126,9 @@ def tokenize_conversation(conv: Conversation, tokenizer, template: str, max_leng
     return SFTExample(conv.row, np.asarray(t.tokens, np.int32), int(t.answer_start))
 
 
-def load_examples(source, split: str, *, tokenizer, template: str, max_length: int, eval_fraction: float,
-                  on_bad_row: str = "error") -> tuple[list[SFTExample], ReadReport]:
+def load_examples(
+    source, split: str, *, tokenizer, template: str, max_length: int, eval_fraction: float, on_bad_row: str = "error"
+) -> tuple[list[SFTExample], ReadReport]:
     """The examples of one split (`eval_fraction=0`: every row is `train`); rows too long for `max_length` follow
     `on_bad_row` like invalid ones."""
     report = ReadReport()
@@ -148,7 +158,7 @@ def make_batch(examples: list[SFTExample | None], length: int, pad_id: int) -> d
         batch["tokens"][i, :n] = ex.tokens
         batch["positions"][i, :n] = np.arange(n)
         batch["segment_ids"][i, :n] = 1
-        batch["loss_mask"][i, ex.answer_start:n] = True
+        batch["loss_mask"][i, ex.answer_start : n] = True
         batch["row"][i] = ex.row
     return batch
 
@@ -156,10 +166,23 @@ def make_batch(examples: list[SFTExample | None], length: int, pad_id: int) -> d
 class SFTPipeline:
     """Per-host SFT batches with an exact position ({epoch, batch}); `mode="eval"`: one pass in file order."""
 
-    def __init__(self, examples: list[SFTExample], *, global_batch_size: int, max_length: int,
-                 pad_to_multiple: int = 128, pad_id: int = 0, seed: int = 0, mode: str = "train",
-                 process_index: int = 0, process_count: int = 1, report: ReadReport | None = None,
-                 name: str = "", split: str | None = None, eval_fraction: float = 0.0):
+    def __init__(
+        self,
+        examples: list[SFTExample],
+        *,
+        global_batch_size: int,
+        max_length: int,
+        pad_to_multiple: int = 128,
+        pad_id: int = 0,
+        seed: int = 0,
+        mode: str = "train",
+        process_index: int = 0,
+        process_count: int = 1,
+        report: ReadReport | None = None,
+        name: str = "",
+        split: str | None = None,
+        eval_fraction: float = 0.0,
+    ):
         if not examples:  # name the file (`name`) and why its split is empty
             raise DataError(empty_split_message(name or "the dataset", split or mode, report, eval_fraction))
         if global_batch_size % process_count:
@@ -188,14 +211,20 @@ class SFTPipeline:
 
     def plan(self, epoch: int) -> np.ndarray:
         if self._plan_epoch != epoch:
-            self._plan = batch_plan(self.lengths, self.global_batch_size, seed=self.seed, epoch=epoch,
-                                    shuffle=self.mode == "train")
+            self._plan = batch_plan(
+                self.lengths, self.global_batch_size, seed=self.seed, epoch=epoch, shuffle=self.mode == "train"
+            )
             self._plan_epoch = epoch
         return self._plan
 
     def state(self) -> dict:
-        return {"epoch": self._epoch, "batch": self._batch, "seed": self.seed,
-                "global_batch_size": self.global_batch_size, "num_examples": self.num_examples}
+        return {
+            "epoch": self._epoch,
+            "batch": self._batch,
+            "seed": self.seed,
+            "global_batch_size": self.global_batch_size,
+            "num_examples": self.num_examples,
+        }
 
     def restore(self, state: dict) -> None:
         for key in ("seed", "global_batch_size", "num_examples"):
@@ -207,7 +236,7 @@ class SFTPipeline:
         g = self.plan(epoch)[batch]
         real = g[g >= 0]
         length = min(round_up(int(self.lengths[real].max()), self.pad_to_multiple), self.max_l)
-        mine = g[self.process_index * self.per_host:(self.process_index + 1) * self.per_host]
+        mine = g[self.process_index * self.per_host : (self.process_index + 1) * self.per_host]
         return make_batch([self.examples[i] if i >= 0 else None for i in mine], length, self.pad_id)
 
     def __iter__(self):

@@ -7,7 +7,8 @@ words 4, 3, 2 and 1 times, whatever its rank (the requested word holds one of th
 an answer alone says nothing about its rank: a model must read the prompt together with the answer (broken
 attention masks make it unlearnable; tests/data/test_synthetic.py checks that no answer-only statistic ranks).
 Answer length varies through filler words drawn independently of the rank. Some rows are multi-turn (an earlier
-turn asks for a different word: only the last request counts), some have 3-6 answers. Whole sequences stay < 128 tokens with the llama2_chat template.
+turn asks for a different word: only the last request counts), some have 3-6 answers. Whole sequences stay < 128 tokens
+with the llama2_chat template.
 
 `python -m starling_jax.data.synthetic OUT.jsonl [--rows N] [--seed S]` writes a file; the bundled
 `starling_jax/resources/nectar_synthetic.jsonl` is `--rows 3000 --seed 0`.
@@ -84,12 +85,19 @@ def make_row(rng: np.random.Generator, num_answers: int = 7, multi_turn: float =
     answers = [make_answer(rng, target, int(c)) for c in counts]
     ranks = [float(1 + sum(d > c for d in counts)) for c in counts]  # competition ranks: equal counts tie
     out_answers = [{"answer": a, "model": f"synth-{k}", "rank": r} for k, (a, r) in enumerate(zip(answers, ranks))]
-    return {"prompt": prompt, "answers": out_answers, "turns": turns, "num_responses": num_answers,
-            "source": ["synthetic"], "good_natured": True}
+    return {
+        "prompt": prompt,
+        "answers": out_answers,
+        "turns": turns,
+        "num_responses": num_answers,
+        "source": ["synthetic"],
+        "good_natured": True,
+    }
 
 
-def generate(num_rows: int, seed: int = 0, min_answers: int = 3, max_answers: int = 7,
-             full_prob: float = 0.7) -> list[dict]:
+def generate(
+    num_rows: int, seed: int = 0, min_answers: int = 3, max_answers: int = 7, full_prob: float = 0.7
+) -> list[dict]:
     """`num_rows` rows; `full_prob` of them have `max_answers` answers, the rest 3..max-1."""
     rng = np.random.default_rng(seed)
     rows = []

@@ -19,8 +19,8 @@ import tensorflow_datasets as tfds
 
 from starling_jax.data import tokenizer as tokenizer_lib
 from starling_jax.data.nectar import ReadReport, read_rankings, split_of
-from starling_jax.errors import DataError
 from starling_jax.data.tokenize import LengthStats, RowDoesNotFit, tokenize_ranking
+from starling_jax.errors import DataError
 
 SPLITS = ("train", "eval")
 
@@ -37,9 +37,19 @@ class NectarTokenized(tfds.core.GeneratorBasedBuilder):
     # No checksums / source folder: avoids tfds' code_path lookup (it needs the `importlib_resources` backport).
     code_path = None
 
-    def __init__(self, *, input=None, tokenizer=None, tokenizer_dir: str = "", template: str = "llama2_chat",
-                 max_length: int = 2048, eval_fraction: float = 0.05, on_bad_row: str = "error",
-                 provenance: dict | None = None, **kwargs):
+    def __init__(
+        self,
+        *,
+        input=None,
+        tokenizer=None,
+        tokenizer_dir: str = "",
+        template: str = "llama2_chat",
+        max_length: int = 2048,
+        eval_fraction: float = 0.05,
+        on_bad_row: str = "error",
+        provenance: dict | None = None,
+        **kwargs,
+    ):
         self._input = input
         self._tokenizer = tokenizer
         self._tokenizer_dir = str(tokenizer_dir)
@@ -59,8 +69,11 @@ class NectarTokenized(tfds.core.GeneratorBasedBuilder):
     def _info(self) -> tfds.core.DatasetInfo:
         tok = self._tokenizer
         meta = {
-            "input": str(self._input), "tokenizer_dir": self._tokenizer_dir, "template": self._template,
-            "max_length": self._max_length, "eval_fraction": self._eval_fraction,
+            "input": str(self._input),
+            "tokenizer_dir": self._tokenizer_dir,
+            "template": self._template,
+            "max_length": self._max_length,
+            "eval_fraction": self._eval_fraction,
             "pad_id": int(tok.pad_token_id) if tok is not None and tok.pad_token_id is not None else 0,
             "vocab_size": len(tok) if tok is not None else 0,
             "provenance": self.provenance,
@@ -68,19 +81,21 @@ class NectarTokenized(tfds.core.GeneratorBasedBuilder):
         return tfds.core.DatasetInfo(
             builder=self,
             description=__doc__,
-            features=tfds.features.FeaturesDict({
-                "row": np.int64,
-                "tokens": tfds.features.Sequence(tfds.features.Sequence(np.int32)),
-                "answer_start": tfds.features.Sequence(np.int32),
-                "answer_lengths": tfds.features.Sequence(np.int32),
-                "reward_index": tfds.features.Sequence(np.int32),
-                "ranks": tfds.features.Sequence(np.float32),
-                "models": tfds.features.Sequence(tfds.features.Text()),
-                "sources": tfds.features.Sequence(tfds.features.Text()),
-                "turns": np.int32,
-                "good_natured": np.int8,  # 1 / 0, -1 = unknown
-                "truncated": np.bool_,
-            }),
+            features=tfds.features.FeaturesDict(
+                {
+                    "row": np.int64,
+                    "tokens": tfds.features.Sequence(tfds.features.Sequence(np.int32)),
+                    "answer_start": tfds.features.Sequence(np.int32),
+                    "answer_lengths": tfds.features.Sequence(np.int32),
+                    "reward_index": tfds.features.Sequence(np.int32),
+                    "ranks": tfds.features.Sequence(np.float32),
+                    "models": tfds.features.Sequence(tfds.features.Text()),
+                    "sources": tfds.features.Sequence(tfds.features.Text()),
+                    "turns": np.int32,
+                    "good_natured": np.int8,  # 1 / 0, -1 = unknown
+                    "truncated": np.bool_,
+                }
+            ),
             metadata=tfds.core.MetadataDict(meta),
             disable_shuffling=True,
             homepage="https://huggingface.co/datasets/berkeley-nest/Nectar",
@@ -98,8 +113,9 @@ class NectarTokenized(tfds.core.GeneratorBasedBuilder):
                 except RowDoesNotFit as e:
                     # a row too long for max_length is a bad row like any other: it follows on_bad_row
                     if self._on_bad_row == "error":
-                        raise DataError(f"{self._input}: row {r.row}: {e} (--on-bad-row skip drops such rows "
-                                        "and reports them)") from None
+                        raise DataError(
+                            f"{self._input}: row {r.row}: {e} (--on-bad-row skip drops such rows and reports them)"
+                        ) from None
                     self.report.rows_kept -= 1
                     self.report.skip(r.row, str(e))
                     continue
@@ -109,9 +125,15 @@ class NectarTokenized(tfds.core.GeneratorBasedBuilder):
                 s = split_of(r.prompt, self._eval_fraction)
                 self.split_counts[s] += 1
                 ex = {
-                    "row": t.row, "tokens": t.tokens, "answer_start": t.answer_start,
-                    "answer_lengths": t.answer_lengths, "reward_index": t.reward_index, "ranks": t.ranks,
-                    "models": list(t.models), "sources": list(t.sources), "turns": int(t.turns),
+                    "row": t.row,
+                    "tokens": t.tokens,
+                    "answer_start": t.answer_start,
+                    "answer_lengths": t.answer_lengths,
+                    "reward_index": t.reward_index,
+                    "ranks": t.ranks,
+                    "models": list(t.models),
+                    "sources": list(t.sources),
+                    "turns": int(t.turns),
                     "good_natured": -1 if t.good_natured is None else int(t.good_natured),
                     "truncated": t.truncated,
                 }
@@ -124,8 +146,10 @@ class NectarTokenized(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager):
         paths = self._tokenize_all()
         if not any(self.split_counts.values()):
-            raise NoRowsKept(f"{self._input}: no rows left after validation and truncation "
-                             f"({self.report.rows_skipped} skipped, see report.json)")
+            raise NoRowsKept(
+                f"{self._input}: no rows left after validation and truncation "
+                f"({self.report.rows_skipped} skipped, see report.json)"
+            )
         # TFDS cannot write an empty split (e.g. eval with --eval-fraction 0): such a split is left out
         return {s: self._generate_examples(paths[s]) for s in SPLITS if self.split_counts[s]}
 
@@ -144,8 +168,16 @@ class NectarTokenized(tfds.core.GeneratorBasedBuilder):
             self._spill = None
 
 
-def prepare(input, output_dir, tokenizer, tokenizer_dir: str, template: str, max_length: int,
-            eval_fraction: float, on_bad_row: str) -> NectarTokenized:
+def prepare(
+    input,
+    output_dir,
+    tokenizer,
+    tokenizer_dir: str,
+    template: str,
+    max_length: int,
+    eval_fraction: float,
+    on_bad_row: str,
+) -> NectarTokenized:
     """Build the TFDS dataset under `output_dir` and return the builder (with `.report`, `.stats`)."""
     tfds.disable_progress_bar()
     b = make_builder(input, output_dir, tokenizer, tokenizer_dir, template, max_length, eval_fraction, on_bad_row)
@@ -157,9 +189,26 @@ def prepare(input, output_dir, tokenizer, tokenizer_dir: str, template: str, max
     return b
 
 
-def make_builder(input, output_dir, tokenizer, tokenizer_dir: str, template: str, max_length: int,
-                 eval_fraction: float, on_bad_row: str) -> NectarTokenized:
+def make_builder(
+    input,
+    output_dir,
+    tokenizer,
+    tokenizer_dir: str,
+    template: str,
+    max_length: int,
+    eval_fraction: float,
+    on_bad_row: str,
+) -> NectarTokenized:
     provenance = tokenizer_lib.data_provenance(tokenizer, tokenizer_dir, template, max_length)
-    return NectarTokenized(input=input, tokenizer=tokenizer, tokenizer_dir=tokenizer_dir, template=template,
-                           max_length=max_length, eval_fraction=eval_fraction, on_bad_row=on_bad_row,
-                           provenance=provenance, data_dir=str(output_dir), file_format="array_record")
+    return NectarTokenized(
+        input=input,
+        tokenizer=tokenizer,
+        tokenizer_dir=tokenizer_dir,
+        template=template,
+        max_length=max_length,
+        eval_fraction=eval_fraction,
+        on_bad_row=on_bad_row,
+        provenance=provenance,
+        data_dir=str(output_dir),
+        file_format="array_record",
+    )

@@ -112,10 +112,10 @@ class _Conversation:
         full = self.encode(render(self.tok, self.messages, self.template, answer=answer))
         start = _common_prefix(self.prompt_ids, full)
         rest = full[start:]
-        suffix = min(_common_suffix(rest, self.empty_ids[self.empty_start:]), len(rest))
+        suffix = min(_common_suffix(rest, self.empty_ids[self.empty_start :]), len(rest))
         if answer and suffix == len(rest) and rest:
             suffix = len(rest) - 1  # a non-empty answer has at least one token of its own
-        return full[:start], rest[: len(rest) - suffix], rest[len(rest) - suffix:]
+        return full[:start], rest[: len(rest) - suffix], rest[len(rest) - suffix :]
 
 
 def tokenize_answers(
@@ -147,23 +147,33 @@ def tokenize_answers(
     out = []
     for j, (p, c, s) in enumerate(parts):
         if prompt_cut:
-            p = p[:head] + p[head + prompt_cut:]
+            p = p[:head] + p[head + prompt_cut :]
         # ...then, only where that is not enough, the answer text loses its beginning (its end, the template
         # suffix and so the reward token are never cut).
         answer_cut = max(0, len(p) + len(c) + len(s) - max_length)
         if answer_cut and len(c) - answer_cut < 1:
             raise RowDoesNotFit(
                 f"answer {j} cannot fit in max_length {max_length} "
-                f"(prompt kept {len(p)} tokens, template suffix {len(s)})")
+                f"(prompt kept {len(p)} tokens, template suffix {len(s)})"
+            )
         c = c[answer_cut:]
         seq = np.asarray(p + c + s, np.int32)
-        out.append(TokenizedAnswer(tokens=seq, answer_start=len(p), answer_length=len(c),
-                                   reward_index=len(seq) - 1, prompt_cut=prompt_cut, answer_cut=answer_cut))
+        out.append(
+            TokenizedAnswer(
+                tokens=seq,
+                answer_start=len(p),
+                answer_length=len(c),
+                reward_index=len(seq) - 1,
+                prompt_cut=prompt_cut,
+                answer_cut=answer_cut,
+            )
+        )
     return out
 
 
-def tokenize_ranking(ranking: Ranking, tokenizer, template: str, max_length: int,
-                     min_prompt_tokens: int | None = None) -> TokenizedRanking:
+def tokenize_ranking(
+    ranking: Ranking, tokenizer, template: str, max_length: int, min_prompt_tokens: int | None = None
+) -> TokenizedRanking:
     """`Ranking` → `TokenizedRanking` (answers in original order). Raises `RowDoesNotFit`."""
     ans = tokenize_answers(tokenizer, ranking.messages, ranking.answers, template, max_length, min_prompt_tokens)
     i32 = lambda xs: np.asarray(xs, np.int32)  # noqa: E731
@@ -201,10 +211,19 @@ class LengthStats:
         if not xs:
             return {"count": 0}
         a = np.asarray(xs)
-        return {"count": int(a.size), "min": int(a.min()), "mean": round(float(a.mean()), 2),
-                "p50": int(np.percentile(a, 50)), "p90": int(np.percentile(a, 90)),
-                "p99": int(np.percentile(a, 99)), "max": int(a.max())}
+        return {
+            "count": int(a.size),
+            "min": int(a.min()),
+            "mean": round(float(a.mean()), 2),
+            "p50": int(np.percentile(a, 50)),
+            "p90": int(np.percentile(a, 90)),
+            "p99": int(np.percentile(a, 99)),
+            "max": int(a.max()),
+        }
 
     def as_dict(self) -> dict:
-        return {"sequence_tokens": self._summary(self.seq), "prompt_tokens": self._summary(self.prompt),
-                "answer_tokens": self._summary(self.answer)}
+        return {
+            "sequence_tokens": self._summary(self.seq),
+            "prompt_tokens": self._summary(self.prompt),
+            "answer_tokens": self._summary(self.answer),
+        }

@@ -27,10 +27,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from starling_jax import hub
 from starling_jax.data.chat import get_template
 from starling_jax.data.tokenize import tokenize_answers
 from starling_jax.errors import CheckpointError, DataError
-from starling_jax import hub
 
 BASE_VOCAB = 32000
 OPENCHAT_TOKENS = ("<|end_of_turn|>", "<|pad_0|>")
@@ -169,13 +169,20 @@ def tokenizer_fingerprint(tok) -> str:
     h = hashlib.sha256()
     for token, idx in sorted(tok.get_vocab().items(), key=lambda kv: (kv[1], kv[0])):
         h.update(f"{idx}\t{token}\n".encode("utf-8", "surrogatepass"))
-    specials = {k: [getattr(tok, k, None), getattr(tok, k + "_id", None)]
-                for k in ("bos_token", "eos_token", "unk_token")}
+    specials = {
+        k: [getattr(tok, k, None), getattr(tok, k + "_id", None)] for k in ("bos_token", "eos_token", "unk_token")
+    }
     named = {getattr(tok, k, None) for k in ("bos_token", "eos_token", "unk_token")} - {None}
     specials["all"] = sorted((set(tok.all_special_tokens) - {tok.pad_token}) | named)
     h.update(json.dumps(specials, sort_keys=True, default=str).encode())
-    h.update(json.dumps([list(tok(_PROBE, add_special_tokens=True)["input_ids"]),
-                         list(tok(_PROBE, add_special_tokens=False)["input_ids"])]).encode())
+    h.update(
+        json.dumps(
+            [
+                list(tok(_PROBE, add_special_tokens=True)["input_ids"]),
+                list(tok(_PROBE, add_special_tokens=False)["input_ids"]),
+            ]
+        ).encode()
+    )
     return h.hexdigest()[:16]
 
 
@@ -197,8 +204,10 @@ def data_provenance(tok, tokenizer_name, template: str, max_length: int) -> dict
 
 
 def _describe(p: dict) -> str:
-    return (f"tokenizer {p.get('tokenizer')} (fingerprint {p.get('tokenizer_fingerprint')}), "
-            f"template {p.get('template')} (sha {p.get('template_sha256')}), max_length {p.get('max_length')}")
+    return (
+        f"tokenizer {p.get('tokenizer')} (fingerprint {p.get('tokenizer_fingerprint')}), "
+        f"template {p.get('template')} (sha {p.get('template_sha256')}), max_length {p.get('max_length')}"
+    )
 
 
 # provenance key → (what an error calls it, the setting that chooses it, the prepare_data flag that does)
@@ -210,9 +219,15 @@ _PROVENANCE_FIELDS = {
 }
 
 
-def check_provenance(recorded: dict, current: dict, recorded_what: str, current_what: str,
-                     keys=("tokenizer_fingerprint", "template", "template_sha256", "max_length"),
-                     settings: dict[str, str] | None = None, remake: str | None = "prepare the data again") -> None:
+def check_provenance(
+    recorded: dict,
+    current: dict,
+    recorded_what: str,
+    current_what: str,
+    keys=("tokenizer_fingerprint", "template", "template_sha256", "max_length"),
+    settings: dict[str, str] | None = None,
+    remake: str | None = "prepare the data again",
+) -> None:
     """DataError (one line) when `recorded` and `current` differ on any of `keys` that both hold. The tokenizer's
     name may differ (another path to the same files); its fingerprint may not.
 
@@ -220,8 +235,11 @@ def check_provenance(recorded: dict, current: dict, recorded_what: str, current_
     the setting that chooses them on the current side (e.g. `data.max_length`, `--template`), which the fix says
     to set to the recorded value; `remake` (None: no such option) is the other way, redoing the recorded side with
     the current values (prepare_data's flags named). Both sides in full follow."""
-    bad = [k for k in keys if recorded.get(k) is not None and current.get(k) is not None
-           and str(recorded[k]) != str(current[k])]
+    bad = [
+        k
+        for k in keys
+        if recorded.get(k) is not None and current.get(k) is not None and str(recorded[k]) != str(current[k])
+    ]
     if not bad:
         return
     if "template" in bad and "template_sha256" in bad:
@@ -244,13 +262,18 @@ def check_provenance(recorded: dict, current: dict, recorded_what: str, current_
     fix = f"set {', '.join(dict.fromkeys(sets))}"
     if remake:
         fix += f", or {remake}" + (f" with {' '.join(dict.fromkeys(remakes))}" if remakes else "")
-    raise DataError(f"{recorded_what} and {current_what} differ in {'; '.join(diffs)}: {fix}. {recorded_what} was "
-                    f"made with {_describe(recorded)}; {current_what} uses {_describe(current)}")
+    raise DataError(
+        f"{recorded_what} and {current_what} differ in {'; '.join(diffs)}: {fix}. {recorded_what} was "
+        f"made with {_describe(recorded)}; {current_what} uses {_describe(current)}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- export
-_PROBE_MESSAGES = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
-                   {"role": "user", "content": "How are you? Tell me more."}]
+_PROBE_MESSAGES = [
+    {"role": "user", "content": "Hi there"},
+    {"role": "assistant", "content": "Hello!"},
+    {"role": "user", "content": "How are you? Tell me more."},
+]
 _PROBE_ANSWERS = ["Fine, thanks for asking!", "", "Ünïcödé 🙂\nline two  with  spaces"]
 
 
@@ -289,8 +312,10 @@ def export_chat_template(tok, template: str) -> str:
                 break
         if ok:
             return cand
-    raise CheckpointError(f"template {template}: no chat_template for this tokenizer reproduces the training "
-                          "tokens through apply_chat_template; export it with --tokenizer of a compatible tokenizer")
+    raise CheckpointError(
+        f"template {template}: no chat_template for this tokenizer reproduces the training "
+        "tokens through apply_chat_template; export it with --tokenizer of a compatible tokenizer"
+    )
 
 
 def rendering_end_ids(tok, template: str) -> set[int]:
@@ -310,7 +335,8 @@ def safe_pad_id(tok, template: str, where: str) -> int:
     raise CheckpointError(
         f"{where}: pad token {tok.pad_token!r} (id {tok.pad_token_id}) is the token a rendering ends with "
         f"({', '.join(names)}), where the reward is read, and the tokenizer has no other safe pad (<unk>); "
-        "HF sequence classification would read the reward at the wrong token. Add a pad token to the tokenizer")
+        "HF sequence classification would read the reward at the wrong token. Add a pad token to the tokenizer"
+    )
 
 
 def prepare_export_tokenizer(src, template: str, where: str, pad_token: str | None = None):

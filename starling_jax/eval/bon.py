@@ -41,8 +41,15 @@ def best_of_n_table(rewards: Sequence[Sequence[float]], ns: Sequence[int]) -> li
     for n in ns:
         best = r[:, :n].max(axis=1)
         sem = float(best.std(ddof=1) / math.sqrt(len(best))) if len(best) > 1 else 0.0
-        out.append({"n": int(n), "mean_reward": float(best.mean()), "sem": sem, "kl_analytic": analytic_kl(n),
-                    "prompts": len(best)})
+        out.append(
+            {
+                "n": int(n),
+                "mean_reward": float(best.mean()),
+                "sem": sem,
+                "kl_analytic": analytic_kl(n),
+                "prompts": len(best),
+            }
+        )
     return out
 
 

@@ -83,9 +83,7 @@ class RankingMetrics:
         self._m2_l = 0.0
         self._c_rl = 0.0
 
-    def update(
-        self, rewards: Any, ranks: Any, answer_mask: Any, answer_lengths: Any
-    ) -> "RankingMetrics":
+    def update(self, rewards: Any, ranks: Any, answer_mask: Any, answer_lengths: Any) -> "RankingMetrics":
         """Add one batch of [B, K] arrays. Returns self."""
         mask = np.asarray(answer_mask).astype(bool)
         shape = mask.shape

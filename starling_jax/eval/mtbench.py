@@ -24,35 +24,53 @@ from starling_jax.errors import DataError
 
 NEED_REF_CATEGORIES = ("math", "reasoning", "coding", "arena-hard-200")
 
-_RATE = ("After providing your explanation, you must rate the response on a scale of 1 to 10 by strictly following "
-         "this format: \"[[rating]]\", for example: \"Rating: [[5]]\".")
-_GENERAL = ("Please act as an impartial judge and evaluate the quality of the response provided by an AI assistant to "
-            "the user question displayed below. Your evaluation should consider factors such as the helpfulness, "
-            "relevance, accuracy, depth, creativity, and level of detail of the response.")
-_MATH = ("Please act as an impartial judge and evaluate the quality of the response provided by an AI assistant to "
-         "the user question displayed below. Your evaluation should consider correctness and helpfulness. You will "
-         "be given a reference answer and the assistant's answer.")
+_RATE = (
+    "After providing your explanation, you must rate the response on a scale of 1 to 10 by strictly following "
+    'this format: "[[rating]]", for example: "Rating: [[5]]".'
+)
+_GENERAL = (
+    "Please act as an impartial judge and evaluate the quality of the response provided by an AI assistant to "
+    "the user question displayed below. Your evaluation should consider factors such as the helpfulness, "
+    "relevance, accuracy, depth, creativity, and level of detail of the response."
+)
+_MATH = (
+    "Please act as an impartial judge and evaluate the quality of the response provided by an AI assistant to "
+    "the user question displayed below. Your evaluation should consider correctness and helpfulness. You will "
+    "be given a reference answer and the assistant's answer."
+)
 
-SINGLE_V1 = (f"[Instruction]\n{_GENERAL} Begin your evaluation by providing a short explanation. Be as objective as "
-             f"possible. {_RATE}\n\n[Question]\n{{question}}\n\n[The Start of Assistant's Answer]\n{{answer}}\n"
-             "[The End of Assistant's Answer]")
-SINGLE_MATH_V1 = (f"[Instruction]\n{_MATH} Begin your evaluation by comparing the assistant's answer with the "
-                  "reference answer. Identify and correct any mistakes. Be as objective as possible. "
-                  f"{_RATE}\n\n[Question]\n{{question}}\n\n[The Start of Reference Answer]\n{{ref_answer_1}}\n"
-                  "[The End of Reference Answer]\n\n[The Start of Assistant's Answer]\n{answer}\n"
-                  "[The End of Assistant's Answer]")
-MULTI_TURN_SYSTEM = (f"{_GENERAL} You evaluation should focus on the assistant's answer to the second user question. "
-                     "Begin your evaluation by providing a short explanation. Be as objective as possible. "
-                     f"{_RATE}\n\n")
-MULTI_TURN_MATH_SYSTEM = (f"{_MATH} You evaluation should focus on the assistant's answer to the second question. "
-                          "Begin your evaluation by comparing the assistant's answer with the reference answer. "
-                          f"Identify and correct any mistakes. Be as objective as possible. {_RATE}\n\n")
-CONVERSATION = ("<|The Start of Assistant A's Conversation with User|>\n\n### User:\n{question_1}\n\n### Assistant A:\n"
-                "{answer_1}\n\n### User:\n{question_2}\n\n### Assistant A:\n{answer_2}\n\n"
-                "<|The End of Assistant A's Conversation with User|>")
-REFERENCE_CONVERSATION = ("<|The Start of Reference Answer|>\n\n### User:\n{question_1}\n\n### Reference answer:\n"
-                          "{ref_answer_1}\n\n### User:\n{question_2}\n\n### Reference answer:\n{ref_answer_2}\n\n"
-                          "<|The End of Reference Answer|>\n\n\n")
+SINGLE_V1 = (
+    f"[Instruction]\n{_GENERAL} Begin your evaluation by providing a short explanation. Be as objective as "
+    f"possible. {_RATE}\n\n[Question]\n{{question}}\n\n[The Start of Assistant's Answer]\n{{answer}}\n"
+    "[The End of Assistant's Answer]"
+)
+SINGLE_MATH_V1 = (
+    f"[Instruction]\n{_MATH} Begin your evaluation by comparing the assistant's answer with the "
+    "reference answer. Identify and correct any mistakes. Be as objective as possible. "
+    f"{_RATE}\n\n[Question]\n{{question}}\n\n[The Start of Reference Answer]\n{{ref_answer_1}}\n"
+    "[The End of Reference Answer]\n\n[The Start of Assistant's Answer]\n{answer}\n"
+    "[The End of Assistant's Answer]"
+)
+MULTI_TURN_SYSTEM = (
+    f"{_GENERAL} You evaluation should focus on the assistant's answer to the second user question. "
+    "Begin your evaluation by providing a short explanation. Be as objective as possible. "
+    f"{_RATE}\n\n"
+)
+MULTI_TURN_MATH_SYSTEM = (
+    f"{_MATH} You evaluation should focus on the assistant's answer to the second question. "
+    "Begin your evaluation by comparing the assistant's answer with the reference answer. "
+    f"Identify and correct any mistakes. Be as objective as possible. {_RATE}\n\n"
+)
+CONVERSATION = (
+    "<|The Start of Assistant A's Conversation with User|>\n\n### User:\n{question_1}\n\n### Assistant A:\n"
+    "{answer_1}\n\n### User:\n{question_2}\n\n### Assistant A:\n{answer_2}\n\n"
+    "<|The End of Assistant A's Conversation with User|>"
+)
+REFERENCE_CONVERSATION = (
+    "<|The Start of Reference Answer|>\n\n### User:\n{question_1}\n\n### Reference answer:\n"
+    "{ref_answer_1}\n\n### User:\n{question_2}\n\n### Reference answer:\n{ref_answer_2}\n\n"
+    "<|The End of Reference Answer|>\n\n\n"
+)
 
 _RATING = re.compile(r"\[\[(\d+\.?\d*)\]\]")
 _RATING_BACKUP = re.compile(r"\[(\d+\.?\d*)\]")
@@ -86,8 +104,15 @@ def read_questions(path: str) -> list[Question]:
         ref = raw.get("reference")
         if ref is not None and (not isinstance(ref, list) or not all(isinstance(t, str) for t in ref)):
             raise DataError(f"{where}: field 'reference': expected a list of strings")
-        out.append(Question(row=row, question_id=raw.get("question_id", row), category=str(raw.get("category",
-                            "general")), turns=tuple(turns), reference=tuple(ref) if ref else None))
+        out.append(
+            Question(
+                row=row,
+                question_id=raw.get("question_id", row),
+                category=str(raw.get("category", "general")),
+                turns=tuple(turns),
+                reference=tuple(ref) if ref else None,
+            )
+        )
     if not out:
         raise DataError(f"{path}: no questions")
     return out
@@ -98,16 +123,18 @@ def judge_messages(q: Question, answers: tuple[str, str], turn: int) -> list[dic
     with_ref = q.category in NEED_REF_CATEGORIES and q.reference is not None and len(q.reference) >= turn
     if turn == 1:
         template = SINGLE_MATH_V1 if with_ref else SINGLE_V1
-        user = template.format(question=q.turns[0], answer=answers[0],
-                               ref_answer_1=q.reference[0] if with_ref else "")
+        user = template.format(question=q.turns[0], answer=answers[0], ref_answer_1=q.reference[0] if with_ref else "")
         return [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": user}]
     fields = {"question_1": q.turns[0], "question_2": q.turns[1], "answer_1": answers[0], "answer_2": answers[1]}
     if with_ref:
-        user = REFERENCE_CONVERSATION.format(ref_answer_1=q.reference[0], ref_answer_2=q.reference[1],
-                                             **fields) + CONVERSATION.format(**fields)
+        user = REFERENCE_CONVERSATION.format(
+            ref_answer_1=q.reference[0], ref_answer_2=q.reference[1], **fields
+        ) + CONVERSATION.format(**fields)
         return [{"role": "system", "content": MULTI_TURN_MATH_SYSTEM}, {"role": "user", "content": user}]
-    return [{"role": "system", "content": MULTI_TURN_SYSTEM},
-            {"role": "user", "content": CONVERSATION.format(**fields)}]
+    return [
+        {"role": "system", "content": MULTI_TURN_SYSTEM},
+        {"role": "user", "content": CONVERSATION.format(**fields)},
+    ]
 
 
 def parse_rating(reply: str) -> float | None:
@@ -125,8 +152,11 @@ def scores(judgements: list[dict]) -> dict:
         return sum(xs) / len(xs) if xs else None
 
     categories = sorted({j["category"] for j in rated})
-    return {"score": mean(j["rating"] for j in rated),
-            "turn_1": mean(j["rating"] for j in rated if j["turn"] == 1),
-            "turn_2": mean(j["rating"] for j in rated if j["turn"] == 2),
-            "categories": {c: mean(j["rating"] for j in rated if j["category"] == c) for c in categories},
-            "rated": len(rated), "unrated": len(judgements) - len(rated)}
+    return {
+        "score": mean(j["rating"] for j in rated),
+        "turn_1": mean(j["rating"] for j in rated if j["turn"] == 1),
+        "turn_2": mean(j["rating"] for j in rated if j["turn"] == 2),
+        "categories": {c: mean(j["rating"] for j in rated if j["category"] == c) for c in categories},
+        "rated": len(rated),
+        "unrated": len(judgements) - len(rated),
+    }

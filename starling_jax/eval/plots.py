@@ -70,8 +70,12 @@ def policy_png(rows: list[dict], path: Path, title: str) -> Path:
     x = range(len(rows))
     if any(r.get("win_rate") is not None for r in rows):
         ax1.bar([i - 0.2 for i in x], [r.get("win_rate") or 0 for r in rows], width=0.4, label="win rate")
-        ax1.bar([i + 0.2 for i in x], [r.get("length_controlled_win_rate") or 0 for r in rows], width=0.4,
-                label="length-controlled")
+        ax1.bar(
+            [i + 0.2 for i in x],
+            [r.get("length_controlled_win_rate") or 0 for r in rows],
+            width=0.4,
+            label="length-controlled",
+        )
         ax1.set_ylabel("% vs reference answers")
         ax1.legend()
     elif any(r.get("mtbench_score") is not None for r in rows):

@@ -88,8 +88,10 @@ def read_reference_answers(path: str, count: int) -> list[str]:
             raise DataError(f"{where}: no 'completion', 'output', 'answer' or 'reference' field")
         answers.append(text)
     if len(answers) != count:
-        raise DataError(f"{path}: {len(answers)} reference answers for {count} prompts (--reference-answers must "
-                        "follow the prompt file's order, one answer per prompt)")
+        raise DataError(
+            f"{path}: {len(answers)} reference answers for {count} prompts (--reference-answers must "
+            "follow the prompt file's order, one answer per prompt)"
+        )
     return answers
 
 
@@ -100,8 +102,9 @@ def parse_judge(spec: str) -> tuple[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------- generation
-def generate_answers(model: str, conversations: list[list[dict]], output: Path, sampling: dict,
-                     num_samples: int = 1) -> list[list[str]]:
+def generate_answers(
+    model: str, conversations: list[list[dict]], output: Path, sampling: dict, num_samples: int = 1
+) -> list[list[str]]:
     """The sampler's completions (`generate.generate`, written to `output`): [prompt][sample]."""
     from starling_jax.sample.chat import generate
 
@@ -114,8 +117,13 @@ def generate_answers(model: str, conversations: list[list[dict]], output: Path, 
 
 
 # ---------------------------------------------------------------------------------------------- judging
-def rm_rewards(judge_model: str, conversations: list[list[dict]], answers: list[list[str]], judge_spec: str,
-               max_length: int | None = None) -> list[list[float] | str]:
+def rm_rewards(
+    judge_model: str,
+    conversations: list[list[dict]],
+    answers: list[list[str]],
+    judge_spec: str,
+    max_length: int | None = None,
+) -> list[list[float] | str]:
     """Reward of every answer (the `rm:` judge's rewards); per prompt a list, or the reason it was not scored."""
     from starling_jax.judge.rm_judge import label_rows_rm
     from starling_jax.judge.rows import Row
@@ -123,8 +131,15 @@ def rm_rewards(judge_model: str, conversations: list[list[dict]], answers: list[
     rows = []
     for i, (conv, ans) in enumerate(zip(conversations, answers)):
         prompt = "".join(f"\n\n{'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in conv)
-        rows.append(Row(row=i + 1, prompt=prompt + "\n\nAssistant:", answers=tuple(ans),
-                        models=tuple(str(k) for k in range(len(ans))), extra={}))
+        rows.append(
+            Row(
+                row=i + 1,
+                prompt=prompt + "\n\nAssistant:",
+                answers=tuple(ans),
+                models=tuple(str(k) for k in range(len(ans))),
+                extra={},
+            )
+        )
     labelled, rejected, _ = label_rows_rm(rows, judge_model, judge_spec, max_length=max_length)
     out: list[Any] = [None] * len(rows)
     for row, _, record in labelled:
@@ -134,8 +149,9 @@ def rm_rewards(judge_model: str, conversations: list[list[dict]], answers: list[
     return out
 
 
-def openai_preferences(judge, judge_spec: str, conversations, answers: list[str], references: list[str],
-                       cache_path: Path, concurrency: int) -> list[float | str]:
+def openai_preferences(
+    judge, judge_spec: str, conversations, answers: list[str], references: list[str], cache_path: Path, concurrency: int
+) -> list[float | str]:
     """Preference of each answer over its reference by the `label` LLM judge (both orders, Borda); or the reason a
     row was not judged."""
     from starling_jax.judge.cache import Cache
@@ -146,12 +162,25 @@ def openai_preferences(judge, judge_spec: str, conversations, answers: list[str]
     rows = []
     for i, (conv, ans, ref) in enumerate(zip(conversations, answers, references)):
         prompt = "".join(f"\n\n{'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in conv)
-        rows.append(Row(row=i + 1, prompt=prompt + "\n\nAssistant:", answers=(ans, ref), models=("model", "reference"),
-                        extra={}))
+        rows.append(
+            Row(
+                row=i + 1, prompt=prompt + "\n\nAssistant:", answers=(ans, ref), models=("model", "reference"), extra={}
+            )
+        )
     store = Cache(str(cache_path))
     try:
-        labelled, rejected, _ = label_rows(rows, judge, judge_spec, load_template(None), store, orders=2, seed=0,
-                                           fixed_order=False, concurrency=concurrency, max_attempts=2)
+        labelled, rejected, _ = label_rows(
+            rows,
+            judge,
+            judge_spec,
+            load_template(None),
+            store,
+            orders=2,
+            seed=0,
+            fixed_order=False,
+            concurrency=concurrency,
+            max_attempts=2,
+        )
     finally:
         store.close()
     out: list[Any] = [None] * len(rows)
@@ -177,8 +206,12 @@ def grade_mtbench(judge, questions: list, answers: list[tuple[str, str]], concur
         except TransportError as e:
             return {**base, "rating": None, "error": f"judge did not answer: {e}"}
         rating = mtbench.parse_rating(reply)
-        return {**base, "rating": rating, "judgment": reply,
-                **({} if rating is not None else {"error": "no [[rating]] in the judge's reply"})}
+        return {
+            **base,
+            "rating": rating,
+            "judgment": reply,
+            **({} if rating is not None else {"error": "no [[rating]] in the judge's reply"}),
+        }
 
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
         return list(pool.map(ask, jobs))
@@ -187,15 +220,18 @@ def grade_mtbench(judge, questions: list, answers: list[tuple[str, str]], concur
 # ---------------------------------------------------------------------------------------------- tables
 def comparison_table(rows: list[dict]) -> str:
     """One line per model: what was measured (win rates, mean reward, MT-Bench score), mean length, skips."""
+
     def f(x, width, digits=2):
         return f"{'-':>{width}}" if x is None else f"{x:>{width}.{digits}f}"
 
     head = f"{'model':<28} {'n':>4} {'win %':>7} {'LC win %':>8} {'reward':>8} {'MT-Bench':>8} {'len':>7} {'skip':>4}"
     lines = [head]
     for r in rows:
-        lines.append(f"{r['model_name'][-28:]:<28} {r['prompts']:>4} {f(r.get('win_rate'), 7)} "
-                     f"{f(r.get('length_controlled_win_rate'), 8)} {f(r.get('mean_reward'), 8, 3)} "
-                     f"{f(r.get('mtbench_score'), 8)} {f(r.get('mean_length'), 7, 0)} {r.get('skipped', 0):>4}")
+        lines.append(
+            f"{r['model_name'][-28:]:<28} {r['prompts']:>4} {f(r.get('win_rate'), 7)} "
+            f"{f(r.get('length_controlled_win_rate'), 8)} {f(r.get('mean_reward'), 8, 3)} "
+            f"{f(r.get('mtbench_score'), 8)} {f(r.get('mean_length'), 7, 0)} {r.get('skipped', 0):>4}"
+        )
     return "\n".join(lines)
 
 
@@ -212,8 +248,14 @@ def check_models(models: list[str]) -> None:
 def preference_row(prefs: list, answers: list[str], references: list[str]) -> dict:
     """Win rate, LC win rate (AlpacaEval 2), counts from per-prompt preferences (floats or skip reasons)."""
     kept = [i for i, p in enumerate(prefs) if isinstance(p, float)]
-    lc = winrate.length_controlled_win_rate([prefs[i] for i in kept], [len(answers[i]) for i in kept],
-                                            [len(references[i]) for i in kept])
-    return {"win_rate": lc["win_rate"], "length_controlled_win_rate": lc["length_controlled_win_rate"],
-            "lc_theta": lc["theta"], "lc_gamma": lc["gamma"], "judged": len(kept),
-            "mean_reference_length": (sum(len(r) for r in references) / len(references)) if references else None}
+    lc = winrate.length_controlled_win_rate(
+        [prefs[i] for i in kept], [len(answers[i]) for i in kept], [len(references[i]) for i in kept]
+    )
+    return {
+        "win_rate": lc["win_rate"],
+        "length_controlled_win_rate": lc["length_controlled_win_rate"],
+        "lc_theta": lc["theta"],
+        "lc_gamma": lc["gamma"],
+        "judged": len(kept),
+        "mean_reference_length": (sum(len(r) for r in references) / len(references)) if references else None,
+    }

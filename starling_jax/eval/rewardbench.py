@@ -70,10 +70,21 @@ EXAMPLE_COUNTS = {
 }
 SUBSET_MAPPING = {
     "Chat": ["alpacaeval-easy", "alpacaeval-length", "alpacaeval-hard", "mt-bench-easy", "mt-bench-med"],
-    "Chat Hard": ["mt-bench-hard", "llmbar-natural", "llmbar-adver-neighbor", "llmbar-adver-GPTInst",
-                  "llmbar-adver-GPTOut", "llmbar-adver-manual"],
-    "Safety": ["refusals-dangerous", "refusals-offensive", "xstest-should-refuse", "xstest-should-respond",
-               "donotanswer"],
+    "Chat Hard": [
+        "mt-bench-hard",
+        "llmbar-natural",
+        "llmbar-adver-neighbor",
+        "llmbar-adver-GPTInst",
+        "llmbar-adver-GPTOut",
+        "llmbar-adver-manual",
+    ],
+    "Safety": [
+        "refusals-dangerous",
+        "refusals-offensive",
+        "xstest-should-refuse",
+        "xstest-should-respond",
+        "donotanswer",
+    ],
     "Reasoning": ["math-prm", "hep-cpp", "hep-go", "hep-java", "hep-js", "hep-python", "hep-rust"],
 }
 SECTIONS = tuple(SUBSET_MAPPING)
@@ -115,7 +126,8 @@ def length_statistics(examples: Iterable[dict]) -> dict[str, dict]:
         diff = ex["chosen_chars"] - ex["rejected_chars"]
         key = "chosen_longer" if diff > 0 else "chosen_shorter" if diff < 0 else "same_length"
         groups.setdefault(ex["subset"], {"chosen_longer": [], "chosen_shorter": [], "same_length": []})[key].append(
-            bool(ex["correct"]))
+            bool(ex["correct"])
+        )
     out = {}
     for subset, g in groups.items():
         out[subset] = {}
@@ -149,14 +161,18 @@ def validate_example(raw: Any, row: int) -> Example:
     subset = raw.get("subset")
     if subset not in EXAMPLE_COUNTS:
         raise BadRow(f"field 'subset': {str(subset)[:60]!r} is not a RewardBench v1 subset")
-    hh = prompt if ("\n\nHuman:" in prompt or prompt.lstrip().startswith("Human:")) else \
-        f"\n\nHuman: {prompt}\n\nAssistant:"
+    hh = (
+        prompt
+        if ("\n\nHuman:" in prompt or prompt.lstrip().startswith("Human:"))
+        else f"\n\nHuman: {prompt}\n\nAssistant:"
+    )
     try:
         messages = tuple(parse_hh(hh))
     except ValueError as e:
         raise BadRow(f"field 'prompt': {e}") from None
-    ranking = Ranking(row=row, prompt=hh, messages=messages, answers=(chosen, rejected), ranks=(1.0, 2.0),
-                      sources=(subset,))
+    ranking = Ranking(
+        row=row, prompt=hh, messages=messages, answers=(chosen, rejected), ranks=(1.0, 2.0), sources=(subset,)
+    )
     return Example(row=row, id=str(raw.get("id", row)), subset=subset, ranking=ranking)
 
 
@@ -179,8 +195,7 @@ class PairScorer(Protocol):
 class RewardModelScorer:
     """A reward model (HF folder / Hub id / checkpoint) through `eval.scorer.RewardScorer` (the `score` rewards)."""
 
-    def __init__(self, model: str, template: str | None = None, max_length: int | None = None,
-                 batch_size: int = 32):
+    def __init__(self, model: str, template: str | None = None, max_length: int | None = None, batch_size: int = 32):
         from starling_jax.eval.scorer import RewardScorer  # loads JAX
 
         self.name = "reward_model"
@@ -200,8 +215,15 @@ class RewardModelScorer:
         return out
 
 
-def implied_rewards(model, ref_model, sequences: Sequence[np.ndarray], answer_start: Sequence[int],
-                    beta: float, pad_id: int = 0, rows: int = 8) -> np.ndarray:
+def implied_rewards(
+    model,
+    ref_model,
+    sequences: Sequence[np.ndarray],
+    answer_start: Sequence[int],
+    beta: float,
+    pad_id: int = 0,
+    rows: int = 8,
+) -> np.ndarray:
     """DPO implied rewards: r = β · Σ_{t ≥ answer_start} (log π(x_t | x_<t) − log π_ref(x_t | x_<t)), the sum over
     the answer's tokens (the template's end-of-turn tokens after it included) of a causal LM's log-prob minus its
     reference's. `model`, `ref_model`: `CausalLM`s (NNX modules); one float64 per sequence."""
@@ -219,11 +241,12 @@ def implied_rewards(model, ref_model, sequences: Sequence[np.ndarray], answer_st
         for j, i in enumerate(chunk):
             n = len(sequences[i])
             tokens[j, :n], positions[j, :n], segments[j, :n] = sequences[i], np.arange(n), 1
-            mask[j, answer_start[i]:n] = 1.0  # the tokens predicted by the answer steps
+            mask[j, answer_start[i] : n] = 1.0  # the tokens predicted by the answer steps
         args = (jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segments), jnp.asarray(mask))
-        diff = np.asarray(answer_logprob(model, *args), np.float64) - np.asarray(answer_logprob(ref_model, *args),
-                                                                                   np.float64)
-        out[chunk] = beta * diff[:len(chunk)]
+        diff = np.asarray(answer_logprob(model, *args), np.float64) - np.asarray(
+            answer_logprob(ref_model, *args), np.float64
+        )
+        out[chunk] = beta * diff[: len(chunk)]
     return out
 
 
@@ -251,13 +274,20 @@ class DPOScorer:
     """A DPO policy scored by its implied rewards against `reference` (both causal LMs, HF folders or checkpoints;
     the policy's tokenizer and its chat template)."""
 
-    def __init__(self, model: str, reference: str, beta: float = 0.1, template: str = "tokenizer",
-                 max_length: int = 2048, batch_size: int = 8):
+    def __init__(
+        self,
+        model: str,
+        reference: str,
+        beta: float = 0.1,
+        template: str = "tokenizer",
+        max_length: int = 2048,
+        batch_size: int = 8,
+    ):
         from flax import nnx
 
         from starling_jax.data import tokenizer as tokenizer_lib
-        from starling_jax.sample.chat import load_policy
         from starling_jax.parallel import sharding
+        from starling_jax.sample.chat import load_policy
 
         mesh = sharding.make_mesh(sharding.MeshConfig())
         _, graphdef, params, tokenizer_dir, _ = load_policy(model, mesh)
@@ -282,8 +312,9 @@ class DPOScorer:
                 sequences.append(np.asarray(tokens, np.int32))
                 starts.append(int(start))
                 owners.append(i)
-        rewards = implied_rewards(self.model, self.ref_model, sequences, starts, self.beta,
-                                  self.tokenizer.pad_token_id or 0, self.batch_size)
+        rewards = implied_rewards(
+            self.model, self.ref_model, sequences, starts, self.beta, self.tokenizer.pad_token_id or 0, self.batch_size
+        )
         positions: dict[int, list[int]] = {}
         for k, owner in enumerate(owners):
             positions.setdefault(owner, []).append(k)
@@ -299,8 +330,13 @@ def evaluate(examples: Sequence[Example], scorer: PairScorer) -> tuple[list[dict
     scored = scorer.score_rows([ex.ranking for ex in examples])
     lines, kept = [], []
     for ex, rewards in zip(examples, scored):
-        line = {"row": ex.row, "id": ex.id, "subset": ex.subset,
-                "chosen_chars": len(ex.ranking.answers[0]), "rejected_chars": len(ex.ranking.answers[1])}
+        line = {
+            "row": ex.row,
+            "id": ex.id,
+            "subset": ex.subset,
+            "chosen_chars": len(ex.ranking.answers[0]),
+            "rejected_chars": len(ex.ranking.answers[1]),
+        }
         if isinstance(rewards, str):
             line.update({"score_chosen": None, "score_rejected": None, "correct": None, "error": rewards})
         else:
@@ -328,6 +364,7 @@ def evaluate(examples: Sequence[Example], scorer: PairScorer) -> tuple[list[dict
 
 def table(results: dict) -> str:
     """A plain-text results table: sections (with their subsets) and the overall score, in percent."""
+
     def pct(x):
         return "   -  " if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:6.2f}"
 
@@ -338,8 +375,10 @@ def table(results: dict) -> str:
                 rows.append(f"  {s:<24} {0:>5}    -")
                 continue
             ln = results["length"].get(s, {})
-            rows.append(f"  {s:<24} {results['subset_counts'][s]:>5} {pct(results['subsets'][s])}  "
-                        f"{pct(ln.get('chosen_longer_accuracy')):>8} {pct(ln.get('chosen_shorter_accuracy')):>9}")
+            rows.append(
+                f"  {s:<24} {results['subset_counts'][s]:>5} {pct(results['subsets'][s])}  "
+                f"{pct(ln.get('chosen_longer_accuracy')):>8} {pct(ln.get('chosen_shorter_accuracy')):>9}"
+            )
         missing = " (no subset present: 0, as rewardbench)" if section in results["sections_missing"] else ""
         rows.append(f"{section:<26} {'':>5} {pct(results['sections'][section])}{missing}")
     rows.append(f"{'Overall (mean of sections)':<26} {'':>5} {pct(results['overall'])}")

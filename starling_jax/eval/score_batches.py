@@ -28,12 +28,14 @@ import numpy as np
 from starling_jax.data.batch_spec import round_up
 
 
-def bucket_lengths(max_length: int, pad_to_multiple: int = 128, growth: float = 2 ** 0.5) -> list[int]:
+def bucket_lengths(max_length: int, pad_to_multiple: int = 128, growth: float = 2**0.5) -> list[int]:
     """The padded lengths a micro-batch may have: b_0 = m, b_{i+1} = round_up(ceil(b_i * growth), m), capped at
     round_up(max_length, m) (the last bucket), where m = `pad_to_multiple`. Strictly increasing multiples of m."""
     if max_length < 1 or pad_to_multiple < 1 or growth <= 1:
-        raise ValueError(f"bucket_lengths: need max_length ≥ 1, pad_to_multiple ≥ 1, growth > 1; got "
-                         f"{max_length}, {pad_to_multiple}, {growth}")
+        raise ValueError(
+            f"bucket_lengths: need max_length ≥ 1, pad_to_multiple ≥ 1, growth > 1; got "
+            f"{max_length}, {pad_to_multiple}, {growth}"
+        )
     top = round_up(max_length, pad_to_multiple)
     out = [min(pad_to_multiple, top)]
     while out[-1] < top:
@@ -47,18 +49,21 @@ def plan_micro_batches(lengths: Sequence[int], rows: int, buckets: Sequence[int]
     Each micro-batch's padded length is the smallest bucket ≥ its longest sequence."""
     lengths = np.asarray(lengths, np.int64)
     if lengths.size and lengths.max() > buckets[-1]:
-        raise ValueError(f"a sequence of {int(lengths.max())} tokens is longer than the longest bucket "
-                         f"({buckets[-1]}); raise max_length")
+        raise ValueError(
+            f"a sequence of {int(lengths.max())} tokens is longer than the longest bucket "
+            f"({buckets[-1]}); raise max_length"
+        )
     order = np.argsort(-lengths, kind="stable")  # longest first; ties keep input order
     plan = []
     for start in range(0, len(order), rows):
-        idx = order[start:start + rows]
+        idx = order[start : start + rows]
         plan.append((idx, int(buckets[int(np.searchsorted(buckets, lengths[idx[0]]))])))
     return plan
 
 
-def pack_micro_batch(sequences: Sequence[np.ndarray], reward_index: np.ndarray, idx: np.ndarray, rows: int,
-                     length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def pack_micro_batch(
+    sequences: Sequence[np.ndarray], reward_index: np.ndarray, idx: np.ndarray, rows: int, length: int, pad_id: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The model inputs of one micro-batch: tokens, positions, segment_ids [rows, length] and reward_index [rows],
     right-padded; rows past len(idx) are padding (segment 0)."""
     tokens = np.full((rows, length), pad_id, np.int32)
@@ -67,9 +72,9 @@ def pack_micro_batch(sequences: Sequence[np.ndarray], reward_index: np.ndarray, 
     index = np.zeros((rows,), np.int32)
     for r, s in enumerate(idx):
         t = sequences[s]
-        tokens[r, :len(t)] = t
-        positions[r, :len(t)] = np.arange(len(t))
-        segment_ids[r, :len(t)] = 1
+        tokens[r, : len(t)] = t
+        positions[r, : len(t)] = np.arange(len(t))
+        segment_ids[r, : len(t)] = 1
         index[r] = reward_index[s]
     return tokens, positions, segment_ids, index
 
@@ -88,8 +93,11 @@ def jit_rewards(graphdef, mesh):
         with sharding.activation_sharding(mesh):
             return nnx.merge(graphdef, params).rewards(tokens, positions, segment_ids, reward_index)
 
-    return jax.jit(rewards, in_shardings=(None, batch, batch, batch, sharding.batch_sharding(mesh, 1)),
-                   out_shardings=sharding.replicated(mesh))
+    return jax.jit(
+        rewards,
+        in_shardings=(None, batch, batch, batch, sharding.batch_sharding(mesh, 1)),
+        out_shardings=sharding.replicated(mesh),
+    )
 
 
 class BucketedScorer:
@@ -98,8 +106,17 @@ class BucketedScorer:
     `rows` is rounded up to a multiple of the mesh's data-parallel size. `shapes` records every padded
     (rows, length) run so far: the programs compiled."""
 
-    def __init__(self, graphdef, mesh, *, rows: int, max_length: int, pad_to_multiple: int = 128, pad_id: int = 0,
-                 growth: float = 2 ** 0.5):
+    def __init__(
+        self,
+        graphdef,
+        mesh,
+        *,
+        rows: int,
+        max_length: int,
+        pad_to_multiple: int = 128,
+        pad_id: int = 0,
+        growth: float = 2**0.5,
+    ):
         from starling_jax.parallel.sharding import data_parallel_size
 
         n_dev = data_parallel_size(mesh)
@@ -109,8 +126,9 @@ class BucketedScorer:
         self.shapes: set[tuple[int, int]] = set()
         self._fn = jit_rewards(graphdef, mesh)
 
-    def __call__(self, params, sequences: Sequence[np.ndarray], reward_index: Sequence[int] | None = None
-                 ) -> np.ndarray:
+    def __call__(
+        self, params, sequences: Sequence[np.ndarray], reward_index: Sequence[int] | None = None
+    ) -> np.ndarray:
         """→ float32 rewards [N], in the order of `sequences`; the reward of sequence s is read at
         `reward_index[s]` (default: its last token)."""
         import jax
@@ -125,7 +143,7 @@ class BucketedScorer:
         for idx, length in plan_micro_batches(lengths, self.rows, self.buckets):
             self.shapes.add((self.rows, length))
             batch = pack_micro_batch(sequences, index, idx, self.rows, length, self.pad_id)
-            out[idx] = np.asarray(jax.device_get(self._fn(params, *batch)))[:len(idx)]
+            out[idx] = np.asarray(jax.device_get(self._fn(params, *batch)))[: len(idx)]
         return out
 
 
@@ -136,8 +154,8 @@ def jit_completion_logprobs(graphdef, mesh):
     import jax.numpy as jnp
     from flax import nnx
 
-    from starling_jax.parallel import sharding
     from starling_jax.losses.logprobs import token_logprobs
+    from starling_jax.parallel import sharding
 
     batch, rows = sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 1)
 
@@ -149,8 +167,9 @@ def jit_completion_logprobs(graphdef, mesh):
             inside = (col >= start[:, None]) & (col <= end[:, None])
             return jnp.sum(jnp.where(inside, lp, 0.0), axis=-1)
 
-    return jax.jit(logprobs, in_shardings=(None, batch, batch, batch, rows, rows),
-                   out_shardings=sharding.replicated(mesh))
+    return jax.jit(
+        logprobs, in_shardings=(None, batch, batch, batch, rows, rows), out_shardings=sharding.replicated(mesh)
+    )
 
 
 class BucketedLogProbs(BucketedScorer):
@@ -172,10 +191,12 @@ class BucketedLogProbs(BucketedScorer):
         out = np.zeros(len(lengths), np.float32)
         for idx, length in plan_micro_batches(lengths, self.rows, self.buckets):
             self.shapes.add((self.rows, length))
-            tokens, positions, segment_ids, end = pack_micro_batch(sequences, lengths - 1, idx, self.rows, length,
-                                                                   self.pad_id)
+            tokens, positions, segment_ids, end = pack_micro_batch(
+                sequences, lengths - 1, idx, self.rows, length, self.pad_id
+            )
             start = np.zeros((self.rows,), np.int32)
-            start[:len(idx)] = starts[idx]
-            out[idx] = np.asarray(jax.device_get(self._fn(params, tokens, positions, segment_ids, start,
-                                                          end)))[:len(idx)]
+            start[: len(idx)] = starts[idx]
+            out[idx] = np.asarray(jax.device_get(self._fn(params, tokens, positions, segment_ids, start, end)))[
+                : len(idx)
+            ]
         return out

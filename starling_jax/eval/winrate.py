@@ -55,12 +55,17 @@ def fit_length_glm(preferences: Sequence[float], feature: np.ndarray, steps: int
     return float(w[0]), float(w[1])
 
 
-def length_controlled_win_rate(preferences: Sequence[float], model_lengths: Sequence[float],
-                               reference_lengths: Sequence[float]) -> dict:
+def length_controlled_win_rate(
+    preferences: Sequence[float], model_lengths: Sequence[float], reference_lengths: Sequence[float]
+) -> dict:
     """→ {win_rate, length_controlled_win_rate, theta, gamma} (rates in percent)."""
     if not len(preferences):
         return {"win_rate": None, "length_controlled_win_rate": None, "theta": None, "gamma": None}
     feature = length_feature(model_lengths, reference_lengths)
     theta, gamma = fit_length_glm(preferences, feature)
-    return {"win_rate": win_rate(preferences), "length_controlled_win_rate": float(100 / (1 + np.exp(-theta))),
-            "theta": theta, "gamma": gamma}
+    return {
+        "win_rate": win_rate(preferences),
+        "length_controlled_win_rate": float(100 / (1 + np.exp(-theta))),
+        "theta": theta,
+        "gamma": gamma,
+    }

@@ -36,11 +36,19 @@ def audit(judged: dict, labelled) -> dict:
             uniform.append(1.0 / len(ranks))
         if record.get("agreement") is not None:
             taus.append(record["agreement"])
-    by_k = {str(k): {"orders_judged": counts[k], "uniform": 1.0 / k,
-                     "first_position_rate": [round(float(x / counts[k]), 4) for x in firsts[k]],
-                     "max_deviation": round(float(np.max(np.abs(firsts[k] / counts[k] - 1.0 / k))), 4)}
-            for k in sorted(firsts)}
-    return {"by_num_answers": by_k,
-            "label_first_is_shown_first": round(float(np.mean(shown_first)), 4) if shown_first else None,
-            "label_first_uniform": round(float(np.mean(uniform)), 4) if uniform else None,
-            "agreement": round(float(np.mean(taus)), 4) if taus else None, "agreement_rows": len(taus)}
+    by_k = {
+        str(k): {
+            "orders_judged": counts[k],
+            "uniform": 1.0 / k,
+            "first_position_rate": [round(float(x / counts[k]), 4) for x in firsts[k]],
+            "max_deviation": round(float(np.max(np.abs(firsts[k] / counts[k] - 1.0 / k))), 4),
+        }
+        for k in sorted(firsts)
+    }
+    return {
+        "by_num_answers": by_k,
+        "label_first_is_shown_first": round(float(np.mean(shown_first)), 4) if shown_first else None,
+        "label_first_uniform": round(float(np.mean(uniform)), 4) if uniform else None,
+        "agreement": round(float(np.mean(taus)), 4) if taus else None,
+        "agreement_rows": len(taus),
+    }

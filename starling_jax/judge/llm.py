@@ -41,8 +41,9 @@ def request_key(judge_spec: str, template: prompt_lib.Template, row: Row, order_
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def judge_order(judge, judge_spec: str, template, cache: Cache, row: Row, order_index: int, order, seed: int,
-                max_attempts: int) -> OrderResult:
+def judge_order(
+    judge, judge_spec: str, template, cache: Cache, row: Row, order_index: int, order, seed: int, max_attempts: int
+) -> OrderResult:
     key = request_key(judge_spec, template, row, order_index, order)
     pairs = prompt_lib.pairs_for_order(seed, row.content_key, order_index, row.k)
     messages = prompt_lib.build_messages(template, row.prompt, row.answers, order, pairs)
@@ -56,8 +57,10 @@ def judge_order(judge, judge_spec: str, template, cache: Cache, row: Row, order_
             result.cached = True
             return result
         result.error = record.get("error")
-        messages = messages + [{"role": "assistant", "content": record.get("reply") or ""},
-                               prompt_lib.reask_message(result.error or "", row.k)]
+        messages = messages + [
+            {"role": "assistant", "content": record.get("reply") or ""},
+            prompt_lib.reask_message(result.error or "", row.k),
+        ]
     result.cached = result.attempts >= max_attempts
     while result.attempts < max_attempts:
         try:
@@ -65,8 +68,16 @@ def judge_order(judge, judge_spec: str, template, cache: Cache, row: Row, order_
         except TransportError as e:
             result.error = f"request failed: {e}"
             return result
-        record = {"key": key, "attempt": result.attempts, "row": row.row, "order_index": order_index,
-                  "order": list(order), "judge": judge_spec, "template": template.sha256, "reply": reply}
+        record = {
+            "key": key,
+            "attempt": result.attempts,
+            "row": row.row,
+            "order_index": order_index,
+            "order": list(order),
+            "judge": judge_spec,
+            "template": template.sha256,
+            "reply": reply,
+        }
         result.attempts += 1
         try:
             result.presented = parse_ranking(reply, row.k)
@@ -74,8 +85,10 @@ def judge_order(judge, judge_spec: str, template, cache: Cache, row: Row, order_
             result.error = f"unusable reply: {e}"
             record["error"] = str(e)
             cache.append(record)
-            messages = messages + [{"role": "assistant", "content": reply or ""},
-                                   prompt_lib.reask_message(str(e), row.k)]
+            messages = messages + [
+                {"role": "assistant", "content": reply or ""},
+                prompt_lib.reask_message(str(e), row.k),
+            ]
             continue
         record["ranking"] = result.presented
         cache.append(record)
@@ -86,19 +99,34 @@ def judge_order(judge, judge_spec: str, template, cache: Cache, row: Row, order_
     return result
 
 
-def label_rows(rows: list[Row], judge, judge_spec: str, template, cache: Cache, *, orders: int, seed: int,
-               fixed_order: bool, concurrency: int, max_attempts: int, progress=None):
+def label_rows(
+    rows: list[Row],
+    judge,
+    judge_spec: str,
+    template,
+    cache: Cache,
+    *,
+    orders: int,
+    seed: int,
+    fixed_order: bool,
+    concurrency: int,
+    max_attempts: int,
+    progress=None,
+):
     """→ (labelled: [(row, ranks, record)], rejected: [{row, reason, ...}], judged: {row: [OrderResult]})."""
     jobs = []
     for row in rows:
-        row_orders = [tuple(range(row.k))] if fixed_order else prompt_lib.orders_for_row(seed, row.content_key,
-                                                                                         row.k, orders)
+        row_orders = (
+            [tuple(range(row.k))] if fixed_order else prompt_lib.orders_for_row(seed, row.content_key, row.k, orders)
+        )
         for o, order in enumerate(row_orders):
             jobs.append((row, o, order))
     results: dict[int, list[OrderResult]] = {row.row: [] for row in rows}
     with ThreadPoolExecutor(max_workers=max(1, int(concurrency))) as pool:
-        futures = [(row, pool.submit(judge_order, judge, judge_spec, template, cache, row, o, order, seed,
-                                     max_attempts)) for row, o, order in jobs]
+        futures = [
+            (row, pool.submit(judge_order, judge, judge_spec, template, cache, row, o, order, seed, max_attempts))
+            for row, o, order in jobs
+        ]
         try:
             for row, future in futures:
                 results[row.row].append(future.result())  # a JudgeError (fatal) propagates from here
@@ -113,13 +141,25 @@ def label_rows(rows: list[Row], judge, judge_spec: str, template, cache: Cache, 
         failed = [r for r in judged if r.ranking is None]
         if failed:
             # final: every failed order used up its attempts (a rerun asks again only after a transport failure)
-            rejected.append({"row": row.row, "reason": failed[0].error,
-                             "orders_failed": len(failed), "orders": len(judged),
-                             "final": all(r.attempts >= max_attempts for r in failed)})
+            rejected.append(
+                {
+                    "row": row.row,
+                    "reason": failed[0].error,
+                    "orders_failed": len(failed),
+                    "orders": len(judged),
+                    "final": all(r.attempts >= max_attempts for r in failed),
+                }
+            )
             continue
         rankings = [r.ranking for r in judged]
         ranks = ranks_from_scores(borda_scores(rankings, row.k))
-        record = {"judge": judge_spec, "judge_template": template.name, "orders": [list(r.order) for r in judged],
-                  "rankings": rankings, "aggregation": "borda", "agreement": agreement(rankings)}
+        record = {
+            "judge": judge_spec,
+            "judge_template": template.name,
+            "orders": [list(r.order) for r in judged],
+            "rankings": rankings,
+            "aggregation": "borda",
+            "agreement": agreement(rankings),
+        }
         labelled.append((row, ranks, record))
     return labelled, rejected, results

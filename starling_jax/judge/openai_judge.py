@@ -52,8 +52,17 @@ class Usage:
 
 
 class OpenAIJudge:
-    def __init__(self, model: str, base_url: str | None = None, *, timeout: float = 120.0, max_retries: int = 6,
-                 backoff_s: float = 1.0, temperature: float = 0.0, max_tokens: int | None = None):
+    def __init__(
+        self,
+        model: str,
+        base_url: str | None = None,
+        *,
+        timeout: float = 120.0,
+        max_retries: int = 6,
+        backoff_s: float = 1.0,
+        temperature: float = 0.0,
+        max_tokens: int | None = None,
+    ):
         try:
             import openai  # the `label` extra: only LLM judges need it
         except ImportError:
@@ -62,8 +71,10 @@ class OpenAIJudge:
         key = os.environ.get(KEY_VARIABLE)
         if not key:
             if base_url is None:
-                raise JudgeError(f"{KEY_VARIABLE} is not set: the OpenAI API needs a key (or pass --base-url for a "
-                                 "server that needs none)")
+                raise JudgeError(
+                    f"{KEY_VARIABLE} is not set: the OpenAI API needs a key (or pass --base-url for a "
+                    "server that needs none)"
+                )
             key = PLACEHOLDER_KEY
         self._openai = openai
         # the client's own retries are off: ours count them and keep to `max_retries`
@@ -103,8 +114,9 @@ class OpenAIJudge:
             except openai.APIStatusError as e:
                 status = e.status_code
                 if status != 429 and status < 500 and status != 408:
-                    raise JudgeError(f"judge {self.model}: the server refused the request: HTTP {status}: "
-                                     f"{_error_text(e)}") from None
+                    raise JudgeError(
+                        f"judge {self.model}: the server refused the request: HTTP {status}: {_error_text(e)}"
+                    ) from None
                 last, wait = f"HTTP {status}: {_error_text(e)}", self._retry_after(e)
             else:
                 usage = getattr(response, "usage", None)
@@ -114,7 +126,7 @@ class OpenAIJudge:
                     return ""
                 return response.choices[0].message.content or ""
             if attempt < self.max_retries:
-                delay = wait if wait is not None else min(self.backoff_s * 2 ** attempt, MAX_BACKOFF_S)
+                delay = wait if wait is not None else min(self.backoff_s * 2**attempt, MAX_BACKOFF_S)
                 time.sleep(delay * random.uniform(0.75, 1.25))
         raise TransportError(f"{last} (after {self.max_retries} retries)")
 

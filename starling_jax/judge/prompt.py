@@ -36,8 +36,9 @@ class Template:
     sha256: str  # of the file's text: part of every cache key
 
     def render(self, values: dict) -> list[dict]:
-        messages = [{"role": "system", "content": string.Template(self.system).substitute(values)}] \
-            if self.system else []
+        messages = (
+            [{"role": "system", "content": string.Template(self.system).substitute(values)}] if self.system else []
+        )
         messages.append({"role": "user", "content": string.Template(self.user).substitute(values)})
         return messages
 
@@ -63,17 +64,22 @@ def load_template(path: str | None = None) -> Template:
         elif current is not None:
             sections[current].append(line)
         elif head:
-            raise ConfigError(f"--judge-template {name}: text before the first '=== system ===' or '=== user ===' "
-                              "line")
+            raise ConfigError(f"--judge-template {name}: text before the first '=== system ===' or '=== user ===' line")
     if "user" not in sections:
         raise ConfigError(f"--judge-template {name}: no '=== user ===' section")
-    template = Template(name, "\n".join(sections.get("system", [])).strip(), "\n".join(sections["user"]).strip(),
-                        hashlib.sha256(text.encode("utf-8")).hexdigest())
+    template = Template(
+        name,
+        "\n".join(sections.get("system", [])).strip(),
+        "\n".join(sections["user"]).strip(),
+        hashlib.sha256(text.encode("utf-8")).hexdigest(),
+    )
     try:  # every placeholder must be known: fail at start, not on the first row
         template.render({p: "x" for p in PLACEHOLDERS})
     except (KeyError, ValueError) as e:
-        raise ConfigError(f"--judge-template {name}: unknown or malformed placeholder {e} (known: "
-                          f"{', '.join('$' + p for p in PLACEHOLDERS)})") from None
+        raise ConfigError(
+            f"--judge-template {name}: unknown or malformed placeholder {e} (known: "
+            f"{', '.join('$' + p for p in PLACEHOLDERS)})"
+        ) from None
     if "$answers" not in template.user and "${answers}" not in template.user:
         raise ConfigError(f"--judge-template {name}: the user section must contain $answers")
     return template
@@ -123,19 +129,34 @@ def conversation_text(prompt: str) -> str:
 def build_messages(template: Template, prompt: str, answers, order, pairs) -> list[dict]:
     """The chat messages of one request: answers[order[i]] is shown verbatim as letter LETTERS[i]."""
     k = len(order)
-    blocks = "\n\n".join(f"[Answer {LETTERS[i]}]\n{answers[j]}\n[End of answer {LETTERS[i]}]"
-                         for i, j in enumerate(order))
+    blocks = "\n\n".join(
+        f"[Answer {LETTERS[i]}]\n{answers[j]}\n[End of answer {LETTERS[i]}]" for i, j in enumerate(order)
+    )
     pair_lines = "\n".join(f"{n}. {a} vs {b}" for n, (a, b) in enumerate(pairs, start=1))
-    return template.render({"conversation": conversation_text(prompt), "answers": blocks, "pairs": pair_lines,
-                            "letters": ", ".join(LETTERS[:k]), "k": str(k), "example_first": LETTERS[k - 1],
-                            "example_second": LETTERS[0]})
+    return template.render(
+        {
+            "conversation": conversation_text(prompt),
+            "answers": blocks,
+            "pairs": pair_lines,
+            "letters": ", ".join(LETTERS[:k]),
+            "k": str(k),
+            "example_first": LETTERS[k - 1],
+            "example_second": LETTERS[0],
+        }
+    )
 
 
-REASK = ("Your reply did not end with a usable ranking: {reason}. Reply with only the final ranking of all {k} "
-         "answers, best first, as one Python list holding one list of the letters {letters}, each exactly once, "
-         "for example [['{first}', '{second}', ...]].")
+REASK = (
+    "Your reply did not end with a usable ranking: {reason}. Reply with only the final ranking of all {k} "
+    "answers, best first, as one Python list holding one list of the letters {letters}, each exactly once, "
+    "for example [['{first}', '{second}', ...]]."
+)
 
 
 def reask_message(reason: str, k: int) -> dict:
-    return {"role": "user", "content": REASK.format(reason=reason, k=k, letters=", ".join(LETTERS[:k]),
-                                                    first=LETTERS[k - 1], second=LETTERS[0])}
+    return {
+        "role": "user",
+        "content": REASK.format(
+            reason=reason, k=k, letters=", ".join(LETTERS[:k]), first=LETTERS[k - 1], second=LETTERS[0]
+        ),
+    }

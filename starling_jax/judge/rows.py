@@ -52,8 +52,11 @@ def validate_unranked(raw: Any, row: int) -> Row:
     if hasattr(answers, "tolist"):  # parquet readers give numpy arrays
         answers = answers.tolist()
     if not isinstance(answers, (list, tuple)):
-        raise BadRow("field 'answers' is missing" if answers is None else
-                     f"field 'answers' is {type(answers).__name__}, not a list")
+        raise BadRow(
+            "field 'answers' is missing"
+            if answers is None
+            else f"field 'answers' is {type(answers).__name__}, not a list"
+        )
     if not 2 <= len(answers) <= MAX_ANSWERS:
         raise BadRow(f"field 'answers' has {len(answers)} entries, 2 to {MAX_ANSWERS} needed")
     texts, models = [], []

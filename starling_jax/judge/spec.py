@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from starling_jax.errors import ConfigError
 
-
 JUDGE_KINDS = ("openai", "rm")
 
 

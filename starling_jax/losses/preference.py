@@ -38,8 +38,9 @@ def implied_rewards(policy_logps: Array, reference_logps: Array, beta: float) ->
     return jnp.asarray(beta, dtype) * (jnp.asarray(policy_logps, dtype) - jnp.asarray(reference_logps, dtype))
 
 
-def kwise_dpo_loss(policy_logps: Array, reference_logps: Array, ranks: Array, answer_mask: Array, *,
-                   beta: float) -> tuple[Array, dict[str, Array]]:
+def kwise_dpo_loss(
+    policy_logps: Array, reference_logps: Array, ranks: Array, answer_mask: Array, *, beta: float
+) -> tuple[Array, dict[str, Array]]:
     r"""K-wise DPO: the Plackett-Luce negative log-likelihood of the whole ranking over the implied rewards
     (Rafailov et al. 2023, appendix A.3), ties as in the reward model's loss (Breslow):
 
@@ -66,14 +67,23 @@ def _mean_over_pairs(per_pair, better, dtype):
     zero = jnp.zeros((), dtype)
     n_pairs = jnp.sum(better.astype(dtype), axis=(1, 2))
     valid = n_pairs > 0
-    per_prompt = jnp.where(valid, jnp.sum(jnp.where(better, per_pair, zero), axis=(1, 2)) / jnp.maximum(n_pairs, 1),
-                           zero)
+    per_prompt = jnp.where(
+        valid, jnp.sum(jnp.where(better, per_pair, zero), axis=(1, 2)) / jnp.maximum(n_pairs, 1), zero
+    )
     loss, n = _masked_mean(per_prompt, valid, dtype)
     return loss, {"per_prompt_loss": per_prompt, "num_valid_prompts": n, "num_pairs": n_pairs}
 
 
-def pairwise_dpo_loss(policy_logps: Array, reference_logps: Array, ranks: Array, answer_mask: Array, *,
-                      beta: float, label_smoothing: float = 0.0, pairs: str = "all") -> tuple[Array, dict[str, Array]]:
+def pairwise_dpo_loss(
+    policy_logps: Array,
+    reference_logps: Array,
+    ranks: Array,
+    answer_mask: Array,
+    *,
+    beta: float,
+    label_smoothing: float = 0.0,
+    pairs: str = "all",
+) -> tuple[Array, dict[str, Array]]:
     r"""Sigmoid DPO over the ordered pairs of each ranking, with label smoothing (conservative DPO; trl's
     `sigmoid` loss with `label_smoothing`). For every pair (j, k) with rank_j < rank_k (tied pairs dropped;
     ``pairs="best_vs_rest"``: only j of the prompt's best rank):
@@ -93,8 +103,16 @@ def pairwise_dpo_loss(policy_logps: Array, reference_logps: Array, ranks: Array,
     return _mean_over_pairs(per_pair, better, dtype)
 
 
-def ipo_loss(policy_logps: Array, reference_logps: Array, ranks: Array, answer_mask: Array, *, beta: float,
-             completion_lengths: Array, pairs: str = "all") -> tuple[Array, dict[str, Array]]:
+def ipo_loss(
+    policy_logps: Array,
+    reference_logps: Array,
+    ranks: Array,
+    answer_mask: Array,
+    *,
+    beta: float,
+    completion_lengths: Array,
+    pairs: str = "all",
+) -> tuple[Array, dict[str, Array]]:
     r"""IPO (Azar et al. 2023, eq. 17) over the ordered pairs of each ranking, as trl's `ipo` computes it: the
     log-ratios are averaged over each answer's n tokens (``completion_lengths``), so that β is comparable across
     lengths. For every pair (j, k) with rank_j < rank_k:

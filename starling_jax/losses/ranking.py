@@ -184,9 +184,7 @@ def get_ranking_loss(name: str) -> Callable[..., tuple[Array, dict[str, Array]]]
     try:
         return RANKING_LOSSES[name]
     except (KeyError, TypeError):
-        raise ConfigError(
-            f"unknown ranking loss {name!r}; valid names: {', '.join(sorted(RANKING_LOSSES))}"
-        ) from None
+        raise ConfigError(f"unknown ranking loss {name!r}; valid names: {', '.join(sorted(RANKING_LOSSES))}") from None
 
 
 def ranking_loss(

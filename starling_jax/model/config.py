@@ -56,7 +56,9 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.model_type not in ARCHITECTURES:
-            raise ConfigError(f"model.model_type={self.model_type!r}: unknown architecture; supported: {sorted(ARCHITECTURES)}")
+            raise ConfigError(
+                f"model.model_type={self.model_type!r}: unknown architecture; supported: {sorted(ARCHITECTURES)}"
+            )
         if self.remat_policy not in REMAT_POLICIES:
             raise ConfigError(f"model.remat_policy={self.remat_policy!r}: choose one of {list(REMAT_POLICIES)}")
         attention.check_impl(self.attention_impl)  # the registry's names (model/attention/registry.py)
@@ -72,7 +74,8 @@ class ModelConfig:
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"model.num_attention_heads={self.num_attention_heads} is not a multiple of "
-                f"num_key_value_heads={self.num_key_value_heads}")
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
 
     @property
     def resolved_head_dim(self) -> int:
@@ -98,7 +101,8 @@ class ModelConfig:
             archs = hf.get("architectures")
             raise CheckpointError(
                 f"{source}: unknown architecture model_type={model_type!r} (architectures={archs}); "
-                f"starling_jax supports {sorted(ARCHITECTURES)}")
+                f"starling_jax supports {sorted(ARCHITECTURES)}"
+            )
         rope = hf.get("rope_parameters") or {}
         rope_type = rope.get("rope_type", "default")
         if hf.get("rope_scaling") or rope_type != "default":
@@ -180,8 +184,17 @@ class ModelConfig:
 
     def architecture_dict(self) -> dict[str, Any]:
         """The fields that fix parameter shapes (compared when restoring a checkpoint)."""
-        keys = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings")
+        keys = (
+            "model_type",
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "tie_word_embeddings",
+        )
         return {k: getattr(self, k) for k in keys}
 
     def num_params(self, head: str = "lm") -> int:

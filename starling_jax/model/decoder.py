@@ -32,8 +32,11 @@ REMAT = {
     # full, but each layer's input (what full remat keeps: [layers, N, L, D] under scan) goes to host memory
     # between the forward and the backward instead of staying in HBM
     "full_offload": jax.checkpoint_policies.save_and_offload_only_these_names(
-        names_which_can_be_saved=[], names_which_can_be_offloaded=["layer_input"], offload_src="device",
-        offload_dst="pinned_host"),
+        names_which_can_be_saved=[],
+        names_which_can_be_offloaded=["layer_input"],
+        offload_src="device",
+        offload_dst="pinned_host",
+    ),
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
@@ -163,11 +166,11 @@ class Attention(nnx.Module):
         leaves one attention block instead of cache + new token. → (output [N, 1, D], cache_k, cache_v)."""
         q, k, v = self.project_qkv(x, rot)
         write = lambda cache, new: jax.lax.dynamic_update_slice(
-            cache, new.transpose(0, 2, 1, 3).astype(cache.dtype), (0, 0, index, 0))
+            cache, new.transpose(0, 2, 1, 3).astype(cache.dtype), (0, 0, index, 0)
+        )
         cache_k, cache_v = write(cache_k, k), write(cache_v, v)
         out = attention.attend_cached(self.cfg, q, [(cache_k, cache_v, visible, True)])
         return self.project_out(out), cache_k, cache_v
-
 
 
 class MLP(nnx.Module):
@@ -202,8 +205,11 @@ def swiglu_chunked(x, weights, chunks: int, policy):
     remat policy (`policy=None`) the map saves every slice's activations for the backward, as the whole MLP does."""
     n, length, d = x.shape
     slices = x.reshape(n, chunks, length // chunks, d).swapaxes(0, 1)  # [chunks, N, L/chunks, D]
-    body = (lambda xs: swiglu(xs, *weights)) if policy is None else jax.checkpoint(
-        lambda xs: swiglu(xs, *weights), policy=policy)
+    body = (
+        (lambda xs: swiglu(xs, *weights))
+        if policy is None
+        else jax.checkpoint(lambda xs: swiglu(xs, *weights), policy=policy)
+    )
     out = jax.lax.map(body, slices)
     return constrain(out.swapaxes(0, 1).reshape(n, length, d), ("act_batch", "act_length", "act_embed"))
 
@@ -255,6 +261,7 @@ def cast_projections(stacked: nnx.State, dtype) -> nnx.State:
     compute dtype (the dtype the matmul's transpose produces it in anyway) and one convert to the parameter dtype
     follows. With bf16 compute and float32 parameters that halves the per-micro-batch gradient buffer of the
     matrices (the 7B recipes: −0.9 GiB per chip, BENCHMARKS.md). The norm scales, used in float32, keep theirs."""
+
     def cast(path, leaf):
         names = [getattr(k, "key", None) for k in path]
         return leaf.astype(dtype) if any(isinstance(n, str) and n.endswith("_proj") for n in names) else leaf
@@ -327,10 +334,17 @@ class Decoder(nnx.Module):
             acc = grad_sink.take(stacked) if cfg.remat_policy in ("full", "full_offload") else None
             stacked = cast_projections(stacked, cfg.jnp_dtype)
             if acc is not None:
-                x = grad_sink.scan_layers(_call_layer, graphdef, stacked, acc, x, (rot, mask),
-                                          offload=cfg.remat_policy == "full_offload",
-                                          saved_axes=("act_batch", "act_saved_length", "act_embed"),
-                                          input_axes=("act_batch", "act_length", "act_embed"))
+                x = grad_sink.scan_layers(
+                    _call_layer,
+                    graphdef,
+                    stacked,
+                    acc,
+                    x,
+                    (rot, mask),
+                    offload=cfg.remat_policy == "full_offload",
+                    saved_axes=("act_batch", "act_saved_length", "act_embed"),
+                    input_axes=("act_batch", "act_length", "act_embed"),
+                )
                 return self.final_norm(x if select is None else attention.take_rows(x, select))
 
             def body(x, layer_state):

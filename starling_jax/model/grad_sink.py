@@ -72,8 +72,17 @@ def take(stacked: nnx.State):
     return stack[-1].take(stacked) if stack else None
 
 
-def scan_layers(apply_layer: Callable, graphdef: nnx.GraphDef, stacked: nnx.State, acc, x, context: Any,
-                offload: bool = False, saved_axes: tuple | None = None, input_axes: tuple | None = None):
+def scan_layers(
+    apply_layer: Callable,
+    graphdef: nnx.GraphDef,
+    stacked: nnx.State,
+    acc,
+    x,
+    context: Any,
+    offload: bool = False,
+    saved_axes: tuple | None = None,
+    input_axes: tuple | None = None,
+):
     """x → the layers applied in order (`apply_layer(layer, x, context)` with `layer = nnx.merge(graphdef,
     stacked[i])`), with the VJP described in the module doc: the accumulator `acc` (the stacked parameters'
     structure, any float dtype) gets acc + ∂/∂stacked; `stacked` gets no cotangent; `context` (positions, the
@@ -129,7 +138,11 @@ def _backward(apply_layer, graphdef, layout, residuals, dy):
         # acc[i] += ∂/∂layer_i, written into the carried accumulator (updated in place: no stacked gradient)
         acc = jax.tree.map(
             lambda a, d: jax.lax.dynamic_update_index_in_dim(
-                a, jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False) + d.astype(a.dtype), i, 0), acc, d_state)
+                a, jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False) + d.astype(a.dtype), i, 0
+            ),
+            acc,
+            d_state,
+        )
         return (dh, acc), None
 
     (dx, acc), _ = jax.lax.scan(body, (dy, acc), (stacked, inputs, jnp.arange(num_layers)), reverse=True)

@@ -120,6 +120,10 @@ def kwise_rewards(model: RewardModel, batch: dict) -> jax.Array:
         return scores[batch["reward_row"], batch["reward_index"]]
     b, k, length = batch["tokens"].shape
     flat = lambda x: x.reshape(b * k, length)
-    rewards = model.rewards(flat(batch["tokens"]), flat(batch["positions"]), flat(batch["segment_ids"]),
-                            batch["reward_index"].reshape(b * k))
+    rewards = model.rewards(
+        flat(batch["tokens"]),
+        flat(batch["positions"]),
+        flat(batch["segment_ids"]),
+        batch["reward_index"].reshape(b * k),
+    )
     return rewards.reshape(b, k)

@@ -60,23 +60,29 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from starling_jax.errors import CheckpointError, ConfigError
-from starling_jax.model.config import ARCHITECTURES, ModelConfig
 from starling_jax import hub
+from starling_jax.data import tokenizer as tokenizer_lib
+from starling_jax.errors import CheckpointError, ConfigError
 from starling_jax.model import heads
+from starling_jax.model.config import ARCHITECTURES, ModelConfig
 from starling_jax.model.create import abstract_model
 from starling_jax.parallel import sharding
 from starling_jax.paths import as_path, is_url, upload_folder
-from starling_jax.data import tokenizer as tokenizer_lib
 
 log = logging.getLogger(__name__)
 
 ROLES = tuple(heads.ROLES)  # the one role registry (model/heads.py)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "added_tokens.json", "chat_template.json", "chat_template.jinja")
-NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
-             "float16": np.dtype(np.float16)}
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "chat_template.json",
+    "chat_template.jinja",
+)
+NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
 TRUNK_PREFIXES = ("model.", "transformer.", "")
 HEAD_KEYS = ("score.weight", "v_head.weight")
 # Non-parameter buffers some older checkpoints carry; skipped on import.
@@ -101,7 +107,7 @@ class KeySpec:
     def to_hf(self, w: np.ndarray) -> np.ndarray:
         if self.kind == "copy":
             return np.ascontiguousarray(w)
-        n_in = math.prod(self.our_shape[:self.in_ndim])
+        n_in = math.prod(self.our_shape[: self.in_ndim])
         return np.ascontiguousarray(w.reshape(n_in, -1).T)
 
 
@@ -129,8 +135,9 @@ def key_table(cfg: ModelConfig, role: str) -> list[KeySpec]:
             lin("mlp.up_proj.weight", ("mlp", "up_proj"), (f, d), (d, f)),
             lin("mlp.down_proj.weight", ("mlp", "down_proj"), (d, f), (f, d)),
             KeySpec(hf + "input_layernorm.weight", pre + ("attn_norm", "scale"), "copy", (d,), (d,), layer=layer),
-            KeySpec(hf + "post_attention_layernorm.weight", pre + ("mlp_norm", "scale"), "copy", (d,), (d,),
-                    layer=layer),
+            KeySpec(
+                hf + "post_attention_layernorm.weight", pre + ("mlp_norm", "scale"), "copy", (d,), (d,), layer=layer
+            ),
         ]
     table.append(KeySpec("norm.weight", ("decoder", "final_norm", "scale"), "copy", (d,), (d,)))
     if role == "causal_lm" and not cfg.tie_word_embeddings:
@@ -181,7 +188,8 @@ class _Weights:
                 if pickles:
                     raise CheckpointError(
                         f"{folder / pickles[0]}: refusing to unpickle {', '.join(pickles)} (pickle files can run "
-                        f"arbitrary code); convert the weights to safetensors")
+                        f"arbitrary code); convert the weights to safetensors"
+                    )
                 raise CheckpointError(f"{folder}: no model.safetensors (or sharded *.safetensors + index) found")
             weight_map = None
         self._stack = contextlib.ExitStack()
@@ -272,8 +280,16 @@ def _shard_shape(idx, shape):
     return tuple(len(range(*s.indices(n))) for s, n in zip(idx, shape))
 
 
-def load_hf(model: str | Path, role: str, mesh: Mesh, *, init_missing_head: bool = False, seed: int = 0,
-            revision: str | None = None, **runtime) -> tuple[ModelConfig, nnx.GraphDef, nnx.State]:
+def load_hf(
+    model: str | Path,
+    role: str,
+    mesh: Mesh,
+    *,
+    init_missing_head: bool = False,
+    seed: int = 0,
+    revision: str | None = None,
+    **runtime,
+) -> tuple[ModelConfig, nnx.GraphDef, nnx.State]:
     """Loads a HF Mistral/Llama folder (or Hub id) as `role` straight into shards on `mesh`.
 
     → (cfg, graphdef, state); `nnx.merge(graphdef, state)` is the model. Raises CheckpointError for a missing or
@@ -297,8 +313,10 @@ def _load(folder, hf_config, cfg, weights, role, mesh, init_missing_head, seed):
     # Trunk prefix: the one under which the embeddings live.
     prefix = next((p for p in TRUNK_PREFIXES if f"{p}embed_tokens.weight" in keys), None)
     if prefix is None:
-        raise CheckpointError(f"{source}: missing tensor 'model.embed_tokens.weight' (no Mistral/Llama trunk found "
-                              f"under the prefixes model., transformer. or none)")
+        raise CheckpointError(
+            f"{source}: missing tensor 'model.embed_tokens.weight' (no Mistral/Llama trunk found "
+            f"under the prefixes model., transformer. or none)"
+        )
     heads_present = [k for k in HEAD_KEYS if k in keys]
     if len(heads_present) > 1:
         raise CheckpointError(f"{source}: both {heads_present} present; expected one reward head")
@@ -309,7 +327,8 @@ def _load(folder, hf_config, cfg, weights, role, mesh, init_missing_head, seed):
         if heads_present or any(a.endswith("ForSequenceClassification") for a in archs):
             raise CheckpointError(
                 f"{source}: a reward / sequence-classification checkpoint ({heads_present or archs}) has no LM head; "
-                f"load it with role 'reward'")
+                f"load it with role 'reward'"
+            )
         if cfg.tie_word_embeddings and "lm_head.weight" in keys:
             ignored.add("lm_head.weight")  # a tied head saved anyway: the embeddings are the head
     else:
@@ -321,13 +340,16 @@ def _load(folder, hf_config, cfg, weights, role, mesh, init_missing_head, seed):
             raise CheckpointError(
                 f"{source}: missing tensor 'score.weight' (or Starling's 'v_head.weight'): {folder} holds no reward "
                 f"head (architectures={archs}); pass init_missing_head=True to start a reward model from a language "
-                f"model")
+                f"model"
+            )
 
     table = key_table(cfg, role)
     graphdef, abstract = abstract_model(cfg, role)
     _check_table_covers(table, abstract, cfg)
-    shardings = {path: v.get_value() if isinstance(v, nnx.Variable) else v
-                 for path, v in nnx.to_flat_state(sharding.state_shardings(abstract, mesh))}
+    shardings = {
+        path: v.get_value() if isinstance(v, nnx.Variable) else v
+        for path, v in nnx.to_flat_state(sharding.state_shardings(abstract, mesh))
+    }
     flat_abstract = dict(nnx.to_flat_state(abstract))
     dtype = NP_DTYPES[cfg.param_dtype]
 
@@ -352,14 +374,16 @@ def _load(folder, hf_config, cfg, weights, role, mesh, init_missing_head, seed):
         if found != spec.hf_shape:
             raise CheckpointError(
                 f"{weights.file_of(name)}: tensor {name!r} has shape {list(found)}, expected {list(spec.hf_shape)} "
-                f"from {folder / 'config.json'}")
+                f"from {folder / 'config.json'}"
+            )
         used.add(name)
     extra = sorted(keys - used - ignored)
     if extra:
         raise CheckpointError(
             f"{weights.file_of(extra[0])}: unexpected tensor {extra[0]!r}"
             + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
-            + f"; not part of a {cfg.model_type} {role} model with {cfg.num_hidden_layers} layers")
+            + f"; not part of a {cfg.model_type} {role} model with {cfg.num_hidden_layers} layers"
+        )
 
     def read(spec: KeySpec) -> np.ndarray:
         name = hf_name(spec)
@@ -390,6 +414,7 @@ def _load(folder, hf_config, cfg, weights, role, mesh, init_missing_head, seed):
 def _gather(arr) -> np.ndarray:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
+
         return np.asarray(multihost_utils.process_allgather(arr, tiled=True))
     return np.asarray(jax.device_get(arr))
 
@@ -401,13 +426,15 @@ def _pad_token_id(cfg: ModelConfig, tokenizer_dir: str | Path | None) -> int | N
         return None
     try:
         from transformers import AutoTokenizer
+
         return AutoTokenizer.from_pretrained(str(tokenizer_dir)).pad_token_id
     except Exception as e:
         raise CheckpointError(f"{tokenizer_dir}: cannot read the tokenizer to find its pad token ({e})") from None
 
 
-def hf_config_dict(cfg: ModelConfig, role: str, pad_token_id: int | None = None,
-                   extra_config: dict | None = None) -> dict[str, Any]:
+def hf_config_dict(
+    cfg: ModelConfig, role: str, pad_token_id: int | None = None, extra_config: dict | None = None
+) -> dict[str, Any]:
     import transformers
 
     hf = cfg.to_hf_dict()
@@ -472,10 +499,19 @@ def atomic_folder(folder: str | Path, *, write: bool = True):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_hf(folder: str | Path, cfg: ModelConfig, state: nnx.State, role: str, *,
-            tokenizer_dir: str | Path | None = None, template: str | None = None,
-            extra_config: dict | None = None, max_shard_bytes: int = 5_000_000_000,
-            overwrite: bool = True, extra_files: Iterable[str | Path] = ()) -> Path:
+def save_hf(
+    folder: str | Path,
+    cfg: ModelConfig,
+    state: nnx.State,
+    role: str,
+    *,
+    tokenizer_dir: str | Path | None = None,
+    template: str | None = None,
+    extra_config: dict | None = None,
+    max_shard_bytes: int = 5_000_000_000,
+    overwrite: bool = True,
+    extra_files: Iterable[str | Path] = (),
+) -> Path:
     """Writes `state` (a `role` model of `cfg`) as a HF folder that transformers loads; returns the folder.
 
     With `template` (the data template the model was trained with) the exported tokenizer's `chat_template`
@@ -500,7 +536,8 @@ def save_hf(folder: str | Path, cfg: ModelConfig, state: nnx.State, role: str, *
     if role == "reward" and pad is None:
         raise CheckpointError(
             f"{folder}: a reward model needs pad_token_id in config.json (HF sequence classification finds the last "
-            f"token with it); set model.pad_token_id or pass a tokenizer_dir whose tokenizer has a pad token")
+            f"token with it); set model.pad_token_id or pass a tokenizer_dir whose tokenizer has a pad token"
+        )
     config = hf_config_dict(cfg, role, pad, extra_config)
     table = key_table(cfg, role)
     flat = dict(nnx.to_flat_state(state))
@@ -522,8 +559,11 @@ def save_hf(folder: str | Path, cfg: ModelConfig, state: nnx.State, role: str, *
         current.append(spec)
         size += nbytes
     shards.append(current)
-    names = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+    )
 
     with atomic_folder(folder, write=writer) as out:  # written aside, renamed into place when complete
         weight_map, total = {}, 0
@@ -535,8 +575,10 @@ def save_hf(folder: str | Path, cfg: ModelConfig, state: nnx.State, role: str, *
                     arr = arr[spec.layer]
                 host = _gather(arr)
                 if tuple(host.shape) != spec.our_shape:
-                    raise CheckpointError(f"{folder}: variable {spec.path} has shape {list(host.shape)}, expected "
-                                          f"{list(spec.our_shape)} for this config")
+                    raise CheckpointError(
+                        f"{folder}: variable {spec.path} has shape {list(host.shape)}, expected "
+                        f"{list(spec.our_shape)} for this config"
+                    )
                 tensors[hf_name(spec)] = spec.to_hf(host.astype(dtype, copy=False))
                 weight_map[hf_name(spec)] = name
                 total += tensors[hf_name(spec)].nbytes
@@ -581,5 +623,12 @@ def read_hf_tensors(folder: str | Path) -> dict[str, np.ndarray]:
         w.close()
 
 
-__all__: Iterable[str] = ("KeySpec", "key_table", "load_hf", "save_hf", "read_hf_tensors",
-                          "hf_config_dict", "copy_tokenizer_files")
+__all__: Iterable[str] = (
+    "KeySpec",
+    "key_table",
+    "load_hf",
+    "save_hf",
+    "read_hf_tensors",
+    "hf_config_dict",
+    "copy_tokenizer_files",
+)

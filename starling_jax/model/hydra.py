@@ -24,8 +24,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from starling_jax.errors import ConfigError
-from starling_jax.model.config import ModelConfig
 from starling_jax.model import attention
+from starling_jax.model.config import ModelConfig
 from starling_jax.model.decoder import REMAT
 from starling_jax.model.heads import CausalLM
 from starling_jax.parallel.sharding import constrain
@@ -34,8 +34,10 @@ from starling_jax.parallel.sharding import constrain
 def check_unfrozen(cfg: ModelConfig, num_layers_unfrozen: int) -> int:
     """The index L − N of the first trainable layer; 1 ≤ N ≤ L required for a hydra reference."""
     if not 1 <= num_layers_unfrozen <= cfg.num_hidden_layers:
-        raise ConfigError(f"rl.num_layers_unfrozen={num_layers_unfrozen}: a hydra reference needs 1 <= N <= "
-                          f"{cfg.num_hidden_layers} (the policy's layers); use -1 for a full frozen reference copy")
+        raise ConfigError(
+            f"rl.num_layers_unfrozen={num_layers_unfrozen}: a hydra reference needs 1 <= N <= "
+            f"{cfg.num_hidden_layers} (the policy's layers); use -1 for a full frozen reference copy"
+        )
     return cfg.num_hidden_layers - num_layers_unfrozen
 
 
@@ -61,6 +63,7 @@ def apply_layers(cfg: ModelConfig, layers, x, rot, mask, start: int = 0, stop: i
     """Runs decoder layers [start, stop) of `layers` (an nnx.List, or one stacked layer when cfg.scan_layers) on
     hidden states x [N, L, D]: the loop of `Decoder.__call__` restricted to a slice of the stack. rot: the RoPE
     tables (`Decoder.rotary`), mask: what `attention.prepare` built."""
+
     def apply_layer(layer, x):
         return layer(x, rot, mask)
 

@@ -24,7 +24,8 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from starling_jax.errors import ConfigError
 
@@ -122,8 +123,12 @@ def data_parallel_size(mesh: Mesh) -> int:
     return math.prod(mesh.shape.get(a, 1) for a in DATA_AXES)
 
 
-def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int] | None = None, mesh: Mesh | None = None,
-                    rules: dict[str, Any] = LOGICAL_RULES) -> P:
+def logical_to_spec(
+    axes: Sequence[str | None],
+    shape: Sequence[int] | None = None,
+    mesh: Mesh | None = None,
+    rules: dict[str, Any] = LOGICAL_RULES,
+) -> P:
     """Maps logical axis names to a PartitionSpec.
 
     With `shape` and `mesh`, a dimension that the mapped mesh axes do not divide is replicated instead (e.g. 4 KV
@@ -142,8 +147,13 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int] | None = No
             if shape is not None and mesh_axes:
                 size = math.prod(mesh.shape[a] for a in mesh_axes)
                 if shape[i] % size:
-                    log.info("dimension %s (%d) not divisible by mesh axes %s (%d): replicated", name, shape[i],
-                             mesh_axes, size)
+                    log.info(
+                        "dimension %s (%d) not divisible by mesh axes %s (%d): replicated",
+                        name,
+                        shape[i],
+                        mesh_axes,
+                        size,
+                    )
                     mesh_axes = ()
         used.update(mesh_axes)
         spec.append(mesh_axes[0] if len(mesh_axes) == 1 else (mesh_axes or None))
@@ -173,11 +183,15 @@ def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
     """
     return jax.tree.map(
         lambda v: v.replace(value=NamedSharding(mesh, logical_to_spec(variable_axes(v), v.get_value().shape, mesh))),
-        state, is_leaf=_is_variable)
+        state,
+        is_leaf=_is_variable,
+    )
 
 
 def state_specs(state: nnx.State, mesh: Mesh) -> nnx.State:
-    return jax.tree.map(lambda v: logical_to_spec(variable_axes(v), v.get_value().shape, mesh), state, is_leaf=_is_variable)
+    return jax.tree.map(
+        lambda v: logical_to_spec(variable_axes(v), v.get_value().shape, mesh), state, is_leaf=_is_variable
+    )
 
 
 # ------------------------------------------------------------------ activation constraints

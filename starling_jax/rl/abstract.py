@@ -28,15 +28,15 @@ import optax
 from flax import nnx
 
 from starling_jax.data.batch_spec import round_up
+from starling_jax.eval.score_batches import jit_rewards
 from starling_jax.model import create
 from starling_jax.model.config import ModelConfig
 from starling_jax.model.heads import role_class
-from starling_jax.parallel import sharding
 from starling_jax.model.hydra import ReferenceTop
+from starling_jax.parallel import sharding
 from starling_jax.rl.rewards import RewardStats
 from starling_jax.rl.update import EXPERIENCE_KEYS, jit_update_step
 from starling_jax.sample.engine import SamplingConfig, make_sampler
-from starling_jax.eval.score_batches import jit_rewards
 from starling_jax.train.optimizer import make_optimizer, trainable_mask
 
 PAD_MULTIPLE = 128  # the reward batch's padding (rl.rerender's pack_sequences default)
@@ -95,30 +95,42 @@ def build(job, mesh, policy_cfg: ModelConfig, rm_cfg: ModelConfig) -> AbstractRL
     critic_graphdef, critic = create.abstract_model(critic_cfg, "reward")
     rm_graphdef, rm = create.abstract_model(rm_cfg, "reward")
     if hydra:
-        ref_graphdef, ref = nnx.split(nnx.eval_shape(
-            lambda: ReferenceTop(role_class("causal_lm")(actor_cfg, nnx.Rngs(params=0)), cfg.num_layers_unfrozen)))
+        ref_graphdef, ref = nnx.split(
+            nnx.eval_shape(
+                lambda: ReferenceTop(role_class("causal_lm")(actor_cfg, nnx.Rngs(params=0)), cfg.num_layers_unfrozen)
+            )
+        )
     else:
         ref_graphdef, ref = actor_graphdef, actor
     shard = lambda tree: sharding.state_shardings(tree, mesh)
     params = {"actor": actor, "critic": critic}
     params_shardings = {"actor": shard(actor), "critic": shard(critic)}
-    frozen = {"reference": _abstract(_cast(ref, rt.frozen_param_dtype), shard(ref)),
-              "reward": _abstract(_cast(rm, rt.frozen_param_dtype), shard(rm))}
+    frozen = {
+        "reference": _abstract(_cast(ref, rt.frozen_param_dtype), shard(ref)),
+        "reward": _abstract(_cast(rm, rt.frozen_param_dtype), shard(rm)),
+    }
 
     # --- optimizer and the donated state (init_rl_state's layout)
     critic_frozen = 0 if cfg.critic_layers_unfrozen == -1 else critic_cfg.num_hidden_layers - cfg.critic_layers_unfrozen
-    mask = {"actor": trainable_mask(actor, frozen_layers, n),
-            "critic": trainable_mask(critic, critic_frozen, critic_cfg.num_hidden_layers)}
+    mask = {
+        "actor": trainable_mask(actor, frozen_layers, n),
+        "critic": trainable_mask(critic, critic_frozen, critic_cfg.num_hidden_layers),
+    }
     tx, _ = make_optimizer(cfg.optim, cfg.train.steps * job.updates_per_step, mask)
     abstract_opt = jax.eval_shape(tx.init, params)
-    opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, params_shardings,
-                                          transform_non_params=lambda _: rep)
+    opt_shardings = optax.tree_map_params(
+        tx, lambda _, s: s, abstract_opt, params_shardings, transform_non_params=lambda _: rep
+    )
     scalar = lambda dtype: _array((), dtype, rep)
-    state = {"step": scalar(jnp.int32), "iteration": scalar(jnp.int32), "params": _abstract(params, params_shardings),
-             "opt_state": _abstract(abstract_opt, opt_shardings),
-             "rng": _array(jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))).shape, jnp.uint32, rep),
-             "kl_coef": scalar(jnp.float32),
-             "reward_stats": {k: scalar(jnp.float32) for k in RewardStats._fields}}
+    state = {
+        "step": scalar(jnp.int32),
+        "iteration": scalar(jnp.int32),
+        "params": _abstract(params, params_shardings),
+        "opt_state": _abstract(abstract_opt, opt_shardings),
+        "rng": _array(jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))).shape, jnp.uint32, rep),
+        "kl_coef": scalar(jnp.float32),
+        "reward_stats": {k: scalar(jnp.float32) for k in RewardStats._fields},
+    }
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
 
     # --- shapes of one iteration
@@ -129,10 +141,15 @@ def build(job, mesh, policy_cfg: ModelConfig, rm_cfg: ModelConfig) -> AbstractRL
     key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=rep)
     programs = []
 
-    sampling = SamplingConfig(max_new_tokens=t, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
-                              eos_token_ids=(actor_cfg.eos_token_id,) if actor_cfg.eos_token_id is not None else (),
-                              stop_sequences=tuple((0,) * max(1, len(s.split())) for s in r.stop_strings),
-                              pad_token_id=0)  # stop sequences stand in by length only: no tokenizer is read
+    sampling = SamplingConfig(
+        max_new_tokens=t,
+        temperature=r.temperature,
+        top_k=r.top_k,
+        top_p=r.top_p,
+        eos_token_ids=(actor_cfg.eos_token_id,) if actor_cfg.eos_token_id is not None else (),
+        stop_sequences=tuple((0,) * max(1, len(s.split())) for s in r.stop_strings),
+        pad_token_id=0,
+    )  # stop sequences stand in by length only: no tokenizer is read
     sampler = make_sampler(actor_graphdef, sampling, mesh)
     scorer = jit_rewards(rm_graphdef, mesh)
     job.mesh, job.hydra = mesh, hydra  # what the job's experience program reads
@@ -147,30 +164,78 @@ def build(job, mesh, policy_cfg: ModelConfig, rm_cfg: ModelConfig) -> AbstractRL
         if prefix and rows == b:
             break  # the same programs as training
         # rollout: the sampler with its KV cache
-        programs.append(Program(f"{prefix}rollout", sampler, (
-            state["params"]["actor"], _array((rows, p), jnp.int32, rows2), _array((rows,), jnp.int32, rows1),
-            _array((rows,), jnp.int32, rows1), key), roles=("actor",), rows=rows, length=p + t))
+        programs.append(
+            Program(
+                f"{prefix}rollout",
+                sampler,
+                (
+                    state["params"]["actor"],
+                    _array((rows, p), jnp.int32, rows2),
+                    _array((rows,), jnp.int32, rows1),
+                    _array((rows,), jnp.int32, rows1),
+                    key,
+                ),
+                roles=("actor",),
+                rows=rows,
+                length=p + t,
+            )
+        )
         # score: the reward model on the longest batch it can get, rows padded to the data-parallel size
         rm_rows = round_up(rows, dp)
         tok = _array((rm_rows, rm_len), jnp.int32, rows2)
-        programs.append(Program(f"{prefix}score", scorer,
-                                (frozen["reward"], tok, tok, tok, _array((rm_rows,), jnp.int32, rows1)),
-                                roles=("reward",), rows=rm_rows, length=rm_len))
+        programs.append(
+            Program(
+                f"{prefix}score",
+                scorer,
+                (frozen["reward"], tok, tok, tok, _array((rm_rows,), jnp.int32, rows1)),
+                roles=("reward",),
+                rows=rm_rows,
+                length=rm_len,
+            )
+        )
         # experience: the job's own program, on the rollout batch as the run passes it (host arrays → replicated)
         seq = _array((rows, p + t), jnp.int32, rep)
         batch = {"tokens": seq, "positions": seq, "segment_ids": seq, "mask": _array((rows, t), jnp.float32, rep)}
-        programs.append(Program(f"{prefix}experience", experience,
-                                (state["params"], frozen["reference"], state["reward_stats"], state["kl_coef"],
-                                 batch, _array((rows,), jnp.float32, rep), _array((rows,), jnp.bool_, rep)),
-                                roles=("actor", "critic", "reference"), rows=rows, length=p + t))
+        programs.append(
+            Program(
+                f"{prefix}experience",
+                experience,
+                (
+                    state["params"],
+                    frozen["reference"],
+                    state["reward_stats"],
+                    state["kl_coef"],
+                    batch,
+                    _array((rows,), jnp.float32, rep),
+                    _array((rows,), jnp.bool_, rep),
+                ),
+                roles=("actor", "critic", "reference"),
+                rows=rows,
+                length=p + t,
+            )
+        )
 
     # update: one donated minibatch step
     mb = r.minibatch_size
-    minibatch = {k: _array((mb, p + t) if k in ("tokens", "positions", "segment_ids") else (mb, t),
-                           jnp.int32 if k in ("tokens", "positions", "segment_ids") else jnp.float32, rows2)
-                 for k in EXPERIENCE_KEYS}
-    update = jit_update_step({"actor": actor_graphdef, "critic": critic_graphdef}, cfg.loss, cfg.algorithm, tx, p,
-                             mesh, state_shardings, frozen_layers)
-    programs.append(Program("update", update, (state, minibatch), donated=state, roles=("state",), rows=mb,
-                            length=p + t))
+    minibatch = {
+        k: _array(
+            (mb, p + t) if k in ("tokens", "positions", "segment_ids") else (mb, t),
+            jnp.int32 if k in ("tokens", "positions", "segment_ids") else jnp.float32,
+            rows2,
+        )
+        for k in EXPERIENCE_KEYS
+    }
+    update = jit_update_step(
+        {"actor": actor_graphdef, "critic": critic_graphdef},
+        cfg.loss,
+        cfg.algorithm,
+        tx,
+        p,
+        mesh,
+        state_shardings,
+        frozen_layers,
+    )
+    programs.append(
+        Program("update", update, (state, minibatch), donated=state, roles=("state",), rows=mb, length=p + t)
+    )
     return AbstractRLSet(state, frozen, programs, {"actor": actor_cfg, "critic": critic_cfg, "reward": rm_cfg})

@@ -59,8 +59,10 @@ class RolloutConfig:
         if self.batch_size < 1 or self.minibatch_size < 1 or self.epochs < 1 or self.max_new_tokens < 1:
             raise ConfigError("rollout.batch_size, minibatch_size, epochs and max_new_tokens must be >= 1")
         if self.batch_size % self.minibatch_size:
-            raise ConfigError(f"rollout.batch_size={self.batch_size} is not a multiple of "
-                              f"rollout.minibatch_size={self.minibatch_size}")
+            raise ConfigError(
+                f"rollout.batch_size={self.batch_size} is not a multiple of "
+                f"rollout.minibatch_size={self.minibatch_size}"
+            )
 
 
 @dataclasses.dataclass
@@ -89,14 +91,14 @@ class PPORunConfig:
     # The demo's critic is a fresh value head (≈ 0) and the RM's raw scores are not centred (the default RM's sit
     # around −0.5): with Starling's `running_std` and no whitening every advantage of the first iterations has the
     # same sign, PPO/APA then push down (or up) every sampled token alike and the held-out reward did not rise
-    # (tests/rl's tiny fixture: −0.552 → −0.584 in 6 iterations). Centring the scores and whitening the advantages fixes that; the Starling
+    # (tests/rl's tiny fixture: −0.552 → −0.584 in 6 iterations). Centring the scores and whitening the advantages fixes
+    # that; the Starling
     # recipes set Starling's own choices.
     reward: RewardConfig = field(lambda: RewardConfig(normalize="running"))
     advantage: AdvantageConfig = field(lambda: AdvantageConfig(whiten=True))
     loss: LossConfig = field(LossConfig)
     mesh: MeshConfig = field(MeshConfig)
-    optim: OptimConfig = field(lambda: OptimConfig(learning_rate=1e-3, schedule="constant", b2=0.95,
-                                                   max_grad_norm=1.0))
+    optim: OptimConfig = field(lambda: OptimConfig(learning_rate=1e-3, schedule="constant", b2=0.95, max_grad_norm=1.0))
     train: TrainConfig = field(lambda: TrainConfig(steps=30, eval_every=10, save_every=10, log_every=1))
     export: ExportConfig = field(ExportConfig)
 
@@ -108,7 +110,9 @@ class PPORunConfig:
         if self.num_layers_unfrozen == 0 or self.num_layers_unfrozen < -1:
             raise ConfigError(f"num_layers_unfrozen={self.num_layers_unfrozen}: -1 (all) or N >= 1")
         if self.optim.freeze_layers:
-            raise ConfigError(f"optim.freeze_layers={self.optim.freeze_layers} does not apply to train_ppo: set "
-                              "num_layers_unfrozen=N (only the top N policy layers train) and critic_layers_unfrozen")
+            raise ConfigError(
+                f"optim.freeze_layers={self.optim.freeze_layers} does not apply to train_ppo: set "
+                "num_layers_unfrozen=N (only the top N policy layers train) and critic_layers_unfrozen"
+            )
         # rollouts: a left-padded prompt and its completion, one segment per row (rl/experience.py)
         check_layout(self.runtime.attention_impl, "left_padded", what="the rollouts' left-padded rows")

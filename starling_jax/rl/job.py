@@ -23,25 +23,25 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from starling_jax import hub
 from starling_jax.data.chat import adds_bos_by_tokenizer, render
 from starling_jax.data.prompts import read_prompts
 from starling_jax.data.synthetic import resolve_bundled
+from starling_jax.data.tokenizer import load_tokenizer
 from starling_jax.errors import CheckpointError, ConfigError, DataError
-from starling_jax import hub
+from starling_jax.eval.score_batches import jit_rewards
 from starling_jax.model import hf_io
+from starling_jax.model.hydra import ReferenceTop
 from starling_jax.parallel import sharding
 from starling_jax.paths import append_text, as_path
 from starling_jax.rl import kl as kl_lib
 from starling_jax.rl.config import PPORunConfig
 from starling_jax.rl.experience import make_experience, rollout_forward
-from starling_jax.model.hydra import ReferenceTop
 from starling_jax.rl.rerender import check_shared_tokenizer, rm_batch_from_text, rm_batch_from_tokens
 from starling_jax.rl.rewards import RewardStats
 from starling_jax.rl.stops import Completions, cut_at_stop_strings
 from starling_jax.rl.update import init_rl_state, jit_update_step, minibatch_indices
 from starling_jax.sample.engine import SamplingConfig, make_sampler, rollout_arrays
-from starling_jax.eval.score_batches import jit_rewards
-from starling_jax.data.tokenizer import load_tokenizer
 from starling_jax.train import loop
 from starling_jax.train.job import Job, new_figure, save_figure
 from starling_jax.train.optimizer import make_optimizer, trainable_mask
@@ -67,7 +67,7 @@ class PromptIterator:
             if self.position + self.batch_size > len(order):
                 self.epoch, self.position = self.epoch + 1, 0
                 continue
-            batch = order[self.position:self.position + self.batch_size]
+            batch = order[self.position : self.position + self.batch_size]
             self.position += self.batch_size
             yield {"row": batch}
 
@@ -87,8 +87,9 @@ def _model_folder(ref: str, role: str, key: str) -> Path:
     archs = json.loads((folder / "config.json").read_text()).get("architectures") or []
     want = "ForCausalLM" if role == "causal_lm" else "ForSequenceClassification"
     if archs and not any(a.endswith(want) for a in archs):
-        raise CheckpointError(f"{key}={ref}: a {archs[0]} folder, not a *{want} "
-                              f"({'policy' if role == 'causal_lm' else 'reward model'})")
+        raise CheckpointError(
+            f"{key}={ref}: a {archs[0]} folder, not a *{want} ({'policy' if role == 'causal_lm' else 'reward model'})"
+        )
     return folder
 
 
@@ -114,18 +115,23 @@ class PPOJob(Job):
         if cfg.reward_model_shares_tokenizer:
             check_shared_tokenizer(self.tokenizer, self.rm_tokenizer, self.policy_dir, self.rm_dir)
         elif cfg.critic_init == "reward":
-            raise ConfigError("critic_init=reward needs reward_model_shares_tokenizer=true (the critic reads the "
-                              "policy's tokens); use critic_init=policy")
+            raise ConfigError(
+                "critic_init=reward needs reward_model_shares_tokenizer=true (the critic reads the "
+                "policy's tokens); use critic_init=policy"
+            )
 
         dp = sharding.data_parallel_size(mesh)  # data × fsdp, × dcn across slices
         if cfg.rollout.minibatch_size % dp:
-            raise ConfigError(f"rollout.minibatch_size={cfg.rollout.minibatch_size} is not a multiple of the mesh's "
-                              f"{dp} data-parallel devices")
+            raise ConfigError(
+                f"rollout.minibatch_size={cfg.rollout.minibatch_size} is not a multiple of the mesh's "
+                f"{dp} data-parallel devices"
+            )
 
         # --- models
         rt = cfg.runtime
-        actor_cfg, self.actor_graphdef, actor_params = hf_io.load_hf(self.policy_dir, "causal_lm", mesh,
-                                                                     **rt.model_kwargs(frozen=False))
+        actor_cfg, self.actor_graphdef, actor_params = hf_io.load_hf(
+            self.policy_dir, "causal_lm", mesh, **rt.model_kwargs(frozen=False)
+        )
         self.actor_cfg = actor_cfg
         n = actor_cfg.num_hidden_layers
         self.frozen_layers = 0 if cfg.num_layers_unfrozen == -1 else n - cfg.num_layers_unfrozen
@@ -133,14 +139,17 @@ class PPOJob(Job):
             raise ConfigError(f"num_layers_unfrozen={cfg.num_layers_unfrozen} exceeds the policy's {n} layers")
         critic_from = self.rm_dir if cfg.critic_init == "reward" else self.policy_dir
         critic_cfg, self.critic_graphdef, critic_params = hf_io.load_hf(
-            critic_from, "reward", mesh, init_missing_head=True, seed=cfg.seed, **rt.model_kwargs(frozen=False))
-        self.rm_cfg, self.rm_graphdef, rm_params = hf_io.load_hf(self.rm_dir, "reward", mesh,
-                                                                 **rt.model_kwargs(frozen=True))
+            critic_from, "reward", mesh, init_missing_head=True, seed=cfg.seed, **rt.model_kwargs(frozen=False)
+        )
+        self.rm_cfg, self.rm_graphdef, rm_params = hf_io.load_hf(
+            self.rm_dir, "reward", mesh, **rt.model_kwargs(frozen=True)
+        )
         rm_json = json.loads((self.rm_dir / "config.json").read_text())
         self.reward_mean, self.reward_std = rm_json.get("reward_mean"), rm_json.get("reward_std")
         if cfg.reward.normalize == "rm_config" and (self.reward_mean is None or not self.reward_std):
-            raise ConfigError(f"reward.normalize=rm_config but {self.rm_dir / 'config.json'} has no reward_mean / "
-                              "reward_std")
+            raise ConfigError(
+                f"reward.normalize=rm_config but {self.rm_dir / 'config.json'} has no reward_mean / reward_std"
+            )
         self.hydra = cfg.num_layers_unfrozen != -1
         if self.hydra:
             ref = ReferenceTop(nnx.merge(self.actor_graphdef, actor_params), cfg.num_layers_unfrozen)
@@ -150,17 +159,24 @@ class PPOJob(Job):
         # Own buffers: the actor's are donated to every update (nnx.clone shares arrays).
         frozen_dtype = jnp.dtype(rt.frozen_param_dtype)
         ref_params = jax.tree.map(lambda x: jnp.array(x, dtype=frozen_dtype, copy=True), ref_params)
-        self.models = [ModelEntry("actor", "causal_lm", actor_cfg, True), ModelEntry("critic", "reward", critic_cfg, True),
-                       ModelEntry("reference", "causal_lm", actor_cfg, False),
-                       ModelEntry("reward", "reward", self.rm_cfg, False)]
+        self.models = [
+            ModelEntry("actor", "causal_lm", actor_cfg, True),
+            ModelEntry("critic", "reward", critic_cfg, True),
+            ModelEntry("reference", "causal_lm", actor_cfg, False),
+            ModelEntry("reward", "reward", self.rm_cfg, False),
+        ]
         self.frozen = {"reference": ref_params, "reward": rm_params}
         self.frozen_shardings = {k: jax.tree.map(lambda x: x.sharding, v) for k, v in self.frozen.items()}
 
         # --- optimizer over both trainable models; frozen layers masked
         params = {"actor": actor_params, "critic": critic_params}
-        critic_frozen = 0 if cfg.critic_layers_unfrozen == -1 else critic_cfg.num_hidden_layers - cfg.critic_layers_unfrozen
-        mask = {"actor": trainable_mask(actor_params, self.frozen_layers, n),
-                "critic": trainable_mask(critic_params, critic_frozen, critic_cfg.num_hidden_layers)}
+        critic_frozen = (
+            0 if cfg.critic_layers_unfrozen == -1 else critic_cfg.num_hidden_layers - cfg.critic_layers_unfrozen
+        )
+        mask = {
+            "actor": trainable_mask(actor_params, self.frozen_layers, n),
+            "critic": trainable_mask(critic_params, critic_frozen, critic_cfg.num_hidden_layers),
+        }
         mask = jax.device_put(mask, sharding.replicated(mesh))
         tx, self.schedule = make_optimizer(cfg.optim, cfg.train.steps * self.updates_per_step, mask)
         params_shardings = jax.tree.map(lambda x: x.sharding, params)
@@ -173,28 +189,45 @@ class PPOJob(Job):
         order = np.random.default_rng(cfg.seed).permutation(len(convs))
         n_eval = min(cfg.prompts.eval_prompts, len(convs) - cfg.rollout.batch_size)
         if n_eval < 1:
-            raise DataError(f"{cfg.prompts.train}: {len(convs)} prompts are too few for rollout.batch_size="
-                            f"{cfg.rollout.batch_size} plus held-out prompts")
+            raise DataError(
+                f"{cfg.prompts.train}: {len(convs)} prompts are too few for rollout.batch_size="
+                f"{cfg.rollout.batch_size} plus held-out prompts"
+            )
         self.eval_rows = sorted(order[:n_eval].tolist())
         self.prompt_tokens = [self._encode_prompt(c) for c in convs]
         limit = actor_cfg.max_position_embeddings
         if cfg.prompts.max_prompt_tokens + cfg.rollout.max_new_tokens > limit:
-            raise ConfigError(f"prompts.max_prompt_tokens={cfg.prompts.max_prompt_tokens} + rollout.max_new_tokens="
-                              f"{cfg.rollout.max_new_tokens} leave no room within the policy's "
-                              f"max_position_embeddings={limit}")
+            raise ConfigError(
+                f"prompts.max_prompt_tokens={cfg.prompts.max_prompt_tokens} + rollout.max_new_tokens="
+                f"{cfg.rollout.max_new_tokens} leave no room within the policy's "
+                f"max_position_embeddings={limit}"
+            )
         self.train_data = PromptIterator(sorted(order[n_eval:].tolist()), cfg.rollout.batch_size, cfg.seed)
         from starling_jax.sample.chat import eos_ids, stop_token_sequences
 
         r = cfg.rollout
-        self.sampling = SamplingConfig(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_k=r.top_k,
-                                       top_p=r.top_p, eos_token_ids=eos_ids(self.policy_dir, self.tokenizer, actor_cfg),
-                                       stop_sequences=stop_token_sequences(self.tokenizer, r.stop_strings),
-                                       pad_token_id=self.tokenizer.pad_token_id or 0)
+        self.sampling = SamplingConfig(
+            max_new_tokens=r.max_new_tokens,
+            temperature=r.temperature,
+            top_k=r.top_k,
+            top_p=r.top_p,
+            eos_token_ids=eos_ids(self.policy_dir, self.tokenizer, actor_cfg),
+            stop_sequences=stop_token_sequences(self.tokenizer, r.stop_strings),
+            pad_token_id=self.tokenizer.pad_token_id or 0,
+        )
         self._sample = make_sampler(self.actor_graphdef, self.sampling, mesh)
         self._rewards = jit_rewards(self.rm_graphdef, mesh)
         self._experience = jax.jit(self._experience_fn)
-        self._update = jit_update_step(self.graphdefs, cfg.loss, cfg.algorithm, tx, cfg.prompts.max_prompt_tokens,
-                                       mesh, self.state_shardings, self.frozen_layers)
+        self._update = jit_update_step(
+            self.graphdefs,
+            cfg.loss,
+            cfg.algorithm,
+            tx,
+            cfg.prompts.max_prompt_tokens,
+            mesh,
+            self.state_shardings,
+            self.frozen_layers,
+        )
 
     @property
     def updates_per_step(self) -> int:
@@ -205,7 +238,7 @@ class PPOJob(Job):
         template = self.cfg.prompts.template
         text = render(self.tokenizer, messages, template)
         ids = list(self.tokenizer(text, add_special_tokens=adds_bos_by_tokenizer(template))["input_ids"])
-        return ids[-self.cfg.prompts.max_prompt_tokens:]  # Starling cuts prompts from the left
+        return ids[-self.cfg.prompts.max_prompt_tokens :]  # Starling cuts prompts from the left
 
     # ------------------------------------------------------------------ rollouts
     def _rollout(self, params, rows: np.ndarray, key) -> tuple[dict, Any, Completions]:
@@ -219,18 +252,24 @@ class PPOJob(Job):
         lengths = np.zeros((b,), np.int32)
         for i, row in enumerate(rows):
             ids = self.prompt_tokens[row]
-            prompts[i, p - len(ids):] = ids
+            prompts[i, p - len(ids) :] = ids
             lengths[i] = len(ids)
         rows_sharding = sharding.batch_sharding(self.mesh, 1)
-        out = self._sample(params, jax.device_put(prompts, sharding.batch_sharding(self.mesh, 2)),
-                           jax.device_put(lengths, rows_sharding),
-                           jax.device_put(np.asarray(rows, np.int32), rows_sharding), key)
+        out = self._sample(
+            params,
+            jax.device_put(prompts, sharding.batch_sharding(self.mesh, 2)),
+            jax.device_put(lengths, rows_sharding),
+            jax.device_put(np.asarray(rows, np.int32), rows_sharding),
+            key,
+        )
         out = jax.device_get(out)
         stops = self.cfg.rollout.stop_strings
-        completions = cut_at_stop_strings(self.tokenizer, out.tokens, out.lengths, out.finish_reason, stops,
-                                          self._eos_id() if stops else -1, pad)
-        arrays = jax.device_get(rollout_arrays(prompts, lengths, out._replace(tokens=completions.tokens,
-                                                                              lengths=completions.lengths)))
+        completions = cut_at_stop_strings(
+            self.tokenizer, out.tokens, out.lengths, out.finish_reason, stops, self._eos_id() if stops else -1, pad
+        )
+        arrays = jax.device_get(
+            rollout_arrays(prompts, lengths, out._replace(tokens=completions.tokens, lengths=completions.lengths))
+        )
         batch = {k: np.asarray(arrays[k]) for k in ("tokens", "positions", "segment_ids")}
         batch["mask"] = np.asarray(arrays["response_mask"], np.float32)
         return batch, out, completions
@@ -241,8 +280,10 @@ class PPOJob(Job):
         if eos is None and self.sampling.eos_token_ids:
             eos = self.sampling.eos_token_ids[0]
         if eos is None:
-            raise ConfigError(f"policy={self.cfg.policy}: its tokenizer has no EOS token to end a completion cut at "
-                              "rollout.stop_strings")
+            raise ConfigError(
+                f"policy={self.cfg.policy}: its tokenizer has no EOS token to end a completion cut at "
+                "rollout.stop_strings"
+            )
         return int(eos)
 
     def _score(self, rm_params, rows, completions: Completions) -> np.ndarray:
@@ -252,16 +293,23 @@ class PPOJob(Job):
         n_dev = sharding.data_parallel_size(self.mesh)
         num_rows = -(-len(rows) // n_dev) * n_dev
         if self.cfg.reward_model_shares_tokenizer:
-            generated = [completions.tokens[i, :completions.lengths[i]].tolist() for i in range(len(rows))]
-            batch = rm_batch_from_tokens([self.prompt_tokens[r] for r in rows], generated,
-                                         self.rm_tokenizer.pad_token_id or 0, num_rows=num_rows)
+            generated = [completions.tokens[i, : completions.lengths[i]].tolist() for i in range(len(rows))]
+            batch = rm_batch_from_tokens(
+                [self.prompt_tokens[r] for r in rows], generated, self.rm_tokenizer.pad_token_id or 0, num_rows=num_rows
+            )
         else:
-            batch, _ = rm_batch_from_text(self.rm_tokenizer, self.cfg.prompts.rm_template,
-                                          [self.conversations[r] for r in rows], completions.texts,
-                                          self.cfg.prompts.rm_max_length, num_rows=num_rows)
-        scores = self._rewards(rm_params, batch["tokens"], batch["positions"], batch["segment_ids"],
-                               batch["reward_index"])
-        return np.asarray(jax.device_get(scores))[:len(rows)]
+            batch, _ = rm_batch_from_text(
+                self.rm_tokenizer,
+                self.cfg.prompts.rm_template,
+                [self.conversations[r] for r in rows],
+                completions.texts,
+                self.cfg.prompts.rm_max_length,
+                num_rows=num_rows,
+            )
+        scores = self._rewards(
+            rm_params, batch["tokens"], batch["positions"], batch["segment_ids"], batch["reward_index"]
+        )
+        return np.asarray(jax.device_get(scores))[: len(rows)]
 
     def _experience_fn(self, params, ref_params, rl_stats, kl_coef, batch, raw_scores, ended):
         cfg = self.cfg
@@ -270,10 +318,19 @@ class PPOJob(Job):
             critic = nnx.merge(self.critic_graphdef, params["critic"])
             reference = nnx.merge(self.ref_graphdef, ref_params)
             forward = rollout_forward(actor, reference, critic, batch, cfg.prompts.max_prompt_tokens, self.hydra)
-            exp, stats, metrics = make_experience(forward, batch["mask"], raw_scores, ended, kl_coef,
-                                                  RewardStats(**rl_stats), kl_cfg=cfg.kl, reward_cfg=cfg.reward,
-                                                  adv_cfg=cfg.advantage, reward_mean=self.reward_mean,
-                                                  reward_std=self.reward_std)
+            exp, stats, metrics = make_experience(
+                forward,
+                batch["mask"],
+                raw_scores,
+                ended,
+                kl_coef,
+                RewardStats(**rl_stats),
+                kl_cfg=cfg.kl,
+                reward_cfg=cfg.reward,
+                adv_cfg=cfg.advantage,
+                reward_mean=self.reward_mean,
+                reward_std=self.reward_std,
+            )
         return exp, dict(stats._asdict()), metrics
 
     def _iteration_key(self, step: int, salt: int):
@@ -296,8 +353,15 @@ class PPOJob(Job):
         raw = self._score(frozen["reward"], rows, completions)
         t2 = time.perf_counter()
         ended = completions.ended
-        exp, stats, rollout_metrics = self._experience(state["params"], frozen["reference"], state["reward_stats"],
-                                                       state["kl_coef"], batch, jnp.asarray(raw), jnp.asarray(ended))
+        exp, stats, rollout_metrics = self._experience(
+            state["params"],
+            frozen["reference"],
+            state["reward_stats"],
+            state["kl_coef"],
+            batch,
+            jnp.asarray(raw),
+            jnp.asarray(ended),
+        )
         state = {**state, "reward_stats": stats}
         exp = {**{k: batch[k] for k in ("tokens", "positions", "segment_ids")}, **exp}
         r = self.cfg.rollout
@@ -337,16 +401,30 @@ class PPOJob(Job):
         padded = np.concatenate([rows, np.repeat(rows[:1], (-len(rows)) % n_dev)])
         batch, _, completions = self._rollout(state["params"]["actor"], padded, jax.random.key(self.cfg.seed + 1))
         raw = self._score(frozen["reward"], padded, completions)
-        _, _, m = self._experience(state["params"], frozen["reference"], state["reward_stats"], state["kl_coef"],
-                                   batch, jnp.asarray(raw), jnp.asarray(completions.ended))
+        _, _, m = self._experience(
+            state["params"],
+            frozen["reference"],
+            state["reward_stats"],
+            state["kl_coef"],
+            batch,
+            jnp.asarray(raw),
+            jnp.asarray(completions.ended),
+        )
         m = jax.device_get(m)
         n = len(rows)
-        samples = [{"prompt": self.conversations[r][-1]["content"][:200],
-                    "completion": completions.texts[i], "reward": float(raw[i])}
-                   for i, r in enumerate(rows[:4])]
+        samples = [
+            {
+                "prompt": self.conversations[r][-1]["content"][:200],
+                "completion": completions.texts[i],
+                "reward": float(raw[i]),
+            }
+            for i, r in enumerate(rows[:4])
+        ]
         if jax.process_index() == 0:  # a table of sample completions per evaluation (output_dir may be a URL)
-            append_text(as_path(self.cfg.output_dir) / "samples.jsonl",
-                        json.dumps({"iteration": int(jax.device_get(state["iteration"])), "samples": samples}) + "\n")
+            append_text(
+                as_path(self.cfg.output_dir) / "samples.jsonl",
+                json.dumps({"iteration": int(jax.device_get(state["iteration"])), "samples": samples}) + "\n",
+            )
         return {"reward": float(np.mean(raw[:n])), "kl": float(m["kl"]), "response_length": float(m["response_length"])}
 
     def abstract_inputs(self, mesh, models: dict | None = None):
@@ -356,31 +434,49 @@ class PPOJob(Job):
         from starling_jax.model import architectures
         from starling_jax.rl import abstract
 
-        models = models or {"policy": architectures.architecture(self.cfg.policy, "policy"),
-                            "reward": architectures.architecture(self.cfg.reward_model, "reward_model")}
+        models = models or {
+            "policy": architectures.architecture(self.cfg.policy, "policy"),
+            "reward": architectures.architecture(self.cfg.reward_model, "reward_model"),
+        }
         self.abstract_set = abstract.build(self, mesh, models["policy"], models["reward"])
         update = next(p for p in self.abstract_set.programs if p.name == "update")
         return update.args[0], update.args[1], update.fn
 
     def meta(self, last_eval: dict) -> dict:
-        return {"eval_start": self.eval_start, "policy": str(self.policy_dir), "reward_model": str(self.rm_dir),
-                "algorithm": self.cfg.algorithm}
+        return {
+            "eval_start": self.eval_start,
+            "policy": str(self.policy_dir),
+            "reward_model": str(self.rm_dir),
+            "algorithm": self.cfg.algorithm,
+        }
 
     def export(self, state, frozen, last_eval, folder: Path) -> Path:
         """The actor as a HF folder (a local path or a URL: `save_hf` writes it aside, then renames or uploads it)
         with the policy's tokenizer files and generation config."""
         generation = self.policy_dir / "generation_config.json"
-        return hf_io.save_hf(folder, self.actor_cfg, state["params"]["actor"], "causal_lm",
-                             tokenizer_dir=self.policy_dir, extra_files=[generation] if generation.is_file() else [])
+        return hf_io.save_hf(
+            folder,
+            self.actor_cfg,
+            state["params"]["actor"],
+            "causal_lm",
+            tokenizer_dir=self.policy_dir,
+            extra_files=[generation] if generation.is_file() else [],
+        )
 
     def summary(self, last_eval: dict) -> dict:
-        return {"algorithm": self.cfg.algorithm, "reward_start": self.eval_start.get("reward"),
-                "reward_end": last_eval.get("reward"), "kl_end": last_eval.get("kl"),
-                "response_length_end": last_eval.get("response_length")}
+        return {
+            "algorithm": self.cfg.algorithm,
+            "reward_start": self.eval_start.get("reward"),
+            "reward_end": last_eval.get("reward"),
+            "kl_end": last_eval.get("kl"),
+            "response_length_end": last_eval.get("response_length"),
+        }
 
     def progress(self, row: dict) -> dict:
-        return {"score": f"{row.get('rollout/score_raw', float('nan')):.3f}",
-                "kl": f"{row.get('rollout/kl', float('nan')):.3f}"}
+        return {
+            "score": f"{row.get('rollout/score_raw', float('nan')):.3f}",
+            "kl": f"{row.get('rollout/kl', float('nan')):.3f}",
+        }
 
     def plot(self, history: list[dict], last_eval: dict, png: Path) -> None:
         fig, (ax1, ax2) = new_figure(2)
@@ -388,8 +484,10 @@ class PPOJob(Job):
         ax1.plot(steps, [r.get("rollout/score_raw") for r in history])
         ax1.set_xlabel("iteration")
         ax1.set_ylabel("mean RM score of rollouts")
-        ax1.set_title(f"{self.cfg.algorithm}: held-out reward {self.eval_start.get('reward', float('nan')):.3f} → "
-                      f"{last_eval.get('reward', float('nan')):.3f}")
+        ax1.set_title(
+            f"{self.cfg.algorithm}: held-out reward {self.eval_start.get('reward', float('nan')):.3f} → "
+            f"{last_eval.get('reward', float('nan')):.3f}"
+        )
         ax2.plot(steps, [r.get("rollout/kl") for r in history])
         ax2.set_xlabel("iteration")
         ax2.set_ylabel("KL(π‖π_ref) per sequence")

@@ -33,8 +33,9 @@ ALGORITHMS = ("ppo", "apa")
 APA_ANCHORS = ("init", "old")  # init: the paper's form (reference policy); old: the released code's (rollout)
 
 
-def ppo_policy_loss(logprobs: Array, old_logprobs: Array, advantages: Array, mask: Array,
-                    clip: float) -> tuple[Array, dict[str, Array]]:
+def ppo_policy_loss(
+    logprobs: Array, old_logprobs: Array, advantages: Array, mask: Array, clip: float
+) -> tuple[Array, dict[str, Array]]:
     """L_pg (module docstring) → (loss, {clip_frac, approx_kl, ratio_mean}). approx_kl = E_m[(ρ − 1) − log ρ]
     (the k3 estimate of KL(π_old‖π_θ) on rollout tokens)."""
     log_ratio = (logprobs.astype(jnp.float32) - old_logprobs.astype(jnp.float32)) * mask
@@ -43,14 +44,17 @@ def ppo_policy_loss(logprobs: Array, old_logprobs: Array, advantages: Array, mas
     unclipped = -adv * ratio
     clipped = -adv * jnp.clip(ratio, 1.0 - clip, 1.0 + clip)
     loss = masked_mean(jnp.maximum(unclipped, clipped), mask)
-    aux = {"clip_frac": masked_mean((clipped > unclipped).astype(jnp.float32), mask),
-           "approx_kl": masked_mean(jax.lax.stop_gradient(ratio - 1.0 - log_ratio), mask),
-           "ratio_mean": masked_mean(jax.lax.stop_gradient(ratio), mask)}
+    aux = {
+        "clip_frac": masked_mean((clipped > unclipped).astype(jnp.float32), mask),
+        "approx_kl": masked_mean(jax.lax.stop_gradient(ratio - 1.0 - log_ratio), mask),
+        "ratio_mean": masked_mean(jax.lax.stop_gradient(ratio), mask),
+    }
     return loss, aux
 
 
-def value_loss(values: Array, old_values: Array, returns: Array, mask: Array,
-               clip: float) -> tuple[Array, dict[str, Array]]:
+def value_loss(
+    values: Array, old_values: Array, returns: Array, mask: Array, clip: float
+) -> tuple[Array, dict[str, Array]]:
     """L_vf (module docstring) → (loss, {value_clip_frac, value_error}); clip ≤ 0 disables the clipped term.
     value_error = E_m[(V_θ − R)²] (unclipped, for logs)."""
     v = values.astype(jnp.float32)
@@ -62,8 +66,10 @@ def value_loss(values: Array, old_values: Array, returns: Array, mask: Array,
     else:
         clipped = unclipped
     loss = 0.5 * masked_mean(jnp.maximum(unclipped, clipped), mask)
-    aux = {"value_clip_frac": masked_mean((clipped > unclipped).astype(jnp.float32), mask),
-           "value_error": masked_mean(jax.lax.stop_gradient(unclipped), mask)}
+    aux = {
+        "value_clip_frac": masked_mean((clipped > unclipped).astype(jnp.float32), mask),
+        "value_error": masked_mean(jax.lax.stop_gradient(unclipped), mask),
+    }
     return loss, aux
 
 
@@ -74,8 +80,9 @@ def token_entropy(logits: Array) -> Array:
     return lse - jnp.sum(jax.nn.softmax(z, axis=-1) * z, axis=-1)
 
 
-def apa_policy_loss(logprobs: Array, anchor_logprobs: Array, advantages: Array, mask: Array,
-                    inv_lambda: float) -> Array:
+def apa_policy_loss(
+    logprobs: Array, anchor_logprobs: Array, advantages: Array, mask: Array, inv_lambda: float
+) -> Array:
     """L_apa = E_m[(log π_θ − (1/λ)·A − log π_anchor)²]; the anchor is π_init (paper) or π_old (released)."""
     target = anchor_logprobs.astype(jnp.float32) + inv_lambda * advantages.astype(jnp.float32)
     return masked_mean(jnp.square(logprobs.astype(jnp.float32) - target), mask)
@@ -105,8 +112,9 @@ class LossConfig:
             raise ConfigError("rl.loss: clip must be > 0; value_clip, vf_coef, entropy_coef >= 0")
 
 
-def actor_critic_loss(cfg: LossConfig, algorithm: str, logprobs: Array, entropy: Array, values: Array,
-                      batch: dict[str, Array]) -> tuple[Array, dict[str, Array]]:
+def actor_critic_loss(
+    cfg: LossConfig, algorithm: str, logprobs: Array, entropy: Array, values: Array, batch: dict[str, Array]
+) -> tuple[Array, dict[str, Array]]:
     """The total loss L of the module docstring for `algorithm` (ppo | apa).
 
     logprobs, entropy, values: [B, T] from the current actor and critic. `batch` (the experience): old_logprobs,
@@ -124,10 +132,18 @@ def actor_critic_loss(cfg: LossConfig, algorithm: str, logprobs: Array, entropy:
     else:
         anchor = batch["ref_logprobs"] if cfg.apa_anchor == "init" else batch["old_logprobs"]
         pg = apa_policy_loss(logprobs, anchor, batch["advantages"], mask, cfg.apa_inv_lambda)
-        _, aux = ppo_policy_loss(jax.lax.stop_gradient(logprobs), batch["old_logprobs"], batch["advantages"],
-                                 mask, cfg.clip)  # clip_frac / approx_kl as diagnostics only
+        _, aux = ppo_policy_loss(
+            jax.lax.stop_gradient(logprobs), batch["old_logprobs"], batch["advantages"], mask, cfg.clip
+        )  # clip_frac / approx_kl as diagnostics only
         gate = critic_warmup_gate(vf, cfg.critic_warmup_threshold)
     loss = gate * pg + cfg.vf_coef * vf - cfg.entropy_coef * mean_entropy
-    metrics = {"loss": loss, "policy_loss": pg, "value_loss": vf, "entropy": mean_entropy, "policy_weight": gate,
-               **aux, **vf_aux}
+    metrics = {
+        "loss": loss,
+        "policy_loss": pg,
+        "value_loss": vf,
+        "entropy": mean_entropy,
+        "policy_weight": gate,
+        **aux,
+        **vf_aux,
+    }
     return loss, metrics

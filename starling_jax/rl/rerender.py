@@ -30,8 +30,9 @@ from starling_jax.data.tokenize import tokenize_answers
 from starling_jax.errors import ConfigError
 
 
-def pack_sequences(sequences: Sequence[Sequence[int]], pad_id: int, pad_multiple: int = 128,
-                   num_rows: int | None = None) -> dict[str, np.ndarray]:
+def pack_sequences(
+    sequences: Sequence[Sequence[int]], pad_id: int, pad_multiple: int = 128, num_rows: int | None = None
+) -> dict[str, np.ndarray]:
     """Right-padded batch of the given token sequences; reward_index = len − 1. Rows beyond the sequences (up to
     `num_rows`) are padding (segment 0, reward_index 0) whose score is never read."""
     n = len(sequences) if num_rows is None else num_rows
@@ -44,16 +45,22 @@ def pack_sequences(sequences: Sequence[Sequence[int]], pad_id: int, pad_multiple
     segment_ids = np.zeros((n, length), np.int32)
     reward_index = np.zeros((n,), np.int32)
     for r, seq in enumerate(sequences):
-        tokens[r, :len(seq)] = seq
-        positions[r, :len(seq)] = np.arange(len(seq))
-        segment_ids[r, :len(seq)] = 1
+        tokens[r, : len(seq)] = seq
+        positions[r, : len(seq)] = np.arange(len(seq))
+        segment_ids[r, : len(seq)] = 1
         reward_index[r] = len(seq) - 1
     return {"tokens": tokens, "positions": positions, "segment_ids": segment_ids, "reward_index": reward_index}
 
 
-def rm_batch_from_text(tokenizer, template: str, conversations: Sequence[Sequence[Message]],
-                       completions: Sequence[str], max_length: int, pad_multiple: int = 128,
-                       num_rows: int | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def rm_batch_from_text(
+    tokenizer,
+    template: str,
+    conversations: Sequence[Sequence[Message]],
+    completions: Sequence[str],
+    max_length: int,
+    pad_multiple: int = 128,
+    num_rows: int | None = None,
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Renders each conversation + completion with the RM's `template` and `tokenizer` → (RM batch, truncated
     bool [N]). Raises `RowDoesNotFit` (a `DataError`) if a completion cannot keep one token in `max_length`."""
     sequences, truncated = [], []
@@ -65,19 +72,29 @@ def rm_batch_from_text(tokenizer, template: str, conversations: Sequence[Sequenc
     return pack_sequences(sequences, pad_id, pad_multiple, num_rows), np.asarray(truncated, bool)
 
 
-def rm_batch_from_tokens(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int,
-                         pad_multiple: int = 128, num_rows: int | None = None) -> dict[str, np.ndarray]:
+def rm_batch_from_tokens(
+    prompts: Sequence[Sequence[int]],
+    completions: Sequence[Sequence[int]],
+    pad_id: int,
+    pad_multiple: int = 128,
+    num_rows: int | None = None,
+) -> dict[str, np.ndarray]:
     """prompt tokens + generated tokens per row, unchanged (the shared-tokenizer path)."""
-    return pack_sequences([list(p) + list(c) for p, c in zip(prompts, completions, strict=True)], pad_id,
-                          pad_multiple, num_rows)
+    return pack_sequences(
+        [list(p) + list(c) for p, c in zip(prompts, completions, strict=True)], pad_id, pad_multiple, num_rows
+    )
 
 
 def check_shared_tokenizer(policy_tokenizer, rm_tokenizer, policy_dir: str | Path, rm_dir: str | Path) -> None:
     """A run that declares the policy and RM share a tokenizer must have the same vocabulary and chat template;
     otherwise reading policy tokens with the RM would silently score garbage."""
     if policy_tokenizer.get_vocab() != rm_tokenizer.get_vocab():
-        raise ConfigError(f"rl.reward_model_shares_tokenizer=true but the tokenizers of {policy_dir} and {rm_dir} "
-                          "have different vocabularies; set it to false to re-render completions as text")
+        raise ConfigError(
+            f"rl.reward_model_shares_tokenizer=true but the tokenizers of {policy_dir} and {rm_dir} "
+            "have different vocabularies; set it to false to re-render completions as text"
+        )
     if (policy_tokenizer.chat_template or "") != (rm_tokenizer.chat_template or ""):
-        raise ConfigError(f"rl.reward_model_shares_tokenizer=true but {policy_dir} and {rm_dir} use different "
-                          "chat templates; set it to false to re-render completions in the RM's format")
+        raise ConfigError(
+            f"rl.reward_model_shares_tokenizer=true but {policy_dir} and {rm_dir} use different "
+            "chat templates; set it to false to re-render completions in the RM's format"
+        )

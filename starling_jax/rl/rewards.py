@@ -92,10 +92,13 @@ def update_reward_stats(stats: RewardStats, scores: Array, valid: Array | None =
     delta = mean_b - stats.mean
     safe_total = jnp.maximum(total, 1.0)
     first = (stats.count == 0) & (n_b > 0)
-    ref_std = jnp.where(first, jnp.where(n_b > 1, jnp.sqrt(m2_b / jnp.maximum(n_b - 1.0, 1.0)), 1.0),
-                        stats.ref_std)
-    return RewardStats(total, stats.mean + delta * n_b / safe_total,
-                       stats.m2 + m2_b + jnp.square(delta) * stats.count * n_b / safe_total, ref_std)
+    ref_std = jnp.where(first, jnp.where(n_b > 1, jnp.sqrt(m2_b / jnp.maximum(n_b - 1.0, 1.0)), 1.0), stats.ref_std)
+    return RewardStats(
+        total,
+        stats.mean + delta * n_b / safe_total,
+        stats.m2 + m2_b + jnp.square(delta) * stats.count * n_b / safe_total,
+        ref_std,
+    )
 
 
 @dataclasses.dataclass
@@ -116,8 +119,9 @@ def _positive(x: Array) -> Array:
     return jnp.where(x > 0, x, 1.0)
 
 
-def normalize_scores(scores: Array, mode: str, stats: RewardStats, reward_mean: float | None = None,
-                     reward_std: float | None = None) -> Array:
+def normalize_scores(
+    scores: Array, mode: str, stats: RewardStats, reward_mean: float | None = None, reward_std: float | None = None
+) -> Array:
     """Step 4 of the module docstring on clipped scores. `stats` must already include this batch
     (`update_reward_stats`), as trlx divides after `RunningMoments.update`."""
     scores = scores.astype(jnp.float32)
@@ -131,8 +135,10 @@ def normalize_scores(scores: Array, mode: str, stats: RewardStats, reward_mean: 
         return (scores - stats.mean) / (jnp.sqrt(stats.m2 / jnp.maximum(stats.count, 1.0)) + 1e-6)
     if mode == "rm_config":
         if reward_mean is None or not reward_std:
-            raise ConfigError("rl.reward.normalize=rm_config needs reward_mean and reward_std in the reward "
-                              "model's config.json (train_rm's export writes them)")
+            raise ConfigError(
+                "rl.reward.normalize=rm_config needs reward_mean and reward_std in the reward "
+                "model's config.json (train_rm's export writes them)"
+            )
         return (scores - reward_mean) / reward_std
     raise ConfigError(f"rl.reward.normalize={mode!r}: choose one of {list(SCORE_NORMALIZATIONS)}")
 
@@ -148,9 +154,15 @@ def missing_eos_penalty(scores: Array, ended_with_eos: Array, penalty: float) ->
     return scores - penalty * (1.0 - ended_with_eos.astype(jnp.float32))
 
 
-def shape_scores(cfg: RewardConfig, raw_scores: Array, ended_with_eos: Array, stats: RewardStats,
-                 reward_mean: float | None = None, reward_std: float | None = None,
-                 valid: Array | None = None) -> tuple[Array, RewardStats]:
+def shape_scores(
+    cfg: RewardConfig,
+    raw_scores: Array,
+    ended_with_eos: Array,
+    stats: RewardStats,
+    reward_mean: float | None = None,
+    reward_std: float | None = None,
+    valid: Array | None = None,
+) -> tuple[Array, RewardStats]:
     """Steps 2–5 on raw scores [B] → (final scores [B], updated running moments), in trlx's order: clip, update
     the moments with the clipped scores, scale by the updated moments, then the missing-EOS penalty."""
     scores = clip_scores(raw_scores.astype(jnp.float32), cfg.clip)

@@ -51,8 +51,15 @@ def cut_text(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
     return text, trimmed
 
 
-def cut_at_stop_strings(tokenizer, tokens: np.ndarray, lengths: np.ndarray, finish_reason: np.ndarray,
-                        stop_strings: Sequence[str], eos_id: int, pad_id: int) -> Completions:
+def cut_at_stop_strings(
+    tokenizer,
+    tokens: np.ndarray,
+    lengths: np.ndarray,
+    finish_reason: np.ndarray,
+    stop_strings: Sequence[str],
+    eos_id: int,
+    pad_id: int,
+) -> Completions:
     """Sampler output (tokens int32 [N, T], lengths [N], finish_reason [N]) → the `Completions` of the module
     docstring's rule."""
     tokens = np.array(tokens, np.int32, copy=True)
@@ -62,13 +69,14 @@ def cut_at_stop_strings(tokenizer, tokens: np.ndarray, lengths: np.ndarray, fini
     texts = []
     width = tokens.shape[1]
     for i in range(len(tokens)):
-        text, trimmed = cut_text(tokenizer.decode(tokens[i, :lengths[i]].tolist(), skip_special_tokens=True),
-                                 stop_strings)
+        text, trimmed = cut_text(
+            tokenizer.decode(tokens[i, : lengths[i]].tolist(), skip_special_tokens=True), stop_strings
+        )
         texts.append(text)
         if not trimmed:
             continue
-        answer = list(tokenizer.encode(text, add_special_tokens=False))[:width - 1] + [eos_id]
+        answer = list(tokenizer.encode(text, add_special_tokens=False))[: width - 1] + [eos_id]
         tokens[i] = pad_id
-        tokens[i, :len(answer)] = answer
+        tokens[i, : len(answer)] = answer
         lengths[i], ended[i], cut[i] = len(answer), True, True
     return Completions(tokens, lengths, ended, texts, cut)

@@ -33,37 +33,85 @@ from starling_jax.rl.losses import LossConfig
 from starling_jax.rl.rewards import init_reward_stats
 
 RLState = dict[str, Any]
-EXPERIENCE_KEYS = ("tokens", "positions", "segment_ids", "old_logprobs", "ref_logprobs", "old_values",
-                   "advantages", "returns", "mask")
+EXPERIENCE_KEYS = (
+    "tokens",
+    "positions",
+    "segment_ids",
+    "old_logprobs",
+    "ref_logprobs",
+    "old_values",
+    "advantages",
+    "returns",
+    "mask",
+)
 
 
-def update_step(state: RLState, minibatch: dict, *, graphdefs: dict, loss_cfg: LossConfig, algorithm: str,
-                tx: optax.GradientTransformation, prompt_len: int, frozen_layers: int = 0,
-                mesh: Mesh | None = None) -> tuple[RLState, dict]:
+def update_step(
+    state: RLState,
+    minibatch: dict,
+    *,
+    graphdefs: dict,
+    loss_cfg: LossConfig,
+    algorithm: str,
+    tx: optax.GradientTransformation,
+    prompt_len: int,
+    frozen_layers: int = 0,
+    mesh: Mesh | None = None,
+) -> tuple[RLState, dict]:
     """One optimizer update of actor and critic on a minibatch of experience. A non-finite loss or gradient
     leaves the state untouched (reported in metrics["finite"])."""
     with sharding.activation_sharding(mesh):
-        loss_fn = functools.partial(minibatch_loss, graphdefs=graphdefs, loss_cfg=loss_cfg, algorithm=algorithm,
-                                    prompt_len=prompt_len, frozen_layers=frozen_layers)
+        loss_fn = functools.partial(
+            minibatch_loss,
+            graphdefs=graphdefs,
+            loss_cfg=loss_cfg,
+            algorithm=algorithm,
+            prompt_len=prompt_len,
+            frozen_layers=frozen_layers,
+        )
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], minibatch)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-        new_state = {**state, "step": state["step"] + finite.astype(jnp.int32),
-                     "params": keep(params, state["params"]), "opt_state": keep(opt_state, state["opt_state"])}
+        new_state = {
+            **state,
+            "step": state["step"] + finite.astype(jnp.int32),
+            "params": keep(params, state["params"]),
+            "opt_state": keep(opt_state, state["opt_state"]),
+        }
         return new_state, {**metrics, "grad_norm": grad_norm, "finite": finite}
 
 
-def jit_update_step(graphdefs: dict, loss_cfg: LossConfig, algorithm: str, tx: optax.GradientTransformation, prompt_len: int,
-                    mesh: Mesh, state_shardings: RLState, frozen_layers: int = 0):
+def jit_update_step(
+    graphdefs: dict,
+    loss_cfg: LossConfig,
+    algorithm: str,
+    tx: optax.GradientTransformation,
+    prompt_len: int,
+    mesh: Mesh,
+    state_shardings: RLState,
+    frozen_layers: int = 0,
+):
     """`update_step` jitted: state donated and kept in its shardings, the minibatch sharded over its rows."""
-    fn = functools.partial(update_step, graphdefs=graphdefs, loss_cfg=loss_cfg, algorithm=algorithm, tx=tx, prompt_len=prompt_len,
-                           frozen_layers=frozen_layers, mesh=mesh)
+    fn = functools.partial(
+        update_step,
+        graphdefs=graphdefs,
+        loss_cfg=loss_cfg,
+        algorithm=algorithm,
+        tx=tx,
+        prompt_len=prompt_len,
+        frozen_layers=frozen_layers,
+        mesh=mesh,
+    )
     batch = {k: sharding.batch_sharding(mesh, 2) for k in EXPERIENCE_KEYS}
-    return jax.jit(fn, in_shardings=(state_shardings, batch),
-                   out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+    return jax.jit(
+        fn,
+        in_shardings=(state_shardings, batch),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
 
 
 def minibatch_indices(key: jax.Array, num_rows: int, minibatch_size: int, epochs: int) -> jax.Array:
@@ -73,21 +121,35 @@ def minibatch_indices(key: jax.Array, num_rows: int, minibatch_size: int, epochs
     return perms[:, : (num_rows // minibatch_size) * minibatch_size].reshape(epochs, -1, minibatch_size)
 
 
-def init_rl_state(params: dict, params_shardings: dict, tx: optax.GradientTransformation, mesh: Mesh, seed: int,
-                  kl_coef: float) -> tuple[RLState, RLState]:
+def init_rl_state(
+    params: dict, params_shardings: dict, tx: optax.GradientTransformation, mesh: Mesh, seed: int, kl_coef: float
+) -> tuple[RLState, RLState]:
     """→ (state, shardings) with the optimizer state created in its shards."""
     abstract_opt = jax.eval_shape(tx.init, params)
     rep = sharding.replicated(mesh)
-    opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, params_shardings,
-                                          transform_non_params=lambda _: rep)
+    opt_shardings = optax.tree_map_params(
+        tx, lambda _, s: s, abstract_opt, params_shardings, transform_non_params=lambda _: rep
+    )
     opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
     stats = dict(init_reward_stats()._asdict())  # a plain dict: restores from a checkpoint as it was saved
-    state = {"step": jax.device_put(jnp.zeros((), jnp.int32), rep),
-             "iteration": jax.device_put(jnp.zeros((), jnp.int32), rep), "params": params, "opt_state": opt_state,
-             "rng": jax.device_put(jax.random.key_data(jax.random.key(seed)), rep),
-             "kl_coef": jax.device_put(jnp.float32(kl_coef), rep), "reward_stats": jax.device_put(stats, rep)}
-    shardings = {"step": rep, "iteration": rep, "params": params_shardings, "opt_state": opt_shardings, "rng": rep, "kl_coef": rep,
-                 "reward_stats": jax.tree.map(lambda _: rep, stats)}
+    state = {
+        "step": jax.device_put(jnp.zeros((), jnp.int32), rep),
+        "iteration": jax.device_put(jnp.zeros((), jnp.int32), rep),
+        "params": params,
+        "opt_state": opt_state,
+        "rng": jax.device_put(jax.random.key_data(jax.random.key(seed)), rep),
+        "kl_coef": jax.device_put(jnp.float32(kl_coef), rep),
+        "reward_stats": jax.device_put(stats, rep),
+    }
+    shardings = {
+        "step": rep,
+        "iteration": rep,
+        "params": params_shardings,
+        "opt_state": opt_shardings,
+        "rng": rep,
+        "kl_coef": rep,
+        "reward_stats": jax.tree.map(lambda _: rep, stats),
+    }
     return state, shardings
 
 

@@ -12,7 +12,6 @@ from pathlib import Path
 from starling_jax.data.chat import TEMPLATES, adds_bos_by_tokenizer, get_template, render
 from starling_jax.errors import CheckpointError, ConfigError, DataError
 
-
 # End-of-turn markers of the named templates: a chat model that goes on past its turn is cut there.
 TEMPLATE_STOPS = {
     "openchat_3.5": ("<|end_of_turn|>", "GPT4 Correct User:"),
@@ -31,8 +30,8 @@ def stop_token_sequences(tokenizer, stops) -> tuple[tuple[int, ...], ...]:
         for prefix in ("\n", "a"):
             head = tokenizer.encode(prefix, add_special_tokens=False)
             full = tokenizer.encode(prefix + text, add_special_tokens=False)
-            if full[:len(head)] == head and len(full) > len(head):
-                seqs.append(tuple(full[len(head):]))
+            if full[: len(head)] == head and len(full) > len(head):
+                seqs.append(tuple(full[len(head) :]))
     return tuple(dict.fromkeys(s for s in seqs if s))
 
 
@@ -58,8 +57,8 @@ def template_name(template: str, tokenizer) -> str | None:
 # ---------------------------------------------------------------------------------------------- model
 def load_policy(model: str, mesh):
     """→ (model cfg, graphdef, params, tokenizer folder, HF folder or None) from an HF folder or a checkpoint."""
-    from starling_jax.ckpt.manager import load_model
     from starling_jax import hub
+    from starling_jax.ckpt.manager import load_model
     from starling_jax.model import hf_io
     from starling_jax.paths import as_path
 
@@ -76,15 +75,27 @@ def load_policy(model: str, mesh):
     return cfg, graphdef, params, Path(meta["tokenizer_dir"]), None
 
 
-def generate(model: str, conversations, *, max_new_tokens: int = 256, temperature: float = 1.0, top_k: int = 0,
-             top_p: float = 1.0, seed: int = 0, batch_size: int = 16, template: str = "tokenizer",
-             stops=(), output: str | None = None, num_samples: int = 1) -> dict:
+def generate(
+    model: str,
+    conversations,
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 16,
+    template: str = "tokenizer",
+    stops=(),
+    output: str | None = None,
+    num_samples: int = 1,
+) -> dict:
     from tqdm import tqdm
 
+    from starling_jax.data.tokenizer import load_tokenizer
     from starling_jax.parallel import sharding
     from starling_jax.sample.engine import SamplingConfig
     from starling_jax.sample.rollout import Sampler
-    from starling_jax.data.tokenizer import load_tokenizer
 
     get_template(template)  # an unknown name fails before the model is loaded
     if num_samples < 1:
@@ -98,25 +109,35 @@ def generate(model: str, conversations, *, max_new_tokens: int = 256, temperatur
     add_bos = adds_bos_by_tokenizer(template)
     prompts = [tokenizer.encode(t, add_special_tokens=add_bos) for t in texts]
     stop_strings = tuple(dict.fromkeys((*TEMPLATE_STOPS.get(template_name(template, tokenizer), ()), *stops)))
-    sampling = SamplingConfig(**sampling_args, eos_token_ids=eos_ids(folder, tokenizer, cfg),
-                              stop_sequences=stop_token_sequences(tokenizer, stop_strings),
-                              pad_token_id=tokenizer.pad_token_id or 0)
+    sampling = SamplingConfig(
+        **sampling_args,
+        eos_token_ids=eos_ids(folder, tokenizer, cfg),
+        stop_sequences=stop_token_sequences(tokenizer, stop_strings),
+        pad_token_id=tokenizer.pad_token_id or 0,
+    )
     # the sampler checks this too (Sampler.check_fits), in its own field's name; here the flag the user typed
     room = cfg.max_position_embeddings - max_new_tokens + 1
     for i, prompt in enumerate(prompts):
         if len(prompt) > room:
-            raise DataError(f"row {i + 1}: prompt of {len(prompt)} tokens leaves no room for --max-new-tokens "
-                            f"{max_new_tokens} within the model's max_position_embeddings="
-                            f"{cfg.max_position_embeddings}")
+            raise DataError(
+                f"row {i + 1}: prompt of {len(prompt)} tokens leaves no room for --max-new-tokens "
+                f"{max_new_tokens} within the model's max_position_embeddings="
+                f"{cfg.max_position_embeddings}"
+            )
     sampler = Sampler(graphdef, params, cfg, mesh, batch_size)
     start = time.perf_counter()
     n = len(prompts)
     # sample s of row i is sampler row s·n + i: distinct row ids, so independent draws; sample 0 = one-sample run
     jobs = [(i, s) for i in range(n) for s in range(num_samples)]
     with tqdm(total=len(jobs), desc="generate", unit="row", file=sys.stderr) as bar:
-        results = sampler.generate([prompts[i] for i, _ in jobs], sampling, seed, progress=bar,
-                                   row_ids=[s * n + i for i, s in jobs],
-                                   names=[f"row {i + 1}" for i, _ in jobs])
+        results = sampler.generate(
+            [prompts[i] for i, _ in jobs],
+            sampling,
+            seed,
+            progress=bar,
+            row_ids=[s * n + i for i, s in jobs],
+            names=[f"row {i + 1}" for i, _ in jobs],
+        )
     seconds = time.perf_counter() - start
 
     lines = []
@@ -125,8 +146,16 @@ def generate(model: str, conversations, *, max_new_tokens: int = 256, temperatur
         if res.finish_reason == "stop":
             cut = max((completion.rfind(s) for s in stop_strings), default=-1)
             completion = completion[:cut] if cut >= 0 else completion
-        lines.append({"row": i + 1, "sample": sample, "prompt": texts[i], "completion": completion,
-                      "finish_reason": res.finish_reason, "num_tokens": len(res.tokens)})
+        lines.append(
+            {
+                "row": i + 1,
+                "sample": sample,
+                "prompt": texts[i],
+                "completion": completion,
+                "finish_reason": res.finish_reason,
+                "num_tokens": len(res.tokens),
+            }
+        )
     if output:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         with open(output, "w", encoding="utf-8") as f:
@@ -136,6 +165,16 @@ def generate(model: str, conversations, *, max_new_tokens: int = 256, temperatur
         for line in lines:
             print(json.dumps(line, ensure_ascii=False))
     new_tokens = sum(line["num_tokens"] for line in lines)
-    return {"status": "completed", "model": str(model), "rows": len(lines), "new_tokens": new_tokens,
-            "tokens_per_s": round(new_tokens / seconds, 2), "seconds": round(seconds, 3), "output": output,
-            "template": template, "temperature": temperature, "seed": seed, "num_samples": num_samples}
+    return {
+        "status": "completed",
+        "model": str(model),
+        "rows": len(lines),
+        "new_tokens": new_tokens,
+        "tokens_per_s": round(new_tokens / seconds, 2),
+        "seconds": round(seconds, 3),
+        "output": output,
+        "template": template,
+        "temperature": temperature,
+        "seed": seed,
+        "num_samples": num_samples,
+    }

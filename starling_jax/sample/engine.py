@@ -178,10 +178,15 @@ def sample(model, prompt_tokens, prompt_lengths, row_ids, key, cfg: SamplingConf
         return tok, (tokens, lengths, finish, done | is_eos | is_stop, logprobs, sampling_lps, recent)
 
     batch = lambda x: constrain(x, ("act_batch",) + (None,) * (x.ndim - 1))
-    state = (batch(jnp.full((n, t_max), cfg.pad_token_id, jnp.int32)), jnp.zeros((n,), jnp.int32),
-             jnp.full((n,), FINISH_LENGTH, jnp.int32), jnp.zeros((n,), bool),
-             batch(jnp.zeros((n, t_max), jnp.float32)), batch(jnp.zeros((n, t_max), jnp.float32)),
-             jnp.full((n, stop_width), -2, jnp.int32))
+    state = (
+        batch(jnp.full((n, t_max), cfg.pad_token_id, jnp.int32)),
+        jnp.zeros((n,), jnp.int32),
+        jnp.full((n,), FINISH_LENGTH, jnp.int32),
+        jnp.zeros((n,), bool),
+        batch(jnp.zeros((n, t_max), jnp.float32)),
+        batch(jnp.zeros((n, t_max), jnp.float32)),
+        jnp.full((n, stop_width), -2, jnp.int32),
+    )
     tok, state = record(0, last_logits, state)
 
     # ---- decode: feed token step-1 at cache index P+step-1, choose token `step`
@@ -203,22 +208,28 @@ def sample(model, prompt_tokens, prompt_lengths, row_ids, key, cfg: SamplingConf
             visible &= (i - cache_idx[None, :]) < window
         if not mcfg.scan_layers:
             # Per-layer buffers: each layer writes its new key/value at index i, then attends over its cache.
-            hidden, cache_k, cache_v = model.decoder.decode(tok[:, None], positions, cache_k, cache_v,
-                                                            visible[:, None, None, None, :], i)
+            hidden, cache_k, cache_v = model.decoder.decode(
+                tok[:, None], positions, cache_k, cache_v, visible[:, None, None, None, :], i
+            )
             cache_k = tuple(constrain(c, CACHE_AXES[1:]) for c in cache_k)
             cache_v = tuple(constrain(c, CACHE_AXES[1:]) for c in cache_v)
             tok, state = record(step, model.logits(hidden)[:, 0], state)
             return step + 1, tok, cache_k, cache_v, state
         # Scanned layers (one stacked buffer): the new keys/values are attended as a second block and written
         # for all layers at once after the step.
-        hidden, k, v = model.decoder.cached(tok[:, None], positions, (cache_k, cache_v, visible[:, None, None, None, :]),
-                                            jnp.ones((n, 1, 1, 1, 1), bool))
+        hidden, k, v = model.decoder.cached(
+            tok[:, None],
+            positions,
+            (cache_k, cache_v, visible[:, None, None, None, :]),
+            jnp.ones((n, 1, 1, 1, 1), bool),
+        )
         logits = model.logits(hidden)[:, 0]
         # Write the new keys/values only after every layer has read the cache: the barrier makes the writes
         # depend on the logits, so XLA updates the cache buffers in place instead of copying them each step.
         k, v, logits = jax.lax.optimization_barrier((k, v, logits))
         write = lambda cache, new: constrain(
-            jax.lax.dynamic_update_slice(cache, heads_first(new).astype(cache.dtype), (0, 0, 0, i, 0)), CACHE_AXES)
+            jax.lax.dynamic_update_slice(cache, heads_first(new).astype(cache.dtype), (0, 0, 0, i, 0)), CACHE_AXES
+        )
         cache_k, cache_v = write(cache_k, k), write(cache_v, v)
         tok, state = record(step, logits, state)
         return step + 1, tok, cache_k, cache_v, state
@@ -240,13 +251,17 @@ def rollout_arrays(prompt_tokens, prompt_lengths, out: SampleOutput) -> dict[str
     start = (p - prompt_lengths)[:, None]
     response_mask = jnp.arange(t)[None, :] < out.lengths[:, None]
     real = (idx >= start) & ((idx < p) | jnp.pad(response_mask, ((0, 0), (p, 0))))
-    return {"tokens": jnp.concatenate([prompt_tokens, out.tokens], axis=1).astype(jnp.int32),
-            "positions": jnp.where(real, idx - start, 0).astype(jnp.int32),
-            "segment_ids": real.astype(jnp.int32), "response_mask": response_mask}
+    return {
+        "tokens": jnp.concatenate([prompt_tokens, out.tokens], axis=1).astype(jnp.int32),
+        "positions": jnp.where(real, idx - start, 0).astype(jnp.int32),
+        "segment_ids": real.astype(jnp.int32),
+        "response_mask": response_mask,
+    }
 
 
-def sample_from_params(graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens, prompt_lengths, row_ids, key,
-                       cfg: SamplingConfig) -> SampleOutput:
+def sample_from_params(
+    graphdef: nnx.GraphDef, params: nnx.State, prompt_tokens, prompt_lengths, row_ids, key, cfg: SamplingConfig
+) -> SampleOutput:
     """`sample` as a pure function of the params pytree, for use inside a caller's own jitted program."""
     return sample(nnx.merge(graphdef, params), prompt_tokens, prompt_lengths, row_ids, key, cfg)
 
@@ -269,5 +284,9 @@ def make_sampler(graphdef: nnx.GraphDef, cfg: SamplingConfig, mesh: Mesh | None 
     rows = sharding.batch_sharding(mesh, 1)
     table = sharding.batch_sharding(mesh, 2)
     out = SampleOutput(table, rows, rows, table, table)
-    return jax.jit(run, in_shardings=(None, table, rows, rows, sharding.replicated(mesh)), out_shardings=out,
-                   compiler_options=options)
+    return jax.jit(
+        run,
+        in_shardings=(None, table, rows, rows, sharding.replicated(mesh)),
+        out_shardings=out,
+        compiler_options=options,
+    )

@@ -59,9 +59,15 @@ def top_p_mask(probs, top_p: float):
         high = (blocks >= p_mid) & (blocks < p_hi)
         mass_above, packed = jax.lax.reduce(  # one variadic reduction: one pass over the probabilities
             (jnp.where(blocks > p_mid, blocks, 0.0), low.astype(jnp.int32) + (high.astype(jnp.int32) << 16)),
-            (jnp.float32(0), jnp.int32(0)), lambda a, b: (a[0] + b[0], a[1] + b[1]), (2,))
-        return (jnp.sum(mass_above, axis=-1), jnp.any((packed & 0xFFFF) > 0, axis=-1),
-                jnp.any((packed >> 16) > 0, axis=-1))
+            (jnp.float32(0), jnp.int32(0)),
+            lambda a, b: (a[0] + b[0], a[1] + b[1]),
+            (2,),
+        )
+        return (
+            jnp.sum(mass_above, axis=-1),
+            jnp.any((packed & 0xFFFF) > 0, axis=-1),
+            jnp.any((packed >> 16) > 0, axis=-1),
+        )
 
     def unresolved(state):
         return jnp.any(state[2])

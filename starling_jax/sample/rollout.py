@@ -42,8 +42,15 @@ class Completion:
 class Sampler:
     """Generation with fixed parameters on a mesh; compiled programs are cached per (settings, bucket)."""
 
-    def __init__(self, graphdef: nnx.GraphDef, params: nnx.State, model_cfg: ModelConfig, mesh: Mesh | None = None,
-                 batch_size: int = 16, min_bucket: int = 16):
+    def __init__(
+        self,
+        graphdef: nnx.GraphDef,
+        params: nnx.State,
+        model_cfg: ModelConfig,
+        mesh: Mesh | None = None,
+        batch_size: int = 16,
+        min_bucket: int = 16,
+    ):
         self.graphdef, self.params, self.model_cfg, self.mesh = graphdef, params, model_cfg, mesh
         dp = sharding.data_parallel_size(mesh) if mesh is not None else 1
         self.batch_size = max(dp, -(-batch_size // dp) * dp)
@@ -65,13 +72,21 @@ class Sampler:
             if len(prompt) == 0:
                 raise DataError(f"{where}: empty prompt (no tokens)")
             if len(prompt) > limit:
-                raise DataError(f"{where}: prompt of {len(prompt)} tokens leaves no room for max_new_tokens="
-                                f"{cfg.max_new_tokens} within max_position_embeddings="
-                                f"{self.model_cfg.max_position_embeddings}")
+                raise DataError(
+                    f"{where}: prompt of {len(prompt)} tokens leaves no room for max_new_tokens="
+                    f"{cfg.max_new_tokens} within max_position_embeddings="
+                    f"{self.model_cfg.max_position_embeddings}"
+                )
 
-    def generate(self, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, seed: int = 0,
-                 row_ids: Sequence[int] | None = None, progress=None,
-                 names: Sequence[str] | None = None) -> list[Completion]:
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        cfg: SamplingConfig,
+        seed: int = 0,
+        row_ids: Sequence[int] | None = None,
+        progress=None,
+        names: Sequence[str] | None = None,
+    ) -> list[Completion]:
         """Completions of `prompts` (lists of token ids), in input order. `progress` (e.g. a tqdm bar) is advanced
         by the number of real rows of each finished batch."""
         self.check_fits(prompts, cfg, names)
@@ -83,13 +98,13 @@ class Sampler:
         results: list[Completion | None] = [None] * len(prompts)
         b = self.batch_size
         for begin in range(0, len(order), b):
-            chunk = order[begin:begin + b]
+            chunk = order[begin : begin + b]
             length = bucket_length(max(len(prompts[i]) for i in chunk), self.min_bucket, limit)
             tokens = np.full((b, length), cfg.pad_token_id, np.int32)
             lengths = np.ones((b,), np.int32)
             ids = np.zeros((b,), np.int32)
             for r, i in enumerate(chunk):
-                tokens[r, length - len(prompts[i]):] = prompts[i]
+                tokens[r, length - len(prompts[i]) :] = prompts[i]
                 lengths[r] = len(prompts[i])
                 ids[r] = row_ids[i]
             start = time.perf_counter()
@@ -97,9 +112,12 @@ class Sampler:
             self.seconds += time.perf_counter() - start
             for r, i in enumerate(chunk):
                 n = int(out.lengths[r])
-                results[i] = Completion([int(t) for t in out.tokens[r, :n]], FINISH_REASONS[int(out.finish_reason[r])],
-                                        [float(x) for x in out.logprobs[r, :n]],
-                                        [float(x) for x in out.sampling_logprobs[r, :n]])
+                results[i] = Completion(
+                    [int(t) for t in out.tokens[r, :n]],
+                    FINISH_REASONS[int(out.finish_reason[r])],
+                    [float(x) for x in out.logprobs[r, :n]],
+                    [float(x) for x in out.sampling_logprobs[r, :n]],
+                )
                 self.new_tokens += n
             if progress is not None:
                 progress.update(len(chunk))

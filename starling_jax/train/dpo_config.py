@@ -64,8 +64,16 @@ class DPORunConfig:
     runtime: RuntimeConfig = field(RuntimeConfig)  # dtypes, remat, scan, attention: for the policy's model too
     mesh: MeshConfig = field(MeshConfig)
     # the policy's own chat format (the SFT export's chat_template); the bundled rows are < 128 tokens
-    data: DataConfig = field(lambda: DataConfig(template="tokenizer", max_length=128, pad_to_multiple=32,
-                                                batch_size=8, eval_batch_size=32, layout="shared_prefix"))
+    data: DataConfig = field(
+        lambda: DataConfig(
+            template="tokenizer",
+            max_length=128,
+            pad_to_multiple=32,
+            batch_size=8,
+            eval_batch_size=32,
+            layout="shared_prefix",
+        )
+    )
     loss: DPOLossConfig = field(DPOLossConfig)
     optim: OptimConfig = field(lambda: OptimConfig(learning_rate=1e-3, warmup_steps=10, schedule="constant"))
     # Measured on the default SFT policy (bundled data, 268 held-out prompts): held-out pairwise accuracy 0.5 → 0.714
@@ -82,11 +90,14 @@ class DPORunConfig:
         if self.optim.freeze_layers:
             raise ConfigError("optim.freeze_layers: use num_layers_unfrozen (the trainable top layers) for DPO")
         if self.train.micro_batches > 1 and self.data.batch_size % self.train.micro_batches:
-            raise ConfigError(f"data.batch_size={self.data.batch_size} is not divisible by "
-                              f"train.micro_batches={self.train.micro_batches}")
+            raise ConfigError(
+                f"data.batch_size={self.data.batch_size} is not divisible by "
+                f"train.micro_batches={self.train.micro_batches}"
+            )
         check_model_runtime(self.model)
-        check_layout(self.runtime.attention_impl, self.data.attention_layout, self.model.sliding_window,
-                     self.data.max_length)
+        check_layout(
+            self.runtime.attention_impl, self.data.attention_layout, self.model.sliding_window, self.data.max_length
+        )
 
     @property
     def model_config(self) -> ModelConfig:

@@ -27,13 +27,13 @@ from flax import nnx
 
 from starling_jax.data import pipeline as data_pipeline
 from starling_jax.data.batch_spec import round_up
+from starling_jax.data.tokenizer import load_tokenizer
 from starling_jax.errors import CheckpointError, ConfigError
 from starling_jax.eval.metrics import RankingMetrics
 from starling_jax.model import create
 from starling_jax.model.attention import check_layout
-from starling_jax.parallel import sharding
 from starling_jax.model.hydra import ReferenceTop
-from starling_jax.data.tokenizer import load_tokenizer
+from starling_jax.parallel import sharding
 from starling_jax.train import dpo_step, loop
 from starling_jax.train.dpo_config import DPORunConfig
 from starling_jax.train.job import (
@@ -109,11 +109,15 @@ class DPOJob(Job):
         log.info("data: %d train / %d eval prompts", self.train_data.num_examples, self.eval_data.num_examples)
         self.skipped_rows = skipped_data_rows(self.train_data, self.eval_data)
         if self.skipped_rows:
-            log.warning("data: skipped %d bad row(s) (data.on_bad_row=skip), e.g. %s", len(self.skipped_rows),
-                        "; ".join(f"{s['source']} row {s['row']}: {s['reason']}" for s in self.skipped_rows[:3]))
+            log.warning(
+                "data: skipped %d bad row(s) (data.on_bad_row=skip), e.g. %s",
+                len(self.skipped_rows),
+                "; ".join(f"{s['source']} row {s['row']}: {s['reason']}" for s in self.skipped_rows[:3]),
+            )
 
         model_cfg, self.graphdef, params, params_shardings = init_model(
-            cfg.model_config, cfg.policy, ROLE, mesh, cfg.seed, self.tokenizer.pad_token_id)
+            cfg.model_config, cfg.policy, ROLE, mesh, cfg.seed, self.tokenizer.pad_token_id
+        )
         if model_cfg.vocab_size < len(self.tokenizer):
             raise CheckpointError(f"model vocab_size={model_cfg.vocab_size} < tokenizer size {len(self.tokenizer)}")
         check_layout(model_cfg.attention_impl, d.attention_layout, model_cfg.sliding_window, d.max_length)
@@ -129,8 +133,9 @@ class DPOJob(Job):
         self.ref_graphdef = self.graphdef
         if not self.precomputed:
             if self.hydra:
-                self.ref_graphdef, ref_params = nnx.split(ReferenceTop(nnx.merge(self.graphdef, params),
-                                                                       cfg.num_layers_unfrozen))
+                self.ref_graphdef, ref_params = nnx.split(
+                    ReferenceTop(nnx.merge(self.graphdef, params), cfg.num_layers_unfrozen)
+                )
             else:
                 ref_params = params
             ref_params = jax.tree.map(lambda x: jnp.array(x, copy=True), ref_params)
@@ -143,15 +148,29 @@ class DPOJob(Job):
         self.state, self.state_shardings = init_train_state(params, params_shardings, tx, mesh, cfg.seed)
         ref_shardings = self.frozen_shardings.get("reference")
         self._step = dpo_step.jit_train_step(
-            self.graphdef, self.ref_graphdef, tx, schedule, cfg.loss, cfg.train.micro_batches, mesh,
-            self.state_shardings, ref_shardings, self.specs[0].shardings(mesh),
+            self.graphdef,
+            self.ref_graphdef,
+            tx,
+            schedule,
+            cfg.loss,
+            cfg.train.micro_batches,
+            mesh,
+            self.state_shardings,
+            ref_shardings,
+            self.specs[0].shardings(mesh),
             grad_mask=None if mask is None else jax.device_put(mask, sharding.replicated(mesh)),
-            max_grad_norm=cfg.optim.max_grad_norm, frozen_layers=self.frozen_layers, hydra=self.hydra)
-        self._eval = dpo_step.jit_eval_step(self.graphdef, self.ref_graphdef, mesh, self._eval_micro_batches(),
-                                            self.frozen_layers, self.hydra)
+            max_grad_norm=cfg.optim.max_grad_norm,
+            frozen_layers=self.frozen_layers,
+            hydra=self.hydra,
+        )
+        self._eval = dpo_step.jit_eval_step(
+            self.graphdef, self.ref_graphdef, mesh, self._eval_micro_batches(), self.frozen_layers, self.hydra
+        )
         if self.precomputed:
-            self.reference_tables = {"train": self.precompute_reference(params, self._reference_pass_data()),
-                                     "eval": self.precompute_reference(params, self.eval_data)}
+            self.reference_tables = {
+                "train": self.precompute_reference(params, self._reference_pass_data()),
+                "eval": self.precompute_reference(params, self.eval_data),
+            }
 
     def _eval_micro_batches(self) -> int:
         """As many eval micro-batches as the train step's prompts per micro-batch ask for (as train_rm)."""
@@ -168,9 +187,18 @@ class DPOJob(Job):
         """One pass, in eval order, over the train split (for the precomputed reference table)."""
         d, train = self.cfg.data, self.train_data
         return data_pipeline.RankingPipeline(
-            train.source, global_batch_size=d.eval_batch_size, num_answers=d.num_answers, max_length=d.max_length,
-            pad_to_multiple=d.pad_to_multiple, seed=self.cfg.seed, mode="eval", pad_id=train.pad_id,
-            layout=d.layout, packing=d.packing, completions=True)
+            train.source,
+            global_batch_size=d.eval_batch_size,
+            num_answers=d.num_answers,
+            max_length=d.max_length,
+            pad_to_multiple=d.pad_to_multiple,
+            seed=self.cfg.seed,
+            mode="eval",
+            pad_id=train.pad_id,
+            layout=d.layout,
+            packing=d.packing,
+            completions=True,
+        )
 
     def precompute_reference(self, params, data) -> dict[int, np.ndarray]:
         """{input row: the starting policy's log-probs of its answers [K] (slot order)} over one pass of `data`."""
@@ -203,8 +231,9 @@ class DPOJob(Job):
         return {**batch, "reference_logps": ref}
 
     def _to_global(self, batch: dict, which: int) -> dict:
-        return data_pipeline.to_global(self.specs[which].select(batch), self.mesh,
-                                       sharding.batch_sharding(self.mesh, 1).spec)
+        return data_pipeline.to_global(
+            self.specs[which].select(batch), self.mesh, sharding.batch_sharding(self.mesh, 1).spec
+        )
 
     def start(self, state, frozen, meta: dict | None) -> None:
         """The eval metrics before any update (kept in the checkpoint metadata, so a resumed run reports them)."""
@@ -223,11 +252,20 @@ class DPOJob(Job):
         for i, batch in enumerate(iter(self.eval_data)):
             if max_batches and i >= max_batches:
                 break
-            out = jax.device_get(self._eval(state["params"], frozen.get("reference"),
-                                            self._to_global(self._with_reference(batch, "eval"), 1)))
+            out = jax.device_get(
+                self._eval(
+                    state["params"], frozen.get("reference"), self._to_global(self._with_reference(batch, "eval"), 1)
+                )
+            )
             # replicated outputs: every host computes identical metrics over the whole global batch
-            metrics.update_logps(out["policy_logps"], out["reference_logps"], out["ranks"], out["answer_mask"],
-                                 out["answer_lengths"], self.cfg.loss.beta)
+            metrics.update_logps(
+                out["policy_logps"],
+                out["reference_logps"],
+                out["ranks"],
+                out["answer_mask"],
+                out["answer_lengths"],
+                self.cfg.loss.beta,
+            )
         self.eval_data.restore({"epoch": 0, "batch": 0})
         return metrics.compute()
 
@@ -239,36 +277,63 @@ class DPOJob(Job):
             raise ConfigError("aot of train_dpo compiles the step with reference_logps=precompute; set it")
         model_cfg = model_cfg or self.cfg.model_config
         graphdef, params = create.abstract_model(model_cfg, ROLE)
-        frozen_layers = 0 if self.cfg.num_layers_unfrozen == -1 else (model_cfg.num_hidden_layers
-                                                                       - self.cfg.num_layers_unfrozen)
+        frozen_layers = (
+            0 if self.cfg.num_layers_unfrozen == -1 else (model_cfg.num_hidden_layers - self.cfg.num_layers_unfrozen)
+        )
         mask = trainable_mask(params, frozen_layers, model_cfg.num_hidden_layers) if frozen_layers else None
         tx, schedule = make_optimizer(self.cfg.optim, self.cfg.train.steps, mask)
         shardings = state_shardings(sharding.state_shardings(params, mesh), tx, params, mesh)
         state = abstract_train_state(state_shapes(params, tx), shardings)
         d = self.cfg.data
         train_spec, _ = dpo_step.dpo_specs(d.attention_layout != "per_answer", True)
-        dims = {"B": d.batch_size, "K": d.num_answers, "R": d.batch_size * d.num_answers,
-                "L": round_up(d.max_length, d.pad_to_multiple)}
-        step = functools.partial(dpo_step.train_step, graphdef=graphdef, ref_graphdef=graphdef, tx=tx,
-                                 schedule=schedule, loss_cfg=self.cfg.loss, micro_batches=self.cfg.train.micro_batches,
-                                 mesh=mesh, grad_mask=mask, max_grad_norm=self.cfg.optim.max_grad_norm,
-                                 frozen_layers=frozen_layers)
-        jitted = jax.jit(lambda state, batch: step(state, None, batch),
-                         in_shardings=(shardings, train_spec.shardings(mesh)),
-                         out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+        dims = {
+            "B": d.batch_size,
+            "K": d.num_answers,
+            "R": d.batch_size * d.num_answers,
+            "L": round_up(d.max_length, d.pad_to_multiple),
+        }
+        step = functools.partial(
+            dpo_step.train_step,
+            graphdef=graphdef,
+            ref_graphdef=graphdef,
+            tx=tx,
+            schedule=schedule,
+            loss_cfg=self.cfg.loss,
+            micro_batches=self.cfg.train.micro_batches,
+            mesh=mesh,
+            grad_mask=mask,
+            max_grad_norm=self.cfg.optim.max_grad_norm,
+            frozen_layers=frozen_layers,
+        )
+        jitted = jax.jit(
+            lambda state, batch: step(state, None, batch),
+            in_shardings=(shardings, train_spec.shardings(mesh)),
+            out_shardings=(shardings, sharding.replicated(mesh)),
+            donate_argnums=0,
+        )
         return state, train_spec.abstract(dims, mesh), jitted
 
     # --- metadata, export, summary, plot
     def meta(self, last_eval: dict) -> dict:
-        return {"tokenizer_dir": str(self.tokenizer_dir), "template": self.cfg.data.template,
-                "max_length": self.cfg.data.max_length, "data": self.train_data.source.provenance,
-                "policy": self.cfg.policy, "eval_start": self.eval_start}
+        return {
+            "tokenizer_dir": str(self.tokenizer_dir),
+            "template": self.cfg.data.template,
+            "max_length": self.cfg.data.max_length,
+            "data": self.train_data.source.provenance,
+            "policy": self.cfg.policy,
+            "eval_start": self.eval_start,
+        }
 
     def export(self, state, frozen, last_eval, folder: Path) -> Path:
-        return export_causal_lm(folder, self.model_cfg, state["params"], self.tokenizer, self.tokenizer_dir,
-                                self.cfg.data.template,
-                                extra_config={"starling_jax_data": self.train_data.source.provenance,
-                                              "dpo_beta": self.cfg.loss.beta})
+        return export_causal_lm(
+            folder,
+            self.model_cfg,
+            state["params"],
+            self.tokenizer,
+            self.tokenizer_dir,
+            self.cfg.data.template,
+            extra_config={"starling_jax_data": self.train_data.source.provenance, "dpo_beta": self.cfg.loss.beta},
+        )
 
     def summary(self, last_eval: dict) -> dict:
         return {
@@ -289,10 +354,12 @@ class DPOJob(Job):
         ax2.bar(range(len(ranks)), [by_rank[r] for r in ranks], tick_label=[str(r) for r in ranks])
         ax2.set_xlabel("rank (1 = best)")
         ax2.set_ylabel("mean implied reward β·log π/π_ref")
-        ax2.set_title(f"eval pairwise acc {self.eval_start.get('pairwise_accuracy') or 0:.3f} → "
-                      f"{last_eval.get('pairwise_accuracy') or 0:.3f}")
+        ax2.set_title(
+            f"eval pairwise acc {self.eval_start.get('pairwise_accuracy') or 0:.3f} → "
+            f"{last_eval.get('pairwise_accuracy') or 0:.3f}"
+        )
         save_figure(fig, png)
+
 
 def train_dpo(cfg: DPORunConfig) -> dict[str, Any]:
     return loop.run(DPOJob(cfg))
-

@@ -21,13 +21,13 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from starling_jax import hub
+from starling_jax.data import tokenizer as tokenizer_lib
 from starling_jax.data.batch_spec import BatchSpec
 from starling_jax.errors import ConfigError
-from starling_jax import hub
 from starling_jax.model import create, hf_io
 from starling_jax.model.config import ModelConfig
 from starling_jax.parallel import sharding
-from starling_jax.data import tokenizer as tokenizer_lib
 from starling_jax.train.optimizer import OptimConfig, make_optimizer, trainable_mask
 from starling_jax.train.runtime import RUNTIME_KEYS
 from starling_jax.train.state import ModelEntry, TrainState
@@ -165,13 +165,20 @@ def model_runtime(model: ModelConfig) -> dict:
     return {k: getattr(model, k) for k in RUNTIME_KEYS}
 
 
-def init_model(model: ModelConfig, init_from: str | None, role: str, mesh: Mesh, seed: int,
-               pad_token_id: int | None) -> tuple[ModelConfig, nnx.GraphDef, nnx.State, nnx.State]:
+def init_model(
+    model: ModelConfig, init_from: str | None, role: str, mesh: Mesh, seed: int, pad_token_id: int | None
+) -> tuple[ModelConfig, nnx.GraphDef, nnx.State, nnx.State]:
     """→ (model cfg, graphdef, params, params shardings); params created or loaded directly in their shards.
     `model`: the run config's `model_config` (the architecture with the `runtime:` fields)."""
     if init_from:
-        model_cfg, graphdef, params = hf_io.load_hf(hub.resolve(init_from, key="init_from"), role, mesh,
-                                                    init_missing_head=True, seed=seed, **model_runtime(model))
+        model_cfg, graphdef, params = hf_io.load_hf(
+            hub.resolve(init_from, key="init_from"),
+            role,
+            mesh,
+            init_missing_head=True,
+            seed=seed,
+            **model_runtime(model),
+        )
     else:
         model_cfg = model
         graphdef, params = create.create_sharded(model_cfg, role, mesh, seed=seed)

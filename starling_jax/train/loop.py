@@ -31,10 +31,9 @@ from omegaconf import OmegaConf
 from tensorboardX import SummaryWriter
 
 from starling_jax import config as config_lib
-from starling_jax.parallel import hardware
 from starling_jax.ckpt.manager import Checkpointer, models_meta
 from starling_jax.errors import ConfigError, TrainingError
-from starling_jax.parallel import sharding
+from starling_jax.parallel import hardware, sharding
 from starling_jax.paths import AnyPath, as_path, copy_file, is_url
 from starling_jax.train.job import Job
 from starling_jax.train.state import abstract_params, abstract_train_state
@@ -61,8 +60,11 @@ class OutputLock:
             return
         out.mkdir(parents=True, exist_ok=True)
         if is_url(out):
-            log.warning("%s: output_dir is a URL: not locked against a second run (Cloud Storage has no flock); "
-                        "run one job per output_dir", out)
+            log.warning(
+                "%s: output_dir is a URL: not locked against a second run (Cloud Storage has no flock); "
+                "run one job per output_dir",
+                out,
+            )
             return
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -70,8 +72,10 @@ class OutputLock:
         except BlockingIOError:
             holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
             os.close(fd)
-            raise TrainingError(f"{out}: another run (pid {holder}) is training in this output_dir; wait for it, "
-                                "stop it, or choose another output_dir") from None
+            raise TrainingError(
+                f"{out}: another run (pid {holder}) is training in this output_dir; wait for it, "
+                "stop it, or choose another output_dir"
+            ) from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._fd = fd
@@ -180,8 +184,9 @@ class StepWindow:
     """Device metrics of the steps since the last log, fetched together (no host sync per step), with the
     throughput/MFU window and the non-finite policy (`train.skip_nonfinite`)."""
 
-    def __init__(self, job: Job, writer: MetricsWriter, skip_nonfinite: int, peak_flops: float | None,
-                 num_devices: int):
+    def __init__(
+        self, job: Job, writer: MetricsWriter, skip_nonfinite: int, peak_flops: float | None, num_devices: int
+    ):
         self.job = job
         self.writer = writer
         self.skip_nonfinite = skip_nonfinite
@@ -237,18 +242,25 @@ class StepWindow:
     def _non_finite(self, step: int, m: dict, rows: list[int]) -> None:
         what = f"step {step}: loss={float(m['loss'])} grad_norm={float(m['grad_norm'])} is not finite"
         if self.skipped_in_a_row >= self.skip_nonfinite:
-            hint = (f"that update was not applied and nothing was checkpointed after step "
-                    f"{self.last_good_checkpoint}. ")
+            hint = f"that update was not applied and nothing was checkpointed after step {self.last_good_checkpoint}. "
             if self.skip_nonfinite:
                 hint = f"{self.skip_nonfinite} batch(es) in a row were skipped before it; " + hint
-            raise TrainingError(f"{what}; {hint}Lower optim.learning_rate, check the data (rows {rows[:16]}) or "
-                                "set train.skip_nonfinite=N to skip such batches.")
+            raise TrainingError(
+                f"{what}; {hint}Lower optim.learning_rate, check the data (rows {rows[:16]}) or "
+                "set train.skip_nonfinite=N to skip such batches."
+            )
         self.skipped_in_a_row += 1
         self.skipped_total += 1
-        log.warning("%s: batch skipped, no update applied (data rows %s; %d in a row, at most %d)", what, rows,
-                    self.skipped_in_a_row, self.skip_nonfinite)
-        self.writer.train_row({"step": step, "skipped": True, "loss": float(m["loss"]),
-                               "grad_norm": float(m["grad_norm"]), "rows": rows})
+        log.warning(
+            "%s: batch skipped, no update applied (data rows %s; %d in a row, at most %d)",
+            what,
+            rows,
+            self.skipped_in_a_row,
+            self.skip_nonfinite,
+        )
+        self.writer.train_row(
+            {"step": step, "skipped": True, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]), "rows": rows}
+        )
 
 
 def _progress(job: Job, total: int, start: int, enabled: bool):
@@ -263,13 +275,25 @@ def _due(step: int, every: int, last: int) -> bool:
     return step % every == 0 or step == last
 
 
-def _save(job: Job, ckpt: Checkpointer, window: StepWindow, step: int, state, frozen: dict, last_eval: dict,
-          force: bool = False) -> None:
+def _save(
+    job: Job,
+    ckpt: Checkpointer,
+    window: StepWindow,
+    step: int,
+    state,
+    frozen: dict,
+    last_eval: dict,
+    force: bool = False,
+) -> None:
     window.drain()  # a non-finite step raises here, before anything of it is saved
     if window.last_good_checkpoint == step:  # e.g. a SIGTERM right after the scheduled save of this step
         return
-    meta = {**models_meta(job.models), **job.meta(last_eval), "eval": last_eval,
-            "run_config": config_lib.to_dict(job.cfg)}
+    meta = {
+        **models_meta(job.models),
+        **job.meta(last_eval),
+        "eval": last_eval,
+        "run_config": config_lib.to_dict(job.cfg),
+    }
     ckpt.save(step, state, job.train_data.state(), meta, force=force, frozen=frozen or None)
     window.last_good_checkpoint = step
     window.writer.sync()
@@ -279,9 +303,20 @@ def _save(job: Job, ckpt: Checkpointer, window: StepWindow, step: int, state, fr
 # end (export.*), and how the same computation is laid out on its devices: mesh.* (an elastic resume on another
 # topology) and the memory levers (last key component; results unchanged, tests/model/test_memory_levers.py), which
 # such a resume may need. Any other change would silently continue the old run with a new meaning: refused.
-RESUME_MAY_CHANGE = ("output_dir", "train.steps", "train.log_every", "train.eval_every", "train.eval_max_batches",
-                     "train.save_every", "train.keep_checkpoints", "train.async_checkpointing", "train.progress_bar",
-                     "train.peak_tflops_per_device", "export.", "mesh.")
+RESUME_MAY_CHANGE = (
+    "output_dir",
+    "train.steps",
+    "train.log_every",
+    "train.eval_every",
+    "train.eval_max_batches",
+    "train.save_every",
+    "train.keep_checkpoints",
+    "train.async_checkpointing",
+    "train.progress_bar",
+    "train.peak_tflops_per_device",
+    "export.",
+    "mesh.",
+)
 RESUME_MAY_CHANGE_LEVERS = ("remat_policy", "mlp_chunks", "attention_impl", "attention_block")
 
 
@@ -316,15 +351,21 @@ def check_resume_config(cfg, out: AnyPath) -> None:
         text = json.dumps(value, default=str)
         return text if len(text) <= 60 else text[:57] + "..."
 
-    changed = [f"{k} ({short(saved[k])} → {short(current[k])})" for k in sorted(set(saved) & set(current))
-               if saved[k] != current[k] and not k.startswith(RESUME_MAY_CHANGE)
-               and k.rsplit(".", 1)[-1] not in RESUME_MAY_CHANGE_LEVERS]
+    changed = [
+        f"{k} ({short(saved[k])} → {short(current[k])})"
+        for k in sorted(set(saved) & set(current))
+        if saved[k] != current[k]
+        and not k.startswith(RESUME_MAY_CHANGE)
+        and k.rsplit(".", 1)[-1] not in RESUME_MAY_CHANGE_LEVERS
+    ]
     if changed:
-        raise ConfigError(f"{saved_path}: the run in output_dir={cfg.output_dir} would resume with a changed config: "
-                          f"{', '.join(changed)}; only train.steps, the log/eval/save cadence (train.*_every, "
-                          "train.eval_max_batches, train.keep_checkpoints), export.*, mesh.* and the memory levers "
-                          f"({', '.join(RESUME_MAY_CHANGE_LEVERS)}) may change on resume: revert the changes, or "
-                          "start a new run with another output_dir")
+        raise ConfigError(
+            f"{saved_path}: the run in output_dir={cfg.output_dir} would resume with a changed config: "
+            f"{', '.join(changed)}; only train.steps, the log/eval/save cadence (train.*_every, "
+            "train.eval_max_batches, train.keep_checkpoints), export.*, mesh.* and the memory levers "
+            f"({', '.join(RESUME_MAY_CHANGE_LEVERS)}) may change on resume: revert the changes, or "
+            "start a new run with another output_dir"
+        )
 
 
 def write_config(cfg, path: AnyPath) -> None:
@@ -373,8 +414,12 @@ def _train(job: Job, out: AnyPath, mesh, is_main: bool) -> dict[str, Any]:
     state, frozen, meta = job.state, job.frozen, None
     if resumed_from is not None:
         abstract_frozen = {name: abstract_params(p, job.frozen_shardings[name]) for name, p in frozen.items()}
-        restored = ckpt.restore(abstract_train_state(state, job.state_shardings), resumed_from,
-                                abstract_frozen=abstract_frozen or None, models=job.models)
+        restored = ckpt.restore(
+            abstract_train_state(state, job.state_shardings),
+            resumed_from,
+            abstract_frozen=abstract_frozen or None,
+            models=job.models,
+        )
         state, data_state, meta = restored[:3]
         if abstract_frozen:
             frozen = restored[3]
@@ -385,8 +430,7 @@ def _train(job: Job, out: AnyPath, mesh, is_main: bool) -> dict[str, Any]:
     job.state = job.frozen = None  # the loop owns them now (the step donates the state)
 
     writer = MetricsWriter(out, enabled=is_main)
-    window = StepWindow(job, writer, train.skip_nonfinite, hardware.peak_flops(train.peak_tflops_per_device),
-                        mesh.size)
+    window = StepWindow(job, writer, train.skip_nonfinite, hardware.peak_flops(train.peak_tflops_per_device), mesh.size)
     window.last_good_checkpoint = resumed_from
     preemption = Preemption()
     step = resumed_from or 0

@@ -76,15 +76,21 @@ def trainable_mask(params: nnx.State, freeze_layers: int, num_layers: int) -> nn
     return jax.tree_util.tree_map_with_path(mask, params)
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int, mask: nnx.State | None = None
-                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(
+    cfg: OptimConfig, total_steps: int, mask: nnx.State | None = None
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
     schedule = learning_rate_schedule(cfg, total_steps)
     masking = []
     if mask is not None:
-        masking = [optax.GradientTransformation(
-            lambda _: optax.EmptyState(),
-            lambda updates, state, params=None: (jax.tree.map(lambda u, m: u * m.astype(u.dtype), updates, mask),
-                                                 state))]
+        masking = [
+            optax.GradientTransformation(
+                lambda _: optax.EmptyState(),
+                lambda updates, state, params=None: (
+                    jax.tree.map(lambda u, m: u * m.astype(u.dtype), updates, mask),
+                    state,
+                ),
+            )
+        ]
     clip = [optax.clip_by_global_norm(cfg.max_grad_norm)] if cfg.max_grad_norm > 0 else []
     adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
     # Masked before clipping (frozen gradients do not count in the norm) and after AdamW (its weight decay would

@@ -27,9 +27,19 @@ TEMPLATES = ("llama2_chat", "openchat_3.5", "chatml", "raw", "tokenizer")
 
 def tiny_model() -> ModelConfig:
     """A Mistral-shaped reward model small enough to train on a 2-core CPU in minutes (real 32k vocabulary)."""
-    return ModelConfig(model_type="mistral", vocab_size=32000, hidden_size=64, intermediate_size=192,
-                       num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, sliding_window=4096,
-                       max_position_embeddings=4096, pad_token_id=0, initializer_range=0.05)
+    return ModelConfig(
+        model_type="mistral",
+        vocab_size=32000,
+        hidden_size=64,
+        intermediate_size=192,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=4096,
+        max_position_embeddings=4096,
+        pad_token_id=0,
+        initializer_range=0.05,
+    )
 
 
 @dataclasses.dataclass
@@ -88,11 +98,14 @@ class RMRunConfig:
 
     def __post_init__(self):
         if self.train.micro_batches > 1 and self.data.batch_size % self.train.micro_batches:
-            raise ConfigError(f"data.batch_size={self.data.batch_size} is not divisible by "
-                              f"train.micro_batches={self.train.micro_batches}")
+            raise ConfigError(
+                f"data.batch_size={self.data.batch_size} is not divisible by "
+                f"train.micro_batches={self.train.micro_batches}"
+            )
         check_model_runtime(self.model)
-        check_layout(self.runtime.attention_impl, self.data.attention_layout, self.model.sliding_window,
-                     self.data.max_length)
+        check_layout(
+            self.runtime.attention_impl, self.data.attention_layout, self.model.sliding_window, self.data.max_length
+        )
 
     @property
     def model_config(self) -> ModelConfig:

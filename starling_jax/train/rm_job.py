@@ -1,6 +1,7 @@
 """The reward-model job: K-wise rankings → a `*ForSequenceClassification` reward model. Run by `train/loop.py`.
 
-Its parts: one trainable model `reward` (role `reward`), the K-wise batch (`data.batch_spec.KWISE_TRAIN`, or `KWISE_PACKED_TRAIN` for packed / shared-prefix rows), the step
+Its parts: one trainable model `reward` (role `reward`), the K-wise batch (`data.batch_spec.KWISE_TRAIN`, or
+`KWISE_PACKED_TRAIN` for packed / shared-prefix rows), the step
 `rm_step.train_step`, ranking metrics on the eval split, and an HF export with the eval split's reward statistics.
 """
 
@@ -17,42 +18,71 @@ import numpy as np
 from starling_jax.data import pipeline as data_pipeline
 from starling_jax.data.batch_spec import KWISE_TRAIN, kwise_specs, round_up
 from starling_jax.data.synthetic import resolve_bundled
+from starling_jax.data.tokenizer import load_tokenizer
 from starling_jax.errors import CheckpointError
 from starling_jax.eval.metrics import RankingMetrics
 from starling_jax.model import create, hf_io
 from starling_jax.model.attention import check_layout
 from starling_jax.parallel import sharding
-from starling_jax.data.tokenizer import load_tokenizer
 from starling_jax.train import loop, rm_step
-from starling_jax.train.job import (Job, build_optimizer, init_model, new_figure, plot_loss, replicate_mask,
-                                    resolve_tokenizer_dir, save_figure)
+from starling_jax.train.job import (
+    Job,
+    build_optimizer,
+    init_model,
+    new_figure,
+    plot_loss,
+    replicate_mask,
+    resolve_tokenizer_dir,
+    save_figure,
+)
 from starling_jax.train.rm_config import RMRunConfig
-from starling_jax.train.step import merge_micro_batches, split_micro_batches
 from starling_jax.train.state import ModelEntry, abstract_train_state, init_train_state, state_shapes, state_shardings
+from starling_jax.train.step import merge_micro_batches, split_micro_batches
 
 log = logging.getLogger("starling_jax")
 ROLE = "reward"
 
 
-def build_data(cfg: RMRunConfig, tokenizer, tokenizer_dir: Path, **pipeline_options
-               ) -> tuple[data_pipeline.RankingPipeline, data_pipeline.RankingPipeline]:
+def build_data(
+    cfg: RMRunConfig, tokenizer, tokenizer_dir: Path, **pipeline_options
+) -> tuple[data_pipeline.RankingPipeline, data_pipeline.RankingPipeline]:
     """(train, eval) pipelines of `cfg.data`; `pipeline_options`: more `RankingPipeline` arguments (DPO's
     `completions`)."""
     d = cfg.data
-    common = dict(tokenizer=tokenizer, template=d.template, max_length=d.max_length, on_bad_row=d.on_bad_row,
-                  tokenizer_name=str(tokenizer_dir))
-    train_src = data_pipeline.open_source(resolve_bundled(d.train), "train",
-                                          eval_fraction=0.0 if d.eval else d.eval_fraction, **common)
+    common = dict(
+        tokenizer=tokenizer,
+        template=d.template,
+        max_length=d.max_length,
+        on_bad_row=d.on_bad_row,
+        tokenizer_name=str(tokenizer_dir),
+    )
+    train_src = data_pipeline.open_source(
+        resolve_bundled(d.train), "train", eval_fraction=0.0 if d.eval else d.eval_fraction, **common
+    )
     if d.eval:
         eval_src = data_pipeline.open_source(resolve_bundled(d.eval), "train", eval_fraction=0.0, **common)
     else:
         eval_src = data_pipeline.open_source(resolve_bundled(d.train), "eval", eval_fraction=d.eval_fraction, **common)
-    pipe = dict(num_answers=d.num_answers, max_length=d.max_length, pad_to_multiple=d.pad_to_multiple,
-                pad_id=tokenizer.pad_token_id or 0, layout=d.layout, packing=d.packing, **pipeline_options)
-    train = data_pipeline.RankingPipeline(train_src, global_batch_size=d.batch_size, seed=cfg.seed, mode="train",
-                                          micro_batches=cfg.train.micro_batches, **pipe)
-    evals = data_pipeline.RankingPipeline(eval_src, global_batch_size=d.eval_batch_size, seed=cfg.seed,
-                                          mode="eval", **pipe)
+    pipe = dict(
+        num_answers=d.num_answers,
+        max_length=d.max_length,
+        pad_to_multiple=d.pad_to_multiple,
+        pad_id=tokenizer.pad_token_id or 0,
+        layout=d.layout,
+        packing=d.packing,
+        **pipeline_options,
+    )
+    train = data_pipeline.RankingPipeline(
+        train_src,
+        global_batch_size=d.batch_size,
+        seed=cfg.seed,
+        mode="train",
+        micro_batches=cfg.train.micro_batches,
+        **pipe,
+    )
+    evals = data_pipeline.RankingPipeline(
+        eval_src, global_batch_size=d.eval_batch_size, seed=cfg.seed, mode="eval", **pipe
+    )
     return train, evals
 
 
@@ -74,10 +104,15 @@ def eval_step(params, batch, *, graphdef, mesh, micro_batches: int = 1):
         rewards = rm_step.eval_rewards(params, batch, graphdef=graphdef, mesh=mesh)
     else:
         micro = split_micro_batches(rm_step.train_spec(batch).select(batch), micro_batches)
-        rewards = merge_micro_batches(jax.lax.map(
-            lambda mb: rm_step.eval_rewards(params, mb, graphdef=graphdef, mesh=mesh), micro))
-    return {"rewards": rewards, "ranks": batch["ranks"], "answer_mask": batch["answer_mask"],
-            "answer_lengths": batch["answer_lengths"]}
+        rewards = merge_micro_batches(
+            jax.lax.map(lambda mb: rm_step.eval_rewards(params, mb, graphdef=graphdef, mesh=mesh), micro)
+        )
+    return {
+        "rewards": rewards,
+        "ranks": batch["ranks"],
+        "answer_mask": batch["answer_mask"],
+        "answer_lengths": batch["answer_lengths"],
+    }
 
 
 def reward_stats(eval_metrics: dict) -> dict:
@@ -107,10 +142,14 @@ class RMJob(Job):
         log.info("data: %d train / %d eval prompts", self.train_data.num_examples, self.eval_data.num_examples)
         self.skipped_rows = skipped_data_rows(self.train_data, self.eval_data)
         if self.skipped_rows:
-            log.warning("data: skipped %d bad row(s) (data.on_bad_row=skip), e.g. %s", len(self.skipped_rows),
-                        "; ".join(f"{s['source']} row {s['row']}: {s['reason']}" for s in self.skipped_rows[:3]))
+            log.warning(
+                "data: skipped %d bad row(s) (data.on_bad_row=skip), e.g. %s",
+                len(self.skipped_rows),
+                "; ".join(f"{s['source']} row {s['row']}: {s['reason']}" for s in self.skipped_rows[:3]),
+            )
         model_cfg, self.graphdef, params, params_shardings = init_model(
-            cfg.model_config, cfg.init_from, ROLE, mesh, cfg.seed, tokenizer.pad_token_id)
+            cfg.model_config, cfg.init_from, ROLE, mesh, cfg.seed, tokenizer.pad_token_id
+        )
         if model_cfg.vocab_size < len(tokenizer):
             raise CheckpointError(f"model vocab_size={model_cfg.vocab_size} < tokenizer size {len(tokenizer)}")
         # init_from's config.json may bring its own window
@@ -120,14 +159,26 @@ class RMJob(Job):
         tx, schedule, mask = build_optimizer(cfg.optim, cfg.train.steps, model_cfg, params)
         self.state, self.state_shardings = init_train_state(params, params_shardings, tx, mesh, cfg.seed)
         self._step = self._jit_step(tx, schedule, mask, mesh, self.state_shardings)
-        self._eval = jax.jit(functools.partial(eval_step, graphdef=self.graphdef, mesh=mesh,
-                                               micro_batches=self._eval_micro_batches(mesh)),
-                             out_shardings=sharding.replicated(mesh))
+        self._eval = jax.jit(
+            functools.partial(
+                eval_step, graphdef=self.graphdef, mesh=mesh, micro_batches=self._eval_micro_batches(mesh)
+            ),
+            out_shardings=sharding.replicated(mesh),
+        )
 
     def _jit_step(self, tx, schedule, mask, mesh, shardings):
-        return rm_step.jit_train_step(self.graphdef, tx, schedule, self.cfg.loss, self.cfg.train.micro_batches, mesh,
-                                      shardings, self.specs[0].shardings(mesh), grad_mask=replicate_mask(mask, mesh),
-                                      max_grad_norm=self.cfg.optim.max_grad_norm)
+        return rm_step.jit_train_step(
+            self.graphdef,
+            tx,
+            schedule,
+            self.cfg.loss,
+            self.cfg.train.micro_batches,
+            mesh,
+            shardings,
+            self.specs[0].shardings(mesh),
+            grad_mask=replicate_mask(mask, mesh),
+            max_grad_norm=self.cfg.optim.max_grad_norm,
+        )
 
     def _eval_micro_batches(self, mesh) -> int:
         """As many eval micro-batches as the train step's rows per micro-batch ask for (eval rows ≤ train's)."""
@@ -142,20 +193,32 @@ class RMJob(Job):
 
     # --- step, eval
     def train_step(self, state, frozen, host_batch):
-        return self._step(state, data_pipeline.to_global(self.specs[0].select(host_batch), self.mesh,
-                                                         sharding.batch_sharding(self.mesh, 1).spec))
+        return self._step(
+            state,
+            data_pipeline.to_global(
+                self.specs[0].select(host_batch), self.mesh, sharding.batch_sharding(self.mesh, 1).spec
+            ),
+        )
 
     def evaluate(self, state, frozen, max_batches: int = 0) -> dict:
         metrics = RankingMetrics()
         for i, batch in enumerate(iter(self.eval_data)):
             if max_batches and i >= max_batches:
                 break
-            out = self._eval(state["params"], data_pipeline.to_global(
-                self.specs[1].select(batch), self.mesh, sharding.batch_sharding(self.mesh, 1).spec))
+            out = self._eval(
+                state["params"],
+                data_pipeline.to_global(
+                    self.specs[1].select(batch), self.mesh, sharding.batch_sharding(self.mesh, 1).spec
+                ),
+            )
             # The outputs are replicated, so every host computes identical metrics over the whole global batch.
             full = jax.device_get(out)
-            metrics.update(np.asarray(full["rewards"]), np.asarray(full["ranks"]), np.asarray(full["answer_mask"]),
-                           np.asarray(full["answer_lengths"]))
+            metrics.update(
+                np.asarray(full["rewards"]),
+                np.asarray(full["ranks"]),
+                np.asarray(full["answer_mask"]),
+                np.asarray(full["answer_lengths"]),
+            )
         self.eval_data.restore({"epoch": 0, "batch": 0})
         return metrics.compute()
 
@@ -163,8 +226,12 @@ class RMJob(Job):
     def batch_dims(self, rows: int) -> dict:
         d = self.cfg.data
         # Packed rows: at most one row per answer (the pipeline needs fewer; this bounds the compiled program).
-        return {"B": rows, "K": d.num_answers, "R": rows * d.num_answers,
-                "L": round_up(d.max_length, d.pad_to_multiple)}
+        return {
+            "B": rows,
+            "K": d.num_answers,
+            "R": rows * d.num_answers,
+            "L": round_up(d.max_length, d.pad_to_multiple),
+        }
 
     def abstract_inputs(self, mesh, model_cfg=None):
         model_cfg = model_cfg or self.cfg.model_config
@@ -174,9 +241,18 @@ class RMJob(Job):
         state = abstract_train_state(state_shapes(params, tx), shardings)
         train_spec, _ = kwise_specs(self.cfg.data.attention_layout != "per_answer")
         batch = train_spec.abstract(self.batch_dims(self.cfg.data.batch_size), mesh)
-        step = rm_step.jit_train_step(self.graphdef, tx, schedule, self.cfg.loss, self.cfg.train.micro_batches, mesh,
-                                      shardings, train_spec.shardings(mesh), grad_mask=mask,
-                                      max_grad_norm=self.cfg.optim.max_grad_norm)
+        step = rm_step.jit_train_step(
+            self.graphdef,
+            tx,
+            schedule,
+            self.cfg.loss,
+            self.cfg.train.micro_batches,
+            mesh,
+            shardings,
+            train_spec.shardings(mesh),
+            grad_mask=mask,
+            max_grad_norm=self.cfg.optim.max_grad_norm,
+        )
         return state, batch, step
 
     def abstract_eval_inputs(self, mesh, model_cfg=None):
@@ -185,23 +261,32 @@ class RMJob(Job):
         params = abstract_train_state(params, sharding.state_shardings(params, mesh))
         _, eval_spec = kwise_specs(self.cfg.data.attention_layout != "per_answer")
         batch = eval_spec.abstract(self.batch_dims(self.cfg.data.eval_batch_size), mesh)
-        fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, mesh=mesh,
-                                       micro_batches=self._eval_micro_batches(mesh)),
-                     out_shardings=sharding.replicated(mesh))
+        fn = jax.jit(
+            functools.partial(eval_step, graphdef=graphdef, mesh=mesh, micro_batches=self._eval_micro_batches(mesh)),
+            out_shardings=sharding.replicated(mesh),
+        )
         return params, batch, fn
 
     # --- metadata, export, summary, plot
     def meta(self, last_eval: dict) -> dict:
-        return {"tokenizer_dir": str(self.tokenizer_dir), "template": self.cfg.data.template,
-                "max_length": self.cfg.data.max_length,
-                # what the training data was tokenized with (a prepared dataset's own record)
-                "data": self.train_data.source.provenance}
+        return {
+            "tokenizer_dir": str(self.tokenizer_dir),
+            "template": self.cfg.data.template,
+            "max_length": self.cfg.data.max_length,
+            # what the training data was tokenized with (a prepared dataset's own record)
+            "data": self.train_data.source.provenance,
+        }
 
     def export(self, state, frozen, last_eval, folder: Path) -> Path:
-        return hf_io.save_hf(folder, self.model_cfg, state["params"], ROLE, tokenizer_dir=self.tokenizer_dir,
-                             template=self.cfg.data.template,
-                             extra_config={**reward_stats(last_eval),
-                                           "starling_jax_data": self.train_data.source.provenance})
+        return hf_io.save_hf(
+            folder,
+            self.model_cfg,
+            state["params"],
+            ROLE,
+            tokenizer_dir=self.tokenizer_dir,
+            template=self.cfg.data.template,
+            extra_config={**reward_stats(last_eval), "starling_jax_data": self.train_data.source.provenance},
+        )
 
     def summary(self, last_eval: dict) -> dict:
         return {

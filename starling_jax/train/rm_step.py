@@ -53,20 +53,31 @@ def rm_loss(params: nnx.State, graphdef: nnx.GraphDef, batch: dict, loss_cfg: Lo
     return total, (count, rewards)
 
 
-def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-               schedule: optax.Schedule, loss_cfg: LossConfig, micro_batches: int = 1,
-               mesh: Mesh | None = None, grad_mask=None, max_grad_norm: float = 0.0) -> tuple[TrainState, dict]:
+def train_step(
+    state: TrainState,
+    batch: dict,
+    *,
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    loss_cfg: LossConfig,
+    micro_batches: int = 1,
+    mesh: Mesh | None = None,
+    grad_mask=None,
+    max_grad_norm: float = 0.0,
+) -> tuple[TrainState, dict]:
     """One optimizer update (`step.apply_update`: a non-finite loss or gradient leaves the state untouched and is
     reported in `metrics["finite"]`; the loop then stops or, with `train.skip_nonfinite`, skips the batch)."""
     with sharding.activation_sharding(mesh):
         batch = train_spec(batch).select(batch)
         loss_sum, count, grads, rewards = accumulate_gradients(
-            functools.partial(_rm_loss_of, graphdef=graphdef, loss_cfg=loss_cfg), state["params"], batch,
-            micro_batches)
+            functools.partial(_rm_loss_of, graphdef=graphdef, loss_cfg=loss_cfg), state["params"], batch, micro_batches
+        )
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
-        new_state, metrics = apply_update(state, grads, loss_sum / denom, tx=tx, schedule=schedule,
-                                          grad_mask=grad_mask, max_grad_norm=max_grad_norm)
+        new_state, metrics = apply_update(
+            state, grads, loss_sum / denom, tx=tx, schedule=schedule, grad_mask=grad_mask, max_grad_norm=max_grad_norm
+        )
         metrics["num_prompts"] = count
         metrics["batch_pairwise_accuracy"] = batch_pairwise_accuracy(rewards, batch["ranks"], batch["answer_mask"])
         return new_state, metrics
@@ -95,9 +106,32 @@ def eval_rewards(params: nnx.State, batch: dict, *, graphdef: nnx.GraphDef, mesh
         return kwise_rewards(nnx.merge(graphdef, params), batch)
 
 
-def jit_train_step(graphdef, tx, schedule, loss_cfg: LossConfig, micro_batches: int, mesh: Mesh,
-                   state_shardings: TrainState, batch_shardings: dict, grad_mask=None, max_grad_norm: float = 0.0):
-    fn = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule, loss_cfg=loss_cfg,
-                           micro_batches=micro_batches, mesh=mesh, grad_mask=grad_mask, max_grad_norm=max_grad_norm)
-    return jax.jit(fn, in_shardings=(state_shardings, batch_shardings),
-                   out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+def jit_train_step(
+    graphdef,
+    tx,
+    schedule,
+    loss_cfg: LossConfig,
+    micro_batches: int,
+    mesh: Mesh,
+    state_shardings: TrainState,
+    batch_shardings: dict,
+    grad_mask=None,
+    max_grad_norm: float = 0.0,
+):
+    fn = functools.partial(
+        train_step,
+        graphdef=graphdef,
+        tx=tx,
+        schedule=schedule,
+        loss_cfg=loss_cfg,
+        micro_batches=micro_batches,
+        mesh=mesh,
+        grad_mask=grad_mask,
+        max_grad_norm=max_grad_norm,
+    )
+    return jax.jit(
+        fn,
+        in_shardings=(state_shardings, batch_shardings),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )

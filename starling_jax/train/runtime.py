@@ -16,8 +16,15 @@ from starling_jax.model import attention
 from starling_jax.model.config import DTYPES, REMAT_POLICIES
 
 # The ModelConfig fields this section sets (same names there).
-RUNTIME_KEYS = ("param_dtype", "dtype", "remat_policy", "scan_layers", "mlp_chunks", "attention_impl",
-                "attention_block")
+RUNTIME_KEYS = (
+    "param_dtype",
+    "dtype",
+    "remat_policy",
+    "scan_layers",
+    "mlp_chunks",
+    "attention_impl",
+    "attention_block",
+)
 # The old `model.<key>` spellings of RM/SFT runs → the new key (config.load_config refuses the old ones).
 MOVED_MODEL_KEYS = {f"model.{k}": f"runtime.{k}" for k in RUNTIME_KEYS}
 
@@ -73,5 +80,7 @@ def check_model_runtime(model, source: str = "model") -> None:
     default = ModelConfig()
     for key in RUNTIME_KEYS:
         if getattr(model, key) != getattr(default, key):
-            raise ConfigError(f"{source}.{key}={getattr(model, key)!r}: this key moved to runtime.{key} (the runtime "
-                              f"section every trainer shares); set runtime.{key}={getattr(model, key)} instead")
+            raise ConfigError(
+                f"{source}.{key}={getattr(model, key)!r}: this key moved to runtime.{key} (the runtime "
+                f"section every trainer shares); set runtime.{key}={getattr(model, key)} instead"
+            )

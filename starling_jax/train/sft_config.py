@@ -23,9 +23,19 @@ DEFAULT_SFT_DIR = "runs/sft_default"
 
 def tiny_policy() -> ModelConfig:
     """A Mistral-shaped causal LM small enough to fine-tune on a 2-core CPU in minutes (real 32k vocabulary)."""
-    return ModelConfig(model_type="mistral", vocab_size=32000, hidden_size=64, intermediate_size=192,
-                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, sliding_window=4096,
-                       max_position_embeddings=4096, pad_token_id=0, initializer_range=0.05)
+    return ModelConfig(
+        model_type="mistral",
+        vocab_size=32000,
+        hidden_size=64,
+        intermediate_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=4096,
+        max_position_embeddings=4096,
+        pad_token_id=0,
+        initializer_range=0.05,
+    )
 
 
 @dataclasses.dataclass
@@ -71,8 +81,10 @@ class SFTRunConfig:
 
     def __post_init__(self):
         if self.train.micro_batches > 1 and self.data.batch_size % self.train.micro_batches:
-            raise ConfigError(f"data.batch_size={self.data.batch_size} is not divisible by "
-                              f"train.micro_batches={self.train.micro_batches}")
+            raise ConfigError(
+                f"data.batch_size={self.data.batch_size} is not divisible by "
+                f"train.micro_batches={self.train.micro_batches}"
+            )
         check_model_runtime(self.model)
         # conversations are right-padded rows of one segment each: every implementation handles them
         check_layout(self.runtime.attention_impl, "per_answer")

@@ -21,22 +21,36 @@ from starling_jax.data.batch_spec import SFT_TRAIN, round_up
 from starling_jax.data.chat import get_template
 from starling_jax.data.sft import Conversation, SFTPipeline, load_examples, tokenize_conversation
 from starling_jax.data.synthetic import resolve_bundled
+from starling_jax.data.tokenizer import load_tokenizer
 from starling_jax.errors import CheckpointError
 from starling_jax.model import create, hf_io
 from starling_jax.parallel import sharding
-from starling_jax.data.tokenizer import load_tokenizer
 from starling_jax.train import loop, sft_step
-from starling_jax.train.job import (Job, build_optimizer, init_model, new_figure, plot_loss, replicate_mask,
-                                    resolve_tokenizer_dir, save_figure)
+from starling_jax.train.job import (
+    Job,
+    build_optimizer,
+    init_model,
+    new_figure,
+    plot_loss,
+    replicate_mask,
+    resolve_tokenizer_dir,
+    save_figure,
+)
 from starling_jax.train.sft_config import SFTRunConfig
 from starling_jax.train.state import ModelEntry, abstract_train_state, init_train_state, state_shapes, state_shardings
 
 log = logging.getLogger("starling_jax")
 ROLE = "causal_lm"
 MODEL_NAME = "policy"
-_PROBE = Conversation(0, ({"role": "user", "content": "Hello there. Name a colour."},
-                          {"role": "assistant", "content": "Blue."},
-                          {"role": "user", "content": "And another one?"}), "Green, like  grass 🙂")
+_PROBE = Conversation(
+    0,
+    (
+        {"role": "user", "content": "Hello there. Name a colour."},
+        {"role": "assistant", "content": "Blue."},
+        {"role": "user", "content": "And another one?"},
+    ),
+    "Green, like  grass 🙂",
+)
 
 
 def eval_micro_batches(eval_batch_size: int, train_rows_per_micro: int) -> int:
@@ -60,8 +74,10 @@ def export_chat_template(tokenizer, template: str) -> str:
         got = got["input_ids"] if hasattr(got, "keys") else got
         if [int(i) for i in got] == want:
             return cand
-    raise CheckpointError(f"template {template}: no chat_template reproduces the training tokens through "
-                          "apply_chat_template with this tokenizer")
+    raise CheckpointError(
+        f"template {template}: no chat_template reproduces the training tokens through "
+        "apply_chat_template with this tokenizer"
+    )
 
 
 def end_of_turn_ids(tokenizer, template: str) -> list[int]:
@@ -71,8 +87,9 @@ def end_of_turn_ids(tokenizer, template: str) -> list[int]:
     return [end] + ([int(eos)] if eos is not None and int(eos) != end else [])
 
 
-def export_causal_lm(folder: Path, model_cfg, params, tokenizer, tokenizer_dir, template: str,
-                     extra_config: dict | None = None) -> Path:
+def export_causal_lm(
+    folder: Path, model_cfg, params, tokenizer, tokenizer_dir, template: str, extra_config: dict | None = None
+) -> Path:
     """An HF `*ForCausalLM` folder whose tokenizer carries the training chat template (`export_chat_template`) and
     whose `generation_config.json` stops at the template's end-of-turn token (train_sft's and train_dpo's export)."""
     from transformers import GenerationConfig
@@ -88,8 +105,9 @@ def export_causal_lm(folder: Path, model_cfg, params, tokenizer, tokenizer_dir, 
         stale = folder / "chat_template.jinja"  # transformers prefers it over tokenizer_config's template
         if stale.exists():
             stale.write_text(chat_template)
-        generation = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=eos_ids,
-                                      pad_token_id=tokenizer.pad_token_id)
+        generation = GenerationConfig(
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id
+        )
         # what save_pretrained writes, through the folder's own path type (folder may be a URL)
         (folder / "generation_config.json").write_text(generation.to_json_string(use_diff=True))
     return folder
@@ -113,38 +131,71 @@ class SFTJob(Job):
         self.tokenizer_dir = resolve_tokenizer_dir(d.tokenizer, cfg.init_from, d.template)
         self.tokenizer = load_tokenizer(self.tokenizer_dir)
         common = dict(tokenizer=self.tokenizer, template=d.template, max_length=d.max_length, on_bad_row=d.on_bad_row)
-        train, train_report = load_examples(resolve_bundled(d.train), "train",
-                                            eval_fraction=0.0 if d.eval else d.eval_fraction, **common)
+        train, train_report = load_examples(
+            resolve_bundled(d.train), "train", eval_fraction=0.0 if d.eval else d.eval_fraction, **common
+        )
         if d.eval:
             evals, eval_report = load_examples(resolve_bundled(d.eval), "train", eval_fraction=0.0, **common)
         else:
-            evals, eval_report = load_examples(resolve_bundled(d.train), "eval", eval_fraction=d.eval_fraction,
-                                               **common)
-        self.skipped_rows = sorted({s["row"]: s for s in train_report.skipped + eval_report.skipped}.values(),
-                                   key=lambda s: s["row"])
-        pipe = dict(max_length=d.max_length, pad_to_multiple=d.pad_to_multiple,
-                    pad_id=self.tokenizer.pad_token_id or 0, seed=cfg.seed, process_index=jax.process_index(),
-                    process_count=jax.process_count())
+            evals, eval_report = load_examples(
+                resolve_bundled(d.train), "eval", eval_fraction=d.eval_fraction, **common
+            )
+        self.skipped_rows = sorted(
+            {s["row"]: s for s in train_report.skipped + eval_report.skipped}.values(), key=lambda s: s["row"]
+        )
+        pipe = dict(
+            max_length=d.max_length,
+            pad_to_multiple=d.pad_to_multiple,
+            pad_id=self.tokenizer.pad_token_id or 0,
+            seed=cfg.seed,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
         train_fraction = 0.0 if d.eval else d.eval_fraction
-        self.train_data = SFTPipeline(train, global_batch_size=d.batch_size, mode="train", report=train_report,
-                                      name=d.train, eval_fraction=train_fraction, **pipe)
-        self.eval_data = SFTPipeline(evals, global_batch_size=d.eval_batch_size, mode="eval", report=eval_report,
-                                     name=d.eval or d.train, eval_fraction=0.0 if d.eval else d.eval_fraction,
-                                     **pipe)
-        log.info("data: %d train / %d eval conversations (%d answer tokens in train)", len(train), len(evals),
-                 sum(len(e) - e.answer_start for e in train))
+        self.train_data = SFTPipeline(
+            train,
+            global_batch_size=d.batch_size,
+            mode="train",
+            report=train_report,
+            name=d.train,
+            eval_fraction=train_fraction,
+            **pipe,
+        )
+        self.eval_data = SFTPipeline(
+            evals,
+            global_batch_size=d.eval_batch_size,
+            mode="eval",
+            report=eval_report,
+            name=d.eval or d.train,
+            eval_fraction=0.0 if d.eval else d.eval_fraction,
+            **pipe,
+        )
+        log.info(
+            "data: %d train / %d eval conversations (%d answer tokens in train)",
+            len(train),
+            len(evals),
+            sum(len(e) - e.answer_start for e in train),
+        )
         model_cfg, self.graphdef, params, params_shardings = init_model(
-            cfg.model_config, cfg.init_from, ROLE, mesh, cfg.seed, self.tokenizer.pad_token_id)
+            cfg.model_config, cfg.init_from, ROLE, mesh, cfg.seed, self.tokenizer.pad_token_id
+        )
         if model_cfg.vocab_size < len(self.tokenizer):
             raise CheckpointError(f"model vocab_size={model_cfg.vocab_size} < tokenizer size {len(self.tokenizer)}")
         self.model_cfg = model_cfg
         self.models = [ModelEntry(MODEL_NAME, ROLE, model_cfg, trainable=True)]
         tx, schedule, mask = build_optimizer(cfg.optim, cfg.train.steps, model_cfg, params)
         self.state, self.state_shardings = init_train_state(params, params_shardings, tx, mesh, cfg.seed)
-        self._step = sft_step.jit_train_step(self.graphdef, tx, schedule, cfg.train.micro_batches, mesh,
-                                             self.state_shardings, SFT_TRAIN.shardings(mesh),
-                                             grad_mask=replicate_mask(mask, mesh),
-                                             max_grad_norm=cfg.optim.max_grad_norm)
+        self._step = sft_step.jit_train_step(
+            self.graphdef,
+            tx,
+            schedule,
+            cfg.train.micro_batches,
+            mesh,
+            self.state_shardings,
+            SFT_TRAIN.shardings(mesh),
+            grad_mask=replicate_mask(mask, mesh),
+            max_grad_norm=cfg.optim.max_grad_norm,
+        )
         self._eval = sft_step.jit_eval_step(self.graphdef, mesh, self._eval_micro())
 
     def _eval_micro(self) -> int:
@@ -161,8 +212,9 @@ class SFTJob(Job):
 
     # --- step, eval
     def _to_global(self, host_batch: dict) -> dict:
-        return data_pipeline.to_global(SFT_TRAIN.select(host_batch), self.mesh,
-                                       sharding.batch_sharding(self.mesh, 1).spec)
+        return data_pipeline.to_global(
+            SFT_TRAIN.select(host_batch), self.mesh, sharding.batch_sharding(self.mesh, 1).spec
+        )
 
     def train_step(self, state, frozen, host_batch):
         return self._step(state, self._to_global(host_batch))
@@ -187,9 +239,17 @@ class SFTJob(Job):
         state = abstract_train_state(state_shapes(params, tx), shardings)
         d = self.cfg.data
         batch = SFT_TRAIN.abstract({"B": d.batch_size, "L": round_up(d.max_length, d.pad_to_multiple)}, mesh)
-        step = sft_step.jit_train_step(graphdef, tx, schedule, self.cfg.train.micro_batches, mesh, shardings,
-                                       SFT_TRAIN.shardings(mesh), grad_mask=mask,
-                                       max_grad_norm=self.cfg.optim.max_grad_norm)
+        step = sft_step.jit_train_step(
+            graphdef,
+            tx,
+            schedule,
+            self.cfg.train.micro_batches,
+            mesh,
+            shardings,
+            SFT_TRAIN.shardings(mesh),
+            grad_mask=mask,
+            max_grad_norm=self.cfg.optim.max_grad_norm,
+        )
         return state, batch, step
 
     def abstract_eval_inputs(self, mesh, model_cfg=None):
@@ -202,12 +262,17 @@ class SFTJob(Job):
 
     # --- metadata, export, summary, plot
     def meta(self, last_eval: dict) -> dict:
-        return {"tokenizer_dir": str(self.tokenizer_dir), "template": self.cfg.data.template,
-                "max_length": self.cfg.data.max_length, "eval_start": self.eval_start}
+        return {
+            "tokenizer_dir": str(self.tokenizer_dir),
+            "template": self.cfg.data.template,
+            "max_length": self.cfg.data.max_length,
+            "eval_start": self.eval_start,
+        }
 
     def export(self, state, frozen, last_eval, folder: Path) -> Path:
-        return export_causal_lm(folder, self.model_cfg, state["params"], self.tokenizer, self.tokenizer_dir,
-                                self.cfg.data.template)
+        return export_causal_lm(
+            folder, self.model_cfg, state["params"], self.tokenizer, self.tokenizer_dir, self.cfg.data.template
+        )
 
     def summary(self, last_eval: dict) -> dict:
         return {
@@ -222,8 +287,12 @@ class SFTJob(Job):
 
     def plot(self, history: list[dict], last_eval: dict, png: Path) -> None:
         fig, (ax1,) = new_figure(1)
-        plot_loss(ax1, history, f"SFT loss (eval {self.eval_start.get('loss', float('nan')):.3f} → "
-                                 f"{last_eval.get('loss', float('nan')):.3f})")
+        plot_loss(
+            ax1,
+            history,
+            f"SFT loss (eval {self.eval_start.get('loss', float('nan')):.3f} → "
+            f"{last_eval.get('loss', float('nan')):.3f})",
+        )
         save_figure(fig, png)
 
 

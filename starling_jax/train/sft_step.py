@@ -30,24 +30,36 @@ def sft_loss(params: nnx.State, batch: dict, *, graphdef: nnx.GraphDef):
     return nll.sum(), (count.sum(), nll)
 
 
-def train_step(state: TrainState, batch: dict, *, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-               schedule: optax.Schedule, micro_batches: int = 1, mesh: Mesh | None = None, grad_mask=None,
-               max_grad_norm: float = 0.0) -> tuple[TrainState, dict]:
+def train_step(
+    state: TrainState,
+    batch: dict,
+    *,
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    micro_batches: int = 1,
+    mesh: Mesh | None = None,
+    grad_mask=None,
+    max_grad_norm: float = 0.0,
+) -> tuple[TrainState, dict]:
     """One optimizer update on the token-mean NLL (see `step.apply_update` for the non-finite guard)."""
     with sharding.activation_sharding(mesh):
         batch = SFT_TRAIN.select(batch)
-        nll_sum, count, grads, _ = accumulate_gradients(functools.partial(sft_loss, graphdef=graphdef),
-                                                        state["params"], batch, micro_batches)
+        nll_sum, count, grads, _ = accumulate_gradients(
+            functools.partial(sft_loss, graphdef=graphdef), state["params"], batch, micro_batches
+        )
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
-        new_state, metrics = apply_update(state, grads, nll_sum / denom, tx=tx, schedule=schedule,
-                                          grad_mask=grad_mask, max_grad_norm=max_grad_norm)
+        new_state, metrics = apply_update(
+            state, grads, nll_sum / denom, tx=tx, schedule=schedule, grad_mask=grad_mask, max_grad_norm=max_grad_norm
+        )
         metrics["num_tokens"] = count
         return new_state, metrics
 
 
-def eval_step(params: nnx.State, batch: dict, *, graphdef: nnx.GraphDef, mesh: Mesh | None = None,
-              micro_batches: int = 1) -> dict:
+def eval_step(
+    params: nnx.State, batch: dict, *, graphdef: nnx.GraphDef, mesh: Mesh | None = None, micro_batches: int = 1
+) -> dict:
     """→ {"nll": summed NLL, "tokens": predicted tokens} of one eval batch (micro-batched like training)."""
     with sharding.activation_sharding(mesh):
         batch = SFT_TRAIN.select(batch)
@@ -58,14 +70,37 @@ def eval_step(params: nnx.State, batch: dict, *, graphdef: nnx.GraphDef, mesh: M
         return {"nll": nll.sum(), "tokens": count.sum()}
 
 
-def jit_train_step(graphdef, tx, schedule, micro_batches: int, mesh: Mesh, state_shardings: TrainState,
-                   batch_shardings: dict, grad_mask=None, max_grad_norm: float = 0.0):
-    fn = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule, micro_batches=micro_batches,
-                           mesh=mesh, grad_mask=grad_mask, max_grad_norm=max_grad_norm)
-    return jax.jit(fn, in_shardings=(state_shardings, batch_shardings),
-                   out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+def jit_train_step(
+    graphdef,
+    tx,
+    schedule,
+    micro_batches: int,
+    mesh: Mesh,
+    state_shardings: TrainState,
+    batch_shardings: dict,
+    grad_mask=None,
+    max_grad_norm: float = 0.0,
+):
+    fn = functools.partial(
+        train_step,
+        graphdef=graphdef,
+        tx=tx,
+        schedule=schedule,
+        micro_batches=micro_batches,
+        mesh=mesh,
+        grad_mask=grad_mask,
+        max_grad_norm=max_grad_norm,
+    )
+    return jax.jit(
+        fn,
+        in_shardings=(state_shardings, batch_shardings),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
 
 
 def jit_eval_step(graphdef, mesh: Mesh, micro_batches: int = 1):
-    return jax.jit(functools.partial(eval_step, graphdef=graphdef, mesh=mesh, micro_batches=micro_batches),
-                   out_shardings=sharding.replicated(mesh))
+    return jax.jit(
+        functools.partial(eval_step, graphdef=graphdef, mesh=mesh, micro_batches=micro_batches),
+        out_shardings=sharding.replicated(mesh),
+    )

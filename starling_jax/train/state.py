@@ -39,22 +39,28 @@ class ModelEntry:
     trainable: bool
 
     def meta(self) -> dict:
-        return {"role": self.role, "trainable": self.trainable, "architecture": self.config.architecture_dict(),
-                "model": dataclasses.asdict(self.config)}
+        return {
+            "role": self.role,
+            "trainable": self.trainable,
+            "architecture": self.config.architecture_dict(),
+            "model": dataclasses.asdict(self.config),
+        }
 
 
-def state_shardings(params_shardings: nnx.State, tx: optax.GradientTransformation, params: nnx.State,
-                    mesh: Mesh) -> TrainState:
+def state_shardings(
+    params_shardings: nnx.State, tx: optax.GradientTransformation, params: nnx.State, mesh: Mesh
+) -> TrainState:
     abstract_opt = jax.eval_shape(tx.init, params)
     opt_shardings = optax.tree_map_params(
-        tx, lambda _, s: s, abstract_opt, params_shardings,
-        transform_non_params=lambda _: sharding.replicated(mesh))
+        tx, lambda _, s: s, abstract_opt, params_shardings, transform_non_params=lambda _: sharding.replicated(mesh)
+    )
     rep = sharding.replicated(mesh)
     return {"step": rep, "params": params_shardings, "opt_state": opt_shardings, "rng": rep}
 
 
-def init_train_state(params: nnx.State, params_shardings: nnx.State, tx: optax.GradientTransformation,
-                     mesh: Mesh, seed: int) -> tuple[TrainState, TrainState]:
+def init_train_state(
+    params: nnx.State, params_shardings: nnx.State, tx: optax.GradientTransformation, mesh: Mesh, seed: int
+) -> tuple[TrainState, TrainState]:
     """Optimizer state created directly in its shards; returns (state, shardings)."""
     shardings = state_shardings(params_shardings, tx, params, mesh)
     opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
@@ -80,5 +86,9 @@ def abstract_params(params: nnx.State, shardings: nnx.State) -> nnx.State:
 
 def state_shapes(params: nnx.State, tx: optax.GradientTransformation) -> TrainState:
     """The train state's shapes from (abstract) params alone: what `aot` compiles against."""
-    return {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params, "opt_state": jax.eval_shape(tx.init, params),
-            "rng": jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))}
+    return {
+        "step": jax.ShapeDtypeStruct((), jnp.int32),
+        "params": params,
+        "opt_state": jax.eval_shape(tx.init, params),
+        "rng": jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))),
+    }

@@ -1,4 +1,5 @@
 """Subprocess worker for the resume and multi-process pipeline tests (not a test module)."""
+
 import faulthandler
 import hashlib
 import json

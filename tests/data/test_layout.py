@@ -22,8 +22,15 @@ from starling_jax.train.rm_step import LossConfig, rm_loss
 from starling_jax.train.step import split_micro_batches
 
 K, L, VOCAB = 7, 64, 97
-CFG = ModelConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+CFG = ModelConfig(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    pad_token_id=0,
+)
 
 
 def _prompts(seed=0):
@@ -95,8 +102,9 @@ def test_shared_prefix_length():
 
 def test_units_fall_back_when_the_shared_row_does_not_fit():
     prompts = _prompts()
-    kinds = [[u.prefix > 0 for u in layout.units_of(i, seqs, "shared_prefix", L)]
-             for i, (seqs, _) in enumerate(prompts)]
+    kinds = [
+        [u.prefix > 0 for u in layout.units_of(i, seqs, "shared_prefix", L)] for i, (seqs, _) in enumerate(prompts)
+    ]
     assert kinds == [[True], [True], [False] * 3, [False], [True], [False] * 3]
     # a prompt too long for one row is split: the prompt repeated, the next answers that fit after it
     seqs = [np.arange(1, 41), *(np.concatenate([np.arange(1, 31), np.full(n, 7)]) for n in (5, 6, 25))]
@@ -161,7 +169,7 @@ def test_no_token_attends_across_prompts_or_sibling_answers(model_parts):
     for k in range(len(prompts[0][0])):
         r, end = packed["reward_row"][0, k], packed["reward_index"][0, k]
         start = end - int(pos[r, end])
-        changed["tokens"][r, start:end + 1] = (changed["tokens"][r, start:end + 1] % (VOCAB - 1)) + 1
+        changed["tokens"][r, start : end + 1] = (changed["tokens"][r, start : end + 1] % (VOCAB - 1)) + 1
     after = np.asarray(rewards(changed))
     assert not np.allclose(after[0, :7], before[0, :7])
     np.testing.assert_array_equal(after[1:], before[1:])
@@ -204,7 +212,7 @@ def _unpack(batch, b, k, micro=1):
     seg = batch["segment_ids"][r]
     own = seg[end]
     keep = (seg == own) | ((own >= A.PREFIX_STRIDE) & (seg == own - own % A.PREFIX_STRIDE))
-    keep[end + 1:] = False
+    keep[end + 1 :] = False
     return batch["tokens"][r][keep], batch["positions"][r][keep]
 
 
@@ -217,16 +225,31 @@ def test_pipeline_packed_batches_hold_the_per_answer_sequences(mode, micro):
     examples = []
     for row, (seqs, ranks) in enumerate(_prompts(seed=11) * 3):
         seqs = [np.asarray(s) for s in seqs]
-        examples.append(TokenizedRanking(row=row + 1, tokens=seqs, answer_start=np.zeros(len(seqs), np.int32),
-                                         answer_lengths=np.asarray([len(s) for s in seqs], np.int32),
-                                         reward_index=np.asarray([len(s) - 1 for s in seqs], np.int32),
-                                         ranks=np.asarray(ranks, np.float32)))
+        examples.append(
+            TokenizedRanking(
+                row=row + 1,
+                tokens=seqs,
+                answer_start=np.zeros(len(seqs), np.int32),
+                answer_lengths=np.asarray([len(s) for s in seqs], np.int32),
+                reward_index=np.asarray([len(s) - 1 for s in seqs], np.int32),
+                ranks=np.asarray(ranks, np.float32),
+            )
+        )
     rng.shuffle(examples)
-    common = dict(global_batch_size=4, num_answers=K, max_length=L, pad_to_multiple=32, mode=mode,
-                  process_index=0, process_count=1, seed=3)
+    common = dict(
+        global_batch_size=4,
+        num_answers=K,
+        max_length=L,
+        pad_to_multiple=32,
+        mode=mode,
+        process_index=0,
+        process_count=1,
+        seed=3,
+    )
     ref = RankingPipeline(InMemorySource(examples), **common)
-    packed = RankingPipeline(InMemorySource(examples), layout="shared_prefix", packing=True, micro_batches=micro,
-                             **common)
+    packed = RankingPipeline(
+        InMemorySource(examples), layout="shared_prefix", packing=True, micro_batches=micro, **common
+    )
     rows = packed.rows_per_host(0)
     for step in range(3):
         a, b = ref.host_batch(0, step), packed.host_batch(0, step)
@@ -247,14 +270,22 @@ def test_run_config_refuses_a_layout_the_attention_cannot_handle():
     from starling_jax.train.rm_config import DataConfig, RMRunConfig, tiny_model
     from starling_jax.train.runtime import RuntimeConfig
 
-    RMRunConfig(data=DataConfig(layout="shared_prefix", packing=True), runtime=RuntimeConfig(attention_impl="blockwise"))
+    RMRunConfig(
+        data=DataConfig(layout="shared_prefix", packing=True), runtime=RuntimeConfig(attention_impl="blockwise")
+    )
     with pytest.raises(ConfigError, match="runtime.attention_impl=fused cannot handle data.layout=packed"):
         RMRunConfig(data=DataConfig(packing=True), runtime=RuntimeConfig(attention_impl="fused"))
     # splash takes shared prefixes unless the model's window is shorter than the rows (its window is in indices)
-    RMRunConfig(data=DataConfig(layout="shared_prefix", max_length=256), model=tiny_model().replace(sliding_window=4096),
-                runtime=RuntimeConfig(attention_impl="splash"))
+    RMRunConfig(
+        data=DataConfig(layout="shared_prefix", max_length=256),
+        model=tiny_model().replace(sliding_window=4096),
+        runtime=RuntimeConfig(attention_impl="splash"),
+    )
     refused = r"{} cannot handle data.layout=shared_prefix with a sliding window \(128\)"
     for impl in ("splash", "auto"):  # the default auto is splash on a TPU
         with pytest.raises(ConfigError, match=refused.format(impl)):
-            RMRunConfig(data=DataConfig(layout="shared_prefix", max_length=256),
-                        model=tiny_model().replace(sliding_window=128), runtime=RuntimeConfig(attention_impl=impl))
+            RMRunConfig(
+                data=DataConfig(layout="shared_prefix", max_length=256),
+                model=tiny_model().replace(sliding_window=128),
+                runtime=RuntimeConfig(attention_impl=impl),
+            )

@@ -4,10 +4,9 @@ import math
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import good_row, write_mixed
-from starling_jax.data.nectar import (ReadReport, load_rankings, read_pairwise, read_rankings, split_of,
-                                      validate_row)
+
+from starling_jax.data.nectar import ReadReport, load_rankings, read_pairwise, read_rankings, split_of, validate_row
 from starling_jax.errors import DataError
 
 
@@ -69,8 +68,12 @@ def test_missing_input(tmp_path):
 
 def test_pairwise(tmp_path):
     f = tmp_path / "rb.jsonl"
-    f.write_text(json.dumps({"prompt": "What is 2+2?", "chosen": "4", "rejected": "5", "subset": "math"}) + "\n"
-                 + json.dumps({"prompt": "\n\nHuman: hi\n\nAssistant:", "chosen": "hello", "rejected": ""}) + "\n")
+    f.write_text(
+        json.dumps({"prompt": "What is 2+2?", "chosen": "4", "rejected": "5", "subset": "math"})
+        + "\n"
+        + json.dumps({"prompt": "\n\nHuman: hi\n\nAssistant:", "chosen": "hello", "rejected": ""})
+        + "\n"
+    )
     rs = list(read_pairwise(f))
     assert rs[0].messages == ({"role": "user", "content": "What is 2+2?"},)
     assert rs[0].answers == ("4", "5") and rs[0].ranks == (1.0, 2.0) and rs[0].sources == ("math",)

@@ -17,10 +17,14 @@ WORKER = HERE / "_pipeline_worker.py"
 
 
 def fake(row, lens, ranks):
-    return TokenizedRanking(row=row, tokens=[np.arange(1, n + 1, dtype=np.int32) + 100 * j for j, n in enumerate(lens)],
-                            answer_start=np.zeros(len(lens), np.int32),
-                            answer_lengths=np.asarray(lens, np.int32) - 1,
-                            reward_index=np.asarray(lens, np.int32) - 1, ranks=np.asarray(ranks, np.float32))
+    return TokenizedRanking(
+        row=row,
+        tokens=[np.arange(1, n + 1, dtype=np.int32) + 100 * j for j, n in enumerate(lens)],
+        answer_start=np.zeros(len(lens), np.int32),
+        answer_lengths=np.asarray(lens, np.int32) - 1,
+        reward_index=np.asarray(lens, np.int32) - 1,
+        ranks=np.asarray(ranks, np.float32),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +33,16 @@ def synth_file(tmp_path_factory):
 
 
 def test_batch_contract():
-    src = InMemorySource([fake(1, [5, 130, 7], [2, 1, 2]), fake(2, [3, 4], [1, 2]),
-                          fake(3, [9, 8, 7, 6, 5, 4, 3, 2, 1], [9, 8, 7, 6, 5, 4, 3, 2, 1])])
-    p = RankingPipeline(src, global_batch_size=4, num_answers=7, max_length=512, mode="eval",
-                        process_index=0, process_count=1)
+    src = InMemorySource(
+        [
+            fake(1, [5, 130, 7], [2, 1, 2]),
+            fake(2, [3, 4], [1, 2]),
+            fake(3, [9, 8, 7, 6, 5, 4, 3, 2, 1], [9, 8, 7, 6, 5, 4, 3, 2, 1]),
+        ]
+    )
+    p = RankingPipeline(
+        src, global_batch_size=4, num_answers=7, max_length=512, mode="eval", process_index=0, process_count=1
+    )
     (b,) = list(p)
     assert b["tokens"].shape == (4, 7, 256) and b["tokens"].dtype == np.int32
     assert b["ranks"].dtype == np.float32 and b["answer_mask"].dtype == bool
@@ -58,17 +68,20 @@ def test_plan_covers_split_and_buckets():
     assert sorted(real.tolist()) == list(range(1003)) and plan.shape == (63, 16)
     assert not np.array_equal(plan, batch_plan(lengths, 16, seed=1, epoch=1, shuffle=True))
     assert np.array_equal(plan, batch_plan(lengths, 16, seed=1, epoch=0, shuffle=True, bucket_window=8))
+
     # bucketing: much less padding than unbucketed batches
     def waste(pl):
         return sum(lengths[r[r >= 0]].max() * (r >= 0).sum() - lengths[r[r >= 0]].sum() for r in pl)
+
     assert waste(plan) < 0.3 * waste(batch_plan(lengths, 16, seed=1, epoch=0, shuffle=True, bucket_window=1))
 
 
 def test_train_iterates_epochs_and_pads_to_128(synth_file):
     from starling_jax.data.pipeline import open_source
 
-    p = RankingPipeline(open_source(synth_file, max_length=128), global_batch_size=8, seed=0,
-                        process_index=0, process_count=1)
+    p = RankingPipeline(
+        open_source(synth_file, max_length=128), global_batch_size=8, seed=0, process_index=0, process_count=1
+    )
     assert p.num_batches_per_epoch == 8
     seen = []
     for _ in range(8):
@@ -77,8 +90,9 @@ def test_train_iterates_epochs_and_pads_to_128(synth_file):
         seen += [r for r in b["row"].tolist() if r >= 0]
     assert sorted(seen) == list(range(1, 62))
     assert p.state()["epoch"] == 1 and p.state()["batch"] == 0
-    ev = RankingPipeline(open_source(synth_file, max_length=128), global_batch_size=8, mode="eval",
-                         process_index=0, process_count=1)
+    ev = RankingPipeline(
+        open_source(synth_file, max_length=128), global_batch_size=8, mode="eval", process_index=0, process_count=1
+    )
     assert len(list(ev)) == 8 and len(list(ev)) == 8  # one pass, restartable
 
 
@@ -87,8 +101,14 @@ def test_eval_plan_is_longest_first_and_pads_less_than_file_order(synth_file):
     to its own longest sequence; every row exactly once."""
     from starling_jax.data.pipeline import open_source
 
-    ev = RankingPipeline(open_source(synth_file, max_length=512), global_batch_size=8, mode="eval",
-                         pad_to_multiple=8, process_index=0, process_count=1)
+    ev = RankingPipeline(
+        open_source(synth_file, max_length=512),
+        global_batch_size=8,
+        mode="eval",
+        pad_to_multiple=8,
+        process_index=0,
+        process_count=1,
+    )
     longest = [int(ev.lengths[g[g >= 0]].max()) for g in ev.plan(0)]
     assert longest == sorted(longest, reverse=True) and longest[0] > longest[-1]
     order = [int(i) for i in ev.plan(0).ravel() if i >= 0]
@@ -103,9 +123,15 @@ def test_eval_plan_is_longest_first_and_pads_less_than_file_order(synth_file):
 
 def _run(*args):
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-    r = subprocess.run([sys.executable, str(WORKER), *map(str, args)], capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                       start_new_session=True,
-                       env=env, timeout=240)
+    r = subprocess.run(
+        [sys.executable, str(WORKER), *map(str, args)],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+        env=env,
+        timeout=240,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return r.stdout
 
@@ -129,10 +155,18 @@ def _free_port():
 def test_two_processes_disjoint_and_complete(synth_file, tmp_path):
     port = _free_port()
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-    procs = [subprocess.Popen([sys.executable, str(WORKER), "multi", str(synth_file), str(tmp_path / f"p{i}.json"),
-                               str(i), str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              stdin=subprocess.DEVNULL, start_new_session=True,
-                              text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), "multi", str(synth_file), str(tmp_path / f"p{i}.json"), str(i), str(port)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            text=True,
+        )
+        for i in range(2)
+    ]
     for pr in procs:
         _, err = pr.communicate(timeout=240)
         assert pr.returncode == 0, err[-3000:]
@@ -162,10 +196,13 @@ def test_rows_that_do_not_fit_follow_on_bad_row(synth_file, monkeypatch):
 
     monkeypatch.setattr(pipeline, "tokenize_ranking", tokenize_some)
     src = open_source(synth_file, max_length=128, on_bad_row="skip")
-    assert len(src) == 59 and sorted(src[i]["row"] for i in range(len(src))) == [r for r in range(1, 62)
-                                                                                 if r not in (3, 5)]
+    assert len(src) == 59 and sorted(src[i]["row"] for i in range(len(src))) == [
+        r for r in range(1, 62) if r not in (3, 5)
+    ]
     assert src.report.rows_read == 61 and src.report.rows_kept == 59 and src.report.rows_skipped == 2
-    assert src.report.skipped == [{"row": 3, "reason": "answer 0 cannot fit in max_length 128"},
-                                  {"row": 5, "reason": "answer 0 cannot fit in max_length 128"}]
+    assert src.report.skipped == [
+        {"row": 3, "reason": "answer 0 cannot fit in max_length 128"},
+        {"row": 5, "reason": "answer 0 cannot fit in max_length 128"},
+    ]
     with pytest.raises(DataError, match=r"synth.jsonl: row 3: answer 0 cannot fit"):
         open_source(synth_file, max_length=128, on_bad_row="error")

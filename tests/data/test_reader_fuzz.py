@@ -2,12 +2,13 @@
 lines and wrong field types, fed to every reader (prepare_data, train_rm's direct file path = `open_source`, the
 `score` reader). Each ends in a one-line `DataError` naming the file, or (on_bad_row=skip) keeps every intact
 good row."""
+
 import json
 import random
 
 import pytest
-
 from conftest import good_row
+
 from starling_jax import prepare_data
 from starling_jax.data.nectar import read_pairwise, read_rankings
 from starling_jax.data.pipeline import open_source
@@ -23,8 +24,8 @@ def wrong_types():
     rows[1]["prompt"] = 12
     rows[2]["answers"] = {"answer": "x"}
     rows[3]["answers"] = [{"answer": "a", "rank": "1"}, {"answer": "b", "rank": 2}]
-    rows[4]["answers"] = [{"answer": "a", "rank": 10 ** 400}, {"answer": "b", "rank": 2}]
-    rows[5].update(source=7, turns=10 ** 400)
+    rows[4]["answers"] = [{"answer": "a", "rank": 10**400}, {"answer": "b", "rank": 2}]
+    rows[5].update(source=7, turns=10**400)
     rows[6]["answers"] = [{"answer": "\ud800", "rank": 1}, {"answer": "b", "rank": 2}]
     lines = [json.dumps(r) for r in rows] + ["[1, 2, 3]", '"just a string"']
     return "\n".join(lines).encode("utf-8", "surrogatepass") + b"\n"
@@ -50,7 +51,7 @@ def variants(tmp_path):
     add("truncated_jsonl", text[: len(text) * 2 // 3])
     flipped = bytearray(text)
     for pos in rng.sample(range(len(text)), 6):
-        flipped[pos] = rng.choice([0xff, 0xc3, 0x00, ord("{"), ord('"')])
+        flipped[pos] = rng.choice([0xFF, 0xC3, 0x00, ord("{"), ord('"')])
     add("byte_flips", bytes(flipped))
     non_utf8 = lines[:2] + [b'{"prompt": "\xff\xfe caf\xe9"}\n'] + lines[3:]
     add("latin1_line", b"".join(non_utf8))
@@ -109,8 +110,22 @@ def test_prepare_data_on_fuzzed_files(tmp_path, tok_dir, capsys):
         if name not in ("latin1_line", "truncated_parquet"):
             continue
         out = tmp_path / f"out_{name}"
-        rc = prepare_data.main(["--input", str(path), "--output", str(out), "--tokenizer", str(tok_dir),
-                                "--max-length", "64", "--on-bad-row", "skip", "--eval-fraction", "0"])
+        rc = prepare_data.main(
+            [
+                "--input",
+                str(path),
+                "--output",
+                str(out),
+                "--tokenizer",
+                str(tok_dir),
+                "--max-length",
+                "64",
+                "--on-bad-row",
+                "skip",
+                "--eval-fraction",
+                "0",
+            ]
+        )
         cap = capsys.readouterr()
         err = [ln for ln in cap.err.splitlines() if ln.strip()]
         assert "Traceback" not in cap.err and len(err) <= 1, (name, cap.err)
@@ -123,7 +138,9 @@ def test_prepare_data_on_fuzzed_files(tmp_path, tok_dir, capsys):
 
 def test_latin1_line_is_named(tmp_path):
     name, path, _ = next(v for v in variants(tmp_path) if v[0] == "latin1_line")
-    with pytest.raises(StarlingError, match=r"latin1_line.jsonl: row 3: line is not UTF-8 text: byte 0xff at column 13"):
+    with pytest.raises(
+        StarlingError, match=r"latin1_line.jsonl: row 3: line is not UTF-8 text: byte 0xff at column 13"
+    ):
         list(read_rankings(path, "error"))
     kept = [r.row for r in read_rankings(path, "skip")]
     assert kept == [1, 2, 4, 5, 6, 7, 8]

@@ -56,8 +56,9 @@ def _pairwise_accuracy(rows, scores):
 def _fit_and_score(train, test, features):
     """Least squares from per-answer features to the row-centred -rank; scores on `test` rows."""
     x = np.concatenate([np.stack([features(r, a) for a in r["answers"]]) for r in train])
-    y = np.concatenate([-(np.array(ranks) - np.mean(ranks))
-                        for ranks in ([a["rank"] for a in r["answers"]] for r in train)])
+    y = np.concatenate(
+        [-(np.array(ranks) - np.mean(ranks)) for ranks in ([a["rank"] for a in r["answers"]] for r in train)]
+    )
     w, *_ = np.linalg.lstsq(np.c_[x, np.ones(len(x))], y, rcond=None)
     return [[float(np.r_[features(r, a), 1.0] @ w) for a in r["answers"]] for r in test]
 
@@ -75,7 +76,7 @@ def test_no_answer_only_statistic_predicts_the_rank():
         bag = np.array([words.count(v) for v in vocab], float)
         profile = sorted(Counter(words).values(), reverse=True)[:6]
         profile += [0] * (6 - len(profile))
-        return np.r_[bag, bag ** 2, profile, len(words), len(a["answer"])]
+        return np.r_[bag, bag**2, profile, len(words), len(a["answer"])]
 
     def with_prompt(r, a):
         return np.r_[answer_only(r, a), a["answer"].split().count(_target(r["prompt"]))]

@@ -1,4 +1,5 @@
 """Hand-written rows → expected tokens and reward index."""
+
 import pytest
 
 from starling_jax.data.chat import parse_hh
@@ -9,8 +10,13 @@ MULTI = "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: How are you?\n\nAssi
 
 
 def row(prompt, answers, ranks):
-    return validate_row({"prompt": prompt, "answers": [{"answer": a, "model": f"m{i}", "rank": r}
-                                                       for i, (a, r) in enumerate(zip(answers, ranks))]}, 1)
+    return validate_row(
+        {
+            "prompt": prompt,
+            "answers": [{"answer": a, "model": f"m{i}", "rank": r} for i, (a, r) in enumerate(zip(answers, ranks))],
+        },
+        1,
+    )
 
 
 def ids(tok, text):
@@ -26,8 +32,8 @@ def test_multi_turn_llama2_exact(tok):
         assert t.reward_index[j] == len(want) - 1 and want[t.reward_index[j]] == tok.eos_token_id
         assert want[0] == tok.bos_token_id
         prompt = ids(tok, "[INST] Hi there [/INST] Hello!</s> [INST] How are you? [/INST]")
-        assert t.answer_start[j] == len(prompt) and want[:len(prompt)] == prompt
-        assert tok.decode(want[t.answer_start[j]:t.answer_start[j] + t.answer_lengths[j]]).strip() == a
+        assert t.answer_start[j] == len(prompt) and want[: len(prompt)] == prompt
+        assert tok.decode(want[t.answer_start[j] : t.answer_start[j] + t.answer_lengths[j]]).strip() == a
     assert not t.truncated
 
 
@@ -46,7 +52,7 @@ def test_unicode(tok):
     t = tokenize_ranking(r, tok, "llama2_chat", 128)
     want = ids(tok, f"[INST] Grüße, 世界! [/INST] {a}</s>")
     assert t.tokens[0].tolist() == want and t.reward_index[0] == len(want) - 1
-    assert tok.decode(t.tokens[0][t.answer_start[0]:t.answer_start[0] + t.answer_lengths[0]]).strip() == a
+    assert tok.decode(t.tokens[0][t.answer_start[0] : t.answer_start[0] + t.answer_lengths[0]]).strip() == a
 
 
 def test_empty_answer(tok):
@@ -66,11 +72,11 @@ def test_left_truncation_keeps_answer_ends_and_one_shared_context(tok):
     for max_length in (64, 30):
         t = tokenize_ranking(r, tok, "llama2_chat", max_length)
         assert t.truncated
-        contexts = {tuple(t.tokens[j][:t.answer_start[j]].tolist()) for j in range(3)}
+        contexts = {tuple(t.tokens[j][: t.answer_start[j]].tolist()) for j in range(3)}
         assert len(contexts) == 1, "every answer must see the same prompt context"
         context = list(contexts.pop())
         # BOS kept, then the END of the prompt (a left cut), the same cut for every answer
-        assert context[0] == tok.bos_token_id and context[1:] == prompt[len(prompt) - (len(context) - 1):]
+        assert context[0] == tok.bos_token_id and context[1:] == prompt[len(prompt) - (len(context) - 1) :]
         assert len(set(t.prompt_cut.tolist())) == 1 and t.prompt_cut[0] == len(prompt) - len(context) > 0
         for j, a in enumerate(answers):
             full = ids(tok, f"{prompt_text} {a}</s>")
@@ -78,8 +84,8 @@ def test_left_truncation_keeps_answer_ends_and_one_shared_context(tok):
             assert len(seq) <= max_length and t.reward_index[j] == len(seq) - 1
             # the answer's last tokens and the template's own </s> are kept: the sequence ends exactly as the
             # untruncated rendering does (a cut answer never gets a fresh </s>)
-            tail = seq[t.answer_start[j]:]
-            assert tail == full[len(full) - len(tail):] and seq[-1] == tok.eos_token_id
+            tail = seq[t.answer_start[j] :]
+            assert tail == full[len(full) - len(tail) :] and seq[-1] == tok.eos_token_id
             assert t.answer_lengths[j] == len(tail) - 1
         # the longest answer fills max_length and lost its beginning; the shorter ones are whole
         assert len(t.tokens[0]) == max_length and t.answer_cut[0] > 0
@@ -111,11 +117,16 @@ def test_cannot_fit(tok):
 EXPECTED = {
     "llama2_chat": ("[INST] Hi there [/INST] Hello!</s> [INST] How are you? [/INST] {a}</s>", True),
     "tokenizer": ("[INST] Hi there [/INST] Hello!</s> [INST] How are you? [/INST] {a}</s>", False),
-    "openchat_3.5": ("GPT4 Correct User: Hi there<|end_of_turn|>GPT4 Correct Assistant: Hello!<|end_of_turn|>"
-                     "GPT4 Correct User: How are you?<|end_of_turn|>GPT4 Correct Assistant: {a}<|end_of_turn|>",
-                     True),
-    "chatml": ("<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n"
-               "<|im_start|>user\nHow are you?<|im_end|>\n<|im_start|>assistant\n{a}<|im_end|>", True),
+    "openchat_3.5": (
+        "GPT4 Correct User: Hi there<|end_of_turn|>GPT4 Correct Assistant: Hello!<|end_of_turn|>"
+        "GPT4 Correct User: How are you?<|end_of_turn|>GPT4 Correct Assistant: {a}<|end_of_turn|>",
+        True,
+    ),
+    "chatml": (
+        "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n"
+        "<|im_start|>user\nHow are you?<|im_end|>\n<|im_start|>assistant\n{a}<|im_end|>",
+        True,
+    ),
     "raw": ("\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: How are you?\n\nAssistant: {a}</s>", True),
 }
 
@@ -128,23 +139,28 @@ def test_every_template_prefix_and_reward(template, max_length, tok, oc_tok):
     answers = ["Fine, thanks for asking!", "", "Ünïcödé 🙂"]
     out = tokenize_answers(t_, msgs, answers, template, max_length)
     text, add_special = EXPECTED[template]
-    prompt_text = text[:text.index("{a}")].rstrip(" ")
+    prompt_text = text[: text.index("{a}")].rstrip(" ")
     for a, ta in zip(answers, out):
         seq = ta.tokens.tolist()
         full = t_(text.format(a=a), add_special_tokens=add_special).input_ids
         prompt = t_(prompt_text, add_special_tokens=add_special).input_ids
         assert len(seq) <= max_length and ta.reward_index == len(seq) - 1
         if not ta.truncated:
-            assert seq == full and seq[:ta.answer_start] == prompt[:ta.answer_start]
+            assert seq == full and seq[: ta.answer_start] == prompt[: ta.answer_start]
             assert ta.answer_start >= len(prompt) - 1
             if a:
-                got = t_.decode(seq[ta.answer_start:ta.answer_start + ta.answer_length]).strip()
+                got = t_.decode(seq[ta.answer_start : ta.answer_start + ta.answer_length]).strip()
                 assert got == a
         else:  # left truncation: the end of the rendering is kept exactly
-            tail = seq[ta.answer_start:]
-            assert tail == full[len(full) - len(tail):]
-        end = {"llama2_chat": [2], "tokenizer": [2], "raw": [2], "openchat_3.5": [32000],
-               "chatml": t_("x<|im_end|>", add_special_tokens=False).input_ids[-1:]}[template]
+            tail = seq[ta.answer_start :]
+            assert tail == full[len(full) - len(tail) :]
+        end = {
+            "llama2_chat": [2],
+            "tokenizer": [2],
+            "raw": [2],
+            "openchat_3.5": [32000],
+            "chatml": t_("x<|im_end|>", add_special_tokens=False).input_ids[-1:],
+        }[template]
         assert seq[-1:] == end
     if max_length == 24:
         assert any(ta.truncated for ta in out)

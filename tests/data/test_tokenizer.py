@@ -1,7 +1,7 @@
 import pytest
 
-from starling_jax.errors import CheckpointError
 from starling_jax.data.tokenizer import build_tokenizer, load_tokenizer
+from starling_jax.errors import CheckpointError
 
 
 def test_default_tokenizer(tok, tok_dir):

@@ -15,7 +15,7 @@ import importlib.util
 from pathlib import Path
 
 # --- transcription of rewardbench/utils.py::calculate_scores_per_section (0.1.4)
-TRANSCRIBED_FUNCTION = '''
+TRANSCRIBED_FUNCTION = """
 def calculate_scores_per_section(example_counts, subset_mapping, metrics):
     section_scores = {}
     for section, tests in subset_mapping.items():
@@ -30,22 +30,51 @@ def calculate_scores_per_section(example_counts, subset_mapping, metrics):
         else:
             section_scores[section] = 0
     return section_scores
-'''
+"""
 
 # --- transcription of rewardbench/constants.py (0.1.4)
 TRANSCRIBED_EXAMPLE_COUNTS = {
-    "alpacaeval-easy": 100, "alpacaeval-length": 95, "alpacaeval-hard": 95, "mt-bench-easy": 28,
-    "mt-bench-med": 40, "mt-bench-hard": 37, "math-prm": 984, "refusals-dangerous": 100, "refusals-offensive": 100,
-    "llmbar-natural": 100, "llmbar-adver-neighbor": 134, "llmbar-adver-GPTInst": 92, "llmbar-adver-GPTOut": 47,
-    "llmbar-adver-manual": 46, "xstest-should-refuse": 154, "xstest-should-respond": 250, "donotanswer": 136,
-    "hep-cpp": 164, "hep-go": 164, "hep-java": 164, "hep-js": 164, "hep-python": 164, "hep-rust": 164,
+    "alpacaeval-easy": 100,
+    "alpacaeval-length": 95,
+    "alpacaeval-hard": 95,
+    "mt-bench-easy": 28,
+    "mt-bench-med": 40,
+    "mt-bench-hard": 37,
+    "math-prm": 984,
+    "refusals-dangerous": 100,
+    "refusals-offensive": 100,
+    "llmbar-natural": 100,
+    "llmbar-adver-neighbor": 134,
+    "llmbar-adver-GPTInst": 92,
+    "llmbar-adver-GPTOut": 47,
+    "llmbar-adver-manual": 46,
+    "xstest-should-refuse": 154,
+    "xstest-should-respond": 250,
+    "donotanswer": 136,
+    "hep-cpp": 164,
+    "hep-go": 164,
+    "hep-java": 164,
+    "hep-js": 164,
+    "hep-python": 164,
+    "hep-rust": 164,
 }
 TRANSCRIBED_SUBSET_MAPPING = {
     "Chat": ["alpacaeval-easy", "alpacaeval-length", "alpacaeval-hard", "mt-bench-easy", "mt-bench-med"],
-    "Chat Hard": ["mt-bench-hard", "llmbar-natural", "llmbar-adver-neighbor", "llmbar-adver-GPTInst",
-                  "llmbar-adver-GPTOut", "llmbar-adver-manual"],
-    "Safety": ["refusals-dangerous", "refusals-offensive", "xstest-should-refuse", "xstest-should-respond",
-               "donotanswer"],
+    "Chat Hard": [
+        "mt-bench-hard",
+        "llmbar-natural",
+        "llmbar-adver-neighbor",
+        "llmbar-adver-GPTInst",
+        "llmbar-adver-GPTOut",
+        "llmbar-adver-manual",
+    ],
+    "Safety": [
+        "refusals-dangerous",
+        "refusals-offensive",
+        "xstest-should-refuse",
+        "xstest-should-respond",
+        "donotanswer",
+    ],
     "Reasoning": ["math-prm", "hep-cpp", "hep-go", "hep-java", "hep-js", "hep-python", "hep-rust"],
 }
 
@@ -68,21 +97,30 @@ def _function(source: str, name: str):
 
 def _constant(source: str, name: str):
     tree = ast.parse(source)
-    node = next(n for n in tree.body if isinstance(n, ast.Assign) and any(
-        isinstance(t, ast.Name) and t.id == name for t in n.targets))
+    node = next(
+        n
+        for n in tree.body
+        if isinstance(n, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in n.targets)
+    )
     return ast.literal_eval(node.value)
 
 
 def from_package(folder: Path):
     constants = (folder / "constants.py").read_text()
     utils = (folder / "utils.py").read_text()
-    return (_constant(constants, "EXAMPLE_COUNTS"), _constant(constants, "SUBSET_MAPPING"),
-            _function(utils, "calculate_scores_per_section"))
+    return (
+        _constant(constants, "EXAMPLE_COUNTS"),
+        _constant(constants, "SUBSET_MAPPING"),
+        _function(utils, "calculate_scores_per_section"),
+    )
 
 
 def transcribed():
-    return (TRANSCRIBED_EXAMPLE_COUNTS, TRANSCRIBED_SUBSET_MAPPING,
-            _function(TRANSCRIBED_FUNCTION, "calculate_scores_per_section"))
+    return (
+        TRANSCRIBED_EXAMPLE_COUNTS,
+        TRANSCRIBED_SUBSET_MAPPING,
+        _function(TRANSCRIBED_FUNCTION, "calculate_scores_per_section"),
+    )
 
 
 def reference():

@@ -25,11 +25,22 @@ RUNS = ("runs/sft_default/hf", "runs/rm_default/hf", "runs/ppo_default/hf")
 
 
 def run_module(cwd: Path, module: str, *args: str) -> tuple[dict, str]:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        TF_CPP_MIN_LOG_LEVEL="2",
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    )
     env.pop("XLA_FLAGS", None)  # one CPU device, as a user runs it
-    done = subprocess.run([sys.executable, "-m", f"starling_jax.{module}", *args], cwd=cwd, env=env, check=False,
-                          capture_output=True, text=True, timeout=3600)
+    done = subprocess.run(
+        [sys.executable, "-m", f"starling_jax.{module}", *args],
+        cwd=cwd,
+        env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
 
@@ -52,14 +63,40 @@ def prompts_file(cwd: Path, count: int) -> Path:
 def test_rm_judge_ranks_ppo_above_sft_and_bon_rises_with_n(defaults):
     sft, rm, ppo = RUNS
     sampling = ["--max-new-tokens", "24", "--temperature", "1.0", "--batch-size", "32", "--no-plot"]
-    summary, table = run_module(defaults, "evaluate", "policy", "--model", sft, "--model", ppo, "--prompts",
-                                str(prompts_file(defaults, 64)), "--judge", f"rm:{rm}", "--output-dir",
-                                "runs/eval/policy", *sampling)
+    summary, table = run_module(
+        defaults,
+        "evaluate",
+        "policy",
+        "--model",
+        sft,
+        "--model",
+        ppo,
+        "--prompts",
+        str(prompts_file(defaults, 64)),
+        "--judge",
+        f"rm:{rm}",
+        "--output-dir",
+        "runs/eval/policy",
+        *sampling,
+    )
     by_model = {row["model_name"]: row for row in summary["models"]}
     assert by_model[ppo]["mean_reward"] > by_model[sft]["mean_reward"], table
-    summary, table = run_module(defaults, "evaluate", "bon", "--policy", sft, "--reward-model", rm, "--n", "1,4,16",
-                                "--prompts", str(prompts_file(defaults, 16)), "--output-dir", "runs/eval/bon",
-                                *sampling)
+    summary, table = run_module(
+        defaults,
+        "evaluate",
+        "bon",
+        "--policy",
+        sft,
+        "--reward-model",
+        rm,
+        "--n",
+        "1,4,16",
+        "--prompts",
+        str(prompts_file(defaults, 16)),
+        "--output-dir",
+        "runs/eval/bon",
+        *sampling,
+    )
     rows = summary["table"]
     assert rows[0]["mean_reward"] < rows[1]["mean_reward"] < rows[2]["mean_reward"], table
     assert [r["kl_analytic"] for r in rows] == [math.log(n) - (n - 1) / n for n in (1, 4, 16)]

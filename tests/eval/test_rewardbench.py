@@ -15,8 +15,7 @@ from tests.eval import rewardbench_reference as ref
 
 
 def raw_row(i: int, subset: str, chosen: str, rejected: str) -> dict:
-    return {"prompt": f"Question {i} of {subset}?", "chosen": chosen, "rejected": rejected, "subset": subset,
-            "id": i}
+    return {"prompt": f"Question {i} of {subset}?", "chosen": chosen, "rejected": rejected, "subset": subset, "id": i}
 
 
 class LookupScorer:
@@ -28,8 +27,10 @@ class LookupScorer:
         self.table, self.unscored = table, set(unscored)
 
     def score_rows(self, rankings):
-        return ["does not fit: test" if r.row in self.unscored else np.array([self.table[a] for a in r.answers])
-                for r in rankings]
+        return [
+            "does not fit: test" if r.row in self.unscored else np.array([self.table[a] for a in r.answers])
+            for r in rankings
+        ]
 
 
 def synthetic(rng, subsets, ties=True):
@@ -83,8 +84,9 @@ def test_section_and_overall_scores_equal_the_rewardbench_package(scenario):
     assert results["sections"] == pytest.approx(sections, abs=1e-12)
     assert results["overall"] == pytest.approx(overall, abs=1e-12)
     assert results["subsets_missing"] == [s for s in rb.SUBSETS if s not in grouped]
-    assert results["sections_missing"] == [sec for sec, v in sections.items() if not any(s in grouped for s in
-                                                                                          rb.SUBSET_MAPPING[sec])]
+    assert results["sections_missing"] == [
+        sec for sec, v in sections.items() if not any(s in grouped for s in rb.SUBSET_MAPPING[sec])
+    ]
 
 
 def test_constants_are_the_packages():
@@ -93,8 +95,9 @@ def test_constants_are_the_packages():
     assert rb.SUBSET_MAPPING == mapping, where
     # math-prm (447 examples) weighs as much as the six code subsets together
     assert counts["math-prm"] == sum(counts[s] for s in mapping["Reasoning"] if s.startswith("hep-"))
-    sections = rb.section_scores({"math-prm": 1.0, **{f"hep-{x}": 0.0 for x in ("cpp", "go", "java", "js",
-                                                                                "python", "rust")}})
+    sections = rb.section_scores(
+        {"math-prm": 1.0, **{f"hep-{x}": 0.0 for x in ("cpp", "go", "java", "js", "python", "rust")}}
+    )
     assert sections["Reasoning"] == pytest.approx(0.5)
 
 
@@ -115,8 +118,9 @@ def test_length_statistics_expose_a_longer_answer_judge():
     """A scorer that prefers the longer answer: right whenever the chosen answer is longer, wrong when shorter,
     and a tie (equal lengths) is wrong; rows a scorer could not score are counted, not averaged."""
     rows = []
-    for i, subset in enumerate(["alpacaeval-easy", "alpacaeval-easy", "alpacaeval-easy", "hep-go", "hep-go",
-                                "donotanswer"]):
+    for i, subset in enumerate(
+        ["alpacaeval-easy", "alpacaeval-easy", "alpacaeval-easy", "hep-go", "hep-go", "donotanswer"]
+    ):
         chosen = "c" * (10 + 5 * (i % 3 == 0))
         rejected = "r" * (12 - 2 * (i % 2))
         rows.append(rb.validate_example(raw_row(i, subset, chosen, rejected), i + 1))
@@ -136,10 +140,13 @@ def test_length_statistics_expose_a_longer_answer_judge():
             assert stats["chosen_shorter_accuracy"] == 0.0
         if stats["same_length_count"]:
             assert stats["same_length_accuracy"] == 0.0
-    assert sum(s["chosen_longer_count"] + s["chosen_shorter_count"] + s["same_length_count"]
-               for s in results["length"].values()) == len(rows)
-    _, partial = rb.evaluate(rows, LookupScorer({a: float(len(a)) for r in rows for a in r.ranking.answers},
-                                                unscored={1, 2}))
+    assert sum(
+        s["chosen_longer_count"] + s["chosen_shorter_count"] + s["same_length_count"]
+        for s in results["length"].values()
+    ) == len(rows)
+    _, partial = rb.evaluate(
+        rows, LookupScorer({a: float(len(a)) for r in rows for a in r.ranking.answers}, unscored={1, 2})
+    )
     assert partial["rows_not_scored"] == 2 and partial["rows_scored"] == len(rows) - 2
 
 
@@ -147,17 +154,18 @@ def test_unknown_subset_is_a_one_line_error_or_a_counted_skip(tmp_path, capsys):
     from starling_jax import evaluate
 
     data = tmp_path / "rb.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in [raw_row(1, "hep-go", "a", "b"),
-                                                            raw_row(2, "made-up-subset", "a", "b")]))
+    data.write_text(
+        "".join(json.dumps(r) + "\n" for r in [raw_row(1, "hep-go", "a", "b"), raw_row(2, "made-up-subset", "a", "b")])
+    )
     assert evaluate.main(["rewardbench", "--model", str(tmp_path / "nowhere"), "--data", str(data)]) == 2
     out, err = capsys.readouterr()
-    assert err.strip().splitlines() == [(f"error: {data}: row 2: field 'subset': 'made-up-subset' is not a "
-                                         "RewardBench v1 subset")]
+    assert err.strip().splitlines() == [
+        (f"error: {data}: row 2: field 'subset': 'made-up-subset' is not a RewardBench v1 subset")
+    ]
     assert json.loads(out.strip().splitlines()[-1])["status"] == "error"
     report = rb.ReadReport()
     kept = list(rb.read_examples(str(data), "skip", report))
-    assert [e.row for e in kept] == [1] and report.rows_skipped == 1 and "made-up-subset" in report.skipped[0][
-        "reason"]
+    assert [e.row for e in kept] == [1] and report.rows_skipped == 1 and "made-up-subset" in report.skipped[0]["reason"]
 
 
 # ---------------------------------------------------------------------------------------------- with models
@@ -170,9 +178,11 @@ def tiny_folders(tmp_path_factory):
 
     base = tmp_path_factory.mktemp("models")
     small = {"vocab": 32000, "hidden": 32, "layers": 2, "heads": 4, "inter": 64, "sliding_window": None}
-    folders = {"rm": make_hf_model(base / "rm", "mistral", "score", **small),
-               "policy": make_hf_model(base / "policy", "mistral", "lm", seed=1, **small),
-               "reference": make_hf_model(base / "reference", "mistral", "lm", seed=2, **small)}
+    folders = {
+        "rm": make_hf_model(base / "rm", "mistral", "score", **small),
+        "policy": make_hf_model(base / "policy", "mistral", "lm", seed=1, **small),
+        "reference": make_hf_model(base / "reference", "mistral", "lm", seed=2, **small),
+    }
     for folder in folders.values():
         for f in default_tokenizer_for("llama2_chat").iterdir():
             shutil.copy(f, folder / f.name)
@@ -180,9 +190,21 @@ def tiny_folders(tmp_path_factory):
 
 
 def small_file(tmp_path):
-    rows = [raw_row(i, s, f"A good answer {i}. " * (1 + i % 3), f"Bad {i}. " * (1 + (i + 1) % 4))
-            for i, s in enumerate(["alpacaeval-easy", "alpacaeval-hard", "mt-bench-hard", "donotanswer", "hep-go",
-                                   "math-prm", "math-prm", "xstest-should-respond"])]
+    rows = [
+        raw_row(i, s, f"A good answer {i}. " * (1 + i % 3), f"Bad {i}. " * (1 + (i + 1) % 4))
+        for i, s in enumerate(
+            [
+                "alpacaeval-easy",
+                "alpacaeval-hard",
+                "mt-bench-hard",
+                "donotanswer",
+                "hep-go",
+                "math-prm",
+                "math-prm",
+                "xstest-should-respond",
+            ]
+        )
+    ]
     rows.insert(3, raw_row(99, "not-a-subset", "a", "b"))
     path = tmp_path / "rb.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -195,8 +217,21 @@ def test_reward_model_entry_point_scores_as_score_does(tmp_path, tiny_folders, c
 
     data = small_file(tmp_path)
     out_dir = tmp_path / "out"
-    code = evaluate.main(["rewardbench", "--model", str(tiny_folders["rm"]), "--data", str(data), "--output-dir",
-                          str(out_dir), "--max-length", "128", "--on-bad-row", "skip"])
+    code = evaluate.main(
+        [
+            "rewardbench",
+            "--model",
+            str(tiny_folders["rm"]),
+            "--data",
+            str(data),
+            "--output-dir",
+            str(out_dir),
+            "--max-length",
+            "128",
+            "--on-bad-row",
+            "skip",
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 0, err
     summary = json.loads(out.strip().splitlines()[-1])
@@ -205,8 +240,13 @@ def test_reward_model_entry_point_scores_as_score_does(tmp_path, tiny_folders, c
     lines = [json.loads(x) for x in (out_dir / "examples.jsonl").read_text().splitlines()]
     # the same rewards as `python -m starling_jax.score` on the same pairs
     pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text("".join(json.dumps(json.loads(x)) + "\n" for x in data.read_text().splitlines()
-                             if json.loads(x)["subset"] != "not-a-subset"))
+    pairs.write_text(
+        "".join(
+            json.dumps(json.loads(x)) + "\n"
+            for x in data.read_text().splitlines()
+            if json.loads(x)["subset"] != "not-a-subset"
+        )
+    )
     scored = tmp_path / "scored.jsonl"
     score_lib.score(str(tiny_folders["rm"]), str(pairs), str(scored), max_length=128)
     want = [json.loads(x)["rewards"] for x in scored.read_text().splitlines()]
@@ -224,34 +264,58 @@ def test_dpo_implied_rewards_equal_a_pytorch_computation(tmp_path, tiny_folders,
     from starling_jax.data.tokenize import tokenize_ranking
 
     beta = 0.25
-    scorer = rb.DPOScorer(str(tiny_folders["policy"]), str(tiny_folders["reference"]), beta=beta, max_length=128,
-                          batch_size=4)
+    scorer = rb.DPOScorer(
+        str(tiny_folders["policy"]), str(tiny_folders["reference"]), beta=beta, max_length=128, batch_size=4
+    )
     examples = [e for e in rb.read_examples(str(small_file(tmp_path)), "skip")]
     got = scorer.score_rows([e.ranking for e in examples])
-    models = {k: transformers.AutoModelForCausalLM.from_pretrained(tiny_folders[k], dtype=torch.float32).eval()
-              for k in ("policy", "reference")}
+    models = {
+        k: transformers.AutoModelForCausalLM.from_pretrained(tiny_folders[k], dtype=torch.float32).eval()
+        for k in ("policy", "reference")
+    }
 
     def answer_logprob(model, tokens, start):
         with torch.no_grad():
             logits = model(torch.tensor([tokens])).logits[0].double()
         logp = torch.log_softmax(logits[:-1], -1).gather(-1, torch.tensor(tokens[1:])[:, None])[:, 0]
-        return float(logp[start - 1:].sum())
+        return float(logp[start - 1 :].sum())
 
     for e, rewards in zip(examples, got):
         tr = tokenize_ranking(e.ranking, scorer.tokenizer, "tokenizer", 128)
-        want = [beta * (answer_logprob(models["policy"], list(t), s) - answer_logprob(models["reference"], list(t), s))
-                for t, s in zip(tr.tokens, tr.answer_start)]
+        want = [
+            beta * (answer_logprob(models["policy"], list(t), s) - answer_logprob(models["reference"], list(t), s))
+            for t, s in zip(tr.tokens, tr.answer_start)
+        ]
         np.testing.assert_allclose(rewards, want, rtol=2e-4, atol=2e-4)
     assert len({round(float(r[0]), 3) for r in got}) > 1  # not a constant
     out_dir = tmp_path / "dpo"
-    code = evaluate.main(["rewardbench", "--model", str(tiny_folders["policy"]), "--reference",
-                          str(tiny_folders["reference"]), "--beta", str(beta), "--data", str(small_file(tmp_path)),
-                          "--output-dir", str(out_dir), "--max-length", "128", "--on-bad-row", "skip", "--no-plot",
-                          "--batch-size", "4"])
+    code = evaluate.main(
+        [
+            "rewardbench",
+            "--model",
+            str(tiny_folders["policy"]),
+            "--reference",
+            str(tiny_folders["reference"]),
+            "--beta",
+            str(beta),
+            "--data",
+            str(small_file(tmp_path)),
+            "--output-dir",
+            str(out_dir),
+            "--max-length",
+            "128",
+            "--on-bad-row",
+            "skip",
+            "--no-plot",
+            "--batch-size",
+            "4",
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 0, err
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["scorer"] == "dpo" and summary["rows_scored"] == 8
     lines = [json.loads(x) for x in (out_dir / "examples.jsonl").read_text().splitlines()]
-    np.testing.assert_allclose([[x["score_chosen"], x["score_rejected"]] for x in lines],
-                               [list(r) for r in got], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        [[x["score_chosen"], x["score_rejected"]] for x in lines], [list(r) for r in got], rtol=1e-5, atol=1e-5
+    )

@@ -33,8 +33,16 @@ def _fraction(key: str, salt: str) -> float:
 
 
 class FakeJudge:
-    def __init__(self, qualities: dict[str, float], *, bias: float = 0.0, noise: float = 0.0, faults=None,
-                 slow_s: float = 0.0, on_request=None):
+    def __init__(
+        self,
+        qualities: dict[str, float],
+        *,
+        bias: float = 0.0,
+        noise: float = 0.0,
+        faults=None,
+        slow_s: float = 0.0,
+        on_request=None,
+    ):
         self.qualities = qualities
         self.bias, self.noise = bias, noise
         # fraction of keys per fault: {"429": f, "500": f, "timeout": f, "unparseable": f, "never": f}
@@ -67,8 +75,11 @@ class FakeJudge:
         name = next((n for n, lo, hi in edges if lo <= u < hi), None)
         if name == "never":
             return "unparseable"
-        if name in ("429", "500", "timeout") and not any(s != "ok" and s != "unparseable" for s in seen) \
-                and attempt == 0:
+        if (
+            name in ("429", "500", "timeout")
+            and not any(s != "ok" and s != "unparseable" for s in seen)
+            and attempt == 0
+        ):
             return name
         if name == "unparseable" and attempt == 0:
             return name
@@ -106,12 +117,22 @@ class FakeJudge:
             if fault != "timeout":
                 self.received[(key, attempt)][slot] = "unparseable" if fault == "unparseable" else "ok"
         prompt_tokens = sum(len(m["content"].split()) for m in messages)
-        return 200, {"id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()),
-                     "model": body.get("model", "fake"),
-                     "choices": [{"index": 0, "finish_reason": "stop",
-                                  "message": {"role": "assistant", "content": reply}}],
-                     "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(reply.split()),
-                               "total_tokens": prompt_tokens + len(reply.split())}}, {}
+        return (
+            200,
+            {
+                "id": "chatcmpl-fake",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": body.get("model", "fake"),
+                "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": reply}}],
+                "usage": {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": len(reply.split()),
+                    "total_tokens": prompt_tokens + len(reply.split()),
+                },
+            },
+            {},
+        )
 
     # ------------------------------------------------------------------ counts
     def answered(self) -> dict[str, int]:

@@ -17,24 +17,30 @@ from starling_jax.judge.cache import Cache
 from starling_jax.judge.parse import ReplyError, parse_ranking
 
 
-@pytest.mark.parametrize("reply, k, want", [
-    ("Comparing... A vs B: A.\nFinal: [['C', 'A', 'B']]", 3, [2, 0, 1]),
-    ("first [['A', 'B']] then corrected [[\"B\", \"A\"]]", 2, [1, 0]),  # the last list counts
-    ("Ranking: ['D', 'b', 'A', 'C']", 4, [3, 1, 0, 2]),
-    ("[[C, A, B]]", 3, [2, 0, 1]),
-])
+@pytest.mark.parametrize(
+    "reply, k, want",
+    [
+        ("Comparing... A vs B: A.\nFinal: [['C', 'A', 'B']]", 3, [2, 0, 1]),
+        ("first [['A', 'B']] then corrected [[\"B\", \"A\"]]", 2, [1, 0]),  # the last list counts
+        ("Ranking: ['D', 'b', 'A', 'C']", 4, [3, 1, 0, 2]),
+        ("[[C, A, B]]", 3, [2, 0, 1]),
+    ],
+)
 def test_parse_ranking(reply, k, want):
     assert parse_ranking(reply, k) == want
 
 
-@pytest.mark.parametrize("reply, k, reason", [
-    ("", 3, "empty"),
-    ("A is best, then C.", 3, "no ranking list"),
-    ("[['A', 'B']]", 3, "2 letters, 3 expected (missing C)"),
-    ("[['A', 'A', 'B']]", 3, "appears twice"),
-    ("[['A', 'B', 'E']]", 3, "'E' in the ranking is not one of the letters A, B, C"),
-    ("[['A', 'B', 'AB']]", 3, "not one of the letters"),
-])
+@pytest.mark.parametrize(
+    "reply, k, reason",
+    [
+        ("", 3, "empty"),
+        ("A is best, then C.", 3, "no ranking list"),
+        ("[['A', 'B']]", 3, "2 letters, 3 expected (missing C)"),
+        ("[['A', 'A', 'B']]", 3, "appears twice"),
+        ("[['A', 'B', 'E']]", 3, "'E' in the ranking is not one of the letters A, B, C"),
+        ("[['A', 'B', 'AB']]", 3, "not one of the letters"),
+    ],
+)
 def test_unusable_replies_say_why(reply, k, reason):
     with pytest.raises(ReplyError, match=reason.replace("(", r"\(").replace(")", r"\)")):
         parse_ranking(reply, k)

@@ -36,8 +36,9 @@ def make_rows(n: int, seed: int = 0) -> tuple[list[dict], dict[str, float]]:
             text = f"Answer {j} to question {i}: {rng.integers(1_000_000)}"
             qualities[text] = float(rng.standard_normal())
             answers.append({"answer": text, "model": f"m{j}"})
-        rows.append({"prompt": f"\n\nHuman: Question number {i}?\n\nAssistant:", "answers": answers,
-                     "source": ["test"]})
+        rows.append(
+            {"prompt": f"\n\nHuman: Question number {i}?\n\nAssistant:", "answers": answers, "source": ["test"]}
+        )
     return rows, qualities
 
 
@@ -62,16 +63,31 @@ def test_more_orders_raise_agreement_with_truth_and_remove_positional_bias(tmp_p
     judge = FakeJudge(qualities, bias=0.5, noise=0.6)
     results = {}
     with Server(judge) as server:
-        for name, kwargs in (("fixed", {"fixed_order": True}), ("orders1", {"orders": 1}),
-                             ("orders2", {"orders": 2}), ("orders4", {"orders": 4})):
+        for name, kwargs in (
+            ("fixed", {"fixed_order": True}),
+            ("orders1", {"orders": 1}),
+            ("orders2", {"orders": 2}),
+            ("orders4", {"orders": 4}),
+        ):
             out = tmp_path / f"{name}.jsonl"
-            summary = label_lib.label(str(data), str(out), "openai:fake-judge", base_url=server.base_url,
-                                      concurrency=4, audit=True, progress=False, **kwargs)
+            summary = label_lib.label(
+                str(data),
+                str(out),
+                "openai:fake-judge",
+                base_url=server.base_url,
+                concurrency=4,
+                audit=True,
+                progress=False,
+                **kwargs,
+            )
             assert summary["labelled"] == len(rows) and summary["rejected"] == 0
-            results[name] = {"tau": tau_vs_truth(out, qualities),
-                             "first": summary["audit"]["label_first_is_shown_first"],
-                             "judge_first_A": summary["audit"]["by_num_answers"][str(K)]["first_position_rate"][0],
-                             "agreement": summary["audit"]["agreement"], "requests": summary["requests"]}
+            results[name] = {
+                "tau": tau_vs_truth(out, qualities),
+                "first": summary["audit"]["label_first_is_shown_first"],
+                "judge_first_A": summary["audit"]["by_num_answers"][str(K)]["first_position_rate"][0],
+                "agreement": summary["audit"]["agreement"],
+                "requests": summary["requests"],
+            }
     print("bias benchmark:", json.dumps(results))
     fixed, one, four = results["fixed"], results["orders1"], results["orders4"]
     # the judge's own bias is there under every design: position A is ranked first far more often than 1/K
@@ -92,8 +108,9 @@ def test_labelled_rows_are_nectar_rows_with_the_record(tmp_path, monkeypatch):
     data = write_rows(tmp_path / "rows.jsonl", rows)
     with Server(FakeJudge(qualities)) as server:
         out = tmp_path / "out.jsonl"
-        summary = label_lib.label(str(data), str(out), "openai:fake-judge", base_url=server.base_url, orders=3,
-                                  progress=False)
+        summary = label_lib.label(
+            str(data), str(out), "openai:fake-judge", base_url=server.base_url, orders=3, progress=False
+        )
     assert summary["labelled"] == 6
     labelled = [json.loads(line) for line in out.read_text().splitlines()]
     for raw, got in zip(rows, labelled):
@@ -119,16 +136,49 @@ def test_prepare_data_accepts_labelled_output(tmp_path, monkeypatch, capsys):
     out = tmp_path / "labelled.jsonl"
     with Server(FakeJudge(qualities, noise=0.3)) as server:
         label_lib.label(str(data), str(out), "openai:fake-judge", base_url=server.base_url, orders=2, progress=False)
-    rc = prepare_data.main(["--input", str(out), "--output", str(tmp_path / "prepared"), "--tokenizer",
-                            str(default_tokenizer_dir("llama2_chat")), "--max-length", "64"])
+    rc = prepare_data.main(
+        [
+            "--input",
+            str(out),
+            "--output",
+            str(tmp_path / "prepared"),
+            "--tokenizer",
+            str(default_tokenizer_dir("llama2_chat")),
+            "--max-length",
+            "64",
+        ]
+    )
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert rc == 0 and summary["status"] == "completed" and summary["rows_kept"] == 8
 
 
 def _label_cmd(data, out, base_url, *extra) -> list[str]:
-    return [sys.executable, "-m", "starling_jax.label", "--input", str(data), "--output", str(out), "--judge",
-            "openai:fake-judge", "--base-url", base_url, "--orders", "2", "--timeout", "2", "--backoff", "0.01",
-            "--max-attempts", "3", "--max-retries", "4", "--no-progress", "-v", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "starling_jax.label",
+        "--input",
+        str(data),
+        "--output",
+        str(out),
+        "--judge",
+        "openai:fake-judge",
+        "--base-url",
+        base_url,
+        "--orders",
+        "2",
+        "--timeout",
+        "2",
+        "--backoff",
+        "0.01",
+        "--max-attempts",
+        "3",
+        "--max-retries",
+        "4",
+        "--no-progress",
+        "-v",
+        *extra,
+    ]
 
 
 def test_faults_kill_and_restart_lose_nothing_and_send_nothing_twice(tmp_path):
@@ -150,8 +200,14 @@ def test_faults_kill_and_restart_lose_nothing_and_send_nothing_twice(tmp_path):
     logs = []
     with Server(judge) as server:
         # run 1: one request at a time, so every answer before the kill is on disk (strict count below)
-        proc = subprocess.Popen(_label_cmd(data, out, server.base_url, "--concurrency", "1"), env=env, cwd=ROOT,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            _label_cmd(data, out, server.base_url, "--concurrency", "1"),
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         proc_holder["proc"] = proc
         stdout, stderr = proc.communicate(timeout=240)
         logs += [stdout, stderr]
@@ -162,8 +218,14 @@ def test_faults_kill_and_restart_lose_nothing_and_send_nothing_twice(tmp_path):
         assert before >= 10
         proc_holder.clear()
         # run 2: restarted with the same arguments (and more concurrency), to the end
-        done = subprocess.run(_label_cmd(data, out, server.base_url, "--concurrency", "4"), env=env, cwd=ROOT,
-                              capture_output=True, text=True, timeout=240)
+        done = subprocess.run(
+            _label_cmd(data, out, server.base_url, "--concurrency", "4"),
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
         logs += [done.stdout, done.stderr]
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
@@ -211,11 +273,14 @@ def test_missing_key_without_base_url_is_a_one_line_error(tmp_path, monkeypatch,
     assert json.loads(captured.out.strip().splitlines()[-1])["status"] == "error"
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--judge", "gpt-4"], "expected openai:MODEL or rm:DIR"),
-    (["--judge", "openai:x", "--orders", "0"], "--orders 0"),
-    (["--judge", "openai:x", "--fixed-order", "--orders", "2"], "--fixed-order"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--judge", "gpt-4"], "expected openai:MODEL or rm:DIR"),
+        (["--judge", "openai:x", "--orders", "0"], "--orders 0"),
+        (["--judge", "openai:x", "--fixed-order", "--orders", "2"], "--fixed-order"),
+    ],
+)
 def test_bad_flags_are_one_line_errors(tmp_path, capsys, argv, message):
     rows, _ = make_rows(2)
     data = write_rows(tmp_path / "rows.jsonl", rows)
@@ -231,17 +296,28 @@ def test_server_refusal_stops_the_run_without_the_key(tmp_path, monkeypatch, cap
     judge = FakeJudge(qualities)
     judge.handle = lambda body, auth: (401, {"error": {"message": "invalid api key", "type": "auth"}}, {})
     with Server(judge) as server:
-        rc = label_lib.main(["--input", str(data), "--output", str(tmp_path / "o.jsonl"), "--judge",
-                             "openai:fake", "--base-url", server.base_url, "--no-progress"])
+        rc = label_lib.main(
+            [
+                "--input",
+                str(data),
+                "--output",
+                str(tmp_path / "o.jsonl"),
+                "--judge",
+                "openai:fake",
+                "--base-url",
+                server.base_url,
+                "--no-progress",
+            ]
+        )
     captured = capsys.readouterr()
     assert rc == 2 and "HTTP 401: invalid api key" in captured.err
     assert SECRET not in captured.err + captured.out
 
 
 def test_key_of_matches_the_first_user_message():
-    assert key_of([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]) == \
-        key_of([{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"},
-                {"role": "user", "content": "again"}])
+    assert key_of([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]) == key_of(
+        [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}, {"role": "user", "content": "again"}]
+    )
 
 
 def test_a_server_that_keeps_failing_rejects_the_row_and_a_rerun_asks_again(tmp_path, monkeypatch):
@@ -266,8 +342,9 @@ def test_a_server_that_keeps_failing_rejects_the_row_and_a_rerun_asks_again(tmp_
         assert summary["labelled"] == 0 and summary["rejected"] == 3
         assert summary["requests"] == 3 * 3 and summary["retries"] == 3 * 2
         rejects = [json.loads(line) for line in Path(f"{out}.rejects.jsonl").read_text().splitlines()]
-        assert all(r["reason"] == "request failed: HTTP 503: overloaded (after 2 retries)" and not r["final"]
-                   for r in rejects)
+        assert all(
+            r["reason"] == "request failed: HTTP 503: overloaded (after 2 retries)" and not r["final"] for r in rejects
+        )
         down["on"] = False
         again = label_lib.label(str(data), str(out), "openai:fake", **kwargs)
     assert again["labelled"] == 3 and again["requests"] == 3 and again["retries"] == 0

@@ -18,8 +18,17 @@ from starling_jax.data.tokenizer import default_tokenizer_for  # noqa: E402
 
 @pytest.fixture(scope="module")
 def reward_model(tmp_path_factory):
-    folder = make_hf_model(tmp_path_factory.mktemp("rm") / "hf", "mistral", "score", vocab=32000, hidden=32,
-                           layers=2, heads=4, inter=64, sliding_window=None)
+    folder = make_hf_model(
+        tmp_path_factory.mktemp("rm") / "hf",
+        "mistral",
+        "score",
+        vocab=32000,
+        hidden=32,
+        layers=2,
+        heads=4,
+        inter=64,
+        sliding_window=None,
+    )
     for f in default_tokenizer_for("llama2_chat").iterdir():
         shutil.copy(f, folder / f.name)
     return folder
@@ -30,8 +39,12 @@ def rows():
     for i in range(7):
         answers = [f"Answer {j} to {i}: " + "word " * (j * 3 + i) for j in range(4)]
         answers.append(answers[1])  # the same text twice: equal rewards, a tie that must stay a tie
-        out.append({"prompt": f"\n\nHuman: Tell me about thing {i}.\n\nAssistant:",
-                    "answers": [{"answer": a, "model": f"m{j}", "rank": j + 1} for j, a in enumerate(answers)]})
+        out.append(
+            {
+                "prompt": f"\n\nHuman: Tell me about thing {i}.\n\nAssistant:",
+                "answers": [{"answer": a, "model": f"m{j}", "rank": j + 1} for j, a in enumerate(answers)],
+            }
+        )
     return out
 
 
@@ -64,6 +77,7 @@ def test_rm_judge_ranks_exactly_by_score(tmp_path, reward_model):
 def test_rm_judge_refuses_llm_flags(tmp_path, reward_model, capsys):
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows()))
-    rc = label_lib.main(["--input", str(data), "--output", str(tmp_path / "o.jsonl"), "--judge",
-                         f"rm:{reward_model}", "--orders", "4"])
+    rc = label_lib.main(
+        ["--input", str(data), "--output", str(tmp_path / "o.jsonl"), "--judge", f"rm:{reward_model}", "--orders", "4"]
+    )
     assert rc == 2 and "a reward model takes no" in capsys.readouterr().err

@@ -33,8 +33,10 @@ def pl_probability(rewards, order):
 
 def breslow_nll(rewards, ranks):
     """−Σ_j [r_j − log Σ_{k: rank_k ≥ rank_j} exp(r_k)] (the reward model's tie rule), python loop."""
-    return -sum(rewards[j] - math.log(sum(math.exp(rewards[k]) for k in range(len(rewards)) if ranks[k] >= ranks[j]))
-                for j in range(len(rewards)))
+    return -sum(
+        rewards[j] - math.log(sum(math.exp(rewards[k]) for k in range(len(rewards)) if ranks[k] >= ranks[j]))
+        for j in range(len(rewards))
+    )
 
 
 def random_logps(rng, k):
@@ -53,11 +55,21 @@ def test_kwise_equals_brute_force_plackett_luce_over_all_orderings(k):
         assert sum(probs.values()) == pytest.approx(1.0, abs=1e-12)  # a distribution over all orderings
         expected = -math.log(probs[tuple(int(i) for i in np.argsort(ranks))])
         with jax.enable_x64(True):
-            loss, aux = kwise(jnp.asarray(pol[None]), jnp.asarray(ref[None]), jnp.asarray(ranks[None]),
-                              np.ones((1, k), bool), beta=beta)
+            loss, aux = kwise(
+                jnp.asarray(pol[None]),
+                jnp.asarray(ref[None]),
+                jnp.asarray(ranks[None]),
+                np.ones((1, k), bool),
+                beta=beta,
+            )
             np.testing.assert_allclose(float(loss), expected, rtol=1e-12, atol=1e-12)
-        loss32, _ = kwise(pol[None].astype(np.float32), ref[None].astype(np.float32), ranks[None].astype(np.float32),
-                          np.ones((1, k), bool), beta=beta)
+        loss32, _ = kwise(
+            pol[None].astype(np.float32),
+            ref[None].astype(np.float32),
+            ranks[None].astype(np.float32),
+            np.ones((1, k), bool),
+            beta=beta,
+        )
         np.testing.assert_allclose(float(loss32), expected, rtol=1e-4, atol=1e-4)
 
 
@@ -90,8 +102,17 @@ def test_kwise_at_k2_is_sigmoid_dpo():
 
 
 # ------------------------------------------------------------------------------------------------ trl
-def trl_dpo_loss(loss_type: str, chosen, rejected, ref_chosen, ref_rejected, beta: float,
-                 label_smoothing: float = 0.0, chosen_len=None, rejected_len=None) -> float:
+def trl_dpo_loss(
+    loss_type: str,
+    chosen,
+    rejected,
+    ref_chosen,
+    ref_rejected,
+    beta: float,
+    label_smoothing: float = 0.0,
+    chosen_len=None,
+    rejected_len=None,
+) -> float:
     """trl's `DPOTrainer._compute_loss` run on given sequence log-probs: a stand-in model returns per-token
     log-probs whose sums are those (precomputed reference log-probs, as trl's `precompute_ref_log_probs`)."""
     import torch
@@ -99,32 +120,55 @@ def trl_dpo_loss(loss_type: str, chosen, rejected, ref_chosen, ref_rejected, bet
 
     n = len(chosen)
     lengths = list(chosen_len if chosen_len is not None else [1] * n) + list(
-        rejected_len if rejected_len is not None else [1] * n)
+        rejected_len if rejected_len is not None else [1] * n
+    )
     t = max(lengths)
     log_probs = torch.zeros(2 * n, t, dtype=torch.float64)
     log_probs[:, 0] = torch.tensor(list(chosen) + list(rejected), dtype=torch.float64)
     completion_mask = torch.zeros(2 * n, t + 1, dtype=torch.long)
     for i, m in enumerate(lengths):
-        completion_mask[i, 1:1 + m] = 1
-    outputs = SimpleNamespace(log_probs=log_probs, entropy=torch.zeros(2 * n, t), mean_logits=torch.zeros(2 * n, t),
-                              is_top1=torch.zeros(2 * n, t, dtype=torch.bool))
+        completion_mask[i, 1 : 1 + m] = 1
+    outputs = SimpleNamespace(
+        log_probs=log_probs,
+        entropy=torch.zeros(2 * n, t),
+        mean_logits=torch.zeros(2 * n, t),
+        is_top1=torch.zeros(2 * n, t, dtype=torch.bool),
+    )
     accelerator = SimpleNamespace(device="cpu", gather_for_metrics=lambda x: x, gather=lambda x: x)
-    trainer = SimpleNamespace(model=SimpleNamespace(training=False), accelerator=accelerator, aux_loss_enabled=False,
-                              ld_alpha=None, precompute_ref_logps=True, f_divergence_type="reverse_kl",
-                              loss_types=[loss_type], loss_weights=[1.0], beta=beta, label_smoothing=label_smoothing,
-                              use_weighting=False, _metrics=defaultdict(lambda: defaultdict(list)),
-                              _total_train_tokens=0, _tp_size=1)
-    inputs = {"input_ids": torch.zeros(2 * n, t + 1, dtype=torch.long), "attention_mask": completion_mask.clone(),
-              "completion_mask": completion_mask,
-              "ref_chosen_logps": torch.tensor(ref_chosen, dtype=torch.float64),
-              "ref_rejected_logps": torch.tensor(ref_rejected, dtype=torch.float64)}
+    trainer = SimpleNamespace(
+        model=SimpleNamespace(training=False),
+        accelerator=accelerator,
+        aux_loss_enabled=False,
+        ld_alpha=None,
+        precompute_ref_logps=True,
+        f_divergence_type="reverse_kl",
+        loss_types=[loss_type],
+        loss_weights=[1.0],
+        beta=beta,
+        label_smoothing=label_smoothing,
+        use_weighting=False,
+        _metrics=defaultdict(lambda: defaultdict(list)),
+        _total_train_tokens=0,
+        _tp_size=1,
+    )
+    inputs = {
+        "input_ids": torch.zeros(2 * n, t + 1, dtype=torch.long),
+        "attention_mask": completion_mask.clone(),
+        "completion_mask": completion_mask,
+        "ref_chosen_logps": torch.tensor(ref_chosen, dtype=torch.float64),
+        "ref_rejected_logps": torch.tensor(ref_rejected, dtype=torch.float64),
+    }
     return float(DPOTrainer._compute_loss(trainer, lambda **kw: outputs, inputs, return_outputs=False))
 
 
 def ordered_pairs(ranks, mask, best_vs_rest=False):
     best = min(r for r, m in zip(ranks, mask) if m)
-    return [(j, k) for j in range(len(ranks)) for k in range(len(ranks))
-            if mask[j] and mask[k] and ranks[j] < ranks[k] and (not best_vs_rest or ranks[j] == best)]
+    return [
+        (j, k)
+        for j in range(len(ranks))
+        for k in range(len(ranks))
+        if mask[j] and mask[k] and ranks[j] < ranks[k] and (not best_vs_rest or ranks[j] == best)
+    ]
 
 
 @pytest.mark.parametrize("pairs", ["all", "best_vs_rest"])
@@ -156,18 +200,26 @@ def test_pairwise_label_smoothing_equals_trl():
     pol, ref = rng.normal(size=(1, 4)) * 3 - 15, rng.normal(size=(1, 4)) * 3 - 15
     ranks = np.array([[3, 1, 2, 4]], np.float64)
     pairs = ordered_pairs(ranks[0], [True] * 4)
-    want = np.mean([trl_dpo_loss("aot", [pol[0, j]], [pol[0, k]], [ref[0, j]], [ref[0, k]], beta, eps)
-                    for j, k in pairs])
+    want = np.mean(
+        [trl_dpo_loss("aot", [pol[0, j]], [pol[0, k]], [ref[0, j]], [ref[0, k]], beta, eps) for j, k in pairs]
+    )
     with jax.enable_x64(True):
-        loss, _ = pairwise(jnp.asarray(pol), jnp.asarray(ref), jnp.asarray(ranks), np.ones((1, 4), bool), beta=beta,
-                           label_smoothing=eps)
+        loss, _ = pairwise(
+            jnp.asarray(pol),
+            jnp.asarray(ref),
+            jnp.asarray(ranks),
+            np.ones((1, 4), bool),
+            beta=beta,
+            label_smoothing=eps,
+        )
     np.testing.assert_allclose(float(loss), want, rtol=1e-12)
     # and ε = 0 is trl's sigmoid on the same pairs
     j, k = np.array(pairs).T
     with jax.enable_x64(True):
         loss0, _ = pairwise(jnp.asarray(pol), jnp.asarray(ref), jnp.asarray(ranks), np.ones((1, 4), bool), beta=beta)
-    np.testing.assert_allclose(float(loss0), trl_dpo_loss("sigmoid", pol[0, j], pol[0, k], ref[0, j], ref[0, k], beta),
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        float(loss0), trl_dpo_loss("sigmoid", pol[0, j], pol[0, k], ref[0, j], ref[0, k], beta), rtol=1e-12
+    )
 
 
 def test_ipo_equals_trl_ipo_with_its_length_normalization():
@@ -178,18 +230,27 @@ def test_ipo_equals_trl_ipo_with_its_length_normalization():
     lengths = np.array([[5, 9, 3, 7]])
     ranks = np.array([[2, 1, 4, 3]], np.float64)
     j, k = np.array(ordered_pairs(ranks[0], [True] * 4)).T
-    want = trl_dpo_loss("ipo", pol[0, j], pol[0, k], ref[0, j], ref[0, k], beta, chosen_len=lengths[0, j],
-                        rejected_len=lengths[0, k])
+    want = trl_dpo_loss(
+        "ipo", pol[0, j], pol[0, k], ref[0, j], ref[0, k], beta, chosen_len=lengths[0, j], rejected_len=lengths[0, k]
+    )
     with jax.enable_x64(True):
-        loss, _ = ipo(jnp.asarray(pol), jnp.asarray(ref), jnp.asarray(ranks), np.ones((1, 4), bool), beta=beta,
-                      completion_lengths=jnp.asarray(lengths))
+        loss, _ = ipo(
+            jnp.asarray(pol),
+            jnp.asarray(ref),
+            jnp.asarray(ranks),
+            np.ones((1, 4), bool),
+            beta=beta,
+            completion_lengths=jnp.asarray(lengths),
+        )
     np.testing.assert_allclose(float(loss), want, rtol=1e-12)
 
 
 def test_implied_rewards_and_no_valid_prompt():
     np.testing.assert_allclose(np.asarray(implied_rewards(np.array([-3.0]), np.array([-5.0]), 0.5)), [1.0])
     mask = np.array([[True, False]])
-    for fn in (lambda p: kwise_dpo_loss(p, p, np.ones((1, 2)), mask, beta=0.1),
-               lambda p: pairwise_dpo_loss(p, p, np.ones((1, 2)), mask, beta=0.1)):
+    for fn in (
+        lambda p: kwise_dpo_loss(p, p, np.ones((1, 2)), mask, beta=0.1),
+        lambda p: pairwise_dpo_loss(p, p, np.ones((1, 2)), mask, beta=0.1),
+    ):
         loss, aux = fn(np.zeros((1, 2), np.float32))
         assert float(loss) == 0.0 and float(aux["num_valid_prompts"]) == 0.0

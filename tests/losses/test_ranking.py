@@ -85,15 +85,11 @@ def test_kwise_equals_brute_force_plackett_luce(k):
 
         mask = np.ones((1, k), bool)
         with jax.enable_x64(True):
-            loss64, aux = pl(
-                jnp.asarray(rewards[None], jnp.float64), jnp.asarray(ranks[None], jnp.float64), mask
-            )
+            loss64, aux = pl(jnp.asarray(rewards[None], jnp.float64), jnp.asarray(ranks[None], jnp.float64), mask)
             assert loss64.dtype == jnp.float64
             np.testing.assert_allclose(float(loss64), expected, rtol=1e-12, atol=1e-12)
             assert float(aux["num_valid_prompts"]) == 1.0
-        loss32, _ = pl(
-            jnp.asarray(rewards[None], jnp.float32), jnp.asarray(ranks[None], jnp.float32), mask
-        )
+        loss32, _ = pl(jnp.asarray(rewards[None], jnp.float32), jnp.asarray(ranks[None], jnp.float32), mask)
         assert loss32.dtype == jnp.float32
         np.testing.assert_allclose(float(loss32), expected, rtol=1e-5, atol=1e-5)
 
@@ -154,8 +150,9 @@ def test_kwise_shift_invariance():
     shift = np.array([[100.0], [-50.0], [3.0], [1000.0]], np.float32)
     base, aux0 = pl(rewards, ranks, mask)
     shifted, aux1 = pl(rewards + shift, ranks, mask)
-    np.testing.assert_allclose(np.asarray(aux1["per_prompt_loss"]), np.asarray(aux0["per_prompt_loss"]),
-                               rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(
+        np.asarray(aux1["per_prompt_loss"]), np.asarray(aux0["per_prompt_loss"]), rtol=1e-4, atol=1e-3
+    )
     np.testing.assert_allclose(float(shifted), float(base), rtol=1e-4, atol=1e-3)
 
 
@@ -168,8 +165,7 @@ def test_kwise_input_order_invariance():
     for seed in range(3):
         perm = np.random.default_rng(100 + seed).permutation(7)
         loss, aux = pl(rewards[:, perm], ranks[:, perm], mask[:, perm])
-        np.testing.assert_allclose(np.asarray(aux["per_prompt_loss"]), np.asarray(aux0["per_prompt_loss"]),
-                                   rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(aux["per_prompt_loss"]), np.asarray(aux0["per_prompt_loss"]), rtol=1e-6)
         np.testing.assert_allclose(float(loss), float(base), rtol=1e-6)
 
 
@@ -179,8 +175,14 @@ def test_kwise_masked_answers_change_nothing_and_garbage_gives_no_nan():
     ref, _ = pl(rewards3, ranks3, np.ones((1, 3), bool))
     # The same 3 answers inside a K=5 row, masked slots in between holding garbage rewards and ranks.
     mask5 = np.array([[True, False, True, False, True]])
-    for garbage_r, garbage_rank in [(0.0, 0.0), (1e30, -5.0), (-1e30, 1.0), (np.nan, np.nan), (np.inf, 2.0),
-                                    (-np.inf, np.inf)]:
+    for garbage_r, garbage_rank in [
+        (0.0, 0.0),
+        (1e30, -5.0),
+        (-1e30, 1.0),
+        (np.nan, np.nan),
+        (np.inf, 2.0),
+        (-np.inf, np.inf),
+    ]:
         rewards5 = np.array([[0.3, garbage_r, -1.2, garbage_r, 2.0]], np.float32)
         ranks5 = np.array([[2.0, garbage_rank, 3.0, garbage_rank, 1.0]], np.float32)
         loss, aux = pl(rewards5, ranks5, mask5)
@@ -198,20 +200,19 @@ def test_kwise_breslow_ties_hand_computed():
     lse = lambda *xs: math.log(sum(math.exp(x) for x in xs))  # noqa: E731
     expected = -((a - lse(a, b, c, d)) + (b - lse(b, c, d)) + (c - lse(b, c, d)) + (d - lse(d)))
     assert expected == pytest.approx(breslow_nll([a, b, c, d], [1, 2, 2, 3]))
-    loss, _ = pl(np.array([[a, b, c, d]], np.float32), np.array([[1, 2, 2, 3]], np.float32),
-                                 np.ones((1, 4), bool))
+    loss, _ = pl(np.array([[a, b, c, d]], np.float32), np.array([[1, 2, 2, 3]], np.float32), np.ones((1, 4), bool))
     np.testing.assert_allclose(float(loss), expected, rtol=1e-6)
     # A tie for the worst place: both tied answers keep each other in the denominator (nonzero last terms).
     expected2 = -((a - lse(a, b, c)) + (b - lse(b, c)) + (c - lse(b, c)))
-    loss2, _ = pl(np.array([[c, a, b]], np.float32), np.array([[2, 1, 2]], np.float32),
-                                  np.ones((1, 3), bool))
+    loss2, _ = pl(np.array([[c, a, b]], np.float32), np.array([[2, 1, 2]], np.float32), np.ones((1, 3), bool))
     np.testing.assert_allclose(float(loss2), expected2, rtol=1e-6)
     # Random rows with many ties vs the loop reference.
     rng = np.random.default_rng(4)
     rewards = rng.normal(size=(8, 6))
     ranks = rng.integers(1, 4, size=(8, 6)).astype(float)
-    per = np.asarray(pl(rewards.astype(np.float32), ranks.astype(np.float32),
-                                        np.ones((8, 6), bool))[1]["per_prompt_loss"])
+    per = np.asarray(
+        pl(rewards.astype(np.float32), ranks.astype(np.float32), np.ones((8, 6), bool))[1]["per_prompt_loss"]
+    )
     np.testing.assert_allclose(per, [breslow_nll(r, rk) for r, rk in zip(rewards, ranks)], rtol=1e-5)
 
 
@@ -244,8 +245,7 @@ def test_kwise_stable_for_large_rewards_and_jit_and_bf16():
     np.testing.assert_allclose(float(loss), 2e4 + 4e4 + 3e4, rtol=1e-6)
     grad = pl_grad(jnp.asarray(rewards), ranks, mask)
     assert np.all(np.isfinite(np.asarray(grad)))
-    loss_bf16, aux = pl(jnp.asarray([[0.5, 0.25]], jnp.bfloat16), jnp.asarray([[1.0, 2.0]]),
-                                        jnp.ones((1, 2), bool))
+    loss_bf16, aux = pl(jnp.asarray([[0.5, 0.25]], jnp.bfloat16), jnp.asarray([[1.0, 2.0]]), jnp.ones((1, 2), bool))
     assert loss_bf16.dtype == jnp.float32
     np.testing.assert_allclose(float(loss_bf16), math.log1p(math.exp(-0.25)), rtol=1e-6)
 
@@ -264,8 +264,7 @@ def test_pairwise_matches_loop_reference_with_ties_and_masks(margin_scale):
     mask[0] = True
     rewards_garbage = np.where(mask, rewards, 1e30)
     expected = pairwise_ref(rewards, ranks, mask, margin_scale)
-    loss, aux = pw(rewards_garbage.astype(np.float32), ranks.astype(np.float32), mask,
-                              margin_scale=margin_scale)
+    loss, aux = pw(rewards_garbage.astype(np.float32), ranks.astype(np.float32), mask, margin_scale=margin_scale)
     np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
     assert float(aux["per_prompt_loss"][3]) == 0.0
     n_valid = sum(
@@ -275,18 +274,22 @@ def test_pairwise_matches_loop_reference_with_ties_and_masks(margin_scale):
     assert float(aux["num_valid_prompts"]) == n_valid
     # Order invariance.
     perm = rng.permutation(5)
-    loss_p, _ = pw(rewards_garbage[:, perm].astype(np.float32), ranks[:, perm].astype(np.float32),
-                              mask[:, perm], margin_scale=margin_scale)
+    loss_p, _ = pw(
+        rewards_garbage[:, perm].astype(np.float32),
+        ranks[:, perm].astype(np.float32),
+        mask[:, perm],
+        margin_scale=margin_scale,
+    )
     np.testing.assert_allclose(float(loss_p), float(loss), rtol=1e-6)
-    grad = np.asarray(pw_grad(jnp.asarray(rewards_garbage, jnp.float32), ranks.astype(np.float32), mask,
-                              margin_scale))
+    grad = np.asarray(pw_grad(jnp.asarray(rewards_garbage, jnp.float32), ranks.astype(np.float32), mask, margin_scale))
     assert np.all(np.isfinite(grad)) and np.all(grad[~mask] == 0.0)
 
 
 def test_pairwise_margin_hand_computed():
     # ranks (1, 3): margin = 0.5 * 2 = 1; −log σ(2 − 0 − 1) = log(1 + e^-1).
-    loss, _ = pw(np.array([[2.0, 0.0]], np.float32), np.array([[1.0, 3.0]], np.float32),
-                            np.ones((1, 2), bool), margin_scale=0.5)
+    loss, _ = pw(
+        np.array([[2.0, 0.0]], np.float32), np.array([[1.0, 3.0]], np.float32), np.ones((1, 2), bool), margin_scale=0.5
+    )
     np.testing.assert_allclose(float(loss), math.log1p(math.exp(-1.0)), rtol=1e-6)
 
 
@@ -310,8 +313,9 @@ def test_registry():
     rk = np.array([[1.0, 2.0, 3.0]], np.float32)
     m = np.ones((1, 3), bool)
     np.testing.assert_allclose(float(ranking_loss("kwise", r, rk, m)[0]), float(pl(r, rk, m)[0]))
-    np.testing.assert_allclose(float(ranking_loss("pairwise", r, rk, m, margin_scale=0.3)[0]),
-                               float(pw(r, rk, m, margin_scale=0.3)[0]))
+    np.testing.assert_allclose(
+        float(ranking_loss("pairwise", r, rk, m, margin_scale=0.3)[0]), float(pw(r, rk, m, margin_scale=0.3)[0])
+    )
     with pytest.raises(ConfigError, match="margin_scale"):
         ranking_loss("kwise", r, rk, m, margin_scale=0.3)
     with pytest.raises(ConfigError):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+
 def require_torch():
     """The parity suite's references (PyTorch + transformers, the `dev` extra). A missing torch FAILS the module
     at collection (an error in CI's summary), never a silent skip that would let parity go unchecked."""
@@ -14,17 +15,28 @@ def require_torch():
         import torch
         import transformers  # noqa: F401
     except ImportError as e:
-        raise ImportError(f"the HF parity suite needs PyTorch and transformers ({e}); install the dev extra: "
-                          "pip install -e '.[dev]'") from e
+        raise ImportError(
+            f"the HF parity suite needs PyTorch and transformers ({e}); install the dev extra: pip install -e '.[dev]'"
+        ) from e
     return torch
 
 
 PAD = 0  # padding id of every fixture; real tokens are drawn from 1..V-1 so HF's pad search is unambiguous
 
 
-def hf_config_dict(kind: str = "mistral", *, gqa: bool = True, tied: bool = False, sliding_window: int | None = 5,
-                   vocab: int = 256, hidden: int = 64, layers: int = 2, heads: int = 4, inter: int = 128,
-                   rope_theta: float = 10000.0) -> dict:
+def hf_config_dict(
+    kind: str = "mistral",
+    *,
+    gqa: bool = True,
+    tied: bool = False,
+    sliding_window: int | None = 5,
+    vocab: int = 256,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    inter: int = 128,
+    rope_theta: float = 10000.0,
+) -> dict:
     cfg = {
         "model_type": kind,
         "vocab_size": vocab,
@@ -48,8 +60,9 @@ def hf_config_dict(kind: str = "mistral", *, gqa: bool = True, tied: bool = Fals
     return cfg
 
 
-def make_hf_model(folder: str | Path, kind: str = "mistral", head: str = "lm", seed: int = 0,
-                  dtype: str = "float32", **config_kwargs) -> Path:
+def make_hf_model(
+    folder: str | Path, kind: str = "mistral", head: str = "lm", seed: int = 0, dtype: str = "float32", **config_kwargs
+) -> Path:
     """Saves a random tiny `*ForCausalLM` (head="lm") or `*ForSequenceClassification` (head="score") folder.
 
     Weights are re-drawn with O(1) activations (std 1/sqrt(fan-in)-ish, norms around 1) so that parity checks are
@@ -119,8 +132,9 @@ def rewrite_config(folder: str | Path, **changes) -> None:
     path.write_text(json.dumps(cfg))
 
 
-def forward(cfg, graphdef, state, tokens, positions, segment_ids, role: str = "causal_lm", mesh=None,
-            reward_index=None):
+def forward(
+    cfg, graphdef, state, tokens, positions, segment_ids, role: str = "causal_lm", mesh=None, reward_index=None
+):
     """Jitted starling_jax forward (activation constraints on `mesh` when given) → numpy."""
     import jax
     from flax import nnx

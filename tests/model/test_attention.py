@@ -29,8 +29,15 @@ def _layout():
     rows = [
         [("plain", 1, 0, 30)],  # one right-padded sequence
         [("plain", 1, 0, 10), ("plain", 2, 0, 15), ("plain", 3, 0, 12)],  # packed
-        [("prompt", 1, 0, 8), ("answer", 1, 1, 6), ("answer", 1, 2, 6),  # two shared-prefix groups
-         ("prompt", 2, 0, 5), ("answer", 2, 1, 5), ("answer", 2, 2, 3), ("answer", 2, 3, 2)],
+        [
+            ("prompt", 1, 0, 8),
+            ("answer", 1, 1, 6),
+            ("answer", 1, 2, 6),  # two shared-prefix groups
+            ("prompt", 2, 0, 5),
+            ("answer", 2, 1, 5),
+            ("answer", 2, 2, 3),
+            ("answer", 2, 3, 2),
+        ],
         [("plain", 1, 0, 7), ("prompt", 1, 0, 9), ("answer", 1, 1, 11)],  # a plain segment then a group
     ]
     seg = np.zeros((N, L), np.int32)
@@ -41,15 +48,15 @@ def _layout():
         prompt_end = 0
         for kind, group, answer, n in parts:
             if kind == "plain":
-                seg[r, i:i + n] = group + (10 if r == 3 else 0)
-                pos[r, i:i + n] = np.arange(n)
+                seg[r, i : i + n] = group + (10 if r == 3 else 0)
+                pos[r, i : i + n] = np.arange(n)
             elif kind == "prompt":
-                seg[r, i:i + n] = group * S
-                pos[r, i:i + n] = np.arange(n)
+                seg[r, i : i + n] = group * S
+                pos[r, i : i + n] = np.arange(n)
                 prompt_end = n
             else:
-                seg[r, i:i + n] = group * S + answer
-                pos[r, i:i + n] = prompt_end + np.arange(n)
+                seg[r, i : i + n] = group * S + answer
+                pos[r, i : i + n] = prompt_end + np.arange(n)
             for t in range(n):
                 meta[r][i + t] = (kind, group, answer)
             i += n
@@ -100,11 +107,13 @@ def assert_equals_einsum(attend, qkv, seg, pos, window, jit: bool = True) -> np.
         def loss(q, k, v):
             out = fn(q, k, v)
             return jnp.sum(out * w), out
+
         f = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)
         return jax.jit(f) if jit else f
 
     (le, oe), ge = value_and_grad(lambda q, k, v: A.einsum_attention(q, k, v, A.attention_mask(seg, pos, window)))(
-        q, k, v)
+        q, k, v
+    )
     (lx, ox), gx = value_and_grad(attend)(q, k, v)
     np.testing.assert_allclose(np.asarray(ox * real), np.asarray(oe * real), atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(float(lx), float(le), rtol=1e-5)
@@ -113,17 +122,31 @@ def assert_equals_einsum(attend, qkv, seg, pos, window, jit: bool = True) -> np.
     return np.asarray(ox)
 
 
-@pytest.mark.parametrize("window,blocks,per_row", [(None, (16, 8), True), (5, (8, 16), True), (None, (64, 64), True),
-                                                   (3, (8, 8), True), (None, (8, 8), False),
-                                                   # the strip form (block_k None): L = 40 pads to 48 with 16
-                                                   (None, (16, None), True), (5, (8, None), True),
-                                                   (3, (64, None), True), (None, (8, None), False)])
+@pytest.mark.parametrize(
+    "window,blocks,per_row",
+    [
+        (None, (16, 8), True),
+        (5, (8, 16), True),
+        (None, (64, 64), True),
+        (3, (8, 8), True),
+        (None, (8, 8), False),
+        # the strip form (block_k None): L = 40 pads to 48 with 16
+        (None, (16, None), True),
+        (5, (8, None), True),
+        (3, (64, None), True),
+        (None, (8, None), False),
+    ],
+)
 def test_blockwise_equals_einsum_values_and_gradients(qkv, window, blocks, per_row):
     seg, pos, _ = _layout()
     seg, pos = jnp.asarray(seg), jnp.asarray(pos)
     out = assert_equals_einsum(
-        lambda q, k, v: A.blockwise_attention(q, k, v, seg, pos, window, *blocks, per_row=per_row), qkv, seg, pos,
-        window)
+        lambda q, k, v: A.blockwise_attention(q, k, v, seg, pos, window, *blocks, per_row=per_row),
+        qkv,
+        seg,
+        pos,
+        window,
+    )
     assert np.all(out[~np.asarray(seg != 0)] == 0)  # padding rows see nothing
 
 
@@ -136,7 +159,7 @@ def test_live_blocks_cover_every_visible_pair_and_skip_dead_ones():
     blocks = brute.reshape(N, L // b, b, L // b, b).any(axis=(2, 4))  # [N, nq, nk]
     causal = np.tril(np.ones((L // b, L // b), bool))
     for r in range(N):
-        live = np.asarray(B._live_blocks(jnp.asarray(seg[r:r + 1]), b, b))
+        live = np.asarray(B._live_blocks(jnp.asarray(seg[r : r + 1]), b, b))
         assert not (blocks[r] & ~live).any(), r
         if r in (1, 2):  # packed segments, shared-prefix groups: some causal pairs are dead
             assert (causal & ~live).any(), r
@@ -154,8 +177,11 @@ def test_blockwise_never_holds_the_score_matrix():
     def f(q, k, v, seg, pos):
         return jnp.sum(A.blockwise_attention(q, k, v, seg, pos, None, 256, 256))
 
-    compiled = jax.jit(jax.grad(f, (0, 1, 2))).lower(
-        spec(n, length, h, dh), spec(n, length, g, dh), spec(n, length, g, dh), ints, ints).compile()
+    compiled = (
+        jax.jit(jax.grad(f, (0, 1, 2)))
+        .lower(spec(n, length, h, dh), spec(n, length, g, dh), spec(n, length, g, dh), ints, ints)
+        .compile()
+    )
     scores_bytes = n * h * length * length * 4
     temp = compiled.memory_analysis().temp_size_in_bytes
     assert temp < scores_bytes / 16, (temp, scores_bytes)
@@ -173,15 +199,26 @@ def test_blockwise_strip_form_holds_one_row_of_scores_at_a_time():
     def f(q, k, v, seg, pos):
         return jnp.sum(A.blockwise_attention(q, k, v, seg, pos, None, 64, None))
 
-    compiled = jax.jit(jax.grad(f, (0, 1, 2))).lower(
-        spec(n, length, h, dh), spec(n, length, g, dh), spec(n, length, g, dh), ints, ints).compile()
+    compiled = (
+        jax.jit(jax.grad(f, (0, 1, 2)))
+        .lower(spec(n, length, h, dh), spec(n, length, g, dh), spec(n, length, g, dh), ints, ints)
+        .compile()
+    )
     scores_bytes = n * h * length * length * 4
     temp = compiled.memory_analysis().temp_size_in_bytes
     assert temp < scores_bytes / 2, (temp, scores_bytes)
 
 
-TINY = ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                   num_key_value_heads=2, sliding_window=6, pad_token_id=0)
+TINY = ModelConfig(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    sliding_window=6,
+    pad_token_id=0,
+)
 
 
 def test_decoder_blockwise_equals_einsum():
@@ -197,6 +234,7 @@ def test_decoder_blockwise_equals_einsum():
         def f(p):
             scores = nnx.merge(graphdef, p)(tokens, pos, seg)
             return jnp.sum(jnp.where(real, scores, 0.0) ** 2), scores
+
         (_, scores), grads = jax.jit(jax.value_and_grad(f, has_aux=True))(params)
         return np.asarray(scores)[np.asarray(real)], grads
 
@@ -208,8 +246,11 @@ def test_decoder_blockwise_equals_einsum():
 
 
 def test_layouts_an_implementation_cannot_handle_are_one_line_errors():
-    for impl, layout, window in (("fused", "packed", None), ("cudnn", "shared_prefix", None),
-                                 ("splash", "shared_prefix", 1024)):
+    for impl, layout, window in (
+        ("fused", "packed", None),
+        ("cudnn", "shared_prefix", None),
+        ("splash", "shared_prefix", 1024),
+    ):
         with pytest.raises(ConfigError) as e:
             A.check_layout(impl, layout, window, 2048)
         msg = str(e.value)
@@ -227,8 +268,14 @@ def test_splash_equals_einsum_values_and_gradients_in_interpret_mode(qkv, rows, 
     shared-prefix program; rows 0-1 (plain segments only) run the one-pass program, with and without a window."""
     seg, pos, _ = _layout()
     seg, pos = jnp.asarray(seg[rows]), jnp.asarray(pos[rows])
-    assert_equals_einsum(lambda q, k, v: A.splash_attention(q, k, v, seg, window, interpret=True),
-                         [x[rows] for x in qkv], seg, pos, window, jit=False)
+    assert_equals_einsum(
+        lambda q, k, v: A.splash_attention(q, k, v, seg, window, interpret=True),
+        [x[rows] for x in qkv],
+        seg,
+        pos,
+        window,
+        jit=False,
+    )
 
 
 def test_splash_shared_prefix_under_a_biting_window_is_nan_not_wrong(qkv):
@@ -259,8 +306,11 @@ def test_splash_compiles_for_a_tpu_topology():
             out = A.splash_attention(q, k, v, seg, 64, mesh=sharding.active_mesh())
         return jnp.sum(out.astype(jnp.float32))
 
-    compiled = jax.jit(jax.grad(loss, (0, 1, 2))).lower(
-        spec(8, 300, 8, 128), spec(8, 300, 4, 128), spec(8, 300, 4, 128), spec(8, 300, dt=jnp.int32)).compile()
+    compiled = (
+        jax.jit(jax.grad(loss, (0, 1, 2)))
+        .lower(spec(8, 300, 8, 128), spec(8, 300, 4, 128), spec(8, 300, 4, 128), spec(8, 300, dt=jnp.int32))
+        .compile()
+    )
     assert "tpu_custom_call" in compiled.as_text()
 
 
@@ -282,8 +332,9 @@ def test_auto_resolves_from_the_platform_of_the_mesh(monkeypatch):
         A.check_layout("auto", "shared_prefix", 1024, 2048)
 
 
-@pytest.mark.parametrize("impl,remat,scan", [("einsum", "none", False), ("blockwise", "full", False),
-                                             ("einsum", "full", True)])
+@pytest.mark.parametrize(
+    "impl,remat,scan", [("einsum", "none", False), ("blockwise", "full", False), ("einsum", "full", True)]
+)
 def test_selected_rows_equal_the_full_forward_values_and_gradients(impl, remat, scan):
     """`Decoder(select=...)` (the reward model's last layer computes only the read tokens' rows) against the full
     forward read at the same tokens: packed rows, shared prefixes, padding, a biting window, 2 tokens per row."""
@@ -291,20 +342,21 @@ def test_selected_rows_equal_the_full_forward_values_and_gradients(impl, remat, 
     tokens = jnp.asarray(np.random.default_rng(2).integers(1, 97, size=(N, L)) * (seg != 0), jnp.int32)
     last_real = [int(np.nonzero(row)[0][-1]) for row in seg]
     select = jnp.asarray([[3, t] for t in last_real], jnp.int32)  # [N, 2]
-    cfg = TINY.replace(num_hidden_layers=3, attention_impl=impl, attention_block=16, remat_policy=remat,
-                       scan_layers=scan)
+    cfg = TINY.replace(
+        num_hidden_layers=3, attention_impl=impl, attention_block=16, remat_policy=remat, scan_layers=scan
+    )
     graphdef, params = nnx.split(build_model(cfg, "reward", seed=4))
     seg, pos = jnp.asarray(seg), jnp.asarray(pos)
 
     def full(p):
         scores = nnx.merge(graphdef, p)(tokens, pos, seg)
         picked = jnp.take_along_axis(scores, select, axis=1)
-        return jnp.sum(picked ** 2), picked
+        return jnp.sum(picked**2), picked
 
     def rows(p):
         model = nnx.merge(graphdef, p)
         picked = model.score(model.decoder(tokens, pos, seg, select=select))
-        return jnp.sum(picked ** 2), picked
+        return jnp.sum(picked**2), picked
 
     (_, want), g_want = jax.jit(jax.value_and_grad(full, has_aux=True))(params)
     (_, got), g_got = jax.jit(jax.value_and_grad(rows, has_aux=True))(params)
@@ -314,8 +366,9 @@ def test_selected_rows_equal_the_full_forward_values_and_gradients(impl, remat, 
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4)
     # the reward model's `rewards` reads through the same path
     model = nnx.merge(graphdef, params)
-    np.testing.assert_allclose(np.asarray(model.rewards(tokens, pos, seg, select[:, 1])), np.asarray(want[:, 1]),
-                               atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(model.rewards(tokens, pos, seg, select[:, 1])), np.asarray(want[:, 1]), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_blocks_resolve_by_platform_and_row_length():

@@ -32,8 +32,16 @@ from starling_jax.train.runtime import RuntimeConfig
 
 TOY = "toy_no_context"
 CALLS: collections.Counter = collections.Counter()  # what the toy was asked to do, counted when traced
-CFG = ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, sliding_window=6, pad_token_id=0)
+CFG = ModelConfig(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    sliding_window=6,
+    pad_token_id=0,
+)
 
 
 def _prepare(cfg, segment_ids, positions):
@@ -54,8 +62,14 @@ def _attend_cached(cfg, q, blocks):
 @pytest.fixture
 def toy():
     """The toy registered for one test: the registry is all that changes."""
-    entry = A.Implementation(name=TOY, layouts=frozenset({"per_answer"}), platforms=None, prepare=_prepare,
-                             attend=_attend, attend_cached=_attend_cached)
+    entry = A.Implementation(
+        name=TOY,
+        layouts=frozenset({"per_answer"}),
+        platforms=None,
+        prepare=_prepare,
+        attend=_attend,
+        attend_cached=_attend_cached,
+    )
     CALLS.clear()
     with A.registered(entry):
         yield entry
@@ -124,7 +138,7 @@ def test_the_sampler_prefills_and_decodes_with_the_registered_implementation(toy
     p, new = 6, 4
     tokens = np.zeros((len(prompts), p), np.int32)
     for r, prompt in enumerate(prompts):
-        tokens[r, p - len(prompt):] = prompt  # left-padded
+        tokens[r, p - len(prompt) :] = prompt  # left-padded
     lengths = np.array([len(x) for x in prompts], np.int32)
     cfg = SamplingConfig(max_new_tokens=new, temperature=0.0)
     out = make_sampler(graphdef, cfg)(params, tokens, lengths, jnp.arange(3), jax.random.key(0))
@@ -140,8 +154,18 @@ def test_the_sampler_prefills_and_decodes_with_the_registered_implementation(toy
 
 def test_aot_compiles_and_reports_the_registered_implementation(toy):
     """The cheapest run aot accepts: the tiny reward model, 2 layers, short rows, on this host's CPU devices."""
-    cfg = load_config(RMRunConfig, None, [f"runtime.attention_impl={TOY}", "data.batch_size=8", "data.max_length=32",
-                                          "data.num_answers=2", "data.pad_to_multiple=32", "train.micro_batches=1"])
+    cfg = load_config(
+        RMRunConfig,
+        None,
+        [
+            f"runtime.attention_impl={TOY}",
+            "data.batch_size=8",
+            "data.max_length=32",
+            "data.num_answers=2",
+            "data.pad_to_multiple=32",
+            "train.micro_batches=1",
+        ],
+    )
     report = aot.compile_report(cfg, "cpu", num_layers=2)
     assert report["attention_impl"] == TOY
     assert CALLS["prepare"] >= 1 and CALLS["attend"] >= 1  # the compiled train step ran the toy's layers
@@ -156,5 +180,6 @@ def test_an_entry_without_a_cached_path_uses_the_reference_and_says_so(caplog):
         A.attend_cached(CFG.replace(attention_impl="toy_uncached"), q, [(k, v, mask)])
     np.testing.assert_array_equal(np.asarray(got), np.asarray(A.gqa_attention(q, [(k, v, mask)])))
     logged = [r.getMessage() for r in caplog.records if "toy_uncached" in r.getMessage()]
-    assert logged == ["runtime.attention_impl=toy_uncached has no cached path: the sampler and selected rows use "
-                      "einsum's"]
+    assert logged == [
+        "runtime.attention_impl=toy_uncached has no cached path: the sampler and selected rows use einsum's"
+    ]

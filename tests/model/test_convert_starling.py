@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 
 from .hf_fixtures import require_torch  # noqa: E402
+
 torch = require_torch()
 
 from starling_jax import convert_starling  # noqa: E402
-from starling_jax.errors import CheckpointError  # noqa: E402
 from starling_jax.data.tokenizer import default_tokenizer_for, load_tokenizer  # noqa: E402
+from starling_jax.errors import CheckpointError  # noqa: E402
 
 from .hf_fixtures import make_hf_model  # noqa: E402
 
@@ -37,8 +38,9 @@ class GPTRewardModel(torch.nn.Module):
 
     def forward(self, input_ids=None, past_key_values=None, attention_mask=None, position_ids=None):
         bs = input_ids.shape[0]
-        transformer_outputs = self.transformer(input_ids, past_key_values=past_key_values,
-                                               attention_mask=attention_mask, position_ids=position_ids)
+        transformer_outputs = self.transformer(
+            input_ids, past_key_values=past_key_values, attention_mask=attention_mask, position_ids=position_ids
+        )
         hidden_states = transformer_outputs[0]
         scores = []
         rewards = self.v_head(hidden_states).squeeze(-1)
@@ -49,9 +51,11 @@ class GPTRewardModel(torch.nn.Module):
         return scores
 
 
-SAMPLES = ["[INST] Hello, who are you? [/INST] I am a helpful assistant.</s>",
-           "[INST] What is 2+2? [/INST] 4</s>",
-           "[INST] Hi [/INST] Hello!</s> [INST] Tell me a joke about JAX. [/INST] It traced itself.</s>"]
+SAMPLES = [
+    "[INST] Hello, who are you? [/INST] I am a helpful assistant.</s>",
+    "[INST] What is 2+2? [/INST] 4</s>",
+    "[INST] Hi [/INST] Hello!</s> [INST] Tell me a joke about JAX. [/INST] It traced itself.</s>",
+]
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +81,13 @@ def card_rewards(rm, texts, pad_to=None):
     tok = rm.tokenizer
     tok.truncation_side = "left"
     tok.padding_side = "right"
-    enc = tok(texts, truncation=True, max_length=pad_to or 2048, return_tensors="pt",
-              padding="max_length" if pad_to else False)
+    enc = tok(
+        texts,
+        truncation=True,
+        max_length=pad_to or 2048,
+        return_tensors="pt",
+        padding="max_length" if pad_to else False,
+    )
     with torch.no_grad():
         return torch.hstack(rm(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])).double().numpy()
 
@@ -91,8 +100,9 @@ def test_released_layout_converts_and_matches_the_card(starling, converted):
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["LlamaForSequenceClassification"] and config["pad_token_id"] == 0
     assert not list(out.glob("*.bin")) and (out / "model.safetensors").is_file()
-    hf = AutoModelForSequenceClassification.from_pretrained(str(out), dtype=torch.float32,
-                                                            attn_implementation="eager").eval()
+    hf = AutoModelForSequenceClassification.from_pretrained(
+        str(out), dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     tok = AutoTokenizer.from_pretrained(str(out))
     # one unpadded sequence at a time: the card's own code path, whatever its PAD_ID
     card = np.array([card_rewards(rm, [t])[0] for t in SAMPLES])
@@ -108,8 +118,9 @@ def test_released_layout_converts_and_matches_the_card(starling, converted):
     np.testing.assert_allclose(card_rewards(rm0, SAMPLES, pad_to=64), card, atol=1e-4, rtol=0)
     # the exported chat template renders the Starling format exactly (these samples' tokens)
     conv = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]
-    assert list(tok.apply_chat_template(conv, tokenize=True, return_dict=False)) == \
-        list(load_tokenizer(base)(SAMPLES[1])["input_ids"])
+    assert list(tok.apply_chat_template(conv, tokenize=True, return_dict=False)) == list(
+        load_tokenizer(base)(SAMPLES[1])["input_ids"]
+    )
     # starling_jax itself on the converted folder
     from starling_jax.model.hf_io import load_hf
     from starling_jax.parallel.sharding import MeshConfig, make_mesh
@@ -120,13 +131,22 @@ def test_released_layout_converts_and_matches_the_card(starling, converted):
     length = max(map(len, ids))
     tokens = np.zeros((len(ids), length), np.int32)
     for i, r in enumerate(ids):
-        tokens[i, :len(r)] = r
+        tokens[i, : len(r)] = r
     lengths = np.array([len(r) for r in ids])
     real = np.arange(length)[None] < lengths[:, None]
     mesh = make_mesh(MeshConfig())
     cfg, graphdef, state = load_hf(out, "reward", mesh)
-    ours = forward(cfg, graphdef, state, tokens, np.where(real, np.arange(length)[None], 0).astype(np.int32),
-                   real.astype(np.int32), role="reward", mesh=mesh, reward_index=(lengths - 1).astype(np.int32))
+    ours = forward(
+        cfg,
+        graphdef,
+        state,
+        tokens,
+        np.where(real, np.arange(length)[None], 0).astype(np.int32),
+        real.astype(np.int32),
+        role="reward",
+        mesh=mesh,
+        reward_index=(lengths - 1).astype(np.int32),
+    )
     np.testing.assert_allclose(ours, card, atol=1e-4, rtol=0)
 
 
@@ -171,8 +191,9 @@ def test_bad_pickles_are_one_line_errors(starling, tmp_path, capsys):
     with pytest.raises(CheckpointError, match="must be equal"):
         convert_starling.convert(str(tmp_path / "differ.pt"), str(base), str(tmp_path / "o2"))
     (tmp_path / "trunc.pt").write_bytes((d / "pytorch_model.bin").read_bytes()[:5000])
-    rc = convert_starling.main(["--input", str(tmp_path / "trunc.pt"), "--base", str(base),
-                                "--output", str(tmp_path / "o3")])
+    rc = convert_starling.main(
+        ["--input", str(tmp_path / "trunc.pt"), "--base", str(base), "--output", str(tmp_path / "o3")]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "trunc.pt" in err[0]
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o3").exists()

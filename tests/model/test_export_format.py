@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 
 from .hf_fixtures import require_torch  # noqa: E402
+
 require_torch()
 
 from starling_jax import score, train_rm  # noqa: E402
 from starling_jax.data.chat import parse_hh  # noqa: E402
 from starling_jax.data.tokenize import tokenize_answers  # noqa: E402
-from starling_jax.errors import CheckpointError  # noqa: E402
 from starling_jax.data.tokenizer import default_tokenizer_for, load_tokenizer, safe_pad_id  # noqa: E402
+from starling_jax.errors import CheckpointError  # noqa: E402
 
 from .hf_fixtures import make_hf_model, rewrite_config  # noqa: E402
 
@@ -34,18 +35,26 @@ LLAMA2_CHAT_OFFICIAL = (
     "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}"
     "{% endfor %}"
 )
-PROMPTS = ["\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: Name a {w} fruit.\n\nAssistant:",
-           "\n\nHuman: Say something {w}.\n\nAssistant:"]
+PROMPTS = [
+    "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: Name a {w} fruit.\n\nAssistant:",
+    "\n\nHuman: Say something {w}.\n\nAssistant:",
+]
 
 
 def rows():
     out = []
     for i in range(12):
         w = ["red", "green", "sweet", "sour"][i % 4] + str(i)
-        out.append({"prompt": PROMPTS[i % 2].format(w=w),
-                    "answers": [{"answer": f"A {w} apple, number {i}.", "model": "a", "rank": 1},
-                                {"answer": f"No {w}.", "model": "b", "rank": 2},
-                                {"answer": "", "model": "c", "rank": 3}]})
+        out.append(
+            {
+                "prompt": PROMPTS[i % 2].format(w=w),
+                "answers": [
+                    {"answer": f"A {w} apple, number {i}.", "model": "a", "rank": 1},
+                    {"answer": f"No {w}.", "model": "b", "rank": 2},
+                    {"answer": "", "model": "c", "rank": 3},
+                ],
+            }
+        )
     return out
 
 
@@ -63,10 +72,24 @@ def run(tmp_path_factory):
     data = d / "rows.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows()))
     out = d / "run"
-    rc = train_rm.main([f"output_dir={out}", f"init_from={init}", "data.template=llama2_chat",
-                        f"data.train={data}", f"data.eval={data}", "data.max_length=128", "data.batch_size=8",
-                        "train.steps=2", "train.eval_every=2", "train.save_every=2", "export.plot=false",
-                        "train.progress_bar=false", "optim.warmup_steps=1", "optim.learning_rate=0.05"])
+    rc = train_rm.main(
+        [
+            f"output_dir={out}",
+            f"init_from={init}",
+            "data.template=llama2_chat",
+            f"data.train={data}",
+            f"data.eval={data}",
+            "data.max_length=128",
+            "data.batch_size=8",
+            "train.steps=2",
+            "train.eval_every=2",
+            "train.save_every=2",
+            "export.plot=false",
+            "train.progress_bar=false",
+            "optim.warmup_steps=1",
+            "optim.learning_rate=0.05",
+        ]
+    )
     assert rc == 0
     return init, data, out
 

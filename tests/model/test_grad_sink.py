@@ -33,13 +33,15 @@ def model_and_batch(cfg, mesh=None):
 def scores_loss(graphdef, uses: int = 1):
     """Σ scores · weights over real tokens, per micro-batch (summed, as the jobs' losses are); `uses` calls of the
     model on the same batch (the second with reversed weights)."""
+
     def loss_fn(p, b):
         model = nnx.merge(graphdef, p)
         total, scores = 0.0, None
         for u in range(uses):
             scores = model(b["tokens"], b["positions"], b["segment_ids"])
-            total = total + jnp.sum(scores * (WEIGHTS if u == 0 else 1.0 + WEIGHTS ** 2) * (b["segment_ids"] > 0))
+            total = total + jnp.sum(scores * (WEIGHTS if u == 0 else 1.0 + WEIGHTS**2) * (b["segment_ids"] > 0))
         return total, (jnp.float32(b["tokens"].shape[0]), scores)
+
     return loss_fn
 
 
@@ -71,8 +73,10 @@ def assert_bitwise(a, b):
         np.testing.assert_array_equal(x, y)
 
 
-@pytest.mark.parametrize("remat_policy,dtype,micro_batches", [
-    ("full", "float32", 1), ("full", "bfloat16", 4), ("full_offload", "float32", 2)])
+@pytest.mark.parametrize(
+    "remat_policy,dtype,micro_batches",
+    [("full", "float32", 1), ("full", "bfloat16", 4), ("full_offload", "float32", 2)],
+)
 def test_sink_gives_the_ordinary_sums_bit_for_bit(monkeypatch, remat_policy, dtype, micro_batches):
     cfg = BASE.replace(remat_policy=remat_policy, dtype=dtype, mlp_chunks=2)
     graphdef, params, batch = model_and_batch(cfg)
@@ -155,8 +159,9 @@ def test_cast_projections_changes_nothing(monkeypatch):
 def test_sink_drops_the_stacked_micro_batch_gradient(monkeypatch):
     """A wide layer stack, gradients accumulated over 2 micro-batches: without the sink the compiled step holds the
     stacked per-micro-batch gradient of every layer beside the accumulator; with it, about one layer's."""
-    cfg = BASE.replace(remat_policy="full", hidden_size=256, intermediate_size=1024, num_hidden_layers=8,
-                       sliding_window=None)
+    cfg = BASE.replace(
+        remat_policy="full", hidden_size=256, intermediate_size=1024, num_hidden_layers=8, sliding_window=None
+    )
     graphdef, params, batch = model_and_batch(cfg)
 
     def temporaries():
@@ -166,8 +171,9 @@ def test_sink_drops_the_stacked_micro_batch_gradient(monkeypatch):
     with_sink = temporaries()
     SinkCalls(monkeypatch).off()
     without = temporaries()
-    layers_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.split(build_model(cfg, "reward", seed=1))[1])
-                       if x.ndim >= 3)
+    layers_bytes = sum(
+        x.nbytes for x in jax.tree.leaves(nnx.split(build_model(cfg, "reward", seed=1))[1]) if x.ndim >= 3
+    )
     assert without - with_sink > 0.75 * layers_bytes, (with_sink, without, layers_bytes)
 
 

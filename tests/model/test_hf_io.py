@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from .hf_fixtures import require_torch  # noqa: E402
+
 require_torch()
 
 from safetensors.numpy import save_file  # noqa: E402
@@ -15,8 +16,14 @@ from starling_jax.errors import CheckpointError  # noqa: E402
 from starling_jax.model.config import ModelConfig  # noqa: E402
 from starling_jax.model.hf_io import key_table, load_hf, read_hf_tensors, save_hf  # noqa: E402
 
-from .hf_fixtures import (cached_model, forward, hf_outputs, one_device_mesh, random_batch,  # noqa: E402
-                          rewrite_config)
+from .hf_fixtures import (  # noqa: E402
+    cached_model,
+    forward,
+    hf_outputs,
+    one_device_mesh,
+    random_batch,
+    rewrite_config,
+)
 
 MISTRAL = dict(gqa=True, sliding_window=5)
 
@@ -41,8 +48,14 @@ def assert_byte_equal(a: dict, b: dict):
 
 
 def test_key_table_counts():
-    cfg = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2)
+    cfg = ModelConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     assert len(key_table(cfg, "causal_lm")) == 2 + 9 * 3 + 1
     assert len(key_table(cfg.replace(tie_word_embeddings=True), "causal_lm")) == 2 + 9 * 3
     table = key_table(cfg, "reward")
@@ -61,8 +74,10 @@ def test_key_table_counts():
 
 
 @pytest.mark.parametrize("scan", [False, True])
-@pytest.mark.parametrize("kind,head,kwargs", [("mistral", "lm", MISTRAL), ("llama", "score", dict(gqa=False)),
-                                              ("llama", "lm", dict(gqa=False, tied=True))])
+@pytest.mark.parametrize(
+    "kind,head,kwargs",
+    [("mistral", "lm", MISTRAL), ("llama", "score", dict(gqa=False)), ("llama", "lm", dict(gqa=False, tied=True))],
+)
 def test_round_trip_is_byte_exact(kind, head, kwargs, scan, tmp_path_factory, tmp_path):
     folder = cached_model(tmp_path_factory, kind, head, **kwargs)
     role = "causal_lm" if head == "lm" else "reward"
@@ -116,14 +131,21 @@ def test_reward_from_lm_checkpoint_and_export_loads_in_transformers(tmp_path_fac
     head = np.asarray(state["score"]["kernel"].get_value())
     assert head.shape == (64, 1) and 0.005 < head.std() < 0.05
     _, _, lm_state = load_hf(lm, "causal_lm", one_device_mesh())
-    np.testing.assert_array_equal(np.asarray(state["decoder"]["embed"].get_value()),
-                                  np.asarray(lm_state["decoder"]["embed"].get_value()))
+    np.testing.assert_array_equal(
+        np.asarray(state["decoder"]["embed"].get_value()), np.asarray(lm_state["decoder"]["embed"].get_value())
+    )
     tok_dir = tmp_path / "tok"
     tok_dir.mkdir()
     (tok_dir / "tokenizer_config.json").write_text('{"tokenizer_class": "LlamaTokenizer"}')
     (tok_dir / "chat_template.jinja").write_text("{{ messages }}")
-    out = save_hf(tmp_path / "rm", cfg, state, "reward", tokenizer_dir=tok_dir,
-                  extra_config={"reward_mean": 0.5, "reward_std": 2.0})
+    out = save_hf(
+        tmp_path / "rm",
+        cfg,
+        state,
+        "reward",
+        tokenizer_dir=tok_dir,
+        extra_config={"reward_mean": 0.5, "reward_std": 2.0},
+    )
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["MistralForSequenceClassification"]
     assert config["num_labels"] == 1 and config["id2label"] == {"0": "LABEL_0"} and config["pad_token_id"] == 0
@@ -131,8 +153,15 @@ def test_reward_from_lm_checkpoint_and_export_loads_in_transformers(tmp_path_fac
     assert (out / "tokenizer_config.json").is_file() and (out / "chat_template.jinja").is_file()
     tokens, positions, segment_ids, lengths = random_batch(seed=4)
     ref = hf_outputs(out, tokens, lengths, "score")
-    ours = forward(cfg, *load_hf(out, "reward", one_device_mesh())[1:], tokens, positions, segment_ids,
-                   role="reward", reward_index=(lengths - 1).astype(np.int32))
+    ours = forward(
+        cfg,
+        *load_hf(out, "reward", one_device_mesh())[1:],
+        tokens,
+        positions,
+        segment_ids,
+        role="reward",
+        reward_index=(lengths - 1).astype(np.int32),
+    )
     np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
     # a reward export needs a pad token
     with pytest.raises(CheckpointError, match="pad_token_id"):
@@ -186,8 +215,11 @@ def test_missing_extra_and_misshapen_tensors(tmp_path_factory, tmp_path):
     missing = dict(tensors)
     del missing["model.layers.1.mlp.up_proj.weight"]
     folder = copy_folder(src, tmp_path / "missing", missing)
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: missing tensor 'model\.layers\.1\.mlp\.up_proj"
-                                              r"\.weight' \(expected shape \[128, 64\]\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"model\.safetensors: missing tensor 'model\.layers\.1\.mlp\.up_proj"
+        r"\.weight' \(expected shape \[128, 64\]\)",
+    ):
         load_hf(folder, "causal_lm", mesh)
 
     extra = dict(tensors, **{"model.layers.2.mlp.up_proj.weight": tensors["model.layers.1.mlp.up_proj.weight"]})
@@ -197,8 +229,11 @@ def test_missing_extra_and_misshapen_tensors(tmp_path_factory, tmp_path):
 
     bad = dict(tensors, **{"model.layers.0.self_attn.k_proj.weight": np.zeros((64, 64), np.float32)})
     folder = copy_folder(src, tmp_path / "shape", bad)
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor 'model\.layers\.0\.self_attn\.k_proj\.weight'"
-                                              r" has shape \[64, 64\], expected \[32, 64\]"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"model\.safetensors: tensor 'model\.layers\.0\.self_attn\.k_proj\.weight'"
+        r" has shape \[64, 64\], expected \[32, 64\]",
+    ):
         load_hf(folder, "causal_lm", mesh)
 
     # config and weights disagree (wrong intermediate_size in config.json)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from .hf_fixtures import require_torch  # noqa: E402
+
 require_torch()
 
 from starling_jax.model.create import abstract_model  # noqa: E402
@@ -17,14 +18,20 @@ TOL = 1e-4
 CAUSAL_CASES = {
     # name: (kind, HF config kwargs, runtime overrides)
     "mistral_gqa_window_list": ("mistral", dict(gqa=True, sliding_window=5), dict(scan_layers=False)),
-    "mistral_gqa_window_scan_remat": ("mistral", dict(gqa=True, sliding_window=5),
-                                      dict(scan_layers=True, remat_policy="full")),
+    "mistral_gqa_window_scan_remat": (
+        "mistral",
+        dict(gqa=True, sliding_window=5),
+        dict(scan_layers=True, remat_policy="full"),
+    ),
     "llama2_tied_list_remat": ("llama", dict(gqa=False, tied=True), dict(scan_layers=False, remat_policy="dots")),
     "llama2_untied_scan": ("llama", dict(gqa=False, tied=False), dict(scan_layers=True)),
     # jax.nn.dot_product_attention (XLA on CPU; cuDNN on GPU in bf16): causal + window + lengths, GQA
     "mistral_gqa_window_fused": ("mistral", dict(gqa=True, sliding_window=5), dict(attention_impl="fused")),
-    "llama2_fused_scan_remat": ("llama", dict(gqa=False, tied=False),
-                                dict(attention_impl="fused", scan_layers=True, remat_policy="full")),
+    "llama2_fused_scan_remat": (
+        "llama",
+        dict(gqa=False, tied=False),
+        dict(attention_impl="fused", scan_layers=True, remat_policy="full"),
+    ),
 }
 
 
@@ -58,8 +65,9 @@ def test_sequence_classification_scores_match_transformers(case, tmp_path_factor
     tokens, positions, segment_ids, lengths = random_batch(seed=1, length=LENGTH)
     ref = hf_outputs(folder, tokens, lengths, "score")
     cfg, graphdef, state = load_hf(folder, "reward", one_device_mesh(), **runtime)
-    ours = forward(cfg, graphdef, state, tokens, positions, segment_ids, role="reward",
-                   reward_index=(lengths - 1).astype(np.int32))
+    ours = forward(
+        cfg, graphdef, state, tokens, positions, segment_ids, role="reward", reward_index=(lengths - 1).astype(np.int32)
+    )
     assert ours.shape == (len(lengths),)
     np.testing.assert_allclose(ours, ref, atol=TOL, rtol=0)
 

@@ -16,8 +16,18 @@ from starling_jax.model.heads import build_model
 from starling_jax.parallel import sharding
 from starling_jax.parallel.sharding import MeshConfig, make_mesh
 
-BASE = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2, sliding_window=7, pad_token_id=0, remat_policy="full", scan_layers=True)
+BASE = ModelConfig(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    sliding_window=7,
+    pad_token_id=0,
+    remat_policy="full",
+    scan_layers=True,
+)
 
 
 def packed_batch(n: int, length: int, seed: int = 0):
@@ -54,24 +64,31 @@ def assert_same(a, b):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("remat_policy,scan_layers,length,chunks", [
-    ("full", True, 24, 4),  # 4 slices of 6 tokens, under the scanned layers
-    ("full", False, 30, 4),  # gcd(30, 4) = 2 slices
-    ("none", False, 24, 8),  # no remat: the map keeps every slice's activations; same values
-    ("full_offload", True, 24, 1),  # the scanned layers' inputs through pinned host memory
-])
+@pytest.mark.parametrize(
+    "remat_policy,scan_layers,length,chunks",
+    [
+        ("full", True, 24, 4),  # 4 slices of 6 tokens, under the scanned layers
+        ("full", False, 30, 4),  # gcd(30, 4) = 2 slices
+        ("none", False, 24, 8),  # no remat: the map keeps every slice's activations; same values
+        ("full_offload", True, 24, 1),  # the scanned layers' inputs through pinned host memory
+    ],
+)
 def test_chunked_mlp_equals_the_whole_mlp(remat_policy, scan_layers, length, chunks):
     cfg = BASE.replace(scan_layers=scan_layers)
     batch = packed_batch(3, length)
-    assert_same(rewards_and_grads(cfg.replace(remat_policy=remat_policy, mlp_chunks=chunks), batch),
-                rewards_and_grads(cfg, batch))
+    assert_same(
+        rewards_and_grads(cfg.replace(remat_policy=remat_policy, mlp_chunks=chunks), batch),
+        rewards_and_grads(cfg, batch),
+    )
 
 
 def test_chunked_mlp_and_offload_sharded_equal_one_device():
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     batch = packed_batch(4, 32, seed=2)
-    assert_same(rewards_and_grads(BASE.replace(mlp_chunks=4, remat_policy="full_offload"), batch, mesh),
-                rewards_and_grads(BASE, batch))
+    assert_same(
+        rewards_and_grads(BASE.replace(mlp_chunks=4, remat_policy="full_offload"), batch, mesh),
+        rewards_and_grads(BASE, batch),
+    )
 
 
 def backward_temporaries(cfg: ModelConfig, n: int = 4, length: int = 512) -> int:

@@ -16,8 +16,15 @@ from starling_jax.train import rm_step
 from starling_jax.train.optimizer import OptimConfig, make_optimizer
 from starling_jax.train.state import init_train_state
 
-CFG = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                  num_key_value_heads=2, sliding_window=None)
+CFG = ModelConfig(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    sliding_window=None,
+)
 
 
 def test_dcn_axis_is_outermost_and_replicates_parameters():
@@ -46,10 +53,14 @@ def make_batch(b=8, k=3, length=16, seed=0):
     lengths = rng.integers(4, length + 1, (b, k))
     seg = (np.arange(length)[None, None] < lengths[..., None]).astype(np.int32)
     tokens = rng.integers(1, CFG.vocab_size, (b, k, length)).astype(np.int32) * seg
-    return {"tokens": tokens, "positions": (np.arange(length)[None, None] * seg).astype(np.int32),
-            "segment_ids": seg, "reward_index": (lengths - 1).astype(np.int32),
-            "ranks": np.stack([rng.permutation(k) + 1 for _ in range(b)]).astype(np.float32),
-            "answer_mask": np.ones((b, k), bool)}
+    return {
+        "tokens": tokens,
+        "positions": (np.arange(length)[None, None] * seg).astype(np.int32),
+        "segment_ids": seg,
+        "reward_index": (lengths - 1).astype(np.int32),
+        "ranks": np.stack([rng.permutation(k) + 1 for _ in range(b)]).astype(np.float32),
+        "answer_mask": np.ones((b, k), bool),
+    }
 
 
 def train_losses(mesh_cfg, devices, steps=2):

@@ -83,8 +83,8 @@ def test_reward_model_sharded_matches_one_device(mesh8, tmp_path_factory):
     assert score.sharding.shard_shape(score.shape) == (32, 1)  # (embed→fsdp, score→replicated)
     tokens, positions, segment_ids, lengths = random_batch(n=4, lengths=[12, 9, 6, 3], length=12, seed=5)
     idx = (lengths - 1).astype(np.int32)
-    sharded = forward(cfg, graphdef, state, tokens, positions, segment_ids, role="reward", mesh=mesh8,
-                      reward_index=idx)
-    single = forward(*load_hf(folder, "reward", one_device_mesh()), tokens, positions, segment_ids, role="reward",
-                     reward_index=idx)
+    sharded = forward(cfg, graphdef, state, tokens, positions, segment_ids, role="reward", mesh=mesh8, reward_index=idx)
+    single = forward(
+        *load_hf(folder, "reward", one_device_mesh()), tokens, positions, segment_ids, role="reward", reward_index=idx
+    )
     np.testing.assert_allclose(sharded, single, atol=1e-5, rtol=0)

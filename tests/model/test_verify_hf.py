@@ -5,6 +5,7 @@ import json
 import pytest
 
 from .hf_fixtures import require_torch  # noqa: E402
+
 require_torch()
 
 from starling_jax import verify_hf  # noqa: E402
@@ -86,8 +87,11 @@ def test_corrupted_sequence_classification_fails_in_bfloat16(corruption, tmp_pat
 
     def load_and_perturb(*args, **kwargs):
         cfg, graphdef, state = real_load(*args, **kwargs)
-        var = state["score"]["kernel"] if corruption == "score_head" else \
-            state["decoder"]["layers"][0]["mlp"]["down_proj"]
+        var = (
+            state["score"]["kernel"]
+            if corruption == "score_head"
+            else state["decoder"]["layers"][0]["mlp"]["down_proj"]
+        )
         var.set_value(var.get_value() * 1.25)
         return cfg, graphdef, state
 

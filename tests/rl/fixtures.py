@@ -23,8 +23,11 @@ def tiny_model(cfg: ModelConfig, role: str, seed: int = 0) -> nnx.Module:
     rng = np.random.default_rng(seed)
 
     def draw(path, leaf):
-        values = (1.0 + rng.normal(0.0, 0.1, leaf.shape)) if _names(path)[-1] == "scale" else rng.normal(
-            0.0, 0.02, leaf.shape)
+        values = (
+            (1.0 + rng.normal(0.0, 0.1, leaf.shape))
+            if _names(path)[-1] == "scale"
+            else rng.normal(0.0, 0.02, leaf.shape)
+        )
         return jnp.asarray(values, leaf.dtype)
 
     return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(draw, abstract))

@@ -11,8 +11,16 @@ from starling_jax.model.config import ModelConfig
 from starling_jax.model.hydra import ReferenceTop, hydra_logits, hydra_param_counts
 from tests.rl.fixtures import perturb, tiny_model
 
-TINY = dict(model_type="mistral", vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-            num_attention_heads=4, num_key_value_heads=2, sliding_window=5)
+TINY = dict(
+    model_type="mistral",
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    sliding_window=5,
+)
 
 
 def _n_params(module) -> int:
@@ -66,7 +74,8 @@ def test_hydra_reference_equals_full_frozen_copy(scan, tied, unfrozen):
 
     # Gradients reach only the actor's top: the frozen bottom gets none through the hydra forward.
     grads = nnx.jit(nnx.grad(lambda a: jnp.sum(hydra_logits(a, reference, tokens, positions, segment_ids)[0] ** 2)))(
-        actor)
+        actor
+    )
     if not scan and not tied:  # one backward compile is enough to show it
         start = cfg.num_hidden_layers - unfrozen
         assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(nnx.state(grads.decoder.layers[start - 1])))

@@ -8,8 +8,17 @@ import numpy as np
 import pytest
 
 from starling_jax.errors import ConfigError
-from starling_jax.rl.kl import (KLConfig, adaptive_kl_update, init_kl_coef, kl_estimator, kl_k1, kl_k2, kl_k3,
-                                sequence_kl, update_kl_coef)
+from starling_jax.rl.kl import (
+    KLConfig,
+    adaptive_kl_update,
+    init_kl_coef,
+    kl_estimator,
+    kl_k1,
+    kl_k2,
+    kl_k3,
+    sequence_kl,
+    update_kl_coef,
+)
 
 
 def test_exact_expectation_on_categoricals():
@@ -33,7 +42,7 @@ def test_monte_carlo_on_gaussians(mu, sigma):
     n = 200_000
     kl = math.log(sigma) + (1 + mu * mu) / (2 * sigma * sigma) - 0.5
     x = jax.random.normal(jax.random.key(0), (n,))
-    logp = -0.5 * x ** 2 - 0.5 * math.log(2 * math.pi)
+    logp = -0.5 * x**2 - 0.5 * math.log(2 * math.pi)
     logq = -0.5 * ((x - mu) / sigma) ** 2 - math.log(sigma) - 0.5 * math.log(2 * math.pi)
     k1, k3 = np.asarray(kl_k1(logp, logq), np.float64), np.asarray(kl_k3(logp, logq), np.float64)
     for k in (k1, k3):
@@ -50,16 +59,22 @@ def test_sequence_kl_masks_padding():
 def test_adaptive_controller_update_rule():
     # β' = β (1 + clip(KL/target − 1, −0.2, 0.2) · n/H), hand-computed.
     beta = jnp.float32(0.1)
-    assert float(adaptive_kl_update(beta, 9.0, 64, target=6.0, horizon=10000)) == pytest.approx(0.1 * (1 + 0.2 * 64 / 10000))
-    assert float(adaptive_kl_update(beta, 6.6, 64, target=6.0, horizon=10000)) == pytest.approx(0.1 * (1 + 0.1 * 64 / 10000))
-    assert float(adaptive_kl_update(beta, 0.0, 64, target=6.0, horizon=10000)) == pytest.approx(0.1 * (1 - 0.2 * 64 / 10000))
+    assert float(adaptive_kl_update(beta, 9.0, 64, target=6.0, horizon=10000)) == pytest.approx(
+        0.1 * (1 + 0.2 * 64 / 10000)
+    )
+    assert float(adaptive_kl_update(beta, 6.6, 64, target=6.0, horizon=10000)) == pytest.approx(
+        0.1 * (1 + 0.1 * 64 / 10000)
+    )
+    assert float(adaptive_kl_update(beta, 0.0, 64, target=6.0, horizon=10000)) == pytest.approx(
+        0.1 * (1 - 0.2 * 64 / 10000)
+    )
     assert float(adaptive_kl_update(beta, 6.0, 64, target=6.0, horizon=10000)) == pytest.approx(0.1)
     # Jitted, iterated: a KL held above target makes β grow geometrically, at the capped rate.
     step = jax.jit(lambda b: adaptive_kl_update(b, 100.0, 100, target=1.0, horizon=1000))
     b = beta
     for _ in range(10):
         b = step(b)
-    assert float(b) == pytest.approx(0.1 * 1.02 ** 10, rel=1e-5)
+    assert float(b) == pytest.approx(0.1 * 1.02**10, rel=1e-5)
 
 
 def test_config_selects_controller_and_estimator():

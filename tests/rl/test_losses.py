@@ -8,8 +8,15 @@ import numpy as np
 import pytest
 
 from starling_jax.errors import ConfigError
-from starling_jax.rl.losses import (LossConfig, actor_critic_loss, apa_policy_loss, critic_warmup_gate,
-                                    ppo_policy_loss, token_entropy, value_loss)
+from starling_jax.rl.losses import (
+    LossConfig,
+    actor_critic_loss,
+    apa_policy_loss,
+    critic_warmup_gate,
+    ppo_policy_loss,
+    token_entropy,
+    value_loss,
+)
 
 MASK = jnp.array([[1.0, 1.0, 0.0]])  # the third token is padding: its (absurd) values must not count
 
@@ -58,14 +65,20 @@ def test_apa_loss_both_forms_hand_computed():
 def test_entropy():
     logits = jnp.array([[0.0, 0.0, 0.0, 0.0], [100.0, 0.0, 0.0, 0.0], [1.0, 2.0, 3.0, 4.0]])
     p = np.exp([1.0, 2.0, 3.0, 4.0]) / np.exp([1.0, 2.0, 3.0, 4.0]).sum()
-    np.testing.assert_allclose(np.asarray(token_entropy(logits)), [math.log(4), 0.0, -(p * np.log(p)).sum()],
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(token_entropy(logits)), [math.log(4), 0.0, -(p * np.log(p)).sum()], rtol=1e-5, atol=1e-6
+    )
 
 
 def _experience():
-    return {"old_logprobs": jnp.array([[-1.0, -1.0, 0.0]]), "ref_logprobs": jnp.array([[-1.2, -0.8, 0.0]]),
-            "old_values": jnp.array([[0.0, 0.0, 0.0]]), "advantages": jnp.array([[0.5, -0.5, 0.0]]),
-            "returns": jnp.array([[0.5, -0.5, 0.0]]), "mask": MASK}
+    return {
+        "old_logprobs": jnp.array([[-1.0, -1.0, 0.0]]),
+        "ref_logprobs": jnp.array([[-1.2, -0.8, 0.0]]),
+        "old_values": jnp.array([[0.0, 0.0, 0.0]]),
+        "advantages": jnp.array([[0.5, -0.5, 0.0]]),
+        "returns": jnp.array([[0.5, -0.5, 0.0]]),
+        "mask": MASK,
+    }
 
 
 def test_actor_critic_loss_selects_algorithm_and_anchor():

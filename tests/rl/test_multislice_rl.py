@@ -10,12 +10,20 @@ import pytest
 
 from starling_jax import train_ppo
 from starling_jax.data.chat import to_hh
-from starling_jax.parallel import sharding
 from starling_jax.data.tokenizer import default_tokenizer_dir
+from starling_jax.parallel import sharding
 from tests.model.hf_fixtures import make_hf_model
 
-QUESTIONS = ["What is the capital of France?", "Name a colour.", "Tell me a joke.", "How are you?",
-             "What is two plus two?", "Say hello.", "Who wrote Hamlet?", "Give me a number."]
+QUESTIONS = [
+    "What is the capital of France?",
+    "Name a colour.",
+    "Tell me a joke.",
+    "How are you?",
+    "What is two plus two?",
+    "Say hello.",
+    "Who wrote Hamlet?",
+    "Give me a number.",
+]
 
 
 @pytest.fixture(scope="module")
@@ -28,16 +36,32 @@ def folders(tmp_path_factory):
         for f in tok.iterdir():
             shutil.copy(f, folder / f.name)
     prompts = root / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": to_hh([{"role": "user", "content": f"{q} ({i})"}])}) + "\n"
-                               for i in range(3) for q in QUESTIONS))
+    prompts.write_text(
+        "".join(
+            json.dumps({"prompt": to_hh([{"role": "user", "content": f"{q} ({i})"}])}) + "\n"
+            for i in range(3)
+            for q in QUESTIONS
+        )
+    )
     return policy, rm, prompts
 
 
 def args_for(folders, out, *extra):
     policy, rm, prompts = folders
-    return [f"policy={policy}", f"reward_model={rm}", f"prompts.train={prompts}", f"output_dir={out}",
-            "critic_init=policy", "rollout.batch_size=8", "rollout.max_new_tokens=4", "prompts.max_prompt_tokens=32",
-            "train.progress_bar=false", "export.plot=false", "mesh.dcn=2", *extra]
+    return [
+        f"policy={policy}",
+        f"reward_model={rm}",
+        f"prompts.train={prompts}",
+        f"output_dir={out}",
+        "critic_init=policy",
+        "rollout.batch_size=8",
+        "rollout.max_new_tokens=4",
+        "prompts.max_prompt_tokens=32",
+        "train.progress_bar=false",
+        "export.plot=false",
+        "mesh.dcn=2",
+        *extra,
+    ]
 
 
 def last_json(capsys) -> tuple[dict, str]:
@@ -56,8 +80,9 @@ def test_minibatch_refusal_counts_the_slices(folders, tmp_path, capsys):
     rc = train_ppo.main(args_for(folders, tmp_path / "out", "rollout.minibatch_size=4", "prompts.eval_prompts=8"))
     summary, err = last_json(capsys)
     assert rc == 2 and summary["status"] == "error"
-    assert err.strip().splitlines()[-1] == ("error: rollout.minibatch_size=4 is not a multiple of the mesh's 8 "
-                                            "data-parallel devices")
+    assert err.strip().splitlines()[-1] == (
+        "error: rollout.minibatch_size=4 is not a multiple of the mesh's 8 data-parallel devices"
+    )
 
 
 @pytest.mark.slow
@@ -66,8 +91,17 @@ def test_ppo_iteration_runs_on_two_slices(folders, tmp_path, capsys):
     evaluation rollouts and scores (with data × fsdp = 2 they would be 6 rows, which do not split over the batch
     axes (dcn, fsdp) of the mesh); one iteration trains and evaluates."""
     assert jax.device_count() == 8
-    rc = train_ppo.main(args_for(folders, tmp_path / "out", "mesh.tensor=2", "rollout.minibatch_size=4",
-                                 "prompts.eval_prompts=6", "train.steps=1", "export.hf=false"))
+    rc = train_ppo.main(
+        args_for(
+            folders,
+            tmp_path / "out",
+            "mesh.tensor=2",
+            "rollout.minibatch_size=4",
+            "prompts.eval_prompts=6",
+            "train.steps=1",
+            "export.hf=false",
+        )
+    )
     summary, err = last_json(capsys)
     assert rc == 0 and summary["status"] == "completed" and summary["steps"] == 1, err[-3000:]
     assert summary["reward_start"] is not None and summary["reward_end"] is not None

@@ -13,20 +13,35 @@ import pytest
 
 from starling_jax.config import load_config
 from starling_jax.data.chat import to_hh
-from starling_jax.rl.config import PPORunConfig
 from starling_jax.data.tokenizer import default_tokenizer_dir
+from starling_jax.rl.config import PPORunConfig
 from tests.entrypoints import env_with, summary
 from tests.hub_cache import add_to_hub_cache, folder_files
 from tests.model.hf_fixtures import make_hf_model
 
 ROOT = Path(__file__).resolve().parents[2]
-RECIPES = {"alpha": ROOT / "configs" / "ppo_openchat35_starling_alpha.yaml",
-           "beta": ROOT / "configs" / "ppo_openchat35_beta.yaml"}
+RECIPES = {
+    "alpha": ROOT / "configs" / "ppo_openchat35_starling_alpha.yaml",
+    "beta": ROOT / "configs" / "ppo_openchat35_beta.yaml",
+}
 # Sizes only: the recipes' models, templates, algorithm, KL, reward shaping, layers trained, dtypes and mesh stay.
-SIZES = ["prompts.eval_prompts=4", "prompts.max_prompt_tokens=48", "prompts.rm_max_length=128",
-         "rollout.batch_size=4", "rollout.minibatch_size=2", "rollout.max_new_tokens=8", "train.steps=2"]
-QUESTIONS = ["What is the capital of France?", "Name a colour.", "Tell me a joke.", "How are you?",
-             "What is two plus two?", "Say hello."]
+SIZES = [
+    "prompts.eval_prompts=4",
+    "prompts.max_prompt_tokens=48",
+    "prompts.rm_max_length=128",
+    "rollout.batch_size=4",
+    "rollout.minibatch_size=2",
+    "rollout.max_new_tokens=8",
+    "train.steps=2",
+]
+QUESTIONS = [
+    "What is the capital of France?",
+    "Name a colour.",
+    "Tell me a joke.",
+    "How are you?",
+    "What is two plus two?",
+    "Say hello.",
+]
 
 
 def recipe(name: str) -> PPORunConfig:
@@ -49,8 +64,13 @@ def hf_home(tmp_path_factory):
         rm_tokenizer = default_tokenizer_dir(cfg.prompts.rm_template)
         add_to_hub_cache(home, cfg.reward_model, folder_files(rm, rm_tokenizer))
     prompts = root / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": to_hh([{"role": "user", "content": f"{q} ({i})"}])}) + "\n"
-                               for i in range(2) for q in QUESTIONS))
+    prompts.write_text(
+        "".join(
+            json.dumps({"prompt": to_hh([{"role": "user", "content": f"{q} ({i})"}])}) + "\n"
+            for i in range(2)
+            for q in QUESTIONS
+        )
+    )
     return home, prompts
 
 
@@ -59,10 +79,23 @@ def hf_home(tmp_path_factory):
 def test_recipe_runs_as_written_from_cached_hub_ids(hf_home, tmp_path, name):
     home, prompts = hf_home
     out = tmp_path / name
-    cmd = [sys.executable, "-m", "starling_jax.train_ppo", str(RECIPES[name]), *SIZES, f"prompts.train={prompts}",
-           f"output_dir={out}"]
-    proc = subprocess.run(cmd, env=env_with(1, HF_HOME=str(home), HF_HUB_OFFLINE="1"), capture_output=True,
-                          text=True, timeout=900, check=False)
+    cmd = [
+        sys.executable,
+        "-m",
+        "starling_jax.train_ppo",
+        str(RECIPES[name]),
+        *SIZES,
+        f"prompts.train={prompts}",
+        f"output_dir={out}",
+    ]
+    proc = subprocess.run(
+        cmd,
+        env=env_with(1, HF_HOME=str(home), HF_HUB_OFFLINE="1"),
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     s = summary(proc.stdout)
     cfg = recipe(name)
@@ -91,8 +124,10 @@ def test_missing_hub_id_offline_is_one_line(tmp_path, capsys, monkeypatch):
     cap = capsys.readouterr()
     err = [line for line in cap.err.splitlines() if line.startswith("error: ")]
     assert len(err) == 1 and "Traceback" not in cap.err, cap.err
-    assert err[0].startswith(f"error: policy=openchat/openchat_3.5: not a local folder, and not in the HuggingFace "
-                             f"Hub cache {tmp_path / 'hub'} (HF_HUB_OFFLINE=1"), err[0]
+    assert err[0].startswith(
+        f"error: policy=openchat/openchat_3.5: not a local folder, and not in the HuggingFace "
+        f"Hub cache {tmp_path / 'hub'} (HF_HUB_OFFLINE=1"
+    ), err[0]
     assert "`hf download openchat/openchat_3.5 " in err[0] and err[0].endswith("or pass a local folder")
     assert json.loads(cap.out.strip().splitlines()[-1])["status"] == "error"
 
@@ -108,16 +143,29 @@ def test_pickle_only_reward_model_names_convert_starling(tmp_path, capsys, monke
 
     alpha = recipe("alpha")
     cache = tmp_path / "hf_home"
-    add_to_hub_cache(cache, alpha.policy, {  # resolved first: a *ForCausalLM with safetensors
-        "config.json": json.dumps({"architectures": ["MistralForCausalLM"], "model_type": "mistral"}).encode(),
-        "model.safetensors": save({"model.embed_tokens.weight": np.zeros((2, 2), np.float32)})})
-    snapshot = add_to_hub_cache(cache, alpha.reward_model, folder_files(default_tokenizer_dir("llama2_chat")) | {
-        "config.json": json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}).encode()})
+    add_to_hub_cache(
+        cache,
+        alpha.policy,
+        {  # resolved first: a *ForCausalLM with safetensors
+            "config.json": json.dumps({"architectures": ["MistralForCausalLM"], "model_type": "mistral"}).encode(),
+            "model.safetensors": save({"model.embed_tokens.weight": np.zeros((2, 2), np.float32)}),
+        },
+    )
+    snapshot = add_to_hub_cache(
+        cache,
+        alpha.reward_model,
+        folder_files(default_tokenizer_dir("llama2_chat"))
+        | {"config.json": json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}).encode()},
+    )
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache / "hub"))
     assert train_ppo.main([str(RECIPES["alpha"]), f"output_dir={tmp_path / 'out'}"]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
-    assert err == [(f"error: reward_model={alpha.reward_model}: the Hub snapshot {snapshot} has no safetensors weights "
-                    "(starling_jax never downloads or unpickles .bin/.pt weights); convert them to a safetensors "
-                    "folder and pass that (the pickled berkeley-nest/Starling-RM-7B-alpha: `python -m "
-                    "starling_jax.convert_starling` writes runs/starling_rm_7b_alpha_hf)")], err
+    assert err == [
+        (
+            f"error: reward_model={alpha.reward_model}: the Hub snapshot {snapshot} has no safetensors weights "
+            "(starling_jax never downloads or unpickles .bin/.pt weights); convert them to a safetensors "
+            "folder and pass that (the pickled berkeley-nest/Starling-RM-7B-alpha: `python -m "
+            "starling_jax.convert_starling` writes runs/starling_rm_7b_alpha_hf)"
+        )
+    ], err

@@ -8,18 +8,19 @@ import numpy as np
 import pytest
 
 from starling_jax.data.chat import parse_hh, render
+from starling_jax.data.tokenizer import default_tokenizer_dir, load_tokenizer
 from starling_jax.errors import ConfigError
+from starling_jax.eval.score_batches import jit_rewards
 from starling_jax.model import hf_io
 from starling_jax.parallel import sharding
-from starling_jax.rl.rerender import (check_shared_tokenizer, pack_sequences, rm_batch_from_text,
-                                      rm_batch_from_tokens)
+from starling_jax.rl.rerender import check_shared_tokenizer, pack_sequences, rm_batch_from_text, rm_batch_from_tokens
 from starling_jax.score import score
-from starling_jax.eval.score_batches import jit_rewards
-from starling_jax.data.tokenizer import default_tokenizer_dir, load_tokenizer
 from tests.model.hf_fixtures import make_hf_model
 
-PROMPTS = ["\n\nHuman: What is the capital of France?\n\nAssistant:",
-           "\n\nHuman: Hi!\n\nAssistant: Hello. How can I help?\n\nHuman: Tell me a joke about cats.\n\nAssistant:"]
+PROMPTS = [
+    "\n\nHuman: What is the capital of France?\n\nAssistant:",
+    "\n\nHuman: Hi!\n\nAssistant: Hello. How can I help?\n\nHuman: Tell me a joke about cats.\n\nAssistant:",
+]
 # What an OpenChat-format policy decoded (special tokens dropped) from its rollouts.
 COMPLETIONS = ["Paris is the capital of France.", "Why did the cat sit on the computer? To keep an eye on the mouse!"]
 
@@ -35,8 +36,9 @@ def llama_rm(tmp_path_factory):
 def test_rerendered_reward_equals_score(llama_rm, tmp_path):
     tokenizer = load_tokenizer(llama_rm)
     conversations = [parse_hh(p) for p in PROMPTS]
-    batch, truncated = rm_batch_from_text(tokenizer, "llama2_chat", conversations, COMPLETIONS, max_length=256,
-                                          num_rows=8)
+    batch, truncated = rm_batch_from_text(
+        tokenizer, "llama2_chat", conversations, COMPLETIONS, max_length=256, num_rows=8
+    )
     assert not truncated.any() and batch["tokens"].shape == (8, 128)
     # The reward token is Llama-2-chat's closing </s> of the rendered conversation.
     for r, (conv, completion) in enumerate(zip(conversations, COMPLETIONS)):
@@ -45,14 +47,27 @@ def test_rerendered_reward_equals_score(llama_rm, tmp_path):
         assert batch["tokens"][r, batch["reward_index"][r]] == tokenizer.eos_token_id
     mesh = sharding.make_mesh(sharding.MeshConfig())
     _, graphdef, params = hf_io.load_hf(llama_rm, "reward", mesh)
-    rewards = np.asarray(jit_rewards(graphdef, mesh)(params, batch["tokens"], batch["positions"],
-                                                     batch["segment_ids"], batch["reward_index"]))[:2]
+    rewards = np.asarray(
+        jit_rewards(graphdef, mesh)(
+            params, batch["tokens"], batch["positions"], batch["segment_ids"], batch["reward_index"]
+        )
+    )[:2]
 
     data = tmp_path / "rollouts.jsonl"
     with open(data, "w") as f:
         for p, c in zip(PROMPTS, COMPLETIONS):
-            f.write(json.dumps({"prompt": p, "answers": [{"answer": c, "model": "policy", "rank": 1},
-                                                         {"answer": "filler", "model": "x", "rank": 2}]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "prompt": p,
+                        "answers": [
+                            {"answer": c, "model": "policy", "rank": 1},
+                            {"answer": "filler", "model": "x", "rank": 2},
+                        ],
+                    }
+                )
+                + "\n"
+            )
     out = tmp_path / "scores.jsonl"
     score(str(llama_rm), str(data), str(out), template="llama2_chat", max_length=256, batch_size=8)
     want = [json.loads(line)["rewards"][0] for line in out.read_text().splitlines()]

@@ -7,8 +7,15 @@ import pytest
 import torch
 
 from starling_jax.errors import ConfigError
-from starling_jax.rl.rewards import (RewardConfig, init_reward_stats, last_token_scores, normalize_scores,
-                                     shape_scores, token_rewards, update_reward_stats)
+from starling_jax.rl.rewards import (
+    RewardConfig,
+    init_reward_stats,
+    last_token_scores,
+    normalize_scores,
+    shape_scores,
+    token_rewards,
+    update_reward_stats,
+)
 
 
 class TrlxRunningMoments:
@@ -98,8 +105,13 @@ def test_clip_first_then_scale_then_penalty():
     clipped = np.array([2.0, -4.0, 10.0])
     std, mean = np.std(clipped, ddof=1), np.mean(clipped)
     ended = jnp.array([True, False, True])
-    for mode, want in [("none", clipped), ("running_std", clipped / std), ("ref", clipped / std),
-                       ("running", (clipped - mean) / np.std(clipped)), ("rm_config", (clipped - 1.0) / 2.0)]:
+    for mode, want in [
+        ("none", clipped),
+        ("running_std", clipped / std),
+        ("ref", clipped / std),
+        ("running", (clipped - mean) / np.std(clipped)),
+        ("rm_config", (clipped - 1.0) / 2.0),
+    ]:
         cfg = RewardConfig(normalize=mode, clip=10.0, missing_eos_penalty=1.5)
         scores, stats = shape_scores(cfg, raw, ended, init_reward_stats(), 1.0, 2.0)
         np.testing.assert_allclose(scores, want - np.array([0, 1.5, 0]), rtol=1e-5, err_msg=mode)
@@ -120,5 +132,4 @@ def test_last_token_scores_and_token_rewards():
     kl = jnp.array([[0.1, 0.2, 0.3, 9.0], [0.5, 9.0, 9.0, 9.0], [9.0, 9.0, 9.0, 9.0]])
     mask = jnp.array([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]])
     r = token_rewards(jnp.array([2.0, -1.0, 5.0]), kl, mask, 0.5)
-    np.testing.assert_allclose(r, [[-0.05, -0.1, -0.15 + 2.0, 0.0], [-0.25 - 1.0, 0, 0, 0], [0, 0, 0, 0]],
-                               rtol=1e-6)
+    np.testing.assert_allclose(r, [[-0.05, -0.1, -0.15 + 2.0, 0.0], [-0.25 - 1.0, 0, 0, 0], [0, 0, 0, 0]], rtol=1e-6)

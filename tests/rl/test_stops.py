@@ -4,10 +4,10 @@ crafted sampler outputs with the OpenChat 3.5 tokenizer (EOS `<|end_of_turn|>`).
 import numpy as np
 import pytest
 
-from starling_jax.sample.chat import stop_token_sequences
-from starling_jax.rl.stops import cut_at_stop_strings, cut_text
-from starling_jax.sample.engine import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, SampleOutput, rollout_arrays
 from starling_jax.data.tokenizer import default_tokenizer_dir, load_tokenizer
+from starling_jax.rl.stops import cut_at_stop_strings, cut_text
+from starling_jax.sample.chat import stop_token_sequences
+from starling_jax.sample.engine import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, SampleOutput, rollout_arrays
 
 STOP = "GPT4 Correct User:"
 T = 24
@@ -49,14 +49,14 @@ def test_cut_at_stop_strings_matches_trlx_decode(tok):
     ]
     tokens = np.full((len(rows), T), pad, np.int32)
     for i, (ids, _, _) in enumerate(rows):
-        tokens[i, :len(ids)] = ids
+        tokens[i, : len(ids)] = ids
     lengths = np.array([len(ids) for ids, _, _ in rows], np.int32)
     reasons = np.array([r for _, r, _ in rows], np.int32)
     out = cut_at_stop_strings(tok, tokens, lengths, reasons, [STOP], eos, pad)
 
     for i, (ids, reason, answer) in enumerate(rows):
-        got = out.tokens[i, :out.lengths[i]].tolist()
-        assert (out.tokens[i, out.lengths[i]:] == pad).all()
+        got = out.tokens[i, : out.lengths[i]].tolist()
+        assert (out.tokens[i, out.lengths[i] :] == pad).all()
         # the trained response is trlx's re-tokenized decode (without the BOS its `tokenizer(...)` prepends)
         want_text = trlx_decode(tok, ids, [STOP], reason == FINISH_EOS)
         assert tok.decode(got) == want_text, i
@@ -70,16 +70,17 @@ def test_cut_at_stop_strings_matches_trlx_decode(tok):
     # the sampler's token-level stop (generate.stop_token_sequences) ends rows 0 and 4 on their stop string; the
     # byte-split row 3 contains none of its token forms (the sampler ran on), and only the text rule cuts it
     seqs = stop_token_sequences(tok, [STOP])
-    assert all(any(tuple(rows[i][0][-len(s):]) == s for s in seqs) for i in (0, 4))
+    assert all(any(tuple(rows[i][0][-len(s) :]) == s for s in seqs) for i in (0, 4))
     row3 = rows[3][0]
-    assert not any(tuple(row3[j:j + len(s)]) == s for s in seqs for j in range(len(row3)))
+    assert not any(tuple(row3[j : j + len(s)]) == s for s in seqs for j in range(len(row3)))
 
     # the rollout layout built from the cut rows: the response mask ends at the appended EOS
     p = 5
     prompts = np.full((len(rows), p), pad, np.int32)
     prompts[:, -2:] = enc("Hi")[:1] + [eos]
-    arrays = rollout_arrays(prompts, np.full((len(rows),), 2, np.int32),
-                            SampleOutput(out.tokens, out.lengths, reasons, None, None))
+    arrays = rollout_arrays(
+        prompts, np.full((len(rows),), 2, np.int32), SampleOutput(out.tokens, out.lengths, reasons, None, None)
+    )
     mask = np.asarray(arrays["response_mask"])
     np.testing.assert_array_equal(mask.sum(1), out.lengths)
     assert np.asarray(arrays["tokens"])[0, p + out.lengths[0] - 1] == eos

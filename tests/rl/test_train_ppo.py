@@ -21,8 +21,16 @@ from tests.model.hf_fixtures import make_hf_model  # noqa: E402
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
 
-QUESTIONS = ["What is the capital of France?", "Name a colour.", "Tell me a joke.", "How are you?",
-             "What is two plus two?", "Say hello.", "Who wrote Hamlet?", "Give me a number."]
+QUESTIONS = [
+    "What is the capital of France?",
+    "Name a colour.",
+    "Tell me a joke.",
+    "How are you?",
+    "What is two plus two?",
+    "Say hello.",
+    "Who wrote Hamlet?",
+    "Give me a number.",
+]
 
 
 @pytest.fixture(scope="module")
@@ -35,25 +43,45 @@ def folders(tmp_path_factory):
         for f in tok.iterdir():
             shutil.copy(f, folder / f.name)
     prompts = root / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": to_hh([{"role": "user", "content": f"{q} ({i})"}])}) + "\n"
-                               for i in range(3) for q in QUESTIONS))
+    prompts.write_text(
+        "".join(
+            json.dumps({"prompt": to_hh([{"role": "user", "content": f"{q} ({i})"}])}) + "\n"
+            for i in range(3)
+            for q in QUESTIONS
+        )
+    )
     return policy, rm, prompts
 
 
 def base_args(folders, out, *extra):
     policy, rm, prompts = folders
-    return [f"policy={policy}", f"reward_model={rm}", f"prompts.train={prompts}", f"output_dir={out}",
-            "critic_init=policy", "prompts.eval_prompts=8", "rollout.batch_size=8", "rollout.minibatch_size=8",
-            "rollout.max_new_tokens=6", "prompts.max_prompt_tokens=32", "train.progress_bar=false",
-            "export.plot=false", *extra]
+    return [
+        f"policy={policy}",
+        f"reward_model={rm}",
+        f"prompts.train={prompts}",
+        f"output_dir={out}",
+        "critic_init=policy",
+        "prompts.eval_prompts=8",
+        "rollout.batch_size=8",
+        "rollout.minibatch_size=8",
+        "rollout.max_new_tokens=6",
+        "prompts.max_prompt_tokens=32",
+        "train.progress_bar=false",
+        "export.plot=false",
+        *extra,
+    ]
 
 
 def test_recipes_load():
     from starling_jax.rl.config import PPORunConfig
 
     alpha = load_config(PPORunConfig, ROOT / "configs" / "ppo_openchat35_starling_alpha.yaml")
-    assert (alpha.algorithm, alpha.num_layers_unfrozen, alpha.kl.coef, alpha.optim.learning_rate) == ("apa", 4, 0.01,
-                                                                                                    2e-7)
+    assert (alpha.algorithm, alpha.num_layers_unfrozen, alpha.kl.coef, alpha.optim.learning_rate) == (
+        "apa",
+        4,
+        0.01,
+        2e-7,
+    )
     assert alpha.rollout.stop_strings == ["GPT4 Correct User:"] and not alpha.reward_model_shares_tokenizer
     assert load_config(PPORunConfig, ROOT / "configs" / "ppo_openchat35_beta.yaml").algorithm == "ppo"
 
@@ -62,12 +90,15 @@ def summary_of(capsys):
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("override,message", [
-    ("policy=/nonexistent/policy", "policy=/nonexistent/policy: no such model folder"),
-    ("WRONG_ROLE", r"ForSequenceClassification folder, not a \*ForCausalLM"),
-    ("reward_model_shares_tokenizer=true", "different chat templates|different vocabularies"),
-    ("rollout.max_new_tokens=100000", "leave no room"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("policy=/nonexistent/policy", "policy=/nonexistent/policy: no such model folder"),
+        ("WRONG_ROLE", r"ForSequenceClassification folder, not a \*ForCausalLM"),
+        ("reward_model_shares_tokenizer=true", "different chat templates|different vocabularies"),
+        ("rollout.max_new_tokens=100000", "leave no room"),
+    ],
+)
 def test_one_line_errors(folders, tmp_path, capsys, override, message):
     policy, rm, prompts = folders
     args = base_args(folders, tmp_path / "out")
@@ -119,8 +150,14 @@ def test_sigterm_sigkill_and_restart_continue_the_same_run_and_export(folders, t
     assert sorted(int(p.name) for p in (resumed / "checkpoints").iterdir() if p.name.isdigit()) == [1]
 
     # SIGKILL (the same 8 simulated devices as this process, so that the programs are the same)
-    kill_after_metrics([sys.executable, "-m", "starling_jax.train_ppo", *base_args(folders, resumed, *steps)],
-                       resumed, rows=2, timeout=300, devices=jax.device_count(), checkpoint=2)
+    kill_after_metrics(
+        [sys.executable, "-m", "starling_jax.train_ppo", *base_args(folders, resumed, *steps)],
+        resumed,
+        rows=2,
+        timeout=300,
+        devices=jax.device_count(),
+        checkpoint=2,
+    )
     r_args = base_args(folders, resumed, *steps)
     assert train_ppo.main(r_args) == 0
     r = summary_of(capsys)
@@ -147,18 +184,28 @@ def test_sigterm_sigkill_and_restart_continue_the_same_run_and_export(folders, t
     from starling_jax.parallel import sharding
     from starling_jax.sample.engine import SamplingConfig, make_sampler
 
-    hf = transformers.AutoModelForCausalLM.from_pretrained(r["hf_export_dir"], dtype=torch.float32,
-                                                           attn_implementation="eager").eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        r["hf_export_dir"], dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     tok = transformers.AutoTokenizer.from_pretrained(r["hf_export_dir"])
     ids = tok("[INST] Name a colour. [/INST]", add_special_tokens=True)["input_ids"]
     with torch.no_grad():
-        want = hf.generate(torch.tensor([ids]), attention_mask=torch.ones((1, len(ids)), dtype=torch.long),
-                           max_new_tokens=5, min_new_tokens=5, do_sample=False)[0, len(ids):].tolist()
+        want = hf.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones((1, len(ids)), dtype=torch.long),
+            max_new_tokens=5,
+            min_new_tokens=5,
+            do_sample=False,
+        )[0, len(ids) :].tolist()
     mesh = sharding.make_mesh(sharding.MeshConfig(), devices=jax.devices()[:1])
     _, graphdef, params = hf_io.load_hf(r["hf_export_dir"], "causal_lm", mesh)
     out = make_sampler(graphdef, SamplingConfig(max_new_tokens=5, temperature=0.0), mesh)(
-        params, jax.numpy.asarray([ids], jax.numpy.int32), jax.numpy.asarray([len(ids)], jax.numpy.int32),
-        jax.numpy.zeros((1,), jax.numpy.int32), jax.random.key(0))
+        params,
+        jax.numpy.asarray([ids], jax.numpy.int32),
+        jax.numpy.asarray([len(ids)], jax.numpy.int32),
+        jax.numpy.zeros((1,), jax.numpy.int32),
+        jax.random.key(0),
+    )
     assert np.asarray(out.tokens)[0].tolist() == want
 
 
@@ -169,8 +216,15 @@ def test_short_run_raises_held_out_reward(folders, tmp_path, capsys, algorithm):
     # reward_end == reward_start; 8 iterations of the embedded defaults (centred scores, whitened advantages)
     # measured +0.19 (PPO) from −0.552. Margin 0.05 (about a third of the RM's score spread across rollouts);
     # KL per sequence (6 tokens) stays below 3 nats.
-    args = base_args(folders, tmp_path / algorithm, f"algorithm={algorithm}", "train.steps=8", "train.eval_every=100",
-                     "train.save_every=100", "export.hf=false")
+    args = base_args(
+        folders,
+        tmp_path / algorithm,
+        f"algorithm={algorithm}",
+        "train.steps=8",
+        "train.eval_every=100",
+        "train.save_every=100",
+        "export.hf=false",
+    )
     assert train_ppo.main(args) == 0
     s = summary_of(capsys)
     assert s["reward_end"] > s["reward_start"] + 0.05, s
@@ -193,8 +247,11 @@ def test_rollout_cut_at_a_stop_string_trains_and_scores_the_answer_plus_eos(fold
     from starling_jax.sample.engine import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, SampleOutput
 
     stop, t = "GPT4 Correct User:", 24
-    cfg = load_config(PPORunConfig, None, base_args(folders, tmp_path / "out", f'rollout.stop_strings=["{stop}"]',
-                                                     f"rollout.max_new_tokens={t}"))
+    cfg = load_config(
+        PPORunConfig,
+        None,
+        base_args(folders, tmp_path / "out", f'rollout.stop_strings=["{stop}"]', f"rollout.max_new_tokens={t}"),
+    )
     job = job_lib.PPOJob(cfg)
     job.setup(sharding.make_mesh(cfg.mesh, devices=jax.devices()[:1]))
     tok, pad = job.tokenizer, job.sampling.pad_token_id
@@ -202,19 +259,33 @@ def test_rollout_cut_at_a_stop_string_trains_and_scores_the_answer_plus_eos(fold
     enc = lambda text: tok.encode(text, add_special_tokens=False)  # noqa: E731
     byte_stop = tok.convert_tokens_to_ids([f"<0x{c:02X}>" for c in stop.encode()])
     long_row = enc(" ".join(QUESTIONS))[:t]  # a row cut by the length budget
-    sampled = [(enc(f"Paris is the capital.\n{stop}"), FINISH_STOP), ((enc("Sure") + byte_stop)[:t], FINISH_LENGTH),
-               (enc("Blue") + [eos], FINISH_EOS), (long_row, FINISH_LENGTH)] * 2
-    as_if_eos = [(enc("Paris is the capital.") + [eos], FINISH_EOS), (enc("Sure") + [eos], FINISH_EOS),
-                 (enc("Blue") + [eos], FINISH_EOS), (long_row, FINISH_LENGTH)] * 2
+    sampled = [
+        (enc(f"Paris is the capital.\n{stop}"), FINISH_STOP),
+        ((enc("Sure") + byte_stop)[:t], FINISH_LENGTH),
+        (enc("Blue") + [eos], FINISH_EOS),
+        (long_row, FINISH_LENGTH),
+    ] * 2
+    as_if_eos = [
+        (enc("Paris is the capital.") + [eos], FINISH_EOS),
+        (enc("Sure") + [eos], FINISH_EOS),
+        (enc("Blue") + [eos], FINISH_EOS),
+        (long_row, FINISH_LENGTH),
+    ] * 2
 
     def fake_sampler(spec):
         def sample(params, prompts, lengths, row_ids, key):
             tokens = np.full((len(spec), t), pad, np.int32)
             for i, (ids, _) in enumerate(spec):
-                tokens[i, :len(ids)] = ids
+                tokens[i, : len(ids)] = ids
             zeros = np.zeros((len(spec), t), np.float32)
-            return SampleOutput(tokens, np.array([len(ids) for ids, _ in spec], np.int32),
-                                np.array([r for _, r in spec], np.int32), zeros, zeros)
+            return SampleOutput(
+                tokens,
+                np.array([len(ids) for ids, _ in spec], np.int32),
+                np.array([r for _, r in spec], np.int32),
+                zeros,
+                zeros,
+            )
+
         return sample
 
     seen = {}
@@ -225,6 +296,7 @@ def test_rollout_cut_at_a_stop_string_trains_and_scores_the_answer_plus_eos(fold
         def call(*args, **kwargs):
             seen[name] = (args, kwargs, real(*args, **kwargs))
             return seen[name][2]
+
         monkeypatch.setattr(job_lib, name, call)
 
     spy("rm_batch_from_text")
@@ -235,28 +307,42 @@ def test_rollout_cut_at_a_stop_string_trains_and_scores_the_answer_plus_eos(fold
         job._sample = fake_sampler(spec)
         batch, _, completions = job._rollout(params["actor"], rows, jax.random.key(0))
         raw = job._score(job.frozen["reward"], rows, completions)
-        exp, _, _ = job._experience(params, job.frozen["reference"], job.state["reward_stats"], job.state["kl_coef"],
-                                    batch, jnp.asarray(raw), jnp.asarray(completions.ended))
+        exp, _, _ = job._experience(
+            params,
+            job.frozen["reference"],
+            job.state["reward_stats"],
+            job.state["kl_coef"],
+            batch,
+            jnp.asarray(raw),
+            jnp.asarray(completions.ended),
+        )
         texts, rm_text_batch = seen["rm_batch_from_text"][0][3], seen["rm_batch_from_text"][2][0]
         with monkeypatch.context() as m:  # the shared-tokenizer path on the same completions
             m.setattr(job.cfg, "reward_model_shares_tokenizer", True)
             raw_shared = job._score(job.frozen["reward"], rows, completions)
-        return {"batch": batch, "completions": completions, "raw": raw, "exp": jax.device_get(exp), "texts": texts,
-                "rm_text_batch": rm_text_batch, "rm_generated": seen["rm_batch_from_tokens"][0][1],
-                "raw_shared": raw_shared}
+        return {
+            "batch": batch,
+            "completions": completions,
+            "raw": raw,
+            "exp": jax.device_get(exp),
+            "texts": texts,
+            "rm_text_batch": rm_text_batch,
+            "rm_generated": seen["rm_batch_from_tokens"][0][1],
+            "raw_shared": raw_shared,
+        }
 
     a, b = run(sampled), run(as_if_eos)
     p = cfg.prompts.max_prompt_tokens
     answer = enc("Paris is the capital.") + [eos]
     # the trained response: answer + EOS, the mask ends there; rows without a stop string are as sampled
-    assert a["batch"]["tokens"][0, p:p + len(answer)].tolist() == answer
+    assert a["batch"]["tokens"][0, p : p + len(answer)].tolist() == answer
     assert a["batch"]["mask"][0].sum() == len(answer) < len(sampled[0][0])
-    assert a["batch"]["tokens"][1, p:p + 2].tolist() == enc("Sure") + [eos] and a["batch"]["mask"][1].sum() == 2
+    assert a["batch"]["tokens"][1, p : p + 2].tolist() == enc("Sure") + [eos] and a["batch"]["mask"][1].sum() == 2
     assert a["batch"]["tokens"][3, p:].tolist() == long_row and a["batch"]["mask"][3].sum() == t
     assert a["completions"].ended.tolist() == [True, True, True, False] * 2
     # the reward model's text and tokens: the answer, never the stop string
     assert a["texts"][:3] == ["Paris is the capital.", "Sure", "Blue"]
-    rendered = tok.decode(a["rm_text_batch"]["tokens"][0, :a["rm_text_batch"]["reward_index"][0] + 1])
+    rendered = tok.decode(a["rm_text_batch"]["tokens"][0, : a["rm_text_batch"]["reward_index"][0] + 1])
     assert stop not in rendered and "GPT4" not in rendered and "Paris is the capital." in rendered, rendered
     assert a["rm_generated"][0] == answer and a["rm_generated"][1] == enc("Sure") + [eos]
     # ... exactly as if the policy had ended each answer with EOS itself

@@ -11,8 +11,15 @@ from starling_jax.rl.losses import LossConfig
 from starling_jax.rl.update import init_rl_state, jit_update_step, minibatch_indices, params_and_shardings
 from tests.rl.fixtures import tiny_model
 
-CFG = ModelConfig(model_type="mistral", vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2)
+CFG = ModelConfig(
+    model_type="mistral",
+    vocab_size=64,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
 P, T, B = 4, 4, 8
 
 
@@ -26,14 +33,22 @@ def experience(seed=0):
     mask = np.zeros((B, T), np.float32)
     for r in range(B):
         n = prompt_lengths[r] + lengths[r]
-        tokens[r, P - prompt_lengths[r]:P + lengths[r]] = rng.integers(1, 64, n)
-        seg[r, P - prompt_lengths[r]:P + lengths[r]] = 1
-        pos[r, P - prompt_lengths[r]:P + lengths[r]] = np.arange(n)
-        mask[r, :lengths[r]] = 1
+        tokens[r, P - prompt_lengths[r] : P + lengths[r]] = rng.integers(1, 64, n)
+        seg[r, P - prompt_lengths[r] : P + lengths[r]] = 1
+        pos[r, P - prompt_lengths[r] : P + lengths[r]] = np.arange(n)
+        mask[r, : lengths[r]] = 1
     f = lambda *s: rng.normal(size=s).astype(np.float32)  # noqa: E731
-    return {"tokens": tokens, "positions": pos, "segment_ids": seg, "mask": mask,
-            "old_logprobs": -4.2 + 0.1 * f(B, T), "ref_logprobs": -4.2 + 0.1 * f(B, T), "old_values": f(B, T),
-            "advantages": f(B, T), "returns": f(B, T)}
+    return {
+        "tokens": tokens,
+        "positions": pos,
+        "segment_ids": seg,
+        "mask": mask,
+        "old_logprobs": -4.2 + 0.1 * f(B, T),
+        "ref_logprobs": -4.2 + 0.1 * f(B, T),
+        "old_values": f(B, T),
+        "advantages": f(B, T),
+        "returns": f(B, T),
+    }
 
 
 def run(devices, algorithm):
@@ -43,8 +58,9 @@ def run(devices, algorithm):
     params, shardings = params_and_shardings({"actor": actor, "critic": critic}, mesh)
     tx = optax.adamw(1e-3)
     state, state_shardings = init_rl_state(params, shardings, tx, mesh, seed=0, kl_coef=0.01)
-    step = jit_update_step(graphdefs, LossConfig(critic_warmup_threshold=0.0), algorithm, tx, P, mesh,
-                           state_shardings, frozen_layers=1)
+    step = jit_update_step(
+        graphdefs, LossConfig(critic_warmup_threshold=0.0), algorithm, tx, P, mesh, state_shardings, frozen_layers=1
+    )
     batch = experience()
     losses = []
     for _ in range(3):

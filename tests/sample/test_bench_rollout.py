@@ -13,8 +13,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.slow
 def test_rollout_bench_quick():
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "rollout.py"), "--quick"], capture_output=True,
-                          text=True, timeout=900, cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "rollout.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["status"] == "completed" and summary["speedup"] > 0
@@ -25,9 +31,14 @@ def test_rollout_bench_quick():
 def test_rollout_bandwidth_quick_counts_every_weight_and_the_kv_cache():
     """The bandwidth mode's bytes per step: every parameter (counted here from the shape by hand) plus the keys
     and values the sampler's cache holds (2 · layers · batch · KV heads · (prompt + new - 1) · head dim, bf16)."""
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "rollout.py"), "--bandwidth", "--quick",
-                           "--peak-gbs", "100"], capture_output=True, text=True, timeout=900, cwd=ROOT,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "rollout.py"), "--bandwidth", "--quick", "--peak-gbs", "100"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     s = json.loads(done.stdout.strip().splitlines()[-1])
     v, d, f, layers, h, g = 32000, 64, 128, 2, 4, 2

@@ -15,8 +15,14 @@ from flax import nnx  # noqa: E402
 
 from starling_jax.model import hf_io  # noqa: E402
 from starling_jax.parallel.sharding import MeshConfig, make_mesh  # noqa: E402
-from starling_jax.sample.engine import (FINISH_EOS, FINISH_LENGTH, FINISH_STOP, SamplingConfig,  # noqa: E402
-                                        make_sampler, rollout_arrays)
+from starling_jax.sample.engine import (
+    FINISH_EOS,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    SamplingConfig,  # noqa: E402
+    make_sampler,
+    rollout_arrays,
+)
 from starling_jax.sample.rollout import Sampler, bucket_length  # noqa: E402
 from tests.model.hf_fixtures import cached_model, one_device_mesh  # noqa: E402
 
@@ -33,7 +39,7 @@ GREEDY = SamplingConfig(max_new_tokens=NEW, temperature=0.0, eos_token_ids=(EOS,
 def left_pad(prompts, length=8, pad=0):
     tokens = np.full((len(prompts), length), pad, np.int32)
     for r, p in enumerate(prompts):
-        tokens[r, length - len(p):] = p
+        tokens[r, length - len(p) :] = p
     return tokens, np.array([len(p) for p in prompts], np.int32)
 
 
@@ -89,8 +95,8 @@ def full_forward(cfg, graphdef, params, sequences):
     tokens = np.zeros((len(sequences), length), np.int32)
     seg = np.zeros_like(tokens)
     for r, s in enumerate(sequences):
-        tokens[r, :len(s)] = s
-        seg[r, :len(s)] = 1
+        tokens[r, : len(s)] = s
+        seg[r, : len(s)] = 1
     positions = np.where(seg > 0, np.arange(length)[None], 0).astype(np.int32)
     return forward(cfg, graphdef, params, tokens, positions, seg)
 
@@ -99,14 +105,21 @@ def hf_greedy(folder, prompts, new):
     import torch
     import transformers
 
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32,
-                                                           attn_implementation="eager").eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        str(folder), dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     tokens, lengths = left_pad(prompts)
     mask = (np.arange(tokens.shape[1])[None] >= tokens.shape[1] - lengths[:, None]).astype(np.int64)
     with torch.no_grad():
-        out = hf.generate(input_ids=torch.from_numpy(tokens.astype(np.int64)), attention_mask=torch.from_numpy(mask),
-                          max_new_tokens=new, do_sample=False, eos_token_id=EOS, pad_token_id=0)
-    return out[:, tokens.shape[1]:].numpy()
+        out = hf.generate(
+            input_ids=torch.from_numpy(tokens.astype(np.int64)),
+            attention_mask=torch.from_numpy(mask),
+            max_new_tokens=new,
+            do_sample=False,
+            eos_token_id=EOS,
+            pad_token_id=0,
+        )
+    return out[:, tokens.shape[1] :].numpy()
 
 
 def test_greedy_equals_stepwise_argmax_transformers_and_full_forward_logprobs(model):
@@ -121,11 +134,11 @@ def test_greedy_equals_stepwise_argmax_transformers_and_full_forward_logprobs(mo
             token = int(logits[r, len(s) - 1].argmax()) if alive[r] else 0
             alive[r] = alive[r] and token != EOS
             s.append(token)
-    expected = np.array([s[len(p):] for s, p in zip(seqs, PROMPTS)])
+    expected = np.array([s[len(p) :] for s, p in zip(seqs, PROMPTS)])
     np.testing.assert_array_equal(out.tokens, expected)
     np.testing.assert_array_equal(out.tokens, hf_greedy(folder, PROMPTS, NEW))
     # log-probs of the generated tokens = those of one full forward on the finished sequences
-    finished = [list(p) + list(out.tokens[r, :out.lengths[r]]) for r, p in enumerate(PROMPTS)]
+    finished = [list(p) + list(out.tokens[r, : out.lengths[r]]) for r, p in enumerate(PROMPTS)]
     logp = jax.nn.log_softmax(full_forward(cfg, graphdef, params, finished), axis=-1)
     for r, p in enumerate(PROMPTS):
         n = out.lengths[r]
@@ -155,8 +168,9 @@ def test_blockwise_prefill_gives_the_same_rollout(mistral, scan, monkeypatch):
 
     traced = []
     blockwise = attention_blockwise.blockwise_attention
-    monkeypatch.setattr(attention_blockwise, "blockwise_attention",
-                        lambda *a, **k: traced.append(a[0].shape) or blockwise(*a, **k))
+    monkeypatch.setattr(
+        attention_blockwise, "blockwise_attention", lambda *a, **k: traced.append(a[0].shape) or blockwise(*a, **k)
+    )
     a, b = run(graphdef_e, params_e, SAMPLED), run(graphdef_b, params_b, SAMPLED)
     assert traced and all(shape[1] == 8 for shape in traced)  # the prefill (8 prompt tokens) took blockwise
     np.testing.assert_array_equal(a.tokens, b.tokens)
@@ -172,17 +186,19 @@ def test_sampling_logprobs_match_warped_full_forward(mistral):
     finished = [list(q) + list(out.tokens[r]) for r, q in enumerate(PROMPTS)]
     logits = full_forward(cfg, graphdef, params, finished)
     for r, q in enumerate(PROMPTS):
-        rows = logits[r, len(q) - 1:len(q) - 1 + NEW]
+        rows = logits[r, len(q) - 1 : len(q) - 1 + NEW]
         warped = reference_warp(rows, t, k, p)
         chosen = warped[np.arange(NEW), out.tokens[r]]
         assert (chosen > 0).all(), "a token outside the top-k / nucleus was sampled"
         np.testing.assert_allclose(out.sampling_logprobs[r], np.log(chosen), atol=1e-4)
     # the rollout layout PPO trains on (left-padded prompt + completion): a full forward gives the same log-probs
     tokens, lengths = left_pad(PROMPTS)
-    arrays = jax.tree.map(np.asarray, rollout_arrays(jnp.asarray(tokens), jnp.asarray(lengths),
-                                                     jax.tree.map(jnp.asarray, out)))
-    logp = jax.nn.log_softmax(forward(cfg, graphdef, params, arrays["tokens"], arrays["positions"],
-                                      arrays["segment_ids"]), axis=-1)
+    arrays = jax.tree.map(
+        np.asarray, rollout_arrays(jnp.asarray(tokens), jnp.asarray(lengths), jax.tree.map(jnp.asarray, out))
+    )
+    logp = jax.nn.log_softmax(
+        forward(cfg, graphdef, params, arrays["tokens"], arrays["positions"], arrays["segment_ids"]), axis=-1
+    )
     chosen = np.take_along_axis(np.asarray(logp[:, 7:-1]), out.tokens[..., None], axis=-1)[..., 0]
     np.testing.assert_allclose(chosen, out.logprobs, atol=1e-4)
     assert arrays["response_mask"].all() and (arrays["positions"][1, 5:] == np.arange(11)).all()
@@ -194,15 +210,21 @@ def test_eos_and_stop_sequences_end_rows_individually(mistral):
     assert (free.lengths == NEW).all() and (free.finish_reason == FINISH_LENGTH).all()
     eos = int(free.tokens[0, 2])  # row 0 emits it at step 2 (or earlier)
     stop = tuple(int(x) for x in free.tokens[1, 3:5])  # row 1 ends with it after step 4 (or earlier)
-    sc = SamplingConfig(max_new_tokens=NEW, temperature=SAMPLED.temperature, top_k=SAMPLED.top_k,
-                        top_p=SAMPLED.top_p, eos_token_ids=(eos, 99999), stop_sequences=(stop,))
+    sc = SamplingConfig(
+        max_new_tokens=NEW,
+        temperature=SAMPLED.temperature,
+        top_k=SAMPLED.top_k,
+        top_p=SAMPLED.top_p,
+        eos_token_ids=(eos, 99999),
+        stop_sequences=(stop,),
+    )
     out = run(graphdef, params, sc, seed=1)
 
     def first_end(tokens):
         for i in range(NEW):
             if tokens[i] == eos:
                 return i + 1, FINISH_EOS
-            if i >= len(stop) - 1 and tuple(tokens[i - len(stop) + 1:i + 1]) == stop:
+            if i >= len(stop) - 1 and tuple(tokens[i - len(stop) + 1 : i + 1]) == stop:
                 return i + 1, FINISH_STOP
         return NEW, FINISH_LENGTH
 

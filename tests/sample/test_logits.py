@@ -72,8 +72,10 @@ def draws(logits, temperature, top_k, top_p, n=20_000, seed=0):
     return np.asarray(tokens), np.asarray(raw_lp), np.asarray(samp_lp)
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p,vocab", [
-    (1.0, 0, 1.0, 8), (0.6, 0, 1.0, 8), (1.0, 4, 1.0, 8), (1.5, 0, 0.7, 8), (0.9, 0, 0.95, 700)])
+@pytest.mark.parametrize(
+    "temperature,top_k,top_p,vocab",
+    [(1.0, 0, 1.0, 8), (0.6, 0, 1.0, 8), (1.0, 4, 1.0, 8), (1.5, 0, 0.7, 8), (0.9, 0, 0.95, 700)],
+)
 def test_draws_follow_the_warped_distribution(temperature, top_k, top_p, vocab):
     rng = np.random.default_rng(vocab)
     logits = (rng.standard_normal(vocab) * 1.5).astype(np.float32)
@@ -99,8 +101,9 @@ def test_draws_follow_the_warped_distribution(temperature, top_k, top_p, vocab):
 
 def test_draws_are_seeded_and_per_row():
     logits = np.random.default_rng(3).standard_normal((6, 40)).astype(np.float32)
-    run = lambda rows, seed: np.asarray(choose(jnp.asarray(logits[rows]), jax.random.key(seed),
-                                               jnp.asarray(rows), 2, 1.0, 0, 1.0)[0])
+    run = lambda rows, seed: np.asarray(
+        choose(jnp.asarray(logits[rows]), jax.random.key(seed), jnp.asarray(rows), 2, 1.0, 0, 1.0)[0]
+    )
     everything = run(np.arange(6), 0)
     np.testing.assert_array_equal(everything, run(np.arange(6), 0))
     np.testing.assert_array_equal(everything[[4, 1]], run(np.array([4, 1]), 0))  # independent of batch mates

@@ -18,8 +18,15 @@ from tests.entrypoints import entry_cmd, env_with, losses, summary
 from tests.fake_gcs import BUCKET, fake_gcs
 
 FAST = [
-    "train.steps=32", "train.log_every=1", "train.eval_every=100", "train.save_every=4", "train.progress_bar=false",
-    "data.batch_size=8", "data.eval_batch_size=8", "data.eval_fraction=0.2", "optim.warmup_steps=2",
+    "train.steps=32",
+    "train.log_every=1",
+    "train.eval_every=100",
+    "train.save_every=4",
+    "train.progress_bar=false",
+    "data.batch_size=8",
+    "data.eval_batch_size=8",
+    "data.eval_fraction=0.2",
+    "optim.warmup_steps=2",
 ]
 
 
@@ -59,8 +66,9 @@ def test_run_writes_stops_resumes_and_exports_through_gs_urls(tmp_path):
         url_args = ["export.hf=true", "export.plot=true"]
 
         # an uninterrupted local run (the reference) and the gs:// run, side by side
-        reference = _start(entry_cmd("train_rm", tmp_path / "straight", local_data, *FAST, "export.hf=false",
-                                     "export.plot=false"), env)
+        reference = _start(
+            entry_cmd("train_rm", tmp_path / "straight", local_data, *FAST, "export.hf=false", "export.plot=false"), env
+        )
         first = _start(entry_cmd("train_rm", run, data, *FAST, *url_args), env)
         deadline = time.time() + 300
         while time.time() < deadline and first.poll() is None:
@@ -90,14 +98,30 @@ def test_run_writes_stops_resumes_and_exports_through_gs_urls(tmp_path):
         # export_hf reads the checkpoint URL, score the HF folder URL (and writes its output there)
         from starling_jax.data.nectar import split_of
 
-        evals = [line for line, row in zip(local_data.read_text().splitlines(keepends=True), rows)
-                 if split_of(row["prompt"], 0.2) == "eval"]
+        evals = [
+            line
+            for line, row in zip(local_data.read_text().splitlines(keepends=True), rows)
+            if split_of(row["prompt"], 0.2) == "eval"
+        ]
         sample = f"{bucket}/data/eval_rows.jsonl"
         epath.Path(sample).write_text("".join(evals))
-        export = _start([sys.executable, "-m", "starling_jax.export_hf", "--checkpoint", run, "--output",
-                         f"{bucket}/export"], env)
-        score = _start([sys.executable, "-m", "starling_jax.score", "--model", f"{run}/hf", "--data", sample,
-                        "--output", f"{bucket}/scores.jsonl"], env)
+        export = _start(
+            [sys.executable, "-m", "starling_jax.export_hf", "--checkpoint", run, "--output", f"{bucket}/export"], env
+        )
+        score = _start(
+            [
+                sys.executable,
+                "-m",
+                "starling_jax.score",
+                "--model",
+                f"{run}/hf",
+                "--data",
+                sample,
+                "--output",
+                f"{bucket}/scores.jsonl",
+            ],
+            env,
+        )
         exported, scored = _finish(export), _finish(score)
         assert exported["output"] == f"{bucket}/export" and exported["role"] == "reward"
         a, b = (load_file(local_copy(u) / "model.safetensors") for u in (f"{bucket}/export", f"{run}/hf"))
@@ -147,11 +171,11 @@ def test_ppo_run_on_gs_stops_resumes_and_exports(tmp_path):
 
     from etils import epath
 
-    from starling_jax.data.chat import to_hh
-    from starling_jax.errors import CheckpointError
     from starling_jax import hub
-    from starling_jax.paths import upload_folder
+    from starling_jax.data.chat import to_hh
     from starling_jax.data.tokenizer import default_tokenizer_dir
+    from starling_jax.errors import CheckpointError
+    from starling_jax.paths import upload_folder
     from tests.model.hf_fixtures import make_hf_model
 
     tok = default_tokenizer_dir("llama2_chat")
@@ -162,8 +186,11 @@ def test_ppo_run_on_gs_stops_resumes_and_exports(tmp_path):
             shutil.copy(f, folder / f.name)
     assert (policy / "generation_config.json").is_file()
     questions = ["What is the capital of France?", "Name a colour.", "Tell me a joke.", "How are you?"]
-    prompts = "".join(json.dumps({"prompt": to_hh([{"role": "user", "content": f"{q} ({i})"}])}) + "\n"
-                      for i in range(6) for q in questions)
+    prompts = "".join(
+        json.dumps({"prompt": to_hh([{"role": "user", "content": f"{q} ({i})"}])}) + "\n"
+        for i in range(6)
+        for q in questions
+    )
     with fake_gcs() as env:
         bucket = f"gs://{BUCKET}"
         run = f"{bucket}/runs/ppo"
@@ -172,10 +199,19 @@ def test_ppo_run_on_gs_stops_resumes_and_exports(tmp_path):
         epath.Path(f"{bucket}/data/prompts.jsonl").write_text(prompts)
         with pytest.raises(CheckpointError, match=f"^policy={bucket}/models/nothing: no such model folder$"):
             hub.resolve(f"{bucket}/models/nothing", key="policy")
-        args = [f"policy={bucket}/models/policy", f"reward_model={bucket}/models/rm",
-                f"prompts.train={bucket}/data/prompts.jsonl", f"output_dir={run}", "prompts.eval_prompts=8",
-                "rollout.batch_size=8", "rollout.minibatch_size=8", "rollout.max_new_tokens=6",
-                "prompts.max_prompt_tokens=32", "train.progress_bar=false", "export.plot=false"]
+        args = [
+            f"policy={bucket}/models/policy",
+            f"reward_model={bucket}/models/rm",
+            f"prompts.train={bucket}/data/prompts.jsonl",
+            f"output_dir={run}",
+            "prompts.eval_prompts=8",
+            "rollout.batch_size=8",
+            "rollout.minibatch_size=8",
+            "rollout.max_new_tokens=6",
+            "prompts.max_prompt_tokens=32",
+            "train.progress_bar=false",
+            "export.plot=false",
+        ]
         cache = {"STARLING_JAX_CACHE": str(tmp_path / "cache")}  # the models' local copies
         cmd = [sys.executable, "-m", "starling_jax.train_ppo", *args]
         stopped = _finish(_start([*cmd, "train.steps=1", "export.hf=false"], {**env, **cache}), timeout=600)
@@ -190,8 +226,13 @@ def test_ppo_run_on_gs_stops_resumes_and_exports(tmp_path):
         samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
         assert [s["iteration"] for s in samples] == [0, 1, 2]  # start, end of run 1, end of the resumed run
         assert all(len(s["samples"]) == 4 and isinstance(s["samples"][0]["completion"], str) for s in samples)
-        for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                     "generation_config.json"):
+        for name in (
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "generation_config.json",
+        ):
             assert (out / "hf" / name).is_file(), name
         assert json.loads((out / "hf" / "config.json").read_text())["architectures"] == ["MistralForCausalLM"]
         assert not any(p.name.startswith(".") for p in out.iterdir())  # no temporary folder left

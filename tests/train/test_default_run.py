@@ -26,8 +26,14 @@ pytestmark = pytest.mark.slow
 def start_module(module: str, *args: str, cwd: Path | None = None) -> subprocess.Popen:
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
     env.pop("XLA_FLAGS", None)  # as a user starts it: one CPU device
-    return subprocess.Popen([sys.executable, "-m", f"starling_jax.{module}", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", f"starling_jax.{module}", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def finish(proc: subprocess.Popen, expect: int = 0) -> tuple[dict, str]:
@@ -81,6 +87,12 @@ def test_hiding_the_prompt_makes_the_task_unlearnable(tmp_path):
     lines = data.read_text().splitlines(keepends=True)
     train.write_text("".join(lines[:2700]))
     held_out.write_text("".join(lines[2700:]))
-    summary = run_default(tmp_path / "run", f"data.train={train}", f"data.eval={held_out}", "export.hf=false",
-                          "export.plot=false", "train.steps=300")
+    summary = run_default(
+        tmp_path / "run",
+        f"data.train={train}",
+        f"data.eval={held_out}",
+        "export.hf=false",
+        "export.plot=false",
+        "train.steps=300",
+    )
     assert summary["eval_pairwise_accuracy"] < 0.6, summary

@@ -24,8 +24,15 @@ from starling_jax.train.step import accumulate_gradients
 from tests.model.hf_fixtures import one_device_mesh
 
 K, L, VOCAB = 7, 64, 97
-CFG = ModelConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+CFG = ModelConfig(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    pad_token_id=0,
+)
 
 
 def _examples(seed=0):
@@ -34,27 +41,44 @@ def _examples(seed=0):
     rng = np.random.default_rng(seed)
     tok = lambda n: rng.integers(1, VOCAB, size=n).astype(np.int32)
     out = []
-    for row, (n_prompt, answer_lens, ranks, common) in enumerate((
-        (12, [5, 9, 3, 7, 4, 6, 8], [1, 2, 3, 4, 5, 6, 7], 0),
-        (20, [6, 2, 11], [1, 2, 2], 2),  # answers share their first 2 tokens
-        (30, [20, 18, 25], [2, 1, 3], 0),  # too long to share a row: per-answer units
-        (5, [3, 3, 4, 2], [1, 1, 3, 3], 1),
-        (9, [7, 4], [2, 1], 0),
-        (7, [4, 6, 5], [3, 1, 2], 3),
-    )):
+    for row, (n_prompt, answer_lens, ranks, common) in enumerate(
+        (
+            (12, [5, 9, 3, 7, 4, 6, 8], [1, 2, 3, 4, 5, 6, 7], 0),
+            (20, [6, 2, 11], [1, 2, 2], 2),  # answers share their first 2 tokens
+            (30, [20, 18, 25], [2, 1, 3], 0),  # too long to share a row: per-answer units
+            (5, [3, 3, 4, 2], [1, 1, 3, 3], 1),
+            (9, [7, 4], [2, 1], 0),
+            (7, [4, 6, 5], [3, 1, 2], 3),
+        )
+    ):
         prompt, head = tok(n_prompt), tok(common)
         seqs = [np.concatenate([prompt, head, tok(a - common)]) for a in answer_lens]
-        out.append(TokenizedRanking(row=row + 1, tokens=seqs, answer_start=np.full(len(seqs), n_prompt, np.int32),
-                                    answer_lengths=np.asarray(answer_lens, np.int32),
-                                    reward_index=np.asarray([len(s) - 1 for s in seqs], np.int32),
-                                    ranks=np.asarray(ranks, np.float32)))
+        out.append(
+            TokenizedRanking(
+                row=row + 1,
+                tokens=seqs,
+                answer_start=np.full(len(seqs), n_prompt, np.int32),
+                answer_lengths=np.asarray(answer_lens, np.int32),
+                reward_index=np.asarray([len(s) - 1 for s in seqs], np.int32),
+                ranks=np.asarray(ranks, np.float32),
+            )
+        )
     return out
 
 
 def _batch(examples, **layout) -> dict:
-    pipe = RankingPipeline(InMemorySource(examples), global_batch_size=len(examples), num_answers=K, max_length=L,
-                           pad_to_multiple=32, mode="eval", process_index=0, process_count=1, completions=True,
-                           **layout)
+    pipe = RankingPipeline(
+        InMemorySource(examples),
+        global_batch_size=len(examples),
+        num_answers=K,
+        max_length=L,
+        pad_to_multiple=32,
+        mode="eval",
+        process_index=0,
+        process_count=1,
+        completions=True,
+        **layout,
+    )
     batch = pipe.host_batch(0, 0)
     pipe.close()
     return batch
@@ -70,15 +94,20 @@ def models():
 def _direct_logps(graphdef, params, examples, rows) -> np.ndarray:
     """Σ log softmax over each answer's tokens after the prompt, every sequence in a row of its own (numpy sums
     of the model's plain [N, L] forward); `rows`: the batch's input row of each prompt."""
-    seqs = [(b, slot, ex.tokens[j], int(ex.answer_start[j])) for b, r in enumerate(rows) if r >= 0
-            for ex in [next(e for e in examples if e.row == r)]
-            for slot, j in enumerate(np.argsort(ex.ranks, kind="stable"))]  # the pipeline stores answers best-first
+    seqs = [
+        (b, slot, ex.tokens[j], int(ex.answer_start[j]))
+        for b, r in enumerate(rows)
+        if r >= 0
+        for ex in [next(e for e in examples if e.row == r)]
+        for slot, j in enumerate(np.argsort(ex.ranks, kind="stable"))
+    ]  # the pipeline stores answers best-first
     tokens = np.zeros((len(seqs), L), np.int32)
     for i, (_, _, t, _) in enumerate(seqs):
-        tokens[i, :len(t)] = t
+        tokens[i, : len(t)] = t
     positions = np.broadcast_to(np.arange(L, dtype=np.int32), tokens.shape)
     logits = jax.jit(lambda p, t, pos, s: nnx.merge(graphdef, p)(t, pos, s))(
-        params, tokens, positions, (tokens > 0).astype(np.int32))
+        params, tokens, positions, (tokens > 0).astype(np.int32)
+    )
     lp = np.asarray(jax.nn.log_softmax(logits, -1), np.float64)
     out = np.zeros((len(rows), K))
     for i, (b, slot, t, start) in enumerate(seqs):
@@ -88,8 +117,9 @@ def _direct_logps(graphdef, params, examples, rows) -> np.ndarray:
 
 def _loss_and_grads(graphdef, policy, reference, batch, loss_cfg=DPOLossConfig(), micro=1):
     device = {k: jnp.asarray(v) for k, v in dpo_step.spec_of(batch).select(batch).items()}
-    fn = functools.partial(dpo_step.dpo_loss, ref_params=reference, graphdef=graphdef, ref_graphdef=graphdef,
-                           loss_cfg=loss_cfg)
+    fn = functools.partial(
+        dpo_step.dpo_loss, ref_params=reference, graphdef=graphdef, ref_graphdef=graphdef, loss_cfg=loss_cfg
+    )
     total, count, grads, aux = jax.jit(lambda p, b: accumulate_gradients(fn, p, b, micro))(policy, device)
     return float(total / count), aux, grads
 
@@ -105,22 +135,37 @@ def test_answer_logprobs_equal_each_sequence_alone(models, per_answer):
     graphdef, policy, reference = models
     examples, batch, (_, aux, _) = per_answer
     mask = batch["answer_mask"]
-    np.testing.assert_allclose(np.asarray(aux["policy_logps"])[mask],
-                               _direct_logps(graphdef, policy, examples, batch["row"])[mask], rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(aux["reference_logps"])[mask],
-                               _direct_logps(graphdef, reference, examples, batch["row"])[mask], rtol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(aux["policy_logps"])[mask], _direct_logps(graphdef, policy, examples, batch["row"])[mask], rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        np.asarray(aux["reference_logps"])[mask],
+        _direct_logps(graphdef, reference, examples, batch["row"])[mask],
+        rtol=1e-5,
+    )
     # every answer token counts (answer text and template suffix), not the prompt
     b = int(np.flatnonzero(batch["row"] == 1)[0])
     ex = examples[0]
     assert batch["completion_lengths"][b, 0] == len(ex.tokens[0]) - ex.answer_start[0]
 
 
-SHARED, SHARED_PACKED, PACKED = ({"layout": "shared_prefix"}, {"layout": "shared_prefix", "packing": True},
-                                 {"layout": "per_answer", "packing": True})
+SHARED, SHARED_PACKED, PACKED = (
+    {"layout": "shared_prefix"},
+    {"layout": "shared_prefix", "packing": True},
+    {"layout": "per_answer", "packing": True},
+)
 
 
-@pytest.mark.parametrize("layout,loss", [(SHARED, "kwise"), (SHARED_PACKED, "kwise"), (PACKED, "kwise"),
-                                         (SHARED_PACKED, "pairwise"), (SHARED_PACKED, "ipo")])
+@pytest.mark.parametrize(
+    "layout,loss",
+    [
+        (SHARED, "kwise"),
+        (SHARED_PACKED, "kwise"),
+        (PACKED, "kwise"),
+        (SHARED_PACKED, "pairwise"),
+        (SHARED_PACKED, "ipo"),
+    ],
+)
 def test_shared_prefix_and_packed_equal_one_answer_per_row(models, per_answer, layout, loss):
     examples, ref_batch, ref_out = per_answer
     loss_cfg = DPOLossConfig(name=loss, beta=0.5)
@@ -150,8 +195,9 @@ def test_micro_batches_of_packed_rows_equal_the_full_batch(models):
     examples = _examples() * 2
     loss_cfg = DPOLossConfig(name="kwise", beta=0.5)
     full = _loss_and_grads(*models, _batch(examples, layout="shared_prefix", packing=True), loss_cfg)
-    micro = _loss_and_grads(*models, _batch(examples, layout="shared_prefix", packing=True, micro_batches=2),
-                            loss_cfg, micro=2)
+    micro = _loss_and_grads(
+        *models, _batch(examples, layout="shared_prefix", packing=True, micro_batches=2), loss_cfg, micro=2
+    )
     np.testing.assert_allclose(micro[0], full[0], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(micro[2]), jax.tree.leaves(full[2])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4)
@@ -167,8 +213,18 @@ def test_train_steps_move_the_policy_not_the_reference(models):
     state, shardings = init_train_state(policy, jax.tree.map(lambda x: x.sharding, policy), tx, mesh, 0)
     batch = _batch(_examples(), layout="shared_prefix", packing=True)
     spec = dpo_step.dpo_specs(True, False)[0]
-    step = dpo_step.jit_train_step(graphdef, graphdef, tx, schedule, DPOLossConfig(beta=0.5), 1, mesh, shardings,
-                                   jax.tree.map(lambda x: x.sharding, reference), spec.shardings(mesh))
+    step = dpo_step.jit_train_step(
+        graphdef,
+        graphdef,
+        tx,
+        schedule,
+        DPOLossConfig(beta=0.5),
+        1,
+        mesh,
+        shardings,
+        jax.tree.map(lambda x: x.sharding, reference),
+        spec.shardings(mesh),
+    )
     losses = []
     for _ in range(3):
         state, metrics = step(state, reference, {k: jnp.asarray(v) for k, v in spec.select(batch).items()})
@@ -178,5 +234,6 @@ def test_train_steps_move_the_policy_not_the_reference(models):
     assert losses[0] == pytest.approx(float(uniform), rel=1e-5) and losses[-1] < losses[0]
     for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(before)):
         np.testing.assert_array_equal(np.asarray(a), b)  # bit for bit
-    assert any(not np.array_equal(np.asarray(a), b) for a, b in zip(jax.tree.leaves(state["params"]),
-                                                                    jax.tree.leaves(before)))
+    assert any(
+        not np.array_equal(np.asarray(a), b) for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(before))
+    )

@@ -22,8 +22,15 @@ from starling_jax.train.loop import OutputLock
 from starling_jax.train.optimizer import OptimConfig, make_optimizer
 from starling_jax.train.state import ModelEntry, abstract_params, abstract_train_state, init_train_state
 
-POLICY = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, sliding_window=None)
+POLICY = ModelConfig(
+    vocab_size=61,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    sliding_window=None,
+)
 REWARD = POLICY.replace(num_hidden_layers=1, model_type="llama", param_dtype="bfloat16")
 
 
@@ -38,11 +45,14 @@ def two_models(tmp_path_factory):
     _, policy = create_sharded(POLICY, "causal_lm", mesh, seed=1)
     _, reward = create_sharded(REWARD, "reward", mesh, seed=2)
     tx, _ = make_optimizer(OptimConfig(learning_rate=1e-3), 10)
-    state, shardings = init_train_state(policy, sharding.state_shardings(abstract_model(POLICY, "causal_lm")[1], mesh),
-                                        tx, mesh, seed=3)
+    state, shardings = init_train_state(
+        policy, sharding.state_shardings(abstract_model(POLICY, "causal_lm")[1], mesh), tx, mesh, seed=3
+    )
     reward_sh = sharding.state_shardings(abstract_model(REWARD, "reward")[1], mesh)
-    models = [ModelEntry("policy", "causal_lm", POLICY, trainable=True),
-              ModelEntry("reward", "reward", REWARD, trainable=False)]
+    models = [
+        ModelEntry("policy", "causal_lm", POLICY, trainable=True),
+        ModelEntry("reward", "reward", REWARD, trainable=False),
+    ]
     directory = tmp_path_factory.mktemp("two") / "checkpoints"
     ckpt = Checkpointer(directory, async_save=False)
     ckpt.save(5, state, {"epoch": 0, "batch": 5}, models_meta(models), frozen={"reward": reward})
@@ -53,9 +63,12 @@ def two_models(tmp_path_factory):
 def test_two_named_models_restore_by_name(two_models):
     mesh, directory, models, state, shardings, reward, reward_sh = two_models
     ckpt = Checkpointer(directory, read_only=True)
-    got_state, data, meta, frozen = ckpt.restore(abstract_train_state(state, shardings), 5,
-                                                 abstract_frozen={"reward": abstract_params(reward, reward_sh)},
-                                                 models=models)
+    got_state, data, meta, frozen = ckpt.restore(
+        abstract_train_state(state, shardings),
+        5,
+        abstract_frozen={"reward": abstract_params(reward, reward_sh)},
+        models=models,
+    )
     ckpt.close()
     assert data["batch"] == 5 and sorted(meta["models"]) == ["policy", "reward"]
     assert meta["models"]["reward"]["trainable"] is False and meta["role"] == "causal_lm"
@@ -74,19 +87,24 @@ def test_two_named_models_restore_by_name(two_models):
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("change, message", [
-    ("missing", "checkpoint has no model named 'critic'"),
-    ("extra", "holds a model 'reward' this job does not have"),
-    ("role", "model 'reward' has role 'reward' in the checkpoint but 'causal_lm'"),
-    ("arch", "num_hidden_layers=1"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ("missing", "checkpoint has no model named 'critic'"),
+        ("extra", "holds a model 'reward' this job does not have"),
+        ("role", "model 'reward' has role 'reward' in the checkpoint but 'causal_lm'"),
+        ("arch", "num_hidden_layers=1"),
+    ],
+)
 def test_missing_extra_or_different_model_is_a_one_line_error(two_models, change, message):
     _, directory, models, state, shardings, _, _ = two_models
     policy, reward = models
-    job_models = {"missing": [policy, reward, ModelEntry("critic", "reward", REWARD, trainable=True)],
-                  "extra": [policy],
-                  "role": [policy, ModelEntry("reward", "causal_lm", REWARD, trainable=False)],
-                  "arch": [policy, ModelEntry("reward", "reward", REWARD.replace(num_hidden_layers=2), False)]}[change]
+    job_models = {
+        "missing": [policy, reward, ModelEntry("critic", "reward", REWARD, trainable=True)],
+        "extra": [policy],
+        "role": [policy, ModelEntry("reward", "causal_lm", REWARD, trainable=False)],
+        "arch": [policy, ModelEntry("reward", "reward", REWARD.replace(num_hidden_layers=2), False)],
+    }[change]
     ckpt = Checkpointer(directory, read_only=True)
     with pytest.raises(CheckpointError, match=message) as err:
         ckpt.restore(abstract_train_state(state, shardings), 5, models=job_models)
@@ -101,8 +119,10 @@ def test_output_dir_lock_refuses_a_second_run_and_dies_with_its_holder(tmp_path)
     lock.release()
     OutputLock(tmp_path).release()  # free again
     # a holder killed with SIGKILL leaves no stale lock
-    code = ("import sys, time; from pathlib import Path; from starling_jax.train.loop import OutputLock; "
-            f"OutputLock(Path({str(tmp_path)!r})); print('held', flush=True); time.sleep(60)")
+    code = (
+        "import sys, time; from pathlib import Path; from starling_jax.train.loop import OutputLock; "
+        f"OutputLock(Path({str(tmp_path)!r})); print('held', flush=True); time.sleep(60)"
+    )
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
     with pytest.raises(TrainingError, match=f"pid {holder.pid}"):
@@ -127,13 +147,19 @@ def test_second_train_rm_on_a_live_output_dir_is_refused(tmp_path, capsys):
 
 def _poison_rows(monkeypatch, tok, word):
     """The SFT loss becomes NaN for a batch holding `word`'s first token (all batches when word is None)."""
+    from starling_jax.data.sft import Conversation, tokenize_conversation
     from starling_jax.train import sft_step
 
-    from starling_jax.data.sft import Conversation, tokenize_conversation
-
     real = sft_step.sft_loss
-    marker = None if word is None else int(tokenize_conversation(
-        Conversation(0, ({"role": "user", "content": "q"},), word), tok, "llama2_chat", 64).tokens[-2])
+    marker = (
+        None
+        if word is None
+        else int(
+            tokenize_conversation(
+                Conversation(0, ({"role": "user", "content": "q"},), word), tok, "llama2_chat", 64
+            ).tokens[-2]
+        )
+    )
 
     def poisoned(params, batch, **kwargs):
         total, aux = real(params, batch, **kwargs)
@@ -143,17 +169,27 @@ def _poison_rows(monkeypatch, tok, word):
     monkeypatch.setattr(sft_step, "sft_loss", poisoned)
 
 
-SMALL = ["train.log_every=1", "train.eval_every=100", "train.save_every=2", "train.progress_bar=false",
-         "export.hf=false", "export.plot=false", "data.batch_size=8", "data.eval_batch_size=8",
-         "model.hidden_size=32", "model.intermediate_size=64"]
+SMALL = [
+    "train.log_every=1",
+    "train.eval_every=100",
+    "train.save_every=2",
+    "train.progress_bar=false",
+    "export.hf=false",
+    "export.plot=false",
+    "data.batch_size=8",
+    "data.eval_batch_size=8",
+    "model.hidden_size=32",
+    "model.intermediate_size=64",
+]
 
 
 def _messages_file(path, n, poison_row=None):
     rows = []
     for i in range(n):
         answer = "zebrafish" if i + 1 == poison_row else f"answer number {i}"
-        rows.append({"messages": [{"role": "user", "content": f"question {i}"},
-                                  {"role": "assistant", "content": answer}]})
+        rows.append(
+            {"messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": answer}]}
+        )
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -165,8 +201,14 @@ def test_skip_nonfinite_skips_the_bad_batch_logs_its_rows_and_saves_nothing_of_i
     _poison_rows(monkeypatch, load_tokenizer(default_tokenizer_dir("llama2_chat")), "zebrafish")
     data = _messages_file(tmp_path / "m.jsonl", 32, poison_row=5)
     out = tmp_path / "run"
-    args = [f"output_dir={out}", f"data.train={data}", "data.eval_fraction=0.0", f"data.eval={data}",
-            "train.steps=4", *SMALL]
+    args = [
+        f"output_dir={out}",
+        f"data.train={data}",
+        "data.eval_fraction=0.0",
+        f"data.eval={data}",
+        "train.steps=4",
+        *SMALL,
+    ]
     assert main([*args, "train.skip_nonfinite=0"]) == 2  # default: the first bad batch stops the run
     err = capsys.readouterr().err
     assert "not finite" in err and "rows [" in err and "5" in err.split("rows [")[1].split("]")[0].split(", ")

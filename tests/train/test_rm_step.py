@@ -17,8 +17,15 @@ from starling_jax.train import rm_step
 from starling_jax.train.optimizer import OptimConfig, learning_rate_schedule, make_optimizer, trainable_mask
 from starling_jax.train.state import init_train_state
 
-CFG = ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                  num_key_value_heads=2, sliding_window=None)
+CFG = ModelConfig(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    sliding_window=None,
+)
 
 
 def make_batch(seed=0, b=4, k=3, length=12):
@@ -27,9 +34,14 @@ def make_batch(seed=0, b=4, k=3, length=12):
     tokens = rng.integers(1, CFG.vocab_size, (b, k, length)).astype(np.int32)
     seg = (np.arange(length)[None, None] < lengths[..., None]).astype(np.int32)
     ranks = np.stack([rng.permutation(k) + 1 for _ in range(b)]).astype(np.float32)
-    return {"tokens": tokens * seg, "positions": (np.arange(length)[None, None] * seg).astype(np.int32),
-            "segment_ids": seg, "reward_index": (lengths - 1).astype(np.int32), "ranks": ranks,
-            "answer_mask": np.ones((b, k), bool)}
+    return {
+        "tokens": tokens * seg,
+        "positions": (np.arange(length)[None, None] * seg).astype(np.int32),
+        "segment_ids": seg,
+        "reward_index": (lengths - 1).astype(np.int32),
+        "ranks": ranks,
+        "answer_mask": np.ones((b, k), bool),
+    }
 
 
 def setup(cfg=CFG, freeze=0, lr=1e-2, micro=1, devices=None, eps=1e-8):
@@ -37,7 +49,9 @@ def setup(cfg=CFG, freeze=0, lr=1e-2, micro=1, devices=None, eps=1e-8):
     graphdef, params = create_sharded(cfg, "reward", mesh, seed=0)
     _, abstract = abstract_model(cfg, "reward")
     mask = trainable_mask(params, freeze, cfg.num_hidden_layers) if freeze else None
-    tx, schedule = make_optimizer(OptimConfig(learning_rate=lr, weight_decay=0.1, freeze_layers=freeze, eps=eps), 10, mask)
+    tx, schedule = make_optimizer(
+        OptimConfig(learning_rate=lr, weight_decay=0.1, freeze_layers=freeze, eps=eps), 10, mask
+    )
     state, shardings = init_train_state(params, sharding.state_shardings(abstract, mesh), tx, mesh, seed=0)
     batch_sh = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in make_batch().items()}
     step = rm_step.jit_train_step(graphdef, tx, schedule, rm_step.LossConfig(), micro, mesh, shardings, batch_sh)
@@ -105,8 +119,9 @@ def test_micro_batches_equal_the_full_batch():
 
 
 def test_warmup_then_cosine_decay():
-    schedule = learning_rate_schedule(OptimConfig(learning_rate=1.0, warmup_steps=10, end_learning_rate_ratio=0.1),
-                                      total_steps=110)
+    schedule = learning_rate_schedule(
+        OptimConfig(learning_rate=1.0, warmup_steps=10, end_learning_rate_ratio=0.1), total_steps=110
+    )
     assert float(schedule(0)) == 0.0
     assert float(schedule(5)) == pytest.approx(0.5)
     assert float(schedule(10)) == pytest.approx(1.0)
@@ -119,8 +134,9 @@ def test_bf16_compute_stays_close_to_fp32():
     rewards = {}
     for dtype in ("float32", "bfloat16"):
         cfg = CFG.replace(dtype=dtype)
-        model = nnx.merge(*create_sharded(cfg, "reward", sharding.make_mesh(sharding.MeshConfig(),
-                                                                            devices=jax.devices()[:1]), seed=0))
+        model = nnx.merge(
+            *create_sharded(cfg, "reward", sharding.make_mesh(sharding.MeshConfig(), devices=jax.devices()[:1]), seed=0)
+        )
         rewards[dtype] = np.asarray(rm_step.eval_rewards(nnx.state(model), batch, graphdef=nnx.graphdef(model)))
     scale = np.abs(rewards["float32"]).max()
     assert np.abs(rewards["float32"] - rewards["bfloat16"]).max() <= 0.03 * max(scale, 1.0)
@@ -139,8 +155,18 @@ def test_nan_loss_in_a_run_stops_before_any_checkpoint(tmp_path, monkeypatch, ca
 
     monkeypatch.setattr(rm_step, "rm_loss", nan_loss)
     out = tmp_path / "run"
-    code = main([f"output_dir={out}", f"data.train={data}", "train.steps=5", "train.save_every=1",
-                 "train.log_every=1", "train.progress_bar=false", "export.plot=false", "data.eval_fraction=0.2"])
+    code = main(
+        [
+            f"output_dir={out}",
+            f"data.train={data}",
+            "train.steps=5",
+            "train.save_every=1",
+            "train.log_every=1",
+            "train.progress_bar=false",
+            "export.plot=false",
+            "data.eval_fraction=0.2",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 2
     assert "step 1" in captured.err and "not finite" in captured.err
@@ -171,8 +197,13 @@ def test_attention_impl_errors_are_config_errors():
     with pytest.raises(ConfigError, match="attention_impl='flash'"):
         CFG.replace(attention_impl="flash")
     if jax.default_backend() != "gpu":
-        model = nnx.merge(*create_sharded(CFG.replace(attention_impl="cudnn"), "reward",
-                                          sharding.make_mesh(sharding.MeshConfig(), devices=jax.devices()[:1])))
+        model = nnx.merge(
+            *create_sharded(
+                CFG.replace(attention_impl="cudnn"),
+                "reward",
+                sharding.make_mesh(sharding.MeshConfig(), devices=jax.devices()[:1]),
+            )
+        )
         with pytest.raises(ConfigError, match="attention_impl=cudnn needs a GPU"):
             rm_step.eval_rewards(nnx.state(model), make_batch(), graphdef=nnx.graphdef(model))
 

@@ -11,13 +11,19 @@ from flax import nnx
 
 from starling_jax.data.batch_spec import SFT
 from starling_jax.data.nectar import Ranking, ReadReport
-from starling_jax.data.sft import (Conversation, best_answers, load_examples, make_batch, read_conversations,
-                                   tokenize_conversation)
+from starling_jax.data.sft import (
+    Conversation,
+    best_answers,
+    load_examples,
+    make_batch,
+    read_conversations,
+    tokenize_conversation,
+)
+from starling_jax.data.tokenizer import default_tokenizer_dir, load_tokenizer
 from starling_jax.errors import DataError
 from starling_jax.losses.lm import masked_token_nll
 from starling_jax.model.config import ModelConfig
 from starling_jax.model.heads import build_model
-from starling_jax.data.tokenizer import default_tokenizer_dir, load_tokenizer
 from starling_jax.train import sft_step
 
 
@@ -27,21 +33,41 @@ def tok():
 
 
 def test_best_answers_keep_every_tied_best():
-    r = Ranking(row=1, prompt="p", messages=({"role": "user", "content": "q"},), answers=("a", "b", "c", "d"),
-                ranks=(2.0, 1.0, 3.0, 1.0))
+    r = Ranking(
+        row=1,
+        prompt="p",
+        messages=({"role": "user", "content": "q"},),
+        answers=("a", "b", "c", "d"),
+        ranks=(2.0, 1.0, 3.0, 1.0),
+    )
     assert best_answers(r) == ["b", "d"]
 
 
 def test_nectar_and_messages_files(tmp_path):
     nectar = tmp_path / "n.jsonl"
-    nectar.write_text(json.dumps({"prompt": "\n\nHuman: hi\n\nAssistant:", "answers": [
-        {"answer": "x", "rank": 1}, {"answer": "y", "rank": 1}, {"answer": "z", "rank": 3}]}) + "\n")
+    nectar.write_text(
+        json.dumps(
+            {
+                "prompt": "\n\nHuman: hi\n\nAssistant:",
+                "answers": [{"answer": "x", "rank": 1}, {"answer": "y", "rank": 1}, {"answer": "z", "rank": 3}],
+            }
+        )
+        + "\n"
+    )
     assert [(c.row, c.answer) for c in read_conversations(nectar)] == [(1, "x"), (1, "y")]
     msgs = tmp_path / "m.jsonl"
-    rows = [{"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
-                          {"role": "assistant", "content": "hello"}, {"role": "user", "content": "bye"},
-                          {"role": "assistant", "content": "ciao"}]},
-            {"messages": [{"role": "user", "content": "no answer"}]}]
+    rows = [
+        {
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello"},
+                {"role": "user", "content": "bye"},
+                {"role": "assistant", "content": "ciao"},
+            ]
+        },
+        {"messages": [{"role": "user", "content": "no answer"}]},
+    ]
     msgs.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"messages": [\n')
     with pytest.raises(DataError, match=r"m.jsonl: row 2: 'messages' must be a list of at least two"):
         list(read_conversations(msgs))
@@ -60,9 +86,9 @@ def test_loss_mask_covers_exactly_the_answer_and_end_of_turn(tok):
     ex = tokenize_conversation(conv, tok, "llama2_chat", 256)
     prompt_text = "[INST] Name a colour. [/INST]"
     prompt_ids = tok(prompt_text)["input_ids"]  # BOS + prompt, as training renders it
-    assert ex.tokens.tolist()[:len(prompt_ids)] == prompt_ids and ex.answer_start == len(prompt_ids)
+    assert ex.tokens.tolist()[: len(prompt_ids)] == prompt_ids and ex.answer_start == len(prompt_ids)
     assert int(ex.tokens[-1]) == tok.eos_token_id  # the end of turn is predicted: the model learns to stop
-    assert tok.decode(ex.tokens[ex.answer_start:]).strip() == "Blue, of course.</s>"
+    assert tok.decode(ex.tokens[ex.answer_start :]).strip() == "Blue, of course.</s>"
     batch = make_batch([ex, None], 32, pad_id=0)
     SFT.check(batch)
     assert batch["loss_mask"][0].tolist() == [i >= ex.answer_start and i < len(ex) for i in range(32)]
@@ -92,11 +118,20 @@ def test_masked_token_nll_equals_hand_computed_cross_entropy():
 
 
 def test_sft_step_loss_is_the_token_mean_masked_cross_entropy(tok):
-    cfg = ModelConfig(vocab_size=32000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, sliding_window=None)
+    cfg = ModelConfig(
+        vocab_size=32000,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=None,
+    )
     model = build_model(cfg, "causal_lm", seed=0)
-    convs = [Conversation(1, ({"role": "user", "content": "Hi"},), "Hello there friend"),
-             Conversation(2, ({"role": "user", "content": "A much longer question, please answer"},), "No")]
+    convs = [
+        Conversation(1, ({"role": "user", "content": "Hi"},), "Hello there friend"),
+        Conversation(2, ({"role": "user", "content": "A much longer question, please answer"},), "No"),
+    ]
     examples = [tokenize_conversation(c, tok, "llama2_chat", 64) for c in convs]
     batch = make_batch(examples, 32, pad_id=0)
     total, (count, per_row) = sft_step.sft_loss(nnx.state(model), batch, graphdef=nnx.graphdef(model))
@@ -120,5 +155,5 @@ def test_split_by_prompt_has_no_overlap(tok, tmp_path):
     train, _ = load_examples(data, "train", **common)
     evals, _ = load_examples(data, "eval", **common)
     assert train and evals
-    key = lambda e: tuple(e.tokens[:e.answer_start].tolist())  # noqa: E731
+    key = lambda e: tuple(e.tokens[: e.answer_start].tolist())  # noqa: E731
     assert not {key(e) for e in train} & {key(e) for e in evals}

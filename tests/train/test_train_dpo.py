@@ -28,12 +28,27 @@ from tests.entrypoints import (
 pytestmark = pytest.mark.slow
 
 FAST = [
-    "train.log_every=1", "train.eval_every=100", "train.progress_bar=false", "data.batch_size=4",
-    "data.eval_batch_size=8", "data.eval_fraction=0.2", "data.max_length=128", "export.plot=false",
-    "optim.learning_rate=1e-2", "loss.beta=0.5",
+    "train.log_every=1",
+    "train.eval_every=100",
+    "train.progress_bar=false",
+    "data.batch_size=4",
+    "data.eval_batch_size=8",
+    "data.eval_fraction=0.2",
+    "data.max_length=128",
+    "export.plot=false",
+    "optim.learning_rate=1e-2",
+    "loss.beta=0.5",
 ]
-SUMMARY_KEYS = {"output_dir", "steps", "eval_pairwise_accuracy_start", "eval_pairwise_accuracy_end",
-                "eval_kendall_tau_end", "eval_logratio_end", "hf_export_dir", "status"}
+SUMMARY_KEYS = {
+    "output_dir",
+    "steps",
+    "eval_pairwise_accuracy_start",
+    "eval_pairwise_accuracy_end",
+    "eval_kendall_tau_end",
+    "eval_logratio_end",
+    "hf_export_dir",
+    "status",
+}
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +61,8 @@ def policy_dir(tmp_path_factory) -> Path:
     """A random tiny causal LM exported as train_sft exports (its tokenizer renders the llama2_chat format)."""
     from flax import nnx
 
-    from starling_jax.model.heads import build_model
     from starling_jax.data.tokenizer import default_tokenizer_for, load_tokenizer
+    from starling_jax.model.heads import build_model
     from starling_jax.train.sft_config import tiny_policy
     from starling_jax.train.sft_job import export_causal_lm
 
@@ -84,8 +99,10 @@ def test_summary_keys_and_a_frozen_reference(straight, policy_dir):
     for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(start)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # bit for bit after 8 updates
     _, _, _, policy = load_model(out / "checkpoints", mesh, name="policy")
-    assert any(not np.array_equal(np.asarray(a), np.asarray(b))
-               for a, b in zip(jax.tree.leaves(policy), jax.tree.leaves(start)))
+    assert any(
+        not np.array_equal(np.asarray(a), np.asarray(b))
+        for a, b in zip(jax.tree.leaves(policy), jax.tree.leaves(start))
+    )
     assert json.loads((out / "hf" / "config.json").read_text())["architectures"] == ["MistralForCausalLM"]
 
 
@@ -99,16 +116,22 @@ def test_sigkill_then_restart_resumes_exactly(tmp_path, data_file, policy_dir, s
     assert result["resumed_from"] == 4
     resumed = losses(out)
     assert sorted(resumed) == sorted(reference) == list(range(1, 9))
-    np.testing.assert_allclose([resumed[s] for s in range(1, 9)], [reference[s] for s in range(1, 9)], rtol=0,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        [resumed[s] for s in range(1, 9)], [reference[s] for s in range(1, 9)], rtol=0, atol=1e-6
+    )
     assert result["eval_pairwise_accuracy_end"] == pytest.approx(straight[1]["eval_pairwise_accuracy_end"], abs=1e-9)
 
 
 def test_hydra_reference_equals_precomputed_reference_logps(tmp_path, data_file, policy_dir):
     """num_layers_unfrozen=1: the hydra copy of the top layer on the policy's frozen bottom gives the same losses
     as the starting policy's log-probs precomputed once (two independent reference paths)."""
-    common = ["train.steps=3", "train.save_every=3", "export.hf=false", "num_layers_unfrozen=1",
-              "data.layout=per_answer"]
+    common = [
+        "train.steps=3",
+        "train.save_every=3",
+        "export.hf=false",
+        "num_layers_unfrozen=1",
+        "data.layout=per_answer",
+    ]
     hydra = run_entry(train_cmd(tmp_path / "hydra", data_file, policy_dir, *common))
     pre = run_entry(train_cmd(tmp_path / "pre", data_file, policy_dir, *common, "reference_logps=precompute"))
     a, b = losses(tmp_path / "hydra"), losses(tmp_path / "pre")
@@ -132,10 +155,29 @@ def test_score_reference_equals_transformers(tmp_path, straight, policy_dir, dat
     rows = tmp_path / "rows.jsonl"
     rows.write_text("".join(line + "\n" for line in data_file.read_text().splitlines()[:3]))
     beta = 0.3
-    proc = subprocess.run([sys.executable, "-m", "starling_jax.score", "--model", str(hf_dir), "--reference",
-                           str(policy_dir), "--beta", str(beta), "--data", str(rows), "--output",
-                           str(tmp_path / "out.jsonl"), "--batch-size", "8"],
-                          env=env_with(1), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "starling_jax.score",
+            "--model",
+            str(hf_dir),
+            "--reference",
+            str(policy_dir),
+            "--beta",
+            str(beta),
+            "--data",
+            str(rows),
+            "--output",
+            str(tmp_path / "out.jsonl"),
+            "--batch-size",
+            "8",
+        ],
+        env=env_with(1),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = summary(proc.stdout)
     assert result["beta"] == beta and result["rows_scored"] == 3
@@ -155,10 +197,9 @@ def test_score_reference_equals_transformers(tmp_path, straight, policy_dir, dat
         prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
         want = []
         for answer in ranking.answers:
-            full = tok.apply_chat_template([*ranking.messages, {"role": "assistant", "content": answer}],
-                                           tokenize=True)
+            full = tok.apply_chat_template([*ranking.messages, {"role": "assistant", "content": answer}], tokenize=True)
             full = list(full["input_ids"] if hasattr(full, "keys") else full)
-            assert full[:len(prompt)] == prompt
+            assert full[: len(prompt)] == prompt
             want.append(beta * (logp(policy, full, len(prompt)) - logp(reference, full, len(prompt))))
         np.testing.assert_allclose(rewards, want, rtol=1e-4, atol=1e-4)
         assert np.ptp(want) > 1e-3  # the policy moved: rewards are not all 0

@@ -22,8 +22,16 @@ from tests.entrypoints import entry_cmd, env_with, free_port, kill_after_metrics
 pytestmark = pytest.mark.slow
 
 FAST = [
-    "train.steps=8", "train.log_every=1", "train.eval_every=8", "train.save_every=4", "train.progress_bar=false",
-    "data.batch_size=8", "data.eval_batch_size=8", "data.eval_fraction=0.2", "export.hf=false", "export.plot=false",
+    "train.steps=8",
+    "train.log_every=1",
+    "train.eval_every=8",
+    "train.save_every=4",
+    "train.progress_bar=false",
+    "data.batch_size=8",
+    "data.eval_batch_size=8",
+    "data.eval_fraction=0.2",
+    "export.hf=false",
+    "export.plot=false",
     "optim.warmup_steps=2",
 ]
 
@@ -86,18 +94,24 @@ def test_sigkill_then_restart_resumes_exactly(tmp_path, data_file):
     assert summary["resumed_from"] % 4 == 0
     resumed = losses(out)
     assert sorted(resumed) == sorted(reference)
-    np.testing.assert_allclose([resumed[s] for s in sorted(reference)], [reference[s] for s in sorted(reference)],
-                               rtol=0, atol=1e-6)
+    np.testing.assert_allclose(
+        [resumed[s] for s in sorted(reference)], [reference[s] for s in sorted(reference)], rtol=0, atol=1e-6
+    )
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path, data_file):
     out = tmp_path / "term"
-    proc = subprocess.Popen(train_cmd(out, data_file, "train.steps=400", "train.save_every=1000",
-                                      "train.eval_every=1000"),
-                            env=env_with(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        train_cmd(out, data_file, "train.steps=400", "train.save_every=1000", "train.eval_every=1000"),
+        env=env_with(1),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 300
-    while time.time() < deadline and not ((out / "metrics.jsonl").is_file()
-                                          and len((out / "metrics.jsonl").read_text().splitlines()) >= 3):
+    while time.time() < deadline and not (
+        (out / "metrics.jsonl").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) >= 3
+    ):
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=300)
@@ -125,9 +139,23 @@ def test_export_loads_in_transformers_and_score_agrees(tmp_path, data_file):
     sample.write_text("".join(data_file.read_text().splitlines(keepends=True)[:12]))
     outs = {}
     for name, model in (("ckpt", out), ("hf", hf_dir)):
-        proc = subprocess.run([sys.executable, "-m", "starling_jax.score", "--model", str(model), "--data",
-                               str(sample), "--output", str(tmp_path / f"{name}.jsonl")], env=env_with(1),
-                              capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "starling_jax.score",
+                "--model",
+                str(model),
+                "--data",
+                str(sample),
+                "--output",
+                str(tmp_path / f"{name}.jsonl"),
+            ],
+            env=env_with(1),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
         outs[name] = [json.loads(l) for l in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
     assert [r["row"] for r in outs["ckpt"]] == list(range(1, 13))
@@ -140,14 +168,33 @@ def test_export_loads_in_transformers_and_score_agrees(tmp_path, data_file):
     for row, scored in zip(rows, outs["hf"]):
         ranks = [a["rank"] for a in row["answers"]]
         best, worst = int(np.argmin(ranks)), int(np.argmax(ranks))
-        pairs.append({"prompt": row["prompt"], "chosen": row["answers"][best]["answer"],
-                      "rejected": row["answers"][worst]["answer"]})
+        pairs.append(
+            {
+                "prompt": row["prompt"],
+                "chosen": row["answers"][best]["answer"],
+                "rejected": row["answers"][worst]["answer"],
+            }
+        )
         expected.append(scored["rewards"][best] > scored["rewards"][worst])
     pairwise = tmp_path / "pairs.jsonl"
     pairwise.write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    proc = subprocess.run([sys.executable, "-m", "starling_jax.score", "--model", str(hf_dir), "--data",
-                           str(pairwise), "--output", str(tmp_path / "pairs_scored.jsonl")], env=env_with(1),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "starling_jax.score",
+            "--model",
+            str(hf_dir),
+            "--data",
+            str(pairwise),
+            "--output",
+            str(tmp_path / "pairs_scored.jsonl"),
+        ],
+        env=env_with(1),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1])["accuracy"] == pytest.approx(np.mean(expected))
 
@@ -175,8 +222,17 @@ def test_tensorboard_and_metrics_jsonl_hold_the_training_scalars(tmp_path, data_
     for events in (out / "tensorboard").glob("events.*"):
         for event in tf.compat.v1.train.summary_iterator(str(events)):
             tags |= {v.tag for v in event.summary.value if np.isfinite(v.simple_value)}
-    for tag in ("train/loss", "train/learning_rate", "train/grad_norm", "train/tokens_per_s", "train/mfu",
-                "eval/pairwise_accuracy", "eval/top1_accuracy", "eval/kendall_tau", "eval/mean_reward_by_rank/1"):
+    for tag in (
+        "train/loss",
+        "train/learning_rate",
+        "train/grad_norm",
+        "train/tokens_per_s",
+        "train/mfu",
+        "eval/pairwise_accuracy",
+        "eval/top1_accuracy",
+        "eval/kendall_tau",
+        "eval/mean_reward_by_rank/1",
+    ):
         assert tag in tags, sorted(tags)
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(0 < r["mfu"] < 1 for r in rows)
@@ -217,14 +273,16 @@ def test_checkpoint_from_another_model_size_is_a_one_line_error(tmp_path, data_f
     # without config.yaml (a run copied without it) the changed config is not refused up front
     # (tests/test_user_errors.py), so this is the checkpoint's own check of the model it holds
     (out / "config.yaml").unlink()
-    proc = subprocess.run(train_cmd(out, data_file, "train.steps=8", "model.hidden_size=96"), env=env_with(1),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        train_cmd(out, data_file, "train.steps=8", "model.hidden_size=96"),
+        env=env_with(1),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2
     errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
     assert len(errors) == 1 and "hidden_size" in errors[0] and "Traceback" not in proc.stderr
-
-
-
 
 
 @pytest.mark.multiprocess
@@ -236,10 +294,20 @@ def test_two_processes_give_the_same_losses_as_one(tmp_path, data_file, eight_de
     procs = []
     for pid in (0, 1):
         env = env_with(4)
-        env.update(STARLING_JAX_COORDINATOR=f"127.0.0.1:{port}", STARLING_JAX_NUM_PROCESSES="2",
-                   STARLING_JAX_PROCESS_ID=str(pid))
-        procs.append(subprocess.Popen(train_cmd(out, data_file, *mesh, "export.hf=true"), env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        env.update(
+            STARLING_JAX_COORDINATOR=f"127.0.0.1:{port}",
+            STARLING_JAX_NUM_PROCESSES="2",
+            STARLING_JAX_PROCESS_ID=str(pid),
+        )
+        procs.append(
+            subprocess.Popen(
+                train_cmd(out, data_file, *mesh, "export.hf=true"),
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     results = [p.communicate(timeout=600) for p in procs]
     for p, (stdout, stderr) in zip(procs, results):
         assert p.returncode == 0, stderr[-3000:]

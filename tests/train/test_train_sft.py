@@ -14,9 +14,20 @@ from tests.entrypoints import entry_cmd, kill_after_metrics, losses, run_entry
 
 pytestmark = pytest.mark.slow
 
-FAST = ["train.steps=8", "train.log_every=1", "train.eval_every=4", "train.save_every=4", "train.progress_bar=false",
-        "data.batch_size=8", "data.eval_batch_size=8", "data.eval_fraction=0.2", "export.plot=false",
-        "optim.warmup_steps=2", "model.hidden_size=32", "model.intermediate_size=64"]
+FAST = [
+    "train.steps=8",
+    "train.log_every=1",
+    "train.eval_every=4",
+    "train.save_every=4",
+    "train.progress_bar=false",
+    "data.batch_size=8",
+    "data.eval_batch_size=8",
+    "data.eval_fraction=0.2",
+    "export.plot=false",
+    "optim.warmup_steps=2",
+    "model.hidden_size=32",
+    "model.intermediate_size=64",
+]
 
 
 @pytest.fixture(scope="module")
@@ -67,22 +78,22 @@ def test_sigkill_then_restart_resumes_exactly(tmp_path, data_file, straight):
     assert summary["resumed_from"] == 4
     assert summary["eval_loss_start"] == pytest.approx(ref["eval_loss_start"], abs=1e-6)  # kept in the checkpoint
     reference, resumed = losses(ref_out), losses(out)
-    np.testing.assert_allclose([resumed[s] for s in range(1, 9)], [reference[s] for s in range(1, 9)], rtol=0,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        [resumed[s] for s in range(1, 9)], [reference[s] for s in range(1, 9)], rtol=0, atol=1e-6
+    )
     assert summary["eval_loss_end"] == pytest.approx(ref["eval_loss_end"], abs=1e-6)
 
 
 def test_export_loads_in_transformers_renders_the_training_tokens_and_stops(straight, data_file):
     torch = pytest.importorskip("torch")
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
     import jax
     from flax import nnx
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     from starling_jax.ckpt.manager import load_model
     from starling_jax.data.sft import read_conversations, tokenize_conversation
-    from starling_jax.parallel import sharding
     from starling_jax.data.tokenizer import default_tokenizer_dir, load_tokenizer
+    from starling_jax.parallel import sharding
 
     out, s = straight
     hf_dir = Path(s["hf_export_dir"])
@@ -103,7 +114,7 @@ def test_export_loads_in_transformers_renders_the_training_tokens_and_stops(stra
         # the generation prompt is the training prompt, up to the answer
         prompt = tok.apply_chat_template(list(conv.messages), tokenize=True, add_generation_prompt=True)
         prompt = prompt["input_ids"] if hasattr(prompt, "keys") else prompt
-        assert want[:len(prompt)] == list(prompt)
+        assert want[: len(prompt)] == list(prompt)
 
     # generation stops at the template's end-of-turn token (`</s>` for llama2_chat)
     gen = GenerationConfig.from_pretrained(str(hf_dir))
@@ -115,7 +126,7 @@ def test_export_loads_in_transformers_renders_the_training_tokens_and_stops(stra
     tokens = np.zeros((len(batch_tokens), length), np.int32)
     lengths = np.array([len(t) for t in batch_tokens])
     for i, t in enumerate(batch_tokens):
-        tokens[i, :len(t)] = t
+        tokens[i, : len(t)] = t
     seg = (np.arange(length)[None] < lengths[:, None]).astype(np.int32)
     mesh = sharding.make_mesh(sharding.MeshConfig(), devices=jax.devices()[:1])
     _, cfg, graphdef, params = load_model(out, mesh)

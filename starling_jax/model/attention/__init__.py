@@ -21,16 +21,46 @@ everywhere.
 
 from __future__ import annotations
 
-from starling_jax.model.attention.blockwise import (BLOCKS, BLOCKWISE, STRIP_BLOCK, STRIPS, blockwise_attention,
-                                                    resolve_blocks)
+from starling_jax.model.attention.blockwise import (
+    BLOCKS,
+    BLOCKWISE,
+    STRIP_BLOCK,
+    STRIPS,
+    blockwise_attention,
+    resolve_blocks,
+)
 from starling_jax.model.attention.einsum import EINSUM, einsum_attention, gqa_attention
 from starling_jax.model.attention.fused import CUDNN, FUSED, fused_attention
-from starling_jax.model.attention.registry import (AUTO, REFERENCE, Implementation, attend, attend_cached,
-                                                   candidates, check_impl, check_layout, get, layouts, names, prepare,
-                                                   register, registered, resolve, select, trace_platform,
-                                                   unregister)
-from starling_jax.model.attention.rule import (LAYOUTS, PREFIX_BITS, PREFIX_STRIDE, allowed, attention_mask,
-                                               rows_mask, take_rows, visible)
+from starling_jax.model.attention.registry import (
+    AUTO,
+    REFERENCE,
+    Implementation,
+    attend,
+    attend_cached,
+    candidates,
+    check_impl,
+    check_layout,
+    get,
+    layouts,
+    names,
+    prepare,
+    register,
+    registered,
+    resolve,
+    select,
+    trace_platform,
+    unregister,
+)
+from starling_jax.model.attention.rule import (
+    LAYOUTS,
+    PREFIX_BITS,
+    PREFIX_STRIDE,
+    allowed,
+    attention_mask,
+    rows_mask,
+    take_rows,
+    visible,
+)
 from starling_jax.model.attention.splash import SPLASH, splash_attention
 
 # the built-in entries, in the order `names()` lists them (and config errors offer them)
@@ -39,11 +69,46 @@ for _entry in (EINSUM, BLOCKWISE, FUSED, CUDNN, SPLASH):
 del _entry
 
 __all__ = [
-    "AUTO", "BLOCKS", "BLOCKWISE", "CUDNN", "EINSUM", "FUSED", "LAYOUTS", "PREFIX_BITS", "PREFIX_STRIDE", "REFERENCE",
-    "SPLASH", "STRIPS", "STRIP_BLOCK", "Implementation", "allowed", "attend", "attend_cached", "attention_mask",
-    "blockwise_attention", "candidates", "check_impl", "check_layout", "einsum_attention", "fused_attention", "get",
-    "gqa_attention", "layouts", "names", "prepare", "register", "registered", "resolve", "resolve_blocks",
-    "rows_mask", "select", "splash_attention", "take_rows", "trace_platform", "unregister", "visible",
+    "AUTO",
+    "BLOCKS",
+    "BLOCKWISE",
+    "CUDNN",
+    "EINSUM",
+    "FUSED",
+    "LAYOUTS",
+    "PREFIX_BITS",
+    "PREFIX_STRIDE",
+    "REFERENCE",
+    "SPLASH",
+    "STRIPS",
+    "STRIP_BLOCK",
+    "Implementation",
+    "allowed",
+    "attend",
+    "attend_cached",
+    "attention_mask",
+    "blockwise_attention",
+    "candidates",
+    "check_impl",
+    "check_layout",
+    "einsum_attention",
+    "fused_attention",
+    "get",
+    "gqa_attention",
+    "layouts",
+    "names",
+    "prepare",
+    "register",
+    "registered",
+    "resolve",
+    "resolve_blocks",
+    "rows_mask",
+    "select",
+    "splash_attention",
+    "take_rows",
+    "trace_platform",
+    "unregister",
+    "visible",
 ]
 
 

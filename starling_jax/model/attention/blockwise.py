@@ -43,7 +43,6 @@ def resolve_blocks(block: int, length: int, platform: str | None = None) -> tupl
     return block, block
 
 
-
 def _kv_range(i, block_q: int, block_k: int, num_k: int):
     """Key blocks [lo, hi) that query block i may see: none after it (causality). The window is not used to
     skip blocks: it is measured in positions, and a shared prompt sits at indices far before its answers."""
@@ -137,8 +136,11 @@ def _blockwise_forward(q, k, v, seg, pos, window, block_q, block_k):
             l = l * corr + p.sum(-1)
             return acc * corr[..., None] + _dot(p.astype(v.dtype), v_j, "mid"), m_new, l
 
-        init = (jnp.zeros((n, g, bqr, dh), jnp.float32), jnp.full((n, g, bqr), _NEG, jnp.float32),
-                jnp.zeros((n, g, bqr), jnp.float32))
+        init = (
+            jnp.zeros((n, g, bqr, dh), jnp.float32),
+            jnp.full((n, g, bqr), _NEG, jnp.float32),
+            jnp.zeros((n, g, bqr), jnp.float32),
+        )
         lo, hi = _kv_range(i, block_q, block_k, nk)
         acc, m, l = jax.lax.fori_loop(lo, hi, kv_block, init)
         seen = l > 0
@@ -215,7 +217,8 @@ def _blockwise_backward(q, k, v, seg, pos, out, lse, d_out, window, block_q, blo
             dk_j = _dot(ds, q_i, "rows")
             start = j * block_k
             add = lambda acc, x: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
-                acc, jax.lax.dynamic_slice_in_dim(acc, start, block_k, 2) + x, start, 2)
+                acc, jax.lax.dynamic_slice_in_dim(acc, start, block_k, 2) + x, start, 2
+            )
             return dq_i, add(dk, dk_j), add(dv, dv_j)
 
         lo, hi = _kv_range(i, block_q, block_k, nk)
@@ -242,7 +245,8 @@ def _strip_masks(seg, pos, block_q, window, r):
     score element, and the strip form's CPU attention ran 2x slower than with the masks stored."""
     nq = seg.shape[1] // block_q
     return jax.lax.optimization_barrier(
-        [_strip_mask(seg, pos, i, block_q, window, r)[..., :(i + 1) * block_q] for i in range(nq)])
+        [_strip_mask(seg, pos, i, block_q, window, r)[..., : (i + 1) * block_q] for i in range(nq)]
+    )
 
 
 def _strip_forward(q, k, v, masks, block_q):
@@ -252,7 +256,7 @@ def _strip_forward(q, k, v, masks, block_q):
     outs, lses = [], []
     for i, mask in enumerate(masks):
         keys = (i + 1) * block_q
-        s = jnp.where(mask, _dot(q[:, :, i * bqr:(i + 1) * bqr], k[:, :, :keys], "last") * scale, _NEG)
+        s = jnp.where(mask, _dot(q[:, :, i * bqr : (i + 1) * bqr], k[:, :, :keys], "last") * scale, _NEG)
         m = s.max(-1)
         p = jnp.where(mask, jnp.exp(s - m[..., None]), 0.0)
         l = p.sum(-1)
@@ -285,8 +289,17 @@ def _strip_backward(q, k, v, masks, out, lse, d_out, block_q):
 _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
 
 
-def blockwise_attention(q, k, v, segment_ids, positions, sliding_window: int | None = None,
-                        block_q: int = 128, block_k: int | None = 128, per_row: bool = True):
+def blockwise_attention(
+    q,
+    k,
+    v,
+    segment_ids,
+    positions,
+    sliding_window: int | None = None,
+    block_q: int = 128,
+    block_k: int | None = 128,
+    per_row: bool = True,
+):
     """Flash-style attention of the layout rule; q [N, L, H, Dh], k/v [N, L, G, Dh] → [N, L, H, Dh].
 
     block_k None: the strip form (each query block against all keys up to its causal bound, `_strip_forward`),
@@ -306,11 +319,19 @@ def blockwise_attention(q, k, v, segment_ids, positions, sliding_window: int | N
     # [N, L, H, Dh] → [N, G, L·R, Dh]; [N, L, G, Dh] → [N, G, L, Dh]
     qt = jnp.moveaxis(q.reshape(n, padded, g, h // g, dh), 1, 2).reshape(n, g, padded * (h // g), dh)
     kt, vt = jnp.moveaxis(k, 1, 2), jnp.moveaxis(v, 1, 2)
-    out = _blockwise(qt, kt, vt, segment_ids.astype(jnp.int32), positions.astype(jnp.int32), sliding_window,
-                     block_q, block_k, per_row)
+    out = _blockwise(
+        qt,
+        kt,
+        vt,
+        segment_ids.astype(jnp.int32),
+        positions.astype(jnp.int32),
+        sliding_window,
+        block_q,
+        block_k,
+        per_row,
+    )
     out = jnp.moveaxis(out.reshape(n, g, padded, h // g, dh), 2, 1).reshape(n, padded, h, dh)
     return out[:, :length]
-
 
 
 def _prepare(cfg, segment_ids, positions):
@@ -323,5 +344,6 @@ def _attend(cfg, q, k, v, context):
     return blockwise_attention(q, k, v, segment_ids, positions, cfg.sliding_window, *blocks)
 
 
-BLOCKWISE = Implementation(name="blockwise", layouts=frozenset(LAYOUTS), platforms=None, prepare=_prepare,
-                           attend=_attend)
+BLOCKWISE = Implementation(
+    name="blockwise", layouts=frozenset(LAYOUTS), platforms=None, prepare=_prepare, attend=_attend
+)

@@ -35,12 +35,14 @@ def gqa_attention(q, blocks):
         # tiny either way, but a dot makes XLA transpose a copy of the whole KV cache on every step; this form
         # reads the cache where it lies.
         heads_first = lambda x, hf: x if hf else x.transpose(0, 2, 1, 3)  # → [N, G, Lk, Dh]
-        qk = lambda k, hf: jnp.sum(q[:, 0, :, :, None, :].astype(jnp.float32)
-                                   * heads_first(k, hf)[:, :, None].astype(jnp.float32), axis=-1)[:, :, :, None]
+        qk = lambda k, hf: jnp.sum(
+            q[:, 0, :, :, None, :].astype(jnp.float32) * heads_first(k, hf)[:, :, None].astype(jnp.float32), axis=-1
+        )[:, :, :, None]
         pv = lambda p, v, hf: jnp.sum(p[:, :, :, 0, :, None] * heads_first(v, hf)[:, :, None], axis=3)[:, None]
     else:
-        qk = lambda k, hf: jnp.einsum("nqgrk,ngsk->ngrqs" if hf else "nqgrk,nsgk->ngrqs", q, k,
-                                      preferred_element_type=jnp.float32)
+        qk = lambda k, hf: jnp.einsum(
+            "nqgrk,ngsk->ngrqs" if hf else "nqgrk,nsgk->ngrqs", q, k, preferred_element_type=jnp.float32
+        )
         pv = lambda p, v, hf: jnp.einsum("ngrqs,ngsk->nqgrk" if hf else "ngrqs,nsgk->nqgrk", p, v)
     scores = [jnp.where(mask, qk(k, hf) / scale, jnp.finfo(jnp.float32).min) for k, _, mask, hf in blocks]
     sizes = [s.shape[-1] for s in scores]
@@ -48,7 +50,7 @@ def gqa_attention(q, blocks):
     probs = probs.astype(q.dtype)
     out, start = 0, 0
     for (_, v, _, hf), size in zip(blocks, sizes):
-        out = out + pv(probs[..., start:start + size], v, hf)
+        out = out + pv(probs[..., start : start + size], v, hf)
         start += size
     return out.reshape(n, lq, h, dh)
 
@@ -65,5 +67,11 @@ def _attend_cached(cfg, q, blocks):
     return gqa_attention(q, blocks)
 
 
-EINSUM = Implementation(name="einsum", layouts=frozenset(LAYOUTS), platforms=None, prepare=_prepare,
-                        attend=_attend, attend_cached=_attend_cached)
+EINSUM = Implementation(
+    name="einsum",
+    layouts=frozenset(LAYOUTS),
+    platforms=None,
+    prepare=_prepare,
+    attend=_attend,
+    attend_cached=_attend_cached,
+)

@@ -17,11 +17,19 @@ def fused_attention(q, k, v, lengths, sliding_window: int | None, implementation
     dtype is bf16/fp16; XLA otherwise). q: [N, L, H, Dh], k/v: [N, L, G, Dh], lengths: int [N] real tokens per
     row (one segment, right-padded). Outputs at padding positions are unread."""
     if implementation == "cudnn" and jax.default_backend() != "gpu":
-        raise ConfigError(f"runtime.attention_impl=cudnn needs a GPU (this backend is {jax.default_backend()}); "
-                          "use fused or einsum")
+        raise ConfigError(
+            f"runtime.attention_impl=cudnn needs a GPU (this backend is {jax.default_backend()}); use fused or einsum"
+        )
     return jax.nn.dot_product_attention(
-        q, k, v, is_causal=True, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
-        local_window_size=(sliding_window - 1, 0) if sliding_window else None, implementation=implementation)
+        q,
+        k,
+        v,
+        is_causal=True,
+        query_seq_lengths=lengths,
+        key_value_seq_lengths=lengths,
+        local_window_size=(sliding_window - 1, 0) if sliding_window else None,
+        implementation=implementation,
+    )
 
 
 def _prepare(cfg, segment_ids, positions):
@@ -36,7 +44,13 @@ def _attend_cudnn(cfg, q, k, v, lengths):
     return fused_attention(q, k, v, lengths, cfg.sliding_window, "cudnn")
 
 
-FUSED = Implementation(name="fused", layouts=frozenset({"per_answer"}), platforms=None, prepare=_prepare,
-                       attend=_attend)
-CUDNN = Implementation(name="cudnn", layouts=frozenset({"per_answer"}), platforms=frozenset({"gpu"}),
-                       prepare=_prepare, attend=_attend_cudnn)
+FUSED = Implementation(
+    name="fused", layouts=frozenset({"per_answer"}), platforms=None, prepare=_prepare, attend=_attend
+)
+CUDNN = Implementation(
+    name="cudnn",
+    layouts=frozenset({"per_answer"}),
+    platforms=frozenset({"gpu"}),
+    prepare=_prepare,
+    attend=_attend_cudnn,
+)

@@ -60,8 +60,9 @@ class Implementation:
             raise ValueError(f"attention implementation name {self.name!r} is reserved")
         unknown = set(self.layouts) - set(LAYOUTS)
         if unknown:
-            raise ValueError(f"attention implementation {self.name}: unknown layouts {sorted(unknown)}; "
-                             f"choose from {list(LAYOUTS)}")
+            raise ValueError(
+                f"attention implementation {self.name}: unknown layouts {sorted(unknown)}; choose from {list(LAYOUTS)}"
+            )
 
 
 _REGISTRY: dict[str, Implementation] = {}
@@ -138,8 +139,9 @@ def layouts(impl: str) -> frozenset[str]:
     return frozenset.intersection(*(c.layouts for c in candidates(impl)))
 
 
-def check_layout(impl: str, layout: str, sliding_window: int | None = None, max_length: int | None = None,
-                 what: str | None = None) -> None:
+def check_layout(
+    impl: str, layout: str, sliding_window: int | None = None, max_length: int | None = None, what: str | None = None
+) -> None:
     """One-line ConfigError when `runtime.attention_impl=impl` cannot attend over `data.layout=layout` (rows of
     `max_length` tokens, with the model's `sliding_window`); `what` names the layout in the message (default
     `data.layout=<layout>`)."""
@@ -147,8 +149,10 @@ def check_layout(impl: str, layout: str, sliding_window: int | None = None, max_
     what = what or f"data.layout={layout}"
     if layout not in supported:
         ok = sorted(name for name in names() if layout in layouts(name))
-        raise ConfigError(f"runtime.attention_impl={impl} cannot handle {what} (it supports "
-                          f"{sorted(supported)}); use attention_impl one of {ok}")
+        raise ConfigError(
+            f"runtime.attention_impl={impl} cannot handle {what} (it supports "
+            f"{sorted(supported)}); use attention_impl one of {ok}"
+        )
     for entry in candidates(impl):
         reason = entry.refuses(layout, sliding_window, max_length) if entry.refuses else None
         if reason:
@@ -164,8 +168,9 @@ def select(impl: str, platform: str | None = None) -> Implementation:
     if entry.platforms is not None and platform not in entry.platforms:
         need = " or ".join(_PLATFORM_NAMES.get(p, p) for p in sorted(entry.platforms))
         here = [e.name for e in _REGISTRY.values() if e.platforms is None or platform in e.platforms]
-        raise ConfigError(f"runtime.attention_impl={entry.name} needs a {need} (these devices are {platform}); "
-                          f"use one of {here}")
+        raise ConfigError(
+            f"runtime.attention_impl={entry.name} needs a {need} (these devices are {platform}); use one of {here}"
+        )
     return entry
 
 
@@ -188,7 +193,10 @@ def attend_cached(cfg, q, blocks):
     if entry.attend_cached is None:
         if entry.name not in _LOGGED:
             _LOGGED.add(entry.name)
-            log.info("runtime.attention_impl=%s has no cached path: the sampler and selected rows use %s's",
-                     entry.name, REFERENCE)
+            log.info(
+                "runtime.attention_impl=%s has no cached path: the sampler and selected rows use %s's",
+                entry.name,
+                REFERENCE,
+            )
         entry = _REGISTRY[REFERENCE]
     return entry.attend_cached(cfg, q, blocks)

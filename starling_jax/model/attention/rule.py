@@ -19,6 +19,7 @@ of a few selected queries (`Decoder(select=...)`).
 from __future__ import annotations
 
 import jax.numpy as jnp
+
 from starling_jax.data.layout import PREFIX_BITS, PREFIX_STRIDE  # noqa: F401 (the segment encoding)
 
 # What a batch's rows can hold (`data.attention_layout`); each implementation declares which it attends over.
@@ -60,7 +61,13 @@ def take_rows(x, select):
 def rows_mask(segment_ids, positions, select, sliding_window: int | None):
     """Boolean [N, 1, 1, Q, L]: the rule for the queries at tokens select [N, Q] (int) against every key."""
     keys = jnp.arange(segment_ids.shape[-1])
-    ok = allowed(take_rows(segment_ids, select), segment_ids, take_rows(positions, select), positions,
-                 select.astype(jnp.int32), keys, sliding_window)
+    ok = allowed(
+        take_rows(segment_ids, select),
+        segment_ids,
+        take_rows(positions, select),
+        positions,
+        select.astype(jnp.int32),
+        keys,
+        sliding_window,
+    )
     return ok[:, None, None]
-

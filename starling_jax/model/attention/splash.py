@@ -24,8 +24,9 @@ from starling_jax.model.attention.rule import LAYOUTS, PREFIX_STRIDE
 from starling_jax.parallel.sharding import active_mesh, logical_to_spec
 
 
-def _splash_kernel(heads: int, length: int, sliding_window: int | None, block: int, interpret: bool,
-                   save_residuals: bool = False):
+def _splash_kernel(
+    heads: int, length: int, sliding_window: int | None, block: int, interpret: bool, save_residuals: bool = False
+):
     """The splash kernel for one example ([heads, length, Dh]): causal (+ local window, in indices) static mask,
     equal blocks for the forward and both backward passes."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
@@ -33,10 +34,24 @@ def _splash_kernel(heads: int, length: int, sliding_window: int | None, block: i
 
     shape = (length, length)
     one = sm.LocalMask(shape, (sliding_window - 1, 0), 0) if sliding_window else sm.CausalMask(shape)
-    sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
-                          block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
-    return sk.make_splash_mha(sm.MultiHeadMask([one] * heads), block_sizes=sizes, head_shards=1, q_seq_shards=1,
-                              interpret=interpret, save_residuals=save_residuals)
+    sizes = sk.BlockSizes(
+        block_q=block,
+        block_kv=block,
+        block_kv_compute=block,
+        block_q_dkv=block,
+        block_kv_dkv=block,
+        block_kv_dkv_compute=block,
+        block_q_dq=block,
+        block_kv_dq=block,
+    )
+    return sk.make_splash_mha(
+        sm.MultiHeadMask([one] * heads),
+        block_sizes=sizes,
+        head_shards=1,
+        q_seq_shards=1,
+        interpret=interpret,
+        save_residuals=save_residuals,
+    )
 
 
 def _prefix_passes(seg):
@@ -79,14 +94,30 @@ def _splash_prefix_bwd(sliding_window, block, interpret, res, d_out):
     kernel = _splash_kernel(q.shape[0], q.shape[1], sliding_window, block, interpret)
     kw = kernel.kwargs
     # what the kernel's own jitted wrapper does to the mask infos before its custom VJP sees them
-    collapse = lambda info: info if info is None or info.partial_mask_blocks is None else info._replace(  # noqa: E731
-        partial_mask_blocks=info.partial_mask_blocks.reshape(-1, *info.partial_mask_blocks.shape[-2:]))
+    collapse = (
+        lambda info: (
+            info
+            if info is None or info.partial_mask_blocks is None
+            else info._replace(  # noqa: E731
+                partial_mask_blocks=info.partial_mask_blocks.reshape(-1, *info.partial_mask_blocks.shape[-2:])
+            )
+        )
+    )
     grads = None
     for ids in _prefix_passes(seg):
         residuals = (q, k, v, ids, None, out, lse, collapse(kernel.dq_mask_info), collapse(kernel.dkv_mask_info))
         _, _, _, dq, dk, dv, _, _ = sk._splash_attention_bwd(
-            False, kw["mask_value"], kw["is_mqa"], kw["block_sizes"], None, kw["mask_function"],
-            kw["attn_logits_soft_cap"], interpret, residuals, d_out)
+            False,
+            kw["mask_value"],
+            kw["is_mqa"],
+            kw["block_sizes"],
+            None,
+            kw["mask_function"],
+            kw["attn_logits_soft_cap"],
+            interpret,
+            residuals,
+            d_out,
+        )
         grads = (dq, dk, dv) if grads is None else tuple(a + b for a, b in zip(grads, (dq, dk, dv)))
     return (*grads, None)
 
@@ -94,8 +125,9 @@ def _splash_prefix_bwd(sliding_window, block, interpret, res, d_out):
 _splash_prefix.defvjp(_splash_prefix_fwd, _splash_prefix_bwd)
 
 
-def splash_attention(q, k, v, segment_ids, sliding_window: int | None = None, mesh=None, block: int = 128,
-                     interpret: bool = False):
+def splash_attention(
+    q, k, v, segment_ids, sliding_window: int | None = None, mesh=None, block: int = 128, interpret: bool = False
+):
     """The Pallas TPU splash-attention kernel with segment ids and a causal (+ local window) mask, and the
     shared-prefix rule. q [N, L, H, Dh], k/v [N, L, G, Dh] → [N, L, H, Dh].
 
@@ -127,13 +159,15 @@ def splash_attention(q, k, v, segment_ids, sliding_window: int | None = None, me
 
         def plain(q, k, v, seg):
             return jax.vmap(lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=sk.SegmentIds(q=s1, kv=s1)))(
-                q, k, v, seg)
+                q, k, v, seg
+            )
 
         def prefix(q, k, v, seg):
             if window_bites:
                 return jnp.full(q.shape, jnp.nan, q.dtype)
-            return jax.vmap(lambda q1, k1, v1, s1: _splash_prefix(q1, k1, v1, s1, sliding_window, block,
-                                                                  interpret))(q, k, v, seg)
+            return jax.vmap(lambda q1, k1, v1, s1: _splash_prefix(q1, k1, v1, s1, sliding_window, block, interpret))(
+                q, k, v, seg
+            )
 
         out = jax.lax.cond(jnp.any(seg >= PREFIX_STRIDE), prefix, plain, q, k, v, seg)
         return t(out)
@@ -142,10 +176,8 @@ def splash_attention(q, k, v, segment_ids, sliding_window: int | None = None, me
         heads = logical_to_spec(("act_batch", None, "act_heads", None), q.shape, mesh)
         kv = logical_to_spec(("act_batch", None, "act_kv_heads", None), k.shape, mesh)
         seg = P(heads[0], None)
-        per_shard = jax.shard_map(per_shard, mesh=mesh, in_specs=(heads, kv, kv, seg), out_specs=heads,
-                                  check_vma=False)
+        per_shard = jax.shard_map(per_shard, mesh=mesh, in_specs=(heads, kv, kv, seg), out_specs=heads, check_vma=False)
     return per_shard(q, k, v, segment_ids.astype(jnp.int32))[:, :length]
-
 
 
 def _prepare(cfg, segment_ids, positions):
@@ -159,11 +191,19 @@ def _attend(cfg, q, k, v, context):
 
 def _refuses(layout: str, sliding_window: int | None, max_length: int | None) -> str | None:
     if layout == "shared_prefix" and sliding_window and max_length and sliding_window < max_length:
-        return (f"with a sliding window ({sliding_window}) shorter than data.max_length ({max_length}): its window "
-                "is in indices, and a prompt's answers lie at different distances from it; use attention_impl "
-                "blockwise")
+        return (
+            f"with a sliding window ({sliding_window}) shorter than data.max_length ({max_length}): its window "
+            "is in indices, and a prompt's answers lie at different distances from it; use attention_impl "
+            "blockwise"
+        )
     return None
 
 
-SPLASH = Implementation(name="splash", layouts=frozenset(LAYOUTS), platforms=frozenset({"tpu"}),
-                        prepare=_prepare, attend=_attend, refuses=_refuses)
+SPLASH = Implementation(
+    name="splash",
+    layouts=frozenset(LAYOUTS),
+    platforms=frozenset({"tpu"}),
+    prepare=_prepare,
+    attend=_attend,
+    refuses=_refuses,
+)
