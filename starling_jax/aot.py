@@ -39,7 +39,6 @@ from typing import Any
 
 from starling_jax import cli
 from starling_jax.errors import ConfigError
-from starling_jax.model.architectures import architecture
 from starling_jax.parallel import hardware
 
 GIB = 1024**3
@@ -118,6 +117,7 @@ def hbm_bytes(device_kind: str, num_devices: int, override_gib: float | None) ->
 
 def resolve_model_config(cfg, num_layers: int | None):
     """The architecture the run would train (init_from's config.json, else `model`), with runtime fields."""
+    from starling_jax.model.architectures import architecture  # JAX: not at import (`aot --help` stays instant)
     from starling_jax.train.job import model_runtime
 
     model_cfg = cfg.model_config  # `model` with the `runtime:` fields
@@ -371,6 +371,7 @@ def compile_rl_report(
     reference, reward model: they stay in HBM for the whole run), and `per_chip_bytes` = the peak over the
     programs."""
     from starling_jax.model import attention
+    from starling_jax.model.architectures import architecture
     from starling_jax.parallel import sharding
     from starling_jax.rl.job import PPOJob
 
@@ -581,7 +582,7 @@ def format_report(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv):
+def build_parser() -> cli.ArgumentParser:
     parser = cli.config_parser("python -m starling_jax.aot", __doc__, "train.micro_batches=8")
     parser.add_argument("--topology", required=True, help="cpu | v5p-32 | v5e-32 | v6e-16 | v5e:4x8 | ...")
     parser.add_argument(
@@ -603,7 +604,11 @@ def parse_args(argv):
         help=f"PPO/APA: compile only these of {','.join(RL_PROGRAMS)} (comma-separated; default all)",
     )
     parser.add_argument("--json", action="store_true", help="print only the JSON summary line")
-    return cli.parse_config_args(parser, argv)
+    return parser
+
+
+def parse_args(argv):
+    return cli.parse_config_args(build_parser(), argv)
 
 
 def main(argv=None) -> int:

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import yaml
 
+from starling_jax import cli
+
 ROOT = Path(__file__).resolve().parent.parent
 COMMENT_COLUMN = 33  # where a trailing comment starts, as in the hand-written files
 MAX_LINE = 120  # the project's line length: a longer comment goes above its key, wrapped
@@ -182,12 +184,15 @@ def render(schema: type, old_text: str = "", command: str = "") -> str:
     return "\n".join(out) + "\n"
 
 
-def main(argv=None) -> int:
-    from starling_jax import cli
-
+def build_parser() -> cli.ArgumentParser:
     parser = cli.ArgumentParser(prog="python -m starling_jax.base_configs", description=__doc__)
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 when a file would change")
     parser.add_argument("--configs", default=str(ROOT / "configs"), help="the configs folder")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
 
     def run():
         args = parser.parse_args(sys.argv[1:] if argv is None else argv)

@@ -259,12 +259,10 @@ def run_default_run(module: str, log_file: str | Path, what: str, alternative: s
         )
 
 
-def config_main(
-    argv, prog: str, doc: str, example_override: str, train: Callable[[str | None, list[str]], dict[str, Any]]
-) -> int:
-    """A training entry point: `[CONFIG.yaml] [key=value ...]` → logging → `train(config_file, overrides)` under
-    `run_main` (one-line errors, JSON summary). `train` imports JAX itself, so --help and usage errors stay fast."""
-    parser = config_parser(prog, doc, example_override)
+def config_main(argv, parser: argparse.ArgumentParser, train: Callable[[str | None, list[str]], dict[str, Any]]) -> int:
+    """A training entry point: `[CONFIG.yaml] [key=value ...]` (`parser`: its `config_parser`) → logging →
+    `train(config_file, overrides)` under `run_main` (one-line errors, JSON summary). `train` imports JAX itself, so
+    --help and usage errors stay fast."""
 
     def run():
         args = parse_config_args(parser, sys.argv[1:] if argv is None else argv)

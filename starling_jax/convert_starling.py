@@ -29,10 +29,7 @@ import sys
 from pathlib import Path
 
 from starling_jax import cli, hub
-from starling_jax.data import tokenizer as tokenizer_lib
 from starling_jax.errors import CheckpointError, ConfigError
-from starling_jax.model import hf_io
-from starling_jax.model.config import ModelConfig
 
 DEFAULT_BASE = "meta-llama/Llama-2-7b-chat-hf"
 DEFAULT_INPUT = "berkeley-nest/Starling-RM-7B-alpha"
@@ -93,6 +90,8 @@ def starling_to_hf_keys(sd: dict, source: Path) -> dict:
     """GPTRewardModel names → `LlamaForSequenceClassification` names (`model.*`, `score.weight`)."""
     import torch
 
+    from starling_jax.model import hf_io  # JAX: not at import (`--help` and flag errors stay instant)
+
     out: dict = {}
     origin: dict[str, str] = {}
     for key, value in sd.items():
@@ -125,6 +124,11 @@ def starling_to_hf_keys(sd: dict, source: Path) -> dict:
 def convert(input: str, base: str, output: str, overwrite: bool = False) -> dict:
     import torch
     from safetensors.torch import save_file
+
+    # JAX and transformers load here, not at import: `--help` and flag errors stay instant
+    from starling_jax.data import tokenizer as tokenizer_lib
+    from starling_jax.model import hf_io
+    from starling_jax.model.config import ModelConfig
 
     hf_io.check_output_folder(output, overwrite)
     src = Path(input)
@@ -211,7 +215,7 @@ def _plan_shards(tensors: dict, max_bytes: int) -> list[list[str]]:
     return shards
 
 
-def main(argv=None) -> int:
+def build_parser() -> cli.ArgumentParser:
     parser = cli.ArgumentParser(prog="python -m starling_jax.convert_starling", description=__doc__)
     parser.add_argument(
         "--input",
@@ -225,6 +229,11 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--output", default=DEFAULT_OUTPUT, help=f"HF folder to write (default: {DEFAULT_OUTPUT})")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --output folder")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     cli.setup_logging()
 
     def run():

@@ -340,8 +340,8 @@ def _sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int, temperature
     p.add_argument("--batch-size", type=int, default=16, help="prompts per sampler batch")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> cli.ArgumentParser:
+    parser = cli.ArgumentParser(
         prog="python -m starling_jax.evaluate",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -401,10 +401,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    cli.setup_logging()
-    run = {"rewardbench": run_rewardbench, "bon": run_bon, "policy": run_policy}[args.command]
-    return cli.run_main(lambda: run(args))
+    parser = build_parser()
+
+    def run():
+        args = parser.parse_args(sys.argv[1:] if argv is None else argv)  # usage errors: one line
+        cli.setup_logging()
+        return {"rewardbench": run_rewardbench, "bon": run_bon, "policy": run_policy}[args.command](args)
+
+    return cli.run_main(run)
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ def export(
     }
 
 
-def main(argv=None) -> int:
+def build_parser() -> cli.ArgumentParser:
     parser = cli.ArgumentParser(prog="python -m starling_jax.export_hf", description=__doc__)
     parser.add_argument(
         "--checkpoint",
@@ -80,6 +80,11 @@ def main(argv=None) -> int:
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest complete)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the one the run used)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --output folder")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     cli.setup_logging()
 
     def run():

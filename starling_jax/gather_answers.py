@@ -184,8 +184,8 @@ def gather(
     }
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
+def build_parser() -> cli.ArgumentParser:
+    parser = cli.ArgumentParser(
         prog="python -m starling_jax.gather_answers",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -206,10 +206,16 @@ def main(argv=None) -> int:
     parser.add_argument("--min-answers", type=int, default=2)
     parser.add_argument("--max-answers", type=int, default=None)
     parser.add_argument("--dedupe", action="store_true", help="drop answers whose text an earlier one has")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    cli.setup_logging()
-    return cli.run_main(
-        lambda: gather(
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+
+    def run():
+        args = parser.parse_args(sys.argv[1:] if argv is None else argv)  # usage errors: one line
+        cli.setup_logging()
+        return gather(
             args.output,
             args.prompts,
             args.generated,
@@ -219,7 +225,8 @@ def main(argv=None) -> int:
             max_answers=args.max_answers,
             dedupe=args.dedupe,
         )
-    )
+
+    return cli.run_main(run)
 
 
 if __name__ == "__main__":

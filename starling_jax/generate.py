@@ -92,7 +92,7 @@ def check_flags(args) -> None:
             raise UsageError("--stop '': an empty stop string would end every row at once")
 
 
-def main(argv=None) -> int:
+def build_parser() -> cli.ArgumentParser:
     parser = cli.ArgumentParser(prog="python -m starling_jax.generate", description=__doc__)
     parser.add_argument(
         "--model",
@@ -117,6 +117,11 @@ def main(argv=None) -> int:
     parser.add_argument("--stop", action="append", default=[], help="extra stop string (repeatable)")
     parser.add_argument("--num-samples", type=int, default=1, help="completions per prompt (independent draws)")
     parser.add_argument("--output", default=None, help="JSON-lines output file (default: print the lines)")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     cli.setup_logging()
 
     def run():

@@ -175,8 +175,8 @@ def label(
     return summary
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
+def build_parser() -> cli.ArgumentParser:
+    parser = cli.ArgumentParser(
         prog="python -m starling_jax.label", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--input", required=True, help="unranked Nectar-schema rows (jsonl, json, parquet)")
@@ -206,10 +206,16 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=32, help="rm: sequences per forward pass")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("-v", "--verbose", action="store_true")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    cli.setup_logging(args.verbose)
-    return cli.run_main(
-        lambda: label(
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+
+    def run():
+        args = parser.parse_args(sys.argv[1:] if argv is None else argv)  # usage errors: one line
+        cli.setup_logging(args.verbose)
+        return label(
             args.input,
             args.output,
             args.judge,
@@ -233,7 +239,8 @@ def main(argv=None) -> int:
             batch_size=args.batch_size,
             progress=not args.no_progress,
         )
-    )
+
+    return cli.run_main(run)
 
 
 if __name__ == "__main__":

@@ -27,8 +27,7 @@ from starling_jax.errors import StarlingError, UsageError
 MIN_MAX_LENGTH = 8  # as train_rm's data.max_length
 
 
-def parse_args(argv=None):
-    """The flags, checked before anything is read (a usage mistake raises `UsageError`, one line)."""
+def build_parser() -> ArgumentParser:
     ap = ArgumentParser(prog="python -m starling_jax.prepare_data", description=__doc__.splitlines()[0])
     ap.add_argument(
         "--input",
@@ -53,7 +52,12 @@ def parse_args(argv=None):
     )
     ap.add_argument("--on-bad-row", default="error", choices=("error", "skip"))
     ap.add_argument("--eval-fraction", type=float, default=0.05)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def parse_args(argv=None):
+    """The flags, checked before anything is read (a usage mistake raises `UsageError`, one line)."""
+    args = build_parser().parse_args(argv)
     if args.max_length < MIN_MAX_LENGTH:  # else every row would be "too long" and blamed one by one
         raise UsageError(
             f"--max-length {args.max_length}: must be at least {MIN_MAX_LENGTH} tokens (prompt + answer; "

@@ -28,18 +28,12 @@ from __future__ import annotations
 import json
 import sys
 
-from starling_jax import cli, hub
-from starling_jax.data import tokenizer as tokenizer_lib
+from starling_jax import cli
 from starling_jax.data.chat import TEMPLATE_NAMES
 from starling_jax.data.nectar import ReadReport, iter_raw_rows, read_pairwise, read_rankings
 from starling_jax.data.synthetic import BUNDLED_ALIAS, resolve_bundled
 from starling_jax.data.tokenize import RowDoesNotFit, tokenize_ranking
 from starling_jax.errors import CheckpointError, DataError, UsageError
-from starling_jax.eval.metrics import RankingMetrics
-from starling_jax.eval.score_batches import BucketedLogProbs
-from starling_jax.eval.scorer import PAD_TO_MULTIPLE, RewardScorer, load_reward_model  # noqa: F401 (score.X)
-from starling_jax.model import hf_io
-from starling_jax.parallel import sharding
 from starling_jax.paths import as_path
 
 
@@ -60,6 +54,10 @@ def score(
     on_bad_row: str = "error",
 ) -> dict:
     import numpy as np
+
+    # JAX, the model and the tokenizer load here, not at import: `score --help` and flag errors stay instant
+    from starling_jax.eval.metrics import RankingMetrics
+    from starling_jax.eval.scorer import RewardScorer
 
     # --- inputs first: a missing or unreadable --data fails before any model is loaded
     fmt = detect_format(data)
@@ -145,6 +143,15 @@ def score_dpo(
     """Implied rewards of a DPO policy against its reference for every answer (the output and summary of
     `score`, plus `reference` and `beta`)."""
     import numpy as np
+
+    # JAX, the models and the tokenizer load here, not at import (as in `score`)
+    from starling_jax import hub
+    from starling_jax.data import tokenizer as tokenizer_lib
+    from starling_jax.eval.metrics import RankingMetrics
+    from starling_jax.eval.score_batches import BucketedLogProbs
+    from starling_jax.eval.scorer import PAD_TO_MULTIPLE
+    from starling_jax.model import hf_io
+    from starling_jax.parallel import sharding
 
     mesh = sharding.make_mesh(sharding.MeshConfig())
     folder = hub.resolve(model, key="--model")
@@ -260,7 +267,7 @@ def _score_dpo_args(args) -> dict:
     )
 
 
-def main(argv=None) -> int:
+def build_parser() -> cli.ArgumentParser:
     parser = cli.ArgumentParser(prog="python -m starling_jax.score", description=__doc__)
     parser.add_argument(
         "--model",
@@ -304,6 +311,11 @@ def main(argv=None) -> int:
         help="with --reference: β of the implied reward "
         f"(default: the policy's recorded dpo_beta, else {DEFAULT_DPO_BETA})",
     )
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     cli.setup_logging()
 
     def run():

@@ -46,10 +46,12 @@ def train(config_file: str | None, overrides: list[str]) -> dict:
     return train_dpo(cfg)
 
 
+def build_parser():
+    return cli.config_parser("python -m starling_jax.train_dpo", __doc__, "loss.name=pairwise train.steps=50")
+
+
 def main(argv=None) -> int:
-    return cli.config_main(
-        argv, "python -m starling_jax.train_dpo", __doc__, "loss.name=pairwise train.steps=50", train
-    )
+    return cli.config_main(argv, build_parser(), train)
 
 
 if __name__ == "__main__":

@@ -53,8 +53,12 @@ def train(config_file: str | None, overrides: list[str]) -> dict:
     return train_ppo(cfg)
 
 
+def build_parser():
+    return cli.config_parser("python -m starling_jax.train_ppo", __doc__, "algorithm=apa train.steps=20")
+
+
 def main(argv=None) -> int:
-    return cli.config_main(argv, "python -m starling_jax.train_ppo", __doc__, "algorithm=apa train.steps=20", train)
+    return cli.config_main(argv, build_parser(), train)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,12 @@ def train(config_file: str | None, overrides: list[str]) -> dict:
     return train_reward_model(cfg)
 
 
+def build_parser():
+    return cli.config_parser("python -m starling_jax.train_rm", __doc__, "train.steps=100 data.batch_size=4")
+
+
 def main(argv=None) -> int:
-    return cli.config_main(argv, "python -m starling_jax.train_rm", __doc__, "train.steps=100 data.batch_size=4", train)
+    return cli.config_main(argv, build_parser(), train)
 
 
 if __name__ == "__main__":

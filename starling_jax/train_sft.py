@@ -28,10 +28,12 @@ def train(config_file: str | None, overrides: list[str]) -> dict:
     return train_sft(cfg)
 
 
+def build_parser():
+    return cli.config_parser("python -m starling_jax.train_sft", __doc__, "train.steps=100 data.batch_size=8")
+
+
 def main(argv=None) -> int:
-    return cli.config_main(
-        argv, "python -m starling_jax.train_sft", __doc__, "train.steps=100 data.batch_size=8", train
-    )
+    return cli.config_main(argv, build_parser(), train)
 
 
 if __name__ == "__main__":

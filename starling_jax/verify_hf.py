@@ -42,7 +42,7 @@ TEXTS = [
 ]
 
 
-def _parser() -> cli.ArgumentParser:
+def build_parser() -> cli.ArgumentParser:
     p = cli.ArgumentParser(prog="python -m starling_jax.verify_hf", description=__doc__.split("\n")[0])
     p.add_argument(
         "--model",
@@ -193,7 +193,7 @@ def _logsumexp(x):
 
 def main(argv=None) -> int:
     try:
-        args = _parser().parse_args(argv)  # usage errors: one line (cli.ArgumentParser)
+        args = build_parser().parse_args(argv)  # usage errors: one line (cli.ArgumentParser)
         model = cli.embedded_default(args.model, cli.DEFAULT_HF_DIR, "--model")
         summary = verify(model, args.dtype, args.tolerance, args.max_length, args.seed)
     except StarlingError as e:

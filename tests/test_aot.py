@@ -15,6 +15,7 @@ import pytest
 
 from starling_jax import aot
 from starling_jax.errors import ConfigError
+from starling_jax.model.architectures import architecture
 
 GIB = 1024**3
 SMALL = ["data.batch_size=4", "data.max_length=128", "data.num_answers=3"]
@@ -275,7 +276,7 @@ def test_rl_set_adds_eval_programs_for_a_larger_eval_batch(tmp_path):
 
     mesh = sharding.make_mesh(cfg.mesh, devices=jax.devices()[:1])
     state, minibatch, _ = job.abstract_inputs(
-        mesh, {"policy": aot.architecture(policy, "policy"), "reward": aot.architecture(policy, "reward_model")}
+        mesh, {"policy": architecture(policy, "policy"), "reward": architecture(policy, "reward_model")}
     )
     rows = {p.name: p.rows for p in job.abstract_set.programs}
     assert rows == {

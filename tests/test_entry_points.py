@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -79,3 +80,23 @@ def test_without_torch_the_tokenizer_and_metrics_writer_work_and_tokenize_the_sa
     )
     assert json.loads(run_python(code)) == expected
     assert list((tmp_path / "tensorboard").glob("events.*")) and (tmp_path / "metrics.jsonl").is_file()
+
+
+def test_every_entry_point_has_a_console_script_and_a_parser():
+    """Each root module with a `main` is an entry point: `starling-<name>` runs it, and `build_parser()` gives the
+    parser it runs with (the docs site's CLI reference is generated from it)."""
+    import ast
+    import importlib
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    scripts = tomllib.loads((root / "pyproject.toml").read_text())["project"]["scripts"]
+    entries = sorted(
+        p.stem
+        for p in (root / "starling_jax").glob("*.py")
+        if any(isinstance(n, ast.FunctionDef) and n.name == "main" for n in ast.parse(p.read_text()).body)
+    )
+    assert {f"starling-{e.replace('_', '-')}": f"starling_jax.{e}:main" for e in entries} == scripts
+    for e in entries:
+        parser = importlib.import_module(f"starling_jax.{e}").build_parser()
+        assert parser.prog == f"python -m starling_jax.{e}", parser.prog

@@ -211,7 +211,7 @@ def test_generate_checks_its_flags_before_training_or_loading(argv, message, tmp
 
 
 def test_score_checks_data_before_loading_the_model(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(score, "load_reward_model", lambda *a: pytest.fail("loaded the model first"))
+    monkeypatch.setattr("starling_jax.eval.scorer.load_reward_model", lambda *a: pytest.fail("loaded the model first"))
     missing = tmp_path / "missing.jsonl"
     assert score.main(["--model", str(tmp_path), "--data", str(missing)]) == 2
     error, summary = one_error(capsys)
