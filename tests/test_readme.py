@@ -38,3 +38,13 @@ def test_base_install_declares_what_the_main_job_imports_beyond_transformers():
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     names = {d.split(";")[0].split("[")[0].split("=")[0].split(">")[0].split("<")[0].strip().lower() for d in deps}
     assert {"jinja2", "transformers", "tokenizers", "mistral-common", "tensorflow-cpu"} <= names
+
+
+def test_readme_links_point_to_files_in_the_repository():
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    links = [link.split("#")[0] for link in re.findall(r"\]\(([^)]+)\)", text) if "://" not in link]
+    assert links, "README links to its docs pages"
+    missing = [link for link in links if link and not (ROOT / link).exists()]
+    assert not missing, missing
