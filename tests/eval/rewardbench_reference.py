@@ -1,11 +1,12 @@
 """The `rewardbench` package's scoring, as the test reference (rewardbench 0.1.4, Apache-2.0, allenai/reward-bench).
 
-When the package is importable (`pip install --no-deps rewardbench`: its pinned dependencies, transformers==4.51.0
-among them, conflict with this project's, so it is not in the `dev` extra), `reference()` reads its OWN source:
-`EXAMPLE_COUNTS` / `SUBSET_MAPPING` from `rewardbench/constants.py` and `calculate_scores_per_section` from
-`rewardbench/utils.py` (parsed with `ast`, not imported: importing `rewardbench` pulls torch, fastchat, datasets and
-its model registry). Otherwise it falls back to the transcription below of those two files' pieces, which
-`test_transcription_is_the_package_source` compares with the package source wherever it is installed.
+When the package is there (`pip install --no-deps --target .rewardbench rewardbench==0.1.4`, as .ci/run does: its
+pinned dependencies, transformers==4.51.0 among them, conflict with this project's, so it is not in the `dev`
+extra), `reference()` reads its OWN source: `EXAMPLE_COUNTS` / `SUBSET_MAPPING` from `rewardbench/constants.py` and
+`calculate_scores_per_section` from `rewardbench/utils.py` (parsed with `ast`, not imported: importing `rewardbench`
+pulls torch, fastchat, datasets and its model registry). Otherwise it falls back to the transcription below of those
+two files' pieces, which `test_transcription_is_the_package_source` compares with the package source wherever it is
+installed.
 """
 
 from __future__ import annotations
@@ -79,8 +80,16 @@ TRANSCRIBED_SUBSET_MAPPING = {
 }
 
 
+# Where CI puts the package (`pip install --no-deps --target .rewardbench rewardbench==0.1.4`, .ci/run): a folder of
+# its own, since the wheel also installs top-level `tests` and `analysis` packages that would shadow this repository's.
+LOCAL = Path(__file__).resolve().parents[2] / ".rewardbench" / "rewardbench"
+
+
 def package_dir() -> Path | None:
-    """The installed `rewardbench` package folder, found without importing it (None when not installed)."""
+    """The `rewardbench` package folder, found without importing it: `.rewardbench/` of the repository, else an
+    installed one (None when neither is there)."""
+    if (LOCAL / "utils.py").is_file():
+        return LOCAL
     spec = importlib.util.find_spec("rewardbench")
     if spec is None or not spec.submodule_search_locations:
         return None

@@ -2,8 +2,8 @@
 --judge rm:` ranks the PPO policy above the SFT policy it started from, and best-of-n's reward rises with n with
 the analytic KL beside it.
 
-The defaults are trained here when the working directory does not hold them (`train_ppo` trains the SFT policy and
-the reward model it needs first): ~10 minutes on the 2-core CI machine, most of this test's cost. Hence `slow`."""
+The defaults are the session's `default_runs` (tests/conftest.py: trained once, shared with the other tests that
+need them). Hence `slow`."""
 
 from __future__ import annotations
 
@@ -46,10 +46,10 @@ def run_module(cwd: Path, module: str, *args: str) -> tuple[dict, str]:
 
 
 @pytest.fixture(scope="module")
-def defaults(tmp_path_factory) -> Path:
-    cwd = Path(os.environ.get("STARLING_DEFAULT_RUNS_DIR") or tmp_path_factory.mktemp("defaults"))
-    if not all((cwd / r / "config.json").is_file() for r in RUNS):
-        run_module(cwd, "train_ppo")
+def defaults(default_runs) -> Path:
+    """The embedded defaults (tests/conftest.py trains them once per session), or STARLING_DEFAULT_RUNS_DIR's."""
+    cwd = Path(os.environ["STARLING_DEFAULT_RUNS_DIR"]) if os.environ.get("STARLING_DEFAULT_RUNS_DIR") else default_runs
+    assert all((cwd / r / "config.json").is_file() for r in RUNS), cwd
     return cwd
 
 

@@ -2,7 +2,8 @@
 the task is only learnable from prompt and answer together: the same run with every prompt replaced by one
 constant prompt (what a mask hiding the prompt from the answer amounts to) stays at chance.
 
-The chain runs the full default (500 steps, ~3½ minutes on the 2-core CI machine); the constant-prompt run stops at
+The chain reads the full default (500 steps), trained once per session (`default_runs` in tests/conftest.py); the
+constant-prompt run stops at
 300 steps to spare CI time: the real data reaches 0.78 held-out pairwise accuracy by then (measured, 300-step
 schedule), the constant prompt stays at chance (BENCHMARKS.md: still 0.51 after
 1500 steps). Hence `slow`.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -50,24 +52,28 @@ def run_default(out: Path, *overrides: str) -> dict:
     return run_module("train_rm", f"output_dir={out}", "train.progress_bar=false", *overrides)[0]
 
 
-def test_embedded_defaults_chain_with_no_arguments(tmp_path):
+def test_embedded_defaults_chain_with_no_arguments(tmp_path, default_runs, default_summaries):
     """Every entry point with no arguments: train_rm trains the demo model (≥ 0.85 held-out pairwise accuracy),
-    then export_hf, score and verify_hf work on what it wrote; prepare_data prepares the bundled data."""
+    then export_hf, score and verify_hf work on what it wrote; prepare_data prepares the bundled data. The runs are
+    the session's `default_runs` (a user's first `train_ppo` in an empty folder, which runs `train_rm` and
+    `train_sft` with no arguments first), so the suite trains the defaults once."""
     # before any run, the consumers say what to do in one line
     summary, err = run_module("export_hf", cwd=tmp_path, expect=2)
     assert "run `python -m starling_jax.train_rm` first" in err and summary["status"] == "error"
 
-    summary, _ = run_module("train_rm", cwd=tmp_path)
+    summary = default_summaries["rm"]  # train_rm's own summary line, from its log
     assert summary["status"] == "completed" and summary["steps"] > 0
-    assert Path(summary["output_dir"]).resolve() == (tmp_path / "runs" / "rm_default").resolve()
+    assert Path(summary["output_dir"]).name == "rm_default"
     assert summary["eval_pairwise_accuracy"] >= 0.85, summary
     assert summary["eval_top1_accuracy"] > 0.5 and summary["eval_kendall_tau"] > 0.6, summary
     by_rank = summary["eval_mean_reward_by_rank"]
     assert by_rank["1"] > by_rank["4"] > by_rank["7"]  # mean reward falls with the rank
-    run = tmp_path / "runs" / "rm_default"
+    run = default_runs / "runs" / "rm_default"
     assert (run / "hf" / "config.json").is_file() and (run / "summary.png").stat().st_size > 10_000
 
-    # the consumers only read what train_rm wrote: run them side by side
+    # the consumers only read what train_rm wrote: run them side by side, in a copy of the folder (the session's
+    # other tests read the runs too)
+    shutil.copytree(run, tmp_path / "runs" / "rm_default", symlinks=True)
     consumers = {m: start_module(m, cwd=tmp_path) for m in ("export_hf", "score", "verify_hf", "prepare_data")}
     (exported, _), (scored, _), (verified, _), (prepared, _) = (finish(p) for p in consumers.values())
     assert (tmp_path / exported["output"] / "model.safetensors").is_file()
