@@ -53,10 +53,8 @@ def score(
     batch_size: int = 32,
     on_bad_row: str = "error",
 ) -> dict:
-    import numpy as np
 
     # JAX, the model and the tokenizer load here, not at import: `score --help` and flag errors stay instant
-    from starling_jax.eval.metrics import RankingMetrics
     from starling_jax.eval.scorer import RewardScorer
 
     # --- inputs first: a missing or unreadable --data fails before any model is loaded
@@ -64,25 +62,45 @@ def score(
     scorer = RewardScorer(model, template, max_length, batch_size)
     template = scorer.template
 
-    # --- rows → tokenized answers (input order kept; skipped rows remembered with their reason)
+    tokenized, lines, report = tokenize_rows(data, fmt, on_bad_row, scorer.tokenize)
+    # every answer in length-sorted micro-batches padded to a few bucket lengths (score_batches.py)
+    rewards = scorer.rewards(tokenized)
+    return report_rewards(
+        tokenized,
+        rewards,
+        lines,
+        report,
+        output,
+        {"model": str(model), "data": str(data), "format": fmt, "template": template},
+    )
+
+
+def tokenize_rows(data: str, fmt: str, on_bad_row: str, tokenize):
+    """The file's rows → (tokenized rows in input order, {row: output line} of the skipped ones with their reason,
+    the read report). `tokenize`: a `Ranking` → its `TokenizedRanking` (raises RowDoesNotFit)."""
     report = ReadReport()
     reader = read_pairwise if fmt == "pairwise" else read_rankings
     lines: dict[int, dict] = {}
     tokenized = []
     for ranking in reader(data, on_bad_row, report):
         try:
-            tokenized.append(scorer.tokenize(ranking))
+            tokenized.append(tokenize(ranking))
         except RowDoesNotFit as e:
             if on_bad_row == "error":
                 raise DataError(f"{data}: row {ranking.row}: {e}") from None
             lines[ranking.row] = {"row": ranking.row, "rewards": None, "error": str(e)}
     for skipped in report.skipped:
         lines[skipped["row"]] = {"row": skipped["row"], "rewards": None, "error": skipped["reason"]}
+    return tokenized, lines, report
 
-    # --- score all answers: length-sorted micro-batches padded to a few bucket lengths (score_batches.py)
-    rewards = scorer.rewards(tokenized)
 
-    # --- output lines and metrics
+def report_rewards(tokenized, rewards, lines: dict, report, output: str | None, head: dict) -> dict:
+    """Rewards per tokenized row → the output file (one JSON line per input row, in row order) and the summary:
+    `head` (model, data, format, template, ...), the row counts and the ranking metrics."""
+    import numpy as np
+
+    from starling_jax.eval.metrics import RankingMetrics  # JAX-free, but with numpy: not needed for --help
+
     metrics = RankingMetrics()
     for tr, rw in zip(tokenized, rewards):
         lines[tr.row] = {
@@ -98,12 +116,10 @@ def score(
             for row in sorted(lines):
                 f.write(json.dumps(lines[row]) + "\n")
     computed = metrics.compute() if tokenized else {}
+    fmt = head["format"]
     summary = {
         "status": "completed",
-        "model": str(model),
-        "data": str(data),
-        "format": fmt,
-        "template": template,
+        **head,
         "rows_read": report.rows_read,
         "rows_scored": len(tokenized),
         "rows_skipped": len(lines) - len(tokenized),
@@ -147,12 +163,12 @@ def score_dpo(
     # JAX, the models and the tokenizer load here, not at import (as in `score`)
     from starling_jax import hub
     from starling_jax.data import tokenizer as tokenizer_lib
-    from starling_jax.eval.metrics import RankingMetrics
     from starling_jax.eval.score_batches import BucketedLogProbs
     from starling_jax.eval.scorer import PAD_TO_MULTIPLE
     from starling_jax.model import hf_io
     from starling_jax.parallel import sharding
 
+    fmt = detect_format(data)  # a missing or unreadable --data fails before any model is loaded
     mesh = sharding.make_mesh(sharding.MeshConfig())
     folder = hub.resolve(model, key="--model")
     ref_folder = hub.resolve(reference, key="--reference")
@@ -188,20 +204,9 @@ def score_dpo(
     policy_scorer = BucketedLogProbs(graphdef, mesh, **common)
     reference_scorer = BucketedLogProbs(ref_graphdef, mesh, **common)
 
-    fmt = detect_format(data)
-    report = ReadReport()
-    reader = read_pairwise if fmt == "pairwise" else read_rankings
-    lines: dict[int, dict] = {}
-    tokenized = []
-    for ranking in reader(data, on_bad_row, report):
-        try:
-            tokenized.append(tokenize_ranking(ranking, tokenizer, template, max_length))
-        except RowDoesNotFit as e:
-            if on_bad_row == "error":
-                raise DataError(f"{data}: row {ranking.row}: {e}") from None
-            lines[ranking.row] = {"row": ranking.row, "rewards": None, "error": str(e)}
-    for skipped in report.skipped:
-        lines[skipped["row"]] = {"row": skipped["row"], "rewards": None, "error": skipped["reason"]}
+    tokenized, lines, report = tokenize_rows(
+        data, fmt, on_bad_row, lambda ranking: tokenize_ranking(ranking, tokenizer, template, max_length)
+    )
 
     sequences = [t for tr in tokenized for t in tr.tokens]
     starts = [int(i) for tr in tokenized for i in tr.answer_start]
@@ -213,40 +218,16 @@ def score_dpo(
     else:
         flat = np.zeros(0)
     offsets = np.cumsum([0] + [tr.num_answers for tr in tokenized])
-    metrics = RankingMetrics()
-    for i, tr in enumerate(tokenized):
-        rw = flat[offsets[i] : offsets[i + 1]]
-        lines[tr.row] = {
-            "row": tr.row,
-            "rewards": [float(x) for x in rw],
-            "ranks": [float(x) for x in tr.ranks],
-            "truncated": tr.truncated,
-        }
-        metrics.update(rw[None], tr.ranks[None], np.ones((1, tr.num_answers), bool), tr.answer_lengths[None])
-    if output:
-        as_path(output).parent.mkdir(parents=True, exist_ok=True)
-        with as_path(output).open("w", encoding="utf-8") as f:
-            for row in sorted(lines):
-                f.write(json.dumps(lines[row]) + "\n")
-    computed = metrics.compute() if tokenized else {}
-    summary = {
-        "status": "completed",
+    rewards = [flat[offsets[i] : offsets[i + 1]] for i in range(len(tokenized))]
+    head = {
         "model": str(model),
         "reference": str(reference),
         "beta": beta,
         "data": str(data),
         "format": fmt,
         "template": template,
-        "rows_read": report.rows_read,
-        "rows_scored": len(tokenized),
-        "rows_skipped": len(lines) - len(tokenized),
-        "rows_truncated": sum(tr.truncated for tr in tokenized),
-        "output": output,
     }
-    if fmt == "pairwise":
-        summary["accuracy"] = computed.get("pairwise_accuracy")
-    summary.update({k: v for k, v in computed.items() if k != "num_pairs" or fmt == "nectar"})
-    return summary
+    return report_rewards(tokenized, rewards, lines, report, output, head)
 
 
 def _score_dpo_args(args) -> dict:
