@@ -149,6 +149,8 @@ def test_config_comments_name_what_exists(config):
     for doc, name in (("README", "README.md"), ("BENCHMARKS", "BENCHMARKS.md")):
         for section in re.findall(rf'{doc}(?:\.md)?(?:\'s)? "([^"]+)"', comments):
             assert section in headings(ROOT / name), f"{config}: {name} has no section {section!r}"
+    for page, section in re.findall(r'(docs/[\w-]+\.md) "([^"]+)"', comments):  # the docs site's pages
+        assert (ROOT / page).is_file() and section in headings(ROOT / page), f"{config}: {page} has no {section!r}"
     for module in re.findall(r"python -m (starling_jax[\w.]*)", comments):
         assert importlib.util.find_spec(module) is not None, f"{config}: no module {module}"
     for path in re.findall(r"(?<![\w/.:])((?:[\w-]+/)*[\w-]+\.(?:yaml|py|sh|md))\b", comments):
