@@ -23,13 +23,15 @@ is refused unless `--overwrite`. The last printed line is a JSON summary.
 
 from __future__ import annotations
 
+import argparse
 import json
-import math
+import re
 import sys
 from pathlib import Path
 
 from starling_jax import cli, hub
 from starling_jax.errors import CheckpointError, ConfigError
+from starling_jax.paths import atomic_folder, check_output_folder
 
 DEFAULT_BASE = "meta-llama/Llama-2-7b-chat-hf"
 DEFAULT_INPUT = "berkeley-nest/Starling-RM-7B-alpha"
@@ -121,7 +123,7 @@ def starling_to_hf_keys(sd: dict, source: Path) -> dict:
     return out
 
 
-def convert(input: str, base: str, output: str, overwrite: bool = False) -> dict:
+def convert(input: str, base: str, output: str, overwrite: bool = False, max_shard_size: int | str = "5GB") -> dict:
     import torch
     from safetensors.torch import save_file
 
@@ -130,12 +132,12 @@ def convert(input: str, base: str, output: str, overwrite: bool = False) -> dict
     from starling_jax.model import hf_io
     from starling_jax.model.config import ModelConfig
 
-    hf_io.check_output_folder(output, overwrite)
+    check_output_folder(output, overwrite)
     src = Path(input)
     pickle_path = find_pickle(src)
     base_dir = hub.resolve(base, key="--base", files="config")  # config.json and tokenizer, not the weights
     config_src = src / "config.json" if src.is_dir() and (src / "config.json").is_file() else base_dir / "config.json"
-    hf_config = hf_io._read_hf_config(config_src.parent)
+    hf_config = hf_io.read_hf_config(config_src.parent)
     if hf_config.get("model_type") != "llama":
         raise CheckpointError(
             f"{config_src}: model_type {hf_config.get('model_type')!r}; Starling-RM-7B-alpha is a "
@@ -151,7 +153,7 @@ def convert(input: str, base: str, output: str, overwrite: bool = False) -> dict
     if dtype is None:
         raise CheckpointError(f"{pickle_path}: unsupported dtype {next(iter(tensors.values())).dtype}")
     cfg = ModelConfig.from_hf_dict(hf_config, source=str(config_src), param_dtype=dtype)
-    expected = {(f"model.{s.hf}" if s.trunk else s.hf): s.hf_shape for s in hf_io.key_table(cfg, "reward")}
+    expected = {s.hf_name: s.hf_shape for s in hf_io.key_table(cfg, "reward")}
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:
@@ -175,21 +177,12 @@ def convert(input: str, base: str, output: str, overwrite: bool = False) -> dict
     config = hf_io.hf_config_dict(
         cfg, "reward", pad, {"starling_jax_data": provenance, "converted_from": str(pickle_path)}
     )
-    shards = _plan_shards(tensors, max_bytes=5_000_000_000)
-    with hf_io.atomic_folder(output) as out:
-        weight_map = {}
-        for i, names in enumerate(shards):
-            file = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file({n: tensors[n].contiguous() for n in names}, str(out / file), metadata={"format": "pt"})
-            weight_map.update({n: file for n in names})
-        if len(shards) > 1:
-            total = sum(t.numel() * t.element_size() for t in tensors.values())
-            (out / "model.safetensors.index.json").write_text(
-                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"
-            )
+    tensors = {name: tensors[name] for name in expected}  # key-table order: the files `save_hf` would write
+    split = hf_io.plan_shards({n: t.numel() * t.element_size() for n, t in tensors.items()}, max_shard_size)
+    with atomic_folder(output) as out:  # written aside, renamed into place when complete
+        hf_io.write_safetensors(out, split, lambda names: {n: tensors[n].contiguous() for n in names}, save_file)
         (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        hf_io.copy_tokenizer_files(base_dir, out)
-        tokenizer_lib.save_export_tokenizer(tok, base_dir, out)
+        hf_io.write_tokenizer(out, base_dir, tok)
     return {
         "status": "completed",
         "input": str(pickle_path),
@@ -202,17 +195,11 @@ def convert(input: str, base: str, output: str, overwrite: bool = False) -> dict
     }
 
 
-def _plan_shards(tensors: dict, max_bytes: int) -> list[list[str]]:
-    shards, current, size = [], [], 0
-    for name, t in tensors.items():
-        nbytes = math.prod(t.shape) * t.element_size()
-        if current and size + nbytes > max_bytes:
-            shards.append(current)
-            current, size = [], 0
-        current.append(name)
-        size += nbytes
-    shards.append(current)
-    return shards
+def shard_size(text: str) -> int | str:
+    """`--max-shard-size`: bytes as digits, or a number with huggingface_hub's units ("5GB", "500MB")."""
+    if not re.fullmatch(r"\d+(KB|MB|GB|TB)?", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: give bytes (1000000) or a size such as 5GB or 500MB")
+    return int(text) if text.isdigit() else text
 
 
 def build_parser() -> cli.ArgumentParser:
@@ -229,6 +216,12 @@ def build_parser() -> cli.ArgumentParser:
     )
     parser.add_argument("--output", default=DEFAULT_OUTPUT, help=f"HF folder to write (default: {DEFAULT_OUTPUT})")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --output folder")
+    parser.add_argument(
+        "--max-shard-size",
+        default="5GB",
+        type=shard_size,
+        help="largest safetensors file, in bytes or as '5GB'/'500MB' (huggingface_hub's planner; default: 5GB)",
+    )
     return parser
 
 
@@ -238,7 +231,7 @@ def main(argv=None) -> int:
 
     def run():
         args = parser.parse_args(sys.argv[1:] if argv is None else argv)  # usage errors: one line
-        return convert(args.input, args.base, args.output, args.overwrite)
+        return convert(args.input, args.base, args.output, args.overwrite, args.max_shard_size)
 
     return cli.run_main(run)
 

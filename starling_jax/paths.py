@@ -11,18 +11,25 @@ after `as_path` is the same for both.
 Libraries that only take local files (transformers, safetensors, tokenizers, tensorboardX) work on a local copy:
 `local_copy` downloads a remote folder into the cache (`$STARLING_JAX_CACHE/remote/...`, default
 `~/.cache/starling_jax`), and `upload_folder` copies a finished local folder to a URL.
+
+Every writer of an output folder (HF exports: `save_hf`, `export_hf`, the trainers' in-run exports,
+`convert_starling`) checks it with `check_output_folder` and writes it through `atomic_folder`: aside, then renamed
+into place (locally) or uploaded when complete (a URL), so a reader never sees a half-written folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Union
+from typing import Iterator, Union
 
 from etils import epath
+
+from starling_jax.errors import CheckpointError
 
 AnyPath = Union[Path, epath.Path]
 
@@ -120,3 +127,44 @@ def upload_folder(local: Path, url: AnyPath, replace: bool = True) -> None:
         target = url / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         copy_file(path, target)
+
+
+def check_output_folder(folder, overwrite: bool) -> None:
+    """An existing non-empty output folder is refused unless `overwrite` (CheckpointError)."""
+    folder = as_path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise CheckpointError(f"{folder}: exists and is not a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
+        raise CheckpointError(f"{folder}: output folder exists and is not empty; pass --overwrite to replace it")
+
+
+@contextlib.contextmanager
+def atomic_folder(folder, *, write: bool = True) -> Iterator[Path]:
+    """Yields a temporary sibling folder to write into; on success it replaces `folder` in one rename (the old
+    folder, if any, is moved aside first and deleted after), on failure it is deleted. A reader never sees a
+    half-written folder. `write=False` (non-writing hosts) yields `folder` and does nothing.
+
+    A URL folder is written to a local temporary folder and uploaded when complete (`upload_folder`: Cloud Storage
+    has no folder rename, so a reader may see it part-way; config.json comes last)."""
+    folder = as_path(folder, absolute=True)
+    if not write:
+        yield folder
+        return
+    if is_url(folder):
+        with tempfile.TemporaryDirectory(prefix=f"{folder.name}.") as tmp:
+            yield Path(tmp)
+            upload_folder(Path(tmp), folder)
+        return
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        yield tmp
+        old = None
+        if folder.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+            os.replace(folder, old / "x")
+        os.replace(tmp, folder)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -179,7 +179,7 @@ def score_dpo(
             f"--reference {reference}: vocabulary of {ref_cfg.vocab_size} tokens, the policy "
             f"--model {model} has {cfg.vocab_size}: not its reference"
         )
-    config = hf_io._read_hf_config(folder)
+    config = hf_io.read_hf_config(folder)
     if beta is None:
         beta = float(config.get("dpo_beta") or DEFAULT_DPO_BETA)
     if beta <= 0:

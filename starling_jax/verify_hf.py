@@ -104,7 +104,7 @@ def verify(
     from starling_jax.parallel.sharding import MeshConfig, activation_sharding, make_mesh
 
     folder = hub.resolve(model, key="--model")
-    hf_cfg = hf_io._read_hf_config(folder)
+    hf_cfg = hf_io.read_hf_config(folder)
     archs = hf_cfg.get("architectures") or []
     seq_cls = any(a.endswith("ForSequenceClassification") for a in archs)
     role = "reward" if seq_cls else "causal_lm"

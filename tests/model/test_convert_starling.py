@@ -210,3 +210,50 @@ def test_no_arguments_offline_is_one_line_naming_the_hub_id(tmp_path, monkeypatc
     err = cap.err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "berkeley-nest/Starling-RM-7B-alpha" in err[0]
     assert json.loads(cap.out.strip().splitlines()[-1])["status"] == "error"
+
+
+def test_sharded_export_and_conversion_share_one_planner_and_load_in_transformers(starling, converted, tmp_path):
+    """A small max shard size: convert_starling and save_hf (the same model, loaded back) write the same files and
+    the same transformers index (huggingface_hub's planner; transformers' index layout), and transformers loads
+    both folders to the single-file conversion's rewards."""
+    from safetensors.numpy import load_file
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from starling_jax.model.hf_io import load_hf, save_hf
+    from starling_jax.parallel.sharding import MeshConfig, make_mesh
+
+    d, base, _ = starling
+    max_bytes = 200_000  # the 8 MB embedding alone in a file, the layers over several more
+    conv = tmp_path / "conv"
+    argv = ["--input", str(d), "--base", str(base), "--output", str(conv), "--max-shard-size", str(max_bytes)]
+    assert convert_starling.main(argv) == 0
+    cfg, _, state = load_hf(converted, "reward", make_mesh(MeshConfig()))
+    exp = save_hf(tmp_path / "exp", cfg, state, "reward", tokenizer_dir=converted, max_shard_bytes=max_bytes)
+
+    index = json.loads((conv / "model.safetensors.index.json").read_text())
+    assert set(index) == {"metadata", "weight_map"} and not (conv / "model.safetensors").exists()
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 2 and files == sorted(p.name for p in conv.glob("model-*-of-*.safetensors"))
+    assert all(f == f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i, f in enumerate(files))
+    assert index == json.loads((exp / "model.safetensors.index.json").read_text())  # one planner, one format
+    full = load_file(str(converted / "model.safetensors"))
+    assert index["metadata"]["total_size"] == sum(t.nbytes for t in full.values())
+    for f in files:
+        shard = load_file(str(conv / f))
+        assert sorted(shard) == sorted(k for k, v in index["weight_map"].items() if v == f)
+        assert all(np.array_equal(shard[k], full[k]) for k in shard)
+
+    tok = AutoTokenizer.from_pretrained(str(converted))
+    enc = tok(SAMPLES, padding=True, return_tensors="pt")
+
+    def rewards(folder):
+        hf = AutoModelForSequenceClassification.from_pretrained(
+            str(folder), dtype=torch.float32, attn_implementation="eager"
+        ).eval()
+        with torch.no_grad():
+            return hf(**enc).logits[:, 0].numpy()
+
+    single = rewards(converted)  # the tensors are equal bit for bit (above); torch's CPU kernels vary by 1 ulp
+    np.testing.assert_allclose(rewards(conv), single, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(rewards(exp), single, rtol=1e-6, atol=1e-6)
+    assert np.ptp(single) > 1e-3
