@@ -205,10 +205,12 @@ def main(argv=None) -> int:
                 stale.append(name)
                 if not args.check:
                     path.write_text(new)
-        cli.print_summary(
-            {"status": "stale" if args.check and stale else "completed", ("stale" if args.check else "written"): stale}
-        )
-        return 1 if args.check and stale else 0
+        # --check with stale files: status "failed" (exit 1), the files under `stale`
+        return {
+            "status": "failed" if args.check and stale else "completed",
+            "output_dir": None if args.check else str(args.configs),  # --check writes nothing
+            ("stale" if args.check else "written"): stale,
+        }
 
     return cli.run_main(run)
 

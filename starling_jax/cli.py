@@ -4,6 +4,7 @@ summary line."""
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
@@ -138,21 +139,45 @@ def brief(text: str, limit: int = 400) -> str:
     return line[: cut if cut > 0 else limit].rstrip(" ,;:") + " …"
 
 
+# The summary rule (docs/cli.md "The JSON summary"; tests/test_entry_points.py checks every entry point):
+#   status      one of STATUSES:
+#                 completed    did what it was asked (and its checks passed)           exit 0
+#                 failed       ran to the end, but a check it makes failed             exit 1
+#                              (verify_hf above tolerance, base_configs --check stale)
+#                 preempted    a trainer stopped on a preemption signal, checkpoint saved (resume to finish)
+#                 error        a user mistake or bad input; one `error:` line on stderr exit 2
+#                 interrupted  Ctrl-C                                                   exit 130
+#   output_dir  the folder the command wrote (a run, a prepared dataset, an HF folder, an evaluation folder)
+#   output      the file it wrote (JSON lines); null when the lines went to stdout
+#   hf_export_dir  a trainer's HF export (inside its run folder)
+#   error_type, error  with status "error": the `StarlingError` class and its one-line message
+# Keys an issue names are contracts and are never renamed (train_* `output_dir`, `steps`, `hf_export_dir`, ...).
+STATUSES = ("completed", "failed", "preempted", "error", "interrupted")
+EXIT_CODES = {"completed": 0, "failed": 1, "preempted": 0, "error": 2, "interrupted": 130}
+
+
 def print_summary(summary: dict[str, Any]) -> None:
     """The last line an entry point prints: one JSON object scripts can parse with `tail -n1`."""
     sys.stdout.flush()
     print(json.dumps(summary, default=str), flush=True)
 
 
-def run_main(main: Callable[[], dict[str, Any] | int]) -> int:
-    """Runs an entry point: a `StarlingError` (user mistake) becomes one line on stderr, a summary and exit 2."""
+def error_summary(e: BaseException, **extra: Any) -> dict[str, Any]:
+    """The summary of a run stopped by a user mistake (status "error")."""
+    return {"status": "error", "error_type": type(e).__name__, "error": str(e), **extra}
+
+
+def run_main(main: Callable[[], dict[str, Any] | int], on_error: Callable[[], dict[str, Any]] | None = None) -> int:
+    """Runs an entry point: a `StarlingError` (user mistake) becomes one line on stderr, a summary and exit 2; a
+    summary is printed as the last line and its `status` gives the exit code (`EXIT_CODES`). `on_error()` adds
+    keys to the error summary (e.g. the output folder, when known)."""
     from starling_jax.errors import StarlingError
 
     try:
         result = main()
     except StarlingError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        print_summary({"status": "error", "error_type": type(e).__name__, "error": str(e)})
+        print_summary(error_summary(e, **(on_error() if on_error else {})))
         return 2
     except KeyboardInterrupt:
         print_summary({"status": "interrupted"})
@@ -160,7 +185,31 @@ def run_main(main: Callable[[], dict[str, Any] | int]) -> int:
     if isinstance(result, int):
         return result
     print_summary(result)
-    return 0
+    return EXIT_CODES.get(result.get("status"), 0)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """`--help`: the description as written, and each argument's default after its help (unless the help already
+    says it, or there is none to show: a switch, or a None whose meaning the help gives)."""
+
+    @staticmethod
+    def shows_default(action: argparse.Action) -> bool:
+        """Whether `--help` states this argument's default (tests/test_entry_points.py checks that it does)."""
+        default = action.default
+        switch = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._HelpAction))
+        return not switch and default is not None and default is not argparse.SUPPRESS and default != []
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text.lower() or not self.shows_default(action):
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+    def _format_action(self, action):
+        if action.help is None and self.shows_default(action):  # argparse prints no line for a None help
+            action = copy.copy(action)
+            action.help = "default: %(default)s"
+        return super()._format_action(action)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -170,7 +219,7 @@ class ArgumentParser(argparse.ArgumentParser):
     inside the function `run_main` runs). `--help` still prints the help and exits 0."""
 
     def __init__(self, *args, hint: str = "", **kwargs):
-        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
         self.hint = hint  # said in every usage error, before the pointer to --help
 

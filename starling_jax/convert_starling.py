@@ -29,9 +29,8 @@ import re
 import sys
 from pathlib import Path
 
-from starling_jax import cli, hub
+from starling_jax import cli
 from starling_jax.errors import CheckpointError, ConfigError
-from starling_jax.paths import atomic_folder, check_output_folder
 
 DEFAULT_BASE = "meta-llama/Llama-2-7b-chat-hf"
 DEFAULT_INPUT = "berkeley-nest/Starling-RM-7B-alpha"
@@ -127,10 +126,12 @@ def convert(input: str, base: str, output: str, overwrite: bool = False, max_sha
     import torch
     from safetensors.torch import save_file
 
-    # JAX and transformers load here, not at import: `--help` and flag errors stay instant
+    # JAX, transformers and huggingface_hub load here, not at import: `--help` and flag errors stay instant
+    from starling_jax import hub
     from starling_jax.data import tokenizer as tokenizer_lib
     from starling_jax.model import hf_io
     from starling_jax.model.config import ModelConfig
+    from starling_jax.paths import atomic_folder, check_output_folder
 
     check_output_folder(output, overwrite)
     src = Path(input)
@@ -186,7 +187,7 @@ def convert(input: str, base: str, output: str, overwrite: bool = False, max_sha
     return {
         "status": "completed",
         "input": str(pickle_path),
-        "output": str(output),
+        "output_dir": str(output),
         "architecture": "LlamaForSequenceClassification",
         "dtype": dtype,
         "pad_token_id": pad,

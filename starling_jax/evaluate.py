@@ -90,6 +90,7 @@ def run_rewardbench(args) -> dict:
     return {
         "status": "completed",
         "subcommand": "rewardbench",
+        "output_dir": str(out),
         "model": str(model),
         "reference": args.reference,
         "scorer": scorer.name,
@@ -149,6 +150,7 @@ def run_bon(args) -> dict:
     return {
         "status": "completed",
         "subcommand": "bon",
+        "output_dir": str(out),
         "policy": str(policy),
         "reward_model": str(reward_model),
         "prompts": len(conversations),
@@ -309,6 +311,7 @@ def run_policy(args) -> dict:
     summary = {
         "status": "completed",
         "subcommand": "policy",
+        "output_dir": str(out),
         "judge": args.judge,
         "format": fmt,
         "prompts": len(prompt_rows),
@@ -344,7 +347,6 @@ def build_parser() -> cli.ArgumentParser:
     parser = cli.ArgumentParser(
         prog="python -m starling_jax.evaluate",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import sys
 
 from starling_jax import cli
-from starling_jax.paths import as_path, is_url
+from starling_jax.paths import as_path, check_output_folder, is_url
 
 
 def export(
@@ -46,7 +46,7 @@ def export(
         extra = {"reward_mean": evals.get("reward_mean"), "reward_std": evals.get("reward_std")}
     if meta.get("data"):
         extra["starling_jax_data"] = meta["data"]
-    hf_io.check_output_folder(output, overwrite)
+    check_output_folder(output, overwrite)
     folder = hf_io.save_hf(
         output,
         model_cfg,
@@ -60,7 +60,7 @@ def export(
     return {
         "status": "completed",
         "checkpoint": str(checkpoint),
-        "output": str(folder),
+        "output_dir": str(folder),
         "role": meta["role"],
         "architecture": hf_io.hf_config_dict(model_cfg, meta["role"])["architectures"][0],
         "num_params": num_params(params),

@@ -22,7 +22,6 @@ The last printed line is a JSON summary: rows, answers, answers per source, rows
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections import defaultdict
@@ -188,7 +187,6 @@ def build_parser() -> cli.ArgumentParser:
     parser = cli.ArgumentParser(
         prog="python -m starling_jax.gather_answers",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--output", required=True, help="unranked Nectar-schema rows (JSON lines)")
     parser.add_argument("--prompts", default=None, help="the prompt file (Nectar rows or messages rows)")

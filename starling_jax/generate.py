@@ -32,9 +32,9 @@ import sys
 from pathlib import Path
 
 from starling_jax import cli
+from starling_jax.data.bundled import bundled_path
 from starling_jax.data.chat import TEMPLATE_NAMES, parse_hh
 from starling_jax.data.prompts import read_prompts
-from starling_jax.data.synthetic import bundled_path
 from starling_jax.errors import ConfigError, UsageError
 from starling_jax.sample.chat import generate, load_policy  # noqa: F401 (tests reach them as generate.X)
 

@@ -36,7 +36,6 @@ completion_tokens (the server's `usage`), cached (orders answered from the cache
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -176,9 +175,7 @@ def label(
 
 
 def build_parser() -> cli.ArgumentParser:
-    parser = cli.ArgumentParser(
-        prog="python -m starling_jax.label", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = cli.ArgumentParser(prog="python -m starling_jax.label", description=__doc__)
     parser.add_argument("--input", required=True, help="unranked Nectar-schema rows (jsonl, json, parquet)")
     parser.add_argument("--output", required=True, help="labelled Nectar rows (JSON lines)")
     parser.add_argument("--judge", required=True, help="openai:MODEL or rm:DIR")

@@ -6,7 +6,7 @@
 `--input` is a parquet / JSON-lines / JSON file in the Nectar schema or a Hub dataset name
 (`berkeley-nest/Nectar`). Without `--tokenizer` the offline Mistral tokenizer from `mistral-common` is used.
 Exit code 0 when it finished (also when rows were skipped), 2 when it stopped on a bad row or bad input. The
-last printed line is a one-line JSON summary (report counts + output folder).
+last printed line is a one-line JSON summary (report counts + `output_dir`, the folder written).
 """
 
 from __future__ import annotations
@@ -15,14 +15,13 @@ import json
 import logging
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
-from starling_jax.cli import DEFAULT_MAX_LENGTH, ArgumentParser
+from starling_jax.cli import DEFAULT_MAX_LENGTH, ArgumentParser, run_main
+from starling_jax.data.bundled import BUNDLED_ALIAS, resolve_bundled
 from starling_jax.data.chat import TEMPLATE_NAMES
-from starling_jax.data.synthetic import BUNDLED_ALIAS, resolve_bundled
-from starling_jax.errors import StarlingError, UsageError
+from starling_jax.errors import UsageError
 
 MIN_MAX_LENGTH = 8  # as train_rm's data.max_length
 
@@ -137,27 +136,18 @@ def write_report(b, args, out: Path, tok_dir, t0: float) -> dict:
 def main(argv=None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     logging.getLogger("absl").setLevel(logging.ERROR)
-    args = None
-    try:
-        args = parse_args(argv)
+    parsed = {}
+
+    def prepare():
+        parsed["args"] = args = parse_args(argv)
         report = run(args)
-    except StarlingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        print(
-            json.dumps(
-                {
-                    "status": "error",
-                    "error_type": type(e).__name__,
-                    "error": str(e),
-                    "output": str(args.output) if args else None,
-                }
-            )
-        )
-        return 2
-    summary = {k: report[k] for k in ("rows_read", "rows_kept", "rows_skipped", "rows_truncated", "splits")}
-    summary = {"status": "completed", **summary, "output": report["output"]}
-    print(json.dumps(summary))
-    return 0
+        summary = {k: report[k] for k in ("rows_read", "rows_kept", "rows_skipped", "rows_truncated", "splits")}
+        return {"status": "completed", **summary, "output_dir": report["output"]}
+
+    def on_error():
+        return {"output_dir": str(parsed["args"].output) if "args" in parsed else None}
+
+    return run_main(prepare, on_error)
 
 
 if __name__ == "__main__":

@@ -29,10 +29,9 @@ import json
 import sys
 
 from starling_jax import cli
+from starling_jax.data.bundled import BUNDLED_ALIAS, resolve_bundled
 from starling_jax.data.chat import TEMPLATE_NAMES
 from starling_jax.data.nectar import ReadReport, iter_raw_rows, read_pairwise, read_rankings
-from starling_jax.data.synthetic import BUNDLED_ALIAS, resolve_bundled
-from starling_jax.data.tokenize import RowDoesNotFit, tokenize_ranking
 from starling_jax.errors import CheckpointError, DataError, UsageError
 from starling_jax.paths import as_path
 
@@ -78,6 +77,8 @@ def score(
 def tokenize_rows(data: str, fmt: str, on_bad_row: str, tokenize):
     """The file's rows → (tokenized rows in input order, {row: output line} of the skipped ones with their reason,
     the read report). `tokenize`: a `Ranking` → its `TokenizedRanking` (raises RowDoesNotFit)."""
+    from starling_jax.data.tokenize import RowDoesNotFit  # numpy: not at import (`--help` stays instant)
+
     report = ReadReport()
     reader = read_pairwise if fmt == "pairwise" else read_rankings
     lines: dict[int, dict] = {}
@@ -163,6 +164,7 @@ def score_dpo(
     # JAX, the models and the tokenizer load here, not at import (as in `score`)
     from starling_jax import hub
     from starling_jax.data import tokenizer as tokenizer_lib
+    from starling_jax.data.tokenize import tokenize_ranking
     from starling_jax.eval.score_batches import BucketedLogProbs
     from starling_jax.eval.scorer import PAD_TO_MULTIPLE
     from starling_jax.model import hf_io

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from starling_jax import cli
+from starling_jax.data.bundled import BUNDLED, BUNDLED_ALIAS, bundled_path, resolve_bundled  # noqa: F401 - re-exported
 
 WORDS = ("apple", "river", "stone", "cloud", "green", "music", "table", "horse")
 # Never requested: pad answers to a length drawn independently of the rank (so length carries no signal, but
@@ -37,18 +38,6 @@ REQUESTS = (
     "Please repeat the following word many times in a sentence: {w}",
     "I love one word. Say it as many times as possible: {w}",
 )
-BUNDLED = "nectar_synthetic.jsonl"
-BUNDLED_ALIAS = "bundled"  # what configs and entry points accept for the bundled file (the embedded default's data)
-
-
-def bundled_path() -> Path:
-    """Path of the bundled synthetic file (3000 rows)."""
-    return Path(__file__).resolve().parent.parent / "resources" / BUNDLED
-
-
-def resolve_bundled(path: str) -> str:
-    """BUNDLED_ALIAS → the bundled file's path; anything else unchanged."""
-    return str(bundled_path()) if path == BUNDLED_ALIAS else path
 
 
 def make_answer(rng: np.random.Generator, target: int, count: int, max_fillers: int = 3) -> str:

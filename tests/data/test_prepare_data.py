@@ -32,7 +32,7 @@ def test_prepare_skip_then_pipeline(tmp_path, tok_dir, capsys):
     assert (
         summary["status"] == "completed" and summary["rows_kept"] == len(good) and summary["rows_skipped"] == len(bad)
     )
-    assert summary["output"] == str(out)
+    assert summary["output_dir"] == str(out)
     rep = json.loads((out / "report.json").read_text())
     assert rep["rows_read"] == len(good) + len(bad)
     assert [s["row"] for s in rep["skipped"]] == sorted(bad)

@@ -123,7 +123,7 @@ def test_run_writes_stops_resumes_and_exports_through_gs_urls(tmp_path):
             env,
         )
         exported, scored = _finish(export), _finish(score)
-        assert exported["output"] == f"{bucket}/export" and exported["role"] == "reward"
+        assert exported["output_dir"] == f"{bucket}/export" and exported["role"] == "reward"
         a, b = (load_file(local_copy(u) / "model.safetensors") for u in (f"{bucket}/export", f"{run}/hf"))
         assert a.keys() == b.keys()
         for key in a:

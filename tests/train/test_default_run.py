@@ -76,7 +76,7 @@ def test_embedded_defaults_chain_with_no_arguments(tmp_path, default_runs, defau
     shutil.copytree(run, tmp_path / "runs" / "rm_default", symlinks=True)
     consumers = {m: start_module(m, cwd=tmp_path) for m in ("export_hf", "score", "verify_hf", "prepare_data")}
     (exported, _), (scored, _), (verified, _), (prepared, _) = (finish(p) for p in consumers.values())
-    assert (tmp_path / exported["output"] / "model.safetensors").is_file()
+    assert (tmp_path / exported["output_dir"] / "model.safetensors").is_file()
     assert scored["pairwise_accuracy"] >= 0.85, scored  # the HF export on the bundled file (train + eval rows)
     assert verified["passed"] and verified["max_abs_score_diff"] < 1e-4, verified
     assert prepared["rows_kept"] == 3000 and (tmp_path / "runs" / "prepared_default" / "report.json").is_file()
