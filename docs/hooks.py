@@ -72,7 +72,9 @@ def cli_page() -> str:
         "# Command line",
         "",
         "Generated from each entry point's argument parser when the site is built (`docs/hooks.py`). The "
-        "trainers take `[CONFIG.yaml] [key=value ...]`: their keys are in [Config keys](config.md).",
+        "trainers take `[CONFIG.yaml] [key=value ...]`: their keys are in [Config keys](config.md). Every command "
+        "ends with a one-line JSON summary whose keys follow one rule "
+        "([Architecture](../architecture.md#entry-points-and-their-json-summary)).",
         "",
     ]
     for script, target in sorted(console_scripts().items()):

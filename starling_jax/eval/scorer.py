@@ -29,7 +29,7 @@ def load_reward_model(model: str, mesh):
     if not path.is_dir() or (path / "config.json").is_file():  # an HF folder, URL or Hub id (or a one-line error)
         folder = hub.resolve(model, key="--model")
         cfg, graphdef, params = hf_io.load_hf(folder, "reward", mesh)
-        recorded = hf_io._read_hf_config(folder).get("starling_jax_data") or {}
+        recorded = hf_io.read_hf_config(folder).get("starling_jax_data") or {}
         return cfg, graphdef, params, folder, int(recorded.get("max_length") or 2048), recorded, "tokenizer"
     meta, cfg, graphdef, params = load_model(path, mesh)
     if meta["role"] != "reward":

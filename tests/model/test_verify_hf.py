@@ -26,7 +26,8 @@ def test_causal_lm_folder_passes(tmp_path_factory, capsys):
     folder = cached_model(tmp_path_factory, "mistral", "lm", **MISTRAL)
     code, summary = run(capsys, "--model", str(folder))
     assert code == 0, summary
-    assert summary["passed"] and summary["role"] == "causal_lm" and summary["inputs"] == "random_ids"
+    assert summary["passed"] and summary["status"] == "completed"  # the summary rule (cli.STATUSES)
+    assert summary["role"] == "causal_lm" and summary["inputs"] == "random_ids"
     assert summary["max_abs_logit_diff"] <= 1e-4 and summary["top1_agreement"] == 1.0
     assert summary["mean_kl"] < 1e-8 and summary["tolerance"] == 1e-4
 
@@ -72,7 +73,7 @@ def test_corrupted_starling_side_fails(corruption, tmp_path_factory, monkeypatch
 
     monkeypatch.setattr(hf_io, "load_hf", load_and_perturb)
     code, summary = run(capsys, "--model", str(folder))
-    assert code == 1 and summary["passed"] is False
+    assert code == 1 and summary["passed"] is False and summary["status"] == "failed"
     assert summary["max_abs_logit_diff"] > 1e-4
 
 
