@@ -27,10 +27,16 @@ from starling_jax.model.hf_io.keys import (
     check_table_covers,
     key_table,
 )
-from starling_jax.model.hf_io.read import PICKLE_SUFFIXES, Weights, load_hf, read_hf_config, read_hf_tensors
+from starling_jax.model.hf_io.read import (
+    INDEX_FILE,
+    PICKLE_SUFFIXES,
+    Weights,
+    load_hf,
+    read_hf_config,
+    read_hf_tensors,
+)
 from starling_jax.model.hf_io.tokenizer import TOKENIZER_FILES, copy_tokenizer_files, write_tokenizer
 from starling_jax.model.hf_io.write import (
-    INDEX_FILE,
     hf_config_dict,
     plan_shards,
     save_hf,

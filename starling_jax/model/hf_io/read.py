@@ -47,6 +47,7 @@ from starling_jax.parallel import sharding
 log = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+INDEX_FILE = "model.safetensors.index.json"  # transformers' index of a sharded folder (write.py writes it too)
 
 
 class Weights:
@@ -54,7 +55,7 @@ class Weights:
 
     def __init__(self, folder: Path):
         self.folder = folder
-        index = folder / "model.safetensors.index.json"
+        index = folder / INDEX_FILE
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
@@ -113,7 +114,7 @@ class Weights:
 
 
 def describe_folder_weights(folder: Path) -> str:
-    index = folder / "model.safetensors.index.json"
+    index = folder / INDEX_FILE
     if index.is_file():
         return str(index)
     files = sorted(folder.glob("*.safetensors"))

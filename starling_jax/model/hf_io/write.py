@@ -29,10 +29,10 @@ from starling_jax.errors import CheckpointError
 from starling_jax.model import heads
 from starling_jax.model.config import ARCHITECTURES, ModelConfig
 from starling_jax.model.hf_io.keys import NP_DTYPES, check_role, key_table
+from starling_jax.model.hf_io.read import INDEX_FILE
 from starling_jax.model.hf_io.tokenizer import prepare_tokenizer_export, write_tokenizer
 from starling_jax.paths import as_path, atomic_folder, check_output_folder
 
-INDEX_FILE = "model.safetensors.index.json"
 FILENAME_PATTERN = "model{suffix}.safetensors"  # → model.safetensors or model-00001-of-00002.safetensors
 DEFAULT_MAX_SHARD_SIZE = 5_000_000_000  # bytes; transformers' default "5GB"
 
