@@ -31,6 +31,7 @@ RUN_CONFIGS = [
     ("train_sft", "configs/sft_base.yaml", "starling_jax.train.sft_config:SFTRunConfig"),
     ("train_ppo", "configs/ppo_base.yaml", "starling_jax.rl.config:PPORunConfig"),
     ("train_dpo", "configs/dpo_base.yaml", "starling_jax.train.dpo_config:DPORunConfig"),
+    ("onpolicy", "configs/onpolicy_base.yaml", "starling_jax.rounds.config:OnPolicyConfig"),
 ]
 
 

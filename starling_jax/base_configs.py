@@ -1,15 +1,15 @@
-"""configs/{rm,sft,ppo,dpo}_base.yaml: every key of a run config with the embedded default's value, written from the
-run-config dataclasses.
+"""configs/{rm,sft,ppo,dpo,onpolicy}_base.yaml: every key of a run config with the embedded default's value, written
+from the run-config dataclasses.
 
     python -m starling_jax.base_configs [--check]
 
-Each file lists every key of its run config (`RMRunConfig`, `SFTRunConfig`, `PPORunConfig`, `DPORunConfig`), nested
-sections
-included, in the dataclasses' order, with the value the entry point runs with when given no arguments. A key's
-comment is the one the file already has (hand-written comments survive a rewrite), else the dataclass's own: the
-`# ...` after the field and the comment lines just above it. The file's header (its leading comment block) is kept.
-`--check` writes nothing and exits 1 when a file differs from what would be written. (tests/test_configs.py walks
-the dataclasses itself, so a key missing from a file fails there whether or not this was run.)
+Each file lists every key of its run config (`RMRunConfig`, `SFTRunConfig`, `PPORunConfig`, `DPORunConfig`,
+`OnPolicyConfig`), nested sections included, in the dataclasses' order, with the value the entry point runs with
+when given no arguments. A key's comment is the one the file already has (hand-written comments survive a
+rewrite), else the dataclass's own: the `# ...` after the field and the comment lines just above it. The file's
+header (its leading comment block) is kept. `--check` writes nothing and exits 1 when a file differs from what
+would be written. (tests/test_configs.py walks the dataclasses itself, so a key missing from a file fails there
+whether or not this was run.)
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ BASES = {
     "sft_base.yaml": ("starling_jax.train.sft_config", "SFTRunConfig", "python -m starling_jax.train_sft"),
     "ppo_base.yaml": ("starling_jax.rl.config", "PPORunConfig", "python -m starling_jax.train_ppo"),
     "dpo_base.yaml": ("starling_jax.train.dpo_config", "DPORunConfig", "python -m starling_jax.train_dpo"),
+    "onpolicy_base.yaml": ("starling_jax.rounds.config", "OnPolicyConfig", "python -m starling_jax.onpolicy"),
 }
 _KEY = re.compile(r"^(\s*)([A-Za-z_][\w]*):(.*)$")
 

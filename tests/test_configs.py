@@ -43,6 +43,7 @@ BASES = [
     ("sft_base.yaml", "starling_jax.train.sft_config", "SFTRunConfig"),
     ("ppo_base.yaml", "starling_jax.rl.config", "PPORunConfig"),
     ("dpo_base.yaml", "starling_jax.train.dpo_config", "DPORunConfig"),
+    ("onpolicy_base.yaml", "starling_jax.rounds.config", "OnPolicyConfig"),
 ]
 
 

@@ -26,6 +26,7 @@ JAX_ONLY = [
     "label",
     "gather_answers",
     "evaluate",
+    "onpolicy",
 ]
 WITH_TORCH = ["verify_hf", "convert_starling"]  # compare with / read PyTorch checkpoints
 

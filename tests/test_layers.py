@@ -24,6 +24,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("rl",),  # PPO / APA on the shared loop
     ("judge",),  # ranking answers (label)
     ("eval",),  # evaluation (evaluate)
+    ("rounds",),  # on-policy rounds (onpolicy): sample → label → train_dpo / train_rm
 ]
 TOP = len(LAYERS)
 

@@ -1,5 +1,7 @@
 """Judges that rank the K answers of a prompt (`python -m starling_jax.label`; `evaluate` reuses them).
 
+- `gather`: answers from several sources → unranked Nectar-schema rows (`python -m starling_jax.gather_answers`).
+- `labelling`: `label` itself: read rows, rank them with a judge, write the ranked rows, rejects and audit.
 - `rows`: unranked Nectar-schema rows in (`prompt`, `answers: [{answer, model}]`), ranked Nectar rows out.
 - `prompt`: the judge template (package data `resources/judge_nectar.txt`, or `--judge-template`), the per-row
   seeded orders (shuffles) and the prompt built from them (letters, every pair in a random order).

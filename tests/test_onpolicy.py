@@ -1,0 +1,158 @@
+"""`python -m starling_jax.onpolicy`: on-policy rounds on the embedded default policy and reward model (the session's
+`default_runs`, tests/conftest.py; or STARLING_DEFAULT_RUNS_DIR's), tiny settings.
+
+One round, then the same chain with `rounds=2` (a restart: round 1 is reused, round 2 starts from round 1's DPO
+export), then a restart after a deleted stage summary (only that stage runs again). Checked against what nobody in
+the chain computed: round 2's samples are what `generate` draws from round 1's policy; `score` (the reward model's
+own rewards) orders every labelled row exactly as its ranks; `prepare_data` takes the labelled rows as written.
+`slow`: two tiny DPO runs and their samplers (about 1.5 min on 2 cores) on top of the shared default runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+K = 3
+
+
+@pytest.fixture(scope="module")
+def defaults(request) -> Path:
+    if os.environ.get("STARLING_DEFAULT_RUNS_DIR"):
+        cwd = Path(os.environ["STARLING_DEFAULT_RUNS_DIR"])
+    else:
+        cwd = request.getfixturevalue("default_runs")
+    assert all((cwd / r / "config.json").is_file() for r in ("runs/sft_default/hf", "runs/rm_default/hf")), cwd
+    return cwd
+
+
+def run_module(cwd: Path, module: str, *args: str, ok: bool = True) -> tuple[int, dict, str]:
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        TF_CPP_MIN_LOG_LEVEL="2",
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    )
+    env.pop("XLA_FLAGS", None)  # one CPU device, as a user runs it
+    done = subprocess.run(
+        [sys.executable, "-m", f"starling_jax.{module}", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    if ok:
+        assert done.returncode == 0, done.stderr[-3000:]
+    return done.returncode, json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+TINY = [
+    "prompts.per_round=16",
+    "prompts.eval_prompts=4",
+    f"sampling.num_samples={K}",
+    "sampling.max_new_tokens=8",
+    "sampling.batch_size=32",
+    f"dpo.data.num_answers={K}",
+    "dpo.data.batch_size=4",
+    "dpo.data.eval_batch_size=8",
+    "dpo.train.steps=4",
+    "dpo.train.eval_every=4",
+    "dpo.train.save_every=4",
+    "dpo.export.plot=false",
+]
+
+
+def test_two_rounds_chain_label_by_the_reward_model_train_dpo_and_restart(defaults, tmp_path):
+    out = tmp_path / "onpolicy"
+    base = [f"output_dir={out}", *TINY]
+
+    # --- round 1 alone, then the chain grown to two rounds: round 1 is reused, round 2 runs
+    _, one, _ = run_module(defaults, "onpolicy", "rounds=1", *base)
+    assert one["status"] == "completed" and len(one["rounds"]) == 1
+    _, s, _ = run_module(defaults, "onpolicy", "rounds=2", *base)
+    assert s["status"] == "completed"
+    assert set(s) >= {
+        "output_dir",
+        "rounds",
+        "start_heldout_reward",
+        "final_policy",
+        "reward_model",
+        "stages_run",
+        "stages_reused",
+    }
+    assert s["stages_run"] == [f"round_2/{stage}" for stage in ("samples", "unranked", "labelled", "dpo", "eval")]
+    assert s["stages_reused"] == 5  # round_0/eval and round 1's four stages
+    r1, r2 = s["rounds"]
+    assert r1 == one["rounds"][0]
+    for r in (r1, r2):
+        assert set(r) >= {
+            "round",
+            "policy",
+            "judge",
+            "rows_labelled",
+            "rows_rejected",
+            "dpo_pairwise_accuracy_start",
+            "dpo_pairwise_accuracy_end",
+            "heldout_reward",
+            "policy_out",
+            "dir",
+            "dpo_dir",
+        }
+        assert r["judge"] == "rm:runs/rm_default/hf" and 0 < r["rows_labelled"] <= 16
+        assert isinstance(r["heldout_reward"], float) and 0 <= r["dpo_pairwise_accuracy_end"] <= 1
+    # round 2 starts from round 1's policy: its DPO run's policy and reference, and its samples
+    assert r1["policy"] == "runs/sft_default/hf" and r1["policy_out"] == str(out / "round_1" / "dpo" / "hf")
+    assert r2["policy"] == r1["policy_out"] and s["final_policy"] == r2["policy_out"]
+    assert f"policy: {r1['policy_out']}" in (out / "round_2" / "dpo" / "config.yaml").read_text()
+    regen = tmp_path / "regen.jsonl"
+    common = ["--data", str(out / "round_2" / "prompts.jsonl"), "--num-samples", str(K), "--max-new-tokens", "8"]
+    common += ["--temperature", "1.0", "--batch-size", "32", "--seed", "2"]  # round N samples with seed + N
+    run_module(defaults, "generate", "--model", r1["policy_out"], *common, "--output", str(regen))
+    completions = lambda path: [(x["row"], x["sample"], x["completion"]) for x in read_jsonl(path)]
+    assert completions(regen) == completions(out / "round_2" / "samples.jsonl")
+    run_module(defaults, "generate", "--model", "runs/sft_default/hf", *common, "--output", str(tmp_path / "sft.jsonl"))
+    assert completions(tmp_path / "sft.jsonl") != completions(regen)  # (so the comparison can tell policies apart)
+
+    # --- the labels: the reward model's own rewards (`score`) order every row exactly as its ranks, ties equal
+    labelled = out / "round_2" / "labelled.jsonl"
+    rows = read_jsonl(labelled)
+    assert len(rows) == r2["rows_labelled"]
+    _, scored, _ = run_module(
+        defaults, "score", "--model", "runs/rm_default/hf", "--data", str(labelled), "--output", str(tmp_path / "s")
+    )
+    score_rows = read_jsonl(tmp_path / "s")
+    assert len(score_rows) == len(rows)
+    for row, sc in zip(rows, score_rows):
+        rewards = sc["rewards"]
+        ranks = [a["rank"] for a in row["answers"]]
+        assert sorted(set(ranks)) == list(range(1, len(set(ranks)) + 1))
+        for i in range(len(ranks)):
+            for j in range(len(ranks)):
+                assert (ranks[i] < ranks[j]) == (rewards[i] > rewards[j]), (row, rewards)
+        assert all(a["model"] == r1["policy_out"] for a in row["answers"])  # round 2's answers: round 1's policy
+    # ... and `prepare_data` takes the rows as written
+    _, prepared, _ = run_module(
+        defaults, "prepare_data", "--input", str(labelled), "--output", str(tmp_path / "prepared")
+    )
+    assert prepared["rows_read"] == prepared["rows_kept"] == len(rows) and prepared["rows_skipped"] == 0, prepared
+
+    # --- a restart after a stage's summary is gone runs that stage (and any after it) only
+    (out / "round_2" / "eval.summary.json").unlink()
+    _, again, _ = run_module(defaults, "onpolicy", "rounds=2", *base)
+    assert again["stages_run"] == ["round_2/eval"] and again["stages_reused"] == 9
+    assert again["rounds"][1]["heldout_reward"] == r2["heldout_reward"]  # the same seed, policy and prompts
+    # a restart with another config is refused in one line, naming the key
+    rc, err, stderr = run_module(defaults, "onpolicy", "rounds=2", *base, "sampling.num_samples=2", ok=False)
+    assert rc == 2 and err["error_type"] == "ConfigError" and "sampling.num_samples" in err["error"]
