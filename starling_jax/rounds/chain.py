@@ -107,14 +107,16 @@ def check_restart(cfg: OnPolicyConfig, out: Path) -> None:
 
 
 def split_prompts(cfg: OnPolicyConfig) -> tuple[list, list[int], list[list[int]]]:
-    """→ (conversations, held-out rows, the rows of each round): a seeded order; the first `eval_prompts` are held
-    out, the rest are taken `per_round` at a time (from the start again when they run out)."""
-    conversations = read_prompts(resolve_bundled(cfg.prompts.train))
+    """→ (the distinct conversations, held-out rows, the rows of each round): a seeded order; the first
+    `eval_prompts` are held out, the rest are taken `per_round` at a time (from the start again when they run out)."""
+    read = read_prompts(resolve_bundled(cfg.prompts.train))
+    # each distinct prompt once: answers are joined by prompt text, and a held-out prompt must not be sampled
+    conversations = list({json.dumps(conv, sort_keys=True): conv for conv in read}.values())
     order = np.random.default_rng(cfg.seed).permutation(len(conversations)).tolist()
     p = cfg.prompts
     if len(order) <= p.eval_prompts:
         raise DataError(
-            f"{p.train}: {len(order)} prompts leave none to sample after prompts.eval_prompts={p.eval_prompts}"
+            f"{p.train}: {len(order)} distinct prompts leave none to sample after prompts.eval_prompts={p.eval_prompts}"
         )
     held_out, pool = sorted(order[: p.eval_prompts]), order[p.eval_prompts :]
     rounds = [
@@ -178,17 +180,18 @@ def heldout_reward(cfg: OnPolicyConfig, policy: str, conversations: list, folder
 
 
 def run_rounds(cfg: OnPolicyConfig) -> dict[str, Any]:
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir={cfg.output_dir}: a file, not a folder; choose another output_dir")
+    check_restart(cfg, out)
+    conversations, held_out, round_rows = split_prompts(cfg)
+    # the stages' libraries load JAX: imported once the config and the prompts are known to be good
     from starling_jax.judge.gather import gather
     from starling_jax.judge.labelling import label
     from starling_jax.sample.chat import generate
     from starling_jax.train.dpo_job import train_dpo
     from starling_jax.train.rm_job import train_reward_model
 
-    out = Path(cfg.output_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output_dir={cfg.output_dir}: a file, not a folder; choose another output_dir")
-    check_restart(cfg, out)
-    conversations, held_out, round_rows = split_prompts(cfg)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     stages = Stages()
@@ -257,7 +260,7 @@ def run_rounds(cfg: OnPolicyConfig) -> dict[str, Any]:
         )
         result.update(
             samples=sampled["rows"],
-            rows=gathered["rows"],
+            rows_unranked=gathered["rows"],
             rows_labelled=labelled["labelled"],
             rows_rejected=labelled["rejected"],
         )
