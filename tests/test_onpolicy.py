@@ -2,11 +2,12 @@
 `default_runs`, tests/conftest.py; or STARLING_DEFAULT_RUNS_DIR's), tiny settings.
 
 One round, then the same chain with `rounds=2` (a restart: round 1 is reused, round 2 starts from round 1's DPO
-export), then a restart after a deleted stage summary (only that stage runs again). Checked against what nobody in
-the chain computed: round 2's samples are what `generate` draws from round 1's policy; `score` (the reward model's
-own rewards) orders every labelled row exactly as its ranks; `prepare_data` takes the labelled rows as written.
-`slow`: two tiny DPO runs (4 steps; their compilation is most of the time), samplers and scorers in 7 processes:
-5.3 min on 2 cores shared with other jobs (load 12), on top of the shared default runs."""
+export and continues its reward model), then a restart after a deleted stage summary (only that stage runs again).
+Checked against what nobody in the chain computed: round 2's samples are what `generate` draws from round 1's
+policy; `score` (the reward model's own rewards) orders every labelled row exactly as its ranks; `prepare_data`
+takes the labelled rows as written.
+`slow`: two tiny DPO and train_rm runs (4 steps; their compilation is most of the time), samplers and scorers in 7
+processes: about 6 min on 2 cores shared with other jobs (load 12), on top of the shared default runs."""
 
 from __future__ import annotations
 
@@ -72,6 +73,13 @@ TINY = [
     "dpo.train.eval_every=4",
     "dpo.train.save_every=4",
     "dpo.export.plot=false",
+    "update=[dpo,rm]",  # and a continued train_rm
+    f"rm.data.num_answers={K}",
+    "rm.data.batch_size=4",
+    "rm.train.steps=4",
+    "rm.train.eval_every=4",
+    "rm.train.save_every=4",
+    "rm.export.plot=false",
 ]
 
 
@@ -93,8 +101,9 @@ def test_two_rounds_chain_label_by_the_reward_model_train_dpo_and_restart(defaul
         "stages_run",
         "stages_reused",
     }
-    assert s["stages_run"] == [f"round_2/{stage}" for stage in ("samples", "unranked", "labelled", "dpo", "eval")]
-    assert s["stages_reused"] == 6  # round_0/eval and round 1's five stages
+    stages = ("samples", "unranked", "labelled", "dpo", "rm", "eval")
+    assert s["stages_run"] == [f"round_2/{stage}" for stage in stages]
+    assert s["stages_reused"] == 1 + len(stages)  # round_0/eval and round 1's stages
     r1, r2 = s["rounds"]
     assert r1 == one["rounds"][0]
     for r in (r1, r2):
@@ -110,6 +119,8 @@ def test_two_rounds_chain_label_by_the_reward_model_train_dpo_and_restart(defaul
             "policy_out",
             "dir",
             "dpo_dir",
+            "rm_pairwise_accuracy",
+            "reward_model_out",
         }
         assert r["judge"] == "rm:runs/rm_default/hf" and 0 < r["rows_labelled"] <= 16
         assert isinstance(r["heldout_reward"], float) and 0 <= r["dpo_pairwise_accuracy_end"] <= 1
@@ -117,6 +128,10 @@ def test_two_rounds_chain_label_by_the_reward_model_train_dpo_and_restart(defaul
     assert r1["policy"] == "runs/sft_default/hf" and r1["policy_out"] == str(out / "round_1" / "dpo" / "hf")
     assert r2["policy"] == r1["policy_out"] and s["final_policy"] == r2["policy_out"]
     assert f"policy: {r1['policy_out']}" in (out / "round_2" / "dpo" / "config.yaml").read_text()
+    # ... and its train_rm continues round 1's reward model (round 1's: the default one)
+    assert "init_from: runs/rm_default/hf" in (out / "round_1" / "rm" / "config.yaml").read_text()
+    assert f"init_from: {r1['reward_model_out']}" in (out / "round_2" / "rm" / "config.yaml").read_text()
+    assert s["final_reward_model"] == r2["reward_model_out"] == str(out / "round_2" / "rm" / "hf")
     regen = tmp_path / "regen.jsonl"
     common = ["--data", str(out / "round_2" / "prompts.jsonl"), "--num-samples", str(K), "--max-new-tokens", "8"]
     common += ["--temperature", "1.0", "--batch-size", "32", "--seed", "2"]  # round N samples with seed + N
@@ -152,7 +167,7 @@ def test_two_rounds_chain_label_by_the_reward_model_train_dpo_and_restart(defaul
     # --- a restart after a stage's summary is gone runs that stage (and any after it) only
     (out / "round_2" / "eval.summary.json").unlink()
     _, again, _ = run_module(defaults, "onpolicy", "rounds=2", *base)
-    assert again["stages_run"] == ["round_2/eval"] and again["stages_reused"] == 10
+    assert again["stages_run"] == ["round_2/eval"] and again["stages_reused"] == 1 + 2 * len(stages) - 1
     assert again["rounds"][1]["heldout_reward"] == r2["heldout_reward"]  # the same seed, policy and prompts
     # a restart with another config is refused in one line, naming the key
     rc, err, stderr = run_module(defaults, "onpolicy", "rounds=2", *base, "sampling.num_samples=2", ok=False)
