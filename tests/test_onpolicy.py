@@ -19,8 +19,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
-
 ROOT = Path(__file__).resolve().parents[1]
 K = 3
 
@@ -83,6 +81,7 @@ TINY = [
 ]
 
 
+@pytest.mark.slow  # about 6 min on 2 busy cores (module docstring)
 def test_two_rounds_chain_label_by_the_reward_model_train_dpo_and_restart(defaults, tmp_path):
     out = tmp_path / "onpolicy"
     base = [f"output_dir={out}", *TINY]
@@ -172,3 +171,73 @@ def test_two_rounds_chain_label_by_the_reward_model_train_dpo_and_restart(defaul
     # a restart with another config is refused in one line, naming the key
     rc, err, stderr = run_module(defaults, "onpolicy", "rounds=2", *base, "sampling.num_samples=2", ok=False)
     assert rc == 2 and err["error_type"] == "ConfigError" and "sampling.num_samples" in err["error"]
+
+
+# ------------------------------------------------------------------------------------------------ fast: no model
+def test_prompt_split_holds_out_distinct_prompts_no_round_samples():
+    """Each distinct prompt once (the bundled file repeats prompts, and answers are joined by prompt text); the
+    held-out prompts are in no round; rounds take disjoint prompts while the file lasts, then wrap around."""
+    from starling_jax.config import load_config
+    from starling_jax.rounds.chain import split_prompts
+    from starling_jax.rounds.config import OnPolicyConfig
+
+    cfg = load_config(OnPolicyConfig, None, ["rounds=3", "prompts.per_round=300", "prompts.eval_prompts=16"])
+    conversations, held_out, rounds = split_prompts(cfg)
+    texts = [json.dumps(c, sort_keys=True) for c in conversations]
+    assert len(set(texts)) == len(texts) < 3000  # the bundled file's 3000 rows repeat prompts
+    assert len(held_out) == 16 and [len(r) for r in rounds] == [300, 300, 300]
+    assert not set(held_out) & set().union(*map(set, rounds))
+    assert not set(rounds[0]) & set(rounds[1])  # disjoint while they last; the third wraps around
+    assert len(set(rounds[0]) | set(rounds[1]) | set(rounds[2])) == len(texts) - 16
+
+
+def test_stages_reuse_done_stages_until_the_first_that_is_not(tmp_path):
+    from starling_jax.rounds.chain import Stages
+
+    calls = []
+
+    def stage(name):
+        def fn():
+            calls.append(name)
+            (tmp_path / name).write_text("out")
+            return {"status": "completed", "name": name}
+
+        return fn
+
+    def run():
+        stages = Stages()
+        for name in ("a", "b", "c"):
+            stages(name, tmp_path / name, tmp_path / f"{name}.summary.json", stage(name))
+        return stages
+
+    run()
+    assert calls == ["a", "b", "c"]
+    calls.clear()
+    stages = run()
+    assert calls == [] and stages.reused == ["a", "b", "c"]
+    (tmp_path / "b.summary.json").unlink()  # b was killed before its summary: b and everything after run again
+    stages = run()
+    assert calls == ["b", "c"] and stages.reused == ["a"] and stages.ran == ["b", "c"]
+    calls.clear()
+    preempted = Stages()
+    result = preempted("d", tmp_path / "d", tmp_path / "d.summary.json", lambda: {"status": "preempted"})
+    assert result["status"] == "preempted" and not (tmp_path / "d.summary.json").exists()  # not done
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("bogus=1", "Key 'bogus' not in 'OnPolicyConfig'"),
+        ("update=[ppo]", "update=['ppo']: a non-empty list of distinct ['dpo', 'rm']"),
+        ("label.judge=gpt4", "label.judge='gpt4': expected openai:MODEL or rm:DIR"),
+        ("sampling.num_samples=1", "sampling.num_samples=1: a ranking needs at least 2 answers"),
+        ("dpo.export.hf=false", "dpo.export.hf=false: the next round starts from the round's dpo/hf"),
+        ("dpo.model.dtype=bfloat16", "dpo.model.dtype is now dpo.runtime.dtype"),
+    ],
+)
+def test_bad_settings_are_one_line_errors(override, message, capsys):
+    from starling_jax import onpolicy
+
+    assert onpolicy.main([override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
