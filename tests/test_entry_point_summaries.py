@@ -37,8 +37,9 @@ WRITES = {
     "base_configs": ("output_dir", "base_configs.py"),
     "generate": ("output", "sample/chat.py"),
     "score": ("output", "score.py"),
-    "label": ("output", "label.py"),
-    "gather_answers": ("output", "gather_answers.py"),
+    "label": ("output", "judge/labelling.py"),
+    "gather_answers": ("output", "judge/gather.py"),
+    "onpolicy": ("output_dir", "rounds/chain.py"),
     "verify_hf": (None, "verify_hf.py"),
     "aot": (None, "aot.py"),
 }
