@@ -115,15 +115,19 @@ def hbm_bytes(device_kind: str, num_devices: int, override_gib: float | None) ->
     raise ConfigError(f"device kind {device_kind!r}: HBM capacity unknown; pass --hbm-gib")
 
 
-def resolve_model_config(cfg, num_layers: int | None):
-    """The architecture the run would train (init_from's config.json, else `model`), with runtime fields."""
-    from starling_jax.model.architectures import architecture  # JAX: not at import (`aot --help` stays instant)
-    from starling_jax.train.job import model_runtime
+def abstract_programs(job, mesh, num_layers: int | None = None):
+    """The question `aot` asks every job: its programs at the run's shapes over abstract arrays (nothing read or
+    allocated) → (abstract set-up, abstract train state, {name: Program}). The architectures are the job's own
+    (`Job.architectures`), shortened to `num_layers`; the state is built by the loop's builder."""
+    from starling_jax.train.state import build_train_state  # JAX: not at import (`aot --help` stays instant)
 
-    model_cfg = cfg.model_config  # `model` with the `runtime:` fields
-    if cfg.init_from:
-        model_cfg = architecture(cfg.init_from, "init_from", **model_runtime(model_cfg))
-    return _with_layers(model_cfg, num_layers)
+    architectures = {name: _with_layers(m, num_layers) for name, m in job.architectures().items()}
+    setup = job.abstract_setup(mesh, architectures)
+    state, _ = build_train_state(
+        setup.params, setup.params_shardings, setup.optimizer.tx, mesh, extra=setup.extra_state
+    )
+    steps = job.steps(mesh, setup, state)
+    return setup, state, {p.name: p for p in steps.programs}
 
 
 def _with_layers(model_cfg, num_layers: int | None):
@@ -250,10 +254,12 @@ def compile_report(
     cfg, devices, topology_name, mesh, capacity, capacity_source = _topology_mesh(cfg, topology, num_slices, hbm_gib)
     kind = devices[0].device_kind
 
-    # --- the job's abstract state, batch and jitted step (nothing is allocated)
-    model_cfg = resolve_model_config(cfg, num_layers)
+    # --- the job's abstract state, batch and jitted programs (nothing is allocated)
     job = job or RMJob(cfg)
-    state, batch, step_fn = job.abstract_inputs(mesh, model_cfg)
+    setup, state, programs = abstract_programs(job, mesh, num_layers)
+    model_cfg = next(m.config for m in setup.models if m.trainable)
+    update = programs["update"]
+    batch = update.args[-1]
     data_parallel = sharding.data_parallel_size(mesh)
     micro_rows = cfg.data.batch_size // cfg.train.micro_batches
     warnings = []
@@ -265,8 +271,8 @@ def compile_report(
         )
 
     # --- the train step, lowered and compiled for the topology
-    compiled, oom, lower_s, compile_s, _ = _compile(step_fn, state, batch)
-    parts, memory_source, compiler_hbm = _memory(compiled, oom, (state, batch), state)
+    compiled, oom, lower_s, compile_s, _ = _compile(update.fn, *update.args)
+    parts, memory_source, compiler_hbm = _memory(compiled, oom, update.args, update.donated)
     if oom:
         warnings.append(oom)
     total = _total(parts)
@@ -274,11 +280,11 @@ def compile_report(
 
     # --- the eval step (params only, the eval batch): it must fit where training fits
     eval_report = None
-    eval_inputs = job.abstract_eval_inputs(mesh, model_cfg)
-    if eval_inputs is not None:
-        params, eval_batch, eval_fn = eval_inputs
-        eval_compiled, eval_oom, _, eval_compile_s, _ = _compile(eval_fn, params, eval_batch)
-        eval_parts, _, _ = _memory(eval_compiled, eval_oom, (params, eval_batch), None)
+    if "eval" in programs:
+        ev = programs["eval"]
+        eval_batch = ev.args[-1]
+        eval_compiled, eval_oom, _, eval_compile_s, _ = _compile(ev.fn, *ev.args)
+        eval_parts, _, _ = _memory(eval_compiled, eval_oom, ev.args, None)
         eval_total = _total(eval_parts)
         eval_fits = eval_compiled is not None and eval_total <= capacity
         eval_report = {

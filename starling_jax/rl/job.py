@@ -25,7 +25,7 @@ from flax import nnx
 
 from starling_jax import hub
 from starling_jax.data.chat import adds_bos_by_tokenizer, render
-from starling_jax.data.prompts import read_prompts
+from starling_jax.data.prompts import PromptIterator, read_prompts
 from starling_jax.data.synthetic import resolve_bundled
 from starling_jax.data.tokenizer import load_tokenizer
 from starling_jax.errors import CheckpointError, ConfigError, DataError
@@ -48,34 +48,6 @@ from starling_jax.train.optimizer import make_optimizer, trainable_mask
 from starling_jax.train.state import ModelEntry
 
 log = logging.getLogger("starling_jax")
-
-
-class PromptIterator:
-    """Batches of prompt row ids in a seeded order, reshuffled every epoch; `state()` / `restore()` give the
-    position for exact resume."""
-
-    def __init__(self, rows: list[int], batch_size: int, seed: int):
-        self.rows, self.batch_size, self.seed = np.asarray(rows), batch_size, seed
-        self.epoch = self.position = 0
-
-    def _order(self) -> np.ndarray:
-        return np.random.default_rng([self.seed, self.epoch]).permutation(self.rows)
-
-    def __iter__(self):
-        while True:
-            order = self._order()
-            if self.position + self.batch_size > len(order):
-                self.epoch, self.position = self.epoch + 1, 0
-                continue
-            batch = order[self.position : self.position + self.batch_size]
-            self.position += self.batch_size
-            yield {"row": batch}
-
-    def state(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def restore(self, state: dict) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
 def _model_folder(ref: str, role: str, key: str) -> Path:
