@@ -110,6 +110,8 @@ def split_chain(rng: np.ndarray, n: int) -> np.ndarray:
     return np.asarray(jax.random.key_data(key))
 
 
+# ~15-50 s each here (2 steps, an eval and a checkpoint on 8 simulated devices; the first pays the imports): the
+# same code path every trainer runs, end to end, is what this test is about.
 @pytest.mark.parametrize("name", list(JOBS))
 def test_each_job_runs_two_steps_through_the_one_loop(name, files, tmp_path, monkeypatch):
     out = tmp_path / name
