@@ -85,7 +85,7 @@ class PPORunConfig:
     # -1: every layer trains and the reference is a full frozen copy; N ≥ 1: only the top N layers (+ final norm,
     # LM head) train and the reference is a hydra top on the actor's shared bottom (Starling: 4)
     num_layers_unfrozen: int = -1
-    critic_layers_unfrozen: int = -1  # the critic's trainable top layers (-1: all); ppo / apa only
+    critic_layers_unfrozen: int = -1  # the critic's trainable top layers (-1: all); ppo / apa only (grpo: ignored)
     # dtypes, remat, scan and attention of every model (the HF folders fix the architectures), train/runtime.py
     runtime: RLRuntimeConfig = field(RLRuntimeConfig)
     prompts: PromptConfig = field(PromptConfig)
@@ -139,10 +139,9 @@ class PPORunConfig:
                 "(batch_size counts answers: prompts × group_size)"
             )
         if algorithm in CRITIC_FREE:
-            if self.critic_init != "policy" or self.critic_layers_unfrozen != -1:
-                raise ConfigError(
-                    f"critic_init / critic_layers_unfrozen: algorithm={algorithm} has no critic (leave them unset)"
-                )
+            # critic_layers_unfrozen (a recipe's critic setting) is ignored; a critic started from the RM is refused
+            if self.critic_init != "policy":
+                raise ConfigError(f"critic_init={self.critic_init}: algorithm={algorithm} has no critic (unset it)")
             if self.advantage.scale_for(algorithm) == "group" and algorithm == "rloo":
                 raise ConfigError("advantage.scale_rewards=group: rloo takes none or batch")
         elif self.kl.in_loss and algorithm == "apa":
