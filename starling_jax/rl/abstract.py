@@ -156,7 +156,7 @@ def build(job, mesh, policy_cfg: ModelConfig, rm_cfg: ModelConfig) -> AbstractRL
     job.mesh, job.hydra = mesh, hydra  # what the job's experience program reads
     job.actor_graphdef, job.critic_graphdef, job.ref_graphdef = actor_graphdef, critic_graphdef, ref_graphdef
     job.reward_mean, job.reward_std = 0.0, 1.0  # values only; rm_config normalization reads them from config.json
-    experiences = {"": job.jit_experience(r.group_size), "eval_": job.jit_experience(1)}
+    experiences = {"": job.jit_experience(cfg.group_size), "eval_": job.jit_experience(1)}
     rm_len = cfg.prompts.rm_max_length if not cfg.reward_model_shares_tokenizer else p + t
     rm_len = round_up(rm_len, PAD_MULTIPLE)
     # evaluation rolls out all held-out prompts at once (padded to the data-parallel size): more rows than training

@@ -237,9 +237,10 @@ def test_bad_config_is_one_line_naming_the_key(overrides, key):
 
 
 def test_group_size_defaults_per_algorithm():
-    assert load_config(PPORunConfig, None, []).rollout.group_size == 1
-    assert load_config(PPORunConfig, None, ["algorithm=grpo"]).rollout.group_size == 4
-    assert load_config(PPORunConfig, None, ["algorithm=rloo", "rollout.group_size=2"]).rollout.group_size == 2
+    assert load_config(PPORunConfig, None, []).group_size == 1
+    assert load_config(PPORunConfig, None, ["algorithm=grpo"]).group_size == 4
+    assert load_config(PPORunConfig, None, ["algorithm=rloo", "rollout.group_size=2"]).group_size == 2
+    assert load_config(PPORunConfig, None, ["algorithm=grpo"]).rollout.group_size == 0  # a saved config follows it
 
 
 def test_group_rows_are_distinct_draws_seeded_as_generate_num_samples():
