@@ -85,7 +85,7 @@ class PPORunConfig:
     # -1: every layer trains and the reference is a full frozen copy; N ≥ 1: only the top N layers (+ final norm,
     # LM head) train and the reference is a hydra top on the actor's shared bottom (Starling: 4)
     num_layers_unfrozen: int = -1
-    critic_layers_unfrozen: int = -1  # the critic's trainable top layers (-1: all); ppo / apa only
+    critic_layers_unfrozen: int = -1  # the critic's trainable top layers (-1: all); ppo / apa only (grpo: ignored)
     # dtypes, remat, scan and attention of every model (the HF folders fix the architectures), train/runtime.py
     runtime: RLRuntimeConfig = field(RLRuntimeConfig)
     prompts: PromptConfig = field(PromptConfig)
@@ -124,25 +124,28 @@ class PPORunConfig:
         # rollouts: a left-padded prompt and its completion, one segment per row (rl/experience.py)
         check_layout(self.runtime.attention_impl, "left_padded", what="the rollouts' left-padded rows")
 
+    @property
+    def group_size(self) -> int:
+        """G, answers per prompt: rollout.group_size, or the algorithm's default where it is 0 (1 for ppo / apa, 4
+        for grpo / rloo; resolved here, not in the field, so that a file written with 0 follows `algorithm`)."""
+        return self.rollout.group_size or DEFAULT_GROUP_SIZE[self.algorithm]
+
     def _check_algorithm(self) -> None:
-        """Resolves rollout.group_size=0 to the algorithm's default and refuses what does not apply to it."""
-        r, algorithm = self.rollout, self.algorithm
-        if r.group_size == 0:
-            r.group_size = DEFAULT_GROUP_SIZE[algorithm]
-        if algorithm in CRITIC_FREE and r.group_size < 2:
+        """Refuses what does not apply to the algorithm (group_size 0 stands for its default: `group_size`)."""
+        r, algorithm, g = self.rollout, self.algorithm, self.group_size
+        if algorithm in CRITIC_FREE and g < 2:
             raise ConfigError(
-                f"rollout.group_size={r.group_size}: algorithm={algorithm} needs >= 2 answers per prompt (its baseline)"
+                f"rollout.group_size={g}: algorithm={algorithm} needs >= 2 answers per prompt (its baseline)"
             )
-        if r.batch_size % r.group_size:
+        if r.batch_size % g:
             raise ConfigError(
-                f"rollout.batch_size={r.batch_size} is not a multiple of rollout.group_size={r.group_size} "
+                f"rollout.batch_size={r.batch_size} is not a multiple of rollout.group_size={g} "
                 "(batch_size counts answers: prompts × group_size)"
             )
         if algorithm in CRITIC_FREE:
-            if self.critic_init != "policy" or self.critic_layers_unfrozen != -1:
-                raise ConfigError(
-                    f"critic_init / critic_layers_unfrozen: algorithm={algorithm} has no critic (leave them unset)"
-                )
+            # critic_layers_unfrozen (a recipe's critic setting) is ignored; a critic started from the RM is refused
+            if self.critic_init != "policy":
+                raise ConfigError(f"critic_init={self.critic_init}: algorithm={algorithm} has no critic (unset it)")
             if self.advantage.scale_for(algorithm) == "group" and algorithm == "rloo":
                 raise ConfigError("advantage.scale_rewards=group: rloo takes none or batch")
         elif self.kl.in_loss and algorithm == "apa":

@@ -170,7 +170,7 @@ class PPOJob(Job):
         if n_eval < 1:
             raise DataError(
                 f"{cfg.prompts.train}: {len(convs)} prompts are too few for rollout.batch_size="
-                f"{cfg.rollout.batch_size} ({self.prompts_per_step} prompts × group_size {cfg.rollout.group_size}) "
+                f"{cfg.rollout.batch_size} ({self.prompts_per_step} prompts × group_size {cfg.group_size}) "
                 "plus held-out prompts"
             )
         self.eval_rows = sorted(order[:n_eval].tolist())
@@ -270,7 +270,7 @@ class PPOJob(Job):
 
     @property
     def prompts_per_step(self) -> int:
-        return self.cfg.rollout.batch_size // self.cfg.rollout.group_size
+        return self.cfg.rollout.batch_size // self.cfg.group_size
 
     @property
     def updates_per_step(self) -> int:
@@ -280,7 +280,7 @@ class PPOJob(Job):
     def group_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Prompt row ids [P] → (the prompt of each answer [P·G], each answer's sampling seed id [P·G]): prompt g's
         G answers in consecutive rows, answer j seeded by j·N + r (module docstring)."""
-        g = self.cfg.rollout.group_size
+        g = self.cfg.group_size
         answer_rows = np.repeat(np.asarray(rows), g)
         seed_ids = np.tile(np.arange(g), len(rows)) * len(self.conversations) + answer_rows
         return answer_rows, seed_ids
@@ -379,7 +379,7 @@ class PPOJob(Job):
         programs = RLPrograms(
             sample=make_sampler(gd["actor"], self.sampling, mesh),
             rewards=jit_rewards(gd["reward"], mesh),
-            experience=jit_experience(group_size=cfg.rollout.group_size, **common),
+            experience=jit_experience(group_size=cfg.group_size, **common),
             eval_experience=jit_experience(group_size=1, **common),
             update=jit_update_step(
                 trainable,
