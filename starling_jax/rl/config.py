@@ -113,6 +113,9 @@ class PPORunConfig:
             raise ConfigError(f"algorithm={self.algorithm!r}: choose one of {list(ALGORITHMS)}")
         if self.critic_init not in CRITIC_INITS:
             raise ConfigError(f"critic_init={self.critic_init!r}: choose one of {list(CRITIC_INITS)}")
+        if self.output_dir == DEFAULT_PPO_DIR and self.algorithm in CRITIC_FREE:
+            # its own default folder: a run resumes from output_dir, and a grpo state (no critic) is not a ppo one
+            self.output_dir = f"runs/{self.algorithm}_default"
         self._check_algorithm()
         if self.num_layers_unfrozen == 0 or self.num_layers_unfrozen < -1:
             raise ConfigError(f"num_layers_unfrozen={self.num_layers_unfrozen}: -1 (all) or N >= 1")

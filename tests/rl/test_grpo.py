@@ -241,6 +241,8 @@ def test_group_size_defaults_per_algorithm():
     assert load_config(PPORunConfig, None, ["algorithm=grpo"]).group_size == 4
     assert load_config(PPORunConfig, None, ["algorithm=rloo", "rollout.group_size=2"]).group_size == 2
     assert load_config(PPORunConfig, None, ["algorithm=grpo"]).rollout.group_size == 0  # a saved config follows it
+    assert load_config(PPORunConfig, None, ["algorithm=rloo"]).output_dir == "runs/rloo_default"
+    assert load_config(PPORunConfig, None, ["algorithm=grpo", "output_dir=x"]).output_dir == "x"
 
 
 def test_group_rows_are_distinct_draws_seeded_as_generate_num_samples():
