@@ -161,3 +161,24 @@ def test_each_job_runs_two_steps_through_the_one_loop(name, files, tmp_path, mon
     for row in rows:
         assert np.isfinite(row["learning_rate"]) and row["learning_rate"] >= 0
         assert {"loss", "grad_norm", "grad_norm_clipped"} <= set(row)
+
+
+@pytest.mark.parametrize("name", list(JOBS))
+def test_aot_asks_every_job_the_same_question(name, files, tmp_path):
+    """`aot.abstract_programs`: the job's architectures → its abstract set-up → the loop's state builder → its
+    programs, for every job alike (abstract only: nothing compiled or allocated)."""
+    from starling_jax import aot
+    from starling_jax.parallel import sharding
+
+    job = JOBS[name](files, tmp_path / name)
+    if name == "dpo":  # aot compiles DPO's step with precomputed reference log-probs
+        job.cfg.reference_logps = "precompute"
+    mesh = sharding.make_mesh(job.cfg.mesh)
+    setup, state, programs = aot.abstract_programs(job, mesh, num_layers=1)
+    update = programs["update"]
+    assert update.donated is state and update.args[0] is state
+    assert {"step", "params", "opt_state", "rng"} <= set(state)
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(state))
+    trainable = [m.name for m in setup.models if m.trainable]
+    assert trainable == (["actor", "critic"] if name == "ppo" else [setup.models[0].name])
+    assert ("eval" in programs) == (name != "ppo") and ("rollout" in programs) == (name == "ppo")
