@@ -284,6 +284,7 @@ def test_grpo_abstract_set_has_no_critic():
     assert set(ppo.state["params"]) == {"actor", "critic"}  # the same builder still makes PPO's critic
 
 
+@pytest.mark.slow  # compiles the experience and update programs in an aot subprocess (~40 s idle, 2 min loaded)
 def test_aot_grpo_counts_no_critic(tmp_path):
     # test_aot's PPO check for GRPO: from config.json files alone on 4 CPU devices, the experience and update
     # programs compile; the roles are the analytic actor, AdamW of the actor alone, reference and reward model.
@@ -306,6 +307,7 @@ def test_aot_grpo_counts_no_critic(tmp_path):
     assert 3 * expected["actor"] <= alias <= 3 * expected["actor"] + scalars, alias
 
 
+@pytest.mark.slow  # 8 iterations of train_ppo on the tiny folders (45-100 s on the loaded 2-core machine)
 @pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
 def test_short_run_raises_held_out_reward(folders, tmp_path, capsys, algorithm):  # noqa: F811
     # test_train_ppo's tiny random policy and RM: 8 iterations of 2 prompts × 4 answers; the held-out rollouts use
@@ -330,7 +332,7 @@ def test_short_run_raises_held_out_reward(folders, tmp_path, capsys, algorithm):
     assert s["kl_end"] < 3.0, s
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # three train_ppo runs, one in a subprocess killed mid-run (4-9 min on the loaded machine)
 def test_sigkill_and_restart_continue_a_grpo_run_exactly_with_no_critic_in_the_checkpoint(folders, tmp_path, capsys):  # noqa: F811
     # Uninterrupted: 3 iterations. Interrupted: a subprocess SIGKILLed during iteration 3 (its step-2 checkpoint
     # complete), then a restart to 3: every iteration's rollouts and losses equal the uninterrupted run's bit for bit.
