@@ -1,7 +1,8 @@
-"""One trainer contract: the RM, SFT, DPO and PPO jobs run two steps each through the same `loop.run`, whose one
-state builder (`state.build_train_state`) makes their state and whose one guarded update (`step.apply_update`)
-makes every optimizer update: the rng advances by one split per applied update (checked against a chain of
-`jax.random.split` from the state before the step) and the learning rate is logged in every metrics row."""
+"""One trainer contract: the RM, SFT, DPO and PPO jobs (and the critic-free GRPO case) run two steps each through
+the same `loop.run`, whose one state builder (`state.build_train_state`) makes their state and whose one guarded
+update (`step.apply_update`) makes every optimizer update: the rng advances by one split per applied update
+(checked against a chain of `jax.random.split` from the state before the step) and the learning rate is logged in
+every metrics row. `aot` asks each job the same question (`aot.abstract_programs`)."""
 
 from __future__ import annotations
 
@@ -80,7 +81,7 @@ def dpo_job(files, out):
     return DPOJob(load_config(DPORunConfig, None, [f"output_dir={out}", *COMMON, *args]))
 
 
-def ppo_job(files, out):
+def ppo_job(files, out, *extra):
     from starling_jax.rl.config import PPORunConfig
     from starling_jax.rl.job import PPOJob
 
@@ -95,11 +96,18 @@ def ppo_job(files, out):
         "rollout.epochs=2",  # two updates per iteration: the rng advances twice
         "rollout.max_new_tokens=4",
         "prompts.max_prompt_tokens=32",
+        *extra,
     ]
     return PPOJob(load_config(PPORunConfig, None, [f"output_dir={out}", *COMMON, *args]))
 
 
-JOBS = {"rm": rm_job, "sft": sft_job, "dpo": dpo_job, "ppo": ppo_job}
+def grpo_job(files, out):
+    """The critic-free RL case: 4 prompts × 2 answers, the actor alone in the state."""
+    return ppo_job(files, out, "algorithm=grpo", "rollout.group_size=2")
+
+
+JOBS = {"rm": rm_job, "sft": sft_job, "dpo": dpo_job, "ppo": ppo_job, "grpo": grpo_job}
+RL = ("ppo", "grpo")
 
 
 def split_chain(rng: np.ndarray, n: int) -> np.ndarray:
@@ -151,7 +159,7 @@ def test_each_job_runs_two_steps_through_the_one_loop(name, files, tmp_path, mon
 
     assert summary["status"] == "completed" and summary["steps"] == 2 and len(built) == 1
     assert len(seen) == 2
-    updates_per_step = job.updates_per_step if name == "ppo" else 1
+    updates_per_step = job.updates_per_step if name in RL else 1
     for rng_before, step_before, rng_after, step_after in seen:
         assert step_after - step_before == updates_per_step  # every update applied (all finite)
         assert not np.array_equal(rng_before, rng_after)
@@ -180,5 +188,6 @@ def test_aot_asks_every_job_the_same_question(name, files, tmp_path):
     assert {"step", "params", "opt_state", "rng"} <= set(state)
     assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(state))
     trainable = [m.name for m in setup.models if m.trainable]
-    assert trainable == (["actor", "critic"] if name == "ppo" else [setup.models[0].name])
-    assert ("eval" in programs) == (name != "ppo") and ("rollout" in programs) == (name == "ppo")
+    expected = {"ppo": ["actor", "critic"], "grpo": ["actor"]}.get(name, [setup.models[0].name])
+    assert trainable == expected and set(state["params"]) >= ({"actor"} if name in RL else set())
+    assert ("eval" in programs) == (name not in RL) and ("rollout" in programs) == (name in RL)
