@@ -2,7 +2,7 @@
 every program of a PPO/APA iteration with all its roles.
 
     python -m starling_jax.aot CONFIG.yaml [key=value ...] --topology v5p-32 [--num-slices S] [--num-layers N]
-        [--hbm-gib G] [--job rm|ppo] [--programs rollout,score,experience,update] [--json]
+        [--hbm-gib G] [--job rm|sft|dpo|ppo] [--programs rollout,score,experience,update] [--json]
 
 PPO/APA (a config with `policy`, `reward_model`, `algorithm`, `rollout`, ...; or `--job ppo`): the architectures
 come from `policy` / `reward_model` (a folder's config.json or the built-in table below; no weights are read), the
@@ -12,9 +12,10 @@ code) plus the roles resident beside it (actor, critic, AdamW state, reference, 
 `per_chip_bytes` in the JSON is the peak over the programs, `programs` the breakdown, `roles_bytes` each role's
 resident bytes per chip; `fits` holds when every program fits. `--num-layers N` shortens policy and reward model.
 
-Compiles the very step `train_rm` runs (`rm_step.jit_train_step`: the config's mesh, micro-batches, remat, scan
-and dtypes) for the topology's devices with fully abstract inputs — nothing is allocated — and reports per-chip
-memory (`compiled.memory_analysis()`) against the chip's HBM, the compiler's FLOPs and an estimated step time.
+RM / SFT / DPO (`--job rm|sft|dpo`; default rm): compiles the very train and eval steps the run jits (`Job.steps`:
+the config's mesh, micro-batches, remat, scan and dtypes) for the topology's devices with fully abstract inputs —
+nothing is allocated — and reports per-chip memory (`compiled.memory_analysis()`) against the chip's HBM, the
+compiler's FLOPs and an estimated step time. Every job is asked the same question (`abstract_programs`).
 Exit status: 0 fits, 1 does not fit, 2 user error. The last printed line is a one-line JSON summary.
 
 Topologies: `cpu` (this process's own devices; no libtpu needed), Cloud TPU names `v4-N`, `v5p-N` (N = TensorCores,
@@ -115,15 +116,19 @@ def hbm_bytes(device_kind: str, num_devices: int, override_gib: float | None) ->
     raise ConfigError(f"device kind {device_kind!r}: HBM capacity unknown; pass --hbm-gib")
 
 
-def resolve_model_config(cfg, num_layers: int | None):
-    """The architecture the run would train (init_from's config.json, else `model`), with runtime fields."""
-    from starling_jax.model.architectures import architecture  # JAX: not at import (`aot --help` stays instant)
-    from starling_jax.train.job import model_runtime
+def abstract_programs(job, mesh, num_layers: int | None = None):
+    """The question `aot` asks every job: its programs at the run's shapes over abstract arrays (nothing read or
+    allocated) → (abstract set-up, abstract train state, {name: Program}). The architectures are the job's own
+    (`Job.architectures`), shortened to `num_layers`; the state is built by the loop's builder."""
+    from starling_jax.train.state import build_train_state  # JAX: not at import (`aot --help` stays instant)
 
-    model_cfg = cfg.model_config  # `model` with the `runtime:` fields
-    if cfg.init_from:
-        model_cfg = architecture(cfg.init_from, "init_from", **model_runtime(model_cfg))
-    return _with_layers(model_cfg, num_layers)
+    architectures = {name: _with_layers(m, num_layers) for name, m in job.architectures().items()}
+    setup = job.abstract_setup(mesh, architectures)
+    state, _ = build_train_state(
+        setup.params, setup.params_shardings, setup.optimizer.tx, mesh, extra=setup.extra_state
+    )
+    steps = job.steps(mesh, setup, state)
+    return setup, state, {p.name: p for p in steps.programs}
 
 
 def _with_layers(model_cfg, num_layers: int | None):
@@ -250,10 +255,13 @@ def compile_report(
     cfg, devices, topology_name, mesh, capacity, capacity_source = _topology_mesh(cfg, topology, num_slices, hbm_gib)
     kind = devices[0].device_kind
 
-    # --- the job's abstract state, batch and jitted step (nothing is allocated)
-    model_cfg = resolve_model_config(cfg, num_layers)
+    # --- the job's abstract state, batch and jitted programs (nothing is allocated)
     job = job or RMJob(cfg)
-    state, batch, step_fn = job.abstract_inputs(mesh, model_cfg)
+    setup, state, programs = abstract_programs(job, mesh, num_layers)
+    trainable = next(m for m in setup.models if m.trainable)
+    model_cfg = trainable.config
+    update = programs["update"]
+    batch = update.args[-1]
     data_parallel = sharding.data_parallel_size(mesh)
     micro_rows = cfg.data.batch_size // cfg.train.micro_batches
     warnings = []
@@ -265,8 +273,8 @@ def compile_report(
         )
 
     # --- the train step, lowered and compiled for the topology
-    compiled, oom, lower_s, compile_s, _ = _compile(step_fn, state, batch)
-    parts, memory_source, compiler_hbm = _memory(compiled, oom, (state, batch), state)
+    compiled, oom, lower_s, compile_s, _ = _compile(update.fn, *update.args)
+    parts, memory_source, compiler_hbm = _memory(compiled, oom, update.args, update.donated)
     if oom:
         warnings.append(oom)
     total = _total(parts)
@@ -274,11 +282,11 @@ def compile_report(
 
     # --- the eval step (params only, the eval batch): it must fit where training fits
     eval_report = None
-    eval_inputs = job.abstract_eval_inputs(mesh, model_cfg)
-    if eval_inputs is not None:
-        params, eval_batch, eval_fn = eval_inputs
-        eval_compiled, eval_oom, _, eval_compile_s, _ = _compile(eval_fn, params, eval_batch)
-        eval_parts, _, _ = _memory(eval_compiled, eval_oom, (params, eval_batch), None)
+    if "eval" in programs:
+        ev = programs["eval"]
+        eval_batch = ev.args[-1]
+        eval_compiled, eval_oom, _, eval_compile_s, _ = _compile(ev.fn, *ev.args)
+        eval_parts, _, _ = _memory(eval_compiled, eval_oom, ev.args, None)
         eval_total = _total(eval_parts)
         eval_fits = eval_compiled is not None and eval_total <= capacity
         eval_report = {
@@ -309,7 +317,7 @@ def compile_report(
         "mesh": dict(mesh.shape),
         "model_type": model_cfg.model_type,
         "num_layers": model_cfg.num_hidden_layers,
-        "num_params": model_cfg.num_params(head="score"),
+        "num_params": model_cfg.num_params(head="lm" if trainable.role == "causal_lm" else "score"),
         "param_dtype": model_cfg.param_dtype,
         "dtype": model_cfg.dtype,
         "remat_policy": model_cfg.remat_policy,
@@ -345,11 +353,10 @@ def compile_report(
 def _role_bytes(rl) -> dict[str, int]:
     """Per-chip bytes of each resident role of the RL set, from the shardings."""
     params = rl.state["params"]
-    actor, critic = sharded_bytes(params["actor"]), sharded_bytes(params["critic"])
+    models = {name: sharded_bytes(params[name]) for name in ("actor", "critic") if name in params}  # grpo: no critic
     return {
-        "actor": actor,
-        "critic": critic,
-        "optimizer": sharded_bytes(rl.state) - actor - critic,
+        **models,
+        "optimizer": sharded_bytes(rl.state) - sum(models.values()),
         "reference": sharded_bytes(rl.frozen["reference"]),
         "reward": sharded_bytes(rl.frozen["reward"]),
     }
@@ -366,13 +373,14 @@ def compile_rl_report(
     num_slices: int = 1,
     programs: str | None = None,
 ) -> dict[str, Any]:
-    """Compiles every program of one PPO/APA iteration (`rl/abstract.py`) for `topology` → the report: per program
+    """Compiles every program of one PPO/APA/GRPO/RLOO iteration (`rl/abstract.py`; grpo / rloo: no critic) for
+    `topology` → the report: per program
     its own memory (`compiled.memory_analysis()`) plus the roles resident beside it (actor, critic, optimizer state,
     reference, reward model: they stay in HBM for the whole run), and `per_chip_bytes` = the peak over the
     programs."""
     from starling_jax.model import attention
-    from starling_jax.model.architectures import architecture
     from starling_jax.parallel import sharding
+    from starling_jax.rl.abstract import AbstractRLSet
     from starling_jax.rl.job import PPOJob
 
     chosen = RL_PROGRAMS if not programs else tuple(p.strip() for p in programs.split(","))
@@ -380,14 +388,12 @@ def compile_rl_report(
         raise ConfigError(f"--programs: unknown {unknown}; choose from {','.join(RL_PROGRAMS)}")
     cfg, devices, topology_name, mesh, capacity, capacity_source = _topology_mesh(cfg, topology, num_slices, hbm_gib)
     kind = devices[0].device_kind
-    models = {
-        "policy": _with_layers(architecture(cfg.policy, "policy"), num_layers),
-        "reward": _with_layers(architecture(cfg.reward_model, "reward_model"), num_layers),
-    }
-    if cfg.num_layers_unfrozen > models["policy"].num_hidden_layers:
+    job = PPOJob(cfg)
+    policy_layers = _with_layers(job.architectures()["policy"], num_layers).num_hidden_layers
+    if cfg.num_layers_unfrozen > policy_layers:
         raise ConfigError(
             f"num_layers_unfrozen={cfg.num_layers_unfrozen} exceeds the policy's "
-            f"{models['policy'].num_hidden_layers} layers (lower --num-layers less)"
+            f"{policy_layers} layers (lower --num-layers less)"
         )
     dp = sharding.data_parallel_size(mesh)
     warnings = []
@@ -401,9 +407,10 @@ def compile_rl_report(
                 f"{topology}; raise it, or give mesh.tensor > 1 (e.g. mesh.fsdp={dp // 2} "
                 "mesh.tensor=2)"
             )
-    job = PPOJob(cfg)
-    job.abstract_inputs(mesh, models)
-    rl = job.abstract_set
+    setup, state, by_name = abstract_programs(job, mesh, num_layers)
+    rl = AbstractRLSet(
+        state, setup.frozen, list(by_name.values()), {m.name: m.config for m in setup.models if m.name != "reference"}
+    )
     roles = _role_bytes(rl)
     resident = sum(roles.values())
     in_role = {"state": ("actor", "critic", "optimizer")}
@@ -411,7 +418,7 @@ def compile_rl_report(
     for prog in (p for p in rl.programs if p.name in chosen):
         compiled, oom, lower_s, compile_s, kernel_calls = _compile(prog.fn, *prog.args)
         parts, source, _ = _memory(compiled, oom, prog.args, prog.donated)
-        passed = {r for role in prog.roles for r in in_role.get(role, (role,))}
+        passed = {r for role in prog.roles for r in in_role.get(role, (role,)) if r in roles}
         beside = resident - sum(roles[r] for r in passed)
         own = _total(parts)
         total = own + beside
@@ -542,7 +549,8 @@ def format_report(r: dict[str, Any]) -> str:
         f"model {r['model_type']} {r['num_layers']} layers, {r['num_params'] / 1e9:.2f}B params, "
         f"param {r['param_dtype']} / compute {r['dtype']}, remat {r['remat_policy']}{mlp}, scan {r['scan_layers']}, "
         f"attention {r.get('attention_impl', 'einsum')}",
-        f"batch {r['batch'][0]}×{r['batch'][1]}×{r['batch'][2]} (B×K×L), {r['micro_batches']} micro-batches",
+        f"batch {'×'.join(map(str, r['batch']))} ({'B×K×L' if len(r['batch']) == 3 else 'B×L'}), "
+        f"{r['micro_batches']} micro-batches",
         f"compile: lower {r['lower_s']:.1f} s, compile {r['compile_s']:.1f} s",
         f"memory per chip ({r['memory_source']}):",
         f"  arguments       {gib(m['argument'])}",
@@ -582,6 +590,26 @@ def format_report(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def train_jobs() -> dict:
+    """{--job: (run config class, job class)}: the jobs `aot` compiles (each asked `abstract_programs`)."""
+    # JAX and the jobs: not at import (`aot --help` stays instant)
+    from starling_jax.rl.config import PPORunConfig
+    from starling_jax.rl.job import PPOJob
+    from starling_jax.train.dpo_config import DPORunConfig
+    from starling_jax.train.dpo_job import DPOJob
+    from starling_jax.train.rm_config import RMRunConfig
+    from starling_jax.train.rm_job import RMJob
+    from starling_jax.train.sft_config import SFTRunConfig
+    from starling_jax.train.sft_job import SFTJob
+
+    return {
+        "rm": (RMRunConfig, RMJob),
+        "sft": (SFTRunConfig, SFTJob),
+        "dpo": (DPORunConfig, DPOJob),
+        "ppo": (PPORunConfig, PPOJob),
+    }
+
+
 def build_parser() -> cli.ArgumentParser:
     parser = cli.config_parser("python -m starling_jax.aot", __doc__, "train.micro_batches=8")
     parser.add_argument("--topology", required=True, help="cpu | v5p-32 | v5e-32 | v6e-16 | v5e:4x8 | ...")
@@ -593,7 +621,7 @@ def build_parser() -> cli.ArgumentParser:
     parser.add_argument("--mfu", type=float, default=0.4, help="assumed MFU for the step-time estimate")
     parser.add_argument(
         "--job",
-        choices=("rm", "ppo"),
+        choices=("rm", "sft", "dpo", "ppo"),
         default=None,
         help="the run the config is for (default: ppo when it sets policy / reward_model / "
         "algorithm / rollout ..., else rm)",
@@ -618,19 +646,19 @@ def main(argv=None) -> int:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
         cli.setup_logging(args.verbose)
         from starling_jax.config import load_config
-        from starling_jax.train.rm_config import RMRunConfig
 
-        if args.job == "ppo" or (args.job is None and is_rl_config(args.config, args.overrides)):
-            from starling_jax.rl.config import PPORunConfig
-
-            cfg = load_config(PPORunConfig, args.config, args.overrides)
+        name = args.job or ("ppo" if is_rl_config(args.config, args.overrides) else "rm")
+        config_class, job_class = train_jobs()[name]
+        cfg = load_config(config_class, args.config, args.overrides)
+        if name == "ppo":  # every program of an iteration, with the roles resident beside each
             report = compile_rl_report(
                 cfg, args.topology, args.num_layers, args.hbm_gib, args.num_slices, args.programs
             )
             text = format_rl_report
-        else:
-            cfg = load_config(RMRunConfig, args.config, args.overrides)
-            report = compile_report(cfg, args.topology, args.num_layers, args.hbm_gib, args.mfu, args.num_slices)
+        else:  # the train step and the eval step
+            report = compile_report(
+                cfg, args.topology, args.num_layers, args.hbm_gib, args.mfu, args.num_slices, job_class(cfg)
+            )
             text = format_report
         if not args.json:
             print(text(report), flush=True)

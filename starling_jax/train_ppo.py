@@ -1,11 +1,13 @@
-"""Policy tuning with PPO or APA against a trained reward model (Starling's second half).
+"""Policy tuning with PPO, APA, GRPO or RLOO against a trained reward model (Starling's second half).
 
     python -m starling_jax.train_ppo [CONFIG.yaml] [key=value ...]
 
 With no arguments: the embedded CPU demo. It tunes the policy of the default `train_sft` run (runs/sft_default/hf)
 against the reward model of the default `train_rm` run (runs/rm_default/hf), training either first when missing,
 and writes runs/ppo_default (checkpoints, TensorBoard, metrics.jsonl, summary.png of reward and KL, the tuned
-policy as an HF `*ForCausalLM` folder in hf/). `algorithm=apa` runs APA instead of PPO. A run resumes from the
+policy as an HF `*ForCausalLM` folder in hf/). `algorithm=apa` runs APA instead of PPO; `algorithm=grpo` or
+`algorithm=rloo` runs without a critic on groups of `rollout.group_size` answers per prompt (runs/grpo_default,
+runs/rloo_default). A run resumes from the
 latest complete checkpoint in `output_dir`; SIGTERM saves and exits. The last printed line is a JSON summary
 (output_dir, steps, reward_start, reward_end, kl_end, algorithm, hf_export_dir, status, ...).
 """

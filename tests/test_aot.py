@@ -254,6 +254,7 @@ def test_rl_set_adds_eval_programs_for_a_larger_eval_batch(tmp_path):
     eval programs at that size (abstract only, nothing compiled)."""
     from starling_jax.config import load_config
     from starling_jax.parallel import sharding
+    from starling_jax.rl import abstract
     from starling_jax.rl.config import PPORunConfig
     from starling_jax.rl.job import PPOJob
 
@@ -275,10 +276,10 @@ def test_rl_set_adds_eval_programs_for_a_larger_eval_batch(tmp_path):
     import jax
 
     mesh = sharding.make_mesh(cfg.mesh, devices=jax.devices()[:1])
-    state, minibatch, _ = job.abstract_inputs(
-        mesh, {"policy": architecture(policy, "policy"), "reward": architecture(policy, "reward_model")}
-    )
-    rows = {p.name: p.rows for p in job.abstract_set.programs}
+    rl = abstract.build(job, mesh, architecture(policy, "policy"), architecture(policy, "reward_model"))
+    update = next(p for p in rl.programs if p.name == "update")
+    state, minibatch = update.args
+    rows = {p.name: p.rows for p in rl.programs}
     assert rows == {
         "rollout": 4,
         "score": 4,
@@ -290,4 +291,4 @@ def test_rl_set_adds_eval_programs_for_a_larger_eval_batch(tmp_path):
     }
     assert minibatch["tokens"].shape == (2, 64 + 24) and set(state) >= {"params", "opt_state", "kl_coef"}
     # hydra reference: the top layer only, so fewer bytes than the actor
-    assert aot.sharded_bytes(job.abstract_set.frozen["reference"]) < aot.sharded_bytes(state["params"]["actor"])
+    assert aot.sharded_bytes(rl.frozen["reference"]) < aot.sharded_bytes(state["params"]["actor"])

@@ -2,9 +2,10 @@
 
 Shardings (the leading batch axis over every data-parallel mesh axis), abstract shapes for `aot`, the selection of
 the fields a step reads and padding rows all follow from a spec. The K-wise batch (`KWISE`), the SFT batch
-(`SFT`) and, next, PPO's prompt and experience batches are specs.
+(`SFT`) and RL's rollout and experience batches (`ROLLOUT`, `EXPERIENCE`) are specs.
 
-Logical dims are named by letters: B (prompts / sequences, the sharded axis), K (answers), L (tokens).
+Logical dims are named by letters: B (prompts / sequences, the sharded axis), K (answers), L (tokens); RL's S
+(prompt + response tokens) and T (response tokens).
 """
 
 from __future__ import annotations
@@ -149,3 +150,33 @@ SFT = BatchSpec(
     ),
 )
 SFT_TRAIN = SFT.only("tokens", "positions", "segment_ids", "loss_mask", name="sft_train")
+
+# RL (rl/job.py): a rollout row is the left-padded prompt (P tokens) then the response (T tokens), S = P + T;
+# `mask` marks the response tokens that are trained (up to and including the EOS, or the cut at a stop string).
+ROLLOUT = BatchSpec(
+    "rollout",
+    (
+        Field("tokens", "int32", ("B", "S")),
+        Field("positions", "int32", ("B", "S")),
+        Field("segment_ids", "int32", ("B", "S")),
+        Field("mask", "float32", ("B", "T")),
+    ),
+)
+# The experience a rollout makes (rl/experience.py) and each minibatch update reads: per response token the
+# sampling policy's and the reference's log-probs, the critic's values, advantages and returns.
+EXPERIENCE = BatchSpec(
+    "experience",
+    (
+        *ROLLOUT.only("tokens", "positions", "segment_ids").fields,
+        Field("old_logprobs", "float32", ("B", "T")),
+        Field("ref_logprobs", "float32", ("B", "T")),
+        Field("old_values", "float32", ("B", "T")),
+        Field("advantages", "float32", ("B", "T")),
+        Field("returns", "float32", ("B", "T")),
+        Field("mask", "float32", ("B", "T")),
+    ),
+)
+# What a critic-free update (grpo / rloo) reads: no values, no returns.
+EXPERIENCE_NO_CRITIC = EXPERIENCE.only(
+    *(n for n in EXPERIENCE.names if n not in ("old_values", "returns")), name="experience_no_critic"
+)

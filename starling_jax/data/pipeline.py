@@ -45,6 +45,7 @@ from starling_jax.data import layout as layout_lib
 from starling_jax.data import tokenizer as tokenizer_lib
 from starling_jax.data.batch_spec import KWISE, MASKED_RANK
 from starling_jax.data.nectar import ReadReport, empty_split_message, read_rankings, split_of
+from starling_jax.data.resumable import ResumableIterator
 from starling_jax.data.tokenize import RowDoesNotFit, tokenize_ranking
 from starling_jax.errors import DataError
 from starling_jax.paths import as_path
@@ -207,8 +208,9 @@ def batch_plan(
 # ------------------------------------------------------------------------------------------------ pipeline
 
 
-class RankingPipeline:
-    """Per-host K-wise batches (numpy dicts, see ARCHITECTURE.md) with an exact, JSON-serializable position."""
+class RankingPipeline(ResumableIterator):
+    """Per-host K-wise batches (numpy dicts, see ARCHITECTURE.md) with an exact, JSON-serializable position
+    (`resumable.ResumableIterator`)."""
 
     def __init__(
         self,
@@ -281,8 +283,8 @@ class RankingPipeline:
         self.lengths = self._scan_lengths()
         if self.packed:
             self.row_length = self.max_l or _round_up(int(self.lengths.max()), pad_to_multiple)
-        self._epoch = 0
-        self._batch = 0
+        self.epoch = 0
+        self.batch = 0
         self._plan_epoch = None
         self._plan = None
         self._it = None
@@ -354,28 +356,9 @@ class RankingPipeline:
             self._rows = {epoch: need}
         return self._rows[epoch]
 
-    # -- state
-    def state(self) -> dict:
-        return {
-            "epoch": self._epoch,
-            "batch": self._batch,
-            "seed": self.seed,
-            "mode": self.mode,
-            "global_batch_size": self.global_batch_size,
-            "num_examples": self.num_examples,
-        }
-
-    get_state = state
-
-    def restore(self, state: dict) -> None:
-        for key in ("seed", "global_batch_size", "num_examples"):
-            if key in state and int(state[key]) != getattr(self, key):
-                raise DataError(f"data state: {key} is {state[key]} in the checkpoint but {getattr(self, key)} now")
-        self._epoch = int(state["epoch"])
-        self._batch = int(state["batch"])
+    # -- state: `ResumableIterator`'s; a restored position restarts the tf.data stream there
+    def on_restore(self) -> None:
         self._it = None
-
-    set_state = restore
 
     # -- batches
     def host_batch(self, epoch: int, batch: int) -> dict:
@@ -494,7 +477,7 @@ class RankingPipeline:
         import tensorflow as tf
 
         nb = self.num_batches_per_epoch
-        start = self._epoch * nb + self._batch
+        start = self.epoch * nb + self.batch
         if self.mode == "eval":
             ds = tf.data.Dataset.range(start, nb)
         else:
@@ -509,21 +492,11 @@ class RankingPipeline:
         ds = ds.prefetch(self.prefetch)
         return ds.as_numpy_iterator()
 
-    def __iter__(self):
-        if self.mode == "eval" and self._batch >= self.num_batches_per_epoch:
-            self._epoch, self._batch, self._it = 0, 0, None
-        return self
-
-    def __next__(self) -> dict:
-        if self.mode == "eval" and self._batch >= self.num_batches_per_epoch:
-            raise StopIteration
+    def fetch(self, epoch: int, batch: int) -> dict:
+        # the tf.data stream starts at the current position and serves the positions in order
         if self._it is None:
             self._it = self._tf_iterator()
-        arrays = next(self._it)
-        self._batch += 1
-        if self.mode == "train" and self._batch >= self.num_batches_per_epoch:
-            self._epoch, self._batch = self._epoch + 1, 0
-        return dict(zip(self.batch_keys, arrays))
+        return dict(zip(self.batch_keys, next(self._it)))
 
 
 # ------------------------------------------------------------------------------------------------ global

@@ -38,6 +38,7 @@ from starling_jax.data.nectar import (
     validated_rows,
 )
 from starling_jax.data.pipeline import batch_plan
+from starling_jax.data.resumable import ResumableIterator
 from starling_jax.data.tokenize import RowDoesNotFit, tokenize_answers
 from starling_jax.errors import DataError
 
@@ -163,8 +164,9 @@ def make_batch(examples: list[SFTExample | None], length: int, pad_id: int) -> d
     return batch
 
 
-class SFTPipeline:
-    """Per-host SFT batches with an exact position ({epoch, batch}); `mode="eval"`: one pass in file order."""
+class SFTPipeline(ResumableIterator):
+    """Per-host SFT batches with an exact position (`resumable.ResumableIterator`); `mode="eval"`: one pass in
+    file order."""
 
     def __init__(
         self,
@@ -198,7 +200,7 @@ class SFTPipeline:
         self.seed = seed
         self.mode = mode
         self.lengths = np.asarray([len(e) for e in examples])
-        self._epoch = self._batch = 0
+        self.epoch = self.batch = 0
         self._plan_epoch, self._plan = None, None
 
     @property
@@ -217,21 +219,6 @@ class SFTPipeline:
             self._plan_epoch = epoch
         return self._plan
 
-    def state(self) -> dict:
-        return {
-            "epoch": self._epoch,
-            "batch": self._batch,
-            "seed": self.seed,
-            "global_batch_size": self.global_batch_size,
-            "num_examples": self.num_examples,
-        }
-
-    def restore(self, state: dict) -> None:
-        for key in ("seed", "global_batch_size", "num_examples"):
-            if key in state and int(state[key]) != getattr(self, key):
-                raise DataError(f"data state: {key} is {state[key]} in the checkpoint but {getattr(self, key)} now")
-        self._epoch, self._batch = int(state["epoch"]), int(state["batch"])
-
     def host_batch(self, epoch: int, batch: int) -> dict:
         g = self.plan(epoch)[batch]
         real = g[g >= 0]
@@ -239,16 +226,5 @@ class SFTPipeline:
         mine = g[self.process_index * self.per_host : (self.process_index + 1) * self.per_host]
         return make_batch([self.examples[i] if i >= 0 else None for i in mine], length, self.pad_id)
 
-    def __iter__(self):
-        if self.mode == "eval":
-            self._epoch, self._batch = 0, 0
-        return self
-
-    def __next__(self) -> dict:
-        if self.mode == "eval" and self._batch >= self.num_batches_per_epoch:
-            raise StopIteration
-        out = self.host_batch(self._epoch, self._batch)
-        self._batch += 1
-        if self.mode == "train" and self._batch >= self.num_batches_per_epoch:
-            self._epoch, self._batch = self._epoch + 1, 0
-        return out
+    def fetch(self, epoch: int, batch: int) -> dict:
+        return self.host_batch(epoch, batch)

@@ -15,7 +15,6 @@ reference weights are kept or checkpointed. A resumed run recomputes the same ta
 
 from __future__ import annotations
 
-import functools
 import logging
 from pathlib import Path
 from typing import Any
@@ -38,22 +37,22 @@ from starling_jax.train import dpo_step, loop
 from starling_jax.train.dpo_config import DPORunConfig
 from starling_jax.train.job import (
     Job,
+    JobSetup,
+    Optimizer,
+    Program,
+    Steps,
+    batch_tokens,
     init_model,
     new_figure,
     plot_loss,
     resolve_tokenizer_dir,
+    run_architecture,
     save_figure,
 )
 from starling_jax.train.optimizer import make_optimizer, trainable_mask
 from starling_jax.train.rm_job import build_data, skipped_data_rows
 from starling_jax.train.sft_job import export_causal_lm
-from starling_jax.train.state import (
-    ModelEntry,
-    abstract_train_state,
-    init_train_state,
-    state_shapes,
-    state_shardings,
-)
+from starling_jax.train.state import ModelEntry, abstract_params, is_abstract
 
 log = logging.getLogger("starling_jax")
 ROLE = "causal_lm"
@@ -99,13 +98,11 @@ class DPOJob(Job):
         return self.cfg.reference_logps == "precompute"
 
     # --- set-up
-    def setup(self, mesh) -> None:
+    def setup(self, mesh) -> JobSetup:
         cfg, d = self.cfg, self.cfg.data
-        self.mesh = mesh
         self.tokenizer_dir = resolve_tokenizer_dir(d.tokenizer, cfg.policy, d.template)
         self.tokenizer = load_tokenizer(self.tokenizer_dir)
         self.train_data, self.eval_data = build_data(cfg, self.tokenizer, self.tokenizer_dir, completions=True)
-        self.specs = dpo_step.dpo_specs(self.train_data.packed, self.precomputed)
         log.info("data: %d train / %d eval prompts", self.train_data.num_examples, self.eval_data.num_examples)
         self.skipped_rows = skipped_data_rows(self.train_data, self.eval_data)
         if self.skipped_rows:
@@ -115,62 +112,61 @@ class DPOJob(Job):
                 "; ".join(f"{s['source']} row {s['row']}: {s['reason']}" for s in self.skipped_rows[:3]),
             )
 
-        model_cfg, self.graphdef, params, params_shardings = init_model(
+        model_cfg, graphdef, params, params_shardings = init_model(
             cfg.model_config, cfg.policy, ROLE, mesh, cfg.seed, self.tokenizer.pad_token_id
         )
         if model_cfg.vocab_size < len(self.tokenizer):
             raise CheckpointError(f"model vocab_size={model_cfg.vocab_size} < tokenizer size {len(self.tokenizer)}")
         check_layout(model_cfg.attention_impl, d.attention_layout, model_cfg.sliding_window, d.max_length)
-        self.model_cfg = model_cfg
+        setup = self._setup(mesh, model_cfg, graphdef, params, params_shardings)
+        setup.train_data, setup.eval_data = self.train_data, self.eval_data
+
+        # --- the reference: own buffers (the policy's are donated to every update; nnx.clone shares arrays)
+        if not self.precomputed:
+            if self.hydra:
+                ref_graphdef, ref_params = nnx.split(ReferenceTop(nnx.merge(graphdef, params), cfg.num_layers_unfrozen))
+                setup.graphdefs["reference"] = ref_graphdef
+            ref_params = jax.tree.map(lambda x: jnp.array(x, copy=True), ref_params if self.hydra else params)
+            setup.frozen = {"reference": ref_params}
+            setup.frozen_shardings = {"reference": jax.tree.map(lambda x: x.sharding, ref_params)}
+            setup.models.append(ModelEntry("reference", ROLE, model_cfg, trainable=False))
+        return setup
+
+    def architectures(self) -> dict:
+        return {"policy": run_architecture(self.cfg.model_config, self.cfg.policy)}
+
+    def abstract_setup(self, mesh, architectures: dict) -> JobSetup:
+        """The policy alone, with precomputed reference log-probs (what `aot` compiles: the policy's own memory; an
+        on-the-fly reference adds its parameters and one forward)."""
+        if not self.precomputed:
+            raise ConfigError("aot of train_dpo compiles the step with reference_logps=precompute; set it")
+        model_cfg = architectures["policy"]
+        graphdef, params = create.abstract_model(model_cfg, ROLE)
+        return self._setup(mesh, model_cfg, graphdef, params, sharding.state_shardings(params, mesh))
+
+    def _setup(self, mesh, model_cfg, graphdef, params, params_shardings) -> JobSetup:
+        cfg = self.cfg
         n = model_cfg.num_hidden_layers
         if cfg.num_layers_unfrozen > n:
             raise ConfigError(f"num_layers_unfrozen={cfg.num_layers_unfrozen} exceeds the policy's {n} layers")
+        self.model_cfg = model_cfg
         self.frozen_layers = 0 if cfg.num_layers_unfrozen == -1 else n - cfg.num_layers_unfrozen
-        self.hydra = cfg.num_layers_unfrozen != -1 and not self.precomputed
-
-        # --- the reference: own buffers (the policy's are donated to every update; nnx.clone shares arrays)
         self.models = [ModelEntry("policy", ROLE, model_cfg, trainable=True)]
-        self.ref_graphdef = self.graphdef
-        if not self.precomputed:
-            if self.hydra:
-                self.ref_graphdef, ref_params = nnx.split(
-                    ReferenceTop(nnx.merge(self.graphdef, params), cfg.num_layers_unfrozen)
-                )
-            else:
-                ref_params = params
-            ref_params = jax.tree.map(lambda x: jnp.array(x, copy=True), ref_params)
-            self.frozen = {"reference": ref_params}
-            self.frozen_shardings = {"reference": jax.tree.map(lambda x: x.sharding, ref_params)}
-            self.models.append(ModelEntry("reference", ROLE, model_cfg, trainable=False))
-
         mask = trainable_mask(params, self.frozen_layers, n) if self.frozen_layers else None
         tx, schedule = make_optimizer(cfg.optim, cfg.train.steps, mask)
-        self.state, self.state_shardings = init_train_state(params, params_shardings, tx, mesh, cfg.seed)
-        ref_shardings = self.frozen_shardings.get("reference")
-        self._step = dpo_step.jit_train_step(
-            self.graphdef,
-            self.ref_graphdef,
-            tx,
-            schedule,
-            cfg.loss,
-            cfg.train.micro_batches,
-            mesh,
-            self.state_shardings,
-            ref_shardings,
-            self.specs[0].shardings(mesh),
-            grad_mask=None if mask is None else jax.device_put(mask, sharding.replicated(mesh)),
-            max_grad_norm=cfg.optim.max_grad_norm,
-            frozen_layers=self.frozen_layers,
-            hydra=self.hydra,
+        if mask is not None and not is_abstract(params):
+            mask = jax.device_put(mask, sharding.replicated(mesh))
+        return JobSetup(
+            models=self.models,
+            graphdefs={"policy": graphdef, "reference": graphdef},
+            params=params,
+            params_shardings=params_shardings,
+            optimizer=Optimizer(tx, schedule, mask),
         )
-        self._eval = dpo_step.jit_eval_step(
-            self.graphdef, self.ref_graphdef, mesh, self._eval_micro_batches(), self.frozen_layers, self.hydra
-        )
-        if self.precomputed:
-            self.reference_tables = {
-                "train": self.precompute_reference(params, self._reference_pass_data()),
-                "eval": self.precompute_reference(params, self.eval_data),
-            }
+
+    @property
+    def hydra(self) -> bool:
+        return self.cfg.num_layers_unfrozen != -1 and not self.precomputed
 
     def _eval_micro_batches(self) -> int:
         """As many eval micro-batches as the train step's prompts per micro-batch ask for (as train_rm)."""
@@ -200,12 +196,12 @@ class DPOJob(Job):
             completions=True,
         )
 
-    def precompute_reference(self, params, data) -> dict[int, np.ndarray]:
+    def precompute_reference(self, eval_fn, to_global, params, data) -> dict[int, np.ndarray]:
         """{input row: the starting policy's log-probs of its answers [K] (slot order)} over one pass of `data`."""
         table: dict[int, np.ndarray] = {}
         for batch in iter(data):
             zeros = np.zeros(batch["answer_mask"].shape, np.float32)
-            out = jax.device_get(self._eval(params, None, self._to_global({**batch, "reference_logps": zeros}, 1)))
+            out = jax.device_get(eval_fn(params, None, to_global({**batch, "reference_logps": zeros}, 1)))
             rows = np.asarray(batch["row"])
             if jax.process_count() > 1:  # the outputs are global, the rows this host's
                 from jax.experimental import multihost_utils
@@ -214,7 +210,6 @@ class DPOJob(Job):
             for i, r in enumerate(rows):
                 if r >= 0:
                     table[int(r)] = np.asarray(out["policy_logps"][i], np.float32)
-        data.restore({"epoch": 0, "batch": 0})
         if data is not self.eval_data and hasattr(data, "close"):
             data.close()
         log.info("reference log-probs precomputed for %d prompts", len(table))
@@ -230,88 +225,94 @@ class DPOJob(Job):
                 ref[i] = table[int(r)]
         return {**batch, "reference_logps": ref}
 
-    def _to_global(self, batch: dict, which: int) -> dict:
-        return data_pipeline.to_global(
-            self.specs[which].select(batch), self.mesh, sharding.batch_sharding(self.mesh, 1).spec
-        )
-
-    def start(self, state, frozen, meta: dict | None) -> None:
+    def start(self, state, frozen, meta: dict | None, steps: Steps) -> None:
         """The eval metrics before any update (kept in the checkpoint metadata, so a resumed run reports them)."""
         if meta is not None and meta.get("eval_start"):
             self.eval_start = meta["eval_start"]
         else:
-            self.eval_start = self.evaluate(state, frozen, self.cfg.train.eval_max_batches)
+            self.eval_start = steps.evaluate(state, frozen, self.cfg.train.eval_max_batches)
             log.info("step 0 eval: %s", {k: v for k, v in self.eval_start.items() if not isinstance(v, dict)})
 
-    # --- step, eval
-    def train_step(self, state, frozen, host_batch):
-        return self._step(state, frozen.get("reference"), self._to_global(self._with_reference(host_batch, "train"), 0))
-
-    def evaluate(self, state, frozen, max_batches: int = 0) -> dict:
-        metrics = DPOMetrics()
-        for i, batch in enumerate(iter(self.eval_data)):
-            if max_batches and i >= max_batches:
-                break
-            out = jax.device_get(
-                self._eval(
-                    state["params"], frozen.get("reference"), self._to_global(self._with_reference(batch, "eval"), 1)
-                )
-            )
-            # replicated outputs: every host computes identical metrics over the whole global batch
-            metrics.update_logps(
-                out["policy_logps"],
-                out["reference_logps"],
-                out["ranks"],
-                out["answer_mask"],
-                out["answer_lengths"],
-                self.cfg.loss.beta,
-            )
-        self.eval_data.restore({"epoch": 0, "batch": 0})
-        return metrics.compute()
-
-    # --- aot
-    def abstract_inputs(self, mesh, model_cfg=None):
-        """The train step with precomputed reference log-probs (what `aot` compiles: the policy's own memory; an
-        on-the-fly reference adds its parameters and one forward)."""
-        if not self.precomputed:
-            raise ConfigError("aot of train_dpo compiles the step with reference_logps=precompute; set it")
-        model_cfg = model_cfg or self.cfg.model_config
-        graphdef, params = create.abstract_model(model_cfg, ROLE)
-        frozen_layers = (
-            0 if self.cfg.num_layers_unfrozen == -1 else (model_cfg.num_hidden_layers - self.cfg.num_layers_unfrozen)
+    # --- the programs: train step, eval (and the precomputed reference table, from the starting policy)
+    def steps(self, mesh, setup: JobSetup, state) -> Steps:
+        cfg, d, opt = self.cfg, self.cfg.data, setup.optimizer
+        graphdef, ref_graphdef = setup.graphdefs["policy"], setup.graphdefs["reference"]
+        specs = dpo_step.dpo_specs(d.attention_layout != "per_answer", self.precomputed)
+        ref_shardings = setup.frozen_shardings.get("reference")
+        train_fn = dpo_step.jit_train_step(
+            graphdef,
+            ref_graphdef,
+            opt.tx,
+            opt.schedule,
+            cfg.loss,
+            cfg.train.micro_batches,
+            mesh,
+            jax.tree.map(lambda x: x.sharding, state),
+            ref_shardings,
+            specs[0].shardings(mesh),
+            grad_mask=opt.mask,
+            max_grad_norm=cfg.optim.max_grad_norm,
+            frozen_layers=self.frozen_layers,
+            hydra=self.hydra,
         )
-        mask = trainable_mask(params, frozen_layers, model_cfg.num_hidden_layers) if frozen_layers else None
-        tx, schedule = make_optimizer(self.cfg.optim, self.cfg.train.steps, mask)
-        shardings = state_shardings(sharding.state_shardings(params, mesh), tx, params, mesh)
-        state = abstract_train_state(state_shapes(params, tx), shardings)
-        d = self.cfg.data
-        train_spec, _ = dpo_step.dpo_specs(d.attention_layout != "per_answer", True)
-        dims = {
-            "B": d.batch_size,
+        eval_fn = dpo_step.jit_eval_step(
+            graphdef, ref_graphdef, mesh, self._eval_micro_batches(), self.frozen_layers, self.hydra
+        )
+        rows = sharding.batch_sharding(mesh, 1).spec
+
+        def to_global(batch: dict, which: int) -> dict:
+            return data_pipeline.to_global(specs[which].select(batch), mesh, rows)
+
+        if self.precomputed and setup.params is not None and not is_abstract(setup.params):
+            # before any update or restore: the starting policy's log-probs (a resumed run recomputes the same)
+            self.reference_tables = {
+                "train": self.precompute_reference(eval_fn, to_global, setup.params, self._reference_pass_data()),
+                "eval": self.precompute_reference(eval_fn, to_global, setup.params, setup.eval_data),
+            }
+
+        def train(state, frozen, host_batch):
+            batch = to_global(self._with_reference(host_batch, "train"), 0)
+            new_state, metrics = train_fn(state, frozen.get("reference"), batch)
+            return new_state, metrics, batch_tokens(host_batch)
+
+        def evaluate(state, frozen, max_batches: int = 0) -> dict:
+            metrics = DPOMetrics()
+            for i, batch in enumerate(iter(setup.eval_data)):
+                if max_batches and i >= max_batches:
+                    break
+                out = jax.device_get(
+                    eval_fn(state["params"], frozen.get("reference"), to_global(self._with_reference(batch, "eval"), 1))
+                )
+                # replicated outputs: every host computes identical metrics over the whole global batch
+                metrics.update_logps(
+                    out["policy_logps"],
+                    out["reference_logps"],
+                    out["ranks"],
+                    out["answer_mask"],
+                    out["answer_lengths"],
+                    cfg.loss.beta,
+                )
+            return metrics.compute()
+
+        dims = lambda b: {  # noqa: E731
+            "B": b,
             "K": d.num_answers,
-            "R": d.batch_size * d.num_answers,
+            "R": b * d.num_answers,
             "L": round_up(d.max_length, d.pad_to_multiple),
         }
-        step = functools.partial(
-            dpo_step.train_step,
-            graphdef=graphdef,
-            ref_graphdef=graphdef,
-            tx=tx,
-            schedule=schedule,
-            loss_cfg=self.cfg.loss,
-            micro_batches=self.cfg.train.micro_batches,
-            mesh=mesh,
-            grad_mask=mask,
-            max_grad_norm=self.cfg.optim.max_grad_norm,
-            frozen_layers=frozen_layers,
-        )
-        jitted = jax.jit(
-            lambda state, batch: step(state, None, batch),
-            in_shardings=(shardings, train_spec.shardings(mesh)),
-            out_shardings=(shardings, sharding.replicated(mesh)),
-            donate_argnums=0,
-        )
-        return state, train_spec.abstract(dims, mesh), jitted
+        frozen_ref = setup.frozen.get("reference")
+        reference = None if frozen_ref is None else abstract_params(frozen_ref, ref_shardings)
+        programs = [
+            Program(
+                "update",
+                train_fn,
+                (state, reference, specs[0].abstract(dims(d.batch_size), mesh)),
+                donated=state,
+                roles=("state",),
+            ),
+            Program("eval", eval_fn, (state["params"], reference, specs[1].abstract(dims(d.eval_batch_size), mesh))),
+        ]
+        return Steps(train, evaluate, programs)
 
     # --- metadata, export, summary, plot
     def meta(self, last_eval: dict) -> dict:

@@ -1,9 +1,11 @@
 """A training job: the short definition the shared loop (`train/loop.py`) runs.
 
-A job says what is particular to it: its models (`ModelEntry`: which are trainable, which frozen), its initial
-state, its jitted step, its eval, its export and the keys of its summary. Everything else (output folder and
-lock, mesh, checkpoints with resume and data position, preemption, the non-finite guard, log/eval/save cadence,
-metrics writer, progress bar, plot, summary, export at the end) is the loop's.
+A job says what is particular to it: its set-up (`JobSetup`: models — which are trainable, which frozen —,
+params, optimizer, data), its jitted programs (`Steps`: the train step, whose every update is
+`step.apply_update`; the eval; the programs `aot` compiles), its export and the keys of its summary. Everything
+else (output folder and lock, mesh, the train state (`state.build_train_state`), checkpoints with resume and data
+position, preemption, the non-finite policy, log/eval/save cadence, metrics writer, progress bar, plot, summary,
+export at the end) is the loop's. The same methods, on abstract arrays, are what `aot` compiles.
 
 Also here: the config sections every job shares (`TrainConfig`, `ExportConfig`) and the set-up helpers jobs
 share (tokenizer folder, model init or import, optimizer).
@@ -14,23 +16,25 @@ from __future__ import annotations
 import abc
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import jax
 import numpy as np
+import optax
 from flax import nnx
 from jax.sharding import Mesh
 
 from starling_jax import hub
 from starling_jax.data import tokenizer as tokenizer_lib
-from starling_jax.data.batch_spec import BatchSpec
+from starling_jax.data.resumable import ResumableIterator
 from starling_jax.errors import ConfigError
 from starling_jax.model import create, hf_io
+from starling_jax.model.architectures import architecture
 from starling_jax.model.config import ModelConfig
 from starling_jax.parallel import sharding
 from starling_jax.train.optimizer import OptimConfig, make_optimizer, trainable_mask
 from starling_jax.train.runtime import RUNTIME_KEYS
-from starling_jax.train.state import ModelEntry, TrainState
+from starling_jax.train.state import ModelEntry, TrainState, is_abstract
 
 
 @dataclasses.dataclass
@@ -62,47 +66,116 @@ class ExportConfig:
     plot: bool = True  # loss curve and the job's eval figure (output_dir/summary.png)
 
 
+@dataclasses.dataclass
+class Optimizer:
+    tx: optax.GradientTransformation  # over every trainable model (frozen layers masked)
+    schedule: optax.Schedule  # the learning rate by update count (logged as `learning_rate`)
+    mask: Any = None  # the trainable mask (replicated), for the gradient norm over trainable entries; None = all
+
+
+@dataclasses.dataclass
+class JobSetup:
+    """What `Job.setup` returns: everything the loop builds the run from. `Job.abstract_setup` returns the same
+    with `ShapeDtypeStruct`s (with shardings) and no data: nothing is read or allocated."""
+
+    models: list[ModelEntry]  # every model the job holds (checkpoint metadata, restore by name)
+    graphdefs: dict[str, nnx.GraphDef]  # by model name (a hydra reference: its own)
+    params: Any  # the trainable model's nnx.State, or {name: nnx.State} for several (RL: actor, critic)
+    params_shardings: Any
+    optimizer: Optimizer
+    frozen: dict[str, Any] = dataclasses.field(default_factory=dict)  # frozen models' params by name
+    frozen_shardings: dict[str, Any] = dataclasses.field(default_factory=dict)
+    extra_state: dict[str, Any] = dataclasses.field(default_factory=dict)  # more replicated state leaves (host)
+    train_data: ResumableIterator | None = None
+    eval_data: ResumableIterator | None = None
+
+    def close(self) -> None:
+        for data in (self.train_data, self.eval_data):
+            if data is not None and hasattr(data, "close"):
+                data.close()
+
+
+class Tokens(NamedTuple):
+    """A train step's tokens, for throughput and MFU."""
+
+    real: int
+    padded: int
+    length: int  # sequence length (the FLOPs per token depend on it)
+
+
+@dataclasses.dataclass
+class Program:
+    """A jitted program of a job with abstract arguments at the run's shapes: what `aot` compiles."""
+
+    name: str  # "update" (the donated train step), "eval", RL: "rollout", "score", "experience", "eval_*"
+    fn: Any
+    args: tuple
+    donated: Any = None  # the donated argument (aliased by the outputs), or None
+    roles: tuple[str, ...] = ()  # the resident roles passed in `args` ("state": the trainable models + optimizer)
+    rows: int = 0
+    length: int = 0
+
+
+@dataclasses.dataclass
+class Steps:
+    """What `Job.steps` returns, built once per run (and by `aot`) from the set-up and the abstract state.
+
+    `train(state, frozen, host_batch) → (state, device metrics, Tokens)`: one loop step (RL: one rollout
+    iteration); every optimizer update in it is `step.apply_update` (non-finite guard, rng advance, learning
+    rate, gradient norm over trainable entries), whose metrics (`loss`, `finite`, `grad_norm`, `learning_rate`)
+    the step returns. `evaluate(state, frozen, max_batches) → metrics`. `programs`: the jitted programs `train`
+    and `evaluate` call, with abstract arguments."""
+
+    train: Callable[[TrainState, dict, dict], tuple[TrainState, dict, Tokens]]
+    evaluate: Callable[[TrainState, dict, int], dict]
+    programs: list[Program]
+
+
+def batch_tokens(host_batch: dict) -> Tokens:
+    """(real tokens, padded tokens, sequence length) of a host batch with `segment_ids`."""
+    seg = host_batch["segment_ids"]
+    return Tokens(int((seg > 0).sum()), int(seg.size), int(seg.shape[-1]))
+
+
 class Job(abc.ABC):
-    """Subclasses set `name` and implement the abstract methods; `setup` fills the attributes below."""
+    """Subclasses set `name` and implement the abstract methods. The loop (`train/loop.py`) runs:
+
+        setup = job.setup(mesh)                               # typed: models, params, optimizer, frozen, data
+        state, shardings = build_train_state(setup...)        # the one state builder (train/state.py)
+        steps = job.steps(mesh, setup, abstract state)        # jitted once; every update is step.apply_update
+        job.start(state, frozen, meta, steps); loop: steps.train(state, frozen, next(setup.train_data))
+
+    and `aot` asks every job the same question: `steps(mesh, abstract_setup(mesh, architectures()), abstract
+    state).programs`."""
 
     name: str = "job"  # progress bar label
-    batch_spec: BatchSpec  # the train step's batch
     window_means: tuple[str, ...] = ("loss",)  # step metrics averaged over a log window (the rest: last value)
     hidden_metrics: tuple[str, ...] = ()  # step metrics not logged
 
     def __init__(self, cfg):
         self.cfg = cfg  # a run config with output_dir, seed, mesh, train: TrainConfig, export: ExportConfig
-        self.models: list[ModelEntry] = []
-        self.state: TrainState = {}
-        self.state_shardings: TrainState = {}
-        self.frozen: dict[str, nnx.State] = {}  # frozen models' params by name (outside the donated state)
-        self.frozen_shardings: dict[str, nnx.State] = {}
-        self.train_data = None  # iterable of host batches with state() / restore(state)
-        self.eval_data = None
+        self.models: list[ModelEntry] = []  # set by setup (flops_per_token, export read them)
 
     @abc.abstractmethod
-    def setup(self, mesh: Mesh) -> None:
-        """Tokenizer, data, models, optimizer and initial state (created in their shards)."""
+    def setup(self, mesh: Mesh) -> JobSetup:
+        """Tokenizer, data, models and optimizer (params created or loaded in their shards)."""
 
-    def start(self, state: TrainState, frozen: dict, meta: dict | None) -> None:
+    @abc.abstractmethod
+    def architectures(self) -> dict[str, ModelConfig]:
+        """The models' architectures by name, from the config alone (no weights read): what `aot` starts from."""
+
+    @abc.abstractmethod
+    def abstract_setup(self, mesh: Mesh, architectures: dict[str, ModelConfig]) -> JobSetup:
+        """`setup` with abstract params (nothing read or allocated), for `architectures` (`aot` may shorten
+        them)."""
+
+    @abc.abstractmethod
+    def steps(self, mesh: Mesh, setup: JobSetup, state: TrainState) -> Steps:
+        """The jitted programs (built once) over `state` (abstract, with shardings) and the set-up."""
+
+    def start(self, state: TrainState, frozen: dict, meta: dict | None, steps: Steps) -> None:
         """Called once before the first step with the (restored) state; `meta`: the resumed checkpoint's, or None
         on a fresh start (e.g. to evaluate at step 0)."""
-
-    @abc.abstractmethod
-    def train_step(self, state: TrainState, frozen: dict, host_batch: dict) -> tuple[TrainState, dict]:
-        """One jitted, donated update from a host batch → (state, device metrics with `loss` and `finite`)."""
-
-    @abc.abstractmethod
-    def evaluate(self, state: TrainState, frozen: dict, max_batches: int = 0) -> dict:
-        """Eval metrics (plain floats / dicts) of the current state on the eval split."""
-
-    @abc.abstractmethod
-    def abstract_inputs(self, mesh: Mesh) -> tuple[TrainState, dict, Any]:
-        """(abstract state, abstract batch, jitted step) with shardings, allocating nothing: what `aot` compiles."""
-
-    def abstract_eval_inputs(self, mesh: Mesh) -> tuple[Any, dict, Any] | None:
-        """(abstract eval params, abstract eval batch, jitted eval step) for `aot`, or None."""
-        return None
 
     def meta(self, last_eval: dict) -> dict:
         """Checkpoint metadata besides the models (tokenizer, template, ...)."""
@@ -120,11 +193,6 @@ class Job(abc.ABC):
         """Progress-bar postfix from a logged row."""
         return {"loss": f"{row['loss']:.4f}"}
 
-    def batch_tokens(self, host_batch: dict) -> tuple[int, int, int]:
-        """(real tokens, padded tokens, sequence length) of a host batch, for throughput and MFU."""
-        seg = host_batch["segment_ids"]
-        return int((seg > 0).sum()), int(seg.size), int(seg.shape[-1])
-
     def flops_per_token(self, length: int) -> float:
         """Training FLOPs per padded token (forward + backward) of the trainable models, for MFU."""
         return sum(m.config.flops_per_token(length) for m in self.models if m.trainable)
@@ -140,11 +208,6 @@ class Job(abc.ABC):
         plot_loss(axes[0], history, self.name)
         save_figure(fig, png)
 
-    def close(self) -> None:
-        for data in (self.train_data, self.eval_data):
-            if data is not None and hasattr(data, "close"):
-                data.close()
-
 
 # ------------------------------------------------------------------------------------------------ shared set-up
 def resolve_tokenizer_dir(tokenizer: str | None, init_from: str | None, template: str) -> Path:
@@ -157,6 +220,14 @@ def resolve_tokenizer_dir(tokenizer: str | None, init_from: str | None, template
         if (model_dir / "tokenizer_config.json").is_file():
             return model_dir
     return tokenizer_lib.default_tokenizer_for(template)
+
+
+def run_architecture(model: ModelConfig, init_from: str | None) -> ModelConfig:
+    """The architecture a run trains, with its runtime fields: `init_from`'s (its config.json, or the built-in
+    table of Hub configs; no weights read), else `model` (a run config's `model_config`)."""
+    if init_from:
+        return architecture(init_from, "init_from", **model_runtime(model))
+    return model
 
 
 def model_runtime(model: ModelConfig) -> dict:
@@ -189,11 +260,12 @@ def init_model(
     return model_cfg, graphdef, params, sharding.state_shardings(abstract, mesh)
 
 
-def build_optimizer(optim: OptimConfig, total_steps: int, model_cfg: ModelConfig, params):
-    """→ (tx, schedule, trainable mask or None); `params` may be abstract (the frozen-layers mask reads shapes)."""
+def build_optimizer(optim: OptimConfig, total_steps: int, model_cfg: ModelConfig, params, mesh: Mesh) -> Optimizer:
+    """The optimizer of one trainable model; `params` may be abstract (the frozen-layers mask reads shapes; it is
+    then left on the host, else replicated on `mesh`)."""
     mask = trainable_mask(params, optim.freeze_layers, model_cfg.num_hidden_layers) if optim.freeze_layers else None
     tx, schedule = make_optimizer(optim, total_steps, mask)
-    return tx, schedule, mask
+    return Optimizer(tx, schedule, mask if is_abstract(params) else replicate_mask(mask, mesh))
 
 
 def replicate_mask(mask, mesh: Mesh):

@@ -1,7 +1,8 @@
 """The shared training loop: everything a run needs besides its job (`train/job.py`).
 
-    output folder (locked, resolved config) → mesh → job.setup → checkpoint (resume: state, frozen models, data
-    position) → steps (non-finite guard, log / eval / save cadence, preemption) → export, plot, summary
+    output folder (locked, resolved config) → mesh → job.setup (a `JobSetup`) → the train state
+    (`state.build_train_state`) → job.steps (jitted once) → checkpoint (resume: state, frozen models, data
+    position) → steps (non-finite policy, log / eval / save cadence, preemption) → export, plot, summary
 
 Pieces: `OutputLock` (one live run per output_dir), `Preemption` (SIGTERM → save at the next step boundary),
 `MetricsWriter` (TensorBoard + metrics.jsonl on process 0), `StepWindow` (pending device metrics, throughput, MFU,
@@ -35,8 +36,8 @@ from starling_jax.ckpt.manager import Checkpointer, models_meta
 from starling_jax.errors import ConfigError, TrainingError
 from starling_jax.parallel import hardware, sharding
 from starling_jax.paths import AnyPath, as_path, copy_file, is_url
-from starling_jax.train.job import Job
-from starling_jax.train.state import abstract_params, abstract_train_state
+from starling_jax.train.job import Job, JobSetup, Tokens
+from starling_jax.train.state import abstract_params, abstract_train_state, build_train_state
 
 log = logging.getLogger("starling_jax")
 
@@ -201,9 +202,9 @@ class StepWindow:
     def _reset(self) -> None:
         self.start, self.tokens, self.padded = time.perf_counter(), 0, 0
 
-    def add(self, step: int, metrics, host_batch: dict) -> None:
-        real, padded, length = self.job.batch_tokens(host_batch)
-        self.pending.append((step, metrics, self.job.batch_rows(host_batch), length))
+    def add(self, step: int, metrics, tokens: Tokens, rows: list[int]) -> None:
+        real, padded, length = tokens
+        self.pending.append((step, metrics, rows, length))
         self.tokens += real * jax.process_count()
         self.padded += padded * jax.process_count()
 
@@ -283,18 +284,19 @@ def _save(
     state,
     frozen: dict,
     last_eval: dict,
+    setup: JobSetup,
     force: bool = False,
 ) -> None:
     window.drain()  # a non-finite step raises here, before anything of it is saved
     if window.last_good_checkpoint == step:  # e.g. a SIGTERM right after the scheduled save of this step
         return
     meta = {
-        **models_meta(job.models),
+        **models_meta(setup.models),
         **job.meta(last_eval),
         "eval": last_eval,
         "run_config": config_lib.to_dict(job.cfg),
     }
-    ckpt.save(step, state, job.train_data.state(), meta, force=force, frozen=frozen or None)
+    ckpt.save(step, state, setup.train_data.state(), meta, force=force, frozen=frozen or None)
     window.last_good_checkpoint = step
     window.writer.sync()
 
@@ -394,40 +396,44 @@ def run(job: Job) -> dict[str, Any]:
     try:
         mesh = sharding.make_mesh(cfg.mesh)
         log.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.devices()[0].device_kind)
-        job.setup(mesh)
+        setup = job.setup(mesh)
         if is_main:
             write_config(cfg, out / "config.yaml")
         try:
-            return _train(job, out, mesh, is_main)
+            return _train(job, setup, out, mesh, is_main)
         finally:
-            job.close()
+            setup.close()
     finally:
         lock.release()
 
 
-def _train(job: Job, out: AnyPath, mesh, is_main: bool) -> dict[str, Any]:
+def _train(job: Job, setup: JobSetup, out: AnyPath, mesh, is_main: bool) -> dict[str, Any]:
     cfg, train = job.cfg, job.cfg.train
+    # --- the train state (the one builder), then the job's programs, jitted once against its abstract form
+    state, state_shardings = build_train_state(
+        setup.params, setup.params_shardings, setup.optimizer.tx, mesh, cfg.seed, setup.extra_state
+    )
+    abstract_state = abstract_train_state(state, state_shardings)
+    steps = job.steps(mesh, setup, abstract_state)
+    frozen, train_data = setup.frozen, setup.train_data
+    setup.params, setup.frozen = None, {}  # the state and `frozen` hold them now (the step donates the state)
     # --- checkpoint: resume from the latest complete one (each model by name)
     ckpt = Checkpointer(out / "checkpoints", max_to_keep=train.keep_checkpoints, async_save=train.async_checkpointing)
     resumed_from = ckpt.latest_step()
     last_eval: dict = {}
-    state, frozen, meta = job.state, job.frozen, None
+    meta = None
     if resumed_from is not None:
-        abstract_frozen = {name: abstract_params(p, job.frozen_shardings[name]) for name, p in frozen.items()}
+        abstract_frozen = {name: abstract_params(p, setup.frozen_shardings[name]) for name, p in frozen.items()}
         restored = ckpt.restore(
-            abstract_train_state(state, job.state_shardings),
-            resumed_from,
-            abstract_frozen=abstract_frozen or None,
-            models=job.models,
+            abstract_state, resumed_from, abstract_frozen=abstract_frozen or None, models=setup.models
         )
         state, data_state, meta = restored[:3]
         if abstract_frozen:
             frozen = restored[3]
-        job.train_data.restore(data_state)
+        train_data.restore(data_state)
         last_eval = meta.get("eval", {})
         log.info("resumed from step %d (data position %s)", resumed_from, data_state)
-    job.start(state, frozen, meta if resumed_from is not None else None)
-    job.state = job.frozen = None  # the loop owns them now (the step donates the state)
+    job.start(state, frozen, meta if resumed_from is not None else None, steps)
 
     writer = MetricsWriter(out, enabled=is_main)
     window = StepWindow(job, writer, train.skip_nonfinite, hardware.peak_flops(train.peak_tflops_per_device), mesh.size)
@@ -438,12 +444,12 @@ def _train(job: Job, out: AnyPath, mesh, is_main: bool) -> dict[str, Any]:
     progress = _progress(job, train.steps, step, train.progress_bar and is_main)
 
     try:
-        train_iter = iter(job.train_data)
+        train_iter = iter(train_data)
         while step < train.steps:
             host_batch = next(train_iter)
-            state, metrics = job.train_step(state, frozen, host_batch)
+            state, metrics, tokens = steps.train(state, frozen, host_batch)
             step += 1
-            window.add(step, metrics, host_batch)
+            window.add(step, metrics, tokens, job.batch_rows(host_batch))
             if _due(step, train.log_every, train.steps):
                 row = window.drain()
                 if progress is not None and row:
@@ -452,13 +458,13 @@ def _train(job: Job, out: AnyPath, mesh, is_main: bool) -> dict[str, Any]:
                 progress.update(1)
             if _due(step, train.eval_every, train.steps):
                 window.drain()
-                last_eval = job.evaluate(state, frozen, train.eval_max_batches)
+                last_eval = steps.evaluate(state, frozen, train.eval_max_batches)
                 writer.eval_metrics(last_eval, step)
                 log.info("step %d eval: %s", step, {k: v for k, v in last_eval.items() if not isinstance(v, dict)})
             if _due(step, train.save_every, train.steps):
-                _save(job, ckpt, window, step, state, frozen, last_eval)
+                _save(job, ckpt, window, step, state, frozen, last_eval, setup)
             if preemption.check():
-                _save(job, ckpt, window, step, state, frozen, last_eval, force=True)
+                _save(job, ckpt, window, step, state, frozen, last_eval, setup, force=True)
                 status = "preempted"
                 break
         window.drain()
@@ -474,7 +480,7 @@ def _train(job: Job, out: AnyPath, mesh, is_main: bool) -> dict[str, Any]:
     hf_dir = None
     if status == "completed":
         if not last_eval:
-            last_eval = job.evaluate(state, frozen, train.eval_max_batches)
+            last_eval = steps.evaluate(state, frozen, train.eval_max_batches)
         if cfg.export.hf:
             hf_dir = job.export(state, frozen, last_eval, out / "hf")
         if cfg.export.plot and is_main:

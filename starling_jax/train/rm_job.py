@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from starling_jax.data import pipeline as data_pipeline
-from starling_jax.data.batch_spec import KWISE_TRAIN, kwise_specs, round_up
+from starling_jax.data.batch_spec import kwise_specs, round_up
 from starling_jax.data.synthetic import resolve_bundled
 from starling_jax.data.tokenizer import load_tokenizer
 from starling_jax.errors import CheckpointError
@@ -27,20 +27,25 @@ from starling_jax.parallel import sharding
 from starling_jax.train import loop, rm_step
 from starling_jax.train.job import (
     Job,
+    JobSetup,
+    Program,
+    Steps,
+    batch_tokens,
     build_optimizer,
     init_model,
     new_figure,
     plot_loss,
-    replicate_mask,
     resolve_tokenizer_dir,
+    run_architecture,
     save_figure,
 )
 from starling_jax.train.rm_config import RMRunConfig
-from starling_jax.train.state import ModelEntry, abstract_train_state, init_train_state, state_shapes, state_shardings
+from starling_jax.train.state import ModelEntry
 from starling_jax.train.step import merge_micro_batches, split_micro_batches
 
 log = logging.getLogger("starling_jax")
 ROLE = "reward"
+MODEL_NAME = "reward"
 
 
 def build_data(
@@ -122,7 +127,6 @@ def reward_stats(eval_metrics: dict) -> dict:
 
 class RMJob(Job):
     name = "train_rm"
-    batch_spec = KWISE_TRAIN
     window_means = ("loss", "batch_pairwise_accuracy")
     hidden_metrics = ("num_prompts",)
 
@@ -131,14 +135,11 @@ class RMJob(Job):
         self.skipped_rows: list[dict] = []
 
     # --- set-up
-    def setup(self, mesh) -> None:
+    def setup(self, mesh) -> JobSetup:
         cfg = self.cfg
-        self.mesh = mesh
         self.tokenizer_dir = resolve_tokenizer_dir(cfg.data.tokenizer, cfg.init_from, cfg.data.template)
         tokenizer = load_tokenizer(self.tokenizer_dir)
         self.train_data, self.eval_data = build_data(cfg, tokenizer, self.tokenizer_dir)
-        # Packed / shared-prefix rows (data/layout.py) change the row fields' shapes, not the step's maths.
-        self.specs = kwise_specs(self.train_data.packed)
         log.info("data: %d train / %d eval prompts", self.train_data.num_examples, self.eval_data.num_examples)
         self.skipped_rows = skipped_data_rows(self.train_data, self.eval_data)
         if self.skipped_rows:
@@ -147,40 +148,37 @@ class RMJob(Job):
                 len(self.skipped_rows),
                 "; ".join(f"{s['source']} row {s['row']}: {s['reason']}" for s in self.skipped_rows[:3]),
             )
-        model_cfg, self.graphdef, params, params_shardings = init_model(
+        model_cfg, graphdef, params, params_shardings = init_model(
             cfg.model_config, cfg.init_from, ROLE, mesh, cfg.seed, tokenizer.pad_token_id
         )
         if model_cfg.vocab_size < len(tokenizer):
             raise CheckpointError(f"model vocab_size={model_cfg.vocab_size} < tokenizer size {len(tokenizer)}")
         # init_from's config.json may bring its own window
         check_layout(model_cfg.attention_impl, cfg.data.attention_layout, model_cfg.sliding_window, cfg.data.max_length)
+        return self._setup(mesh, model_cfg, graphdef, params, params_shardings, self.train_data, self.eval_data)
+
+    def architectures(self) -> dict:
+        return {MODEL_NAME: run_architecture(self.cfg.model_config, self.cfg.init_from)}
+
+    def abstract_setup(self, mesh, architectures: dict) -> JobSetup:
+        model_cfg = architectures[MODEL_NAME]
+        graphdef, params = create.abstract_model(model_cfg, ROLE)
+        return self._setup(mesh, model_cfg, graphdef, params, sharding.state_shardings(params, mesh))
+
+    def _setup(self, mesh, model_cfg, graphdef, params, params_shardings, train_data=None, eval_data=None):
         self.model_cfg = model_cfg
-        self.models = [ModelEntry("reward", ROLE, model_cfg, trainable=True)]
-        tx, schedule, mask = build_optimizer(cfg.optim, cfg.train.steps, model_cfg, params)
-        self.state, self.state_shardings = init_train_state(params, params_shardings, tx, mesh, cfg.seed)
-        self._step = self._jit_step(tx, schedule, mask, mesh, self.state_shardings)
-        self._eval = jax.jit(
-            functools.partial(
-                eval_step, graphdef=self.graphdef, mesh=mesh, micro_batches=self._eval_micro_batches(mesh)
-            ),
-            out_shardings=sharding.replicated(mesh),
+        self.models = [ModelEntry(MODEL_NAME, ROLE, model_cfg, trainable=True)]
+        return JobSetup(
+            models=self.models,
+            graphdefs={MODEL_NAME: graphdef},
+            params=params,
+            params_shardings=params_shardings,
+            optimizer=build_optimizer(self.cfg.optim, self.cfg.train.steps, model_cfg, params, mesh),
+            train_data=train_data,
+            eval_data=eval_data,
         )
 
-    def _jit_step(self, tx, schedule, mask, mesh, shardings):
-        return rm_step.jit_train_step(
-            self.graphdef,
-            tx,
-            schedule,
-            self.cfg.loss,
-            self.cfg.train.micro_batches,
-            mesh,
-            shardings,
-            self.specs[0].shardings(mesh),
-            grad_mask=replicate_mask(mask, mesh),
-            max_grad_norm=self.cfg.optim.max_grad_norm,
-        )
-
-    def _eval_micro_batches(self, mesh) -> int:
+    def _eval_micro_batches(self) -> int:
         """As many eval micro-batches as the train step's rows per micro-batch ask for (eval rows ≤ train's)."""
         d = self.cfg.data
         if d.attention_layout != "per_answer":  # packed eval rows are not laid out in micro-batch classes
@@ -191,38 +189,6 @@ class RMJob(Job):
             micro -= 1
         return micro
 
-    # --- step, eval
-    def train_step(self, state, frozen, host_batch):
-        return self._step(
-            state,
-            data_pipeline.to_global(
-                self.specs[0].select(host_batch), self.mesh, sharding.batch_sharding(self.mesh, 1).spec
-            ),
-        )
-
-    def evaluate(self, state, frozen, max_batches: int = 0) -> dict:
-        metrics = RankingMetrics()
-        for i, batch in enumerate(iter(self.eval_data)):
-            if max_batches and i >= max_batches:
-                break
-            out = self._eval(
-                state["params"],
-                data_pipeline.to_global(
-                    self.specs[1].select(batch), self.mesh, sharding.batch_sharding(self.mesh, 1).spec
-                ),
-            )
-            # The outputs are replicated, so every host computes identical metrics over the whole global batch.
-            full = jax.device_get(out)
-            metrics.update(
-                np.asarray(full["rewards"]),
-                np.asarray(full["ranks"]),
-                np.asarray(full["answer_mask"]),
-                np.asarray(full["answer_lengths"]),
-            )
-        self.eval_data.restore({"epoch": 0, "batch": 0})
-        return metrics.compute()
-
-    # --- aot
     def batch_dims(self, rows: int) -> dict:
         d = self.cfg.data
         # Packed rows: at most one row per answer (the pipeline needs fewer; this bounds the compiled program).
@@ -233,39 +199,64 @@ class RMJob(Job):
             "L": round_up(d.max_length, d.pad_to_multiple),
         }
 
-    def abstract_inputs(self, mesh, model_cfg=None):
-        model_cfg = model_cfg or self.cfg.model_config
-        self.graphdef, params = create.abstract_model(model_cfg, ROLE)
-        tx, schedule, mask = build_optimizer(self.cfg.optim, self.cfg.train.steps, model_cfg, params)
-        shardings = state_shardings(sharding.state_shardings(params, mesh), tx, params, mesh)
-        state = abstract_train_state(state_shapes(params, tx), shardings)
-        train_spec, _ = kwise_specs(self.cfg.data.attention_layout != "per_answer")
-        batch = train_spec.abstract(self.batch_dims(self.cfg.data.batch_size), mesh)
-        step = rm_step.jit_train_step(
-            self.graphdef,
-            tx,
-            schedule,
-            self.cfg.loss,
-            self.cfg.train.micro_batches,
+    # --- the programs: train step, eval
+    def steps(self, mesh, setup: JobSetup, state) -> Steps:
+        cfg, opt = self.cfg, setup.optimizer
+        graphdef = setup.graphdefs[MODEL_NAME]
+        # Packed / shared-prefix rows (data/layout.py) change the row fields' shapes, not the step's maths.
+        train_spec, eval_spec = kwise_specs(cfg.data.attention_layout != "per_answer")
+        shardings = jax.tree.map(lambda x: x.sharding, state)
+        train_fn = rm_step.jit_train_step(
+            graphdef,
+            opt.tx,
+            opt.schedule,
+            cfg.loss,
+            cfg.train.micro_batches,
             mesh,
             shardings,
             train_spec.shardings(mesh),
-            grad_mask=mask,
-            max_grad_norm=self.cfg.optim.max_grad_norm,
+            grad_mask=opt.mask,
+            max_grad_norm=cfg.optim.max_grad_norm,
         )
-        return state, batch, step
-
-    def abstract_eval_inputs(self, mesh, model_cfg=None):
-        model_cfg = model_cfg or self.cfg.model_config
-        graphdef, params = create.abstract_model(model_cfg, ROLE)
-        params = abstract_train_state(params, sharding.state_shardings(params, mesh))
-        _, eval_spec = kwise_specs(self.cfg.data.attention_layout != "per_answer")
-        batch = eval_spec.abstract(self.batch_dims(self.cfg.data.eval_batch_size), mesh)
-        fn = jax.jit(
-            functools.partial(eval_step, graphdef=graphdef, mesh=mesh, micro_batches=self._eval_micro_batches(mesh)),
+        eval_fn = jax.jit(
+            functools.partial(eval_step, graphdef=graphdef, mesh=mesh, micro_batches=self._eval_micro_batches()),
             out_shardings=sharding.replicated(mesh),
         )
-        return params, batch, fn
+        rows = sharding.batch_sharding(mesh, 1).spec
+
+        def train(state, frozen, host_batch):
+            new_state, metrics = train_fn(state, data_pipeline.to_global(train_spec.select(host_batch), mesh, rows))
+            return new_state, metrics, batch_tokens(host_batch)
+
+        def evaluate(state, frozen, max_batches: int = 0) -> dict:
+            metrics = RankingMetrics()
+            for i, batch in enumerate(iter(setup.eval_data)):
+                if max_batches and i >= max_batches:
+                    break
+                out = eval_fn(state["params"], data_pipeline.to_global(eval_spec.select(batch), mesh, rows))
+                # The outputs are replicated, so every host computes identical metrics over the whole global batch.
+                full = jax.device_get(out)
+                metrics.update(
+                    np.asarray(full["rewards"]),
+                    np.asarray(full["ranks"]),
+                    np.asarray(full["answer_mask"]),
+                    np.asarray(full["answer_lengths"]),
+                )
+            return metrics.compute()
+
+        d = cfg.data
+        params = state["params"]
+        programs = [
+            Program(
+                "update",
+                train_fn,
+                (state, train_spec.abstract(self.batch_dims(d.batch_size), mesh)),
+                donated=state,
+                roles=("state",),
+            ),
+            Program("eval", eval_fn, (params, eval_spec.abstract(self.batch_dims(d.eval_batch_size), mesh))),
+        ]
+        return Steps(train, evaluate, programs)
 
     # --- metadata, export, summary, plot
     def meta(self, last_eval: dict) -> dict:

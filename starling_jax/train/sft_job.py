@@ -28,16 +28,20 @@ from starling_jax.parallel import sharding
 from starling_jax.train import loop, sft_step
 from starling_jax.train.job import (
     Job,
+    JobSetup,
+    Program,
+    Steps,
+    batch_tokens,
     build_optimizer,
     init_model,
     new_figure,
     plot_loss,
-    replicate_mask,
     resolve_tokenizer_dir,
+    run_architecture,
     save_figure,
 )
 from starling_jax.train.sft_config import SFTRunConfig
-from starling_jax.train.state import ModelEntry, abstract_train_state, init_train_state, state_shapes, state_shardings
+from starling_jax.train.state import ModelEntry
 
 log = logging.getLogger("starling_jax")
 ROLE = "causal_lm"
@@ -115,7 +119,6 @@ def export_causal_lm(
 
 class SFTJob(Job):
     name = "train_sft"
-    batch_spec = SFT_TRAIN
     window_means = ("loss",)
     hidden_metrics = ("num_tokens",)
 
@@ -125,9 +128,8 @@ class SFTJob(Job):
         self.skipped_rows: list[dict] = []
 
     # --- set-up
-    def setup(self, mesh) -> None:
+    def setup(self, mesh) -> JobSetup:
         cfg, d = self.cfg, self.cfg.data
-        self.mesh = mesh
         self.tokenizer_dir = resolve_tokenizer_dir(d.tokenizer, cfg.init_from, d.template)
         self.tokenizer = load_tokenizer(self.tokenizer_dir)
         common = dict(tokenizer=self.tokenizer, template=d.template, max_length=d.max_length, on_bad_row=d.on_bad_row)
@@ -176,89 +178,97 @@ class SFTJob(Job):
             len(evals),
             sum(len(e) - e.answer_start for e in train),
         )
-        model_cfg, self.graphdef, params, params_shardings = init_model(
+        model_cfg, graphdef, params, params_shardings = init_model(
             cfg.model_config, cfg.init_from, ROLE, mesh, cfg.seed, self.tokenizer.pad_token_id
         )
         if model_cfg.vocab_size < len(self.tokenizer):
             raise CheckpointError(f"model vocab_size={model_cfg.vocab_size} < tokenizer size {len(self.tokenizer)}")
+        return self._setup(mesh, model_cfg, graphdef, params, params_shardings, self.train_data, self.eval_data)
+
+    def architectures(self) -> dict:
+        return {MODEL_NAME: run_architecture(self.cfg.model_config, self.cfg.init_from)}
+
+    def abstract_setup(self, mesh, architectures: dict) -> JobSetup:
+        model_cfg = architectures[MODEL_NAME]
+        graphdef, params = create.abstract_model(model_cfg, ROLE)
+        return self._setup(mesh, model_cfg, graphdef, params, sharding.state_shardings(params, mesh))
+
+    def _setup(self, mesh, model_cfg, graphdef, params, params_shardings, train_data=None, eval_data=None):
         self.model_cfg = model_cfg
         self.models = [ModelEntry(MODEL_NAME, ROLE, model_cfg, trainable=True)]
-        tx, schedule, mask = build_optimizer(cfg.optim, cfg.train.steps, model_cfg, params)
-        self.state, self.state_shardings = init_train_state(params, params_shardings, tx, mesh, cfg.seed)
-        self._step = sft_step.jit_train_step(
-            self.graphdef,
-            tx,
-            schedule,
-            cfg.train.micro_batches,
-            mesh,
-            self.state_shardings,
-            SFT_TRAIN.shardings(mesh),
-            grad_mask=replicate_mask(mask, mesh),
-            max_grad_norm=cfg.optim.max_grad_norm,
+        return JobSetup(
+            models=self.models,
+            graphdefs={MODEL_NAME: graphdef},
+            params=params,
+            params_shardings=params_shardings,
+            optimizer=build_optimizer(self.cfg.optim, self.cfg.train.steps, model_cfg, params, mesh),
+            train_data=train_data,
+            eval_data=eval_data,
         )
-        self._eval = sft_step.jit_eval_step(self.graphdef, mesh, self._eval_micro())
 
     def _eval_micro(self) -> int:
         d = self.cfg.data
         return eval_micro_batches(d.eval_batch_size, d.batch_size // self.cfg.train.micro_batches)
 
-    def start(self, state, frozen, meta: dict | None) -> None:
+    def start(self, state, frozen, meta: dict | None, steps: Steps) -> None:
         """The eval loss before any update (kept in the checkpoint metadata, so a resumed run reports it too)."""
         if meta is not None and meta.get("eval_start"):
             self.eval_start = meta["eval_start"]
         else:
-            self.eval_start = self.evaluate(state, frozen, self.cfg.train.eval_max_batches)
+            self.eval_start = steps.evaluate(state, frozen, self.cfg.train.eval_max_batches)
             log.info("step 0 eval: %s", self.eval_start)
 
-    # --- step, eval
-    def _to_global(self, host_batch: dict) -> dict:
-        return data_pipeline.to_global(
-            SFT_TRAIN.select(host_batch), self.mesh, sharding.batch_sharding(self.mesh, 1).spec
-        )
-
-    def train_step(self, state, frozen, host_batch):
-        return self._step(state, self._to_global(host_batch))
-
-    def evaluate(self, state, frozen, max_batches: int = 0) -> dict:
-        nll = tokens = 0.0
-        for i, batch in enumerate(iter(self.eval_data)):
-            if max_batches and i >= max_batches:
-                break
-            out = jax.device_get(self._eval(state["params"], self._to_global(batch)))
-            nll += float(out["nll"])
-            tokens += float(out["tokens"])
-        loss = nll / max(tokens, 1.0)
-        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(tokens)}
-
-    # --- aot
-    def abstract_inputs(self, mesh, model_cfg=None):
-        model_cfg = model_cfg or self.cfg.model_config
-        graphdef, params = create.abstract_model(model_cfg, ROLE)
-        tx, schedule, mask = build_optimizer(self.cfg.optim, self.cfg.train.steps, model_cfg, params)
-        shardings = state_shardings(sharding.state_shardings(params, mesh), tx, params, mesh)
-        state = abstract_train_state(state_shapes(params, tx), shardings)
-        d = self.cfg.data
-        batch = SFT_TRAIN.abstract({"B": d.batch_size, "L": round_up(d.max_length, d.pad_to_multiple)}, mesh)
-        step = sft_step.jit_train_step(
+    # --- the programs: train step, eval
+    def steps(self, mesh, setup: JobSetup, state) -> Steps:
+        cfg, opt = self.cfg, setup.optimizer
+        graphdef = setup.graphdefs[MODEL_NAME]
+        train_fn = sft_step.jit_train_step(
             graphdef,
-            tx,
-            schedule,
-            self.cfg.train.micro_batches,
+            opt.tx,
+            opt.schedule,
+            cfg.train.micro_batches,
             mesh,
-            shardings,
+            jax.tree.map(lambda x: x.sharding, state),
             SFT_TRAIN.shardings(mesh),
-            grad_mask=mask,
-            max_grad_norm=self.cfg.optim.max_grad_norm,
+            grad_mask=opt.mask,
+            max_grad_norm=cfg.optim.max_grad_norm,
         )
-        return state, batch, step
+        eval_fn = sft_step.jit_eval_step(graphdef, mesh, self._eval_micro())
+        rows = sharding.batch_sharding(mesh, 1).spec
 
-    def abstract_eval_inputs(self, mesh, model_cfg=None):
-        model_cfg = model_cfg or self.cfg.model_config
-        graphdef, params = create.abstract_model(model_cfg, ROLE)
-        params = abstract_train_state(params, sharding.state_shardings(params, mesh))
-        d = self.cfg.data
-        batch = SFT_TRAIN.abstract({"B": d.eval_batch_size, "L": round_up(d.max_length, d.pad_to_multiple)}, mesh)
-        return params, batch, sft_step.jit_eval_step(graphdef, mesh, self._eval_micro())
+        def to_global(host_batch: dict) -> dict:
+            return data_pipeline.to_global(SFT_TRAIN.select(host_batch), mesh, rows)
+
+        def train(state, frozen, host_batch):
+            new_state, metrics = train_fn(state, to_global(host_batch))
+            return new_state, metrics, batch_tokens(host_batch)
+
+        def evaluate(state, frozen, max_batches: int = 0) -> dict:
+            nll = tokens = 0.0
+            for i, batch in enumerate(iter(setup.eval_data)):
+                if max_batches and i >= max_batches:
+                    break
+                out = jax.device_get(eval_fn(state["params"], to_global(batch)))
+                nll += float(out["nll"])
+                tokens += float(out["tokens"])
+            loss = nll / max(tokens, 1.0)
+            return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(tokens)}
+
+        d = cfg.data
+        length = round_up(d.max_length, d.pad_to_multiple)
+        programs = [
+            Program(
+                "update",
+                train_fn,
+                (state, SFT_TRAIN.abstract({"B": d.batch_size, "L": length}, mesh)),
+                donated=state,
+                roles=("state",),
+            ),
+            Program(
+                "eval", eval_fn, (state["params"], SFT_TRAIN.abstract({"B": d.eval_batch_size, "L": length}, mesh))
+            ),
+        ]
+        return Steps(train, evaluate, programs)
 
     # --- metadata, export, summary, plot
     def meta(self, last_eval: dict) -> dict:

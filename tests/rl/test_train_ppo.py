@@ -134,7 +134,7 @@ def test_sigterm_sigkill_and_restart_continue_the_same_run_and_export(folders, t
     # SIGTERM (a real signal to this process, raised inside iteration 1 so that the run's handler is installed)
     from starling_jax.rl.job import PPOJob
 
-    original = PPOJob.train_step
+    original = PPOJob.iteration
 
     def step_then_sigterm(self, *args):
         out = original(self, *args)
@@ -143,7 +143,7 @@ def test_sigterm_sigkill_and_restart_continue_the_same_run_and_export(folders, t
 
     resumed = tmp_path / "resumed"
     with monkeypatch.context() as m:
-        m.setattr(PPOJob, "train_step", step_then_sigterm)
+        m.setattr(PPOJob, "iteration", step_then_sigterm)
         assert train_ppo.main(base_args(folders, resumed, *steps)) == 0
     t = summary_of(capsys)
     assert t["status"] == "preempted" and t["steps"] == 1 and t["hf_export_dir"] is None, t
@@ -245,6 +245,7 @@ def test_rollout_cut_at_a_stop_string_trains_and_scores_the_answer_plus_eos(fold
     from starling_jax.rl import job as job_lib
     from starling_jax.rl.config import PPORunConfig
     from starling_jax.sample.engine import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, SampleOutput
+    from starling_jax.train.state import abstract_train_state, build_train_state
 
     stop, t = "GPT4 Correct User:", 24
     cfg = load_config(
@@ -253,7 +254,12 @@ def test_rollout_cut_at_a_stop_string_trains_and_scores_the_answer_plus_eos(fold
         base_args(folders, tmp_path / "out", f'rollout.stop_strings=["{stop}"]', f"rollout.max_new_tokens={t}"),
     )
     job = job_lib.PPOJob(cfg)
-    job.setup(sharding.make_mesh(cfg.mesh, devices=jax.devices()[:1]))
+    mesh = sharding.make_mesh(cfg.mesh, devices=jax.devices()[:1])
+    setup = job.setup(mesh)
+    state, shardings = build_train_state(
+        setup.params, setup.params_shardings, setup.optimizer.tx, mesh, cfg.seed, setup.extra_state
+    )
+    programs = job.steps(mesh, setup, abstract_train_state(state, shardings)).train.args[0]  # the run's programs
     tok, pad = job.tokenizer, job.sampling.pad_token_id
     eos = tok.eos_token_id
     enc = lambda text: tok.encode(text, add_special_tokens=False)  # noqa: E731
@@ -301,17 +307,16 @@ def test_rollout_cut_at_a_stop_string_trains_and_scores_the_answer_plus_eos(fold
 
     spy("rm_batch_from_text")
     spy("rm_batch_from_tokens")
-    rows, params = np.arange(8), job.state["params"]
+    rows, params = np.arange(8), state["params"]
 
     def run(spec):
-        job._sample = fake_sampler(spec)
-        batch, _, completions = job._rollout(params["actor"], rows, jax.random.key(0))
-        raw = job._score(job.frozen["reward"], rows, completions)
-        exp, _, _ = job._experience(
+        batch, _, completions = job._rollout(fake_sampler(spec), mesh, params["actor"], rows, jax.random.key(0))
+        raw = job._score(programs.rewards, mesh, setup.frozen["reward"], rows, completions)
+        exp, _, _ = programs.experience(
             params,
-            job.frozen["reference"],
-            job.state["reward_stats"],
-            job.state["kl_coef"],
+            setup.frozen["reference"],
+            state["reward_stats"],
+            state["kl_coef"],
             batch,
             jnp.asarray(raw),
             jnp.asarray(completions.ended),
@@ -319,7 +324,7 @@ def test_rollout_cut_at_a_stop_string_trains_and_scores_the_answer_plus_eos(fold
         texts, rm_text_batch = seen["rm_batch_from_text"][0][3], seen["rm_batch_from_text"][2][0]
         with monkeypatch.context() as m:  # the shared-tokenizer path on the same completions
             m.setattr(job.cfg, "reward_model_shares_tokenizer", True)
-            raw_shared = job._score(job.frozen["reward"], rows, completions)
+            raw_shared = job._score(programs.rewards, mesh, setup.frozen["reward"], rows, completions)
         return {
             "batch": batch,
             "completions": completions,

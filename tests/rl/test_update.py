@@ -8,7 +8,8 @@ from flax import nnx
 from starling_jax.model.config import ModelConfig
 from starling_jax.parallel import sharding
 from starling_jax.rl.losses import LossConfig
-from starling_jax.rl.update import init_rl_state, jit_update_step, minibatch_indices, params_and_shardings
+from starling_jax.rl.update import jit_update_step, minibatch_indices, params_and_shardings, rl_extra_state
+from starling_jax.train.state import build_train_state
 from tests.rl.fixtures import tiny_model
 
 CFG = ModelConfig(
@@ -57,9 +58,17 @@ def run(devices, algorithm):
     graphdefs = {"actor": nnx.graphdef(actor), "critic": nnx.graphdef(critic)}
     params, shardings = params_and_shardings({"actor": actor, "critic": critic}, mesh)
     tx = optax.adamw(1e-3)
-    state, state_shardings = init_rl_state(params, shardings, tx, mesh, seed=0, kl_coef=0.01)
+    state, state_shardings = build_train_state(params, shardings, tx, mesh, seed=0, extra=rl_extra_state(0.01))
     step = jit_update_step(
-        graphdefs, LossConfig(critic_warmup_threshold=0.0), algorithm, tx, P, mesh, state_shardings, frozen_layers=1
+        graphdefs,
+        LossConfig(critic_warmup_threshold=0.0),
+        algorithm,
+        tx,
+        optax.constant_schedule(1e-3),
+        P,
+        mesh,
+        state_shardings,
+        frozen_layers=1,
     )
     batch = experience()
     losses = []
