@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,3 +36,17 @@ def test_rm_nectar_quick():
 def test_rm_step_quick():
     s = _run("rm_step.py")
     assert s["status"] == "ok" and s["speedup"] > 0 and s["attention"] == "blockwise"
+
+
+# ~40 s on an idle 2-core machine (importing jax, torch and trl, two XLA compiles, four trl updates of a few
+# hundred tokens); several minutes when the machine is shared: slow, like the other benchmark smoke tests.
+@pytest.mark.slow
+def test_dpo_nectar_quick():
+    s = _run("dpo_nectar.py")
+    assert s["status"] == "ok" and s["speedup"] > 0 and s["speedup_pairwise"] > 0
+    assert s["prompts_per_s"] > 0 and s["trl_prompts_per_s"] > 0
+    for system, (first, last) in s["loss"].items():  # both systems trained: finite losses, the 2nd update's differs
+        assert np.isfinite(first) and np.isfinite(last) and first != last, (system, first, last)
+    # at initialization every implied reward is 0: sigmoid DPO's first loss is log 2 on both sides
+    assert s["loss"]["kwise_trl"][0] == pytest.approx(np.log(2), abs=1e-4)
+    assert s["loss"]["pairwise_ours"][0] == pytest.approx(np.log(2), abs=1e-4)
