@@ -345,11 +345,10 @@ def compile_report(
 def _role_bytes(rl) -> dict[str, int]:
     """Per-chip bytes of each resident role of the RL set, from the shardings."""
     params = rl.state["params"]
-    actor, critic = sharded_bytes(params["actor"]), sharded_bytes(params["critic"])
+    models = {name: sharded_bytes(params[name]) for name in ("actor", "critic") if name in params}  # grpo: no critic
     return {
-        "actor": actor,
-        "critic": critic,
-        "optimizer": sharded_bytes(rl.state) - actor - critic,
+        **models,
+        "optimizer": sharded_bytes(rl.state) - sum(models.values()),
         "reference": sharded_bytes(rl.frozen["reference"]),
         "reward": sharded_bytes(rl.frozen["reward"]),
     }
@@ -366,7 +365,8 @@ def compile_rl_report(
     num_slices: int = 1,
     programs: str | None = None,
 ) -> dict[str, Any]:
-    """Compiles every program of one PPO/APA iteration (`rl/abstract.py`) for `topology` → the report: per program
+    """Compiles every program of one PPO/APA/GRPO/RLOO iteration (`rl/abstract.py`; grpo / rloo: no critic) for
+    `topology` → the report: per program
     its own memory (`compiled.memory_analysis()`) plus the roles resident beside it (actor, critic, optimizer state,
     reference, reward model: they stay in HBM for the whole run), and `per_chip_bytes` = the peak over the
     programs."""
@@ -411,7 +411,7 @@ def compile_rl_report(
     for prog in (p for p in rl.programs if p.name in chosen):
         compiled, oom, lower_s, compile_s, kernel_calls = _compile(prog.fn, *prog.args)
         parts, source, _ = _memory(compiled, oom, prog.args, prog.donated)
-        passed = {r for role in prog.roles for r in in_role.get(role, (role,))}
+        passed = {r for role in prog.roles for r in in_role.get(role, (role,)) if r in roles}
         beside = resident - sum(roles[r] for r in passed)
         own = _total(parts)
         total = own + beside

@@ -1,9 +1,10 @@
 """The RL set with abstract arrays (nothing allocated): every role's parameters and every program one iteration
-runs, for `python -m starling_jax.aot` on a PPO/APA config.
+runs, for `python -m starling_jax.aot` on a PPO/APA/GRPO/RLOO config.
 
 Roles (as `rl/job.py` sets them up):
   state      actor + critic (param_dtype) and one AdamW over both (moments in param_dtype, frozen layers masked
-             but still allocated, as optax.masked keeps them), donated to the update
+             but still allocated, as optax.masked keeps them), donated to the update; grpo / rloo: the actor
+             and its AdamW only (no critic)
   reference  a hydra `ReferenceTop` (num_layers_unfrozen = N: top N layers, final norm, untied LM head) or a full
              frozen copy of the policy, in frozen_param_dtype, outside the state
   reward     the reward model (its own architecture), in frozen_param_dtype, outside the state
@@ -11,7 +12,7 @@ Programs (each the very jitted function the run calls, at the run's shapes):
   rollout     the sampler (`sample.engine.make_sampler`): prefill + decode over a [rollout.batch_size,
               max_prompt_tokens + max_new_tokens − 1] KV cache, actor params
   score       the reward model (`score_batches.jit_rewards`) on the re-rendered (rm_max_length) or shared-token batch
-  experience  actor / reference / critic forwards + KL, rewards, GAE (`PPOJob._experience_fn`)
+  experience  actor / reference / critic forwards + KL, rewards, GAE or group advantages (`PPOJob._experience_fn`)
   update      one donated actor-critic minibatch update (`rl.update.jit_update_step`)
 Architectures come from `policy` / `reward_model` as given by the caller (a folder's config.json, the built-in
 table of Hub configs): no weights are read.
@@ -35,7 +36,7 @@ from starling_jax.model.heads import role_class
 from starling_jax.model.hydra import ReferenceTop
 from starling_jax.parallel import sharding
 from starling_jax.rl.rewards import RewardStats
-from starling_jax.rl.update import EXPERIENCE_KEYS, jit_update_step
+from starling_jax.rl.update import experience_keys, jit_update_step
 from starling_jax.sample.engine import SamplingConfig, make_sampler
 from starling_jax.train.optimizer import make_optimizer, trainable_mask
 
@@ -58,7 +59,7 @@ class AbstractRLSet:
     state: dict  # ShapeDtypeStructs with shardings (donated RL state)
     frozen: dict  # {"reference", "reward"}
     programs: list[Program]
-    models: dict[str, ModelConfig]  # actor, critic, reward
+    models: dict[str, ModelConfig]  # actor, critic (ppo / apa only), reward
 
 
 def _abstract(tree, shardings):
@@ -84,6 +85,7 @@ def build(job, mesh, policy_cfg: ModelConfig, rm_cfg: ModelConfig) -> AbstractRL
     rt = cfg.runtime
     actor_cfg = with_runtime(policy_cfg, rt, frozen=False)
     rm_cfg = with_runtime(rm_cfg, rt, frozen=True)
+    has_critic = job.has_critic
     critic_cfg = with_runtime(rm_cfg if cfg.critic_init == "reward" else policy_cfg, rt, frozen=False)
     n = actor_cfg.num_hidden_layers
     frozen_layers = 0 if cfg.num_layers_unfrozen == -1 else n - cfg.num_layers_unfrozen
@@ -92,7 +94,7 @@ def build(job, mesh, policy_cfg: ModelConfig, rm_cfg: ModelConfig) -> AbstractRL
 
     # --- models (abstract; logical axes → shardings)
     actor_graphdef, actor = create.abstract_model(actor_cfg, "causal_lm")
-    critic_graphdef, critic = create.abstract_model(critic_cfg, "reward")
+    critic_graphdef, critic = create.abstract_model(critic_cfg, "reward") if has_critic else (None, None)
     rm_graphdef, rm = create.abstract_model(rm_cfg, "reward")
     if hydra:
         ref_graphdef, ref = nnx.split(
@@ -103,8 +105,8 @@ def build(job, mesh, policy_cfg: ModelConfig, rm_cfg: ModelConfig) -> AbstractRL
     else:
         ref_graphdef, ref = actor_graphdef, actor
     shard = lambda tree: sharding.state_shardings(tree, mesh)
-    params = {"actor": actor, "critic": critic}
-    params_shardings = {"actor": shard(actor), "critic": shard(critic)}
+    params = {"actor": actor, **({"critic": critic} if has_critic else {})}
+    params_shardings = {k: shard(v) for k, v in params.items()}
     frozen = {
         "reference": _abstract(_cast(ref, rt.frozen_param_dtype), shard(ref)),
         "reward": _abstract(_cast(rm, rt.frozen_param_dtype), shard(rm)),
@@ -112,10 +114,9 @@ def build(job, mesh, policy_cfg: ModelConfig, rm_cfg: ModelConfig) -> AbstractRL
 
     # --- optimizer and the donated state (init_rl_state's layout)
     critic_frozen = 0 if cfg.critic_layers_unfrozen == -1 else critic_cfg.num_hidden_layers - cfg.critic_layers_unfrozen
-    mask = {
-        "actor": trainable_mask(actor, frozen_layers, n),
-        "critic": trainable_mask(critic, critic_frozen, critic_cfg.num_hidden_layers),
-    }
+    mask = {"actor": trainable_mask(actor, frozen_layers, n)}
+    if has_critic:
+        mask["critic"] = trainable_mask(critic, critic_frozen, critic_cfg.num_hidden_layers)
     tx, _ = make_optimizer(cfg.optim, cfg.train.steps * job.updates_per_step, mask)
     abstract_opt = jax.eval_shape(tx.init, params)
     opt_shardings = optax.tree_map_params(
@@ -155,7 +156,7 @@ def build(job, mesh, policy_cfg: ModelConfig, rm_cfg: ModelConfig) -> AbstractRL
     job.mesh, job.hydra = mesh, hydra  # what the job's experience program reads
     job.actor_graphdef, job.critic_graphdef, job.ref_graphdef = actor_graphdef, critic_graphdef, ref_graphdef
     job.reward_mean, job.reward_std = 0.0, 1.0  # values only; rm_config normalization reads them from config.json
-    experience = jax.jit(job._experience_fn)
+    experiences = {"": job.jit_experience(r.group_size), "eval_": job.jit_experience(1)}
     rm_len = cfg.prompts.rm_max_length if not cfg.reward_model_shares_tokenizer else p + t
     rm_len = round_up(rm_len, PAD_MULTIPLE)
     # evaluation rolls out all held-out prompts at once (padded to the data-parallel size): more rows than training
@@ -199,7 +200,7 @@ def build(job, mesh, policy_cfg: ModelConfig, rm_cfg: ModelConfig) -> AbstractRL
         programs.append(
             Program(
                 f"{prefix}experience",
-                experience,
+                experiences[prefix],
                 (
                     state["params"],
                     frozen["reference"],
@@ -209,7 +210,7 @@ def build(job, mesh, policy_cfg: ModelConfig, rm_cfg: ModelConfig) -> AbstractRL
                     _array((rows,), jnp.float32, rep),
                     _array((rows,), jnp.bool_, rep),
                 ),
-                roles=("actor", "critic", "reference"),
+                roles=("actor", "critic", "reference") if has_critic else ("actor", "reference"),
                 rows=rows,
                 length=p + t,
             )
@@ -223,10 +224,10 @@ def build(job, mesh, policy_cfg: ModelConfig, rm_cfg: ModelConfig) -> AbstractRL
             jnp.int32 if k in ("tokens", "positions", "segment_ids") else jnp.float32,
             rows2,
         )
-        for k in EXPERIENCE_KEYS
+        for k in experience_keys(cfg.algorithm)
     }
     update = jit_update_step(
-        {"actor": actor_graphdef, "critic": critic_graphdef},
+        {"actor": actor_graphdef, **({"critic": critic_graphdef} if has_critic else {})},
         cfg.loss,
         cfg.algorithm,
         tx,
@@ -234,8 +235,10 @@ def build(job, mesh, policy_cfg: ModelConfig, rm_cfg: ModelConfig) -> AbstractRL
         mesh,
         state_shardings,
         frozen_layers,
+        cfg.kl.in_loss,
     )
     programs.append(
         Program("update", update, (state, minibatch), donated=state, roles=("state",), rows=mb, length=p + t)
     )
-    return AbstractRLSet(state, frozen, programs, {"actor": actor_cfg, "critic": critic_cfg, "reward": rm_cfg})
+    models = {"actor": actor_cfg, **({"critic": critic_cfg} if has_critic else {}), "reward": rm_cfg}
+    return AbstractRLSet(state, frozen, programs, models)

@@ -15,7 +15,7 @@ from starling_jax.model.attention import check_layout
 from starling_jax.parallel.sharding import MeshConfig
 from starling_jax.rl.experience import AdvantageConfig
 from starling_jax.rl.kl import KLConfig
-from starling_jax.rl.losses import ALGORITHMS, LossConfig
+from starling_jax.rl.losses import ALGORITHMS, CRITIC_FREE, LossConfig
 from starling_jax.rl.rewards import RewardConfig
 from starling_jax.train.job import ExportConfig, TrainConfig
 from starling_jax.train.optimizer import OptimConfig
@@ -25,6 +25,7 @@ DEFAULT_PPO_DIR = "runs/ppo_default"
 DEFAULT_POLICY = "runs/sft_default/hf"
 DEFAULT_REWARD_MODEL = "runs/rm_default/hf"
 CRITIC_INITS = ("reward", "policy")
+DEFAULT_GROUP_SIZE = {"ppo": 1, "apa": 1, "grpo": 4, "rloo": 4}  # rollout.group_size=0 resolves to these
 
 
 @dataclasses.dataclass
@@ -46,8 +47,10 @@ class PromptConfig:
 
 @dataclasses.dataclass
 class RolloutConfig:
-    batch_size: int = 16  # rollouts per iteration (Starling: 64)
-    minibatch_size: int = 8  # rows per optimizer update
+    batch_size: int = 16  # rollouts (answers) per iteration, = prompts × group_size (Starling: 64)
+    # answers per prompt, distinct draws (grpo / rloo: >= 2, their baseline); 0 = 1 for ppo/apa, 4 for grpo/rloo
+    group_size: int = 0
+    minibatch_size: int = 8  # rows (answers) per optimizer update
     epochs: int = 2  # passes over each rollout batch (Starling: 2)
     max_new_tokens: int = 24  # Starling: 1024
     temperature: float = 1.0
@@ -58,6 +61,8 @@ class RolloutConfig:
     def __post_init__(self):
         if self.batch_size < 1 or self.minibatch_size < 1 or self.epochs < 1 or self.max_new_tokens < 1:
             raise ConfigError("rollout.batch_size, minibatch_size, epochs and max_new_tokens must be >= 1")
+        if self.group_size < 0:
+            raise ConfigError(f"rollout.group_size={self.group_size}: must be >= 1 (or 0: the algorithm's default)")
         if self.batch_size % self.minibatch_size:
             raise ConfigError(
                 f"rollout.batch_size={self.batch_size} is not a multiple of "
@@ -69,17 +74,18 @@ class RolloutConfig:
 class PPORunConfig:
     output_dir: str = DEFAULT_PPO_DIR
     seed: int = 0  # fixes the prompt order, the rollouts' sampling keys and the minibatch order
-    algorithm: str = "ppo"  # ppo | apa
+    algorithm: str = "ppo"  # ppo | apa | grpo | rloo (grpo / rloo: no critic, the group of answers is the baseline)
     policy: str = DEFAULT_POLICY  # HF causal-LM folder, gs:// URL or Hub id (actor and reference start here)
     reward_model: str = DEFAULT_REWARD_MODEL  # HF reward-model folder, gs:// URL or Hub id (frozen)
     # true: the policy's tokens are scored as they are (checked: same vocabulary and chat template); false: the
     # completions are decoded and re-rendered in the reward model's format and tokenizer (Starling-alpha)
     reward_model_shares_tokenizer: bool = False
-    critic_init: str = "policy"  # policy (trunk + a new value head) | reward (OpenRLHF; needs a shared tokenizer)
+    # policy (trunk + a new value head) | reward (OpenRLHF; needs a shared tokenizer); ppo / apa only
+    critic_init: str = "policy"
     # -1: every layer trains and the reference is a full frozen copy; N ≥ 1: only the top N layers (+ final norm,
     # LM head) train and the reference is a hydra top on the actor's shared bottom (Starling: 4)
     num_layers_unfrozen: int = -1
-    critic_layers_unfrozen: int = -1  # the critic's trainable top layers (-1: all)
+    critic_layers_unfrozen: int = -1  # the critic's trainable top layers (-1: all); ppo / apa only
     # dtypes, remat, scan and attention of every model (the HF folders fix the architectures), train/runtime.py
     runtime: RLRuntimeConfig = field(RLRuntimeConfig)
     prompts: PromptConfig = field(PromptConfig)
@@ -107,6 +113,7 @@ class PPORunConfig:
             raise ConfigError(f"algorithm={self.algorithm!r}: choose one of {list(ALGORITHMS)}")
         if self.critic_init not in CRITIC_INITS:
             raise ConfigError(f"critic_init={self.critic_init!r}: choose one of {list(CRITIC_INITS)}")
+        self._check_algorithm()
         if self.num_layers_unfrozen == 0 or self.num_layers_unfrozen < -1:
             raise ConfigError(f"num_layers_unfrozen={self.num_layers_unfrozen}: -1 (all) or N >= 1")
         if self.optim.freeze_layers:
@@ -116,3 +123,29 @@ class PPORunConfig:
             )
         # rollouts: a left-padded prompt and its completion, one segment per row (rl/experience.py)
         check_layout(self.runtime.attention_impl, "left_padded", what="the rollouts' left-padded rows")
+
+    def _check_algorithm(self) -> None:
+        """Resolves rollout.group_size=0 to the algorithm's default and refuses what does not apply to it."""
+        r, algorithm = self.rollout, self.algorithm
+        if r.group_size == 0:
+            r.group_size = DEFAULT_GROUP_SIZE[algorithm]
+        if algorithm in CRITIC_FREE and r.group_size < 2:
+            raise ConfigError(
+                f"rollout.group_size={r.group_size}: algorithm={algorithm} needs >= 2 answers per prompt (its baseline)"
+            )
+        if r.batch_size % r.group_size:
+            raise ConfigError(
+                f"rollout.batch_size={r.batch_size} is not a multiple of rollout.group_size={r.group_size} "
+                "(batch_size counts answers: prompts × group_size)"
+            )
+        if algorithm in CRITIC_FREE:
+            if self.critic_init != "policy" or self.critic_layers_unfrozen != -1:
+                raise ConfigError(
+                    f"critic_init / critic_layers_unfrozen: algorithm={algorithm} has no critic (leave them unset)"
+                )
+            if self.advantage.scale_for(algorithm) == "group" and algorithm == "rloo":
+                raise ConfigError("advantage.scale_rewards=group: rloo takes none or batch")
+        elif self.kl.in_loss and algorithm == "apa":
+            raise ConfigError(
+                "kl.in_loss=true: apa keeps the KL in the reward (ppo, grpo and rloo take it in the loss)"
+            )

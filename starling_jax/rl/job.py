@@ -1,17 +1,25 @@
-"""The RL job (PPO or APA) on the shared trainer: one loop step = one rollout iteration.
+"""The RL job (PPO, APA, GRPO or RLOO) on the shared trainer: one loop step = one rollout iteration.
 
-    prompts (host batch of row ids) → rollouts (sampler, actor params) → RM scores (re-rendered text or tokens)
-    → experience (rollout forward: actor, reference, critic; KL; rewards; GAE) → epochs × minibatches of jitted,
-    donated actor-critic updates → KL-controller update
+    prompts (host batch of row ids) → rollouts (sampler, actor params; G = rollout.group_size answers per prompt)
+    → RM scores (re-rendered text or tokens) → experience (rollout forward: actor, reference, critic; KL; rewards;
+    GAE, or the group advantage for grpo / rloo) → epochs × minibatches of jitted, donated updates → KL-controller
+    update
 
-Models: `actor` and `critic` (trainable, in the donated RL state, `rl/update.py`), `reference` (a hydra top or a
-full frozen copy) and `reward` (frozen) outside it. Everything the next iteration depends on — params, optimizer
+Models: `actor` and `critic` (trainable, in the donated RL state, `rl/update.py`; grpo / rloo build no critic),
+`reference` (a hydra top or a full frozen copy) and `reward` (frozen) outside it.
+
+Groups: a batch of `rollout.batch_size` answers is batch_size / G prompts, each repeated G times in consecutive rows
+(b = g·G + j). Answer j of prompt row r samples with the per-row seed id j·N + r (N the prompts in the file), as
+`generate --num-samples` does: the G answers are distinct draws, and answer 0 is the draw PPO would make.
+
+Everything the next iteration depends on — params, optimizer
 states, KL coefficient, reward statistics, rng, prompt position — is in the checkpoint, so a resumed run samples
 the same rollouts as an uninterrupted one (sampling keys are folded from the seed and the iteration).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -37,6 +45,7 @@ from starling_jax.paths import append_text, as_path
 from starling_jax.rl import kl as kl_lib
 from starling_jax.rl.config import PPORunConfig
 from starling_jax.rl.experience import make_experience, rollout_forward
+from starling_jax.rl.losses import CRITIC_FREE
 from starling_jax.rl.rerender import check_shared_tokenizer, rm_batch_from_text, rm_batch_from_tokens
 from starling_jax.rl.rewards import RewardStats
 from starling_jax.rl.stops import Completions, cut_at_stop_strings
@@ -114,7 +123,7 @@ class PPOJob(Job):
         self.rm_tokenizer = load_tokenizer(self.rm_dir)
         if cfg.reward_model_shares_tokenizer:
             check_shared_tokenizer(self.tokenizer, self.rm_tokenizer, self.policy_dir, self.rm_dir)
-        elif cfg.critic_init == "reward":
+        elif cfg.critic_init == "reward" and self.has_critic:
             raise ConfigError(
                 "critic_init=reward needs reward_model_shares_tokenizer=true (the critic reads the "
                 "policy's tokens); use critic_init=policy"
@@ -137,10 +146,13 @@ class PPOJob(Job):
         self.frozen_layers = 0 if cfg.num_layers_unfrozen == -1 else n - cfg.num_layers_unfrozen
         if self.frozen_layers < 0:
             raise ConfigError(f"num_layers_unfrozen={cfg.num_layers_unfrozen} exceeds the policy's {n} layers")
-        critic_from = self.rm_dir if cfg.critic_init == "reward" else self.policy_dir
-        critic_cfg, self.critic_graphdef, critic_params = hf_io.load_hf(
-            critic_from, "reward", mesh, init_missing_head=True, seed=cfg.seed, **rt.model_kwargs(frozen=False)
-        )
+        if self.has_critic:
+            critic_from = self.rm_dir if cfg.critic_init == "reward" else self.policy_dir
+            critic_cfg, self.critic_graphdef, critic_params = hf_io.load_hf(
+                critic_from, "reward", mesh, init_missing_head=True, seed=cfg.seed, **rt.model_kwargs(frozen=False)
+            )
+        else:  # grpo / rloo: the group of answers is the baseline
+            critic_cfg, self.critic_graphdef, critic_params = None, None, None
         self.rm_cfg, self.rm_graphdef, rm_params = hf_io.load_hf(
             self.rm_dir, "reward", mesh, **rt.model_kwargs(frozen=True)
         )
@@ -161,37 +173,40 @@ class PPOJob(Job):
         ref_params = jax.tree.map(lambda x: jnp.array(x, dtype=frozen_dtype, copy=True), ref_params)
         self.models = [
             ModelEntry("actor", "causal_lm", actor_cfg, True),
-            ModelEntry("critic", "reward", critic_cfg, True),
+            *([ModelEntry("critic", "reward", critic_cfg, True)] if self.has_critic else []),
             ModelEntry("reference", "causal_lm", actor_cfg, False),
             ModelEntry("reward", "reward", self.rm_cfg, False),
         ]
         self.frozen = {"reference": ref_params, "reward": rm_params}
         self.frozen_shardings = {k: jax.tree.map(lambda x: x.sharding, v) for k, v in self.frozen.items()}
 
-        # --- optimizer over both trainable models; frozen layers masked
-        params = {"actor": actor_params, "critic": critic_params}
-        critic_frozen = (
-            0 if cfg.critic_layers_unfrozen == -1 else critic_cfg.num_hidden_layers - cfg.critic_layers_unfrozen
-        )
-        mask = {
-            "actor": trainable_mask(actor_params, self.frozen_layers, n),
-            "critic": trainable_mask(critic_params, critic_frozen, critic_cfg.num_hidden_layers),
-        }
+        # --- optimizer over the trainable models; frozen layers masked
+        params = {"actor": actor_params}
+        mask = {"actor": trainable_mask(actor_params, self.frozen_layers, n)}
+        if self.has_critic:
+            critic_frozen = (
+                0 if cfg.critic_layers_unfrozen == -1 else critic_cfg.num_hidden_layers - cfg.critic_layers_unfrozen
+            )
+            params["critic"] = critic_params
+            mask["critic"] = trainable_mask(critic_params, critic_frozen, critic_cfg.num_hidden_layers)
         mask = jax.device_put(mask, sharding.replicated(mesh))
         tx, self.schedule = make_optimizer(cfg.optim, cfg.train.steps * self.updates_per_step, mask)
         params_shardings = jax.tree.map(lambda x: x.sharding, params)
         self.state, self.state_shardings = init_rl_state(params, params_shardings, tx, mesh, cfg.seed, cfg.kl.coef)
-        self.graphdefs = {"actor": self.actor_graphdef, "critic": self.critic_graphdef}
+        self.graphdefs = {"actor": self.actor_graphdef}
+        if self.has_critic:
+            self.graphdefs["critic"] = self.critic_graphdef
 
         # --- prompts, sampling
         convs = read_prompts(resolve_bundled(cfg.prompts.train))
         self.conversations = convs
         order = np.random.default_rng(cfg.seed).permutation(len(convs))
-        n_eval = min(cfg.prompts.eval_prompts, len(convs) - cfg.rollout.batch_size)
+        n_eval = min(cfg.prompts.eval_prompts, len(convs) - self.prompts_per_step)
         if n_eval < 1:
             raise DataError(
                 f"{cfg.prompts.train}: {len(convs)} prompts are too few for rollout.batch_size="
-                f"{cfg.rollout.batch_size} plus held-out prompts"
+                f"{cfg.rollout.batch_size} ({self.prompts_per_step} prompts × group_size {cfg.rollout.group_size}) "
+                "plus held-out prompts"
             )
         self.eval_rows = sorted(order[:n_eval].tolist())
         self.prompt_tokens = [self._encode_prompt(c) for c in convs]
@@ -202,7 +217,7 @@ class PPOJob(Job):
                 f"{cfg.rollout.max_new_tokens} leave no room within the policy's "
                 f"max_position_embeddings={limit}"
             )
-        self.train_data = PromptIterator(sorted(order[n_eval:].tolist()), cfg.rollout.batch_size, cfg.seed)
+        self.train_data = PromptIterator(sorted(order[n_eval:].tolist()), self.prompts_per_step, cfg.seed)
         from starling_jax.sample.chat import eos_ids, stop_token_sequences
 
         r = cfg.rollout
@@ -217,7 +232,8 @@ class PPOJob(Job):
         )
         self._sample = make_sampler(self.actor_graphdef, self.sampling, mesh)
         self._rewards = jit_rewards(self.rm_graphdef, mesh)
-        self._experience = jax.jit(self._experience_fn)
+        self._experience = self.jit_experience(cfg.rollout.group_size)
+        self._eval_experience = self.jit_experience(1)
         self._update = jit_update_step(
             self.graphdefs,
             cfg.loss,
@@ -227,12 +243,34 @@ class PPOJob(Job):
             mesh,
             self.state_shardings,
             self.frozen_layers,
+            cfg.kl.in_loss,
         )
+
+    @property
+    def has_critic(self) -> bool:
+        return self.cfg.algorithm not in CRITIC_FREE
+
+    @property
+    def prompts_per_step(self) -> int:
+        return self.cfg.rollout.batch_size // self.cfg.rollout.group_size
 
     @property
     def updates_per_step(self) -> int:
         r = self.cfg.rollout
         return r.epochs * (r.batch_size // r.minibatch_size)
+
+    def jit_experience(self, group_size: int):
+        """`_experience_fn` jitted for rollout batches of groups of `group_size` answers (1: evaluation, one answer
+        per held-out prompt)."""
+        return jax.jit(functools.partial(self._experience_fn, group_size=group_size))
+
+    def group_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Prompt row ids [P] → (the prompt of each answer [P·G], each answer's sampling seed id [P·G]): prompt g's
+        G answers in consecutive rows, answer j seeded by j·N + r (module docstring)."""
+        g = self.cfg.rollout.group_size
+        answer_rows = np.repeat(np.asarray(rows), g)
+        seed_ids = np.tile(np.arange(g), len(rows)) * len(self.conversations) + answer_rows
+        return answer_rows, seed_ids
 
     def _encode_prompt(self, messages) -> list[int]:
         template = self.cfg.prompts.template
@@ -241,10 +279,12 @@ class PPOJob(Job):
         return ids[-self.cfg.prompts.max_prompt_tokens :]  # Starling cuts prompts from the left
 
     # ------------------------------------------------------------------ rollouts
-    def _rollout(self, params, rows: np.ndarray, key) -> tuple[dict, Any, Completions]:
-        """Samples one completion per row and cuts it at the stop strings as the authors' trlx does
-        (`rl/stops.py`) → (rollout batch in the experience layout, built from the cut completions; sampler output;
-        the completions), all on host."""
+    def _rollout(
+        self, params, rows: np.ndarray, key, seed_ids: np.ndarray | None = None
+    ) -> tuple[dict, Any, Completions]:
+        """Samples one completion per row (prompt row id; `seed_ids`: each row's sampling seed id, default the row
+        id) and cuts it at the stop strings as the authors' trlx does (`rl/stops.py`) → (rollout batch in the
+        experience layout, built from the cut completions; sampler output; the completions), all on host."""
         p = self.cfg.prompts.max_prompt_tokens
         b = len(rows)
         pad = self.sampling.pad_token_id
@@ -259,7 +299,7 @@ class PPOJob(Job):
             params,
             jax.device_put(prompts, sharding.batch_sharding(self.mesh, 2)),
             jax.device_put(lengths, rows_sharding),
-            jax.device_put(np.asarray(rows, np.int32), rows_sharding),
+            jax.device_put(np.asarray(rows if seed_ids is None else seed_ids, np.int32), rows_sharding),
             key,
         )
         out = jax.device_get(out)
@@ -311,11 +351,11 @@ class PPOJob(Job):
         )
         return np.asarray(jax.device_get(scores))[: len(rows)]
 
-    def _experience_fn(self, params, ref_params, rl_stats, kl_coef, batch, raw_scores, ended):
+    def _experience_fn(self, params, ref_params, rl_stats, kl_coef, batch, raw_scores, ended, *, group_size=1):
         cfg = self.cfg
         with sharding.activation_sharding(self.mesh):
             actor = nnx.merge(self.actor_graphdef, params["actor"])
-            critic = nnx.merge(self.critic_graphdef, params["critic"])
+            critic = nnx.merge(self.critic_graphdef, params["critic"]) if "critic" in params else None
             reference = nnx.merge(self.ref_graphdef, ref_params)
             forward = rollout_forward(actor, reference, critic, batch, cfg.prompts.max_prompt_tokens, self.hydra)
             exp, stats, metrics = make_experience(
@@ -330,6 +370,9 @@ class PPOJob(Job):
                 adv_cfg=cfg.advantage,
                 reward_mean=self.reward_mean,
                 reward_std=self.reward_std,
+                algorithm=cfg.algorithm,
+                group_size=group_size,
+                kl_in_loss=cfg.kl.in_loss,
             )
         return exp, dict(stats._asdict()), metrics
 
@@ -345,10 +388,10 @@ class PPOJob(Job):
             log.info("step 0 eval: %s", self.eval_start)
 
     def train_step(self, state, frozen, host_batch):
-        rows = np.asarray(host_batch["row"])
+        rows, seed_ids = self.group_rows(np.asarray(host_batch["row"]))
         it = int(jax.device_get(state["iteration"]))
         t0 = time.perf_counter()
-        batch, out, completions = self._rollout(state["params"]["actor"], rows, self._iteration_key(it, 0))
+        batch, out, completions = self._rollout(state["params"]["actor"], rows, self._iteration_key(it, 0), seed_ids)
         t1 = time.perf_counter()
         raw = self._score(frozen["reward"], rows, completions)
         t2 = time.perf_counter()
@@ -401,7 +444,7 @@ class PPOJob(Job):
         padded = np.concatenate([rows, np.repeat(rows[:1], (-len(rows)) % n_dev)])
         batch, _, completions = self._rollout(state["params"]["actor"], padded, jax.random.key(self.cfg.seed + 1))
         raw = self._score(frozen["reward"], padded, completions)
-        _, _, m = self._experience(
+        _, _, m = self._eval_experience(
             state["params"],
             frozen["reference"],
             state["reward_stats"],

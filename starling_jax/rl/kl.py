@@ -70,7 +70,10 @@ def sequence_kl(per_token_kl: Array, mask: Array) -> Array:
 @dataclasses.dataclass
 class KLConfig:
     coef: float = 0.01  # β at the start (Starling: fixed 0.01)
-    estimator: str = "k1"  # k1 | k2 | k3: the per-token penalty in the reward
+    estimator: str = "k1"  # k1 | k2 | k3: the per-token penalty in the reward (and the logged `kl`)
+    # false: β·kl_t is a per-token reward penalty (Starling, trlx); true: no penalty in the reward, β·k3_t joins the
+    # policy loss instead (trl GRPO; ppo, grpo and rloo; `losses.py`)
+    in_loss: bool = False
     adaptive: bool = False  # False: fixed β; True: Ziegler et al.'s controller below
     target: float = 6.0  # target per-sequence KL (nats) of the adaptive controller
     horizon: int = 10000  # rollouts over which the adaptive controller moves β by up to ±20%

@@ -4,8 +4,9 @@ RL state (a pytree of global arrays, donated to the update, checkpointed whole):
 
   step        int32 []        optimizer updates applied
   iteration   int32 []        rollout iterations done (the sampling keys of the next one are folded from it)
-  params      {"actor": nnx.State, "critic": nnx.State}   the trainable models
-  opt_state   optax state of both (one AdamW over the pair, as trlx; frozen layers masked by the optimizer)
+  params      {"actor": nnx.State, "critic": nnx.State}   the trainable models (grpo / rloo: {"actor"} only, no
+              critic is built, trained or checkpointed)
+  opt_state   optax state of them (one AdamW over the pair, as trlx; frozen layers masked by the optimizer)
   rng         uint32 [2]      key data: minibatch order and sampling keys are folded from it
   kl_coef     float32 []      β of the KL controller
   reward_stats {count, mean, m2, ref_std} float32 []: running moments of the clipped RM scores
@@ -29,7 +30,7 @@ from jax.sharding import Mesh
 
 from starling_jax.parallel import sharding
 from starling_jax.rl.experience import minibatch_loss
-from starling_jax.rl.losses import LossConfig
+from starling_jax.rl.losses import CRITIC_FREE, LossConfig
 from starling_jax.rl.rewards import init_reward_stats
 
 RLState = dict[str, Any]
@@ -44,6 +45,12 @@ EXPERIENCE_KEYS = (
     "returns",
     "mask",
 )
+CRITIC_KEYS = ("old_values", "returns")  # what only a critic's loss reads
+
+
+def experience_keys(algorithm: str) -> tuple[str, ...]:
+    """The minibatch arrays `algorithm`'s update reads (grpo / rloo: no old_values, returns)."""
+    return tuple(k for k in EXPERIENCE_KEYS if algorithm not in CRITIC_FREE or k not in CRITIC_KEYS)
 
 
 def update_step(
@@ -57,9 +64,11 @@ def update_step(
     prompt_len: int,
     frozen_layers: int = 0,
     mesh: Mesh | None = None,
+    kl_in_loss: bool = False,
 ) -> tuple[RLState, dict]:
-    """One optimizer update of actor and critic on a minibatch of experience. A non-finite loss or gradient
-    leaves the state untouched (reported in metrics["finite"])."""
+    """One optimizer update of actor and critic (grpo / rloo: the actor) on a minibatch of experience. A non-finite
+    loss or gradient leaves the state untouched (reported in metrics["finite"]). `kl_in_loss`: β·k3 (β the state's
+    kl_coef) joins the loss."""
     with sharding.activation_sharding(mesh):
         loss_fn = functools.partial(
             minibatch_loss,
@@ -68,6 +77,8 @@ def update_step(
             algorithm=algorithm,
             prompt_len=prompt_len,
             frozen_layers=frozen_layers,
+            kl_coef=state["kl_coef"],
+            kl_in_loss=kl_in_loss,
         )
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], minibatch)
         grad_norm = optax.global_norm(grads)
@@ -93,6 +104,7 @@ def jit_update_step(
     mesh: Mesh,
     state_shardings: RLState,
     frozen_layers: int = 0,
+    kl_in_loss: bool = False,
 ):
     """`update_step` jitted: state donated and kept in its shardings, the minibatch sharded over its rows."""
     fn = functools.partial(
@@ -104,8 +116,9 @@ def jit_update_step(
         prompt_len=prompt_len,
         frozen_layers=frozen_layers,
         mesh=mesh,
+        kl_in_loss=kl_in_loss,
     )
-    batch = {k: sharding.batch_sharding(mesh, 2) for k in EXPERIENCE_KEYS}
+    batch = {k: sharding.batch_sharding(mesh, 2) for k in experience_keys(algorithm)}
     return jax.jit(
         fn,
         in_shardings=(state_shardings, batch),
