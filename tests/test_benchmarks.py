@@ -50,3 +50,17 @@ def test_dpo_nectar_quick():
     # at initialization every implied reward is 0: sigmoid DPO's first loss is log 2 on both sides
     assert s["loss"]["kwise_trl"][0] == pytest.approx(np.log(2), abs=1e-4)
     assert s["loss"]["pairwise_ours"][0] == pytest.approx(np.log(2), abs=1e-4)
+    assert s["loss"]["kwise_ours"][0] == pytest.approx(np.log(5040), abs=1e-3)  # Plackett-Luce: 1 / 7! orderings
+
+
+# ~60 s on an idle 2-core machine (imports, the sampler's and the update's XLA compiles, four trl iterations);
+# several minutes when the machine is shared: slow, like the other benchmark smoke tests.
+@pytest.mark.slow
+def test_grpo_quick():
+    s = _run("grpo.py")
+    assert s["status"] == "ok" and s["speedup"] > 0 and s["iteration_s"] > 0 and s["trl_iteration_s"] > 0
+    for system, losses in s["loss"].items():  # both systems ran two updates with finite losses
+        assert len(losses) == 2 and np.all(np.isfinite(losses)), (system, losses)
+    # first update: the policy is its own old policy and reference (ratio 1, KL 0), and group-normalized
+    # advantages average to 0 per prompt: both systems' first GRPO loss is 0
+    assert s["loss"]["ours"][0] == pytest.approx(0.0, abs=1e-5) and s["loss"]["trl"][0] == pytest.approx(0.0, abs=1e-5)
