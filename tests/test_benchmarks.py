@@ -38,8 +38,8 @@ def test_rm_step_quick():
     assert s["status"] == "ok" and s["speedup"] > 0 and s["attention"] == "blockwise"
 
 
-# ~40 s on an idle 2-core machine (importing jax, torch and trl, two XLA compiles, four trl updates of a few
-# hundred tokens); several minutes when the machine is shared: slow, like the other benchmark smoke tests.
+# Slow, like the other benchmark smoke tests: importing jax, torch and trl, three XLA compiles, four trl updates
+# of a few hundred tokens; 190 s here under load 10 (1 min 12 s of CPU).
 @pytest.mark.slow
 def test_dpo_nectar_quick():
     s = _run("dpo_nectar.py")
@@ -53,8 +53,8 @@ def test_dpo_nectar_quick():
     assert s["loss"]["kwise_ours"][0] == pytest.approx(np.log(5040), abs=1e-3)  # Plackett-Luce: 1 / 7! orderings
 
 
-# ~60 s on an idle 2-core machine (imports, the sampler's and the update's XLA compiles, four trl iterations);
-# several minutes when the machine is shared: slow, like the other benchmark smoke tests.
+# Slow, like the other benchmark smoke tests: imports, the sampler's and the update's XLA compiles, four trl
+# iterations; 152 s here under load 10 (1 min 2 s of CPU).
 @pytest.mark.slow
 def test_grpo_quick():
     s = _run("grpo.py")
