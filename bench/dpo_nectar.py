@@ -17,7 +17,8 @@ A second row pair is plain pairs (K = 2, rows holding one chosen and one rejecte
 Fairness (what trl is given):
 - the SAME token ids: trl's `_prepare_dataset` is bypassed with the `prompt_ids`/`chosen_ids`/`rejected_ids` cut
   from starling_jax's tokenization (prompt = the answer's tokens before `answer_start`), so both systems train on
-  identical sequences; trl's tokenization would differ only by its added EOS;
+  identical sequences (trl's own tokenization of the text is not used: it appends an EOS and cuts the prompt
+  where the tokenized prompt and prompt + answer diverge);
 - reference log-probs precomputed on both sides (`precompute_ref_log_probs=True` / `reference_logps=precompute`):
   it removes the reference forward from trl's step (`--reference on_the_fly` times both with it);
 - fp32 on both sides, `torch.set_num_threads(--threads)` (default: all cores, which XLA's CPU client also uses);
