@@ -165,7 +165,7 @@ def score_dpo(
     from starling_jax import hub
     from starling_jax.data import tokenizer as tokenizer_lib
     from starling_jax.data.tokenize import tokenize_ranking
-    from starling_jax.eval.score_batches import BucketedLogProbs
+    from starling_jax.eval.score_batches import ImpliedRewards
     from starling_jax.eval.scorer import PAD_TO_MULTIPLE
     from starling_jax.model import hf_io
     from starling_jax.parallel import sharding
@@ -203,8 +203,7 @@ def score_dpo(
     common = dict(
         rows=batch_size, max_length=max_length, pad_to_multiple=PAD_TO_MULTIPLE, pad_id=tokenizer.pad_token_id or 0
     )
-    policy_scorer = BucketedLogProbs(graphdef, mesh, **common)
-    reference_scorer = BucketedLogProbs(ref_graphdef, mesh, **common)
+    implied_rewards = ImpliedRewards(graphdef, ref_graphdef, mesh, beta, **common)
 
     tokenized, lines, report = tokenize_rows(
         data, fmt, on_bad_row, lambda ranking: tokenize_ranking(ranking, tokenizer, template, max_length)
@@ -212,13 +211,7 @@ def score_dpo(
 
     sequences = [t for tr in tokenized for t in tr.tokens]
     starts = [int(i) for tr in tokenized for i in tr.answer_start]
-    if sequences:
-        flat = beta * (
-            policy_scorer(params, sequences, starts).astype(np.float64)
-            - reference_scorer(ref_params, sequences, starts).astype(np.float64)
-        )
-    else:
-        flat = np.zeros(0)
+    flat = implied_rewards(params, ref_params, sequences, starts)
     offsets = np.cumsum([0] + [tr.num_answers for tr in tokenized])
     rewards = [flat[offsets[i] : offsets[i + 1]] for i in range(len(tokenized))]
     head = {

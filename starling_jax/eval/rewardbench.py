@@ -21,7 +21,7 @@ where it is shorter.
 Scorers plug in through `PairScorer`: anything with `name` and `score_rows(rankings) -> [rewards | reason]` (a
 `Ranking` per example, its answers (chosen, rejected); rewards in answer order, or the reason the row was not
 scored). `RewardModelScorer` wraps `eval.scorer.RewardScorer`; `DPOScorer` uses implied rewards
-β·Σ(log π − log π_ref) over the answer tokens (`implied_rewards`, one small function).
+β·Σ(log π − log π_ref) over the answer tokens (`eval.score_batches.ImpliedRewards`, what `score --reference` runs).
 """
 
 from __future__ import annotations
@@ -215,61 +215,6 @@ class RewardModelScorer:
         return out
 
 
-def implied_rewards(
-    model,
-    ref_model,
-    sequences: Sequence[np.ndarray],
-    answer_start: Sequence[int],
-    beta: float,
-    pad_id: int = 0,
-    rows: int = 8,
-) -> np.ndarray:
-    """DPO implied rewards: r = β · Σ_{t ≥ answer_start} (log π(x_t | x_<t) − log π_ref(x_t | x_<t)), the sum over
-    the answer's tokens (the template's end-of-turn tokens after it included) of a causal LM's log-prob minus its
-    reference's. `model`, `ref_model`: `CausalLM`s (NNX modules); one float64 per sequence."""
-    import jax.numpy as jnp
-
-    answer_logprob = _answer_logprob_fn()
-    out = np.zeros(len(sequences), np.float64)
-    length = max(64, -(-max(len(s) for s in sequences) // 64) * 64) if sequences else 64  # one padded length
-    for lo in range(0, len(sequences), rows):
-        chunk = list(range(lo, min(lo + rows, len(sequences))))
-        tokens = np.full((rows, length), pad_id, np.int32)
-        positions = np.zeros((rows, length), np.int32)
-        segments = np.zeros((rows, length), np.int32)
-        mask = np.zeros((rows, length), np.float32)
-        for j, i in enumerate(chunk):
-            n = len(sequences[i])
-            tokens[j, :n], positions[j, :n], segments[j, :n] = sequences[i], np.arange(n), 1
-            mask[j, answer_start[i] : n] = 1.0  # the tokens predicted by the answer steps
-        args = (jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segments), jnp.asarray(mask))
-        diff = np.asarray(answer_logprob(model, *args), np.float64) - np.asarray(
-            answer_logprob(ref_model, *args), np.float64
-        )
-        out[chunk] = beta * diff[: len(chunk)]
-    return out
-
-
-_JITTED: dict = {}
-
-
-def _answer_logprob_fn():
-    """The jitted Σ answer-token log-prob of a batch (built once: JAX is imported only by the DPO path)."""
-    if "fn" not in _JITTED:
-        import jax
-        import jax.numpy as jnp
-        from flax import nnx
-
-        @nnx.jit
-        def answer_logprob(m, tokens, positions, segment_ids, mask):
-            logp = jax.nn.log_softmax(m(tokens, positions, segment_ids)[:, :-1], axis=-1)
-            chosen = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-            return (chosen * mask[:, 1:]).sum(-1)
-
-        _JITTED["fn"] = answer_logprob
-    return _JITTED["fn"]
-
-
 class DPOScorer:
     """A DPO policy scored by its implied rewards against `reference` (both causal LMs, HF folders or checkpoints;
     the policy's tokenizer and its chat template)."""
@@ -283,19 +228,28 @@ class DPOScorer:
         max_length: int = 2048,
         batch_size: int = 8,
     ):
-        from flax import nnx
-
         from starling_jax.data import tokenizer as tokenizer_lib
+        from starling_jax.eval.score_batches import ImpliedRewards
+        from starling_jax.eval.scorer import PAD_TO_MULTIPLE
         from starling_jax.parallel import sharding
         from starling_jax.sample.chat import load_policy
 
         mesh = sharding.make_mesh(sharding.MeshConfig())
-        _, graphdef, params, tokenizer_dir, _ = load_policy(model, mesh)
-        _, ref_graphdef, ref_params, _, _ = load_policy(reference, mesh)
-        self.model, self.ref_model = nnx.merge(graphdef, params), nnx.merge(ref_graphdef, ref_params)
+        _, graphdef, self.params, tokenizer_dir, _ = load_policy(model, mesh)
+        _, ref_graphdef, self.ref_params, _, _ = load_policy(reference, mesh)
         self.tokenizer = tokenizer_lib.load_tokenizer(tokenizer_dir)
         self.name, self.beta, self.template = "dpo", float(beta), template
         self.max_length, self.batch_size = int(max_length), int(batch_size)
+        self.implied_rewards = ImpliedRewards(
+            graphdef,
+            ref_graphdef,
+            mesh,
+            self.beta,
+            rows=self.batch_size,
+            max_length=self.max_length,
+            pad_to_multiple=PAD_TO_MULTIPLE,
+            pad_id=self.tokenizer.pad_token_id or 0,
+        )
 
     def score_rows(self, rankings):
         from starling_jax.data.tokenize import tokenize_ranking
@@ -312,9 +266,7 @@ class DPOScorer:
                 sequences.append(np.asarray(tokens, np.int32))
                 starts.append(int(start))
                 owners.append(i)
-        rewards = implied_rewards(
-            self.model, self.ref_model, sequences, starts, self.beta, self.tokenizer.pad_token_id or 0, self.batch_size
-        )
+        rewards = self.implied_rewards(self.params, self.ref_params, sequences, starts)
         positions: dict[int, list[int]] = {}
         for k, owner in enumerate(owners):
             positions.setdefault(owner, []).append(k)

@@ -200,3 +200,23 @@ class BucketedLogProbs(BucketedScorer):
                 : len(idx)
             ]
         return out
+
+
+class ImpliedRewards:
+    """DPO implied rewards r = β · (Σ log π − Σ log π_ref), the sums over each sequence's tokens from its `start` on
+    (the answer and the template's end-of-turn tokens after it), each model's sums by a `BucketedLogProbs`: the one
+    implementation of `score --reference` and `evaluate rewardbench --reference`."""
+
+    def __init__(self, graphdef, ref_graphdef, mesh, beta: float, **kwargs):
+        self.beta = float(beta)
+        self.policy = BucketedLogProbs(graphdef, mesh, **kwargs)
+        self.reference = BucketedLogProbs(ref_graphdef, mesh, **kwargs)
+
+    def __call__(self, params, ref_params, sequences: Sequence[np.ndarray], starts: Sequence[int]) -> np.ndarray:
+        """→ float64 [N] implied rewards, in the order of `sequences`."""
+        if not len(sequences):
+            return np.zeros(0, np.float64)
+        return self.beta * (
+            self.policy(params, sequences, starts).astype(np.float64)
+            - self.reference(ref_params, sequences, starts).astype(np.float64)
+        )
