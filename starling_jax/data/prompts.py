@@ -9,11 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-
 from starling_jax.data.chat import parse_hh
 from starling_jax.data.nectar import iter_raw_rows
-from starling_jax.data.resumable import ResumableIterator
 from starling_jax.errors import DataError
 
 ROLES = ("system", "user", "assistant")
@@ -54,24 +51,3 @@ def read_prompts(path: str | Path) -> list[list[dict[str, str]]]:
     if not conversations:
         raise DataError(f"{path}: no rows")
     return conversations
-
-
-class PromptIterator(ResumableIterator):
-    """Batches `{"row": [batch_size] prompt row ids}` in a seeded order, reshuffled every epoch (the rows left
-    over at an epoch's end are not served); the position is `ResumableIterator`'s."""
-
-    def __init__(self, rows: list[int], batch_size: int, seed: int):
-        self.rows, self.global_batch_size, self.seed = np.asarray(rows), int(batch_size), int(seed)
-        self.epoch = self.batch = 0
-
-    @property
-    def num_examples(self) -> int:
-        return len(self.rows)
-
-    @property
-    def num_batches_per_epoch(self) -> int:
-        return len(self.rows) // self.global_batch_size
-
-    def fetch(self, epoch: int, batch: int) -> dict:
-        order = np.random.default_rng([self.seed, epoch]).permutation(self.rows)
-        return {"row": order[batch * self.global_batch_size : (batch + 1) * self.global_batch_size]}

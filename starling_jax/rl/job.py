@@ -37,7 +37,8 @@ from flax import nnx
 from starling_jax import hub
 from starling_jax.data.batch_spec import ROLLOUT
 from starling_jax.data.chat import adds_bos_by_tokenizer, render
-from starling_jax.data.prompts import PromptIterator, read_prompts
+from starling_jax.data.prompt_iterator import PromptIterator
+from starling_jax.data.prompts import read_prompts
 from starling_jax.data.synthetic import resolve_bundled
 from starling_jax.data.tokenizer import load_tokenizer
 from starling_jax.errors import CheckpointError, ConfigError, DataError

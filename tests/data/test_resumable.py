@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from starling_jax.data.prompts import PromptIterator
+from starling_jax.data.prompt_iterator import PromptIterator
 from starling_jax.errors import DataError
 
 
