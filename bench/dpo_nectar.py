@@ -4,7 +4,8 @@ Work per optimizer update: P Nectar-format prompts with K = 7 ranked answers (no
 created once (starling_jax's `tiny_policy`: 32k vocabulary, hidden 64, 2 layers) and exported to an HF folder
 (`export_causal_lm`, the tokenizer and chat template included); both systems load that folder.
 
-  starling_jax kwise   `train_dpo`'s own job and step (`DPOJob.setup`, `dpo_step.jit_train_step`): the prompt once
+  starling_jax kwise   `train_dpo`'s own job and step, set up as the loop does (`DPOJob.setup`, the one state
+                       builder, `DPOJob.steps`; timed: `Steps.train`, the loop's step): the prompt once
                        and its 7 answers after it (layout shared_prefix, packed rows of max_length tokens), the
                        Plackett-Luce loss over the implied rewards, one AdamW update.
   trl DPOTrainer       the same rankings cut into every ordered pair (21 per prompt), all 21·P pairs in one
@@ -26,8 +27,9 @@ Fairness (what trl is given):
   =no`, `report_to=none`, `disable_tqdm`); dropout off (the Mistral config has none anyway);
 - the same optimizer: AdamW (β = 0.9, 0.95, ε 1e-8, no weight decay), constant lr, gradient clipping at 1.0, β 0.1;
 - timing: trl's update time is `on_step_begin` → `on_step_end` of a callback (forward, backward, clipping,
-  optimizer; its collation happens before `on_step_begin`, as ours is done before the timed call); ours is the
-  jitted step until its metrics are on the host. The first `--warmup` updates (XLA compilation; PyTorch's first
+  optimizer; its collation happens before `on_step_begin`, as our host batches are read before the timed call);
+  ours is the loop's step (`Steps.train`: the batch's reference log-probs looked up and put on the device, the
+  jitted update) until its metrics are on the host. The first `--warmup` updates (XLA compilation; PyTorch's first
   allocations) are excluded from the median and reported separately (`compile_s`, `trl_first_step_s`).
 
 Rows (Nectar schema, written to a temporary file): "\\n\\nHuman: … \\n\\nAssistant:" prompts and answers of common
@@ -125,8 +127,24 @@ def make_policy(folder: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- starling_jax
+def loop_step(job, mesh):
+    """`job` set up as `train/loop.py` does it: `job.setup` → the one state builder → `job.steps` (jitted once)
+    → (set-up, state, frozen models, the `Steps` whose `train(state, frozen, host_batch)` is the loop's step)."""
+    from starling_jax.train.state import abstract_train_state, build_train_state
+
+    setup = job.setup(mesh)
+    state, shardings = build_train_state(
+        setup.params, setup.params_shardings, setup.optimizer.tx, mesh, job.cfg.seed, setup.extra_state
+    )
+    steps = job.steps(mesh, setup, abstract_train_state(state, shardings))
+    frozen = setup.frozen
+    setup.params, setup.frozen = None, {}  # the state and `frozen` hold them now (the step donates the state)
+    return setup, state, frozen, steps
+
+
 class OurSide:
-    """`train_dpo`'s job set up on the bench file; `step()` = one timed update on the next prepared batch."""
+    """`train_dpo`'s job set up on the bench file as the loop sets it up; `step()` = one timed loop step
+    (`Steps.train`) on the next host batch, read before timing."""
 
     def __init__(self, policy: Path, train_file: str, eval_file: str, args, k: int, prompts: int, loss: str, lr):
         import jax
@@ -161,16 +179,16 @@ class OurSide:
             train=TrainConfig(steps=1000),
         )
         self.job = DPOJob(cfg)
-        self.job.setup(sharding.make_mesh(cfg.mesh, devices=jax.devices()[:1]))
-        self.state = self.job.state
-        self.frozen = getattr(self.job, "frozen", {})
-        self.batches = []  # device batches, prepared before timing (as trl collates before on_step_begin)
-        for batch in iter(self.job.train_data):
-            real = int(np.sum(batch["segment_ids"] != 0))
-            self.batches.append((self.job._to_global(self.job._with_reference(batch, "train"), 0), real))
+        # the reference log-probs (precompute) are computed here, in `job.steps`, before any timed step
+        self.setup, self.state, self.frozen, self.steps = loop_step(
+            self.job, sharding.make_mesh(cfg.mesh, devices=jax.devices()[:1])
+        )
+        self.batches = []  # host batches, read before timing (as trl collates before on_step_begin)
+        for batch in iter(self.setup.train_data):
+            self.batches.append((batch, int(np.sum(batch["segment_ids"] != 0))))
             if len(self.batches) == args.warmup + args.steps:
                 break
-        self.job.train_data.close()
+        self.setup.train_data.close()  # no prefetch threads while timing
         self.tokens = int(self.batches[0][0]["tokens"].size)
         self.i = 0
         self.losses: list[float] = []
@@ -181,9 +199,12 @@ class OurSide:
 
         batch, real = self.batches[self.i % len(self.batches)]
         self.i += 1
-        self.state, metrics = self.job._step(self.state, self.frozen.get("reference"), batch)
+        self.state, metrics, _ = self.steps.train(self.state, self.frozen, batch)
         self.losses.append(float(jax.device_get(metrics["loss"])))
         self.real_tokens.append(real)
+
+    def close(self) -> None:
+        self.setup.close()
 
 
 def pair_rows(job, k: int) -> list[dict]:
@@ -317,7 +338,7 @@ def run_pair(name: str, policy: Path, tmp: Path, args, k: int, prompts: int, los
         start = time.perf_counter()
         ours.step()
         times.append(time.perf_counter() - start)
-    ours.job.close()
+    ours.close()
     jax.clear_caches()
     theirs = trl_side(policy, pairs, pairs_per_step, args, args.lr, str(tmp / f"trl_{name}"))
     ours_s = statistics.median(times)

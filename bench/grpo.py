@@ -19,8 +19,9 @@ template (llama2_chat) on both sides.
 Fairness: fp32, `torch.set_num_threads(--threads)` (all cores by default, as XLA); trl with no logging, eval,
 checkpoints, completion printing or progress bar, no vLLM (none on CPU: transformers' `generate` with its KV cache);
 trl's iteration is timed `on_step_begin` → `on_step_end` (its generation, scoring, reference forward, update all
-happen in that step), ours is `PPOJob.train_step` (the same four parts) until its metrics are on the host. The first
-`--warmup` iterations (XLA compilation; PyTorch's first allocations) are excluded and reported separately.
+happen in that step), ours is the loop's step (`Steps.train` of `PPOJob.steps`, the job set up as `train/loop.py`
+does: the same four parts) until its metrics are on the host. The first `--warmup` iterations (XLA compilation;
+PyTorch's first allocations) are excluded and reported separately.
 
     python bench/grpo.py            # P = 2 prompts x G = 4 answers, 32 new tokens, 3 timed iterations
     python bench/grpo.py --quick    # 8 new tokens, 1 timed iteration (CI smoke test)
@@ -114,23 +115,23 @@ def ours(policy: Path, rm: Path, prompts_file: Path, args, out_dir: str) -> dict
         ],
     )
     job = PPOJob(cfg)
-    job.setup(sharding.make_mesh(cfg.mesh, devices=jax.devices()[:1]))
-    state, frozen = job.state, job.frozen
-    batches = iter(job.train_data)
+    setup, state, frozen, steps = dpo_nectar.loop_step(job, sharding.make_mesh(cfg.mesh, devices=jax.devices()[:1]))
+    batches = iter(setup.train_data)
     times, losses = [], []
     for _ in range(args.warmup + args.steps):
         host_batch = next(batches)
         start = time.perf_counter()
-        state, metrics = job.train_step(state, frozen, host_batch)
+        state, metrics, _ = steps.train(state, frozen, host_batch)
         metrics = jax.device_get(metrics)
         times.append(time.perf_counter() - start)
         losses.append(float(metrics["loss"]))
-    job.close()
+    setup.close()
     return {
         "step_s": statistics.median(times[args.warmup :]),
         "first_step_s": times[0],
         "losses": losses,
-        "timing": {k: round(float(v), 3) for k, v in job.timing.items()},
+        # the last iteration's parts, from its metrics (time/generate_s, time/score_s, time/update_s)
+        "timing": {k.removeprefix("time/"): round(float(v), 3) for k, v in metrics.items() if k.startswith("time/")},
         "metric_keys": sorted(metrics),
     }
 

@@ -441,6 +441,9 @@ class PPOJob(Job):
         kl_coef = kl_lib.update_kl_coef(self.cfg.kl, state["kl_coef"], rollout_metrics["kl"], len(rows))
         rep = sharding.replicated(mesh)
         state = {**state, "kl_coef": jax.device_put(kl_coef, rep), "iteration": jax.device_put(jnp.int32(it + 1), rep)}
+        # the updates are dispatched asynchronously: wait for them, else their device time lands outside every
+        # timer (or in the next iteration's generate_s, whose sampler waits for the new actor params)
+        jax.block_until_ready(state)
         t3 = time.perf_counter()
         gen_tokens = int(np.asarray(out.lengths).sum())
         stacked = {k: jnp.stack([m[k] for m in update_metrics]) for k in update_metrics[0]}
