@@ -29,16 +29,82 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # pytest-xdist's workers inhe
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 
+# Estimated seconds (one idle core of this 2-core machine, warm compilation cache) of the costly test modules,
+# module fixtures included: what the scheduling below balances. Unlisted modules count 40 s per `slow`/`multiprocess`
+# test and 2 s per other test. Only the order of the tests depends on these numbers, never a result: refresh them
+# from a run's `--durations` when a module's cost changes a lot (BENCHMARKS.md, "CI time").
+MODULE_SECONDS = {
+    "tests/train/test_default_run.py": 300,
+    "tests/train/test_train_rm.py": 420,
+    "tests/train/test_cloud_storage.py": 300,
+    "tests/train/test_train_dpo.py": 250,
+    "tests/rl/test_train_ppo.py": 200,
+    "tests/test_benchmarks.py": 180,
+    "tests/train/test_train_sft.py": 150,
+    "tests/data/test_pipeline.py": 100,
+}
+DEFAULT_RUNS_SECONDS = 420  # the `default_runs` fixture: the embedded defaults trained once
+
+
+def _is_heavy(module: str, items: list) -> bool:
+    return module in MODULE_SECONDS or any(
+        i.get_closest_marker("slow") or i.get_closest_marker("multiprocess") for i in items
+    )
+
+
+def _module_seconds(module: str, items: list) -> float:
+    if module in MODULE_SECONDS:
+        return MODULE_SECONDS[module]
+    heavy = sum(bool(i.get_closest_marker("slow") or i.get_closest_marker("multiprocess")) for i in items)
+    return 40.0 * heavy + 2.0 * (len(items) - heavy)
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Longest first: the embedded-default runs, then the other end-to-end (`slow`/`multiprocess`) tests, then the
-    rest, so that pytest-xdist's two workers finish together instead of one running a long test alone at the end."""
-
-    def cost_rank(item) -> int:
-        if item.path.name == "test_default_run.py":
-            return 0
-        return 1 if item.get_closest_marker("slow") or item.get_closest_marker("multiprocess") else 2
-
-    items.sort(key=cost_rank)
+    """Orders the tests for `-n N --dist worksteal` (the README's command). worksteal hands worker i the i-th of N
+    slices of this list with equal test counts, and an idle worker takes the back half of another's remaining
+    slice. So: the modules stay whole (their module fixtures, e.g. tests/train/test_train_rm.py's shared runs, run
+    once); the costly ones (end-to-end runs) are dealt into N slices of about equal estimated cost, longest first,
+    each to the cheapest slice so far; then the quick modules fill the slices up to their test counts. Each slice
+    runs its costly modules first, longest first, so the long runs start at once on every worker and what is left
+    to steal at the end is quick. The tests that read the session's `default_runs` go together at the head of the
+    first slice (the worker that trains the defaults runs them; another worker would wait on the lock).
+    Deterministic (every xdist worker must collect the same order); without xdist: costly modules first."""
+    workers = max(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")), 1)
+    modules: dict[str, list] = {}
+    for item in items:
+        modules.setdefault(Path(os.path.relpath(item.path, config.rootpath)).as_posix(), []).append(item)
+    defaults_unit, defaults_seconds = [], float(DEFAULT_RUNS_SECONDS)
+    heavy, light = [], []
+    for module, module_items in modules.items():
+        if any("default_runs" in getattr(i, "fixturenames", ()) for i in module_items):
+            defaults_unit += module_items
+            defaults_seconds += _module_seconds(module, module_items)
+        else:
+            unit = (_module_seconds(module, module_items), module, module_items)
+            (heavy if _is_heavy(module, module_items) else light).append(unit)
+    slices: list[list] = [[] for _ in range(workers)]
+    costs = [0.0] * workers
+    if defaults_unit:
+        slices[0].append((defaults_seconds, "", defaults_unit))
+        costs[0] += defaults_seconds
+    for unit in sorted(heavy, key=lambda u: (-u[0], u[1])):
+        cheapest = min(range(workers), key=lambda i: (costs[i], i))
+        slices[cheapest].append(unit)
+        costs[cheapest] += unit[0]
+    # the test counts worksteal gives each worker: len // N to the first, then the rest likewise
+    targets, left = [], len(items)
+    for i in range(workers):
+        targets.append(left // (workers - i))
+        left -= targets[-1]
+    counts = [sum(len(u[2]) for u in part) for part in slices]
+    for unit in sorted(light, key=lambda u: (-len(u[2]), u[1])):
+        i = next((i for i in range(workers) if counts[i] < targets[i]), workers - 1)
+        slices[i].append(unit)
+        counts[i] += len(unit[2])
+    items[:] = [
+        item for part in slices for _, _, unit_items in sorted(part, key=lambda u: -u[0]) for item in unit_items
+    ]
 
 
 def _last_json_line(path: Path) -> dict:

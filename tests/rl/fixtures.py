@@ -1,15 +1,55 @@
 """Tiny models for the RL tests, built without compiling anything (eager or jitted NNX init of even a 4-layer model
-costs tens of seconds on the shared 2-core CI machine)."""
+costs tens of seconds on the shared 2-core CI machine), and the tiny HF policy / reward-model folders and chat
+prompts file that the `train_ppo` tests run on."""
 
 from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from starling_jax.data.chat import to_hh
+from starling_jax.data.tokenizer import default_tokenizer_dir
 from starling_jax.model.config import ModelConfig
 from starling_jax.model.create import abstract_model
+from tests.model.hf_fixtures import make_hf_model
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Name a colour.",
+    "Tell me a joke.",
+    "How are you?",
+    "What is two plus two?",
+    "Say hello.",
+    "Who wrote Hamlet?",
+    "Give me a number.",
+]
+
+
+def ppo_folders(root: Path, layers: int) -> tuple[Path, Path, Path]:
+    """(policy, reward model, prompts file) under `root`: a random `layers`-layer Mistral policy and Llama reward
+    model as HF folders with the Llama-2 chat tokenizer (32000 tokens), and 24 single-turn chat prompts (each
+    question three times, numbered)."""
+    tok = default_tokenizer_dir("llama2_chat")
+    policy = make_hf_model(root / "policy", "mistral", head="lm", vocab=32000, layers=layers, sliding_window=4096)
+    rm = make_hf_model(root / "rm", "llama", head="score", vocab=32000, layers=layers, seed=1)
+    for folder in (policy, rm):
+        for f in tok.iterdir():
+            shutil.copy(f, folder / f.name)
+    prompts = root / "prompts.jsonl"
+    prompts.write_text(
+        "".join(
+            json.dumps({"prompt": to_hh([{"role": "user", "content": f"{q} ({i})"}])}) + "\n"
+            for i in range(3)
+            for q in QUESTIONS
+        )
+    )
+    return policy, rm, prompts
 
 
 def _names(path) -> tuple[str, ...]:

@@ -3,47 +3,18 @@ tests/model/test_multislice.py): its data-parallel size counts the slices (dcn Ã
 refusal uses it, and an iteration (rollouts, scores, experience, update, held-out eval) runs on it."""
 
 import json
-import shutil
 
 import jax
 import pytest
 
 from starling_jax import train_ppo
-from starling_jax.data.chat import to_hh
-from starling_jax.data.tokenizer import default_tokenizer_dir
 from starling_jax.parallel import sharding
-from tests.model.hf_fixtures import make_hf_model
-
-QUESTIONS = [
-    "What is the capital of France?",
-    "Name a colour.",
-    "Tell me a joke.",
-    "How are you?",
-    "What is two plus two?",
-    "Say hello.",
-    "Who wrote Hamlet?",
-    "Give me a number.",
-]
+from tests.rl.fixtures import ppo_folders
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ppo_dcn")
-    tok = default_tokenizer_dir("llama2_chat")
-    policy = make_hf_model(root / "policy", "mistral", head="lm", vocab=32000, layers=1, sliding_window=4096)
-    rm = make_hf_model(root / "rm", "llama", head="score", vocab=32000, layers=1, seed=1)
-    for folder in (policy, rm):
-        for f in tok.iterdir():
-            shutil.copy(f, folder / f.name)
-    prompts = root / "prompts.jsonl"
-    prompts.write_text(
-        "".join(
-            json.dumps({"prompt": to_hh([{"role": "user", "content": f"{q} ({i})"}])}) + "\n"
-            for i in range(3)
-            for q in QUESTIONS
-        )
-    )
-    return policy, rm, prompts
+    return ppo_folders(tmp_path_factory.mktemp("ppo_dcn"), layers=1)
 
 
 def args_for(folders, out, *extra):

@@ -14,43 +14,15 @@ pytest.importorskip("starling_jax.train.job", reason="train_ppo runs on the shar
 
 from starling_jax import train_ppo  # noqa: E402
 from starling_jax.config import load_config  # noqa: E402
-from starling_jax.data.chat import to_hh  # noqa: E402
 from starling_jax.data.tokenizer import default_tokenizer_dir  # noqa: E402
 from tests.entrypoints import kill_after_metrics  # noqa: E402
-from tests.model.hf_fixtures import make_hf_model  # noqa: E402
+from tests.rl.fixtures import QUESTIONS, ppo_folders  # noqa: E402
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
 
-QUESTIONS = [
-    "What is the capital of France?",
-    "Name a colour.",
-    "Tell me a joke.",
-    "How are you?",
-    "What is two plus two?",
-    "Say hello.",
-    "Who wrote Hamlet?",
-    "Give me a number.",
-]
-
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ppo")
-    tok = default_tokenizer_dir("llama2_chat")
-    policy = make_hf_model(root / "policy", "mistral", head="lm", vocab=32000, layers=2, sliding_window=4096)
-    rm = make_hf_model(root / "rm", "llama", head="score", vocab=32000, layers=2, seed=1)
-    for folder in (policy, rm):
-        for f in tok.iterdir():
-            shutil.copy(f, folder / f.name)
-    prompts = root / "prompts.jsonl"
-    prompts.write_text(
-        "".join(
-            json.dumps({"prompt": to_hh([{"role": "user", "content": f"{q} ({i})"}])}) + "\n"
-            for i in range(3)
-            for q in QUESTIONS
-        )
-    )
-    return policy, rm, prompts
+    return ppo_folders(tmp_path_factory.mktemp("ppo"), layers=2)
 
 
 def base_args(folders, out, *extra):

@@ -1,12 +1,17 @@
-"""End-to-end reward-model training: sharding equivalence, kill/resume, preemption, export parity, user errors.
+"""End-to-end reward-model training: sharding equivalence, gradient accumulation, kill/resume, preemption, elastic
+restore on another mesh, export parity, user errors.
 
 Runs `python -m starling_jax.train_rm` in subprocesses (each picks its own simulated device count) on a small
-synthetic Nectar-format file.
+synthetic Nectar-format file. The uninterrupted runs are module fixtures that several tests read (each run start
+costs ~25 s of CPU here, most of it start-up, so the suite starts as few as the proofs need): `one_device` is the
+reference of the eight-device, two-process, gradient-accumulation, SIGKILL and elastic tests; `short_run` (4 steps,
+HF export) is read by the export, TensorBoard and other-model-size tests.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +22,7 @@ import numpy as np
 import pytest
 
 from starling_jax.data.synthetic import generate, write_jsonl
-from tests.entrypoints import entry_cmd, env_with, free_port, kill_after_metrics, losses, run_entry
+from tests.entrypoints import entry_cmd, env_with, free_port, kill_after_metrics, losses, run_entry, summary
 
 pytestmark = pytest.mark.slow
 
@@ -53,18 +58,34 @@ MESH_2X2X2 = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
 
 
 @pytest.fixture(scope="module")
+def one_device(tmp_path_factory, data_file) -> tuple[Path, dict]:
+    """The reference: one process, one device, 8 steps uninterrupted (checkpoints at steps 4 and 8)."""
+    out = tmp_path_factory.mktemp("one_device")
+    return out, run_train(out, data_file, devices=1)
+
+
+@pytest.fixture(scope="module")
 def eight_devices(tmp_path_factory, data_file) -> tuple[Path, dict]:
-    """One process, 8 devices on a data × fsdp × tensor = 2 × 2 × 2 mesh: what the one-device run and the
-    two-process run are compared with (its output folder, its summary)."""
+    """One process, 8 devices on a data × fsdp × tensor = 2 × 2 × 2 mesh: what the two-process run is compared
+    with (its output folder, its summary)."""
     out = tmp_path_factory.mktemp("eight_devices")
     return out, run_train(out, data_file, *MESH_2X2X2, devices=8)
 
 
-def test_one_device_and_eight_devices_give_the_same_losses(tmp_path, data_file, eight_devices):
-    single = run_train(tmp_path / "one", data_file, devices=1)
-    eight_dir, sharded = eight_devices
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory, data_file) -> tuple[Path, dict]:
+    """4 steps with an eval every 2 steps, MFU logged and the HF export: read by the export, TensorBoard and
+    other-model-size tests (none of them writes into it)."""
+    out = tmp_path_factory.mktemp("short_run")
+    return out, run_train(
+        out, data_file, "train.steps=4", "train.eval_every=2", "train.peak_tflops_per_device=1.0", "export.hf=true"
+    )
+
+
+def test_one_device_and_eight_devices_give_the_same_losses(one_device, eight_devices):
+    (one_dir, single), (eight_dir, sharded) = one_device, eight_devices
     assert single["steps"] == sharded["steps"] == 8
-    a, b = losses(tmp_path / "one"), losses(eight_dir)
+    a, b = losses(one_dir), losses(eight_dir)
     assert sorted(a) == list(range(1, 9))
     np.testing.assert_allclose([a[s] for s in sorted(a)], [b[s] for s in sorted(a)], rtol=0, atol=1e-5)
     # the losses differ step to step: the comparison is not between two constant curves
@@ -72,30 +93,32 @@ def test_one_device_and_eight_devices_give_the_same_losses(tmp_path, data_file, 
     assert single["eval_pairwise_accuracy"] == pytest.approx(sharded["eval_pairwise_accuracy"], abs=1e-6)
 
 
-def test_gradient_accumulation_matches_full_batch(tmp_path, data_file):
-    run_train(tmp_path / "full", data_file, "train.steps=3")
-    run_train(tmp_path / "micro", data_file, "train.steps=3", "train.micro_batches=4")
-    a, b = losses(tmp_path / "full"), losses(tmp_path / "micro")
-    np.testing.assert_allclose([a[s] for s in (1, 2, 3)], [b[s] for s in (1, 2, 3)], atol=1e-5)
+def test_gradient_accumulation_matches_full_batch(tmp_path, data_file, one_device):
+    """4 micro-batches per step give the full batch's losses at every step of the reference run."""
+    run_train(tmp_path / "micro", data_file, "train.micro_batches=4")
+    a, b = losses(one_device[0]), losses(tmp_path / "micro")
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    np.testing.assert_allclose([b[s] for s in sorted(a)], [a[s] for s in sorted(a)], rtol=0, atol=1e-5)
 
 
-def test_sigkill_then_restart_resumes_exactly(tmp_path, data_file):
-    steps = ["train.steps=16", "train.save_every=4", "train.eval_every=100"]
-    run_train(tmp_path / "straight", data_file, *steps)
-    reference = losses(tmp_path / "straight")
-
+def test_sigkill_then_restart_resumes_exactly(tmp_path, data_file, one_device):
+    reference_dir, reference_summary = one_device
+    reference = losses(reference_dir)
     out = tmp_path / "killed"
-    kill_after_metrics(train_cmd(out, data_file, *steps), out, rows=9, timeout=300)  # past some checkpoint
+    # killed past the step-4 checkpoint, before the end (the same command as the reference run)
+    kill_after_metrics(train_cmd(out, data_file), out, rows=5, timeout=300, checkpoint=4)
     killed_at = max(losses(out))
-    assert killed_at < 16
+    assert killed_at < 8
 
-    summary = run_train(out, data_file, *steps)
-    assert summary["resumed_from"] is not None and summary["resumed_from"] <= killed_at
-    assert summary["resumed_from"] % 4 == 0
+    resumed_summary = run_train(out, data_file)
+    assert resumed_summary["resumed_from"] == 4
     resumed = losses(out)
-    assert sorted(resumed) == sorted(reference)
+    assert sorted(resumed) == sorted(reference) == list(range(1, 9))
     np.testing.assert_allclose(
-        [resumed[s] for s in sorted(reference)], [reference[s] for s in sorted(reference)], rtol=0, atol=1e-6
+        [resumed[s] for s in range(1, 9)], [reference[s] for s in range(1, 9)], rtol=0, atol=1e-6
+    )
+    assert resumed_summary["eval_pairwise_accuracy"] == pytest.approx(
+        reference_summary["eval_pairwise_accuracy"], abs=1e-9
     )
 
 
@@ -116,19 +139,18 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, data_file):
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-2000:]
-    summary = json.loads(stdout.strip().splitlines()[-1])
-    assert summary["status"] == "preempted"
+    stopped = summary(stdout)
+    assert stopped["status"] == "preempted"
     saved = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
-    assert saved == [summary["steps"]] and 3 <= summary["steps"] < 400
+    assert saved == [stopped["steps"]] and 3 <= stopped["steps"] < 400
 
 
-def test_export_loads_in_transformers_and_score_agrees(tmp_path, data_file):
+def test_export_loads_in_transformers_and_score_agrees(tmp_path, data_file, short_run):
     torch = pytest.importorskip("torch")
     from transformers import AutoModelForSequenceClassification
 
-    out = tmp_path / "run"
-    summary = run_train(out, data_file, "train.steps=4", "export.hf=true")
-    hf_dir = Path(summary["hf_export_dir"])
+    out, run_summary = short_run
+    hf_dir = Path(run_summary["hf_export_dir"])
     config = json.loads((hf_dir / "config.json").read_text())
     assert config["architectures"] == ["MistralForSequenceClassification"]
     assert config["num_labels"] == 1 and config["pad_token_id"] is not None
@@ -213,11 +235,10 @@ def test_export_loads_in_transformers_and_score_agrees(tmp_path, data_file):
             assert abs(float(logits[0, 0]) - reward) < 1e-4
 
 
-def test_tensorboard_and_metrics_jsonl_hold_the_training_scalars(tmp_path, data_file):
+def test_tensorboard_and_metrics_jsonl_hold_the_training_scalars(short_run):
     import tensorflow as tf
 
-    out = tmp_path / "run"
-    run_train(out, data_file, "train.steps=4", "train.eval_every=2", "train.peak_tflops_per_device=1.0")
+    out = short_run[0]
     tags = set()
     for events in (out / "tensorboard").glob("events.*"):
         for event in tf.compat.v1.train.summary_iterator(str(events)):
@@ -267,9 +288,9 @@ def test_missing_data_file_is_a_one_line_error(capsys, tmp_path):
     assert "nope.jsonl" in line
 
 
-def test_checkpoint_from_another_model_size_is_a_one_line_error(tmp_path, data_file):
+def test_checkpoint_from_another_model_size_is_a_one_line_error(tmp_path, data_file, short_run):
     out = tmp_path / "run"
-    run_train(out, data_file, "train.steps=4")
+    shutil.copytree(short_run[0], out)  # the shared run stays as it is
     # without config.yaml (a run copied without it) the changed config is not refused up front
     # (tests/test_user_errors.py), so this is the checkpoint's own check of the model it holds
     (out / "config.yaml").unlink()
@@ -285,11 +306,10 @@ def test_checkpoint_from_another_model_size_is_a_one_line_error(tmp_path, data_f
     assert len(errors) == 1 and "hidden_size" in errors[0] and "Traceback" not in proc.stderr
 
 
-@pytest.mark.multiprocess
-def test_two_processes_give_the_same_losses_as_one(tmp_path, data_file, eight_devices):
-    mesh = MESH_2X2X2
-    one_dir, single = eight_devices
-    out = tmp_path / "two"
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory, data_file) -> tuple[Path, list[dict]]:
+    """2 processes × 4 devices on the 2 × 2 × 2 mesh, 8 steps with the HF export (its folder, both summaries)."""
+    out = tmp_path_factory.mktemp("two_processes")
     port = free_port()
     procs = []
     for pid in (0, 1):
@@ -301,7 +321,7 @@ def test_two_processes_give_the_same_losses_as_one(tmp_path, data_file, eight_de
         )
         procs.append(
             subprocess.Popen(
-                train_cmd(out, data_file, *mesh, "export.hf=true"),
+                train_cmd(out, data_file, *MESH_2X2X2, "export.hf=true"),
                 env=env,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -311,10 +331,47 @@ def test_two_processes_give_the_same_losses_as_one(tmp_path, data_file, eight_de
     results = [p.communicate(timeout=600) for p in procs]
     for p, (stdout, stderr) in zip(procs, results):
         assert p.returncode == 0, stderr[-3000:]
-    summaries = [json.loads(stdout.strip().splitlines()[-1]) for stdout, _ in results]
+    return out, [summary(stdout) for stdout, _ in results]
+
+
+@pytest.mark.multiprocess
+def test_two_processes_give_the_same_losses_as_one(eight_devices, two_processes):
+    one_dir, single = eight_devices
+    out, summaries = two_processes
     a, b = losses(one_dir), losses(out)
     assert sorted(a) == sorted(b) == list(range(1, 9))
     np.testing.assert_allclose([a[s] for s in sorted(a)], [b[s] for s in sorted(a)], rtol=0, atol=1e-5)
-    for summary in summaries:  # every host computed the same metrics over the whole eval split
-        assert summary["eval_pairwise_accuracy"] == pytest.approx(single["eval_pairwise_accuracy"], abs=1e-6)
+    for run_summary in summaries:  # every host computed the same metrics over the whole eval split
+        assert run_summary["eval_pairwise_accuracy"] == pytest.approx(single["eval_pairwise_accuracy"], abs=1e-6)
     assert (out / "hf" / "model.safetensors").is_file()
+
+
+@pytest.mark.multiprocess
+def test_two_process_checkpoint_restores_on_one_process_four_devices(tmp_path, data_file, one_device, two_processes):
+    """Elastic restore: the step-4 checkpoint written by 2 processes × 4 devices (data × fsdp × tensor = 2 × 2 × 2)
+    continues on 1 process × 4 devices (the default mesh) with the same parameters and the same data position: its
+    losses equal the one-device run's and its final weights the uninterrupted two-process run's. (The data position
+    is global: `(epoch, batch)` of the global batch plan, which does not depend on the process count; Orbax restores
+    each array into the new mesh's shardings.)"""
+    from safetensors.numpy import load_file
+
+    two_dir = two_processes[0]
+    out = tmp_path / "elastic"
+    shutil.copytree(two_dir, out)
+    # the run as it stood after its step-4 checkpoint: later checkpoint, export and metric rows gone
+    shutil.rmtree(out / "checkpoints" / "8")
+    shutil.rmtree(out / "hf")
+    rows = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text("".join(l + "\n" for l in rows if json.loads(l)["step"] <= 4))
+
+    resumed = run_entry(train_cmd(out, data_file, "export.hf=true"), devices=4)
+    assert resumed["resumed_from"] == 4 and resumed["steps"] == 8
+    a, b = losses(one_device[0]), losses(out)
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    # steps 5..8 ran on the restored parameters and the restored data position
+    np.testing.assert_allclose([b[i] for i in range(1, 9)], [a[i] for i in range(1, 9)], rtol=0, atol=1e-5)
+    assert np.ptp([a[i] for i in range(5, 9)]) > 1e-3
+    wa, wb = load_file(str(two_dir / "hf" / "model.safetensors")), load_file(str(out / "hf" / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        np.testing.assert_allclose(wb[key], wa[key], rtol=0, atol=1e-5, err_msg=key)
