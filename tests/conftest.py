@@ -39,7 +39,10 @@ MODULE_SECONDS = {
     "tests/train/test_cloud_storage.py": 300,
     "tests/train/test_train_dpo.py": 250,
     "tests/rl/test_train_ppo.py": 200,
-    "tests/test_benchmarks.py": 180,
+    "tests/test_benchmarks.py": 400,
+    "tests/train/test_trainer_contract.py": 250,
+    "tests/rl/test_grpo.py": 200,
+    "tests/test_onpolicy.py": 200,
     "tests/train/test_train_sft.py": 150,
     "tests/data/test_pipeline.py": 100,
 }
