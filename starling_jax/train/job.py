@@ -268,6 +268,38 @@ def build_optimizer(optim: OptimConfig, total_steps: int, model_cfg: ModelConfig
     return Optimizer(tx, schedule, mask if is_abstract(params) else replicate_mask(mask, mesh))
 
 
+class OneModelJob(Job):
+    """A job that trains one model and holds no frozen one (reward model, SFT): its `architectures`,
+    `abstract_setup` and the `JobSetup` its `setup` returns, built one way for the run and for `aot`. Subclasses
+    set `model_name` and `role`."""
+
+    model_name: str
+    role: str
+
+    def architectures(self) -> dict[str, ModelConfig]:
+        return {self.model_name: run_architecture(self.cfg.model_config, self.cfg.init_from)}
+
+    def abstract_setup(self, mesh: Mesh, architectures: dict[str, ModelConfig]) -> JobSetup:
+        model_cfg = architectures[self.model_name]
+        graphdef, params = create.abstract_model(model_cfg, self.role)
+        return self.one_model_setup(mesh, model_cfg, graphdef, params, sharding.state_shardings(params, mesh))
+
+    def one_model_setup(
+        self, mesh: Mesh, model_cfg: ModelConfig, graphdef, params, params_shardings, train_data=None, eval_data=None
+    ) -> JobSetup:
+        self.model_cfg = model_cfg
+        self.models = [ModelEntry(self.model_name, self.role, model_cfg, trainable=True)]
+        return JobSetup(
+            models=self.models,
+            graphdefs={self.model_name: graphdef},
+            params=params,
+            params_shardings=params_shardings,
+            optimizer=build_optimizer(self.cfg.optim, self.cfg.train.steps, model_cfg, params, mesh),
+            train_data=train_data,
+            eval_data=eval_data,
+        )
+
+
 def replicate_mask(mask, mesh: Mesh):
     """A trainable mask as replicated device arrays (it is small: scalars and per-layer vectors)."""
     return None if mask is None else jax.device_put(mask, sharding.replicated(mesh))

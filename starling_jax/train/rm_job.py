@@ -21,26 +21,23 @@ from starling_jax.data.synthetic import resolve_bundled
 from starling_jax.data.tokenizer import load_tokenizer
 from starling_jax.errors import CheckpointError
 from starling_jax.eval.metrics import RankingMetrics
-from starling_jax.model import create, hf_io
+from starling_jax.model import hf_io
 from starling_jax.model.attention import check_layout
 from starling_jax.parallel import sharding
 from starling_jax.train import loop, rm_step
 from starling_jax.train.job import (
-    Job,
     JobSetup,
+    OneModelJob,
     Program,
     Steps,
     batch_tokens,
-    build_optimizer,
     init_model,
     new_figure,
     plot_loss,
     resolve_tokenizer_dir,
-    run_architecture,
     save_figure,
 )
 from starling_jax.train.rm_config import RMRunConfig
-from starling_jax.train.state import ModelEntry
 from starling_jax.train.step import merge_micro_batches, split_micro_batches
 
 log = logging.getLogger("starling_jax")
@@ -125,7 +122,8 @@ def reward_stats(eval_metrics: dict) -> dict:
     return {"reward_mean": eval_metrics.get("reward_mean"), "reward_std": eval_metrics.get("reward_std")}
 
 
-class RMJob(Job):
+class RMJob(OneModelJob):
+    model_name, role = MODEL_NAME, ROLE
     name = "train_rm"
     window_means = ("loss", "batch_pairwise_accuracy")
     hidden_metrics = ("num_prompts",)
@@ -155,28 +153,8 @@ class RMJob(Job):
             raise CheckpointError(f"model vocab_size={model_cfg.vocab_size} < tokenizer size {len(tokenizer)}")
         # init_from's config.json may bring its own window
         check_layout(model_cfg.attention_impl, cfg.data.attention_layout, model_cfg.sliding_window, cfg.data.max_length)
-        return self._setup(mesh, model_cfg, graphdef, params, params_shardings, self.train_data, self.eval_data)
-
-    def architectures(self) -> dict:
-        return {MODEL_NAME: run_architecture(self.cfg.model_config, self.cfg.init_from)}
-
-    def abstract_setup(self, mesh, architectures: dict) -> JobSetup:
-        model_cfg = architectures[MODEL_NAME]
-        graphdef, params = create.abstract_model(model_cfg, ROLE)
-        return self._setup(mesh, model_cfg, graphdef, params, sharding.state_shardings(params, mesh))
-
-    def _setup(self, mesh, model_cfg, graphdef, params, params_shardings, train_data=None, eval_data=None):
-        self.model_cfg = model_cfg
-        self.models = [ModelEntry(MODEL_NAME, ROLE, model_cfg, trainable=True)]
-        return JobSetup(
-            models=self.models,
-            graphdefs={MODEL_NAME: graphdef},
-            params=params,
-            params_shardings=params_shardings,
-            optimizer=build_optimizer(self.cfg.optim, self.cfg.train.steps, model_cfg, params, mesh),
-            train_data=train_data,
-            eval_data=eval_data,
-        )
+        data = (self.train_data, self.eval_data)
+        return self.one_model_setup(mesh, model_cfg, graphdef, params, params_shardings, *data)
 
     def _eval_micro_batches(self) -> int:
         """As many eval micro-batches as the train step's rows per micro-batch ask for (eval rows ≤ train's)."""

@@ -23,25 +23,22 @@ from starling_jax.data.sft import Conversation, SFTPipeline, load_examples, toke
 from starling_jax.data.synthetic import resolve_bundled
 from starling_jax.data.tokenizer import load_tokenizer
 from starling_jax.errors import CheckpointError
-from starling_jax.model import create, hf_io
+from starling_jax.model import hf_io
 from starling_jax.parallel import sharding
 from starling_jax.train import loop, sft_step
 from starling_jax.train.job import (
-    Job,
     JobSetup,
+    OneModelJob,
     Program,
     Steps,
     batch_tokens,
-    build_optimizer,
     init_model,
     new_figure,
     plot_loss,
     resolve_tokenizer_dir,
-    run_architecture,
     save_figure,
 )
 from starling_jax.train.sft_config import SFTRunConfig
-from starling_jax.train.state import ModelEntry
 
 log = logging.getLogger("starling_jax")
 ROLE = "causal_lm"
@@ -117,7 +114,8 @@ def export_causal_lm(
     return folder
 
 
-class SFTJob(Job):
+class SFTJob(OneModelJob):
+    model_name, role = MODEL_NAME, ROLE
     name = "train_sft"
     window_means = ("loss",)
     hidden_metrics = ("num_tokens",)
@@ -183,28 +181,8 @@ class SFTJob(Job):
         )
         if model_cfg.vocab_size < len(self.tokenizer):
             raise CheckpointError(f"model vocab_size={model_cfg.vocab_size} < tokenizer size {len(self.tokenizer)}")
-        return self._setup(mesh, model_cfg, graphdef, params, params_shardings, self.train_data, self.eval_data)
-
-    def architectures(self) -> dict:
-        return {MODEL_NAME: run_architecture(self.cfg.model_config, self.cfg.init_from)}
-
-    def abstract_setup(self, mesh, architectures: dict) -> JobSetup:
-        model_cfg = architectures[MODEL_NAME]
-        graphdef, params = create.abstract_model(model_cfg, ROLE)
-        return self._setup(mesh, model_cfg, graphdef, params, sharding.state_shardings(params, mesh))
-
-    def _setup(self, mesh, model_cfg, graphdef, params, params_shardings, train_data=None, eval_data=None):
-        self.model_cfg = model_cfg
-        self.models = [ModelEntry(MODEL_NAME, ROLE, model_cfg, trainable=True)]
-        return JobSetup(
-            models=self.models,
-            graphdefs={MODEL_NAME: graphdef},
-            params=params,
-            params_shardings=params_shardings,
-            optimizer=build_optimizer(self.cfg.optim, self.cfg.train.steps, model_cfg, params, mesh),
-            train_data=train_data,
-            eval_data=eval_data,
-        )
+        data = (self.train_data, self.eval_data)
+        return self.one_model_setup(mesh, model_cfg, graphdef, params, params_shardings, *data)
 
     def _eval_micro(self) -> int:
         d = self.cfg.data
