@@ -41,6 +41,21 @@ def run_entry(cmd: list[str], devices: int = 1, timeout: int = 600) -> dict:
     return summary(proc.stdout)
 
 
+def run_module_in(cwd: Path, module: str, *args: str, timeout: int = 1200) -> subprocess.CompletedProcess:
+    """`python -m starling_jax.<module> ARGS` in `cwd` on one CPU device, as a user runs it (the test's XLA_FLAGS
+    dropped; this checkout first on the path) → the finished process (exit code not checked)."""
+    root = Path(__file__).resolve().parents[1]
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        TF_CPP_MIN_LOG_LEVEL="2",
+        PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+    )
+    env.pop("XLA_FLAGS", None)
+    cmd = [sys.executable, "-m", f"starling_jax.{module}", *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
 def losses(out: Path) -> dict[int, float]:
     """step → loss from `metrics.jsonl` (a resumed run rewrites later steps: the newest row wins)."""
     rows = {}

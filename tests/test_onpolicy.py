@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.entrypoints import run_module_in, summary
+
 K = 3
 
 
@@ -34,24 +33,10 @@ def defaults(request) -> Path:
 
 
 def run_module(cwd: Path, module: str, *args: str, ok: bool = True) -> tuple[int, dict, str]:
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        TF_CPP_MIN_LOG_LEVEL="2",
-        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    )
-    env.pop("XLA_FLAGS", None)  # one CPU device, as a user runs it
-    done = subprocess.run(
-        [sys.executable, "-m", f"starling_jax.{module}", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
+    done = run_module_in(cwd, module, *args, timeout=1200)
     if ok:
         assert done.returncode == 0, done.stderr[-3000:]
-    return done.returncode, json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
+    return done.returncode, summary(done.stdout), done.stderr
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -10,39 +10,22 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from starling_jax.data.synthetic import bundled_path
+from tests.entrypoints import run_module_in, summary
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[2]
 RUNS = ("runs/sft_default/hf", "runs/rm_default/hf", "runs/ppo_default/hf")
 
 
 def run_module(cwd: Path, module: str, *args: str) -> tuple[dict, str]:
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        TF_CPP_MIN_LOG_LEVEL="2",
-        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    )
-    env.pop("XLA_FLAGS", None)  # one CPU device, as a user runs it
-    done = subprocess.run(
-        [sys.executable, "-m", f"starling_jax.{module}", *args],
-        cwd=cwd,
-        env=env,
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=3600,
-    )
+    done = run_module_in(cwd, module, *args, timeout=3600)
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
+    return summary(done.stdout), done.stderr
 
 
 @pytest.fixture(scope="module")
