@@ -20,6 +20,7 @@ from tests.rl.fixtures import QUESTIONS, ppo_folders  # noqa: E402
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
 
+
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     return ppo_folders(tmp_path_factory.mktemp("ppo"), layers=2)
