@@ -138,6 +138,17 @@ def check_output_folder(folder, overwrite: bool) -> None:
         raise CheckpointError(f"{folder}: output folder exists and is not empty; pass --overwrite to replace it")
 
 
+def _default_permissions(root: Path) -> None:
+    """The modes a plain `mkdir` / `open` would have given under the process umask: `mkdtemp` makes the folder
+    0700, and some writers (safetensors) leave files 0600, which would hide an export from the other users of a
+    shared machine."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [root, *root.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_folder(folder, *, write: bool = True) -> Iterator[Path]:
     """Yields a temporary sibling folder to write into; on success it replaces `folder` in one rename (the old
@@ -159,6 +170,7 @@ def atomic_folder(folder, *, write: bool = True) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
         yield tmp
+        _default_permissions(tmp)
         old = None
         if folder.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))

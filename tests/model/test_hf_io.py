@@ -1,7 +1,9 @@
 """HF ↔ starling_jax key table: byte-exact round trips, Starling v_head layouts, export config, clear errors."""
 
 import json
+import os
 import shutil
+import stat
 
 import numpy as np
 import pytest
@@ -282,6 +284,11 @@ def test_export_is_atomic_and_refuses_a_non_empty_folder(tmp_path_factory, tmp_p
     cfg, _, state = load_hf(src, "causal_lm", one_device_mesh())
     out = save_hf(tmp_path / "out", cfg, state, "causal_lm")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
+    # the modes a plain mkdir / open give under the umask (mkdtemp's 0700 would hide the export from other users)
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [out, *out.iterdir()]}
+    assert modes == {p: (0o777 if p == "out" else 0o666) & ~umask for p in modes}, oct(umask)
     with pytest.raises(CheckpointError, match="not empty.*--overwrite"):
         save_hf(out, cfg, state, "causal_lm", overwrite=False)
     calls = []
