@@ -18,6 +18,7 @@ from starling_jax.rl.config import PPORunConfig
 from tests.entrypoints import env_with, summary
 from tests.hub_cache import add_to_hub_cache, folder_files
 from tests.model.hf_fixtures import make_hf_model
+from tests.rl.fixtures import QUESTIONS
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = {
@@ -33,14 +34,6 @@ SIZES = [
     "rollout.minibatch_size=2",
     "rollout.max_new_tokens=8",
     "train.steps=2",
-]
-QUESTIONS = [
-    "What is the capital of France?",
-    "Name a colour.",
-    "Tell me a joke.",
-    "How are you?",
-    "What is two plus two?",
-    "Say hello.",
 ]
 
 
@@ -68,7 +61,7 @@ def hf_home(tmp_path_factory):
         "".join(
             json.dumps({"prompt": to_hh([{"role": "user", "content": f"{q} ({i})"}])}) + "\n"
             for i in range(2)
-            for q in QUESTIONS
+            for q in QUESTIONS[:6]
         )
     )
     return home, prompts
