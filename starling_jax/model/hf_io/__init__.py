@@ -42,9 +42,6 @@ from starling_jax.model.hf_io.write import (
     save_hf,
     write_safetensors,
 )
-from starling_jax.paths import atomic_folder, check_output_folder
-
-_read_hf_config = read_hf_config  # the earlier private name, still used by callers on other branches
 
 __all__ = [
     "HEAD_KEYS",
@@ -57,8 +54,6 @@ __all__ = [
     "TRUNK_PREFIXES",
     "KeySpec",
     "Weights",
-    "atomic_folder",
-    "check_output_folder",
     "check_table_covers",
     "copy_tokenizer_files",
     "hf_config_dict",
