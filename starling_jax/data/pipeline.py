@@ -1,4 +1,4 @@
-"""tf.data input pipeline: deterministic batch plan, per-host slices, length buckets, K-wise batches, resume.
+"""K-wise input pipeline: deterministic batch plan, per-host slices, length buckets, K-wise batches, resume.
 
 Design (exact, cheap resume that is identical across hosts): from `(seed, epoch)` and the example lengths every
 host computes the same global *batch plan*: the examples are shuffled, sorted by length inside windows of
@@ -9,11 +9,16 @@ batch is split into `process_count` equal host slices; host `process_index` read
 one global batch use the same L: the global batch's longest sequence rounded up to `pad_to_multiple` (128).
 
 The position is `(epoch, batch)`; `state()` is a JSON-serializable dict saved with the model checkpoint, and
-`restore(state)` restarts exactly at that batch (independent of prefetching, which only runs ahead). tf.data
-drives the reading, gathering and padding (`tf.numpy_function` over batch positions, parallel and
-deterministic) and the prefetching. Training iterates forever (each epoch re-planned with `seed + epoch`);
-`mode="eval"` is one pass, no shuffle, padded final batch, the examples sorted longest first (stable): each
-batch is padded to its own longest sequence, so the sort is the eval's length bucketing (at most
+`restore(state)` restarts exactly at that batch (independent of prefetching, which only runs ahead). A batch is
+a pure function of its position (`host_batch(epoch, batch)`: reading, gathering, padding), so the loaders only
+decide how it is read ahead, never what it holds: `loader="tf_data"` is a tf.data stream over the positions
+(`tf.numpy_function`, `num_parallel` calls, deterministic, `prefetch` batches ahead); `loader="threads"` is the
+same read-ahead with a Python thread pool, without importing TensorFlow (~10 s of CPU at each process start here,
+paid for nothing on in-memory files); `"auto"` (`resolve_loader`) is tf.data for prepared TFDS datasets, which
+import TensorFlow anyway, and threads for files. Either calls `host_batch` from several threads at once: the
+per-epoch caches it reads are replaced whole, never mutated. Training iterates forever (each epoch re-planned
+with `seed + epoch`); `mode="eval"` is one pass, no shuffle, padded final batch, the examples sorted longest
+first (stable): each batch is padded to its own longest sequence, so the sort is the eval's length bucketing (at most
 max_length / pad_to_multiple batch shapes, and batches of like lengths). Eval metrics are per-prompt means, so
 the order changes nothing but the padding.
 
@@ -33,6 +38,8 @@ plan needs (every host computes the same R from the lengths alone), so shapes st
 from __future__ import annotations
 
 import atexit
+import collections
+import concurrent.futures
 import json
 import math
 import weakref
@@ -53,7 +60,9 @@ from starling_jax.paths import as_path
 BATCH_KEYS = KWISE.names  # the K-wise batch spec (data/batch_spec.py) fixes names, dtypes and pad values
 
 
-# Live pipelines: their tf.data iterators are closed at exit. A tf.data iterator whose map runs Python
+LOADERS = ("auto", "tf_data", "threads")
+
+# Live pipelines: their read-ahead iterators are closed at exit. A tf.data iterator whose map runs Python
 # (`tf.numpy_function`) still alive at interpreter shutdown can deadlock the exit (the prefetch threads wait
 # for the GIL of a finalizing interpreter), so every pipeline closes its iterator in an atexit hook.
 _LIVE: "weakref.WeakSet[RankingPipeline]" = weakref.WeakSet()
@@ -232,9 +241,11 @@ class RankingPipeline(ResumableIterator):
         packing: bool = False,
         micro_batches: int = 1,
         completions: bool = False,
+        loader: str = "auto",
     ):
         if mode not in ("train", "eval"):
             raise DataError(f"pipeline mode must be 'train' or 'eval', got {mode!r}")
+        self.loader = resolve_loader(loader, source)
         if process_index is None or process_count is None:
             import jax
 
@@ -265,7 +276,7 @@ class RankingPipeline(ResumableIterator):
             raise DataError(
                 f"{self.per_host_batch} prompts per host are not divisible by {micro_batches} micro-batches"
             )
-        self._rows: dict[int, int] = {}  # epoch → packed rows per host
+        self._rows: tuple[int, int] | None = None  # (epoch, packed rows per host)
         if len(source) == 0:
             # a whole file read for this pipeline (data.eval=FILE) is its `mode` split; a held-out part, its own
             fraction, prepared = getattr(source, "eval_fraction", 0.0), isinstance(source, TfdsSource)
@@ -285,15 +296,16 @@ class RankingPipeline(ResumableIterator):
             self.row_length = self.max_l or _round_up(int(self.lengths.max()), pad_to_multiple)
         self.epoch = 0
         self.batch = 0
-        self._plan_epoch = None
-        self._plan = None
+        self._plan: tuple[int, np.ndarray] | None = None  # (epoch, its batch plan)
         self._it = None
         _LIVE.add(self)
 
     def close(self) -> None:
-        """Stop the tf.data iterator (prefetch threads); iteration can resume afterwards from `state()`."""
+        """Stop the read-ahead (tf.data iterator or thread pool); iteration can resume afterwards from `state()`."""
         it, self._it = self._it, None
-        if it is not None:
+        if isinstance(it, _ThreadReadAhead):
+            it.close()
+        elif it is not None:
             alive = weakref.ref(it)
             del it  # normally the last reference: the iterator and its threads go now
             if alive() is not None:  # held by a reference cycle: only a full collection frees it (~2 s in a
@@ -326,22 +338,27 @@ class RankingPipeline(ResumableIterator):
         return -(-self.num_examples // self.global_batch_size)
 
     def plan(self, epoch: int) -> np.ndarray:
-        if self._plan_epoch != epoch:
-            self._plan = batch_plan(
-                self.lengths,
-                self.global_batch_size,
-                seed=self.seed + 0,
-                epoch=epoch,
-                shuffle=self.mode == "train",
-                bucket_window=self.bucket_window,
-                longest_first=self.mode == "eval",
+        cached = self._plan  # one read: another read-ahead thread may replace it meanwhile
+        if cached is None or cached[0] != epoch:
+            cached = (
+                epoch,
+                batch_plan(
+                    self.lengths,
+                    self.global_batch_size,
+                    seed=self.seed + 0,
+                    epoch=epoch,
+                    shuffle=self.mode == "train",
+                    bucket_window=self.bucket_window,
+                    longest_first=self.mode == "eval",
+                ),
             )
-            self._plan_epoch = epoch
-        return self._plan
+            self._plan = cached
+        return cached[1]
 
     def rows_per_host(self, epoch: int) -> int:
         """Packed rows per host for every batch of this epoch (static shapes; see the module doc)."""
-        if epoch not in self._rows:
+        cached = self._rows
+        if cached is None or cached[0] != epoch:
             need = self.micro_batches
             for g in self.plan(epoch):
                 for h in range(self.process_count):
@@ -353,12 +370,12 @@ class RankingPipeline(ResumableIterator):
                         for u in layout_lib.units_from_lengths(b, *self._shape[i], self.row_length)
                     ]
                     need = max(need, layout_lib.rows_needed(units, self.row_length, self.micro_batches, self.packing))
-            self._rows = {epoch: need}
-        return self._rows[epoch]
+            cached = self._rows = epoch, need
+        return cached[1]
 
-    # -- state: `ResumableIterator`'s; a restored position restarts the tf.data stream there
+    # -- state: `ResumableIterator`'s; a restored position restarts the read-ahead there
     def on_restore(self) -> None:
-        self._it = None
+        self.close()
 
     # -- batches
     def host_batch(self, epoch: int, batch: int) -> dict:
@@ -492,11 +509,62 @@ class RankingPipeline(ResumableIterator):
         ds = ds.prefetch(self.prefetch)
         return ds.as_numpy_iterator()
 
+    def _positions(self):
+        """The positions from the current one on, in order: one pass for eval, forever for train."""
+        nb = self.num_batches_per_epoch
+        step = self.epoch * nb + self.batch
+        while self.mode == "train" or step < nb:
+            yield step
+            step += 1
+
     def fetch(self, epoch: int, batch: int) -> dict:
-        # the tf.data stream starts at the current position and serves the positions in order
+        # the read-ahead starts at the current position and serves the positions in order
         if self._it is None:
-            self._it = self._tf_iterator()
+            if self.loader == "tf_data":
+                self._it = self._tf_iterator()
+            else:
+                self._it = _ThreadReadAhead(self._load_step, self._positions(), self.num_parallel, self.prefetch)
         return dict(zip(self.batch_keys, next(self._it)))
+
+
+def resolve_loader(loader: str, source) -> str:
+    """`auto` → `tf_data` for a prepared TFDS dataset (TensorFlow is loaded for it anyway), `threads` otherwise."""
+    if loader not in LOADERS:
+        raise DataError(f"data.loader={loader!r}: choose one of {list(LOADERS)}")
+    if loader == "auto":
+        return "tf_data" if isinstance(source, TfdsSource) else "threads"
+    return loader
+
+
+class _ThreadReadAhead:
+    """`load(position)` for each of `positions`, in order, computed by `workers` threads up to `ahead` positions
+    beyond the one served (tf.data's `map(num_parallel_calls, deterministic=True).prefetch(ahead)` without
+    TensorFlow). An exception in `load` is raised when its position is served, as tf.data does."""
+
+    def __init__(self, load, positions, workers: int, ahead: int):
+        self._load, self._positions = load, positions
+        self._pool = concurrent.futures.ThreadPoolExecutor(max(int(workers), 1), thread_name_prefix="read_ahead")
+        self._pending = collections.deque()
+        self._depth = max(int(workers), 1) + max(int(ahead), 0)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        while len(self._pending) < self._depth:
+            position = next(self._positions, None)
+            if position is None:
+                break
+            self._pending.append(self._pool.submit(self._load, position))
+        if not self._pending:
+            raise StopIteration
+        return self._pending.popleft().result()
+
+    def close(self) -> None:
+        for future in self._pending:
+            future.cancel()
+        self._pending.clear()
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ------------------------------------------------------------------------------------------------ global

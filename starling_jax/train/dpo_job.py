@@ -194,6 +194,7 @@ class DPOJob(Job):
             layout=d.layout,
             packing=d.packing,
             completions=True,
+            loader=d.loader,
         )
 
     def precompute_reference(self, eval_fn, to_global, params, data) -> dict[int, np.ndarray]:

@@ -72,6 +72,7 @@ def build_data(
         pad_id=tokenizer.pad_token_id or 0,
         layout=d.layout,
         packing=d.packing,
+        loader=d.loader,
         **pipeline_options,
     )
     train = data_pipeline.RankingPipeline(

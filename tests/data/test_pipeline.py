@@ -121,6 +121,45 @@ def test_eval_plan_is_longest_first_and_pads_less_than_file_order(synth_file):
     assert padded <= padded_file_order
 
 
+def test_loaders_serve_identical_batches_and_auto_picks_tf_data_only_for_prepared_data(synth_file):
+    """tf.data and the thread read-ahead only decide how batches are read ahead: the same batches, in the same
+    order, across an epoch boundary, after a restore in the middle of an epoch, and in an eval pass; `auto` reads
+    a file with threads (no TensorFlow import) and a prepared TFDS dataset with tf.data."""
+    from starling_jax.data.pipeline import DataError, TfdsSource, open_source, resolve_loader
+
+    src = open_source(synth_file, max_length=128)
+
+    def pipeline(loader, **kw):
+        kw = {"global_batch_size": 8, "seed": 3, "bucket_window": 2, "process_index": 0, "process_count": 1} | kw
+        return RankingPipeline(src, loader=loader, prefetch=3, num_parallel=2, **kw)
+
+    def take(p, n):
+        return [next(p) for _ in range(n)]
+
+    def same(a, b):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert x.keys() == y.keys()
+            for k in x:
+                np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+    tf_data, threads = pipeline("tf_data"), pipeline("threads")
+    assert (tf_data.loader, threads.loader, pipeline("auto").loader) == ("tf_data", "threads", "threads")
+    reference = take(tf_data, 19)  # 8 batches per epoch: into the third epoch
+    same(take(threads, 19), reference)
+    assert len({b["row"].tobytes() for b in reference[:8]}) == 8  # different batches, not one repeated
+    # a restore in the middle of an epoch, while the read-ahead holds later batches
+    threads.restore({"epoch": 0, "batch": 5})
+    same(take(threads, 6), reference[5:11])
+    same(list(pipeline("threads", mode="eval")), list(pipeline("tf_data", mode="eval")))
+    threads.close()
+    same(take(threads, 2), reference[11:13])  # closing keeps the position
+
+    assert resolve_loader("auto", TfdsSource.__new__(TfdsSource)) == "tf_data"
+    with pytest.raises(DataError, match="data.loader='grain'"):
+        pipeline("grain")
+
+
 def _run(*args):
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
     r = subprocess.run(
