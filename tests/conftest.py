@@ -1,5 +1,6 @@
-"""Test session set-up: 8 simulated CPU devices (a small pod) before JAX is imported anywhere; the embedded
-defaults' runs, trained once per session for the tests that need them."""
+"""Test session set-up: 8 simulated CPU devices (a small pod) and unoptimized machine code for the tiny test
+programs (tests/entrypoints.py `TEST_XLA_FLAGS`), before JAX is imported anywhere; the embedded defaults' runs,
+trained once per session for the tests that need them."""
 
 import fcntl
 import json
@@ -11,9 +12,14 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+from tests.entrypoints import TEST_XLA_FLAGS  # noqa: E402  (standard library only: JAX is not imported yet)
+
 flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
-    os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
+    flags += " --xla_force_host_platform_device_count=8"
+if "xla_backend_optimization_level" not in flags:
+    flags += " " + TEST_XLA_FLAGS  # why: tests/entrypoints.py
+os.environ["XLA_FLAGS"] = flags.strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # One persistent XLA compilation cache for the whole session (in-process tests and every entry point they start):
