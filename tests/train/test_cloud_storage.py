@@ -51,7 +51,7 @@ def _remote_losses(url: str) -> dict[int, float]:
 
 
 @pytest.mark.slow  # four entry-point runs (two at a time): ~75 s on an idle 2-core machine, 165 s under CI load
-def test_run_writes_stops_resumes_and_exports_through_gs_urls(tmp_path, capsys):
+def test_run_writes_stops_resumes_and_exports_through_gs_urls(tmp_path):
     from etils import epath
     from safetensors.numpy import load_file
 
@@ -105,15 +105,24 @@ def test_run_writes_stops_resumes_and_exports_through_gs_urls(tmp_path, capsys):
         ]
         sample = f"{bucket}/data/eval_rows.jsonl"
         epath.Path(sample).write_text("".join(evals))
-        # in this process (the URL handling is what is tested, not a process start: the entry points' own
-        # process boundary is covered by the local export_hf and score tests)
-        from starling_jax import export_hf, score
-
-        assert export_hf.main(["--checkpoint", run, "--output", f"{bucket}/export"]) == 0
-        exported = summary(capsys.readouterr().out)
-        args = ["--model", f"{run}/hf", "--data", sample, "--output", f"{bucket}/scores.jsonl"]
-        assert score.main(args) == 0
-        scored = summary(capsys.readouterr().out)
+        export = _start(
+            [sys.executable, "-m", "starling_jax.export_hf", "--checkpoint", run, "--output", f"{bucket}/export"], env
+        )
+        score = _start(
+            [
+                sys.executable,
+                "-m",
+                "starling_jax.score",
+                "--model",
+                f"{run}/hf",
+                "--data",
+                sample,
+                "--output",
+                f"{bucket}/scores.jsonl",
+            ],
+            env,
+        )
+        exported, scored = _finish(export), _finish(score)
         assert exported["output_dir"] == f"{bucket}/export" and exported["role"] == "reward"
         a, b = (load_file(local_copy(u) / "model.safetensors") for u in (f"{bucket}/export", f"{run}/hf"))
         assert a.keys() == b.keys()
