@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -18,9 +19,10 @@ def _run(script: str, monkeypatch, capsys) -> dict:
     """`bench/SCRIPT --quick` by its `main` in this process (the whole script but its `__main__` line: its set-up,
     code path, table and JSON line) without a new process's imports of jax, torch and trl (10-15 s of CPU each;
     tests/sample/test_bench_rollout.py runs a bench script as a process). The script's `sys.path` entries and the
-    bench modules it imports (`import rm_step`, `import dpo_nectar`) are undone after."""
+    bench modules it imports (`import rm_step`, `import dpo_nectar`) are undone after, and so is any environment
+    variable it (or transformers' Trainer) sets."""
     monkeypatch.setattr(sys, "path", list(sys.path))
-    before = set(sys.modules)
+    before, environ = set(sys.modules), dict(os.environ)
     spec = importlib.util.spec_from_file_location(f"bench_{Path(script).stem}", ROOT / "bench" / script)
     module = importlib.util.module_from_spec(spec)
     try:
@@ -30,6 +32,8 @@ def _run(script: str, monkeypatch, capsys) -> dict:
         for name in set(sys.modules) - before:
             if Path(getattr(sys.modules[name], "__file__", None) or "").parent == ROOT / "bench":
                 del sys.modules[name]
+        os.environ.clear()
+        os.environ.update(environ)
     out = capsys.readouterr().out
     assert "\n|---|" in out  # the table
     return json.loads(out.strip().splitlines()[-1])
