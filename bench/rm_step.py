@@ -7,7 +7,7 @@ same Plackett-Luce loss written in torch and `torch.optim.AdamW`.
 
     python bench/rm_step.py                      # model A, 10 timed steps
     python bench/rm_step.py --models A,B --steps 5
-    python bench/rm_step.py --quick              # model A on a 2 × 7 × 128 batch, 3 timed steps, headline rows only
+    python bench/rm_step.py --quick              # model A on a 2 × 7 × 64 batch, 1 timed step, headline rows only
                                                  # (a smoke test of the code path; its ratio is not the headline)
     python bench/rm_step.py --variants           # also decoder variants (attention / embedding formulations)
     python bench/rm_step.py --profile            # also forward and forward+backward timed separately
@@ -275,7 +275,7 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--quick",
         action="store_true",
-        help="smoke test: a 2 prompts x 7 answers x 128 tokens batch, 3 timed steps, 1 warm-up, no extra rows",
+        help="smoke test: a 2 prompts x 7 answers x 64 tokens batch, 1 timed step, 1 warm-up, no extra rows",
     )
     ap.add_argument("--no-bf16", action="store_true", help="skip the bf16-compute row")
     ap.add_argument("--no-torch", action="store_true", help="skip PyTorch (ratios then missing)")
@@ -294,7 +294,7 @@ def main(argv=None) -> int:
     )
     args = ap.parse_args(argv)
     if args.quick:
-        args.steps, args.warmup = 3, 1
+        args.steps, args.warmup = 1, 1
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     attentions = [a.strip() for a in args.attention.split(",") if a.strip()]
     if args.quick:  # the headline row only
@@ -307,7 +307,7 @@ def main(argv=None) -> int:
     import torch
     import transformers
 
-    batch = make_batch(prompts=2, length=128) if args.quick else make_batch()
+    batch = make_batch(prompts=2, length=64) if args.quick else make_batch()
     b, k, length = batch["tokens"].shape
     tokens_per_step = b * k * length
     load = os.getloadavg()

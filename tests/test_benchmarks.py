@@ -3,9 +3,9 @@ shared CI machine are not comparable; the numbers live in BENCHMARKS.md)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,34 +15,48 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _run(script: str) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("XLA_FLAGS", None)  # one CPU device, as the benchmarks are meant to run
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / script), "--quick"], env=env, capture_output=True, text=True, timeout=900
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def _run(script: str, monkeypatch, capsys) -> dict:
+    """`bench/SCRIPT --quick` by its `main` in this process (the whole script but its `__main__` line: its set-up,
+    code path, table and JSON line) without a new process's imports of jax, torch and trl (10-15 s of CPU each;
+    tests/sample/test_bench_rollout.py runs a bench script as a process). The script's `sys.path` entries and the
+    bench modules it imports (`import rm_step`, `import dpo_nectar`) are undone after, and so is any environment
+    variable it (or transformers' Trainer) sets."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    before, environ = set(sys.modules), dict(os.environ)
+    spec = importlib.util.spec_from_file_location(f"bench_{Path(script).stem}", ROOT / "bench" / script)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        assert module.main(["--quick"]) == 0
+    finally:
+        for name in set(sys.modules) - before:
+            if Path(getattr(sys.modules[name], "__file__", None) or "").parent == ROOT / "bench":
+                del sys.modules[name]
+        os.environ.clear()
+        os.environ.update(environ)
+    out = capsys.readouterr().out
+    assert "\n|---|" in out  # the table
+    return json.loads(out.strip().splitlines()[-1])
 
 
 @pytest.mark.slow
-def test_rm_nectar_quick():
-    s = _run("rm_nectar.py")
+def test_rm_nectar_quick(monkeypatch, capsys):
+    s = _run("rm_nectar.py", monkeypatch, capsys)
     assert s["status"] == "ok" and s["speedup"] > 0 and s["speedup_vs_listwise"] > 0
     assert 0.5 < s["padding_efficiency"] <= 1.0 and 0.3 < s["prefix_token_ratio"] < 1.0
 
 
 @pytest.mark.slow
-def test_rm_step_quick():
-    s = _run("rm_step.py")
+def test_rm_step_quick(monkeypatch, capsys):
+    s = _run("rm_step.py", monkeypatch, capsys)
     assert s["status"] == "ok" and s["speedup"] > 0 and s["attention"] == "blockwise"
 
 
-# Slow, like the other benchmark smoke tests: importing jax, torch and trl, three XLA compiles, four trl updates
-# of a few hundred tokens; 190 s here under load 10 (1 min 12 s of CPU).
+# Slow, like the other benchmark smoke tests: three XLA compiles, four trl updates of a few hundred tokens; in this
+# process (jax, torch and trl imported once) 122 s under load 8.
 @pytest.mark.slow
-def test_dpo_nectar_quick():
-    s = _run("dpo_nectar.py")
+def test_dpo_nectar_quick(monkeypatch, capsys):
+    s = _run("dpo_nectar.py", monkeypatch, capsys)
     assert s["status"] == "ok" and s["speedup"] > 0 and s["speedup_pairwise"] > 0
     assert s["prompts_per_s"] > 0 and s["trl_prompts_per_s"] > 0
     for system, (first, last) in s["loss"].items():  # both systems trained: finite losses, the 2nd update's differs
@@ -53,11 +67,11 @@ def test_dpo_nectar_quick():
     assert s["loss"]["kwise_ours"][0] == pytest.approx(np.log(5040), abs=1e-3)  # Plackett-Luce: 1 / 7! orderings
 
 
-# Slow, like the other benchmark smoke tests: imports, the sampler's and the update's XLA compiles, four trl
-# iterations; 152 s here under load 10 (1 min 2 s of CPU).
+# Slow, like the other benchmark smoke tests: the sampler's and the update's XLA compiles, four trl iterations;
+# 43 s under load 8 after test_dpo_nectar_quick in the same process.
 @pytest.mark.slow
-def test_grpo_quick():
-    s = _run("grpo.py")
+def test_grpo_quick(monkeypatch, capsys):
+    s = _run("grpo.py", monkeypatch, capsys)
     assert s["status"] == "ok" and s["speedup"] > 0 and s["iteration_s"] > 0 and s["trl_iteration_s"] > 0
     for system, losses in s["loss"].items():  # both systems ran two updates with finite losses
         assert len(losses) == 2 and np.all(np.isfinite(losses)), (system, losses)

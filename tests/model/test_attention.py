@@ -342,8 +342,10 @@ def test_selected_rows_equal_the_full_forward_values_and_gradients(impl, remat, 
     tokens = jnp.asarray(np.random.default_rng(2).integers(1, 97, size=(N, L)) * (seg != 0), jnp.int32)
     last_real = [int(np.nonzero(row)[0][-1]) for row in seg]
     select = jnp.asarray([[3, t] for t in last_real], jnp.int32)  # [N, 2]
+    # 2 layers: one ordinary layer before the last, which computes only the selected rows (unrolled) or is the
+    # scan's last step (scanned)
     cfg = TINY.replace(
-        num_hidden_layers=3, attention_impl=impl, attention_block=16, remat_policy=remat, scan_layers=scan
+        num_hidden_layers=2, attention_impl=impl, attention_block=16, remat_policy=remat, scan_layers=scan
     )
     graphdef, params = nnx.split(build_model(cfg, "reward", seed=4))
     seg, pos = jnp.asarray(seg), jnp.asarray(pos)

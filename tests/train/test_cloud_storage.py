@@ -66,8 +66,14 @@ def test_run_writes_stops_resumes_and_exports_through_gs_urls(tmp_path):
         url_args = ["export.hf=true", "export.plot=true"]
 
         # an uninterrupted local run (the reference) and the gs:// run, side by side
+        # the reference and the resumed run save only at their end (train.save_every may change on resume): the
+        # stopped run's checkpoints are the ones the resume is tested from
+        once = "train.save_every=32"
         reference = _start(
-            entry_cmd("train_rm", tmp_path / "straight", local_data, *FAST, "export.hf=false", "export.plot=false"), env
+            entry_cmd(
+                "train_rm", tmp_path / "straight", local_data, *FAST, once, "export.hf=false", "export.plot=false"
+            ),
+            env,
         )
         first = _start(entry_cmd("train_rm", run, data, *FAST, *url_args), env)
         deadline = time.time() + 300
@@ -83,7 +89,7 @@ def test_run_writes_stops_resumes_and_exports_through_gs_urls(tmp_path):
         ref = losses(tmp_path / "straight")
         assert sorted(ref) == list(range(1, 33))
 
-        resumed = _finish(_start(entry_cmd("train_rm", run, data, *FAST, *url_args), env))
+        resumed = _finish(_start(entry_cmd("train_rm", run, data, *FAST, once, *url_args), env))
         assert resumed["status"] == "completed" and resumed["resumed_from"] == stopped["steps"]
         assert resumed["hf_export_dir"] == f"{run}/hf"
         got = _remote_losses(run)

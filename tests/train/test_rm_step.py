@@ -63,7 +63,7 @@ def leaves(tree):
 
 
 def test_non_finite_loss_leaves_the_state_untouched():
-    state, step = setup()
+    state, step = setup(eps=1e-3)  # the full-batch step of test_micro_batches_equal_the_full_batch: one compile
     before = leaves(state)
     state, metrics = step(state, make_batch())
     assert bool(metrics["finite"]) and int(state["step"]) == 1
@@ -210,30 +210,27 @@ def test_attention_impl_errors_are_config_errors():
 
 def test_micro_batches_with_uneven_valid_prompts_on_eight_devices():
     """Micro-batches holding different numbers of valid prompts (whole prompts masked out, unevenly between the
-    interleaved micro-batches) give the full batch's parameters after several steps on an 8-device mesh: the step
-    sums losses and counts over micro-batches instead of averaging per micro-batch."""
+    interleaved micro-batches, one of them none) give the full batch's parameters after several steps on an
+    8-device mesh: the step sums losses and counts over micro-batches instead of averaging per micro-batch."""
     devices = jax.devices()[:8]
 
     def uneven(i):
         batch = make_batch(i, b=16)
-        # micro-batch m of M takes rows m, m+M, ...: with M=2, odd rows go to micro-batch 1 and with M=4 rows
-        # 3, 7, 11, 15 to micro-batch 3; masking most odd rows leaves them 1-2 valid prompts against 8
+        # micro-batch m of 4 takes rows m, m+4, m+8, m+12: masking most odd rows leaves micro-batches 0 and 2
+        # 4 valid prompts each, micro-batch 1 none and micro-batch 3 one (row 15); M=2 (8 valid against 1) would
+        # prove the same sum over fewer micro-batches, for one more compile
         valid = np.ones(16, bool)
         valid[[1, 3, 5, 7, 9, 11, 13]] = False
         batch["answer_mask"] &= valid[:, None]
         return batch
 
     full_state, full_step = setup(eps=1e-3, devices=devices)
-    micro_state, micro_step = setup(micro=2, eps=1e-3, devices=devices)
     micro4_state, micro4_step = setup(micro=4, eps=1e-3, devices=devices)
     for i in range(3):
         full_state, m_full = full_step(full_state, uneven(i))
-        micro_state, m_micro = micro_step(micro_state, uneven(i))
         micro4_state, m_micro4 = micro4_step(micro4_state, uneven(i))
-        assert float(m_full["num_prompts"]) == float(m_micro["num_prompts"]) == 9
-        np.testing.assert_allclose(float(m_micro["loss"]), float(m_full["loss"]), atol=1e-6)
+        assert float(m_full["num_prompts"]) == float(m_micro4["num_prompts"]) == 9
         np.testing.assert_allclose(float(m_micro4["loss"]), float(m_full["loss"]), atol=1e-6)
-    for a, b, c in zip(leaves(full_state["params"]), leaves(micro_state["params"]), leaves(micro4_state["params"])):
-        np.testing.assert_allclose(b, a, atol=1e-6)
+    for a, c in zip(leaves(full_state["params"]), leaves(micro4_state["params"])):
         np.testing.assert_allclose(c, a, atol=1e-6)
     assert int(full_state["step"]) == 3
