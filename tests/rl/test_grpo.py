@@ -1,11 +1,11 @@
 """`train_ppo algorithm=grpo | rloo`: group advantages and losses against trl's own code, no critic anywhere (state,
-checkpoint, aot set), exact resume after SIGKILL, one-line config errors, and a short run that raises the held-out
+checkpoint, aot set), exact resume after a preemption, one-line config errors, and a short run that raises the held-out
 reward. The tiny HF folders and helpers are test_train_ppo.py's."""
 
 import collections
 import inspect
 import json
-import sys
+import signal
 import textwrap
 import types
 
@@ -23,7 +23,6 @@ from starling_jax.rl import losses
 from starling_jax.rl.config import PPORunConfig
 from starling_jax.rl.kl import KLConfig
 from starling_jax.rl.rewards import RewardConfig, init_reward_stats
-from tests.entrypoints import kill_after_metrics
 from tests.rl.test_train_ppo import base_args, folders, summary_of  # noqa: F401 (folders: a fixture)
 from tests.test_aot import _hf_config, rl_role_bytes_per_device, run_aot
 
@@ -297,10 +296,18 @@ def test_aot_grpo_counts_no_critic(tmp_path):
     assert 3 * expected["actor"] <= alias <= 3 * expected["actor"] + scalars, alias
 
 
-@pytest.mark.slow  # three train_ppo runs, one in a subprocess killed mid-run (4-9 min on the loaded machine)
-def test_sigkill_and_restart_continue_a_grpo_run_exactly_with_no_critic_in_the_checkpoint(folders, tmp_path, capsys):  # noqa: F811
-    # Uninterrupted: 3 iterations. Interrupted: a subprocess SIGKILLed during iteration 3 (its step-2 checkpoint
-    # complete), then a restart to 3: every iteration's rollouts and losses equal the uninterrupted run's bit for bit.
+@pytest.mark.slow  # three train_ppo runs of 3, 2 and 1 iterations in this process
+def test_preempt_and_restart_continue_a_grpo_run_exactly_with_no_critic_in_the_checkpoint(
+    folders,  # noqa: F811
+    tmp_path,
+    capsys,
+    monkeypatch,
+):
+    # Uninterrupted: 3 iterations. Interrupted: a SIGTERM during iteration 2 (the run saves step 2 and exits), then a
+    # restart to 3: every iteration's rollouts and losses equal the uninterrupted run's bit for bit, so the
+    # critic-free state (actor, optimizer, rng, reward statistics) is saved and restored whole. A SIGKILL (no
+    # clean-up, a restart from the last periodic checkpoint) goes through the same loop and checkpoints: it is
+    # test_train_ppo's SIGTERM/SIGKILL test, whose subprocess this test does not repeat.
     steps = ["algorithm=grpo", "kl.in_loss=true", "rollout.group_size=4", "train.steps=3", "train.save_every=1",
              "train.async_checkpointing=false", "export.hf=false"]  # fmt: skip
     straight = tmp_path / "straight"
@@ -316,15 +323,24 @@ def test_sigkill_and_restart_continue_a_grpo_run_exactly_with_no_critic_in_the_c
         paths = list(json.loads((ckpt / part / "_METADATA").read_text())["tree_metadata"])
         assert paths and not [p for p in paths if "critic" in p], part
 
+    from starling_jax.rl.job import PPOJob
+
+    original, done = PPOJob.iteration, []
+
+    def sigterm_in_iteration_2(self, *args):  # a real signal, raised inside the run (its handler installed)
+        out = original(self, *args)
+        done.append(1)
+        if len(done) == 2:
+            signal.raise_signal(signal.SIGTERM)
+        return out
+
     resumed = tmp_path / "resumed"
-    kill_after_metrics(
-        [sys.executable, "-m", "starling_jax.train_ppo", *base_args(folders, resumed, *steps)],
-        resumed,
-        rows=2,
-        timeout=300,
-        devices=jax.device_count(),
-        checkpoint=2,
-    )
+    with monkeypatch.context() as m:
+        m.setattr(PPOJob, "iteration", sigterm_in_iteration_2)
+        assert train_ppo.main(base_args(folders, resumed, *steps)) == 0
+    t = summary_of(capsys)
+    assert t["status"] == "preempted" and t["steps"] == 2, t
+    assert sorted(int(p.name) for p in (resumed / "checkpoints").iterdir() if p.name.isdigit()) == [1, 2]
     assert train_ppo.main(base_args(folders, resumed, *steps)) == 0
     r = summary_of(capsys)
     assert r["status"] == "completed" and r["resumed_from"] == 2, r

@@ -1,14 +1,20 @@
 """End-to-end `python -m starling_jax.train_sft`: 8 devices = 1 device, SIGKILL/restart resumes exactly, and the HF
-export loads in transformers with the same logits, renders the training tokens and stops at the end of turn."""
+export loads in transformers with the same logits, renders the training tokens and stops at the end of turn.
+
+The 8-device run and the restart after the SIGKILL run in this process (`train_sft.main`, on the session's 8
+simulated devices; tests/conftest.py): a process start is most of a tiny run's cost. The killed run is a subprocess on
+8 devices with the same mesh, so that its programs and losses are this process's."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
+from starling_jax import train_sft
 from starling_jax.data.synthetic import generate, write_jsonl
 from tests.entrypoints import entry_cmd, kill_after_metrics, losses, run_entry
 
@@ -60,21 +66,44 @@ def test_summary_and_eval_loss_goes_down(straight):
     assert all(r["grad_norm_clipped"] == pytest.approx(min(r["grad_norm"], 1.0)) for r in rows)
 
 
-def test_eight_devices_give_the_same_losses(tmp_path, data_file, straight):
-    out, _ = straight
-    run(tmp_path / "eight", data_file, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "export.hf=false", devices=8)
-    a, b = losses(out), losses(tmp_path / "eight")
+EIGHT = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "export.hf=false"]
+
+
+@pytest.fixture(scope="module")
+def eight(tmp_path_factory, data_file):
+    """The same run on 8 devices (data × fsdp × tensor = 2 × 2 × 2), in this process."""
+    assert jax.device_count() == 8
+    out = tmp_path_factory.mktemp("sft") / "eight"
+    return out, in_process(cmd(out, data_file, *EIGHT))
+
+
+def in_process(command: list[str]) -> dict:
+    """`python -m starling_jax.train_sft ARGS` run as `train_sft.main(ARGS)` here → its JSON summary."""
+    import contextlib
+    import io
+
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert train_sft.main(command[3:]) == 0
+    return json.loads(stdout.getvalue().strip().splitlines()[-1])
+
+
+def test_eight_devices_give_the_same_losses(straight, eight):
+    (out, _), (eight_out, _) = straight, eight
+    a, b = losses(out), losses(eight_out)
     assert sorted(a) == sorted(b) == list(range(1, 9))
     np.testing.assert_allclose([b[s] for s in sorted(a)], [a[s] for s in sorted(a)], rtol=0, atol=2e-5)
     assert np.ptp(list(a.values())) > 1e-2
 
 
-def test_sigkill_then_restart_resumes_exactly(tmp_path, data_file, straight):
-    ref_out, ref = straight
+def test_sigkill_then_restart_resumes_exactly(tmp_path, data_file, eight):
+    # The uninterrupted run: the 8-device one (fixture). Killed once the step-4 checkpoint exists and training went
+    # past it (a subprocess on the same 8 devices and mesh), then restarted here: every loss equals the uninterrupted
+    # run's, and so do the eval losses (the start one kept in the checkpoint).
+    ref_out, ref = eight
     out = tmp_path / "killed"
-    # killed once the step-4 checkpoint exists and training went past it
-    kill_after_metrics(cmd(out, data_file, "export.hf=false", "train.async_checkpointing=false"), out, rows=5)
-    summary = run(out, data_file, "export.hf=false")
+    kill_after_metrics(cmd(out, data_file, *EIGHT, "train.async_checkpointing=false"), out, rows=5, devices=8)
+    summary = in_process(cmd(out, data_file, *EIGHT))
     assert summary["resumed_from"] == 4
     assert summary["eval_loss_start"] == pytest.approx(ref["eval_loss_start"], abs=1e-6)  # kept in the checkpoint
     reference, resumed = losses(ref_out), losses(out)
