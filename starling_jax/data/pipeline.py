@@ -240,6 +240,7 @@ class RankingPipeline(ResumableIterator):
         layout: str = "per_answer",
         packing: bool = False,
         micro_batches: int = 1,
+        row_multiple: int = 1,
         completions: bool = False,
         loader: str = "auto",
     ):
@@ -270,6 +271,9 @@ class RankingPipeline(ResumableIterator):
         if layout not in layout_lib.LAYOUTS:
             raise DataError(f"data.layout={layout!r}: choose one of {list(layout_lib.LAYOUTS)}")
         self.layout, self.packing, self.micro_batches = layout, bool(packing), int(micro_batches)
+        # packed rows per host come in multiples of micro_batches × row_multiple, so that every micro-batch's
+        # global rows split evenly over the data-parallel devices (`parallel.sharding.packed_row_multiple`)
+        self.row_multiple = int(row_multiple)
         self.packed = layout != "per_answer" or self.packing
         self.completions = bool(completions)
         if self.packed and self.per_host_batch % self.micro_batches:
@@ -370,7 +374,7 @@ class RankingPipeline(ResumableIterator):
                         for u in layout_lib.units_from_lengths(b, *self._shape[i], self.row_length)
                     ]
                     need = max(need, layout_lib.rows_needed(units, self.row_length, self.micro_batches, self.packing))
-            cached = self._rows = epoch, need
+            cached = self._rows = epoch, _round_up(need, self.micro_batches * self.row_multiple)
         return cached[1]
 
     # -- state: `ResumableIterator`'s; a restored position restarts the read-ahead there

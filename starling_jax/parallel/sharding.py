@@ -123,6 +123,23 @@ def data_parallel_size(mesh: Mesh) -> int:
     return math.prod(mesh.shape.get(a, 1) for a in DATA_AXES)
 
 
+def require_batch_multiple(mesh: Mesh, sizes: dict[str, int]) -> None:
+    """A ConfigError naming the setting when a batch size (`{"data.batch_size": 4}`) does not split evenly over the
+    mesh's data-parallel devices (the batch axis of every device array is sharded over them)."""
+    dp = data_parallel_size(mesh)
+    for key, size in sizes.items():
+        if size % dp:
+            axes = " × ".join(f"mesh.{a}={mesh.shape[a]}" for a in DATA_AXES if a in mesh.shape)
+            raise ConfigError(f"{key}={size} is not a multiple of the mesh's {dp} data-parallel devices ({axes})")
+
+
+def packed_row_multiple(mesh: Mesh) -> int:
+    """What each host's count of packed rows must be a multiple of (per micro-batch): the global rows of a batch,
+    processes × rows per host, then split evenly over the `data_parallel_size` devices."""
+    dp = data_parallel_size(mesh)
+    return dp // math.gcd(dp, jax.process_count())
+
+
 def logical_to_spec(
     axes: Sequence[str | None],
     shape: Sequence[int] | None = None,

@@ -110,12 +110,7 @@ class PPOJob(Job):
                 "policy's tokens); use critic_init=policy"
             )
 
-        dp = sharding.data_parallel_size(mesh)  # data × fsdp, × dcn across slices
-        if cfg.rollout.minibatch_size % dp:
-            raise ConfigError(
-                f"rollout.minibatch_size={cfg.rollout.minibatch_size} is not a multiple of the mesh's "
-                f"{dp} data-parallel devices"
-            )
+        sharding.require_batch_multiple(mesh, {"rollout.minibatch_size": cfg.rollout.minibatch_size})
 
         # --- models
         rt = cfg.runtime

@@ -102,7 +102,10 @@ class DPOJob(Job):
         cfg, d = self.cfg, self.cfg.data
         self.tokenizer_dir = resolve_tokenizer_dir(d.tokenizer, cfg.policy, d.template)
         self.tokenizer = load_tokenizer(self.tokenizer_dir)
-        self.train_data, self.eval_data = build_data(cfg, self.tokenizer, self.tokenizer_dir, completions=True)
+        self.row_multiple = sharding.packed_row_multiple(mesh)
+        self.train_data, self.eval_data = build_data(
+            cfg, self.tokenizer, self.tokenizer_dir, completions=True, row_multiple=self.row_multiple
+        )
         log.info("data: %d train / %d eval prompts", self.train_data.num_examples, self.eval_data.num_examples)
         self.skipped_rows = skipped_data_rows(self.train_data, self.eval_data)
         if self.skipped_rows:
@@ -112,6 +115,10 @@ class DPOJob(Job):
                 "; ".join(f"{s['source']} row {s['row']}: {s['reason']}" for s in self.skipped_rows[:3]),
             )
 
+        # the batch axis of every device array is split over the data-parallel devices
+        sharding.require_batch_multiple(
+            mesh, {"data.batch_size": d.batch_size, "data.eval_batch_size": d.eval_batch_size}
+        )
         model_cfg, graphdef, params, params_shardings = init_model(
             cfg.model_config, cfg.policy, ROLE, mesh, cfg.seed, self.tokenizer.pad_token_id
         )
@@ -195,6 +202,7 @@ class DPOJob(Job):
             packing=d.packing,
             completions=True,
             loader=d.loader,
+            row_multiple=self.row_multiple,
         )
 
     def precompute_reference(self, eval_fn, to_global, params, data) -> dict[int, np.ndarray]:

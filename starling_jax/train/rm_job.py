@@ -135,10 +135,12 @@ class RMJob(OneModelJob):
 
     # --- set-up
     def setup(self, mesh) -> JobSetup:
-        cfg = self.cfg
-        self.tokenizer_dir = resolve_tokenizer_dir(cfg.data.tokenizer, cfg.init_from, cfg.data.template)
+        cfg, d = self.cfg, self.cfg.data
+        self.tokenizer_dir = resolve_tokenizer_dir(d.tokenizer, cfg.init_from, d.template)
         tokenizer = load_tokenizer(self.tokenizer_dir)
-        self.train_data, self.eval_data = build_data(cfg, tokenizer, self.tokenizer_dir)
+        self.train_data, self.eval_data = build_data(
+            cfg, tokenizer, self.tokenizer_dir, row_multiple=sharding.packed_row_multiple(mesh)
+        )
         log.info("data: %d train / %d eval prompts", self.train_data.num_examples, self.eval_data.num_examples)
         self.skipped_rows = skipped_data_rows(self.train_data, self.eval_data)
         if self.skipped_rows:
@@ -147,6 +149,10 @@ class RMJob(OneModelJob):
                 len(self.skipped_rows),
                 "; ".join(f"{s['source']} row {s['row']}: {s['reason']}" for s in self.skipped_rows[:3]),
             )
+        # the batch axis of every device array is split over the data-parallel devices
+        sharding.require_batch_multiple(
+            mesh, {"data.batch_size": d.batch_size, "data.eval_batch_size": d.eval_batch_size}
+        )
         model_cfg, graphdef, params, params_shardings = init_model(
             cfg.model_config, cfg.init_from, ROLE, mesh, cfg.seed, tokenizer.pad_token_id
         )

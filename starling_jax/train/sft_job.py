@@ -176,6 +176,10 @@ class SFTJob(OneModelJob):
             len(evals),
             sum(len(e) - e.answer_start for e in train),
         )
+        # the batch axis of every device array is split over the data-parallel devices
+        sharding.require_batch_multiple(
+            mesh, {"data.batch_size": d.batch_size, "data.eval_batch_size": d.eval_batch_size}
+        )
         model_cfg, graphdef, params, params_shardings = init_model(
             cfg.model_config, cfg.init_from, ROLE, mesh, cfg.seed, self.tokenizer.pad_token_id
         )

@@ -216,8 +216,9 @@ def _unpack(batch, b, k, micro=1):
     return batch["tokens"][r][keep], batch["positions"][r][keep]
 
 
-@pytest.mark.parametrize("mode,micro", [("eval", 1), ("train", 2)])
-def test_pipeline_packed_batches_hold_the_per_answer_sequences(mode, micro):
+# row_multiple 3: the rows of each micro-batch are padded out to a multiple of 3 (3 data-parallel devices)
+@pytest.mark.parametrize("mode,micro,row_multiple", [("eval", 1, 1), ("train", 2, 1), ("eval", 1, 3), ("train", 2, 3)])
+def test_pipeline_packed_batches_hold_the_per_answer_sequences(mode, micro, row_multiple):
     from starling_jax.data.pipeline import InMemorySource, RankingPipeline
     from starling_jax.data.tokenize import TokenizedRanking
 
@@ -248,12 +249,17 @@ def test_pipeline_packed_batches_hold_the_per_answer_sequences(mode, micro):
     )
     ref = RankingPipeline(InMemorySource(examples), **common)
     packed = RankingPipeline(
-        InMemorySource(examples), layout="shared_prefix", packing=True, micro_batches=micro, **common
+        InMemorySource(examples),
+        layout="shared_prefix",
+        packing=True,
+        micro_batches=micro,
+        row_multiple=row_multiple,
+        **common,
     )
     rows = packed.rows_per_host(0)
     for step in range(3):
         a, b = ref.host_batch(0, step), packed.host_batch(0, step)
-        assert b["tokens"].shape == (rows, L) and rows % micro == 0
+        assert b["tokens"].shape == (rows, L) and rows % (micro * row_multiple) == 0
         np.testing.assert_array_equal(a["ranks"], b["ranks"])
         np.testing.assert_array_equal(a["answer_mask"], b["answer_mask"])
         for i, k in zip(*np.nonzero(a["answer_mask"])):

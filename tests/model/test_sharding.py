@@ -88,3 +88,17 @@ def test_reward_model_sharded_matches_one_device(mesh8, tmp_path_factory):
         *load_hf(folder, "reward", one_device_mesh()), tokens, positions, segment_ids, role="reward", reward_index=idx
     )
     np.testing.assert_allclose(sharded, single, atol=1e-5, rtol=0)
+
+
+def test_batch_sizes_that_do_not_split_over_the_data_parallel_devices_are_a_config_error():
+    from starling_jax.errors import ConfigError
+    from starling_jax.parallel.sharding import packed_row_multiple, require_batch_multiple
+
+    mesh = make_mesh(MeshConfig(fsdp=4, tensor=2))  # 4 data-parallel devices
+    require_batch_multiple(mesh, {"data.batch_size": 8, "data.eval_batch_size": 4})
+    with pytest.raises(ConfigError) as e:
+        require_batch_multiple(mesh, {"data.batch_size": 8, "data.eval_batch_size": 6})
+    assert str(e.value) == (
+        "data.eval_batch_size=6 is not a multiple of the mesh's 4 data-parallel devices (mesh.data=1 × mesh.fsdp=4)"
+    )
+    assert packed_row_multiple(mesh) == 4  # one process holds all 4: its rows come in fours

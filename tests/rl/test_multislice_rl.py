@@ -52,7 +52,8 @@ def test_minibatch_refusal_counts_the_slices(folders, tmp_path, capsys):
     summary, err = last_json(capsys)
     assert rc == 2 and summary["status"] == "error"
     assert err.strip().splitlines()[-1] == (
-        "error: rollout.minibatch_size=4 is not a multiple of the mesh's 8 data-parallel devices"
+        "error: rollout.minibatch_size=4 is not a multiple of the mesh's 8 data-parallel devices "
+        "(mesh.dcn=2 × mesh.data=1 × mesh.fsdp=4)"
     )
 
 

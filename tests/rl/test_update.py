@@ -85,8 +85,10 @@ def test_eight_devices_equal_one():
     np.testing.assert_allclose(eight_losses, one_losses, rtol=2e-5, atol=1e-6)
     assert one_losses[2] < one_losses[0]  # the updates do something
     for a, b in zip(jax.tree.leaves(one_params), jax.tree.leaves(eight_params)):
-        # Adam normalizes each step to ~lr = 1e-3: fp reduction-order noise in tiny gradients shows up at 1e-6.
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+        # Adam normalizes each step to ~lr = 1e-3 whatever the gradient's size, so fp reduction-order noise in a
+        # near-zero gradient moves a weight by up to a few % of lr (CI, -O0: 1.4e-5 on 1 of 4096); a wrong
+        # data-parallel gradient flips signs and moves many weights by ~2 lr.
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
 
 
 def test_minibatch_indices_are_permutations():

@@ -122,6 +122,21 @@ def test_sigkill_then_restart_resumes_exactly(tmp_path, data_file, policy_dir, s
     assert result["eval_pairwise_accuracy_end"] == pytest.approx(straight[1]["eval_pairwise_accuracy_end"], abs=1e-9)
 
 
+def test_eight_sharded_devices_train_as_one(tmp_path, data_file, policy_dir, straight, capsys):
+    """The straight run again, in this process on 8 devices (fsdp 4 × tensor 2) with precomputed reference
+    log-probs: the shared-prefix rows of every batch (train, eval, the reference pass) split evenly over the 4
+    data-parallel devices (13 eval rows once stopped it deep in XLA), and the losses are the one-device run's."""
+    from starling_jax import train_dpo
+
+    out = tmp_path / "sharded"
+    args = train_cmd(out, data_file, policy_dir, "train.steps=8", "train.save_every=100", "export.hf=false")[3:]
+    assert train_dpo.main([*args, "mesh.fsdp=4", "mesh.tensor=2", "reference_logps=precompute"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    a, b = losses(out), losses(straight[0])
+    np.testing.assert_allclose([a[s] for s in range(1, 9)], [b[s] for s in range(1, 9)], rtol=1e-4)
+    assert result["eval_pairwise_accuracy_end"] == pytest.approx(straight[1]["eval_pairwise_accuracy_end"], abs=1e-6)
+
+
 def test_hydra_reference_equals_precomputed_reference_logps(tmp_path, data_file, policy_dir):
     """num_layers_unfrozen=1: the hydra copy of the top layer on the policy's frozen bottom gives the same losses
     as the starting policy's log-probs precomputed once (two independent reference paths)."""
