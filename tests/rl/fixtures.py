@@ -41,15 +41,39 @@ def ppo_folders(root: Path, layers: int) -> tuple[Path, Path, Path]:
     for folder in (policy, rm):
         for f in tok.iterdir():
             shutil.copy(f, folder / f.name)
-    prompts = root / "prompts.jsonl"
-    prompts.write_text(
+    return policy, rm, write_prompts(root / "prompts.jsonl", repeats=3)
+
+
+def write_prompts(path: Path, repeats: int) -> Path:
+    """A chat prompts file: each of the 8 QUESTIONS `repeats` times, numbered."""
+    path.write_text(
         "".join(
             json.dumps({"prompt": to_hh([{"role": "user", "content": f"{q} ({i})"}])}) + "\n"
-            for i in range(3)
+            for i in range(repeats)
             for q in QUESTIONS
         )
     )
-    return policy, rm, prompts
+    return path
+
+
+def narrow_policy(policy: Path, out: Path, tokens: range = range(1000, 1016), common: float = 3.0, lift: float = 1.7):
+    """A copy of the random policy folder at `out` that samples almost only from `tokens` (98%): a reward model's
+    preferences among 16 tokens are learnable in a few updates, among 32000 they are not. Every token embedding
+    gets a shared direction c of `common` times their mean norm, which then dominates the last hidden state, and the
+    output rows of `tokens` point along c: their logits sit ~12 above the rest (`lift` · |h| · cos)."""
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(policy, out)
+    path = out / "model.safetensors"
+    weights = load_file(path)
+    embed, head = weights["model.embed_tokens.weight"], weights["lm_head.weight"]
+    rng = np.random.default_rng(0)
+    c = rng.normal(size=embed.shape[1]).astype(embed.dtype)
+    c /= np.linalg.norm(c)
+    embed += common * np.linalg.norm(embed, axis=1).mean() * c
+    head[np.asarray(tokens)] += lift * c
+    save_file(weights, path, metadata={"format": "pt"})
+    return out
 
 
 def _names(path) -> tuple[str, ...]:

@@ -16,7 +16,7 @@ from starling_jax import train_ppo  # noqa: E402
 from starling_jax.config import load_config  # noqa: E402
 from starling_jax.data.tokenizer import default_tokenizer_dir  # noqa: E402
 from tests.entrypoints import kill_after_metrics  # noqa: E402
-from tests.rl.fixtures import QUESTIONS, ppo_folders  # noqa: E402
+from tests.rl.fixtures import QUESTIONS, narrow_policy, ppo_folders, write_prompts  # noqa: E402
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
 
@@ -24,6 +24,15 @@ ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     return ppo_folders(tmp_path_factory.mktemp("ppo"), layers=2)
+
+
+@pytest.fixture(scope="module")
+def learnable(folders, tmp_path_factory):
+    """`folders` with a policy that samples almost only 16 tokens (`narrow_policy`) and 48 prompts (24 held out):
+    what the short runs learn on."""
+    policy, rm, _ = folders
+    root = tmp_path_factory.mktemp("learnable")
+    return narrow_policy(policy, root / "policy"), rm, write_prompts(root / "prompts.jsonl", repeats=6)
 
 
 def base_args(folders, out, *extra):
@@ -182,41 +191,35 @@ def test_sigterm_sigkill_and_restart_continue_the_same_run_and_export(folders, t
     assert np.asarray(out.tokens)[0].tolist() == want
 
 
-# GRPO / RLOO (critic-free; tests/rl/test_grpo.py): 2 and 4 prompts x 4 answers per iteration; slow: 8 iterations
-# of train_ppo on the tiny folders take 45-100 s on the loaded 2-core machine. The learning rates: see below.
-CRITIC_FREE = {
-    "grpo": ["rollout.group_size=4", "optim.learning_rate=4e-3"],
-    "rloo": [
-        "kl.coef=0.05",
-        "advantage.scale_rewards=batch",
-        "rollout.batch_size=16",
-        "rollout.group_size=4",
-        "optim.learning_rate=2e-3",
-    ],
+# Per algorithm, what the short run adds to the embedded defaults. GRPO / RLOO (critic-free; tests/rl/test_grpo.py):
+# 2 and 4 prompts × 4 answers per iteration (RLOO with trl's batch-scaled advantages at β 0.05); slow: 8 iterations
+# of train_ppo on the tiny folders take 45-100 s on the loaded 2-core machine.
+SHORT_RUN = {
+    "ppo": ["optim.learning_rate=3e-3"],
+    "apa": ["optim.learning_rate=2e-3"],
+    "grpo": ["rollout.group_size=4"],
+    "rloo": ["kl.coef=0.05", "advantage.scale_rewards=batch", "rollout.batch_size=16", "rollout.group_size=4"],
 }
 
 
-@pytest.mark.parametrize("algorithm", ["ppo", "apa", *(pytest.param(a, marks=pytest.mark.slow) for a in CRITIC_FREE)])
-def test_short_run_raises_held_out_reward(folders, tmp_path, capsys, algorithm):
-    # The tiny setup: a random policy and a random reward model (its score is still a fixed function of the text).
-    # The held-out rollouts use fixed sampling keys, so an update that changes nothing (lr → 0) gives exactly
-    # reward_end == reward_start; 8 iterations of the embedded defaults (centred scores, whitened advantages)
-    # measured +0.22 (PPO) from −0.552. Margin 0.05 (about a third of the RM's score spread across rollouts);
-    # KL per sequence (6 tokens) stays below 3 nats.
-    # The runs are deterministic (seed 0; the same numbers alone, after other runs in one process, with a cold or
-    # warm compilation cache), but the held-out reward of 8 six-token answers sampled from a near-uniform
-    # 32000-token policy is a draw: any float change reshuffles it (the RLOO run on 1 device instead of these 8:
-    # identical training scores, losses equal to 5 digits, reward_end −0.654 instead of −0.584), and other seeds
-    # of every algorithm here can end below their start (PPO seed 1: −0.404 → −0.538). So each setting below is
-    # pinned to seed 0 on these 8 simulated devices with a rise well above the margin.
-    # GRPO: 2 prompts × 4 answers, group-std scaled, default β 0.3: at lr 1e-3 +0.051 (a pass by 0.001), at
-    # 4e-3 −0.367 (+0.185, KL 1.37). RLOO: trl's batch-scaled advantages (normalize_advantages) at β 0.05, 4 prompts
-    # × 4 answers: at lr 1e-3 −0.584 (−0.032, the failure seen in CI), at 2e-3 −0.390 (+0.162, KL 1.31).
+@pytest.mark.parametrize(
+    "algorithm", ["ppo", "apa", *(pytest.param(a, marks=pytest.mark.slow) for a in ("grpo", "rloo"))]
+)
+def test_short_run_raises_held_out_reward(learnable, tmp_path, capsys, algorithm):
+    # 8 iterations on 24 training prompts raise the mean reward of the 24 held-out prompts' rollouts (fixed sampling
+    # keys: an update that changes nothing gives exactly reward_end == reward_start) by more than 0.05, and the KL
+    # to the reference stays bounded. The policy samples almost only 16 tokens (`learnable`): with the plain random
+    # policy (near-uniform over 32000 tokens) nothing learnt reaches held-out prompts, and the held-out reward
+    # merely moved with the samples (64 held-out prompts: −0.02 to +0.06 for every algorithm and seed; 8: anywhere
+    # in ±0.2, so any float change flipped the test). Measured here, seeds 0 / 1 / 2 (the test runs seed 0), rise
+    # and KL per 6-token answer: PPO +0.16 / +0.19 / +0.29 (KL ≤ 4.6), APA +0.42 / +0.20 / +0.26 (≤ 4.4), GRPO
+    # +0.09 / +0.19 / +0.15 (≤ 2.8), RLOO +0.49 / +0.28 / +0.46 (≤ 6.2).
     args = base_args(
-        folders,
+        learnable,
         tmp_path / algorithm,
         f"algorithm={algorithm}",
-        *CRITIC_FREE.get(algorithm, []),
+        *SHORT_RUN[algorithm],
+        "prompts.eval_prompts=24",
         "train.steps=8",
         "train.eval_every=100",
         "train.save_every=100",
@@ -226,7 +229,7 @@ def test_short_run_raises_held_out_reward(folders, tmp_path, capsys, algorithm):
     s = summary_of(capsys)
     assert s["algorithm"] == algorithm, s
     assert s["reward_end"] > s["reward_start"] + 0.05, s
-    assert s["kl_end"] < 3.0, s
+    assert s["kl_end"] < 10.0, s
 
 
 def test_rollout_cut_at_a_stop_string_trains_and_scores_the_answer_plus_eos(folders, tmp_path, monkeypatch):
